@@ -1,0 +1,64 @@
+"""
+Overrides for the plain globals at the top of a script, as in nanoGPT:
+
+    python pretrain.py config/demo_cpu.py --batch_size=16 --compile=False
+
+A bare argument is a config file: plain Python assignments executed into the script's globals.
+`--key=value` sets one global; the value is parsed as a Python literal when it can be, and must have
+the type of the default it replaces (an int default accepts an int, a float default an int or float,
+a None default anything), so a typo fails loudly instead of training with the wrong setting.
+Torch-free on purpose: data scripts use it too.
+"""
+import ast
+import sys
+
+
+def _parse_value(key, text, old):
+    try:
+        value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        value = text  # a bare string such as --device=cuda
+    if old is None or value is None:
+        return value
+    if isinstance(old, bool) != isinstance(value, bool):
+        raise ValueError(f"--{key}={text}: expected {type(old).__name__}, got {type(value).__name__}")
+    if isinstance(old, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(old)):
+        raise ValueError(f"--{key}={text}: expected {type(old).__name__}, got {type(value).__name__}")
+    return value
+
+
+def apply_overrides(g, argv=None, verbose=True):
+    """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to the dict g.
+    Returns the list of keys that were changed."""
+    argv = sys.argv[1:] if argv is None else argv
+    changed = []
+    for arg in argv:
+        if not arg.startswith("--"):
+            with open(arg, encoding="utf-8") as f:
+                source = f.read()
+            if verbose:
+                print(f"config file {arg}")
+            before = {k: v for k, v in g.items() if not k.startswith("_")}
+            exec(compile(source, arg, "exec"), g)
+            changed += [k for k in g if not k.startswith("_") and (k not in before or before[k] is not g[k])]
+            continue
+        if "=" not in arg:
+            raise ValueError(f"override {arg!r} must look like --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key not in g:
+            raise ValueError(f"unknown config key {key!r} (from {arg!r})")
+        g[key] = _parse_value(key, text, g[key])
+        if verbose:
+            print(f"override {key} = {g[key]!r}")
+        changed.append(key)
+    return changed
+
+
+def config_of(g):
+    """The script's hyperparameters: its public globals of simple types (what a checkpoint stores)."""
+    simple = (int, float, bool, str, type(None))
+    return {k: v for k, v in g.items()
+            if not k.startswith("_") and (isinstance(v, simple) or
+                                          (isinstance(v, (list, tuple)) and all(isinstance(x, simple) for x in v)))}

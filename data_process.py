@@ -1,0 +1,301 @@
+"""
+Tokenize a corpus into flat uint16 token files for pretraining: out_dir/train.bin, val.bin, meta.json.
+
+    python data_process.py --download=poetry                        # fetch chinese-poetry into data/, then run
+    python data_process.py --input=data/clean/zh.jsonl,data/wiki/ --out_dir=out/data/wiki --num_workers=8
+    python data_process.py config/data_wiki.py --min_chars=20
+
+Documents come from clean_data/readers.py (files, directories, globs; jsonl/json/parquet/txt; the
+chinese-poetry layout). Each kept document is encoded and followed by eos; no bos is added. Documents
+with fewer than min_chars characters (after stripping whitespace) are dropped and counted.
+
+Split: a document goes to val when blake2b(text, key=seed) / 2**64 < val_fraction, so the split depends
+only on the text and the seed: not on the worker count, the file order or the chunking, and identical
+documents always land on the same side.
+
+Encoding runs in a multiprocessing pool (each worker loads the tokenizer once); chunks of chunk_docs
+documents are submitted with at most 2 * num_workers in flight and collected in order, so memory stays
+bounded and the output is byte-identical whatever num_workers is. The .bin files are written to *.tmp and
+renamed at the end; meta.json (token and document counts, tokenizer sha256, skipped/malformed records)
+is removed first and written last, atomically, so a complete meta.json means complete .bin files.
+"""
+import collections
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from clean_data.readers import ReadErrors, download_poetry, iter_documents
+
+# -----------------------------------------------------------------------------
+input = "data/chinese-poetry"  # comma-separated files / directories / globs
+text_field = ""  # json/jsonl/parquet field holding the text ("" = auto-detect)
+tokenizer_model = "out/tokenizer/tok8k.model"
+out_dir = "out/data/poetry"
+val_fraction = 0.005  # share of documents (by text hash) written to val.bin
+min_chars = 5  # shorter documents are dropped (and counted)
+num_workers = 2  # encoding processes; <= 1 encodes in this process
+chunk_docs = 1000  # documents per task sent to a worker
+seed = 1337  # keys the split hash
+txt_mode = "line"  # .txt files: "line" = a document per line, "paragraph" = per blank-line-separated block
+download = ""  # "poetry": fetch the chinese-poetry npm package into data/ first
+# -----------------------------------------------------------------------------
+
+DTYPE = np.uint16
+MAX_VOCAB = 65535  # uint16 token files
+TOP_SOURCES = 50
+
+
+class EmptyInputError(ValueError):
+    """No document to write: nothing found under the input, or everything was dropped."""
+
+
+def is_val(text, val_fraction, seed):
+    """Deterministic per-document split: True when the text's keyed hash falls below val_fraction."""
+    if val_fraction <= 0:
+        return False
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode())
+    return int.from_bytes(h.digest(), "little") / 2.0 ** 64 < val_fraction
+
+
+# ---- encoding, in worker processes (or in this one) ----------------------------------------------------
+
+_worker = {}
+
+
+def _init_worker(model_path, val_fraction, seed):
+    from tokenizer import Tokenizer
+    tok = Tokenizer(model_path)
+    _worker.update(tok=tok, val_fraction=val_fraction, seed=seed)
+
+
+def _encode_chunk(texts):
+    """texts -> (train tokens, val tokens, train docs, val docs); every document followed by eos."""
+    tok, frac, seed = _worker["tok"], _worker["val_fraction"], _worker["seed"]
+    try:  # one C++ thread per worker: the processes are the parallelism
+        ids = tok.encode_batch(texts, eos=True, num_threads=1)
+    except TypeError:  # a Tokenizer without the num_threads keyword
+        ids = tok.encode_batch(texts, eos=True)
+    train, val = [], []
+    for text, doc_ids in zip(texts, ids):
+        (val if is_val(text, frac, seed) else train).append(doc_ids)
+
+    def flat(lists):
+        n = sum(len(x) for x in lists)
+        out = np.empty(n, dtype=DTYPE)
+        i = 0
+        for x in lists:
+            out[i:i + len(x)] = x
+            i += len(x)
+        return out
+
+    return flat(train), flat(val), len(train), len(val)
+
+
+def _ordered_results(chunks, workers, init_args):
+    """Encode chunks in order. With a pool, at most 2 * workers chunks are in flight (Pool.imap would read
+    the whole input ahead into its task queue)."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        for chunk in chunks:
+            yield _encode_chunk(chunk)
+        return
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold pyarrow / tqdm threads
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---- the pipeline --------------------------------------------------------------------------------------
+
+def _inputs(spec):
+    items = spec.split(",") if isinstance(spec, str) else [os.fspath(p) for p in spec]
+    items = [s.strip() for s in items if s and s.strip()]
+    if not items:
+        raise EmptyInputError("no input given (--input=files,dirs,globs)")
+    return items
+
+
+def _replace_atomic_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, text_field=text_field,
+            val_fraction=val_fraction, min_chars=min_chars, num_workers=num_workers, chunk_docs=chunk_docs,
+            seed=seed, txt_mode=txt_mode, progress=True, verbose=True):
+    """Read, filter, encode and write train.bin / val.bin / meta.json into out_dir. Returns the meta
+    dict. Raises EmptyInputError when no document survives, ValueError for a tokenizer too big for uint16.
+    """
+    from tokenizer import Tokenizer
+    t0 = time.time()
+    inputs = _inputs(input)
+    tok = Tokenizer(tokenizer_model)
+    if tok.vocab_size > MAX_VOCAB:
+        raise ValueError(f"{tokenizer_model}: vocab_size {tok.vocab_size} > {MAX_VOCAB} does not fit the uint16 "
+                         f"token files")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    chunk_docs = max(1, int(chunk_docs))
+    errors = ReadErrors()
+    counts = collections.Counter()
+    per_source = collections.Counter()
+
+    def chunks():
+        chunk = []
+        for doc in iter_documents(inputs, text_field=text_field or None, errors=errors, txt_mode=txt_mode):
+            counts["read"] += 1
+            text = doc["text"]
+            if len(text.strip()) < min_chars:
+                counts["short"] += 1
+                continue
+            per_source[doc["source"]] += 1
+            chunk.append(text)
+            if len(chunk) >= chunk_docs:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    os.makedirs(out_dir, exist_ok=True)
+    final = {s: os.path.join(out_dir, f"{s}.bin") for s in ("train", "val")}
+    tmp = {s: p + ".tmp" for s, p in final.items()}
+    meta_path = os.path.join(out_dir, "meta.json")
+    n_tok = {"train": 0, "val": 0}
+    n_doc = {"train": 0, "val": 0}
+    files = {s: open(p, "wb") for s, p in tmp.items()}
+    try:
+        bar = tqdm(desc="encode", unit="doc", disable=not progress, smoothing=0.05)
+        for train_ids, val_ids, n_train, n_val in _ordered_results(
+                chunks(), int(num_workers), (os.fspath(tokenizer_model), float(val_fraction), seed)):
+            train_ids.tofile(files["train"])
+            val_ids.tofile(files["val"])
+            n_tok["train"] += len(train_ids)
+            n_tok["val"] += len(val_ids)
+            n_doc["train"] += n_train
+            n_doc["val"] += n_val
+            bar.update(n_train + n_val)
+            bar.set_postfix(tokens=f"{n_tok['train'] + n_tok['val']:,}", refresh=False)
+        bar.close()
+        for f in files.values():
+            f.close()
+        if n_doc["train"] + n_doc["val"] == 0:
+            raise EmptyInputError(
+                f"no documents to write from input {', '.join(inputs)!r}: {errors.files_read} files read, "
+                f"{counts['read']} documents found, {counts['short']} shorter than min_chars={min_chars}, "
+                f"{errors.count} malformed records skipped" +
+                (f" (e.g. {errors.examples[0]})" if errors.examples else ""))
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # no meta.json describing files that are being replaced
+        for s in ("train", "val"):
+            os.replace(tmp[s], final[s])
+    finally:
+        for s in ("train", "val"):
+            files[s].close()
+            if os.path.exists(tmp[s]):
+                os.remove(tmp[s])
+
+    folders = collections.Counter()
+    for src, n in per_source.items():
+        folders[os.path.dirname(src) or "."] += n
+    seconds = time.time() - t0
+    meta = {
+        "dtype": "uint16",
+        "files": {"train": "train.bin", "val": "val.bin"},
+        "tokenizer_model": os.fspath(tokenizer_model),
+        "tokenizer_sha256": tok.sha256(),
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "layout": "each document's tokens followed by eos_id; no bos",
+        "train_tokens": n_tok["train"],
+        "val_tokens": n_tok["val"],
+        "train_documents": n_doc["train"],
+        "val_documents": n_doc["val"],
+        "documents_read": counts["read"],
+        "dropped_short": counts["short"],
+        "min_chars": min_chars,
+        **errors.to_dict(),
+        "input": inputs,
+        "text_field": text_field or None,
+        "txt_mode": txt_mode,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "split_rule": "val iff blake2b(utf8 text, digest_size=8, key=str(seed)) read little-endian / 2**64 "
+                      "< val_fraction",
+        "sources": {
+            "num_sources": len(per_source),
+            "documents_per_folder": dict(folders.most_common(TOP_SOURCES)),
+            "documents_per_source_top": dict(per_source.most_common(TOP_SOURCES)),
+        },
+        "num_workers": num_workers,
+        "seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _replace_atomic_json(meta_path, meta)
+    if verbose:
+        print(format_report(meta, out_dir))
+    return meta
+
+
+def format_report(meta, out_dir=""):
+    total = meta["train_tokens"] + meta["val_tokens"]
+    docs = meta["train_documents"] + meta["val_documents"]
+    lines = [
+        f"input: {', '.join(meta['input'])}",
+        f"files read: {meta['files_read']}, skipped on purpose: "
+        f"{sum(v['count'] for v in meta['skipped_files'].values())}",
+    ]
+    for reason, v in meta["skipped_files"].items():
+        lines.append(f"  {v['count']:7d}  {reason}")
+    lines += [
+        f"documents read: {meta['documents_read']:,}, dropped (< {meta['min_chars']} chars): "
+        f"{meta['dropped_short']:,}, written: {docs:,} (train {meta['train_documents']:,}, "
+        f"val {meta['val_documents']:,})",
+        f"malformed/skipped records: {meta['malformed_records']:,}",
+    ]
+    for reason, n in meta["malformed_by_reason"].items():
+        lines.append(f"  {n:7d}  {reason}")
+    for ex in meta["malformed_examples"][:5]:
+        lines.append(f"           {ex}")
+    lines.append("documents per folder:")
+    for folder, n in meta["sources"]["documents_per_folder"].items():
+        lines.append(f"  {n:9,d}  {folder}")
+    lines.append(f"tokens: {total:,} (train {meta['train_tokens']:,}, val {meta['val_tokens']:,}), "
+                 f"{total / max(docs, 1):.1f} per document, vocab {meta['vocab_size']}, eos {meta['eos_id']}")
+    if meta["val_fraction"] > 0 and meta["val_documents"] == 0:
+        lines.append("WARNING: val split is empty (corpus too small for val_fraction)")
+    if meta["train_documents"] == 0:
+        lines.append("WARNING: train split is empty")
+    lines.append(f"time: {meta['seconds']:.1f}s" + (f", wrote {out_dir}/{{train.bin,val.bin,meta.json}}"
+                                                   if out_dir else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from configurator import apply_overrides
+    apply_overrides(globals())
+    if download:
+        if download != "poetry":
+            sys.exit(f"--download={download!r}: only 'poetry' (the chinese-poetry npm package) is known")
+        print(f"chinese-poetry package at {download_poetry('data')}")
+    try:
+        process(input, tokenizer_model, out_dir, text_field=text_field, val_fraction=val_fraction,
+                min_chars=min_chars, num_workers=num_workers, chunk_docs=chunk_docs, seed=seed,
+                txt_mode=txt_mode)
+    except (EmptyInputError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

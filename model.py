@@ -1,0 +1,395 @@
+"""
+The Llama 2 model, written out in one file: RMSNorm, rotary embeddings (RoPE), grouped-query attention,
+SwiGLU feed-forward, tied input/output embeddings. Plus generation with a KV cache, optimizer groups and
+an MFU estimate. Depends on torch only.
+
+RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (the first half of each head's
+dimensions pairs with the second half), so exporting to HF is a renaming of tensors, with no permutation
+of wq/wk. tests/test_model_hf_parity.py proves the logits equal.
+"""
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: Optional[int] = None  # None = n_heads (plain multi-head attention)
+    vocab_size: int = 8000
+    multiple_of: int = 32  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+
+
+def ffn_hidden_dim(args):
+    # Llama 2: 2/3 of 4*dim (so SwiGLU's three matrices cost what a 4*dim GELU MLP's two do), optionally
+    # scaled, rounded up to multiple_of for efficient kernels.
+    hidden = int(2 * 4 * args.dim / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 even under autocast: the mean of squares loses precision in bf16
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_cos_sin(head_dim, max_len, theta):
+    """cos and sin tables (max_len, head_dim) in rotate-half layout: frequency i sits at i and i+head_dim/2."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, hd); cos/sin broadcast to it. Rotating the pair (x_i, x_{i+hd/2}) by angle pos*freq_i.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        assert args.dim % args.n_heads == 0 and args.n_heads % self.n_kv_heads == 0
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # without a mask, several queries are only causal if they start at position 0 (SDPA's is_causal
+        # aligns the causal diagonal top-left)
+        assert mask is not None or T == 1 or cache_pos == 0
+        if cache is not None:
+            # preallocated (B, n_kv_heads, L, hd) buffers: write this step's keys/values, attend to all so far
+            k_cache, v_cache = cache
+            k_cache[:, :, cache_pos:cache_pos + T] = k
+            v_cache[:, :, cache_pos:cache_pos + T] = v
+            k, v = k_cache[:, :, :cache_pos + T], v_cache[:, :, :cache_pos + T]
+        if self.n_kv_heads != self.n_heads:
+            # query head h reads kv head h // n_rep (the grouping HF's repeat_kv uses)
+            n_rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        hidden = ffn_hidden_dim(args)
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down (residual output projection)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_cos_sin(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 / Llama practice: the projections that write into the residual stream are scaled down by
+        # sqrt(2 * n_layers) (two per layer), so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameters, counting a tied embedding/output matrix once (parameters() already dedups it)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def forward(self, tokens, targets=None):
+        """tokens (B, T) -> logits (B, T, V) and the mean cross-entropy against targets (-1 = ignored)."""
+        T = tokens.shape[1]
+        assert T <= self.args.max_seq_len, f"sequence length {T} > max_seq_len {self.args.max_seq_len}"
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        h = self.dropout(self.tok_embeddings(tokens))
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        logits = self.output(self.norm(h))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _forward_positions(self, tokens, pos, mask, caches=None, cache_pos=0):
+        """Inference forward with explicit per-row positions (B, T) and a boolean attention mask
+        (B, 1, T, S), optionally reading/writing KV caches. Returns logits (B, T, V)."""
+        cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hd)
+        sin = self.rope_sin[pos].unsqueeze(1)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if caches is None else caches[i], cache_pos)
+        return self.output(self.norm(h))
+
+    # ---- generation ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 stop_ids=None, use_cache=True, prompt_lens=None, pad_id=0, generator=None):
+        """Generate for a batch of right-padded prompts idx (B, T) with true lengths prompt_lens.
+        Returns B lists of new token ids; a row ends after it emits a token in stop_ids (kept in the list)."""
+        out = [[] for _ in range(idx.shape[0])]
+        for step_tokens, alive in self._generate_steps(idx, max_new_tokens, temperature, top_k, top_p,
+                                                       repetition_penalty, stop_ids, use_cache, prompt_lens,
+                                                       generator):
+            for b in range(len(out)):
+                if alive[b]:
+                    out[b].append(step_tokens[b])
+        return out
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                        repetition_penalty=1.0, stop_ids=None, use_cache=True, generator=None):
+        """Generate for one prompt (T,) or (1, T), yielding each new token id as soon as it is chosen."""
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        for step_tokens, alive in self._generate_steps(idx, max_new_tokens, temperature, top_k, top_p,
+                                                       repetition_penalty, stop_ids, use_cache, None, generator):
+            yield step_tokens[0]
+
+    def _generate_steps(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+                        use_cache, prompt_lens, generator):
+        """Yields (tokens of this step as a list, which rows were still running) once per step.
+
+        Prompts of different lengths are re-laid out left-padded, so every row's next token sits in the same
+        column: row b has `pad[b]` leading pad slots, its positions count from 0 at its first real token, and
+        the mask hides the pad slots (each slot may see itself, so no softmax row is empty)."""
+        B, T = idx.shape
+        device = idx.device
+        lens = torch.full((B,), T, dtype=torch.long) if prompt_lens is None else torch.as_tensor(prompt_lens)
+        max_len = self.args.max_seq_len
+        if max_new_tokens >= max_len:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be < max_seq_len={max_len}")
+        keep = max_len - max_new_tokens  # crop prompts from the left so prompt + new tokens fit the context
+        tokens = torch.zeros((B, min(int(lens.max()), keep)), dtype=torch.long, device=device)
+        lens = lens.clamp(max=tokens.shape[1])
+        Tp = tokens.shape[1]
+        pad = (Tp - lens).to(device)
+        for b in range(B):
+            n = int(lens[b])
+            row_len = int(prompt_lens[b]) if prompt_lens is not None else T
+            tokens[b, Tp - n:] = idx[b, row_len - n:row_len]
+        total = Tp + max_new_tokens
+        cols = torch.arange(total, device=device)
+        key_valid = cols[None, :] >= pad[:, None]  # (B, total)
+        all_pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, total)
+        # (B, 1, total, total): causal, real keys only, plus the diagonal
+        full_mask = (cols[:, None] >= cols[None, :])[None] & key_valid[:, None, :]
+        full_mask = (full_mask | torch.eye(total, dtype=torch.bool, device=device)[None]).unsqueeze(1)
+        no_pad = bool((pad == 0).all())
+
+        seen = None
+        if repetition_penalty != 1.0:
+            counts = torch.zeros((B, self.args.vocab_size), dtype=torch.long, device=device)
+            seen = counts.scatter_add_(1, tokens, key_valid[:, :Tp].long()) > 0  # pad slots add 0
+        stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
+        alive = torch.ones(B, dtype=torch.bool, device=device)
+
+        caches = None
+        if use_cache:
+            n_kv = self.layers[0].attention.n_kv_heads
+            hd = self.args.dim // self.args.n_heads
+            dtype = self.tok_embeddings.weight.dtype
+            caches = [(torch.empty(B, n_kv, total, hd, device=device, dtype=dtype),
+                       torch.empty(B, n_kv, total, hd, device=device, dtype=dtype)) for _ in self.layers]
+        seq = tokens
+        for step in range(max_new_tokens):
+            cur = Tp + step  # columns filled so far
+            # step 0 runs the whole prompt (the prefill); later steps only the newest token, reading the cache
+            start = 0 if (step == 0 or not use_cache) else cur - 1
+            # unpadded prompts need no mask: causal prefill, and a decode step may see every key
+            mask = None if no_pad else full_mask[:, :, start:cur, :cur]
+            logits = self._forward_positions(seq[:, start:cur], all_pos[:, start:cur], mask, caches, start)
+            logits = logits[:, -1, :].float()
+            next_tok = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+            yield next_tok.tolist(), alive.tolist()
+            if seen is not None:
+                seen[torch.arange(B, device=device), next_tok] = True
+            if stop.numel():
+                alive &= ~torch.isin(next_tok, stop)
+                if not bool(alive.any()):
+                    return
+            seq = torch.cat((seq, next_tok[:, None]), dim=1)
+
+    # ---- training helpers ----------------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay matmul weights only; norms and embeddings (a lookup table, and the tied output) are not decayed
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings.weight
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and "tok_embeddings" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel runs the whole update in one launch per group: on GPUs, and on CPU since torch 2.4
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        try:
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix: 6N for the matmuls with
+        N the parameters used in matmuls, plus 12*L*dim*T for attention scores and values."""
+        a = self.args
+        T = a.max_seq_len if seq_len is None else seq_len
+        n = self.num_params()
+        if not a.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()  # a lookup, not a matmul
+        return 6 * n + 12 * a.n_layers * a.dim * T
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, seq_len=None):
+        """Model FLOPs utilisation: achieved FLOP/s over the GPU's dense bf16 peak; None when unknown (CPU)."""
+        peak = peak_flops()
+        if peak is None:
+            return None
+        T = self.args.max_seq_len if seq_len is None else seq_len
+        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
+
+
+def peak_flops(device=None):
+    """Dense bf16 peak FLOP/s of the current CUDA GPU from its name; None on CPU or an unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    table = [("H200", 989e12), ("H100 PCIE", 756e12), ("H100", 989e12), ("H800", 989e12), ("H20", 148e12),
+             ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("4090", 165e12),
+             ("3090", 71e12), ("V100", 125e12)]
+    for key, flops in table:
+        if key in name:
+            return flops
+    return None
+
+
+def sample_next(logits, temperature, top_k, top_p, repetition_penalty=1.0, seen=None, generator=None):
+    """Choose the next token per row from logits (B, V). Order as in HF: repetition penalty, temperature,
+    top-k, top-p. temperature 0 = greedy."""
+    if seen is not None and repetition_penalty != 1.0:
+        # CTRL's penalty: make already-seen tokens less likely whatever the sign of their logit
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already cover top_p; the most likely token always stays
+        drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---- Hugging Face interop -----------------------------------------------------------------------------
+
+def hf_config_dict(args: ModelArgs):
+    """Keyword arguments for transformers.LlamaConfig describing the same network."""
+    return dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=ffn_hidden_dim(args),
+                num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                num_key_value_heads=args.n_heads if args.n_kv_heads is None else args.n_kv_heads,
+                max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+                tie_word_embeddings=args.tie_embeddings, hidden_act="silu", attention_bias=False,
+                mlp_bias=False, head_dim=args.dim // args.n_heads)
+
+
+def to_hf_state_dict(model: Transformer):
+    """Our weights under LlamaForCausalLM's names. RoPE is already rotate-half, so no permutation."""
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            module, param = rest.rsplit(".", 1)
+            k = f"model.layers.{i}.{names[module]}.{param}"
+        elif k == "tok_embeddings.weight":
+            k = "model.embed_tokens.weight"
+        elif k == "norm.weight":
+            k = "model.norm.weight"
+        elif k == "output.weight":
+            k = "lm_head.weight"
+        sd[k] = v.detach().clone()
+    return sd

@@ -1,0 +1,1 @@
+from tokenizer.tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer

@@ -1,0 +1,189 @@
+"""
+Train the project's sentencepiece BPE tokenizer on text files.
+
+    python -m tokenizer.train_tokenizer --input=data/clean/zh.jsonl,data/clean/en/ --vocab_size=8000
+    python tokenizer/train_tokenizer.py config/tok.py --model_prefix=out/tokenizer/tok16k
+
+input: comma-separated files, globs (** works) or directories (searched recursively), read through
+clean_data/readers.py (.txt/.jsonl/.json/.parquet, the chinese-poetry layout); without that module,
+.txt only, one document per line.
+Text streams into sentencepiece line by line (no giant temp file) and stops after max_chars;
+sentencepiece keeps a random sample of input_sentence_size lines, so memory stays bounded.
+Writes <model_prefix>.model and .vocab atomically.
+"""
+import glob
+import itertools
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: put the repo root first, tokenizer/ itself would shadow the package
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import sentencepiece as spm
+
+from tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+# -----------------------------------------------------------------------------
+input = ""  # comma-separated files / globs / directories
+vocab_size = 8000
+model_prefix = "out/tokenizer/tok8k"
+max_sentence_length = 16384  # bytes; sentencepiece drops longer lines, so we cut them into chunks
+input_sentence_size = 2_000_000  # lines sampled (shuffled) for training, bounds memory on big corpora
+max_chars = 200_000_000  # stop reading input after this many characters
+character_coverage = 0.9995  # rarer characters get no piece of their own and use byte fallback
+num_threads = 2
+text_field = ""  # json/jsonl/parquet field holding the text ("" = reader's default)
+seed = 1337
+# -----------------------------------------------------------------------------
+
+# token files are uint16, and the fixed head of the vocab: <unk> <s> </s> <pad>, chat/reserved, 256 bytes
+MAX_VOCAB = 65535
+N_FIXED = 4 + len(SPECIAL_TOKENS) + 256
+
+
+def shared_readers():
+    """The clean_data.readers module if it exists (another part of the project), else None."""
+    try:
+        import clean_data.readers as readers
+    except ModuleNotFoundError as e:
+        if e.name not in ("clean_data", "clean_data.readers"):
+            raise  # the module exists but is broken: say so rather than silently read less
+        return None
+    return readers
+
+
+def input_items(spec):
+    """'a.txt,dir/,data/**/*.jsonl' (or a list) -> the items, each checked to match something. Checked up
+    front: inside sentencepiece's training loop an error only surfaces as an opaque RuntimeError."""
+    items = spec.split(",") if isinstance(spec, str) else [os.fspath(p) for p in spec]
+    items = [s.strip() for s in items if s.strip()]
+    if not items:
+        raise ValueError("no tokenizer input given (--input=file.txt,dir/,glob*)")
+    for item in items:
+        if not (glob.glob(item, recursive=True) if glob.has_magic(item) else os.path.exists(item)):
+            raise FileNotFoundError(f"tokenizer input {item!r} matches no files")
+    return items
+
+
+def expand_paths(items, exts=(".txt",)):
+    """Files / globs / directories (searched recursively for exts) -> sorted list of files."""
+    files = []
+    for item in input_items(items):
+        if os.path.isdir(item):
+            files += sorted(os.path.join(root, f) for root, _, names in os.walk(item)
+                            for f in names if f.endswith(exts))
+        else:
+            files += sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+    return files
+
+
+def iter_documents(items, text_field="", stats=None):
+    """Yield document strings. Through clean_data.readers when it exists (all its formats, dirs, globs,
+    the chinese-poetry layout); otherwise only .txt, one document per line."""
+    readers = shared_readers()
+    if readers is not None:
+        errors = readers.ReadErrors()
+        if stats is not None:
+            stats["read_errors"] = errors
+        for doc in readers.iter_documents(input_items(items), text_field=text_field or None, errors=errors):
+            yield doc["text"]
+        return
+    files = expand_paths(items)
+    bad = [f for f in files if not f.endswith(".txt")]
+    if bad:
+        raise ValueError(f"cannot read {bad[0]!r}: without clean_data/readers.py only .txt input is supported")
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield from f  # a line is a document
+
+
+def iter_sentences(docs, max_sentence_length=max_sentence_length, max_chars=max_chars, stats=None):
+    """Documents -> non-blank lines cut below max_sentence_length bytes, stopping after max_chars chars."""
+    chunk = max(1, max_sentence_length // 4)  # a character is at most 4 UTF-8 bytes
+    stats = {} if stats is None else stats
+    stats.update(chars=0, sentences=0)
+    for doc in docs:
+        for line in doc.splitlines():
+            if not line.strip():
+                continue
+            for i in range(0, len(line), chunk):
+                piece = line[i:i + chunk]
+                yield piece
+                stats["chars"] += len(piece)
+                stats["sentences"] += 1
+                if stats["chars"] >= max_chars:
+                    return
+
+
+def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=vocab_size, *,
+                    max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
+                    max_chars=max_chars, character_coverage=character_coverage, num_threads=num_threads,
+                    text_field=text_field, seed=seed, verbose=True):
+    """Train a BPE model and return the path of <model_prefix>.model.
+
+    files_or_iterator: a str of comma-separated files/globs/dirs or a list/tuple of paths; any other
+    iterable (a generator, iter(list_of_texts)) is taken as the documents themselves.
+    """
+    # check everything cheap before reading any data
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size} does not fit: token files store ids as uint16, "
+                         f"so vocab_size must be <= {MAX_VOCAB}")
+    if vocab_size <= N_FIXED:
+        raise ValueError(f"vocab_size={vocab_size} is too small: {N_FIXED} ids are fixed (<unk> <s> </s> <pad>, "
+                         f"{len(SPECIAL_TOKENS)} chat/reserved tokens, 256 byte-fallback tokens) "
+                         f"before any character or merge")
+    stats = {}
+    if isinstance(files_or_iterator, (str, os.PathLike, list, tuple)):
+        spec = files_or_iterator if isinstance(files_or_iterator, (list, tuple)) else os.fspath(files_or_iterator)
+        docs = iter_documents(input_items(spec), text_field, stats)
+    else:
+        docs = iter(files_or_iterator)
+    sentences = iter_sentences(docs, max_sentence_length, max_chars, stats)
+    first = next(sentences, None)
+    if first is None:
+        raise ValueError("tokenizer input holds no text")
+    sentences = itertools.chain([first], sentences)
+
+    os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
+    tmp_prefix = f"{model_prefix}.tmp{os.getpid()}"
+    spm.set_random_generator_seed(seed)  # the input_sentence_size sample is random: make it repeatable
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences, model_prefix=tmp_prefix, vocab_size=vocab_size, model_type="bpe",
+            character_coverage=character_coverage, byte_fallback=True, split_digits=True,
+            # identity + no dummy prefix + keep whitespace: what goes in comes back out, byte for byte
+            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) can become one piece
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+            control_symbols=",".join(SPECIAL_TOKENS),
+            max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True, num_threads=num_threads, minloglevel=0 if verbose else 2)
+        for ext in (".vocab", ".model"):  # .model last: if it is there, training finished
+            os.replace(tmp_prefix + ext, model_prefix + ext)
+    finally:
+        for ext in (".model", ".vocab"):
+            if os.path.exists(tmp_prefix + ext):
+                os.remove(tmp_prefix + ext)
+
+    path = model_prefix + ".model"
+    tok = Tokenizer(path)  # also checks that the model round-trips text
+    if verbose:
+        sample = "床前明月光，疑是地上霜。Hello, world! 2026年11月21日 👋"
+        ids = tok.encode(sample)
+        if "read_errors" in stats:
+            print(stats["read_errors"].report())
+        print(f"trained on {stats['chars']:,} chars in {stats['sentences']:,} lines")
+        print(f"wrote {path} (vocab_size {tok.vocab_size}, sha256 {tok.sha256()[:12]})")
+        print(f"sample: {sample!r} -> {len(ids)} tokens")
+        print(" ".join(tok.id_to_piece(i) for i in ids))
+    return path
+
+
+if __name__ == "__main__":
+    from configurator import apply_overrides
+    apply_overrides(globals())
+    train_tokenizer(input, model_prefix, vocab_size, max_sentence_length=max_sentence_length,
+                    input_sentence_size=input_sentence_size, max_chars=max_chars,
+                    character_coverage=character_coverage, num_threads=num_threads,
+                    text_field=text_field, seed=seed)
