@@ -21,6 +21,7 @@ is removed first and written last, atomically, so a complete meta.json means com
 """
 import collections
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -86,12 +87,7 @@ def _encode_chunk(texts):
 
     def flat(lists):
         n = sum(len(x) for x in lists)
-        out = np.empty(n, dtype=DTYPE)
-        i = 0
-        for x in lists:
-            out[i:i + len(x)] = x
-            i += len(x)
-        return out
+        return np.fromiter(itertools.chain.from_iterable(lists), dtype=DTYPE, count=n)
 
     return flat(train), flat(val), len(train), len(val)
 
@@ -178,7 +174,7 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
     n_doc = {"train": 0, "val": 0}
     files = {s: open(p, "wb") for s, p in tmp.items()}
     try:
-        bar = tqdm(desc="encode", unit="doc", disable=not progress, smoothing=0.05)
+        bar = tqdm(desc="encode", unit="doc", disable=not progress, smoothing=0.05, mininterval=0.5)
         for train_ids, val_ids, n_train, n_val in _ordered_results(
                 chunks(), int(num_workers), (os.fspath(tokenizer_model), float(val_fraction), seed)):
             train_ids.tofile(files["train"])

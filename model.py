@@ -9,6 +9,7 @@ of wq/wk. tests/test_model_hf_parity.py proves the logits equal.
 """
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,10 +50,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 even under autocast: the mean of squares loses precision in bf16
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        # normalise in fp32 even under autocast (the mean of squares loses precision in bf16), then scale;
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
 
 
 def rope_cos_sin(head_dim, max_len, theta):
@@ -84,11 +84,16 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0, wqkv=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:  # generation passes [wq; wk; wv] stacked: one matrix-vector product reads weights faster
+            kv_dim = self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(x, wqkv).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # without a mask, several queries are only causal if they start at position 0 (SDPA's is_causal
         # aligns the causal diagonal top-left)
@@ -104,9 +109,17 @@ class Attention(nn.Module):
             n_rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1)
+        dtype = q.dtype
+        amp_off = nullcontext()
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # on CPU the bf16 flash-attention backward is ~3x slower than fp32's (measured, torch 2.13):
+            # attend in fp32, the matmuls around it stay in bf16
+            q, k, v = q.float(), k.float(), v.float()
+            amp_off = torch.autocast("cpu", enabled=False)
+        with amp_off:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None and T > 1).to(dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
@@ -120,8 +133,12 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
         self.dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+    def forward(self, x, w13=None):
+        if w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:  # [w1; w3] stacked, as wqkv above
+            gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
 
 
 class TransformerBlock(nn.Module):
@@ -132,9 +149,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0, fused=(None, None)):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos, fused[0])
+        return h + self.feed_forward(self.ffn_norm(h), fused[1])
 
 
 class Transformer(nn.Module):
@@ -151,6 +168,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._decode_step = None  # set by compile_decode()
         self.apply(self._init_weights)
         # GPT-2 / Llama practice: the projections that write into the residual stream are scaled down by
         # sqrt(2 * n_layers) (two per layer), so the residual's variance does not grow with depth.
@@ -171,29 +189,47 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------------
 
-    def forward(self, tokens, targets=None):
-        """tokens (B, T) -> logits (B, T, V) and the mean cross-entropy against targets (-1 = ignored)."""
+    def forward(self, tokens, targets=None, return_logits=True):
+        """tokens (B, T) -> logits (B, T, V) and the mean cross-entropy against targets (-1 = ignored).
+        With targets and return_logits=False (what training uses) the output layer and the loss run fused
+        in chunks of rows, never holding the (B*T, V) logits: faster on CPU, far less memory on GPU."""
         T = tokens.shape[1]
         assert T <= self.args.max_seq_len, f"sequence length {T} > max_seq_len {self.args.max_seq_len}"
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin)
-        logits = self.output(self.norm(h))
+        h = self.norm(h)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(h.view(-1, h.size(-1)), self.output.weight, targets.reshape(-1))
+        logits = self.output(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def _forward_positions(self, tokens, pos, mask, caches=None, cache_pos=0):
+    def _forward_positions(self, tokens, pos, mask, caches=None, cache_pos=0, fused=None):
         """Inference forward with explicit per-row positions (B, T) and a boolean attention mask
         (B, 1, T, S), optionally reading/writing KV caches. Returns logits (B, T, V)."""
         cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hd)
         sin = self.rope_sin[pos].unsqueeze(1)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if caches is None else caches[i], cache_pos)
+            h = layer(h, cos, sin, mask, None if caches is None else caches[i], cache_pos,
+                      (None, None) if fused is None else fused[i])
         return self.output(self.norm(h))
+
+    def compile_decode(self):
+        """torch.compile the one-token decode step (dynamic shapes: one graph for every cache length).
+        On CPU this removes most of the per-operator overhead that dominates small-model generation;
+        the first generate() call pays the compilation."""
+        self._decode_step = torch.compile(self._forward_positions, dynamic=True)
+        return self
+
+    def _stacked_weights(self):
+        """Per layer ([wq; wk; wv], [w1; w3]) for generation: fewer, larger matrix-vector products."""
+        return [(torch.cat([l.attention.wq.weight, l.attention.wk.weight, l.attention.wv.weight]),
+                 torch.cat([l.feed_forward.w1.weight, l.feed_forward.w3.weight])) for l in self.layers]
 
     # ---- generation ----------------------------------------------------------------------------------
 
@@ -266,6 +302,7 @@ class Transformer(nn.Module):
             dtype = self.tok_embeddings.weight.dtype
             caches = [(torch.empty(B, n_kv, total, hd, device=device, dtype=dtype),
                        torch.empty(B, n_kv, total, hd, device=device, dtype=dtype)) for _ in self.layers]
+        fused = self._stacked_weights() if use_cache else None
         seq = tokens
         for step in range(max_new_tokens):
             cur = Tp + step  # columns filled so far
@@ -273,7 +310,8 @@ class Transformer(nn.Module):
             start = 0 if (step == 0 or not use_cache) else cur - 1
             # unpadded prompts need no mask: causal prefill, and a decode step may see every key
             mask = None if no_pad else full_mask[:, :, start:cur, :cur]
-            logits = self._forward_positions(seq[:, start:cur], all_pos[:, start:cur], mask, caches, start)
+            forward = self._decode_step if (step > 0 and self._decode_step is not None) else self._forward_positions
+            logits = forward(seq[:, start:cur], all_pos[:, start:cur], mask, caches, start, fused)
             logits = logits[:, -1, :].float()
             next_tok = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
             yield next_tok.tolist(), alive.tolist()
@@ -334,6 +372,82 @@ def peak_flops(device=None):
         if key in name:
             return flops
     return None
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over targets != -1, equal to F.cross_entropy(..., ignore_index=-1).
+
+    Written out because with an 8k+ vocabulary the loss is a large share of a small model's step on CPU:
+    the softmax computed in the forward pass is kept and turned into the gradient in place
+    (softmax - one_hot), which halves the time of PyTorch's log_softmax + nll_loss pair."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        probs = torch.softmax(logits.float(), dim=-1)
+        valid = targets != -1
+        safe = targets.clamp(min=0)
+        count = valid.sum().clamp(min=1)
+        picked = probs.gather(-1, safe[:, None]).squeeze(-1)
+        # log of the softmax can underflow to -inf only when the target's probability is below ~1e-38
+        loss = -(torch.log(picked.clamp(min=torch.finfo(torch.float32).tiny)) * valid).sum() / count
+        ctx.save_for_backward(probs, safe, valid, count)
+        ctx.logits_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, safe, valid, count = ctx.saved_tensors
+        probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0  # softmax - one_hot, in place
+        probs.mul_((grad / count) * valid[:, None])
+        return probs.to(ctx.logits_dtype), None
+
+
+def cross_entropy(logits, targets):
+    return CrossEntropy.apply(logits, targets)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss = cross_entropy(h @ weight.T, targets), computed chunk by chunk of rows.
+
+    Each chunk's logits live only long enough to give the chunk's loss and its gradients (softmax - one_hot
+    through the two matmuls), which are kept for backward and scaled by the incoming gradient there.
+    The matmuls run in compute_dtype (bf16 under autocast), the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, compute_dtype, chunk):
+        with torch.autocast(h.device.type, enabled=False):
+            valid = targets != -1
+            safe = targets.clamp(min=0)
+            count = valid.sum().clamp(min=1)
+            hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, h.shape[0], chunk):
+                e = min(h.shape[0], s + chunk)
+                logits = (hc[s:e] @ wc.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += ((lse - logits.gather(-1, safe[s:e, None]).squeeze(-1)) * valid[s:e]).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(e - s, device=h.device), safe[s:e]] -= 1.0
+                dlogits = probs.mul_(valid[s:e, None]).to(compute_dtype)
+                grad_h[s:e] = dlogits @ wc
+                grad_w += (dlogits.t() @ hc[s:e]).float()
+            ctx.save_for_backward(grad_h, grad_w, count)
+            ctx.weight_dtype = weight.dtype
+            return loss / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad / count
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk=512):
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    return LinearCrossEntropy.apply(h, weight, targets, dtype, chunk)
 
 
 def sample_next(logits, temperature, top_k, top_p, repetition_penalty=1.0, seen=None, generator=None):

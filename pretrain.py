@@ -198,7 +198,7 @@ while True:
         sync = not ctx["ddp"] or micro == accum - 1
         with (nullcontext() if sync else model.no_sync()):
             with autocast_ctx:
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
                 loss = loss / accum  # DDP then averages over ranks: the mean over all micro-batches
             scaler.scale(loss).backward()
         loss_sum += loss.detach()

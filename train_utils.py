@@ -139,7 +139,7 @@ def estimate_loss(model, bins, batch_size, block_size, eval_iters, device, autoc
     for k in range(eval_iters):
         x, y = get_batch(bins, batch_size, block_size, seed, 0, k, device, stream=1)
         with autocast_ctx:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         losses.append(loss.item())
     model.train(was_training)
     return float(np.mean(losses))

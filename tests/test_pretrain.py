@@ -1,0 +1,106 @@
+"""pretrain.py as users run it (subprocesses): DDP equivalence, exact resume, NaN stop."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# one thread per process: two processes x two threads on two cores spin-wait each other into the ground
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=32", "--batch_size=2",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1",
+        "--dtype=float32", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bins")
+    rng = np.random.default_rng(0)
+    # a corpus with structure to learn: a few token motifs in random order
+    motifs = [rng.integers(4, 200, size=rng.integers(5, 20)) for _ in range(30)]
+    stream = np.concatenate([motifs[i] for i in rng.integers(0, 30, size=2000)]).astype(np.uint16)
+    stream.tofile(d / "train.bin")
+    stream[:4000].tofile(d / "val.bin")
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 256}))
+    return d
+
+
+def run(args, launcher=None, check=True):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "pretrain.py")] + args
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train_losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["iter"]: r["loss"] for r in records if "loss" in r}
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def common(data, out_dir, *extra):
+    return TINY + [f"--train_data={data / 'train.bin'}", f"--val_data={data / 'val.bin'}",
+                   f"--out_dir={out_dir}"] + list(extra)
+
+
+def test_ddp_two_processes_equal_one_process_with_double_accumulation(data, tmp_path):
+    steps = ["--max_iters=4", "--eval_interval=100", "--gradient_accumulation_steps=4"]
+    run(common(data, tmp_path / "single", *steps))
+    run(common(data, tmp_path / "ddp", *steps),
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    single, ddp = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert sorted(single) == sorted(ddp) == [0, 1, 2, 3]
+    for it in single:
+        assert abs(single[it] - ddp[it]) <= 1e-5, (it, single[it], ddp[it])
+    assert single[3] < single[0]  # it trained, so equal weights are not trivially the initial ones
+    w1, w2 = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
+
+
+def test_resume_continues_exactly_where_it_stopped(data, tmp_path):
+    sched = ["--lr_decay_iters=10", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
+    run(common(data, tmp_path / "straight", "--max_iters=10", *sched))
+    run(common(data, tmp_path / "stopped", "--max_iters=5", *sched))
+    first = train_losses(tmp_path / "stopped")
+    assert sorted(first) == [0, 1, 2, 3, 4]
+    run(common(data, tmp_path / "stopped", "--max_iters=10", "--init_from=resume", *sched))
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "stopped")
+    assert sorted(resumed) == sorted(straight) == list(range(10))
+    for it in straight:  # dropout is on: the RNG state must have been restored too
+        assert abs(straight[it] - resumed[it]) <= 1e-6, (it, straight[it], resumed[it])
+    w1, w2 = weights(tmp_path / "straight"), weights(tmp_path / "stopped")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-6, rtol=0), k
+
+
+def test_checkpoint_loads_with_weights_only(data, tmp_path):
+    run(common(data, tmp_path, "--max_iters=2", "--eval_interval=100"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for key in ("model", "optimizer", "model_args", "iter_num", "config", "rng", "data"):
+        assert key in ckpt, key
+    assert ckpt["iter_num"] == 2 and ckpt["config"]["dim"] == 64
+    assert os.path.exists(tmp_path / "loss.png")
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no temp file left behind
+
+
+def test_nan_loss_stops_with_iteration_and_keeps_last_good_checkpoint(data, tmp_path):
+    run(common(data, tmp_path, "--max_iters=3", "--eval_interval=1"))
+    good = weights(tmp_path)
+    # an absurd learning rate makes the weights overflow after the first update
+    p = run(common(data, tmp_path, "--max_iters=50", "--eval_interval=1", "--init_from=resume",
+                   "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0.0"), check=False)
+    assert p.returncode != 0
+    assert "iteration" in p.stderr and ("nan" in p.stderr or "inf" in p.stderr), p.stderr[-2000:]
+    after = weights(tmp_path)
+    for k in good:
+        assert torch.isfinite(after[k]).all(), k
