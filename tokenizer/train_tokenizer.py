@@ -30,7 +30,7 @@ model_prefix = "out/tokenizer/tok8k"
 max_sentence_length = 16384  # bytes; sentencepiece drops longer lines, so we cut them into chunks
 input_sentence_size = 2_000_000  # lines sampled (shuffled) for training, bounds memory on big corpora
 max_chars = 200_000_000  # stop reading input after this many characters
-character_coverage = 0.9995  # rarer characters get no piece of their own and use byte fallback
+character_coverage = 0.995  # rarer characters use byte fallback; 0.9995 needs >10k pieces on classical Chinese
 num_threads = 2
 text_field = ""  # json/jsonl/parquet field holding the text ("" = reader's default)
 seed = 1337
