@@ -109,13 +109,15 @@ if not skip_train:
 
 if not skip_gen:
     model.eval()
+    # bf16 only pays on GPUs here: a CPU's bf16 matrix-vector products are slower than fp32's
+    gen_ctx = autocast_ctx if device_type == "cuda" else torch.autocast("cpu", enabled=False)
     n_new = min(gen_tokens, max_seq_len - gen_prompt_len - 1)
     prompt = torch.randint(0, vocab_size, (1, gen_prompt_len), device=device)
     if compile:
-        with autocast_ctx:
+        with gen_ctx:
             eager_out = model.generate(prompt, n_new, temperature=0.0)
         model.compile_decode()
-        with autocast_ctx:
+        with gen_ctx:
             same = model.generate(prompt, n_new, temperature=0.0) == eager_out  # also compiles
         print(f"generate: compiled decode step gives the eager tokens: {same}")
     for use_cache in (True, False):
@@ -123,7 +125,7 @@ if not skip_gen:
         for _ in range(gen_runs):
             sync()
             t0 = time.perf_counter()
-            with autocast_ctx:
+            with gen_ctx:
                 out = model.generate(prompt, n_new, temperature=0.0, use_cache=use_cache)
             sync()
             rates.append(len(out[0]) / (time.perf_counter() - t0))

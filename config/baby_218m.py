@@ -5,6 +5,8 @@ dim = 1024
 n_layers = 12
 n_heads = 8
 n_kv_heads = 8
+# with baby-llama2-chinese's 64,793-token vocab and tied embeddings this is 218.2M parameters
+tie_embeddings = True
 max_seq_len = 1024
 batch_size = 16
 gradient_accumulation_steps = 16  # in total over all GPUs
