@@ -36,6 +36,7 @@ val_data = ""  # token file for loss/perplexity; "" = val.bin of the data the ch
 val_max_tokens = 200_000  # evaluate at most this many tokens, in consecutive non-overlapping windows
 batch_size = 8
 seed = 1337
+compile = False  # compile the decode step: pays off for long or many generations
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------------------------------------
@@ -112,6 +113,8 @@ if __name__ == "__main__":
     autocast_ctx, _ = tu.amp_setup(device_type, tu.resolve_dtype(dtype, device_type))
     torch.manual_seed(seed)
     model, ckpt = load_model(ckpt_path, device)
+    if compile:
+        model.compile_decode()
     print(f"loaded {ckpt_path}: iteration {ckpt['iter_num']}, {model.num_params() / 1e6:.2f}M parameters")
     tok = Tokenizer(tokenizer_model or ckpt.get("tokenizer") or "")
     if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:

@@ -216,7 +216,7 @@ while True:
     dt, t0 = t1 - t0, t1
     if master and iter_num % log_interval == 0:
         tok_s = tokens_per_iter / dt
-        mfu = raw_model.estimate_mfu(gradient_accumulation_steps * batch_size, dt)
+        mfu = raw_model.estimate_mfu(accum * batch_size, dt)  # per GPU: this process's sequences
         if mfu is not None and iter_num - first_iter >= 5:  # skip the compile/warm-up iterations
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         mfu_text = f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ""
