@@ -1,0 +1,351 @@
+"""
+Clean a corpus: read -> quality filters -> exact dedup -> MinHash near-dup -> SimHash near-dup -> parquet.
+
+    python -m clean_data --input=data/chinese-poetry --out_dir=out/clean/poetry
+    python -m clean_data --input=a.jsonl,b/ --stages=filter,exact          # any subset, in this order
+    python -m clean_data --input=out/clean/poetry/clean.parquet --stages=simhash --simhash_k=4
+    python -m clean_data --input=shard1/ --redis_url=redis://10.0.0.5:6379/0 --shard_id=1   # shared index
+
+Writes out_dir/clean.parquet (text, source, line, title, author, collection, id; zstd, row groups),
+out_dir/report.json (documents in/out per stage, removals per filter, seconds and docs/s per stage, peak
+RSS, read errors) and, with write_removed, out_dir/removed.jsonl (every removed document and its reason;
+for duplicates, dup_of = the running number of the kept document it duplicates).
+
+One streaming pass, memory bounded by the indexes: documents are read in chunks of chunk_docs; a pool
+of num_workers processes normalises, filters and computes exact keys, MinHash signatures and SimHash
+fingerprints for a chunk (the parallel, numeric part); this process then walks the chunk in order
+through the indexes (exact set, MinHashLSH, SimhashIndex: the sequential part, "first one wins") and
+appends the survivors to the parquet file. Texts are never kept beyond their chunk.
+
+With redis_url, the exact-key set and the MinHash LSH index (datasketch storage_config type "redis") and
+the kept signatures live in one Redis server under redis_prefix, so several processes or machines can
+clean shards of one corpus against one index (give each a different shard_id so document ids differ).
+Documents in flight at the same moment on two workers can both survive; SimHash stays per process.
+"""
+import json
+import os
+import resource
+import sys
+import time
+from multiprocessing import Pool
+
+
+if __package__ in (None, ""):  # run as a file: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clean_data import dedup, filters
+from clean_data.normalize import normalize
+from clean_data.readers import ReadErrors, iter_documents
+
+# -----------------------------------------------------------------------------
+input = "data/chinese-poetry"  # comma-separated files / directories / globs (jsonl/json/parquet/txt)
+out_dir = "out/clean"
+text_field = ""  # "" = auto-detect
+txt_mode = "line"
+stages = "filter,exact,minhash,simhash"  # which stages run (always in this order)
+t2s = False  # fold traditional to simplified for comparison (needs the opencc package)
+min_chars = filters.DEFAULTS["min_chars"]
+max_chars = filters.DEFAULTS["max_chars"]
+min_text_frac = filters.DEFAULTS["min_text_frac"]
+max_dup_line_frac = filters.DEFAULTS["max_dup_line_frac"]
+max_dup_ngram_frac = filters.DEFAULTS["max_dup_ngram_frac"]
+dup_ngram = filters.DEFAULTS["dup_ngram"]
+max_symbol_frac = filters.DEFAULTS["max_symbol_frac"]
+ngram = 5  # character shingle size for MinHash and SimHash
+num_perm = 128
+threshold = 0.8  # MinHash: Jaccard at or above which a document is a near-duplicate
+lsh_threshold = 0.65  # LSH banding tuned for this lower Jaccard: more candidates, then checked at threshold
+minhash_seed = 1
+simhash_k = 3  # SimHash: Hamming distance at or below which a document is a near-duplicate
+num_workers = 2  # signature processes; <= 1 computes in this process
+chunk_docs = 2000
+row_group_size = 50_000
+write_removed = True
+redis_url = ""  # e.g. redis://localhost:6379/0: exact + MinHash indexes shared through Redis
+redis_prefix = "babyllama"
+shard_id = 0  # document ids are shard_id * 10**12 + running number
+# -----------------------------------------------------------------------------
+
+STAGES = ("filter", "exact", "minhash", "simhash")
+META_COLUMNS = ("line", "title", "author", "collection", "id")
+
+
+# ---- per chunk, in worker processes ---------------------------------------------------------------------
+
+_cfg = {}
+
+
+def _init(cfg):
+    _cfg.clear()
+    _cfg.update(cfg)
+
+
+def _analyse(texts):
+    """The parallel part for one chunk: filter reasons, normalised exact keys, signatures, fingerprints,
+    and the seconds each took (summed over processes in the report)."""
+    c, secs = _cfg, {}
+    t = time.perf_counter()
+    reasons = [filters.check(x, c["filters"]) for x in texts] if "filter" in c["stages"] else [None] * len(texts)
+    secs["filter"] = time.perf_counter() - t
+    t = time.perf_counter()
+    norms = [normalize(x, c["t2s"]) if r is None else "" for x, r in zip(texts, reasons)]
+    keys = [dedup.exact_key(s) for s in norms] if "exact" in c["stages"] else None
+    secs["exact"] = time.perf_counter() - t
+    sig = fp = None
+    if "minhash" in c["stages"] or "simhash" in c["stages"]:
+        t = time.perf_counter()
+        hashes, counts = dedup.shingle_hashes(norms, c["ngram"])
+        shingle_secs = time.perf_counter() - t
+        if "minhash" in c["stages"]:
+            t = time.perf_counter()
+            sig = dedup.minhash_signatures(hashes, counts, dedup.permutations(c["num_perm"], c["minhash_seed"]))
+            secs["minhash"] = time.perf_counter() - t + shingle_secs
+        if "simhash" in c["stages"]:
+            t = time.perf_counter()
+            fp = dedup.simhash_fingerprints(hashes, counts)
+            secs["simhash"] = time.perf_counter() - t + shingle_secs
+        empty = counts == 0  # nothing left after normalisation: no near-dup comparison possible
+    else:
+        empty = None
+    return reasons, keys, sig, fp, empty, secs
+
+
+# ---- the pipeline -------------------------------------------------------------------------------------
+
+def _chunks(docs, size):
+    chunk = []
+    for d in docs:
+        chunk.append(d)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class ParquetSink:
+    """Appends kept documents to one parquet file, a row group every row_group_size rows."""
+
+    def __init__(self, path, row_group_size):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        self.pa = pa
+        self.schema = pa.schema([("text", pa.string()), ("source", pa.string()), ("line", pa.int64())] +
+                                [(k, pa.string()) for k in META_COLUMNS[1:]])
+        self.tmp = path + ".tmp"
+        self.path = path
+        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.rows, self.row_group_size, self.n = [], row_group_size, 0
+
+    def add(self, doc):
+        self.rows.append(doc)
+        if len(self.rows) >= self.row_group_size:
+            self.flush()
+
+    def flush(self):
+        if not self.rows:
+            return
+        cols = {"text": [d["text"] for d in self.rows], "source": [str(d.get("source", "")) for d in self.rows],
+                "line": [d.get("line") for d in self.rows]}
+        for k in META_COLUMNS[1:]:
+            cols[k] = [None if d.get(k) is None else str(d[k]) for d in self.rows]
+        self.writer.write_table(self.pa.Table.from_pydict(cols, schema=self.schema),
+                                row_group_size=self.row_group_size)
+        self.n += len(self.rows)
+        self.rows = []
+
+    def close(self):
+        self.flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)  # a complete file or none
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process and of its (finished) children, in MiB (Linux: KiB units)."""
+    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return round(me, 1), round(kids, 1)
+
+
+def clean(input=input, out_dir=out_dir, *, text_field=text_field, txt_mode=txt_mode, stages=stages, t2s=t2s,
+          min_chars=min_chars, max_chars=max_chars, min_text_frac=min_text_frac,
+          max_dup_line_frac=max_dup_line_frac, max_dup_ngram_frac=max_dup_ngram_frac, dup_ngram=dup_ngram,
+          max_symbol_frac=max_symbol_frac, ngram=ngram, num_perm=num_perm, threshold=threshold,
+          lsh_threshold=lsh_threshold, minhash_seed=minhash_seed, simhash_k=simhash_k, num_workers=num_workers,
+          chunk_docs=chunk_docs,
+          row_group_size=row_group_size, write_removed=write_removed, redis_url=redis_url,
+          redis_prefix=redis_prefix, shard_id=shard_id, progress=True):
+    """Run the pipeline; returns the report dict (also written to out_dir/report.json)."""
+    t_start = time.time()
+    active = [s.strip() for s in stages.split(",") if s.strip()] if isinstance(stages, str) else list(stages)
+    unknown = set(active) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+    cfg = dict(stages=active, t2s=t2s, ngram=ngram, num_perm=num_perm, minhash_seed=minhash_seed,
+               filters=dict(min_chars=min_chars, max_chars=max_chars, min_text_frac=min_text_frac,
+                            max_dup_line_frac=max_dup_line_frac, max_dup_ngram_frac=max_dup_ngram_frac,
+                            dup_ngram=dup_ngram, max_symbol_frac=max_symbol_frac))
+    os.makedirs(out_dir, exist_ok=True)
+    inputs = [p for p in input.split(",") if p] if isinstance(input, str) else list(input)
+    errors = ReadErrors()
+    exact = dedup.ExactDedup(redis_url, redis_prefix) if "exact" in active else None
+    mh = (dedup.MinHashDedup(threshold, num_perm, minhash_seed, redis_url, redis_prefix, lsh_threshold)
+          if "minhash" in active else None)
+    sh = dedup.SimHashDedup(simhash_k) if "simhash" in active else None
+    removed_by = {s: {} for s in STAGES}  # stage -> reason -> count
+    stage_in = {s: 0 for s in STAGES}
+    secs = {"read": 0.0, **{s: 0.0 for s in STAGES}, "write": 0.0}
+    sink = ParquetSink(os.path.join(out_dir, "clean.parquet"), row_group_size)
+    removed_f = open(os.path.join(out_dir, "removed.jsonl"), "w", encoding="utf-8") if write_removed else None
+    n_read = chars_in = chars_out = 0
+    doc_id = shard_id * 10 ** 12
+
+    def drop(stage, reason, doc, dup_of=None):
+        removed_by[stage][reason] = removed_by[stage].get(reason, 0) + 1
+        if removed_f is not None:
+            rec = {"stage": stage, "reason": reason, "doc": doc["_id"], "source": doc.get("source"),
+                   "line": doc.get("line"), "text": doc["text"]}
+            if dup_of is not None:
+                rec["dup_of"] = dup_of
+            removed_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def timed_docs():  # reading time is what the generator spends between yields
+        nonlocal n_read, chars_in, doc_id
+        it = iter(iter_documents(inputs, text_field=text_field or None, errors=errors, txt_mode=txt_mode))
+        while True:
+            t = time.perf_counter()
+            doc = next(it, None)
+            secs["read"] += time.perf_counter() - t
+            if doc is None:
+                return
+            n_read += 1
+            chars_in += len(doc["text"])
+            doc["_id"] = doc_id
+            doc_id += 1
+            yield doc
+
+    pool = Pool(num_workers, initializer=_init, initargs=(cfg,)) if num_workers > 1 else None
+    if pool is None:
+        _init(cfg)
+    try:
+        chunks = _chunks(timed_docs(), max(1, chunk_docs))
+        for chunk, (reasons, keys, sig, fp, empty, wsecs) in _bounded_map(pool, chunks, 2 * max(1, num_workers)):
+            for k, v in wsecs.items():
+                secs[k] += v
+            for j, doc in enumerate(chunk):
+                if "filter" in active:
+                    stage_in["filter"] += 1
+                    if reasons[j] is not None:
+                        drop("filter", reasons[j], doc)
+                        continue
+                t = time.perf_counter()
+                if exact is not None:
+                    stage_in["exact"] += 1
+                    first = exact.check_and_add(keys[j], doc["_id"])
+                    if first is not None:
+                        secs["exact"] += time.perf_counter() - t
+                        drop("exact", "exact_dup", doc, first)
+                        continue
+                t2 = time.perf_counter()
+                secs["exact"] += t2 - t
+                if mh is not None and not empty[j]:
+                    stage_in["minhash"] += 1
+                    first = mh.check_and_add(sig[j], doc["_id"])
+                    if first is not None:
+                        secs["minhash"] += time.perf_counter() - t2
+                        drop("minhash", "near_dup", doc, first)
+                        continue
+                t3 = time.perf_counter()
+                secs["minhash"] += t3 - t2
+                if sh is not None and not empty[j]:
+                    stage_in["simhash"] += 1
+                    first = sh.check_and_add(fp[j], doc["_id"])
+                    if first is not None:
+                        secs["simhash"] += time.perf_counter() - t3
+                        drop("simhash", "near_dup", doc, first)
+                        continue
+                t4 = time.perf_counter()
+                secs["simhash"] += t4 - t3
+                chars_out += len(doc["text"])
+                sink.add(doc)
+                secs["write"] += time.perf_counter() - t4
+            if progress and n_read % 100_000 < chunk_docs:
+                print(f"  {n_read:,} read, {sink.n + len(sink.rows):,} kept, {time.time() - t_start:.0f} s",
+                      flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    t = time.perf_counter()
+    sink.close()
+    secs["write"] += time.perf_counter() - t
+    if removed_f is not None:
+        removed_f.close()
+    wall = time.time() - t_start
+    per_stage = {}
+    for s in STAGES:
+        if s in active:
+            n_removed = sum(removed_by[s].values())
+            per_stage[s] = {"in": stage_in[s], "out": stage_in[s] - n_removed, "removed": n_removed,
+                            "removed_by": removed_by[s], "seconds": round(secs[s], 3),
+                            "docs_per_s": round(stage_in[s] / secs[s]) if secs[s] > 0 else None}
+    rss_self, rss_children = peak_rss_mb()
+    report = {
+        "input": inputs, "output": sink.path, "documents_in": n_read, "documents_out": sink.n,
+        "chars_in": chars_in, "chars_out": chars_out, "stages": per_stage,
+        "seconds": {"wall": round(wall, 2), "read": round(secs["read"], 2), "write": round(secs["write"], 2)},
+        "docs_per_s_wall": round(n_read / wall) if wall > 0 else None,
+        "peak_rss_mb": {"main": rss_self, "largest_worker": rss_children},
+        "read_errors": errors.to_dict(),
+        "config": dict(stages=active, t2s=t2s, ngram=ngram, num_perm=num_perm, threshold=threshold,
+                       lsh_threshold=lsh_threshold,
+                       simhash_k=simhash_k, num_workers=num_workers, chunk_docs=chunk_docs,
+                       redis=bool(redis_url), **cfg["filters"]),
+    }
+    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, ensure_ascii=False, indent=1)
+    return report
+
+
+def _bounded_map(pool, chunks, in_flight):
+    """(chunk, _analyse(texts of chunk)) in order, with at most in_flight chunks submitted and not yet
+    collected. Pool.imap would read the whole input ahead into its task queue: memory bounded by the
+    corpus instead of by the indexes."""
+    from collections import deque
+    if pool is None:
+        for ch in chunks:
+            yield ch, _analyse([d["text"] for d in ch])
+        return
+    pending = deque()
+    for ch in chunks:
+        pending.append((ch, pool.apply_async(_analyse, ([d["text"] for d in ch],))))
+        if len(pending) >= in_flight:
+            ch0, res = pending.popleft()
+            yield ch0, res.get()
+    while pending:
+        ch0, res = pending.popleft()
+        yield ch0, res.get()
+
+
+def format_report(r):
+    lines = [f"documents {r['documents_in']:,} -> {r['documents_out']:,}, characters {r['chars_in']:,} -> "
+             f"{r['chars_out']:,}, {r['seconds']['wall']} s ({r['docs_per_s_wall']:,} docs/s)"]
+    for s, v in r["stages"].items():
+        lines.append(f"  {s:8s} in {v['in']:>9,}  removed {v['removed']:>8,}  {v['seconds']:7.1f} s  "
+                     f"{v['docs_per_s'] or 0:>9,} docs/s  {v['removed_by']}")
+    rss = r["peak_rss_mb"]
+    lines.append(f"  peak RSS: main {rss['main']} MiB, largest worker {rss['largest_worker']} MiB")
+    e = r["read_errors"]
+    if e["malformed_records"]:
+        lines.append(f"  malformed records skipped: {e['malformed_records']} {e['malformed_by_reason']}")
+    lines.append(f"  -> {r['output']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from configurator import apply_overrides
+    apply_overrides(globals())
+    g = globals()
+    kw = {k: g[k] for k in clean.__code__.co_varnames[:clean.__code__.co_argcount + clean.__code__.co_kwonlyargcount]
+          if k in g and k != "progress"}
+    from clean_data import clean as module  # workers unpickle clean_data.clean._analyse, not __main__'s
+    print(module.format_report(module.clean(**kw)))
