@@ -6,7 +6,6 @@ with and without the KV cache.
     python bench.py config/bench_rival.py            # the shared CPU config the rivals were measured at
     python bench.py config/baby_92m.py --compile=True --dtype=bfloat16
 """
-import resource
 import statistics
 import time
 
@@ -65,12 +64,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def peak_memory_mb():
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of this process
-
-
 if not skip_train:
     optimizer = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type)
     train_model = torch.compile(model) if compile else model
@@ -103,7 +96,7 @@ if not skip_train:
           f"min {tokens_per_step / max(times):,.0f}, max {tokens_per_step / min(times):,.0f})"
           + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ", MFU n/a on CPU")
           + f", {model.flops_per_token() * tokens_per_step / dt / 1e9:,.1f} GFLOP/s")
-    print(f"train: peak memory {peak_memory_mb():,.0f} MiB")
+    print(f"train: peak memory {tu.peak_memory_mb(device_type):,.0f} MiB")
     del optimizer, train_model
     model.zero_grad(set_to_none=True)
 
@@ -131,4 +124,4 @@ if not skip_gen:
             rates.append(len(out[0]) / (time.perf_counter() - t0))
         print(f"generate: {statistics.median(rates):,.1f} tokens/s {'with' if use_cache else 'without'} KV cache "
               f"(greedy, {n_new} new tokens from a {gen_prompt_len}-token prompt, median of {gen_runs})")
-    print(f"peak memory {peak_memory_mb():,.0f} MiB")
+    print(f"peak memory {tu.peak_memory_mb(device_type):,.0f} MiB")

@@ -5,9 +5,19 @@ token file.
     python eval.py --ckpt_path=out/pretrain/ckpt.pt
     python eval.py --prompts="['春眠不觉晓，']" --temperature=0.0 --stream=True
     python eval.py --mode=loss --val_data=out/data/poetry/val.bin
+    python eval.py --mode=chat --ckpt_path=out/sft/ckpt.pt                  # interactive: /reset, /quit
+    python eval.py --mode=chat --ckpt_path=out/sft/ckpt.pt --questions_file=q.jsonl --answers_file=a.jsonl
+
+Chat mode uses the chat template (tokenizer/chat_template.py), streams the reply token by token through the
+KV-cached generate_stream and stops on <|end|>. A LoRA checkpoint from sft.py is loaded as base + adapter,
+merged. Batch chat: questions_file is .txt (one question per line) or .jsonl ({"question", optional
+"system", "reference", "kind"}); answers go to answers_file as JSONL, and when references are given the
+exact-match rate is printed per kind (for kind "poem", also the rate of well-formed 5/7-character poems).
 """
+import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -15,14 +25,15 @@ import numpy as np
 import torch
 
 from configurator import apply_overrides
-from model import ModelArgs, Transformer
+from lora import load_checkpoint_model
 from tokenizer import StreamDecoder, Tokenizer
+from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
 import train_utils as tu
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"
 tokenizer_model = ""  # "" = the tokenizer recorded in the checkpoint
-mode = "sample"  # 'sample', 'loss', or 'all' (chat and benchmarks come with later stages)
+mode = "sample"  # 'sample', 'loss', 'all' (sample + loss), 'chat' (interactive, or batch with questions_file)
 prompts = ["床前明月光，疑是地上霜。举头望明月，", "白日依山尽，", "春眠不觉晓，", "明月几时有？"]
 prompt_file = ""  # one prompt per line; replaces `prompts`
 max_new_tokens = 64
@@ -37,15 +48,16 @@ val_max_tokens = 200_000  # evaluate at most this many tokens, in consecutive no
 batch_size = 8
 seed = 1337
 compile = False  # compile the decode step: pays off for long or many generations
+system_prompt = ""  # chat: an optional system prompt
+questions_file = ""  # chat: batch mode, questions in (.txt or .jsonl); "" = interactive
+answers_file = ""  # chat batch mode: JSONL answers out ("" = questions_file + .answers.jsonl)
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------------------------------------
 
 
 def load_model(path, device):
-    ckpt = tu.load_checkpoint(path, device)
-    model = Transformer(ModelArgs(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    model, ckpt = load_checkpoint_model(path, device)  # plain checkpoints, or base + LoRA adapter merged
     model.to(device).eval()
     return model, ckpt
 
@@ -104,6 +116,106 @@ def val_loss(model, path, device, autocast_ctx):
     return total / count, count
 
 
+def _gen_opts(tok):
+    return dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
+                repetition_penalty=repetition_penalty, stop_ids=stop_ids(tok))
+
+
+def fit_history(tok, history, limit, system=None):
+    """The chat prompt, dropping the oldest exchanges until it fits `limit` tokens."""
+    while True:
+        prompt = encode_prompt(tok, history, system or None)
+        if len(prompt) <= limit or len(history) <= 1:
+            return prompt[-limit:], history
+        history = history[2:]
+
+
+def chat_interactive(model, tok, device, autocast_ctx):
+    print("chat: type a message; /reset clears the conversation, /quit leaves")
+    history, stops = [], set(stop_ids(tok))
+    while True:
+        try:
+            line = input("用户> ")
+        except EOFError:
+            break
+        if line.strip() == "/quit":
+            break
+        if line.strip() == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not line.strip():
+            continue
+        prompt, history = fit_history(tok, history + [{"role": "user", "content": line}],
+                                      model.args.max_seq_len - max_new_tokens, system_prompt)
+        dec, reply = StreamDecoder(tok), []
+        print("助手> ", end="", flush=True)
+        with autocast_ctx:
+            for t in model.generate_stream(torch.tensor(prompt, device=device), max_new_tokens, **_gen_opts(tok)):
+                if t in stops:
+                    break
+                reply.append(t)
+                print(dec.put(t), end="", flush=True)
+        print(dec.flush(), flush=True)
+        history.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def well_formed_poem(text):
+    """4 or 8 clauses of 5 or 7 characters, all of one length, every line ending with 。？！ (the demo's
+    regular poems: the rule sft_data_process.py selects them by)."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    if not lines or any(line[-1] not in "。？！" for line in lines):
+        return False
+    clauses = [c for c in re.split(r"[，。？！；、,.?!;]", "".join(lines)) if c]
+    return len(clauses) in (4, 8) and len({len(c) for c in clauses}) == 1 and len(clauses[0]) in (5, 7)
+
+
+def chat_batch(model, tok, device, autocast_ctx, path, out_path):
+    """Answer every question of the file in padded batches; JSONL out; exact match etc. when references."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            items = [json.loads(line) for line in f if line.strip()]
+        else:
+            items = [{"question": line.rstrip("\n")} for line in f if line.strip()]
+    limit = model.args.max_seq_len - max_new_tokens
+    stops = set(stop_ids(tok))
+    t0, n_new = time.time(), 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        prompts = [fit_history(tok, [{"role": "user", "content": it["question"]}], limit,
+                               it.get("system") or system_prompt)[0] for it in chunk]
+        lens = [len(p) for p in prompts]
+        idx = torch.zeros((len(prompts), max(lens)), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, :len(p)] = torch.tensor(p)
+        with autocast_ctx:
+            outs = model.generate(idx.to(device), max_new_tokens, prompt_lens=lens, **_gen_opts(tok))
+        for it, o in zip(chunk, outs):
+            n_new += len(o)
+            it["answer"] = decode_reply(tok, o)
+            it["finished"] = bool(o) and o[-1] in stops
+    dt = time.time() - t0
+    with open(out_path, "w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps(it, ensure_ascii=False) + "\n")
+    print(f"{len(items)} answers in {dt:.1f}s ({n_new / max(dt, 1e-9):.1f} tok/s) -> {out_path}")
+    scores = {}
+    for kind in sorted({it.get("kind", "") for it in items if "reference" in it}):
+        group = [it for it in items if "reference" in it and it.get("kind", "") == kind]
+        s = {"n": len(group), "exact_match": sum(it["answer"] == it["reference"] for it in group) / len(group),
+             "finished": sum(it["finished"] for it in group) / len(group)}
+        if kind == "poem":
+            s["well_formed"] = sum(it["finished"] and well_formed_poem(it["answer"]) for it in group) / len(group)
+        if kind == "author":  # the right name anywhere in the reply
+            s["author_named"] = sum(bool(it.get("author")) and it["author"] in it["answer"] for it in group) / len(group)
+        scores[kind or "all"] = s
+        print(f"{kind or 'all'}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in s.items()))
+    for it in items[:6]:
+        print(f"Q: {it['question']}\nA: {it['answer']}")
+    return scores
+
+
 if __name__ == "__main__":
     apply_overrides(globals())
     device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -121,6 +233,12 @@ if __name__ == "__main__":
         print(f"warning: {tok.model_path} is not the tokenizer the training data was made with (sha256 differs)")
     if tok.vocab_size != model.args.vocab_size:
         raise SystemExit(f"tokenizer {tok.model_path} has {tok.vocab_size} tokens, the model {model.args.vocab_size}")
+    if mode == "chat":
+        if questions_file:
+            chat_batch(model, tok, device, autocast_ctx, questions_file,
+                       answers_file or questions_file + ".answers.jsonl")
+        else:
+            chat_interactive(model, tok, device, autocast_ctx)
     if mode in ("sample", "all"):
         if prompt_file:
             with open(prompt_file, encoding="utf-8") as f:

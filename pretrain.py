@@ -66,27 +66,12 @@ if __name__ == "__main__":
 config = {k: globals()[k] for k in config_keys}
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-ctx = tu.setup_ddp(device)
-device = ctx["device"]
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-master = ctx["master"]
-if gradient_accumulation_steps % ctx["world_size"]:
-    raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the "
-                     f"{ctx['world_size']} processes")
-accum = gradient_accumulation_steps // ctx["world_size"]  # micro-steps per process
+ctx = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir)
+device, device_type, master, accum = ctx["device"], ctx["device_type"], ctx["master"], ctx["accum"]
+dtype, autocast_ctx, scaler = ctx["dtype"], ctx["autocast"], ctx["scaler"]
 tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
 lr_decay_iters = lr_decay_iters or max_iters
-if num_threads:
-    torch.set_num_threads(num_threads)
-if device_type == "cpu":
-    tu.configure_cpu()
-else:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-dtype = tu.resolve_dtype(dtype, device_type)
-autocast_ctx, scaler = tu.amp_setup(device_type, dtype)
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     print(f"{ctx['world_size']} process(es) on {device}, {dtype}; {tokens_per_iter:,} tokens per iteration "
           f"({ctx['world_size']} x {accum} micro-steps x {batch_size} x {max_seq_len})")
 

@@ -36,6 +36,30 @@ def setup_ddp(device="auto"):
     return dict(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device)
 
 
+def setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir):
+    """What every training script sets up before its data and model: DDP, the device and its precision,
+    CPU threads, the output folder. Returns setup_ddp's dict plus device_type, accum (micro-steps per
+    process: gradient_accumulation_steps counts all processes), dtype, autocast (a context) and scaler."""
+    ctx = setup_ddp(device)
+    ctx["device_type"] = "cuda" if ctx["device"].startswith("cuda") else "cpu"
+    if gradient_accumulation_steps % ctx["world_size"]:
+        raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the "
+                         f"{ctx['world_size']} processes")
+    ctx["accum"] = gradient_accumulation_steps // ctx["world_size"]
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if ctx["device_type"] == "cpu":
+        configure_cpu()
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: fp32 range, ~8x the throughput
+        torch.backends.cudnn.allow_tf32 = True
+    ctx["dtype"] = resolve_dtype(dtype, ctx["device_type"])
+    ctx["autocast"], ctx["scaler"] = amp_setup(ctx["device_type"], ctx["dtype"])
+    if ctx["master"]:
+        os.makedirs(out_dir, exist_ok=True)
+    return ctx
+
+
 def cleanup_ddp(ctx):
     if ctx["ddp"] and dist.is_initialized():
         dist.destroy_process_group()
@@ -250,3 +274,23 @@ def check_finite(value, it, out_dir):
         raise FloatingPointError(
             f"loss became {value} at iteration {it}; stopping. The last good checkpoint in {out_dir} is untouched "
             f"(lower learning_rate, check the data, or use bfloat16 instead of float16).")
+
+
+# ---- conversations (SFT / DPO data) -----------------------------------------------------------------------
+
+def read_conversations(path):
+    """The unified conversations sft_data_process.py writes (.jsonl or .parquet): a list of dicts
+    {"messages": [{"role", "content"}, ...], "system": str or None, "source": str}."""
+    if str(path).endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def peak_memory_mb(device_type):
+    """Peak memory of this process: allocated CUDA memory on GPUs, the resident set size on CPU (Linux)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
