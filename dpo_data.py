@@ -1,0 +1,54 @@
+"""
+Preference data for dpo.py: build the demo preference set from the chinese-poetry corpus, or count what the
+loaders make of preference files (any of the formats preference_data.py reads).
+
+    python dpo_data.py --demo_poetry=data/chinese-poetry --out_dir=out/demo/dpo_data
+    python dpo_data.py --count="../shared/data/dpo/dpo_zh_500.jsonl,../shared/data/dpo/dpo_zh_demo.json"
+
+The demo set: per poem, the poem asked by its title (chosen: the real poem; rejected: its clauses shuffled,
+cut to half, or its first line repeated), its author (rejected: another poet of the set) and the continuation
+of its first line (rejected: a corrupted continuation), with the prompts of sft_data_process.py's demo SFT set.
+Held-out pairs (val.jsonl) come from poems in no training pair. Torch-free.
+"""
+import glob
+import json
+import os
+
+from configurator import apply_overrides
+from preference_data import build_poetry_pairs, load_preferences, write_pairs
+
+# -----------------------------------------------------------------------------------------------------------
+demo_poetry = ""  # the chinese-poetry corpus (a directory, file or glob clean_data.readers reads)
+demo_glob = "dist/quantangshi/poet.tang.*.json"  # which of its files, under demo_poetry ("" = all of it)
+out_dir = "out/dpo_data"
+demo_poems = 2000  # poems used (3 pairs each)
+demo_val_poems = 60  # of which held out (3 pairs each)
+seed = 1337
+count = ""  # comma-separated preference files: print the loaders' counts and exit
+# -----------------------------------------------------------------------------------------------------------
+
+
+def main():
+    if count:
+        for path in [p for p in count.split(",") if p]:
+            pairs, counts = load_preferences(path)
+            turns = sum(len(p["prompt"]) for p in pairs) / max(len(pairs), 1)
+            print(json.dumps({"file": path, **dict(counts), "mean prompt turns": round(turns, 2)},
+                             ensure_ascii=False))
+        return
+    if not demo_poetry:
+        raise SystemExit("nothing to do: give --demo_poetry=... or --count=...")
+    paths = sorted(glob.glob(os.path.join(demo_poetry, demo_glob))) if demo_glob else [demo_poetry]
+    if not paths:
+        raise SystemExit(f"no files match {os.path.join(demo_poetry, demo_glob)} (run make download)")
+    train, val, stats = build_poetry_pairs(paths, demo_poems, demo_val_poems, seed)
+    write_pairs(os.path.join(out_dir, "train.jsonl"), train)
+    write_pairs(os.path.join(out_dir, "val.jsonl"), val)
+    with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
+        json.dump(stats, f, ensure_ascii=False, indent=1)
+    print(f"demo preference set in {out_dir}: {stats}")
+
+
+if __name__ == "__main__":
+    apply_overrides(globals())
+    main()

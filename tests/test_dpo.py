@@ -1,0 +1,269 @@
+"""DPO's pieces checked by hand: each loss formula on a hand-made example, sequence log-probs over reply tokens
+only (prompt and padding do not enter), the reference gets no gradient and does not change (frozen copy and
+LoRA adapters-off), and the loaders give the same pairs from every format."""
+import json
+import math
+
+import pytest
+import torch
+
+from dpo import (adapters_off, collate_pairs, concatenated_logps, dpo_loss, frozen_copy, hinge_loss, ipo_loss,
+                 orpo_loss, pair_metrics, preference_loss, sequence_logps, simpo_loss, tokenize_pair)
+from lora import apply_lora
+from model import ModelArgs, Transformer
+from preference_data import build_poetry_pairs, corrupt, load_preferences, parse_pair, poem_clauses
+from tokenizer import Tokenizer
+from tokenizer.chat_template import IGNORE, encode_conversation
+from tokenizer.train_tokenizer import train_tokenizer
+
+T = lambda *v: torch.tensor(v, dtype=torch.float64)
+softplus = lambda z: math.log1p(math.exp(-z)) if z > 0 else -z + math.log1p(math.exp(z))  # -log sigmoid(z)
+# a pair whose policy moved log p(chosen) from -6 to -5 and log p(rejected) from -6 to -7: h = 2
+PC, PR, RC, RR = T(-5.0), T(-7.0), T(-6.0), T(-6.0)
+
+
+# ---- losses ---------------------------------------------------------------------------------------------
+
+def test_sigmoid_loss_and_rewards_by_hand():
+    loss, rc, rr = preference_loss("sigmoid", T(-5.0, -9.0), T(-7.0, -8.0), T(-6.0, -9.5), T(-6.0, -7.0),
+                                   T(3, 4), T(3, 4), beta=0.1)
+    # pair 1: h = (-5+6) - (-7+6) = 2; pair 2: h = (-9+9.5) - (-8+7) = 1.5
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-0.2)) + math.log(1 + math.exp(-0.15))) / 2)
+    assert rc.tolist() == pytest.approx([0.1, 0.05])
+    assert rr.tolist() == pytest.approx([-0.1, -0.1])
+    m = pair_metrics(loss, T(-5.0, -9.0), T(-7.0, -8.0), rc, rr)
+    assert m["rewards/margins"] / 2 == pytest.approx((0.2 + 0.15) / 2)
+    assert m["rewards/accuracies"] == 2 and m["logps/chosen"] / 2 == pytest.approx(-7.0)
+    assert m["logps/accuracy"] == 1  # the model's own preference: -5 > -7 yes, -9 > -8 no
+
+
+def test_step0_loss_is_log2_and_rewards_zero():
+    lp = torch.randn(5, dtype=torch.float64) * 10
+    lr_ = torch.randn(5, dtype=torch.float64) * 10
+    loss, rc, rr = preference_loss("sigmoid", lp, lr_, lp.clone(), lr_.clone(), T(1), T(1), beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert rc.abs().max() == 0 and rr.abs().max() == 0
+
+
+def test_variants_by_hand():
+    assert dpo_loss(PC, PR, RC, RR, 0.1)[0].item() == pytest.approx(softplus(0.2))
+    # conservative DPO: the label is flipped with probability 0.1
+    assert dpo_loss(PC, PR, RC, RR, 0.1, 0.1)[0].item() == pytest.approx(0.9 * softplus(0.2) + 0.1 * softplus(-0.2))
+    assert ipo_loss(PC, PR, RC, RR, 0.1)[0].item() == pytest.approx((2 - 5) ** 2)
+    assert hinge_loss(PC, PR, RC, RR, 0.1)[0].item() == pytest.approx(0.8)
+    assert hinge_loss(PC, PR, RC, RR, 1.0)[0].item() == 0.0
+    # SimPO: average log-probs -1 (5 tokens) and -3.5 (2 tokens); beta 2, gamma 1: z = 2 * 2.5 - 1 = 4
+    loss, rc, rr = preference_loss("simpo", PC, PR, None, None, T(5), T(2), beta=2.0, simpo_gamma=1.0)
+    assert loss.item() == pytest.approx(softplus(4.0))
+    assert (rc.item(), rr.item()) == pytest.approx((-2.0, -7.0))
+    # ORPO: NLL of chosen (1 per token) + beta * -log sigmoid(log odds(e^-1) - log odds(e^-3.5))
+    log_odds = lambda a: a - math.log(1 - math.exp(a))
+    loss, _, _ = preference_loss("orpo", PC, PR, None, None, T(5), T(2), beta=0.1)
+    assert loss.item() == pytest.approx(1.0 + 0.1 * softplus(log_odds(-1.0) - log_odds(-3.5)))
+    assert orpo_loss(T(-1.0), T(-3.5), 0.1)[0].item() == pytest.approx(loss.item())
+    assert simpo_loss(T(-1.0), T(-3.5), 2.0, 1.0)[0].item() == pytest.approx(softplus(4.0))
+    # the SFT term: + weight * mean NLL per chosen token (5 tokens, log-prob -5 in all)
+    loss, _, _ = preference_loss("sigmoid", PC, PR, RC, RR, T(5), T(2), beta=0.1, sft_weight=0.5)
+    assert loss.item() == pytest.approx(softplus(0.2) + 0.5 * 1.0)
+
+
+def test_dpo_gradient_direction():
+    pc, pr = T(-5.0).requires_grad_(), T(-7.0).requires_grad_()
+    loss, _, _ = preference_loss("sigmoid", pc, pr, RC, RR, T(1), T(1), beta=0.1)
+    loss.backward()
+    # d/dh -log s(beta h) = -beta * s(-beta h): raise chosen, lower rejected
+    assert pc.grad.item() == pytest.approx(-0.1 / (1 + math.exp(0.2)))
+    assert pr.grad.item() == pytest.approx(0.1 / (1 + math.exp(0.2)))
+
+
+# ---- sequences --------------------------------------------------------------------------------------------
+
+TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+         "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。", "请写一首题为《静夜思》的诗。《静夜思》的作者是谁？李白王之涣",
+         "续写：这首诗的作者是孟浩然。", "What is two plus two? It is four. Hello!"] * 20
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo_tok")
+    return Tokenizer(train_tokenizer(iter(TEXTS), str(d / "tok"), 400, num_threads=1, verbose=False))
+
+
+def tiny_model(tok, seed=0):
+    torch.manual_seed(seed)
+    args = dict(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=64)
+    return Transformer(ModelArgs(**args)), args
+
+
+U = lambda c: {"role": "user", "content": c}
+A = lambda c: {"role": "assistant", "content": c}
+PAIRS = [
+    {"system": None, "prompt": [U("《静夜思》的作者是谁？")], "chosen": "《静夜思》的作者是李白。",
+     "rejected": "《静夜思》的作者是王之涣。"},
+    {"system": "你是诗人。", "prompt": [U("请写一首题为《静夜思》的诗。"), A("床前明月光。"), U("续写：")],
+     "chosen": "疑是地上霜。举头望明月，低头思故乡。", "rejected": "疑是地上霜。"},
+]
+
+
+def test_tokenize_pair_matches_chat_template(tok):
+    for p in PAIRS:
+        prompt, c, r, truncated = tokenize_pair(tok, p, 1000)
+        assert not truncated
+        ids, labels = encode_conversation(tok, p["prompt"] + [A(p["chosen"])], p["system"])
+        assert prompt + c == ids  # the same tokens the SFT model was trained on
+        assert labels[len(prompt):] == c  # the final reply (content + <|end|>) is what SFT scores last
+    prompt, c, r, truncated = tokenize_pair(tok, PAIRS[1], 20)
+    assert truncated and len(prompt) + len(c) <= 20 and len(prompt) + len(r) <= 20
+
+
+def test_logps_cover_reply_tokens_only(tok):
+    model, _ = tiny_model(tok)
+    model.eval()
+    items = [tokenize_pair(tok, p, 1000)[:3] for p in PAIRS]
+    x, y = collate_pairs(items, pad_id=0)
+    assert x.shape[0] == 4  # chosen rows, then rejected rows, in one batch
+    with torch.no_grad():
+        lc, lr_, nc, nr = concatenated_logps(model, x, y)
+        for b, (prompt, c, r) in enumerate(items):
+            for reply, got, n in ((c, lc[b], nc[b]), (r, lr_[b], nr[b])):
+                seq = torch.tensor([prompt + reply])
+                logp = torch.log_softmax(model(seq[:, :-1])[0].float(), -1)[0]
+                # by hand: the reply token at position t is predicted from position t - 1
+                want = sum(logp[t - 1, seq[0, t]].item() for t in range(len(prompt), len(prompt) + len(reply)))
+                assert got.item() == pytest.approx(want, abs=1e-4)
+                assert n.item() == len(reply)
+        # the prompt's tokens and the padding are -1 targets: changing them changes nothing but the prompt's
+        # influence on the reply (context) -- so change only padding: other pad ids, longer padding
+        x2, y2 = collate_pairs(items + [(items[1][0], items[1][1] + items[1][1][:8], items[1][2])], pad_id=5)
+        assert x2.shape[1] > x.shape[1]
+        lc2, lr2, _, _ = concatenated_logps(model, x2, y2)
+        assert torch.allclose(lc2[:2], lc, atol=1e-5) and torch.allclose(lr2[:2], lr_, atol=1e-5)
+    # prompt targets never scored: zeroing the logits' rows at prompt positions leaves the sums unchanged
+    logits = torch.randn(*x.shape, tok.vocab_size)
+    base, _ = sequence_logps(logits, y)
+    hit = logits.clone()
+    hit[y == IGNORE] = 1e4 * torch.randn_like(hit[y == IGNORE])
+    assert torch.allclose(sequence_logps(hit, y)[0], base)
+
+
+def test_reference_frozen_copy_gets_no_gradient(tok):
+    policy, args = tiny_model(tok)
+    ref = frozen_copy(args, policy.state_dict(), "cpu")
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    x, y = collate_pairs([tokenize_pair(tok, p, 1000)[:3] for p in PAIRS], 0)
+    for step in range(6):
+        with torch.no_grad():
+            rc, rr, _, _ = concatenated_logps(ref, x, y)
+        pc, pr, nc, nr = concatenated_logps(policy, x, y)
+        loss, _, _ = preference_loss("sigmoid", pc, pr, rc, rr, nc, nr, beta=0.1)
+        if step == 0:
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(p.grad is None and not p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert not torch.equal(before["layers.0.attention.wq.weight"], policy.layers[0].attention.wq.weight)
+    assert loss.item() < math.log(2)  # the loss of the 6th step: 5 updates in, the policy prefers chosen
+
+
+def test_lora_reference_is_base_with_adapters_off(tok):
+    model, args = tiny_model(tok)
+    original = frozen_copy(args, model.state_dict(), "cpu")
+    apply_lora(model, rank=4, alpha=8)
+    x, y = collate_pairs([tokenize_pair(tok, p, 1000)[:3] for p in PAIRS], 0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        with torch.no_grad(), adapters_off(model):
+            rc, rr, _, _ = concatenated_logps(model, x, y)
+        pc, pr, nc, nr = concatenated_logps(model, x, y)
+        preference_loss("sigmoid", pc, pr, rc, rr, nc, nr, beta=0.1)[0].backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        want = concatenated_logps(original, x, y)[:2]
+        with adapters_off(model):
+            off = concatenated_logps(model, x, y)[:2]
+        on = concatenated_logps(model, x, y)[:2]
+    assert torch.allclose(off[0], want[0], atol=1e-5) and torch.allclose(off[1], want[1], atol=1e-5)
+    assert not torch.allclose(on[0], want[0], atol=1e-3)  # the adapters did learn
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+# ---- loaders ------------------------------------------------------------------------------------------------
+
+def _formats():
+    q, c, r = "《静夜思》的作者是谁？", "李白。", "王之涣。"
+    return [
+        {"prompt": q, "chosen": c, "rejected": r},
+        {"prompt": [U(q)], "chosen": [A(c)], "rejected": [A(r)]},
+        {"chosen": [U(q), A(c)], "rejected": [U(q), A(r)]},  # implicit prompt
+        {"conversations": [{"from": "human", "value": q}], "chosen": c, "rejected": r},  # dpo_zh_500.jsonl
+        {"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": c},
+         "rejected": {"from": "gpt", "value": r}},  # dpo_zh_demo.json
+    ]
+
+
+def test_loaders_same_pairs_from_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    want = {"system": None, "prompt": [U("《静夜思》的作者是谁？")], "chosen": "李白。", "rejected": "王之涣。"}
+    recs = _formats()
+    for rec in recs:
+        assert parse_pair(rec) == want
+    (tmp_path / "a.json").write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in recs), encoding="utf-8")
+    for i, rec in enumerate(recs):  # one parquet file per format (each has its own columns)
+        pq.write_table(pa.Table.from_pylist([rec]), tmp_path / f"a{i}.parquet")
+    for paths in ([str(tmp_path / "a.json")], [str(tmp_path / "a.jsonl")],
+                  [str(tmp_path / f"a{i}.parquet") for i in range(len(recs))]):
+        pairs, counts = load_preferences(paths)
+        assert pairs == [want] * len(recs) and counts["kept"] == len(recs)
+    sys_rec = {"conversations": [{"from": "system", "value": "你是诗人。"}, {"from": "human", "value": "问"},
+                                 {"from": "gpt", "value": "答"}, {"from": "human", "value": "再问"}],
+               "chosen": "好", "rejected": "坏"}
+    assert parse_pair(sys_rec)["system"] == "你是诗人。" and len(parse_pair(sys_rec)["prompt"]) == 3
+
+
+def test_loaders_count_malformed_and_identical(tmp_path):
+    good = {"prompt": "问", "chosen": "好", "rejected": "坏"}
+    lines = [json.dumps(good, ensure_ascii=False), "{not json",
+             json.dumps({"prompt": "问", "chosen": "好"}),  # no rejected
+             json.dumps({"prompt": "问", "chosen": "同", "rejected": " 同 "}),  # identical
+             json.dumps({"prompt": [A("我先说")], "chosen": "好", "rejected": "坏"}),  # prompt ends with assistant
+             json.dumps({"prompt": "问", "chosen": "", "rejected": "坏"}),  # empty reply
+             json.dumps({"conversations": [{"from": "alien", "value": "x"}], "chosen": "a", "rejected": "b"}),
+             json.dumps({"chosen": [U("问"), A("好")], "rejected": [U("别的"), A("坏")]}),  # prompts differ
+             json.dumps([1, 2])]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    pairs, counts = load_preferences(str(tmp_path / "m.jsonl"))
+    assert len(pairs) == 1 and counts["kept"] == 1 and counts["records"] == 9
+    assert counts["identical pair"] == 1 and counts["malformed: bad json"] == 1
+    assert sum(v for k, v in counts.items() if k.startswith("malformed")) == 7
+
+
+def test_demo_pairs_from_poetry_docs(tmp_path):
+    poems = [("靜夜思", "李白", "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"),
+             ("登鸛雀樓", "王之渙", "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"),
+             ("春曉", "孟浩然", "春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。"),
+             ("江雪", "柳宗元", "千山鳥飛絕，萬徑人蹤滅。\n孤舟蓑笠翁，獨釣寒江雪。"),
+             ("壞詩", "某", "這不是一首，規整的詩")]
+    path = tmp_path / "poet.tang.0.json"
+    path.write_text(json.dumps([{"title": t, "author": a, "paragraphs": b.split("\n")} for t, a, b in poems],
+                               ensure_ascii=False), encoding="utf-8")
+    train, val, stats = build_poetry_pairs([str(path)], n_poems=10, n_val=1, seed=0)
+    assert stats["poems used"] == 4 and len(val) == 3 and len(train) == 9
+    val_titles = {p["prompt"][0]["content"] for p in val}
+    assert not val_titles & {p["prompt"][0]["content"] for p in train}  # held-out poems are in no train pair
+    for p in train + val:
+        assert p["chosen"] != p["rejected"]
+        if p["kind"] == "author":
+            assert p["rejected"].startswith(p["chosen"].split("的作者是")[0])
+    import random
+    cl = poem_clauses({"text": poems[0][2], "title": poems[0][0], "author": poems[0][1]})
+    assert len(cl) == 4 and corrupt(cl, "truncated", random.Random(0)) == "床前明月光，疑是地上霜。"
+    assert corrupt(cl, "repeated", random.Random(0)) == "床前明月光，疑是地上霜。\n床前明月光，疑是地上霜。"
+    shuffled = corrupt(cl, "shuffled", random.Random(0))
+    assert sorted(shuffled.replace("\n", "").replace("，", "。").split("。")) != sorted(
+        poems[0][2].replace("\n", "").replace("，", "。").split("。")) or shuffled != poems[0][2]

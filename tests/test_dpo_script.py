@@ -1,0 +1,109 @@
+"""dpo.py as users run it, on a tiny model: step 0 is log 2 with zero rewards, the cached reference gives the
+losses of the frozen copy, a resumed run continues exactly, and LoRA (reference = adapters off) runs end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_utils as tu
+from lora import load_checkpoint_model
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
+from tokenizer.train_tokenizer import train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+         "请写一首题为《静夜思》的诗。《登鹳雀楼》的作者是谁？李白王之涣", "What is two plus two? It is four."] * 20
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo_run")
+    tok = Tokenizer(train_tokenizer(iter(TEXTS), str(d / "tok"), 400, num_threads=1, verbose=False))
+    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=None, vocab_size=tok.vocab_size, max_seq_len=64)
+    torch.manual_seed(0)
+    tu.save_checkpoint(str(d / "sft.pt"), {"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args,
+                                           "iter_num": 0, "config": {}, "tokenizer": tok.model_path})
+    train = [  # the formats of ../shared/data/dpo and TRL's, mixed in one file
+        {"prompt": "《静夜思》的作者是谁？", "chosen": "李白。", "rejected": "王之涣。"},
+        {"conversations": [{"from": "human", "value": "续写：床前明月光，"}], "chosen": "疑是地上霜。",
+         "rejected": "床前明月光。"},
+        {"conversations": [{"from": "human", "value": "请写一首题为《登鹳雀楼》的诗。"}],
+         "chosen": {"from": "gpt", "value": "白日依山尽，黄河入海流。"}, "rejected": {"from": "gpt", "value": "白日依山尽。"}},
+        {"prompt": [{"role": "user", "content": "What is two plus two?"}],
+         "chosen": [{"role": "assistant", "content": "It is four."}],
+         "rejected": [{"role": "assistant", "content": "It is two."}]},
+        {"prompt": "同", "chosen": "一样", "rejected": "一样"},  # identical: skipped
+    ]
+    with open(d / "train.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in train)
+    with open(d / "val.json", "w", encoding="utf-8") as f:
+        json.dump(train[:3], f, ensure_ascii=False)
+    return d
+
+
+def run_dpo(d, out, *extra):
+    args = [sys.executable, "dpo.py", f"--init_ckpt={d / 'sft.pt'}", f"--train_data={d / 'train.jsonl'}",
+            f"--val_data={d / 'val.json'}", f"--out_dir={out}", "--batch_size=2", "--num_threads=1",
+            "--dtype=float32", "--device=cpu", "--learning_rate=1e-3", "--min_lr=1e-3", "--warmup_iters=0",
+            "--eval_interval=2", "--n_samples=1", *extra]
+    p = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout, tu.read_jsonl(os.path.join(out, "log.jsonl"))
+
+
+def train_rows(log):
+    return {r["iter"]: r for r in log if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    return run_dpo(setup, setup / "full", "--max_iters=4")
+
+
+def test_step0_log2_metrics_plots(setup, full_run):
+    out, log = full_run
+    rows = train_rows(log)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert rows[0][k] == pytest.approx(0.0, abs=1e-5)
+    assert rows[0]["rewards/accuracies"] == 0.0  # no pair is strictly preferred yet
+    for k in ("logps/chosen", "logps/rejected", "rewards/accuracies"):
+        assert k in rows[3]
+    assert rows[3]["rewards/margins"] > 0  # lr 1e-3 on 4 pairs: the policy separates them
+    val0 = [r for r in log if r.get("iter") == 0 and "val/loss" in r][0]
+    assert val0["val/loss"] == pytest.approx(math.log(2), abs=1e-5) and val0["val/rewards/margins"] == 0
+    assert "train pairs: {'records': 5, 'kept': 4, 'identical pair': 1" in out
+    summary = log[-1]["summary"]
+    assert summary["held_out"]["pairs"] == 3 and summary["reference"] == "model"
+    for name in ("loss.png", "rewards.png", "ckpt.pt", "samples.json"):
+        assert os.path.exists(setup / "full" / name)
+
+
+def test_cached_reference_and_resume_match_frozen_copy(setup, full_run):
+    """Half the run with cached reference log-probs, then resumed (reading the cache back): the losses of
+    the uninterrupted run with a frozen reference copy."""
+    out = setup / "cached"
+    run_dpo(setup, out, "--max_iters=2", "--reference=cached")
+    assert os.path.exists(out / "ref_logps.pt")
+    stdout, log = run_dpo(setup, out, "--max_iters=4", "--reference=cached", "--init_from=resume")
+    # the resumed run read the pairs of its first half from the file and computed only the new ones
+    assert "pairs computed" in stdout and "read from" in stdout and " 0 read from" not in stdout
+    a, b = train_rows(full_run[1]), train_rows(log)
+    assert sorted(b) == [0, 1, 2, 3]
+    for it in range(4):
+        assert b[it]["loss"] == pytest.approx(a[it]["loss"], abs=1e-5)
+        assert b[it]["rewards/margins"] == pytest.approx(a[it]["rewards/margins"], abs=1e-5)
+
+
+def test_lora_reference_adapters_off(setup):
+    out, log = run_dpo(setup, setup / "lora", "--max_iters=2", "--lora_rank=4", "--lora_alpha=8.0")
+    assert "reference: adapters_off" in out
+    assert train_rows(log)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    model, ckpt = load_checkpoint_model(str(setup / "lora" / "ckpt.pt"))
+    assert "lora" in ckpt and os.path.exists(setup / "lora" / "merged.pt")
