@@ -52,7 +52,6 @@ from configurator import apply_overrides, config_of
 from lora import LoRALinear, apply_lora, load_checkpoint_model, load_lora_state_dict, lora_state_dict, merge_lora
 from model import ModelArgs, Transformer
 from preference_data import load_preferences
-from tokenizer import Tokenizer
 from tokenizer.chat_template import IGNORE, decode_reply, encode_prompt, stop_ids
 import train_utils as tu
 
@@ -316,21 +315,8 @@ if __name__ == "__main__":
     raw_model = model
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-    if resume_ckpt is not None:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if resume_ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        states = resume_ckpt["rng"]
-        if len(states) == ctx["world_size"]:
-            tu.set_rng_state(states[ctx["rank"]])
-        else:
-            torch.manual_seed(seed + ctx["rank"] + iter_num)
-    else:
-        torch.manual_seed(seed + ctx["rank"])
-    tok_path = tokenizer_model or init.get("tokenizer", "")
-    tok = Tokenizer(tok_path)
-    if tok.vocab_size != model_args["vocab_size"]:
-        raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {model_args['vocab_size']}")
+    tu.restore_or_seed(resume_ckpt, optimizer, scaler, ctx, seed, iter_num)
+    tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"])
     pad_id = tok.pad_id if tok.pad_id >= 0 else 0
     if master:
         print(f"{ctx['world_size']} process(es) on {device}, {dtype}; from {init_ckpt}"

@@ -105,21 +105,9 @@ if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if ckpt is not None:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if "scaler" in ckpt and scaler.is_enabled():
-        scaler.load_state_dict(ckpt["scaler"])
-    states = ckpt["rng"]
-    if len(states) == ctx["world_size"]:
-        tu.set_rng_state(states[ctx["rank"]])
-    else:
-        torch.manual_seed(seed + ctx["rank"] + iter_num)
-        if master:
-            print(f"note: checkpoint had {len(states)} rank(s), now {ctx['world_size']}: dropout RNG reseeded")
-    if master:
-        print(f"resumed from {ckpt_path} at iteration {iter_num}")
-else:
-    torch.manual_seed(seed + ctx["rank"])  # different dropout masks on each rank
+tu.restore_or_seed(ckpt, optimizer, scaler, ctx, seed, iter_num)
+if ckpt is not None and master:
+    print(f"resumed from {ckpt_path} at iteration {iter_num}")
 del ckpt
 raw_model = model
 if master:

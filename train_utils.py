@@ -224,6 +224,34 @@ def gather_rng_states(ctx):
     return states
 
 
+def restore_or_seed(ckpt, optimizer, scaler, ctx, seed, iter_num):
+    """Resuming: the optimizer, loss scaler and this rank's RNG state from the checkpoint. Starting: seed
+    each rank differently (dropout masks must differ across ranks). A checkpoint from another world size
+    cannot give every rank its own state, so the RNG is reseeded deterministically instead."""
+    if ckpt is None:
+        torch.manual_seed(seed + ctx["rank"])
+        return
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt["rng"]
+    if len(states) == ctx["world_size"]:
+        set_rng_state(states[ctx["rank"]])
+    else:
+        torch.manual_seed(seed + ctx["rank"] + iter_num)
+        if ctx["master"]:
+            print(f"note: checkpoint had {len(states)} rank(s), now {ctx['world_size']}: RNG reseeded")
+
+
+def load_tokenizer(path, vocab_size):
+    """The Tokenizer at path, checked against the model's vocabulary size."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer(path)
+    if tok.vocab_size != vocab_size:
+        raise SystemExit(f"tokenizer {path} has {tok.vocab_size} tokens, the model {vocab_size}")
+    return tok
+
+
 # ---- logging ----------------------------------------------------------------------------------------------
 
 class JsonlLog:
