@@ -98,6 +98,8 @@ def _analyse(texts):
         if "minhash" in c["stages"]:
             t = time.perf_counter()
             sig = dedup.minhash_signatures(hashes, counts, dedup.permutations(c["num_perm"], c["minhash_seed"]))
+            # shingle sets travel with the signatures so the main process can verify candidates exactly
+            sig = (sig, dedup.unique_shingles(hashes, counts))
             secs["minhash"] = time.perf_counter() - t + shingle_secs
         if "simhash" in c["stages"]:
             t = time.perf_counter()
@@ -249,7 +251,7 @@ def clean(input=input, out_dir=out_dir, *, text_field=text_field, txt_mode=txt_m
                 secs["exact"] += t2 - t
                 if mh is not None and not empty[j]:
                     stage_in["minhash"] += 1
-                    first = mh.check_and_add(sig[j], doc["_id"])
+                    first = mh.check_and_add(sig[0][j], doc["_id"], sig[1][j])
                     if first is not None:
                         secs["minhash"] += time.perf_counter() - t2
                         drop("minhash", "near_dup", doc, first)
