@@ -278,3 +278,20 @@ def test_two_workers_share_one_redis_index(redis_url, tmp_path):
     assert r2["stages"]["exact"]["removed"] == 1 and r2["stages"]["minhash"]["removed"] == 1
     removed = [json.loads(l) for l in open(tmp_path / "o2" / "removed.jsonl", encoding="utf-8")]
     assert {x["dup_of"] for x in removed} == {1 * 10 ** 12 + 0, 1 * 10 ** 12 + 1}  # ids from the other worker
+
+
+def test_minhash_candidates_are_verified_by_exact_jaccard():
+    # two documents whose signatures agree completely (estimate 1.0) but whose shingle sets overlap by a third:
+    # with the shingle sets given, exact Jaccard decides and they are not merged; without them the estimate does
+    import numpy as np
+    from clean_data import dedup
+    sig = np.arange(128, dtype=np.uint32)
+    a, b = np.arange(0, 100, dtype=np.uint64), np.arange(50, 150, dtype=np.uint64)  # J = 50 / 150
+    index = dedup.MinHashDedup(threshold=0.8, num_perm=128)
+    assert index.check_and_add(sig, "a", a) is None
+    assert index.check_and_add(sig.copy(), "b", b) is None
+    near = np.arange(0, 105, dtype=np.uint64)  # J with a = 100 / 105 >= 0.8
+    assert index.check_and_add(sig.copy(), "c", near) == "a"
+    estimate_only = dedup.MinHashDedup(threshold=0.8, num_perm=128)
+    estimate_only.check_and_add(sig, "a")
+    assert estimate_only.check_and_add(sig.copy(), "b") == "a"
