@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_overrides, config_of
-from lora import LoRALinear, apply_lora, load_checkpoint_model, load_lora_state_dict, lora_state_dict, merge_lora
+from lora import LoRALinear, build_finetune_model, load_checkpoint_model, lora_state_dict, merge_lora
 from model import ModelArgs, Transformer
 from preference_data import load_preferences
 from tokenizer.chat_template import IGNORE, decode_reply, encode_prompt, stop_ids
@@ -293,25 +293,14 @@ if __name__ == "__main__":
             lora_rank = resume_ckpt["lora_config"]["rank"]
     elif init_from != "sft":
         raise SystemExit(f"init_from must be 'sft' or 'resume', not {init_from!r}")
-    base, init = load_checkpoint_model(init_ckpt, device)  # a LoRA SFT checkpoint comes back merged
-    model_args = dict(init["model_args"])
-    model_args["max_seq_len"] = max_seq_len or model_args["max_seq_len"]
-    model_args["dropout"] = dropout
-    torch.manual_seed(seed)  # the same LoRA initialisation on every rank
-    model = Transformer(ModelArgs(**model_args))
-    model.load_state_dict(base.state_dict())
+    model, model_args, start_state, init = build_finetune_model(
+        init_ckpt, resume_ckpt, device, seed, max_seq_len, dropout, lora_rank, lora_alpha, lora_dropout,
+        lora_targets)
     # the reference: the starting weights, frozen. 'cached' keeps no copy: the policy itself fills the cache
     # before its first update (only a resumed run without its cache file needs the starting weights again)
-    ref_model = frozen_copy(model_args, base.state_dict(), device) if ref_mode == "model" else None
-    init_state = base.state_dict() if ref_mode == "cached" and resume_ckpt is not None else None
-    del base
-    if resume_ckpt is not None and "model" in resume_ckpt:
-        model.load_state_dict(resume_ckpt["model"])
-    if lora_rank:
-        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        if resume_ckpt is not None:
-            load_lora_state_dict(model, resume_ckpt["lora"])
-    model.to(device)
+    ref_model = frozen_copy(model_args, start_state, device) if ref_mode == "model" else None
+    init_state = start_state if ref_mode == "cached" and resume_ckpt is not None else None
+    del start_state
     raw_model = model
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)

@@ -143,3 +143,28 @@ def load_checkpoint_model(path, device="cpu", merge=True):
     if merge:
         merge_lora(model)
     return model.to(device), ckpt
+
+
+def build_finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=0.0, lora_rank=0,
+                         lora_alpha=16.0, lora_dropout=0.0, lora_targets=DEFAULT_TARGETS):
+    """The model a fine-tuning run (sft.py, dpo.py) trains: the starting checkpoint's weights (a LoRA
+    checkpoint comes back merged) in its architecture with this run's context length (0 = keep) and
+    dropout, LoRA adapters when lora_rank, and a resumed run's weights or adapters on top.
+    Returns (model on device, model_args, the starting weights' state dict, the starting checkpoint)."""
+    from model import ModelArgs, Transformer
+    base, init = load_checkpoint_model(init_ckpt, device)
+    model_args = dict(init["model_args"])
+    model_args["max_seq_len"] = max_seq_len or model_args["max_seq_len"]
+    model_args["dropout"] = dropout
+    torch.manual_seed(seed)  # the same LoRA initialisation on every rank
+    model = Transformer(ModelArgs(**model_args))
+    start_state = base.state_dict()
+    model.load_state_dict(start_state)
+    del base
+    if resume_ckpt is not None and "model" in resume_ckpt:
+        model.load_state_dict(resume_ckpt["model"])
+    if lora_rank:
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        if resume_ckpt is not None:
+            load_lora_state_dict(model, resume_ckpt["lora"])
+    return model.to(device), model_args, start_state, init

@@ -25,8 +25,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_overrides, config_of
-from lora import apply_lora, load_checkpoint_model, load_lora_state_dict, lora_state_dict, merge_lora
-from model import ModelArgs, Transformer, cross_entropy
+from lora import build_finetune_model, lora_state_dict, merge_lora
+from model import cross_entropy
 from tokenizer.chat_template import IGNORE, encode_conversation
 import train_utils as tu
 
@@ -239,21 +239,8 @@ if __name__ == "__main__":
             lora_rank = resume_ckpt["lora_config"]["rank"]
     elif init_from != "pretrain":
         raise SystemExit(f"init_from must be 'pretrain' or 'resume', not {init_from!r}")
-    base, init = load_checkpoint_model(init_ckpt, device)  # a LoRA SFT checkpoint comes back merged
-    model_args = dict(init["model_args"])
-    model_args["max_seq_len"] = max_seq_len or model_args["max_seq_len"]
-    model_args["dropout"] = dropout
-    torch.manual_seed(seed)  # the same LoRA initialisation on every rank
-    model = Transformer(ModelArgs(**model_args))
-    model.load_state_dict(base.state_dict())
-    del base
-    if resume_ckpt is not None and "model" in resume_ckpt:
-        model.load_state_dict(resume_ckpt["model"])
-    if lora_rank:
-        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        if resume_ckpt is not None:
-            load_lora_state_dict(model, resume_ckpt["lora"])
-    model.to(device)
+    model, model_args, _, init = build_finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len, dropout,
+                                                      lora_rank, lora_alpha, lora_dropout, lora_targets)
     raw_model = model
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
