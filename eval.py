@@ -110,7 +110,7 @@ def val_loss(model, path, device, autocast_ctx):
         rows = [data[w * T:w * T + T + 1].astype(np.int64) for w in range(start, min(n_windows, start + batch_size))]
         xy = torch.from_numpy(np.stack(rows)).to(device)
         with autocast_ctx:
-            _, loss = model(xy[:, :-1], xy[:, 1:])
+            _, loss = model(xy[:, :-1], xy[:, 1:], return_logits=False)  # no B x T x V logits held
         total += loss.item() * len(rows) * T
         count += len(rows) * T
     return total / count, count
