@@ -17,15 +17,15 @@ exact-match rate is printed per kind (for kind "poem", also the rate of well-for
 import json
 import math
 import os
-import re
 import sys
 import time
 
 import numpy as np
 import torch
 
+import checkpoint as ck
+from chat_data.poetry import well_formed_poem
 from configurator import apply_overrides
-from lora import load_checkpoint_model
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
 import train_utils as tu
@@ -54,12 +54,6 @@ answers_file = ""  # chat batch mode: JSONL answers out ("" = questions_file + .
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------------------------------------
-
-
-def load_model(path, device):
-    model, ckpt = load_checkpoint_model(path, device)  # plain checkpoints, or base + LoRA adapter merged
-    model.to(device).eval()
-    return model, ckpt
 
 
 def sample(model, tok, prompt_list, device, autocast_ctx):
@@ -160,16 +154,6 @@ def chat_interactive(model, tok, device, autocast_ctx):
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
-def well_formed_poem(text):
-    """4 or 8 clauses of 5 or 7 characters, all of one length, every line ending with 。？！ (the demo's
-    regular poems: the rule sft_data_process.py selects them by)."""
-    lines = [line for line in text.split("\n") if line.strip()]
-    if not lines or any(line[-1] not in "。？！" for line in lines):
-        return False
-    clauses = [c for c in re.split(r"[，。？！；、,.?!;]", "".join(lines)) if c]
-    return len(clauses) in (4, 8) and len({len(c) for c in clauses}) == 1 and len(clauses[0]) in (5, 7)
-
-
 def chat_batch(model, tok, device, autocast_ctx, path, out_path):
     """Answer every question of the file in padded batches; JSONL out; exact match etc. when references."""
     with open(path, encoding="utf-8") as f:
@@ -224,7 +208,8 @@ if __name__ == "__main__":
         tu.configure_cpu()
     autocast_ctx, _ = tu.amp_setup(device_type, tu.resolve_dtype(dtype, device_type))
     torch.manual_seed(seed)
-    model, ckpt = load_model(ckpt_path, device)
+    model, ckpt = ck.load_model(ckpt_path, device)  # any checkpoint: full, or base + LoRA adapter merged
+    model.eval()
     if compile:
         model.compile_decode()
     print(f"loaded {ckpt_path}: iteration {ckpt['iter_num']}, {model.num_params() / 1e6:.2f}M parameters")

@@ -12,7 +12,7 @@ outputs unchanged. LoRALinear.weight is the effective (merged) weight, so code t
 directly, such as Transformer's stacked generation weights, sees the adapted layer.
 """
 import math
-import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -67,8 +67,10 @@ def _targets(targets):
 
 
 def apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, freeze=True):
-    """Replace the nn.Linear submodules whose attribute name is in targets by LoRALinear, in place; with
-    freeze every other parameter stops requiring grad. Returns the model."""
+    """Replace the nn.Linear submodules whose attribute name is in targets (a list, or a comma-separated
+    string such as "wq,wv") by LoRALinear, in place; with freeze every other parameter stops requiring grad.
+    Sets model.lora_config = {rank, alpha, dropout, targets} (what a checkpoint records). Returns the model.
+    Raises ValueError for rank <= 0 or when no layer matches."""
     targets = _targets(targets)
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -88,6 +90,7 @@ def apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, 
 
 
 def lora_parameters(model):
+    """The adapter parameters (lora_A, lora_B of every LoRALinear)."""
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
@@ -102,6 +105,8 @@ def base_state_dict(model):
 
 
 def load_lora_state_dict(model, sd):
+    """Load adapter tensors (lora_state_dict's output) into an adapted model. Raises KeyError when they do not
+    fit its adapters exactly (missing or unexpected names)."""
     missing = {k for k in model.state_dict() if "lora_" in k} - set(sd)
     unexpected = set(sd) - set(model.state_dict())
     if missing or unexpected:
@@ -122,49 +127,16 @@ def merge_lora(model):
     return model
 
 
-def load_checkpoint_model(path, device="cpu", merge=True):
-    """A Transformer from any checkpoint this project writes: pretrain/full-SFT ones ("model") or LoRA SFT
-    ones ("lora": adapter only, on top of the base checkpoint they name). With merge the adapter is folded
-    into the weights. Returns (model, ckpt)."""
-    from model import ModelArgs, Transformer
-    import train_utils as tu
-    ckpt = tu.load_checkpoint(path, device)
-    if "lora" not in ckpt:
-        model = Transformer(ModelArgs(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-        return model.to(device), ckpt
-    base_path = ckpt["base_ckpt"]
-    if not os.path.exists(base_path):  # the base moved along with the adapter: look beside it
-        base_path = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(base_path))
-    model, _ = load_checkpoint_model(base_path, device)
-    cfg = ckpt["lora_config"]
-    apply_lora(model, cfg["rank"], cfg["alpha"], 0.0, cfg["targets"])
-    load_lora_state_dict(model, ckpt["lora"])
-    if merge:
-        merge_lora(model)
-    return model.to(device), ckpt
-
-
-def build_finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=0.0, lora_rank=0,
-                         lora_alpha=16.0, lora_dropout=0.0, lora_targets=DEFAULT_TARGETS):
-    """The model a fine-tuning run (sft.py, dpo.py) trains: the starting checkpoint's weights (a LoRA
-    checkpoint comes back merged) in its architecture with this run's context length (0 = keep) and
-    dropout, LoRA adapters when lora_rank, and a resumed run's weights or adapters on top.
-    Returns (model on device, model_args, the starting weights' state dict, the starting checkpoint)."""
-    from model import ModelArgs, Transformer
-    base, init = load_checkpoint_model(init_ckpt, device)
-    model_args = dict(init["model_args"])
-    model_args["max_seq_len"] = max_seq_len or model_args["max_seq_len"]
-    model_args["dropout"] = dropout
-    torch.manual_seed(seed)  # the same LoRA initialisation on every rank
-    model = Transformer(ModelArgs(**model_args))
-    start_state = base.state_dict()
-    model.load_state_dict(start_state)
-    del base
-    if resume_ckpt is not None and "model" in resume_ckpt:
-        model.load_state_dict(resume_ckpt["model"])
-    if lora_rank:
-        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        if resume_ckpt is not None:
-            load_lora_state_dict(model, resume_ckpt["lora"])
-    return model.to(device), model_args, start_state, init
+@contextmanager
+def adapters_off(model):
+    """Within the block the LoRA model computes its base model's function: every adapter's scaling is 0. The
+    reference policy of a LoRA DPO/RL run, with no second copy of the weights."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.scaling for m in layers]
+    for m in layers:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, saved):
+            m.scaling = s

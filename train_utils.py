@@ -1,7 +1,8 @@
 """
 What every training script (pretrain.py, sft.py, dpo.py) repeats, written once: DDP set-up, mixed
-precision, the LR schedule, token-file batches, atomic checkpoints, JSONL logs and loss plots.
-Each function is small and independent; the training loops themselves stay in the scripts.
+precision, the LR schedule, the optimizer step, token-file batches, step timing, JSONL logs and loss plots.
+Checkpoints live in checkpoint.py. Each function is small and independent; the training loops themselves
+stay in the scripts.
 """
 import json
 import math
@@ -9,6 +10,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,14 +19,36 @@ import torch.distributed as dist
 
 # ---- distributed ------------------------------------------------------------------------------------------
 
+@dataclass
+class Run:
+    """Where and how this process trains: set up once by setup_run, read by the loop.
+    ddp: launched by torchrun; rank / local_rank / world_size: this process among world_size; master: rank 0
+    (the one that prints, logs and writes); device: 'cpu' or 'cuda:N'; device_type: 'cpu' or 'cuda';
+    accum: micro-steps per process per iteration; dtype: 'float32' / 'bfloat16' / 'float16'; autocast: the
+    context for forward passes; scaler: the GradScaler (enabled only for float16)."""
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    device_type: str = "cpu"
+    accum: int = 1
+    dtype: str = "float32"
+    autocast: object = None
+    scaler: object = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
 def setup_ddp(device="auto"):
-    """Initialise torch.distributed when launched by torchrun (RANK in the environment). Returns a dict with
-    ddp, rank, local_rank, world_size, master (rank 0) and the device string this process uses."""
+    """Initialise torch.distributed when launched by torchrun (RANK in the environment): nccl on GPUs, gloo
+    on CPUs. Returns a Run with ddp, rank, local_rank, world_size and the device this process uses."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if not ddp:
-        return dict(ddp=False, rank=0, local_rank=0, world_size=1, master=True, device=device)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Run(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
@@ -33,45 +57,58 @@ def setup_ddp(device="auto"):
         dist.init_process_group(backend="nccl")
     else:
         dist.init_process_group(backend="gloo")
-    return dict(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device)
+    return Run(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
 def setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir):
     """What every training script sets up before its data and model: DDP, the device and its precision,
-    CPU threads, the output folder. Returns setup_ddp's dict plus device_type, accum (micro-steps per
-    process: gradient_accumulation_steps counts all processes), dtype, autocast (a context) and scaler."""
-    ctx = setup_ddp(device)
-    ctx["device_type"] = "cuda" if ctx["device"].startswith("cuda") else "cpu"
-    if gradient_accumulation_steps % ctx["world_size"]:
+    CPU threads, the output folder. gradient_accumulation_steps counts the micro-steps of all processes
+    together, so it must divide by the number of processes (SystemExit otherwise). Returns a Run."""
+    run = setup_ddp(device)
+    run.device_type = "cuda" if run.device.startswith("cuda") else "cpu"
+    if gradient_accumulation_steps % run.world_size:
         raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the "
-                         f"{ctx['world_size']} processes")
-    ctx["accum"] = gradient_accumulation_steps // ctx["world_size"]
+                         f"{run.world_size} processes")
+    run.accum = gradient_accumulation_steps // run.world_size
     if num_threads:
         torch.set_num_threads(num_threads)
-    if ctx["device_type"] == "cpu":
+    if run.device_type == "cpu":
         configure_cpu()
     else:
         torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: fp32 range, ~8x the throughput
         torch.backends.cudnn.allow_tf32 = True
-    ctx["dtype"] = resolve_dtype(dtype, ctx["device_type"])
-    ctx["autocast"], ctx["scaler"] = amp_setup(ctx["device_type"], ctx["dtype"])
-    if ctx["master"]:
+    run.dtype = resolve_dtype(dtype, run.device_type)
+    run.autocast, run.scaler = amp_setup(run.device_type, run.dtype)
+    if run.master:
         os.makedirs(out_dir, exist_ok=True)
-    return ctx
+    return run
 
 
-def cleanup_ddp(ctx):
-    if ctx["ddp"] and dist.is_initialized():
+def cleanup_ddp(run):
+    if run.ddp and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value, ctx):
-    """Average a Python float over all ranks (for logging the same number everywhere)."""
-    if not ctx["ddp"]:
+def all_reduce_sum(value, run):
+    """The sum of a Python number over all processes."""
+    if not run.ddp:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=ctx["device"] if ctx["device"].startswith("cuda") else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=run.device if run.device.startswith("cuda") else "cpu")
     dist.all_reduce(t)
-    return t.item() / ctx["world_size"]
+    return t.item()
+
+
+def all_reduce_mean(value, run):
+    """The mean of a Python float over all processes (so every process logs and decides on the same number)."""
+    return all_reduce_sum(value, run) / run.world_size
+
+
+def wrap_ddp(module, run):
+    """The module under DistributedDataParallel when running under torchrun, else the module itself."""
+    if not run.ddp:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(module, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
 
 
 # ---- precision --------------------------------------------------------------------------------------------
@@ -89,9 +126,9 @@ def amp_setup(device_type, dtype):
     """The autocast context for forward passes and a GradScaler (enabled only for fp16, whose small range
     needs loss scaling; bf16 has fp32's range)."""
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    return ctx, scaler
+    return autocast, scaler
 
 
 def configure_cpu():
@@ -111,10 +148,56 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def set_lr(optimizer, it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
+    """Set the learning rate of iteration it (get_lr) on every parameter group; returns it."""
+    lr = get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def optimizer_step(optimizer, scaler, params, grad_clip):
+    """One update from the accumulated gradients: unscale (fp16), clip the global norm of params to grad_clip
+    (0 = no clipping), step, update the loss scale, clear the gradients."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class StepTimer:
+    """Wall time of the training iterations alone, and the tokens they trained on. lap(n_tokens) ends an
+    iteration and returns its seconds (since the previous lap, or the start); skip() after an evaluation or
+    a checkpoint write makes that time count toward no iteration. seconds and tokens are the totals so far,
+    so tokens per second is the same measure in every script. out_of_time(max_minutes): the wall time since
+    the start, everything included, has reached max_minutes (0 = no limit)."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.start = self.t0 = clock()
+        self.seconds, self.tokens = 0.0, 0
+
+    def lap(self, n_tokens):
+        t = self.clock()
+        dt, self.t0 = t - self.t0, t
+        self.seconds += dt
+        self.tokens += n_tokens
+        return dt
+
+    def skip(self):
+        self.t0 = self.clock()
+
+    def out_of_time(self, max_minutes):
+        return bool(max_minutes) and (self.clock() - self.start) / 60 >= max_minutes
+
+
 # ---- token files ------------------------------------------------------------------------------------------
 
 def open_bins(spec):
-    """Memory-map one or many uint16 token files: a comma-separated list of paths or globs."""
+    """Memory-map one or many uint16 token files: a comma-separated list of paths or globs. Returns (list of
+    1-D np.memmap, their paths). Raises FileNotFoundError naming a part that matches no file."""
     import glob
     paths = []
     for part in [p for p in spec.split(",") if p]:
@@ -134,19 +217,21 @@ def read_meta(bin_path):
         return json.load(f)
 
 
-def get_batch(bins, batch_size, block_size, seed, step, micro_step, device, stream=0):
-    """A batch of random windows (x, y = x shifted by one) from the token files.
+def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, stream=0):
+    """A batch of random windows from the token files: x (batch_size, max_seq_len) int64 token ids and
+    y = x shifted by one (the next token at every position), on device.
 
-    The windows depend only on (seed, step, micro_step), not on what was drawn before: a resumed run and
-    a run split over ranks (rank r takes micro-steps r*A..r*A+A-1) see exactly the batches an uninterrupted
-    single-process run sees. Files are picked in proportion to their length."""
+    The windows depend only on (seed, stream, step, micro_step), not on what was drawn before: a resumed
+    run and a run split over processes (rank r takes micro-steps r*A..r*A+A-1) see exactly the batches an
+    uninterrupted single-process run sees. Files are picked in proportion to their length. stream 0 is
+    training, 1 validation. Raises ValueError when a file is shorter than max_seq_len + 1 tokens."""
     rng = np.random.default_rng([seed, stream, step, micro_step])  # stream 0 = training, 1 = validation
-    sizes = np.array([len(b) - block_size - 1 for b in bins])
+    sizes = np.array([len(b) - max_seq_len - 1 for b in bins])
     if (sizes <= 0).any():
-        raise ValueError(f"a token file is shorter than block_size+1 = {block_size + 1} tokens")
+        raise ValueError(f"a token file is shorter than max_seq_len + 1 = {max_seq_len + 1} tokens")
     which = rng.choice(len(bins), size=batch_size, p=sizes / sizes.sum())
     starts = rng.integers(0, sizes[which])
-    rows = np.stack([bins[w][s:s + block_size + 1] for w, s in zip(which, starts)]).astype(np.int64)
+    rows = np.stack([bins[w][s:s + max_seq_len + 1] for w, s in zip(which, starts)]).astype(np.int64)
     xy = torch.from_numpy(rows)
     x, y = xy[:, :-1], xy[:, 1:]
     if device.startswith("cuda"):
@@ -155,13 +240,14 @@ def get_batch(bins, batch_size, block_size, seed, step, micro_step, device, stre
 
 
 @torch.no_grad()
-def estimate_loss(model, bins, batch_size, block_size, eval_iters, device, autocast_ctx, seed=0):
-    """Mean loss over eval_iters fixed batches (the same batches at every evaluation, so points compare)."""
+def estimate_loss(model, bins, batch_size, max_seq_len, eval_iters, device, autocast_ctx, seed=0):
+    """Mean next-token loss (nats per token) over eval_iters fixed batches of the token files: the same
+    batches at every evaluation, so the points of a run compare."""
     was_training = model.training
     model.eval()
     losses = []
     for k in range(eval_iters):
-        x, y = get_batch(bins, batch_size, block_size, seed, 0, k, device, stream=1)
+        x, y = get_batch(bins, batch_size, max_seq_len, seed, 0, k, device, stream=1)
         with autocast_ctx:
             _, loss = model(x, y, return_logits=False)
         losses.append(loss.item())
@@ -169,10 +255,11 @@ def estimate_loss(model, bins, batch_size, block_size, eval_iters, device, autoc
     return float(np.mean(losses))
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
+# ---- files and RNG state ----------------------------------------------------------------------------------
 
-def atomic_write_bytes(path, write_fn):
-    """Write through a temp file in the same directory, then rename: a crash never leaves half a file."""
+def atomic_write(path, write_fn):
+    """write_fn(tmp) writes a temp file in the same folder, then it is renamed to path: a crash never leaves
+    half a file at path, and the temp file is removed whatever happens."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -181,23 +268,6 @@ def atomic_write_bytes(path, write_fn):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def save_checkpoint(path, state):
-    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path, device="cpu"):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    # weights_only: a checkpoint is data, never code
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def unwrap(model):
-    """The plain Transformer under DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def rng_state():
@@ -214,37 +284,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def gather_rng_states(ctx):
-    """Each rank's RNG state (dropout draws differ per rank), as a list indexed by rank."""
+def gather_rng_states(run):
+    """Each process's RNG state (dropout draws differ per process), as a list indexed by rank. A collective."""
     state = rng_state()
-    if not ctx["ddp"]:
+    if not run.ddp:
         return [state]
-    states = [None] * ctx["world_size"]
+    states = [None] * run.world_size
     dist.all_gather_object(states, state)
     return states
 
 
-def restore_or_seed(ckpt, optimizer, scaler, ctx, seed, iter_num):
-    """Resuming: the optimizer, loss scaler and this rank's RNG state from the checkpoint. Starting: seed
-    each rank differently (dropout masks must differ across ranks). A checkpoint from another world size
-    cannot give every rank its own state, so the RNG is reseeded deterministically instead."""
-    if ckpt is None:
-        torch.manual_seed(seed + ctx["rank"])
-        return
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(ckpt["scaler"])
-    states = ckpt["rng"]
-    if len(states) == ctx["world_size"]:
-        set_rng_state(states[ctx["rank"]])
-    else:
-        torch.manual_seed(seed + ctx["rank"] + iter_num)
-        if ctx["master"]:
-            print(f"note: checkpoint had {len(states)} rank(s), now {ctx['world_size']}: RNG reseeded")
-
-
 def load_tokenizer(path, vocab_size):
-    """The Tokenizer at path, checked against the model's vocabulary size."""
+    """The Tokenizer at path, checked against the model's vocabulary size (SystemExit when they differ)."""
     from tokenizer import Tokenizer
     tok = Tokenizer(path)
     if tok.vocab_size != vocab_size:
@@ -272,6 +323,7 @@ class JsonlLog:
 
 
 def read_jsonl(path):
+    """The records of a JSONL log (one JSON object per line)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -293,27 +345,16 @@ def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write_bytes(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
 def check_finite(value, it, out_dir):
+    """FloatingPointError naming the iteration when a loss is NaN or infinite."""
     if not math.isfinite(value):
         raise FloatingPointError(
             f"loss became {value} at iteration {it}; stopping. The last good checkpoint in {out_dir} is untouched "
             f"(lower learning_rate, check the data, or use bfloat16 instead of float16).")
-
-
-# ---- conversations (SFT / DPO data) -----------------------------------------------------------------------
-
-def read_conversations(path):
-    """The unified conversations sft_data_process.py writes (.jsonl or .parquet): a list of dicts
-    {"messages": [{"role", "content"}, ...], "system": str or None, "source": str}."""
-    if str(path).endswith(".parquet"):
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def peak_memory_mb(device_type):
@@ -322,3 +363,11 @@ def peak_memory_mb(device_type):
         return torch.cuda.max_memory_allocated() / 2 ** 20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def throughput(timer, device_type):
+    """The end-of-run figures every script reports the same way: tokens trained on, training seconds (a
+    StepTimer's: evaluation and saving excluded), tokens per second, and peak memory in MiB."""
+    return dict(train_tokens=timer.tokens, train_seconds=round(timer.seconds, 1),
+                tokens_per_sec=round(timer.tokens / max(timer.seconds, 1e-9), 1),
+                peak_memory_mb=round(peak_memory_mb(device_type), 1))

@@ -6,6 +6,11 @@ Clean a corpus: read -> quality filters -> exact dedup -> MinHash near-dup -> Si
     python -m clean_data --input=out/clean/poetry/clean.parquet --stages=simhash --simhash_k=4
     python -m clean_data --input=shard1/ --redis_url=redis://10.0.0.5:6379/0 --shard_id=1   # shared index
 
+From Python, the same settings by name (the globals below are the defaults):
+
+    from clean_data.clean import clean
+    report = clean("data/chinese-poetry", "out/clean/poetry", stages="filter,exact", num_workers=4)
+
 Writes out_dir/clean.parquet (text, source, line, title, author, collection, id; zstd, row groups),
 out_dir/report.json (documents in/out per stage, removals per filter, seconds and docs/s per stage, peak
 RSS, read errors) and, with write_removed, out_dir/removed.jsonl (every removed document and its reason;
@@ -25,16 +30,16 @@ Documents in flight at the same moment on two workers can both survive; SimHash 
 import json
 import os
 import resource
-import sys
 import time
+from collections import deque
+from contextlib import contextmanager
 from multiprocessing import Pool
+from types import SimpleNamespace
 
-
-if __package__ in (None, ""):  # run as a file: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clean_data import dedup, filters
 from clean_data.normalize import normalize
 from clean_data.readers import ReadErrors, iter_documents
+from configurator import config_of
 
 # -----------------------------------------------------------------------------
 input = "data/chinese-poetry"  # comma-separated files / directories / globs (jsonl/json/parquet/txt)
@@ -64,8 +69,11 @@ redis_url = ""  # e.g. redis://localhost:6379/0: exact + MinHash indexes shared 
 redis_prefix = "babyllama"
 shard_id = 0  # document ids are shard_id * 10**12 + running number
 # -----------------------------------------------------------------------------
+# the settings clean() takes by name, with their defaults: every hyperparameter above but the two paths
+DEFAULTS = {k: v for k, v in config_of(globals()).items() if k not in ("input", "out_dir")}
 
 STAGES = ("filter", "exact", "minhash", "simhash")
+DUP_REASON = {"exact": "exact_dup", "minhash": "near_dup", "simhash": "near_dup"}
 META_COLUMNS = ("line", "title", "author", "collection", "id")
 
 
@@ -79,36 +87,56 @@ def _init(cfg):
     _cfg.update(cfg)
 
 
+@contextmanager
+def _timed(secs, stage):
+    """Adds the seconds the with-block takes to secs[stage]."""
+    t = time.perf_counter()
+    yield
+    secs[stage] = secs.get(stage, 0.0) + time.perf_counter() - t
+
+
 def _analyse(texts):
-    """The parallel part for one chunk: filter reasons, normalised exact keys, signatures, fingerprints,
-    and the seconds each took (summed over processes in the report)."""
+    """The parallel part for one chunk. Returns a dict: "filter" the filter reason per text (None = passes),
+    "exact" / "minhash" / "simhash" the key per text that stage's index takes (exact key, MinHash signature,
+    SimHash fingerprint; only for the active stages), "shingles" the shingle set per text (MinHash candidates
+    are verified with them), "empty" whether a text has no shingle once normalised, and "secs" the seconds
+    each stage took here (summed over processes in the report)."""
     c, secs = _cfg, {}
-    t = time.perf_counter()
-    reasons = [filters.check(x, c["filters"]) for x in texts] if "filter" in c["stages"] else [None] * len(texts)
-    secs["filter"] = time.perf_counter() - t
-    t = time.perf_counter()
-    norms = [normalize(x, c["t2s"]) if r is None else "" for x, r in zip(texts, reasons)]
-    keys = [dedup.exact_key(s) for s in norms] if "exact" in c["stages"] else None
-    secs["exact"] = time.perf_counter() - t
-    sig = fp = None
-    if "minhash" in c["stages"] or "simhash" in c["stages"]:
-        t = time.perf_counter()
-        hashes, counts = dedup.shingle_hashes(norms, c["ngram"])
-        shingle_secs = time.perf_counter() - t
-        if "minhash" in c["stages"]:
-            t = time.perf_counter()
-            sig = dedup.minhash_signatures(hashes, counts, dedup.permutations(c["num_perm"], c["minhash_seed"]))
-            # shingle sets travel with the signatures so the main process can verify candidates exactly
-            sig = (sig, dedup.unique_shingles(hashes, counts))
-            secs["minhash"] = time.perf_counter() - t + shingle_secs
-        if "simhash" in c["stages"]:
-            t = time.perf_counter()
-            fp = dedup.simhash_fingerprints(hashes, counts)
-            secs["simhash"] = time.perf_counter() - t + shingle_secs
-        empty = counts == 0  # nothing left after normalisation: no near-dup comparison possible
-    else:
-        empty = None
-    return reasons, keys, sig, fp, empty, secs
+    out = {"secs": secs}
+    with _timed(secs, "filter"):
+        out["filter"] = [filters.check(x, c["filters"]) for x in texts] if "filter" in c["stages"] \
+            else [None] * len(texts)
+    with _timed(secs, "exact"):
+        norms = [normalize(x, c["t2s"]) if r is None else "" for x, r in zip(texts, out["filter"])]
+        if "exact" in c["stages"]:
+            out["exact"] = [dedup.exact_key(s) for s in norms]
+    near = [s for s in ("minhash", "simhash") if s in c["stages"]]
+    if near:
+        with _timed(secs, "shingles"):
+            hashes, counts = dedup.shingle_hashes(norms, c["ngram"])
+        if "minhash" in near:
+            with _timed(secs, "minhash"):
+                out["minhash"] = dedup.minhash_signatures(hashes, counts,
+                                                          dedup.permutations(c["num_perm"], c["minhash_seed"]))
+                out["shingles"] = dedup.unique_shingles(hashes, counts)
+        if "simhash" in near:
+            with _timed(secs, "simhash"):
+                out["simhash"] = dedup.simhash_fingerprints(hashes, counts)
+        shingle_secs = secs.pop("shingles")
+        for stage in near:  # each near-duplicate stage needs the shingles: each is charged for them
+            secs[stage] += shingle_secs
+        out["empty"] = counts == 0  # nothing left after normalisation: no near-dup comparison possible
+    return out
+
+
+def _verdict(stage, index, analysis, j, doc_id):
+    """(reason, dup_of) when document j of the analysed chunk is removed at this stage, else (None, None).
+    An index stage adds a document it keeps to its index (first one wins)."""
+    if stage == "filter":
+        return analysis["filter"][j], None
+    extra = (analysis["shingles"][j],) if stage == "minhash" else ()
+    first = index.check_and_add(analysis[stage][j], doc_id, *extra)
+    return (None, None) if first is None else (DUP_REASON[stage], first)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------
@@ -168,38 +196,37 @@ def peak_rss_mb():
     return round(me, 1), round(kids, 1)
 
 
-def clean(input=input, out_dir=out_dir, *, text_field=text_field, txt_mode=txt_mode, stages=stages, t2s=t2s,
-          min_chars=min_chars, max_chars=max_chars, min_text_frac=min_text_frac,
-          max_dup_line_frac=max_dup_line_frac, max_dup_ngram_frac=max_dup_ngram_frac, dup_ngram=dup_ngram,
-          max_symbol_frac=max_symbol_frac, ngram=ngram, num_perm=num_perm, threshold=threshold,
-          lsh_threshold=lsh_threshold, minhash_seed=minhash_seed, simhash_k=simhash_k, num_workers=num_workers,
-          chunk_docs=chunk_docs,
-          row_group_size=row_group_size, write_removed=write_removed, redis_url=redis_url,
-          redis_prefix=redis_prefix, shard_id=shard_id, progress=True):
-    """Run the pipeline; returns the report dict (also written to out_dir/report.json)."""
+def clean(input, out_dir, progress=True, **settings):
+    """Run the pipeline on input (comma-separated files / directories / globs, or a list of them) into
+    out_dir; returns the report dict (also written to out_dir/report.json). settings: any of the
+    hyperparameter globals at the top of this file by name (stages, min_chars, num_workers, ...); the ones
+    not given keep those values. Raises TypeError naming any other setting, ValueError for an unknown stage."""
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"clean() got unknown setting(s) {unknown}; known: {', '.join(DEFAULTS)}")
+    c = SimpleNamespace(**{**DEFAULTS, **settings})
     t_start = time.time()
-    active = [s.strip() for s in stages.split(",") if s.strip()] if isinstance(stages, str) else list(stages)
+    active = [s.strip() for s in c.stages.split(",") if s.strip()] if isinstance(c.stages, str) else list(c.stages)
     unknown = set(active) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
-    cfg = dict(stages=active, t2s=t2s, ngram=ngram, num_perm=num_perm, minhash_seed=minhash_seed,
-               filters=dict(min_chars=min_chars, max_chars=max_chars, min_text_frac=min_text_frac,
-                            max_dup_line_frac=max_dup_line_frac, max_dup_ngram_frac=max_dup_ngram_frac,
-                            dup_ngram=dup_ngram, max_symbol_frac=max_symbol_frac))
+    walk = [s for s in STAGES if s in active]  # always in this order, whatever the order given
+    cfg = dict(stages=active, t2s=c.t2s, ngram=c.ngram, num_perm=c.num_perm, minhash_seed=c.minhash_seed,
+               filters={k: getattr(c, k) for k in filters.DEFAULTS})
     os.makedirs(out_dir, exist_ok=True)
     inputs = [p for p in input.split(",") if p] if isinstance(input, str) else list(input)
     errors = ReadErrors()
-    exact = dedup.ExactDedup(redis_url, redis_prefix) if "exact" in active else None
-    mh = (dedup.MinHashDedup(threshold, num_perm, minhash_seed, redis_url, redis_prefix, lsh_threshold)
-          if "minhash" in active else None)
-    sh = dedup.SimHashDedup(simhash_k) if "simhash" in active else None
+    indexes = {"exact": dedup.ExactDedup(c.redis_url, c.redis_prefix) if "exact" in active else None,
+               "minhash": dedup.MinHashDedup(c.threshold, c.num_perm, c.minhash_seed, c.redis_url, c.redis_prefix,
+                                             c.lsh_threshold) if "minhash" in active else None,
+               "simhash": dedup.SimHashDedup(c.simhash_k) if "simhash" in active else None}
     removed_by = {s: {} for s in STAGES}  # stage -> reason -> count
     stage_in = {s: 0 for s in STAGES}
     secs = {"read": 0.0, **{s: 0.0 for s in STAGES}, "write": 0.0}
-    sink = ParquetSink(os.path.join(out_dir, "clean.parquet"), row_group_size)
-    removed_f = open(os.path.join(out_dir, "removed.jsonl"), "w", encoding="utf-8") if write_removed else None
+    sink = ParquetSink(os.path.join(out_dir, "clean.parquet"), c.row_group_size)
+    removed_f = open(os.path.join(out_dir, "removed.jsonl"), "w", encoding="utf-8") if c.write_removed else None
     n_read = chars_in = chars_out = 0
-    doc_id = shard_id * 10 ** 12
+    doc_id = c.shard_id * 10 ** 12
 
     def drop(stage, reason, doc, dup_of=None):
         removed_by[stage][reason] = removed_by[stage].get(reason, 0) + 1
@@ -212,7 +239,7 @@ def clean(input=input, out_dir=out_dir, *, text_field=text_field, txt_mode=txt_m
 
     def timed_docs():  # reading time is what the generator spends between yields
         nonlocal n_read, chars_in, doc_id
-        it = iter(iter_documents(inputs, text_field=text_field or None, errors=errors, txt_mode=txt_mode))
+        it = iter(iter_documents(inputs, text_field=c.text_field or None, errors=errors, txt_mode=c.txt_mode))
         while True:
             t = time.perf_counter()
             doc = next(it, None)
@@ -225,52 +252,31 @@ def clean(input=input, out_dir=out_dir, *, text_field=text_field, txt_mode=txt_m
             doc_id += 1
             yield doc
 
-    pool = Pool(num_workers, initializer=_init, initargs=(cfg,)) if num_workers > 1 else None
+    pool = Pool(c.num_workers, initializer=_init, initargs=(cfg,)) if c.num_workers > 1 else None
     if pool is None:
         _init(cfg)
     try:
-        chunks = _chunks(timed_docs(), max(1, chunk_docs))
-        for chunk, (reasons, keys, sig, fp, empty, wsecs) in _bounded_map(pool, chunks, 2 * max(1, num_workers)):
-            for k, v in wsecs.items():
+        chunks = _chunks(timed_docs(), max(1, c.chunk_docs))
+        for chunk, analysis in _bounded_map(pool, chunks, 2 * max(1, c.num_workers)):
+            for k, v in analysis["secs"].items():
                 secs[k] += v
             for j, doc in enumerate(chunk):
-                if "filter" in active:
-                    stage_in["filter"] += 1
-                    if reasons[j] is not None:
-                        drop("filter", reasons[j], doc)
-                        continue
-                t = time.perf_counter()
-                if exact is not None:
-                    stage_in["exact"] += 1
-                    first = exact.check_and_add(keys[j], doc["_id"])
-                    if first is not None:
-                        secs["exact"] += time.perf_counter() - t
-                        drop("exact", "exact_dup", doc, first)
-                        continue
-                t2 = time.perf_counter()
-                secs["exact"] += t2 - t
-                if mh is not None and not empty[j]:
-                    stage_in["minhash"] += 1
-                    first = mh.check_and_add(sig[0][j], doc["_id"], sig[1][j])
-                    if first is not None:
-                        secs["minhash"] += time.perf_counter() - t2
-                        drop("minhash", "near_dup", doc, first)
-                        continue
-                t3 = time.perf_counter()
-                secs["minhash"] += t3 - t2
-                if sh is not None and not empty[j]:
-                    stage_in["simhash"] += 1
-                    first = sh.check_and_add(fp[j], doc["_id"])
-                    if first is not None:
-                        secs["simhash"] += time.perf_counter() - t3
-                        drop("simhash", "near_dup", doc, first)
-                        continue
-                t4 = time.perf_counter()
-                secs["simhash"] += t4 - t3
-                chars_out += len(doc["text"])
-                sink.add(doc)
-                secs["write"] += time.perf_counter() - t4
-            if progress and n_read % 100_000 < chunk_docs:
+                for stage in walk:
+                    if stage in ("minhash", "simhash") and analysis["empty"][j]:
+                        continue  # nothing left after normalisation: no near-duplicate comparison possible
+                    stage_in[stage] += 1
+                    t = time.perf_counter()
+                    reason, dup_of = _verdict(stage, indexes.get(stage), analysis, j, doc["_id"])
+                    secs[stage] += time.perf_counter() - t
+                    if reason is not None:
+                        drop(stage, reason, doc, dup_of)
+                        break
+                else:  # no stage removed it
+                    t = time.perf_counter()
+                    chars_out += len(doc["text"])
+                    sink.add(doc)
+                    secs["write"] += time.perf_counter() - t
+            if progress and n_read % 100_000 < c.chunk_docs:
                 print(f"  {n_read:,} read, {sink.n + len(sink.rows):,} kept, {time.time() - t_start:.0f} s",
                       flush=True)
     finally:
@@ -284,12 +290,11 @@ def clean(input=input, out_dir=out_dir, *, text_field=text_field, txt_mode=txt_m
         removed_f.close()
     wall = time.time() - t_start
     per_stage = {}
-    for s in STAGES:
-        if s in active:
-            n_removed = sum(removed_by[s].values())
-            per_stage[s] = {"in": stage_in[s], "out": stage_in[s] - n_removed, "removed": n_removed,
-                            "removed_by": removed_by[s], "seconds": round(secs[s], 3),
-                            "docs_per_s": round(stage_in[s] / secs[s]) if secs[s] > 0 else None}
+    for s in walk:
+        n_removed = sum(removed_by[s].values())
+        per_stage[s] = {"in": stage_in[s], "out": stage_in[s] - n_removed, "removed": n_removed,
+                        "removed_by": removed_by[s], "seconds": round(secs[s], 3),
+                        "docs_per_s": round(stage_in[s] / secs[s]) if secs[s] > 0 else None}
     rss_self, rss_children = peak_rss_mb()
     report = {
         "input": inputs, "output": sink.path, "documents_in": n_read, "documents_out": sink.n,
@@ -298,10 +303,9 @@ def clean(input=input, out_dir=out_dir, *, text_field=text_field, txt_mode=txt_m
         "docs_per_s_wall": round(n_read / wall) if wall > 0 else None,
         "peak_rss_mb": {"main": rss_self, "largest_worker": rss_children},
         "read_errors": errors.to_dict(),
-        "config": dict(stages=active, t2s=t2s, ngram=ngram, num_perm=num_perm, threshold=threshold,
-                       lsh_threshold=lsh_threshold,
-                       simhash_k=simhash_k, num_workers=num_workers, chunk_docs=chunk_docs,
-                       redis=bool(redis_url), **cfg["filters"]),
+        "config": dict(stages=active, t2s=c.t2s, ngram=c.ngram, num_perm=c.num_perm, threshold=c.threshold,
+                       lsh_threshold=c.lsh_threshold, simhash_k=c.simhash_k, num_workers=c.num_workers,
+                       chunk_docs=c.chunk_docs, redis=bool(c.redis_url), **cfg["filters"]),
     }
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=1)
@@ -312,7 +316,6 @@ def _bounded_map(pool, chunks, in_flight):
     """(chunk, _analyse(texts of chunk)) in order, with at most in_flight chunks submitted and not yet
     collected. Pool.imap would read the whole input ahead into its task queue: memory bounded by the
     corpus instead of by the indexes."""
-    from collections import deque
     if pool is None:
         for ch in chunks:
             yield ch, _analyse([d["text"] for d in ch])
@@ -346,8 +349,6 @@ def format_report(r):
 if __name__ == "__main__":
     from configurator import apply_overrides
     apply_overrides(globals())
-    g = globals()
-    kw = {k: g[k] for k in clean.__code__.co_varnames[:clean.__code__.co_argcount + clean.__code__.co_kwonlyargcount]
-          if k in g and k != "progress"}
     from clean_data import clean as module  # workers unpickle clean_data.clean._analyse, not __main__'s
-    print(module.format_report(module.clean(**kw)))
+    settings = {k: globals()[k] for k in DEFAULTS}  # the hyperparameters, as overridden
+    print(module.format_report(module.clean(input, out_dir, **settings)))

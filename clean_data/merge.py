@@ -14,10 +14,7 @@ one to count each source, one to stream the chosen documents out, so memory hold
 import json
 import os
 import random
-import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clean_data.readers import ReadErrors, iter_documents
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,11 @@ Streaming corpus readers: files, directories or globs in, one dict per document 
         doc["text"], doc["source"]          # plus a little metadata: "line", "title", "author", "id" ...
     print(errors.report())
 
+Records rather than documents (the SFT and preference loaders in chat_data/ read their files this way):
+
+    for line, record in iter_records("data/sft/alpaca.json", errors):
+        ...                                  # record: the parsed JSON value or the parquet row as a dict
+
 Formats, chosen by file extension (a trailing .gz is read through gzip):
   .jsonl / .ndjson  one JSON value per line; read line by line.
   .json             a top-level array of records, a single record, or concatenated records. Read with a
@@ -28,7 +33,8 @@ The text of a record (see record_to_documents):
     book's title kept as metadata "collection".
   * otherwise the first of TEXT_FIELDS present in the record.
 Nothing is dropped silently: a malformed line, a record without text, a bad UTF-8 line... is skipped,
-counted and named ("file:line: reason") in a ReadErrors collector. Only an unreadable file raises.
+counted and named ("file:line: reason") in a ReadErrors collector (iter_records is where the JSON-like
+formats apply that convention). Only an unreadable file raises.
 
 The chinese-poetry npm package (download_poetry) holds non-document JSON too; when a directory given to
 iter_documents is, or is inside, that package, poetry_document_files() picks the files and every file it
@@ -252,36 +258,39 @@ def _with_id(doc, rec):
 
 
 # ------------------------------------------------------------------------------------------------------
-# per-format readers: each yields documents and reports problems to `errors`
+# raw records: one reader for every JSON-like file, one error convention
 
-def _open_binary(path):
-    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
-
-
-def _emit(rec, text_field, source, line, errors, line_key="line"):
-    docs, problems = record_to_documents(rec, text_field)
-    for reason, detail in problems:
-        errors.add(source, line, reason, detail)
-    for d in docs:
-        d["source"] = source
-        d[line_key] = line
-        yield d
+RECORD_FORMATS = ("jsonl", "json", "parquet")
+_JSON_CHUNK = 1 << 20  # characters a .json file is read by (tests shrink it to hit every buffer boundary)
 
 
-def _decode_line(raw, source, lineno, errors):
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        errors.add(source, lineno, "invalid utf-8", f"byte {e.start} of the line")
-        return None
-    if lineno == 1 and text.startswith("\ufeff"):
-        text = text[1:]
-    return text
+def iter_records(path, errors, source=None):
+    """Iterator of (line, record) over one .jsonl / .ndjson, .json or .parquet file (a trailing .gz is read
+    through gzip, except for parquet). line: the line the record starts on (from 1), or the row number (from 1)
+    for parquet; record: the parsed JSON value, or the parquet row as a dict (every column, None where null).
+    .json: a top-level array, a single value, or concatenated values (see _JsonStream).
+
+    Every record skipped is reported to errors (a ReadErrors) as source:line with a reason: in .jsonl a line
+    that is not JSON ("bad json") or not UTF-8 ("invalid utf-8") is skipped and the rest is read; in .json a
+    malformed spot or invalid UTF-8 stops the file there (JSON cannot be resynchronised reliably), the records
+    before it are kept. errors.files_read counts the file. source names the file in errors (default: path).
+    Raises FileNotFoundError for a missing path, IsADirectoryError for a folder and ValueError for any other
+    file type, when called (not when iterated)."""
+    source = str(path) if source is None else source
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a folder, not a file (give the files in it)")
+    fmt = format_of(path)
+    if fmt not in RECORD_FORMATS:
+        raise ValueError(f"{path}: unsupported file type for records (want .jsonl, .ndjson, .json or .parquet)")
+    errors.files_read += 1
+    by_format = {"jsonl": _jsonl_records, "json": _json_records, "parquet": _parquet_records}
+    return by_format[fmt](path, source, errors)
 
 
-def read_jsonl(path, source, text_field=None, errors=None):
-    errors = ReadErrors() if errors is None else errors
-    with _open_binary(path) as f:
+def _jsonl_records(path, source, errors):
+    with _open_binary(path) as f:  # binary: a bad line is decoded (and skipped) alone
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -293,35 +302,43 @@ def read_jsonl(path, source, text_field=None, errors=None):
             except json.JSONDecodeError as e:
                 errors.add(source, lineno, "bad json", f"{e.msg} at column {e.colno}")
                 continue
-            yield from _emit(rec, text_field, source, lineno, errors)
+            yield lineno, rec
 
 
-def read_txt(path, source, errors=None, txt_mode="line"):
-    """One document per line, or per blank-line-separated paragraph (txt_mode="paragraph"). Lines
-    that are blank are not documents. "line" of a paragraph is the line it starts on."""
-    if txt_mode not in ("line", "paragraph"):
-        raise ValueError(f"txt_mode must be 'line' or 'paragraph', not {txt_mode!r}")
-    errors = ReadErrors() if errors is None else errors
-    para, start = [], None
+def _json_records(path, source, errors):
+    f = gzip.open(path, "rt", encoding="utf-8-sig") if str(path).endswith(".gz") else \
+        open(path, "r", encoding="utf-8-sig")
+    with f:
+        stream = _JsonStream(f, _JSON_CHUNK)
+        try:
+            yield from stream
+        except _JsonStreamError as e:
+            errors.add(source, e.line, "bad json", e.msg + "; rest of file not read")
+        except UnicodeDecodeError as e:
+            # the decoder fails on a whole read-ahead chunk: find the line that holds the bad bytes
+            line = _first_line_not_utf8(path) or stream.line
+            errors.add(source, line, "invalid utf-8", f"{e.reason}; rest of file not read")
+
+
+def _first_line_not_utf8(path):
+    """Number of the first line of the file that is not valid UTF-8, else None. (A line can be decoded alone:
+    UTF-8 never puts a newline byte inside a character.)"""
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
-            line = _decode_line(raw, source, lineno, errors)
-            if line is None:
-                continue
-            line = line.rstrip("\r\n")
-            if txt_mode == "line":
-                if line.strip():
-                    yield {"text": line, "source": source, "line": lineno}
-                continue
-            if line.strip():
-                if not para:
-                    start = lineno
-                para.append(line)
-            elif para:
-                yield {"text": "\n".join(para), "source": source, "line": start}
-                para = []
-    if para:
-        yield {"text": "\n".join(para), "source": source, "line": start}
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return None
+
+
+def _parquet_records(path, source, errors):
+    import pyarrow.parquet as pq
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield row, rec
 
 
 class _JsonStreamError(Exception):
@@ -417,53 +434,108 @@ class _JsonStream:
             c = self.peek()
 
 
-def read_json(path, source, text_field=None, errors=None):
-    """A .json file: array of records, one record, or concatenated records. A malformed spot stops the
-    file there (JSON cannot be resynchronised reliably); the documents before it are kept and the spot
-    is recorded with its line number."""
+# ------------------------------------------------------------------------------------------------------
+# per-format readers: each yields documents, counts the file it reads (errors.files_read) and reports
+# problems to `errors`
+
+def _open_binary(path):
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def _emit(rec, text_field, source, line, errors, line_key="line"):
+    docs, problems = record_to_documents(rec, text_field)
+    for reason, detail in problems:
+        errors.add(source, line, reason, detail)
+    for d in docs:
+        d["source"] = source
+        d[line_key] = line
+        yield d
+
+
+def _decode_line(raw, source, lineno, errors):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        errors.add(source, lineno, "invalid utf-8", f"byte {e.start} of the line")
+        return None
+    if lineno == 1 and text.startswith("\ufeff"):
+        text = text[1:]
+    return text
+
+
+def read_jsonl(path, source, text_field=None, errors=None):
+    """Documents of a .jsonl file (see iter_records for what is skipped and reported)."""
     errors = ReadErrors() if errors is None else errors
-    f = gzip.open(path, "rt", encoding="utf-8-sig") if str(path).endswith(".gz") else \
-        open(path, "r", encoding="utf-8-sig")
-    with f:
-        stream = _JsonStream(f)
-        try:
-            for line, rec in stream:
-                yield from _emit(rec, text_field, source, line, errors)
-        except _JsonStreamError as e:
-            errors.add(source, e.line, "bad json", e.msg + "; rest of file not read")
-        except UnicodeDecodeError as e:
-            errors.add(source, stream.line, "invalid utf-8", f"{e.reason}; rest of file not read")
+    for lineno, rec in iter_records(path, errors, source):
+        yield from _emit(rec, text_field, source, lineno, errors)
+
+
+def read_txt(path, source, errors=None, txt_mode="line"):
+    """One document per line, or per blank-line-separated paragraph (txt_mode="paragraph"). Lines
+    that are blank are not documents. "line" of a paragraph is the line it starts on."""
+    if txt_mode not in ("line", "paragraph"):
+        raise ValueError(f"txt_mode must be 'line' or 'paragraph', not {txt_mode!r}")
+    errors = ReadErrors() if errors is None else errors
+    errors.files_read += 1
+    para, start = [], None
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_line(raw, source, lineno, errors)
+            if line is None:
+                continue
+            line = line.rstrip("\r\n")
+            if txt_mode == "line":
+                if line.strip():
+                    yield {"text": line, "source": source, "line": lineno}
+                continue
+            if line.strip():
+                if not para:
+                    start = lineno
+                para.append(line)
+            elif para:
+                yield {"text": "\n".join(para), "source": source, "line": start}
+                para = []
+    if para:
+        yield {"text": "\n".join(para), "source": source, "line": start}
+
+
+def read_json(path, source, text_field=None, errors=None):
+    """Documents of a .json file: array of records, one record, or concatenated records. A malformed spot stops
+    the file there (see iter_records); the documents before it are kept."""
+    errors = ReadErrors() if errors is None else errors
+    for line, rec in iter_records(path, errors, source):
+        yield from _emit(rec, text_field, source, line, errors)
 
 
 def read_parquet(path, source, text_field=None, errors=None, batch_size=1024):
     """Parquet via pyarrow iter_batches. With a text column (text_field or one of TEXT_FIELDS) only that
-    column is read; otherwise whole rows go through record_to_documents. line = row number (from 1)."""
+    column is read (the fast path: no other column is decoded); otherwise whole rows from iter_records go
+    through record_to_documents. line = row number (from 1)."""
     import pyarrow.parquet as pq
     errors = ReadErrors() if errors is None else errors
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
     field = text_field if text_field else next((n for n in TEXT_FIELDS if n in names), None)
-    if text_field and text_field not in names:
+    if field is None:
+        for row, rec in iter_records(path, errors, source):
+            yield from _emit(rec, None, source, row, errors)
+        return
+    errors.files_read += 1
+    if field not in names:
         errors.add(source, None, "missing text field", f"{text_field!r}; columns: {', '.join(names[:8])}")
         return
     row = 0
-    if field is not None:
-        for batch in pf.iter_batches(batch_size=batch_size, columns=[field]):
-            for value in batch.column(0).to_pylist():
-                row += 1
-                if value is None:
-                    errors.add(source, row, "null text", field)
-                    continue
-                text = _as_text(value)
-                if text is None:
-                    errors.add(source, row, "text field not a string", f"{field} is {type(value).__name__}")
-                    continue
-                yield {"text": text, "source": source, "line": row}
-        return
-    for batch in pf.iter_batches(batch_size=batch_size):
-        for rec in batch.to_pylist():
+    for batch in pf.iter_batches(batch_size=batch_size, columns=[field]):
+        for value in batch.column(0).to_pylist():
             row += 1
-            yield from _emit(rec, None, source, row, errors)
+            if value is None:
+                errors.add(source, row, "null text", field)
+                continue
+            text = _as_text(value)
+            if text is None:
+                errors.add(source, row, "text field not a string", f"{field} is {type(value).__name__}")
+                continue
+            yield {"text": text, "source": source, "line": row}
 
 
 def format_of(path):
@@ -475,13 +547,12 @@ def format_of(path):
 
 
 def read_file(path, source=None, text_field=None, errors=None, txt_mode="line"):
-    """Documents of one file, format from its extension."""
+    """Documents of one file, format from its extension. Raises ValueError for an unsupported one."""
     errors = ReadErrors() if errors is None else errors
     source = str(path) if source is None else source
     fmt = format_of(path)
     if fmt is None:
         raise ValueError(f"{path}: unsupported file type (want one of {', '.join(sorted(SUFFIXES))})")
-    errors.files_read += 1
     if fmt == "jsonl":
         yield from read_jsonl(path, source, text_field, errors)
     elif fmt == "json":

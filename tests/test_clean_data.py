@@ -6,20 +6,16 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from clean_data import dedup, filters  # noqa: E402
-from clean_data.clean import clean  # noqa: E402
-from clean_data.merge import merge, plan  # noqa: E402
-from clean_data.normalize import normalize  # noqa: E402
+from clean_data import dedup, filters
+from clean_data.clean import clean
+from clean_data.merge import merge, plan
+from clean_data.normalize import normalize
+from conftest import run_script
 
 rng = random.Random(0)
 COMMON = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 400))  # 400 distinct ideographs
@@ -197,6 +193,25 @@ def test_stages_one_by_one_match_together(cleaned, tmp_path):
               num_workers=1, progress=False)
     assert b["documents_out"] == r["documents_out"]
     assert a["documents_out"] == r["stages"]["minhash"]["in"]
+
+
+def test_clean_refuses_an_unknown_setting(tmp_path):
+    with pytest.raises(TypeError, match="min_char"):
+        clean(str(tmp_path), str(tmp_path / "out"), min_char=5)  # a typo of min_chars
+    with pytest.raises(ValueError, match="dedupe"):
+        clean(str(tmp_path), str(tmp_path / "out"), stages="filter,dedupe")
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_command_line_overrides_reach_the_pipeline(tmp_path):
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": long_doc(i, 60)}) + "\n" for i in range(3)) +
+                                       json.dumps({"text": long_doc(99, 15)}) + "\n", encoding="utf-8")  # kept at the default min_chars 10
+    run_script("-m", "clean_data", f"--input={tmp_path / 'in.jsonl'}", f"--out_dir={tmp_path / 'out'}",
+               "--num_workers=1", "--min_chars=20", "--stages=filter,exact", timeout=60)
+    r = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert r["config"]["min_chars"] == 20 and r["config"]["num_workers"] == 1
+    assert r["stages"]["filter"]["removed_by"] == {"too_short": 1} and r["documents_out"] == 3
+    assert list(r["stages"]) == ["filter", "exact"]
 
 
 def test_data_process_reads_cleaned_parquet(cleaned, tmp_path):

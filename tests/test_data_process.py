@@ -1,22 +1,16 @@
 """data_process.py and clean_data/readers.py on a small mixed-format corpus written into tmp_path, with a
 tiny tokenizer trained once per module."""
 import collections
-import io
 import json
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import data_process  # noqa: E402
-from clean_data import readers  # noqa: E402
-from clean_data.readers import ReadErrors, iter_documents, record_to_documents  # noqa: E402
+import data_process
+from clean_data import readers
+from clean_data.readers import ReadErrors, iter_documents, iter_records, record_to_documents
 
 MIN_CHARS = 5
 
@@ -279,16 +273,20 @@ def test_refuses_vocab_over_uint16(corpus, tok_model, tmp_path, monkeypatch):
         run(corpus, tok_model, tmp_path / "big")
 
 
-def test_json_stream_and_txt_paragraphs(tmp_path):
+def test_json_stream_and_txt_paragraphs(tmp_path, monkeypatch):
     # the incremental .json parser gives the same records whatever the read size
     recs = [{"text": "第%d篇" % i + "字" * (i * 7 % 50), "n": i} for i in range(40)]
-    text = json.dumps(recs, ensure_ascii=False, indent=1)
-    for chunk in (1, 7, 64, 1 << 20):
-        got = [v for _, v in readers._JsonStream(io.StringIO(text), chunk=chunk)]
-        assert got == recs
-    # one object, and concatenated objects
-    assert [v for _, v in readers._JsonStream(io.StringIO('{"a": 1}'), chunk=3)] == [{"a": 1}]
-    assert [v for _, v in readers._JsonStream(io.StringIO('{"a": 1}\n{"a": 2}\n'), chunk=3)] == [{"a": 1}, {"a": 2}]
+    path = tmp_path / "recs.json"
+    path.write_text(json.dumps(recs, ensure_ascii=False, indent=1), encoding="utf-8")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text('{"a": 1}', encoding="utf-8")
+    two.write_text('{"a": 1}\n{"a": 2}\n', encoding="utf-8")
+    for chunk in (1, 3, 7, 64, 1 << 20):
+        monkeypatch.setattr(readers, "_JSON_CHUNK", chunk)
+        assert [v for _, v in iter_records(path, ReadErrors())] == recs
+        # one object, and concatenated objects
+        assert [v for _, v in iter_records(one, ReadErrors())] == [{"a": 1}]
+        assert [v for _, v in iter_records(two, ReadErrors())] == [{"a": 1}, {"a": 2}]
     p = tmp_path / "p.txt"
     p.write_text("para one\nstill one\n\n\npara two\n", encoding="utf-8")
     docs = list(iter_documents(str(p), txt_mode="paragraph"))

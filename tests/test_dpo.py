@@ -1,17 +1,18 @@
-"""DPO's pieces checked by hand: each loss formula on a hand-made example, sequence log-probs over reply tokens
-only (prompt and padding do not enter), the reference gets no gradient and does not change (frozen copy and
-LoRA adapters-off), and the loaders give the same pairs from every format."""
-import json
+"""DPO's pieces (finetune.py) checked by hand: each loss formula on a hand-made example, sequence log-probs over
+reply tokens only (prompt and padding do not enter), the reference gets no gradient and does not change (frozen
+copy, LoRA adapters-off, cached log-probs), batch losses and held-out metrics, and the stateless pair sampler.
+The loaders of preference files are tested in test_chat_data.py."""
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 
-from dpo import (adapters_off, collate_pairs, concatenated_logps, dpo_loss, frozen_copy, hinge_loss, ipo_loss,
-                 orpo_loss, pair_metrics, preference_loss, sequence_logps, simpo_loss, tokenize_pair)
-from lora import apply_lora
+from finetune import (PairBatches, Reference, collate_pairs, concatenated_logps, dpo_loss, evaluate_pairs,
+                      frozen_copy, hinge_loss, ipo_loss, orpo_loss, pair_batch_loss, pair_logps, pair_metrics,
+                      preference_loss, sequence_logps, simpo_loss, tokenize_pair)
+from lora import adapters_off, apply_lora
 from model import ModelArgs, Transformer
-from preference_data import build_poetry_pairs, corrupt, load_preferences, parse_pair, poem_clauses
 from tokenizer import Tokenizer
 from tokenizer.chat_template import IGNORE, encode_conversation
 from tokenizer.train_tokenizer import train_tokenizer
@@ -112,7 +113,7 @@ def test_tokenize_pair_matches_chat_template(tok):
         ids, labels = encode_conversation(tok, p["prompt"] + [A(p["chosen"])], p["system"])
         assert prompt + c == ids  # the same tokens the SFT model was trained on
         assert labels[len(prompt):] == c  # the final reply (content + <|end|>) is what SFT scores last
-    prompt, c, r, truncated = tokenize_pair(tok, PAIRS[1], 20)
+    prompt, c, r, truncated = tokenize_pair(tok, PAIRS[1], 19)  # at most max_seq_len + 1 = 20 tokens
     assert truncated and len(prompt) + len(c) <= 20 and len(prompt) + len(r) <= 20
 
 
@@ -191,79 +192,102 @@ def test_lora_reference_is_base_with_adapters_off(tok):
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
 
 
-# ---- loaders ------------------------------------------------------------------------------------------------
+# ---- the reference, batches and held-out metrics (what dpo.py's loop is made of) ---------------------------
 
-def _formats():
-    q, c, r = "《静夜思》的作者是谁？", "李白。", "王之涣。"
-    return [
-        {"prompt": q, "chosen": c, "rejected": r},
-        {"prompt": [U(q)], "chosen": [A(c)], "rejected": [A(r)]},
-        {"chosen": [U(q), A(c)], "rejected": [U(q), A(r)]},  # implicit prompt
-        {"conversations": [{"from": "human", "value": q}], "chosen": c, "rejected": r},  # dpo_zh_500.jsonl
-        {"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": c},
-         "rejected": {"from": "gpt", "value": r}},  # dpo_zh_demo.json
-    ]
+MORE = PAIRS + [
+    {"system": None, "prompt": [U("续写：白日依山尽，")], "chosen": "黄河入海流。", "rejected": "白日依山尽。", "kind": "continue"},
+    {"system": None, "prompt": [U("What is two plus two?")], "chosen": "It is four.", "rejected": "It is two.",
+     "kind": "continue"},
+]
+LOSS = dict(beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, sft_weight=0.0)
 
 
-def test_loaders_same_pairs_from_every_format(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    want = {"system": None, "prompt": [U("《静夜思》的作者是谁？")], "chosen": "李白。", "rejected": "王之涣。"}
-    recs = _formats()
-    for rec in recs:
-        assert parse_pair(rec) == want
-    (tmp_path / "a.json").write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in recs), encoding="utf-8")
-    for i, rec in enumerate(recs):  # one parquet file per format (each has its own columns)
-        pq.write_table(pa.Table.from_pylist([rec]), tmp_path / f"a{i}.parquet")
-    for paths in ([str(tmp_path / "a.json")], [str(tmp_path / "a.jsonl")],
-                  [str(tmp_path / f"a{i}.parquet") for i in range(len(recs))]):
-        pairs, counts = load_preferences(paths)
-        assert pairs == [want] * len(recs) and counts["kept"] == len(recs)
-    sys_rec = {"conversations": [{"from": "system", "value": "你是诗人。"}, {"from": "human", "value": "问"},
-                                 {"from": "gpt", "value": "答"}, {"from": "human", "value": "再问"}],
-               "chosen": "好", "rejected": "坏"}
-    assert parse_pair(sys_rec)["system"] == "你是诗人。" and len(parse_pair(sys_rec)["prompt"]) == 3
+def test_step0_batch_loss_is_log2_for_every_kind_of_reference(tok):
+    """At step 0 the policy is the reference: with a frozen copy, with the LoRA policy's adapters switched off
+    and with cached log-probs, the loss is log 2 and every reward 0."""
+    model, args = tiny_model(tok)
+    items = [tokenize_pair(tok, p, 63)[:3] for p in MORE]
+    idx = [0, 1, 2, 3]
+    cache = {"train": pair_logps(model.eval(), items, idx, 0, "cpu", nullcontext())}
+    lora_model, _ = tiny_model(tok)
+    apply_lora(lora_model, rank=4, alpha=8)
+    for p in lora_model.parameters():  # an adapter that has learned something: B no longer zero
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    refs = [(model, Reference("model", frozen_copy(args, model.state_dict(), "cpu"))),
+            (model, Reference("cached", cache=cache)),
+            (lora_model, Reference("adapters_off", lora_model))]
+    for policy, ref in refs:
+        want_log2 = ref.mode != "adapters_off"
+        loss, m, n_tok = pair_batch_loss(policy, ref, items, idx, "train", 0, "cpu", nullcontext(), "sigmoid", **LOSS)
+        if want_log2:
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-5), ref.mode
+            assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-5) and m["rewards/accuracies"] == 0
+        assert n_tok == sum(len(p) + len(c) - 1 + len(p) + len(r) - 1 for p, c, r in items)
+    # adapters off, the LoRA policy's reference log-probs are the base model's
+    base = frozen_copy(args, tiny_model(tok)[0].state_dict(), "cpu")
+    x, y = collate_pairs(items, 0)
+    got = Reference("adapters_off", lora_model).logps(x, y, "train", torch.tensor(idx))
+    want = concatenated_logps(base, x, y)[:2]
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+    assert lora_model.training  # the reference pass restores the policy's mode
 
 
-def test_loaders_count_malformed_and_identical(tmp_path):
-    good = {"prompt": "问", "chosen": "好", "rejected": "坏"}
-    lines = [json.dumps(good, ensure_ascii=False), "{not json",
-             json.dumps({"prompt": "问", "chosen": "好"}),  # no rejected
-             json.dumps({"prompt": "问", "chosen": "同", "rejected": " 同 "}),  # identical
-             json.dumps({"prompt": [A("我先说")], "chosen": "好", "rejected": "坏"}),  # prompt ends with assistant
-             json.dumps({"prompt": "问", "chosen": "", "rejected": "坏"}),  # empty reply
-             json.dumps({"conversations": [{"from": "alien", "value": "x"}], "chosen": "a", "rejected": "b"}),
-             json.dumps({"chosen": [U("问"), A("好")], "rejected": [U("别的"), A("坏")]}),  # prompts differ
-             json.dumps([1, 2])]
-    (tmp_path / "m.jsonl").write_text("\n".join(lines), encoding="utf-8")
-    pairs, counts = load_preferences(str(tmp_path / "m.jsonl"))
-    assert len(pairs) == 1 and counts["kept"] == 1 and counts["records"] == 9
-    assert counts["identical pair"] == 1 and counts["malformed: bad json"] == 1
-    assert sum(v for k, v in counts.items() if k.startswith("malformed")) == 7
+def test_cached_reference_equals_frozen_copy_after_the_policy_moved(tok):
+    model, args = tiny_model(tok)
+    items = [tokenize_pair(tok, p, 63)[:3] for p in MORE]
+    frozen = Reference("model", frozen_copy(args, model.state_dict(), "cpu"))
+    cached = Reference("cached", cache={"train": pair_logps(model.eval(), items, [0, 1, 2, 3], 0, "cpu",
+                                                            nullcontext())})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = pair_batch_loss(model, frozen, items, [0, 1, 2, 3], "train", 0, "cpu", nullcontext(), "sigmoid",
+                               **LOSS)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for idx in ([2, 0], [3, 1, 1]):
+        a = pair_batch_loss(model, frozen, items, idx, "train", 0, "cpu", nullcontext(), "sigmoid", **LOSS)
+        b = pair_batch_loss(model, cached, items, idx, "train", 0, "cpu", nullcontext(), "sigmoid", **LOSS)
+        assert a[0].item() == pytest.approx(b[0].item(), abs=1e-5)
+        assert a[1]["rewards/margins"] == pytest.approx(b[1]["rewards/margins"], abs=1e-5)
+    assert a[0].item() < math.log(2)  # the policy moved toward the chosen replies
 
 
-def test_demo_pairs_from_poetry_docs(tmp_path):
-    poems = [("靜夜思", "李白", "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"),
-             ("登鸛雀樓", "王之渙", "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"),
-             ("春曉", "孟浩然", "春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。"),
-             ("江雪", "柳宗元", "千山鳥飛絕，萬徑人蹤滅。\n孤舟蓑笠翁，獨釣寒江雪。"),
-             ("壞詩", "某", "這不是一首，規整的詩")]
-    path = tmp_path / "poet.tang.0.json"
-    path.write_text(json.dumps([{"title": t, "author": a, "paragraphs": b.split("\n")} for t, a, b in poems],
-                               ensure_ascii=False), encoding="utf-8")
-    train, val, stats = build_poetry_pairs([str(path)], n_poems=10, n_val=1, seed=0)
-    assert stats["poems used"] == 4 and len(val) == 3 and len(train) == 9
-    val_titles = {p["prompt"][0]["content"] for p in val}
-    assert not val_titles & {p["prompt"][0]["content"] for p in train}  # held-out poems are in no train pair
-    for p in train + val:
-        assert p["chosen"] != p["rejected"]
-        if p["kind"] == "author":
-            assert p["rejected"].startswith(p["chosen"].split("的作者是")[0])
-    import random
-    cl = poem_clauses({"text": poems[0][2], "title": poems[0][0], "author": poems[0][1]})
-    assert len(cl) == 4 and corrupt(cl, "truncated", random.Random(0)) == "床前明月光，疑是地上霜。"
-    assert corrupt(cl, "repeated", random.Random(0)) == "床前明月光，疑是地上霜。\n床前明月光，疑是地上霜。"
-    shuffled = corrupt(cl, "shuffled", random.Random(0))
-    assert sorted(shuffled.replace("\n", "").replace("，", "。").split("。")) != sorted(
-        poems[0][2].replace("\n", "").replace("，", "。").split("。")) or shuffled != poems[0][2]
+def test_held_out_metrics_weight_every_pair_equally_whatever_the_batch(tok):
+    model, args = tiny_model(tok)
+    ref = Reference("model", frozen_copy(args, model.state_dict(), "cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    items = [tokenize_pair(tok, p, 63)[:3] for p in MORE]
+    kinds = [p.get("kind") for p in MORE]
+    one = evaluate_pairs(model, ref, items, kinds, 1, 0, "cpu", nullcontext(), "sigmoid", **LOSS)
+    three = evaluate_pairs(model, ref, items, kinds, 3, 0, "cpu", nullcontext(), "sigmoid", **LOSS)
+    for k, v in one.items():
+        if k != "logps/accuracy_by_kind":
+            assert three[k] == pytest.approx(v, abs=1e-5), k
+    # by hand: the mean over the 4 pairs of each pair's own loss and logp preference
+    x, y = collate_pairs(items, 0)
+    with torch.no_grad():
+        pc, pr, _, _ = concatenated_logps(model, x, y)
+        rc, rr, _, _ = concatenated_logps(ref.net, x, y)
+    h = (pc - rc) - (pr - rr)
+    assert one["loss"] == pytest.approx(torch.nn.functional.softplus(-0.1 * h).mean().item(), abs=1e-5)
+    assert one["logps/accuracy"] == pytest.approx((pc > pr).float().mean().item())
+    assert one["logps/accuracy_by_kind"] == {"continue": pytest.approx((pc[2:] > pr[2:]).float().mean().item())}
+    model.train()
+    evaluate_pairs(model, ref, items[:1], None, 1, 0, "cpu", nullcontext(), "sigmoid", **LOSS)
+    assert model.training  # evaluated in eval mode (no dropout), then put back in the mode it was in
+
+
+def test_pair_batches_are_stateless_permutations():
+    a, b = PairBatches(7, 3, seed=5), PairBatches(7, 3, seed=5)
+    first = [a.get(m) for m in range(7)]  # 21 positions: three epochs of 7 pairs
+    assert [b.get(m) for m in reversed(range(7))] == list(reversed(first))  # order of asking does not matter
+    flat = [i for m in first for i in m]
+    for e in range(3):
+        assert sorted(flat[7 * e:7 * e + 7]) == list(range(7))  # each epoch visits every pair once
+    assert flat[:7] != flat[7:14]  # and epochs are shuffled differently
+    assert PairBatches(7, 3, seed=6).get(0) != first[0] or PairBatches(7, 3, seed=6).get(1) != first[1]

@@ -1,22 +1,20 @@
-"""dpo.py as users run it, on a tiny model: step 0 is log 2 with zero rewards, the cached reference gives the
-losses of the frozen copy, a resumed run continues exactly, and LoRA (reference = adapters off) runs end to end."""
+"""dpo.py as users run it, on a tiny model: step 0 is log 2 with zero rewards, files in the formats people
+download are read, a resumed run with the cached reference continues the losses of an uninterrupted run with a
+frozen copy, LoRA (reference = adapters off) runs end to end, and checkpoints are written as
+always_save_checkpoint says, as in sft.py. The pieces are tested one by one in test_dpo.py."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import checkpoint as ck
 import train_utils as tu
-from lora import load_checkpoint_model
+from conftest import run_script
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
          "请写一首题为《静夜思》的诗。《登鹳雀楼》的作者是谁？李白王之涣", "What is two plus two? It is four."] * 20
 
@@ -27,7 +25,7 @@ def setup(tmp_path_factory):
     tok = Tokenizer(train_tokenizer(iter(TEXTS), str(d / "tok"), 400, num_threads=1, verbose=False))
     args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=None, vocab_size=tok.vocab_size, max_seq_len=64)
     torch.manual_seed(0)
-    tu.save_checkpoint(str(d / "sft.pt"), {"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args,
+    ck.save(str(d / "sft.pt"), {"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args,
                                            "iter_num": 0, "config": {}, "tokenizer": tok.model_path})
     train = [  # the formats of ../shared/data/dpo and TRL's, mixed in one file
         {"prompt": "《静夜思》的作者是谁？", "chosen": "李白。", "rejected": "王之涣。"},
@@ -48,12 +46,10 @@ def setup(tmp_path_factory):
 
 
 def run_dpo(d, out, *extra):
-    args = [sys.executable, "dpo.py", f"--init_ckpt={d / 'sft.pt'}", f"--train_data={d / 'train.jsonl'}",
-            f"--val_data={d / 'val.json'}", f"--out_dir={out}", "--batch_size=2", "--num_threads=1",
-            "--dtype=float32", "--device=cpu", "--learning_rate=1e-3", "--min_lr=1e-3", "--warmup_iters=0",
-            "--eval_interval=2", "--n_samples=1", *extra]
-    p = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    p = run_script("dpo.py", f"--init_ckpt={d / 'sft.pt'}", f"--train_data={d / 'train.jsonl'}",
+                   f"--val_data={d / 'val.json'}", f"--out_dir={out}", "--batch_size=2", "--num_threads=1",
+                   "--dtype=float32", "--device=cpu", "--learning_rate=1e-3", "--min_lr=1e-3", "--warmup_iters=0",
+                   "--eval_interval=2", "--n_samples=1", *extra)
     return p.stdout, tu.read_jsonl(os.path.join(out, "log.jsonl"))
 
 
@@ -81,10 +77,23 @@ def test_step0_log2_metrics_plots(setup, full_run):
     assert "train pairs: {'records': 5, 'kept': 4, 'identical pair': 1" in out
     summary = log[-1]["summary"]
     assert summary["held_out"]["pairs"] == 3 and summary["reference"] == "model"
+    assert summary["train_tokens"] > 0 and summary["tokens_per_sec"] > 0
     for name in ("loss.png", "rewards.png", "ckpt.pt", "samples.json"):
         assert os.path.exists(setup / "full" / name)
+    # always_save_checkpoint (the default) writes at every evaluation after the start, as sft.py does
+    assert [r["iter"] for r in log if "checkpoint" in r] == [2, 4]
+    assert torch.load(setup / "full" / "ckpt.pt", weights_only=True)["config"]["lr_decay_iters"] == 4
 
 
+def test_without_always_save_only_improvements_and_the_end_are_saved(setup, tmp_path):
+    """learning_rate 0: the held-out loss never improves on the first evaluation's, so only the final state is
+    written (test_sft.py checks sft.py the same way)."""
+    _, log = run_dpo(setup, tmp_path, "--max_iters=4", "--learning_rate=0.0", "--min_lr=0.0",
+                     "--always_save_checkpoint=False")
+    assert [r["iter"] for r in log if "checkpoint" in r] == [4]
+
+
+@pytest.mark.slow
 def test_cached_reference_and_resume_match_frozen_copy(setup, full_run):
     """Half the run with cached reference log-probs, then resumed (reading the cache back): the losses of
     the uninterrupted run with a frozen reference copy."""
@@ -105,5 +114,5 @@ def test_lora_reference_adapters_off(setup):
     out, log = run_dpo(setup, setup / "lora", "--max_iters=2", "--lora_rank=4", "--lora_alpha=8.0")
     assert "reference: adapters_off" in out
     assert train_rows(log)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    model, ckpt = load_checkpoint_model(str(setup / "lora" / "ckpt.pt"))
-    assert "lora" in ckpt and os.path.exists(setup / "lora" / "merged.pt")
+    model, ckpt = ck.load_model(str(setup / "lora" / "ckpt.pt"))
+    assert "lora" in ckpt and ckpt["lora_config"]["alpha"] == 8.0 and os.path.exists(setup / "lora" / "merged.pt")

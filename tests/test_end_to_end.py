@@ -3,11 +3,8 @@ train_tokenizer -> data_process -> pretrain (a few iterations) -> eval (samples 
 import json
 import math
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+from conftest import run_script
 
 LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "白日依山尽，黄河入海流。",
          "欲穷千里目，更上一层楼。", "春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。",
@@ -15,9 +12,7 @@ LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故
 
 
 def sh(*args):
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"{args[0]} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout
+    return run_script(*args, timeout=600).stdout
 
 
 def test_tokenizer_data_process_pretrain_eval(tmp_path):

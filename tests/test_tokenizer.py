@@ -2,16 +2,14 @@
 import os
 import pickle
 import random
-import subprocess
-import sys
 
 import pytest
 
+from conftest import run_script
 from tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer
 import tokenizer.train_tokenizer as tt
 from tokenizer.train_tokenizer import MAX_VOCAB, expand_paths, iter_sentences, train_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 600
 
 POEMS = [
@@ -256,10 +254,8 @@ def test_jsonl_training_through_shared_readers(corpus_dir, tmp_path):
 
 def test_cli_trains_with_configurator_overrides(corpus_dir, tmp_path):
     prefix = tmp_path / "cli" / "tok"
-    r = subprocess.run([sys.executable, os.path.join("tokenizer", "train_tokenizer.py"),
-                        f"--input={corpus_dir / 'poems.txt'},{corpus_dir / 'mixed.txt'}",
-                        "--vocab_size=500", f"--model_prefix={prefix}", "--num_threads=1"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script(os.path.join("tokenizer", "train_tokenizer.py"),
+                   f"--input={corpus_dir / 'poems.txt'},{corpus_dir / 'mixed.txt'}",
+                   "--vocab_size=500", f"--model_prefix={prefix}", "--num_threads=1", timeout=60)
     assert "vocab_size 500" in r.stdout and "sample" in r.stdout
     assert Tokenizer(f"{prefix}.model").vocab_size == 500

@@ -1,21 +1,24 @@
 """
 Preference data for dpo.py: build the demo preference set from the chinese-poetry corpus, or count what the
-loaders make of preference files (any of the formats preference_data.py reads).
+loader makes of preference files (any of the formats chat_data/preferences.py reads).
 
-    python dpo_data.py --demo_poetry=data/chinese-poetry --out_dir=out/demo/dpo_data
-    python dpo_data.py --count="../shared/data/dpo/dpo_zh_500.jsonl,../shared/data/dpo/dpo_zh_demo.json"
+    python dpo_data_process.py --demo_poetry=data/chinese-poetry --out_dir=out/demo/dpo_data
+    python dpo_data_process.py --count="../shared/data/dpo/dpo_zh_500.jsonl,../shared/data/dpo/dpo_zh_demo.json"
 
 The demo set: per poem, the poem asked by its title (chosen: the real poem; rejected: its clauses shuffled,
 cut to half, or its first line repeated), its author (rejected: another poet of the set) and the continuation
 of its first line (rejected: a corrupted continuation), with the prompts of sft_data_process.py's demo SFT set.
-Held-out pairs (val.jsonl) come from poems in no training pair. Torch-free.
+Held-out pairs (val.jsonl) come from poems in no training pair; see chat_data.poetry.build_poetry_pairs().
+Torch-free.
 """
 import glob
 import json
 import os
 
+from chat_data.poetry import build_poetry_pairs
+from chat_data.preferences import load_preferences, write_pairs
+from clean_data.readers import ReadErrors
 from configurator import apply_overrides
-from preference_data import build_poetry_pairs, load_preferences, write_pairs
 
 # -----------------------------------------------------------------------------------------------------------
 demo_poetry = ""  # the chinese-poetry corpus (a directory, file or glob clean_data.readers reads)
@@ -31,10 +34,16 @@ count = ""  # comma-separated preference files: print the loaders' counts and ex
 def main():
     if count:
         for path in [p for p in count.split(",") if p]:
-            pairs, counts = load_preferences(path)
-            turns = sum(len(p["prompt"]) for p in pairs) / max(len(pairs), 1)
+            errors = ReadErrors()
+            try:
+                pairs, counts = load_preferences(path, errors)
+            except (OSError, ValueError) as e:  # a missing, empty or unusable file: say which, no traceback
+                raise SystemExit(str(e)) from None
+            turns = sum(len(p["prompt"]) for p in pairs) / len(pairs)
             print(json.dumps({"file": path, **dict(counts), "mean prompt turns": round(turns, 2)},
                              ensure_ascii=False))
+            if errors.count:
+                print(errors.report())
         return
     if not demo_poetry:
         raise SystemExit("nothing to do: give --demo_poetry=... or --count=...")

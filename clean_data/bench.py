@@ -2,8 +2,10 @@
 Benchmark clean_data/ on the chinese-poetry corpus: speed of each dedup stage on bench_docs poems, and
 precision / recall of MinHash and of SimHash against exact Jaccard on the same shingles.
 
-    python bench_clean.py                      # 100k poems, 2 worker processes
-    python bench_clean.py --bench_docs=20000 --full=True     # also the whole pipeline on the whole corpus
+    python -m clean_data.bench                                 # 100k poems, 2 worker processes
+    python -m clean_data.bench --bench_docs=20000 --full=True  # also the whole pipeline on the whole corpus
+
+Run from the repository root (it reads data/chinese-poetry, from `make download`).
 
 Speed: wall-clock docs/s of a stage run alone on the same in-memory documents: signatures in a pool of
 num_workers processes + the sequential index walk (dedup mode: query, then insert the survivors).

@@ -1,0 +1,266 @@
+"""
+SFT conversations: the formats people download parsed into one unified form, the filters, source mixing, and
+the unified file that sft_data_process.py writes and sft.py reads back (load_conversations). Torch-free.
+
+The unified form of one conversation:
+
+    {"messages": [{"role": "user"|"assistant", "content": str}, ...],   # alternating, user first, assistant last
+     "system": str | None, "source": str}                                # source: the file it came from
+
+Input formats, detected per record (parse_record):
+  Alpaca   {"instruction", "input", "output", optional "history": [[q, a], ...], optional "system"}
+  BELLE    {"instruction", "output"}                       (Alpaca without input)
+  ShareGPT {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...], optional "system"}
+  OpenAI   {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (the unified form is one)
+Files are read with clean_data.readers.iter_records (.json, .jsonl, .parquet; .gz too), so every record that
+is skipped, here or by the reader, is counted by reason and named file:line in a ReadErrors.
+"""
+import hashlib
+import json
+import os
+from collections import Counter
+
+from clean_data.readers import ReadErrors, iter_records
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
+class BadRecord(Exception):
+    """reason: a short category (counted), detail: the specifics (shown in the first examples)."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+# ---- parsing ----------------------------------------------------------------------------------------------
+
+def _str(value, what):
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRecord("field not a string", f"{what} is {type(value).__name__}")
+    return value
+
+
+def _turns(items, role_key, content_key, role_map, what):
+    if not isinstance(items, list):
+        raise BadRecord("turns not a list", f"{what} is {type(items).__name__}")
+    out = []
+    for m in items:
+        if not isinstance(m, dict) or role_key not in m:
+            raise BadRecord("turn without a role", f"a {what} item has no {role_key!r}")
+        role = role_map.get(str(m[role_key]).lower())
+        if role is None:
+            raise BadRecord("unknown role", repr(m[role_key]))
+        out.append({"role": role, "content": _str(m.get(content_key), f"{what} {content_key}")})
+    return out
+
+
+def parse_record(rec):
+    """One downloaded record -> (format name, {"system": str|None, "messages": [...]}), the format one of
+    'alpaca', 'belle', 'sharegpt', 'openai'. System turns at the start become the system prompt. Raises
+    BadRecord for a record that fits no format."""
+    if not isinstance(rec, dict):
+        raise BadRecord("not an object", type(rec).__name__)
+    rec = {k: v for k, v in rec.items() if v is not None}  # parquet gives every row every column, null if absent
+    system = _str(rec.get("system"), "system") or None
+    if "messages" in rec:
+        fmt = "openai"
+        msgs = _turns(rec["messages"], "role", "content", {r: r for r in ("system", "user", "assistant")},
+                      "messages")
+    elif "conversations" in rec:
+        fmt = "sharegpt"
+        items = rec["conversations"]
+        keys = ("role", "content") if items and isinstance(items[0], dict) and "from" not in items[0] \
+            else ("from", "value")
+        msgs = _turns(items, keys[0], keys[1], SHAREGPT_ROLES, "conversations")
+    elif "instruction" in rec and ("output" in rec or "response" in rec):
+        fmt = "alpaca" if ("input" in rec or "history" in rec) else "belle"
+        msgs = []
+        history = rec.get("history") or []
+        if not isinstance(history, list):
+            raise BadRecord("bad history", "not a list")
+        for pair in history:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise BadRecord("bad history", "an item is not a [question, answer] pair")
+            msgs += [{"role": "user", "content": _str(pair[0], "history question")},
+                     {"role": "assistant", "content": _str(pair[1], "history answer")}]
+        instruction = _str(rec["instruction"], "instruction")
+        extra = _str(rec.get("input"), "input")
+        question = f"{instruction}\n{extra}" if instruction.strip() and extra.strip() else (instruction + extra)
+        answer = _str(rec.get("output", rec.get("response")), "output")
+        msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    else:
+        raise BadRecord("unknown format", "keys: " + ", ".join(list(rec)[:6]))
+    while msgs and msgs[0]["role"] == "system":
+        first = msgs.pop(0)["content"]
+        system = f"{system}\n{first}" if system else first
+    return fmt, {"system": system or None, "messages": msgs}
+
+
+def check_conversation(conv):
+    """None if the conversation is usable for training, else the reason it is not (a short category)."""
+    msgs = conv["messages"]
+    if not msgs:
+        return "no turns"
+    if any(not m["content"].strip() for m in msgs):
+        return "empty turn"
+    for i, m in enumerate(msgs):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            return "turns do not alternate user/assistant"
+    if msgs[-1]["role"] != "assistant":
+        return "does not end with an assistant turn"
+    return None
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+
+def _parsed_records(path, errors):
+    """(line, record, format, conversation) for every record of the file that parse_record takes; the others
+    are reported to errors as file:line."""
+    for line, rec in iter_records(path, errors):
+        try:
+            fmt, conv = parse_record(rec)
+        except BadRecord as e:
+            errors.add(str(path), line, e.reason, e.detail)
+            continue
+        yield line, rec, fmt, conv
+
+
+def read_raw_conversations(path, errors, formats):
+    """Unified conversations of one downloaded file, unfiltered, each with "source" (the file's name) and
+    "line". Records that fit no format are reported to errors (a ReadErrors) as file:line; the formats found
+    are counted in the Counter `formats`."""
+    source = os.path.basename(str(path))
+    for line, _, fmt, conv in _parsed_records(path, errors):
+        formats[fmt] += 1
+        conv["source"] = source
+        conv["line"] = line
+        yield conv
+
+
+def load_conversations(path, errors=None):
+    """The conversations of a unified file (what sft_data_process.py writes: .jsonl or .parquet; a file in any
+    format parse_record knows reads too): a list of {"messages": [...], "system": str | None, "source": str}.
+    A record that is not a usable conversation (malformed, empty turn, turns that do not alternate ...) is
+    skipped and reported to errors (a ReadErrors, created if None) as file:line. Raises ValueError naming the
+    file when it holds no usable conversation; FileNotFoundError, IsADirectoryError or ValueError for a path
+    that is not a readable file of a supported type."""
+    errors = ReadErrors() if errors is None else errors
+    skipped_before = errors.count
+    convs = []
+    for line, rec, _, conv in _parsed_records(path, errors):
+        reason = check_conversation(conv)
+        if reason:
+            errors.add(str(path), line, reason)
+            continue
+        source = rec.get("source") if isinstance(rec.get("source"), str) else ""
+        convs.append({"messages": conv["messages"], "system": conv["system"], "source": source})
+    if not convs:
+        raise nothing_usable(path, "conversation", errors, errors.count - skipped_before)
+    return convs
+
+
+def nothing_usable(path, what, errors, skipped):
+    """The ValueError for a file that gave no usable `what`: it names the file, how many records were skipped
+    and the first of them (file:line: reason) that errors (a ReadErrors) still holds."""
+    if not skipped:
+        return ValueError(f"{path}: no {what} in it (the file holds no records)")
+    examples = [e for e in errors.examples if e.startswith(f"{path}:")][:3]
+    return ValueError(f"{path}: no usable {what}: {skipped} records skipped" +
+                      (", e.g. " + "; ".join(examples) if examples else ""))
+
+
+# ---- filters ----------------------------------------------------------------------------------------------
+
+def conversation_length(tok, conv):
+    """Tokens of the conversation after the chat template (tok: a tokenizer.Tokenizer)."""
+    from tokenizer.chat_template import encode_conversation
+    return len(encode_conversation(tok, conv["messages"], conv["system"])[0])
+
+
+def fit_length(tok, conv, limit, mode):
+    """conv if it fits limit tokens; with mode 'truncate' the longest prefix of whole user/assistant
+    exchanges that fits; None if nothing fits (or mode is 'drop'). Returns (conv or None, truncated)."""
+    if conversation_length(tok, conv) <= limit:
+        return conv, False
+    if mode != "truncate":
+        return None, False
+    msgs = conv["messages"]
+    for n in range(len(msgs) - 2, 0, -2):
+        cut = dict(conv, messages=msgs[:n])
+        if conversation_length(tok, cut) <= limit:
+            return cut, True
+    return None, False
+
+
+def conversation_key(conv):
+    """Hex digest of the system prompt and turns: equal for exact duplicates whatever their source."""
+    blob = json.dumps([conv["system"], conv["messages"]], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+class Filter:
+    """Applies the filters in order (usable turns, exact duplicates, length in tokens when tok and limit are
+    given), counting each reason in .counts; calling it returns the conversation kept (maybe truncated) or
+    None."""
+
+    def __init__(self, tok=None, limit=0, mode="drop", dedup=True):
+        self.tok, self.limit, self.mode, self.dedup = tok, limit, mode, dedup
+        self.counts = Counter()
+        self.seen = set()
+
+    def __call__(self, conv):
+        reason = check_conversation(conv)
+        if reason:
+            self.counts[reason] += 1
+            return None
+        if self.dedup:
+            key = conversation_key(conv)
+            if key in self.seen:
+                self.counts["exact duplicate"] += 1
+                return None
+            self.seen.add(key)
+        if self.tok is not None and self.limit:
+            conv, truncated = fit_length(self.tok, conv, self.limit, self.mode)
+            if conv is None:
+                self.counts[f"longer than {self.limit} tokens (dropped)"] += 1
+                return None
+            if truncated:
+                self.counts[f"longer than {self.limit} tokens (truncated, kept)"] += 1
+        self.counts["kept"] += 1
+        return conv
+
+
+def mix(sources, ratios, rng):
+    """sources: list of lists. ratio r keeps floor(r) copies of each list plus a random (r - floor r) part."""
+    out = []
+    for convs, r in zip(sources, ratios):
+        whole = int(r)
+        out += convs * whole
+        frac = r - whole
+        if frac > 0:
+            out += rng.sample(convs, round(frac * len(convs)))
+    return out
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+
+def write_conversations(path, convs, fmt):
+    """The conversations in the unified form, as JSONL (fmt 'jsonl') or parquet ('parquet'), written to a
+    temporary file first and renamed, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows = [{"messages": c["messages"], "system": c.get("system"), "source": c.get("source", "")} for c in convs]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

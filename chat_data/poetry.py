@@ -1,0 +1,217 @@
+"""
+The demo chat data built from the chinese-poetry corpus' own metadata (titles, authors, lines), so the demo
+needs no other download, and the one rule for a well-formed regular poem that picks their poems and that
+eval.py scores the model's poems by. Torch-free.
+
+  well_formed_poem / poem_clauses  the rule: 4 or 8 clauses of 5 or 7 characters, all of one length, every
+                                   line ending with 。？！ (绝句 and 律诗 as the corpus writes them)
+  build_poetry_demo                SFT conversations and held-out questions (sft_data_process.py --demo_poetry)
+  build_poetry_pairs, corrupt      DPO pairs: the real poem against a corrupted one, the right author against
+                                   a wrong one (dpo_data_process.py --demo_poetry)
+Both sets ask with the same prompts (ASK_POEM, ASK_AUTHOR, ASK_CONTINUE), so a model tuned on one is asked
+the questions it knows by the other.
+"""
+import random
+import re
+from collections import Counter
+
+from clean_data.readers import iter_documents
+
+CLAUSE_MARKS = "，。？！；、,.?!;"  # what ends a clause
+LINE_END = "。？！"  # what ends a line of a well-formed poem
+CLAUSE_SPLIT = re.compile(f"[{CLAUSE_MARKS}]")
+CLAUSE = re.compile(f"[^{CLAUSE_MARKS}]+[{CLAUSE_MARKS}]")  # a clause and the mark that ends it
+
+DEMO_SYSTEM = "你是一位熟读古典诗词的助手。"
+ASK_POEM = "请写一首题为《{title}》的诗。"
+ASK_AUTHOR = "《{title}》的作者是谁？"
+TELL_AUTHOR = "《{title}》的作者是{author}。"
+ASK_CONTINUE = "续写：{line}"
+ASK_AUTHOR_AFTER = "这首诗的作者是谁？"  # the second turn, after the poem
+
+
+# ---- the rule -----------------------------------------------------------------------------------------------
+
+def well_formed_poem(text):
+    """True for a regular 5- or 7-character poem: 4 or 8 clauses (text between the marks of CLAUSE_MARKS) all
+    of one length, 5 or 7 characters, and every non-empty line ending with 。？！. text: the poem's lines
+    joined with "\\n" (no title or author line)."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    if not lines or any(line[-1] not in LINE_END for line in lines):
+        return False
+    clauses = [c for c in CLAUSE_SPLIT.split("".join(lines)) if c]
+    return len(clauses) in (4, 8) and len({len(c) for c in clauses}) == 1 and len(clauses[0]) in (5, 7)
+
+
+def poem_clauses(text):
+    """The clauses of a well-formed poem (well_formed_poem), each with the mark that ends it, in order, e.g.
+    ["床前明月光，", "疑是地上霜。", ...]; None when the poem is not well-formed. A stray mark the rule passes
+    over (a doubled "？。", a line that is only "。") is left out, so the clauses rebuild a clean poem."""
+    if not well_formed_poem(text):
+        return None
+    return CLAUSE.findall("".join(line for line in text.split("\n") if line.strip()))
+
+
+def poem_lines(doc):
+    """The body lines of a chinese-poetry document from clean_data.readers (its title and author lines,
+    which the readers put first, removed; empty lines dropped)."""
+    lines = doc["text"].split("\n")
+    if doc.get("title") and lines and lines[0] == doc["title"]:
+        lines = lines[1:]
+    if doc.get("author") and lines and lines[0] == doc["author"]:
+        lines = lines[1:]
+    return [line for line in lines if line.strip()]
+
+
+def lines_of(clauses):
+    """Two clauses a line, as the corpus (and the SFT demo set) writes regular poems."""
+    return ["".join(clauses[i:i + 2]) for i in range(0, len(clauses), 2)]
+
+
+def _one_turn(question, answer, system=None):
+    return {"system": system, "messages": [{"role": "user", "content": question},
+                                           {"role": "assistant", "content": answer}]}
+
+
+# ---- the SFT demo set -----------------------------------------------------------------------------------------
+
+def build_poetry_demo(path, max_poems, eval_poems, seed, errors):
+    """Conversations from the corpus' metadata, train and held-out, plus evaluation questions:
+      请写一首题为《X》的诗。 -> the poem;  《X》的作者是谁？ -> 《X》的作者是Y。 (titles with one author only);
+      续写：first line -> the other lines;  two-turn: write the poem, then 这首诗的作者是谁？
+    path: anything clean_data.readers.iter_documents reads; errors: the ReadErrors its skips go to. Of the
+    well-formed poems with a title of at most 12 characters and an author, one per title, max_poems are
+    picked with seed and the first eval_poems of them held out: they appear in no training conversation.
+    Returns (train conversations, held-out conversations, questions, stats)."""
+    docs, title_authors = [], {}
+    for doc in iter_documents([path], errors=errors):
+        title, author = doc.get("title"), doc.get("author")
+        if not title or not author or len(title) > 12:
+            continue
+        lines = poem_lines(doc)
+        if not well_formed_poem("\n".join(lines)):
+            continue
+        title_authors.setdefault(title, set()).add(author)
+        docs.append({"title": title, "author": author, "lines": lines})
+    # one poem per title (a title written by several authors would make the author question ambiguous)
+    by_title = {}
+    for d in docs:
+        by_title.setdefault(d["title"], d)
+    unique = [d for t, d in sorted(by_title.items()) if len(title_authors[t]) == 1]
+    rng = random.Random(seed)
+    rng.shuffle(unique)
+    chosen = unique[:max_poems]
+    held, train = chosen[:eval_poems], chosen[eval_poems:]
+
+    def convs(d, k):
+        t, a, body = d["title"], d["author"], "\n".join(d["lines"])
+        q_poem, q_author = ASK_POEM.format(title=t), ASK_AUTHOR.format(title=t)
+        a_author = TELL_AUTHOR.format(title=t, author=a)
+        out = [_one_turn(q_poem, body), _one_turn(q_author, a_author, DEMO_SYSTEM if k % 4 == 0 else None)]
+        if len(d["lines"]) >= 2:
+            out.append(_one_turn(ASK_CONTINUE.format(line=d["lines"][0]), "\n".join(d["lines"][1:])))
+        if k % 3 == 0:
+            out.append({"system": None, "messages": [
+                {"role": "user", "content": q_poem}, {"role": "assistant", "content": body},
+                {"role": "user", "content": ASK_AUTHOR_AFTER}, {"role": "assistant", "content": a_author}]})
+        for c in out:
+            c["source"] = "chinese-poetry-demo"
+        return out
+
+    train_convs = [c for k, d in enumerate(train) for c in convs(d, k)]
+    val_convs = [c for k, d in enumerate(held) for c in convs(d, k)]
+    questions = []
+    for d in held:
+        questions.append({"kind": "author", "question": ASK_AUTHOR.format(title=d["title"]),
+                          "reference": TELL_AUTHOR.format(title=d["title"], author=d["author"]),
+                          "author": d["author"]})
+        questions.append({"kind": "poem", "question": ASK_POEM.format(title=d["title"]),
+                          "reference": "\n".join(d["lines"])})
+    return train_convs, val_convs, questions, {"regular poems found": len(docs), "unique titles": len(unique),
+                                                "demo poems train": len(train), "demo poems held out": len(held)}
+
+
+# ---- the DPO demo set -----------------------------------------------------------------------------------------
+
+def corrupt(clauses, kind, rng, skip=0):
+    """A plausible-looking but wrong poem: 'shuffled' clause order, 'truncated' to half, or the first
+    line 'repeated'. Punctuation is re-set so only the content gives it away. With skip=2 (a continuation
+    after the first line): the rest shuffled, cut to half, or the first line repeated in its place.
+    clauses: poem_clauses() of a poem; rng: a random.Random. Returns the text, lines joined with "\\n"."""
+    if skip:
+        rest = clauses[skip:]
+        if kind == "repeated":
+            return "\n".join(lines_of(clauses[:2] * (len(rest) // 2)))
+        return corrupt(rest, kind, rng)
+    if kind == "shuffled":
+        order = list(range(len(clauses)))
+        while order == sorted(order):
+            rng.shuffle(order)
+        texts = [clauses[i][:-1] for i in order]
+        out = [t + ("，" if k % 2 == 0 else "。") for k, t in enumerate(texts)]
+    elif kind == "truncated":
+        out = clauses[:max(2, len(clauses) // 4 * 2)]  # whole lines: 8 clauses -> 4, 4 or 6 -> 2
+    elif kind == "repeated":
+        out = clauses[:2] * (len(clauses) // 2)
+    else:
+        raise ValueError(kind)
+    return "\n".join(lines_of(out))
+
+
+def build_poetry_pairs(paths, n_poems=2000, n_val=100, seed=0, max_docs=0):
+    """(train pairs, held-out pairs, stats) from chinese-poetry files (any path clean_data.readers reads).
+    Per poem: the poem asked by title (chosen the real one, rejected a corrupted one), its author (rejected
+    a wrong author), and the continuation of its first line (rejected a corrupted continuation). The first
+    well-formed poem of each title is used; n_poems of them picked with seed, the first n_val held out: the
+    held-out pairs come from poems that appear in no training pair. max_docs > 0 stops reading after that
+    many documents. Raises ValueError when the poems are by fewer than two authors."""
+    poems, seen, n_docs = [], set(), 0
+    for doc in iter_documents(paths):
+        n_docs += 1
+        if max_docs and n_docs > max_docs:
+            break
+        title, author = doc.get("title"), doc.get("author")
+        if not title or not author or len(title) > 12 or title in seen:
+            continue
+        clauses = poem_clauses("\n".join(poem_lines(doc)))
+        if clauses is None:
+            continue
+        seen.add(title)
+        poems.append({"title": title, "author": author, "clauses": clauses})
+    rng = random.Random(seed)
+    rng.shuffle(poems)
+    poems = poems[:n_poems]
+    authors = sorted({p["author"] for p in poems})
+    if len(authors) < 2:
+        raise ValueError("need poems by at least two authors")
+
+    def pairs_of(p, k):
+        t, a, cl = p["title"], p["author"], p["clauses"]
+        body = "\n".join(lines_of(cl))
+        kind = ("shuffled", "truncated", "repeated")[k % 3]
+        wrong = a
+        while wrong == a:
+            wrong = rng.choice(authors)
+        user = lambda q: [{"role": "user", "content": q}]
+        first, rest = lines_of(cl)[0], "\n".join(lines_of(cl)[1:])
+        rest_bad = corrupt(cl, kind, rng, skip=2) if len(cl) > 4 or kind != "truncated" \
+            else corrupt(cl, "repeated", rng, skip=2)
+        out = [
+            {"system": None, "prompt": user(ASK_POEM.format(title=t)), "chosen": body,
+             "rejected": corrupt(cl, kind, rng), "kind": f"poem/{kind}"},
+            {"system": None, "prompt": user(ASK_AUTHOR.format(title=t)),
+             "chosen": TELL_AUTHOR.format(title=t, author=a), "rejected": TELL_AUTHOR.format(title=t, author=wrong),
+             "kind": "author"},
+        ]
+        if rest and rest_bad and rest != rest_bad:
+            out.append({"system": None, "prompt": user(ASK_CONTINUE.format(line=first)), "chosen": rest,
+                        "rejected": rest_bad, "kind": "continue"})
+        return out
+
+    val = [x for k, p in enumerate(poems[:n_val]) for x in pairs_of(p, k)]
+    train = [x for k, p in enumerate(poems[n_val:]) for x in pairs_of(p, k)]
+    rng.shuffle(train)
+    stats = {"documents read": n_docs, "regular poems": len(seen), "poems used": len(poems),
+             "held-out poems": min(n_val, len(poems)), "train pairs": len(train), "held-out pairs": len(val),
+             "kinds": dict(Counter(x["kind"] for x in train))}
+    return train, val, stats

@@ -1,0 +1,215 @@
+"""
+Checkpoints, for every training script (pretrain.py, sft.py, dpo.py and those to come), in one place: what a
+checkpoint holds, how it is written (atomically) and read (weights only, never code), how a model comes back
+from any of them, how a run resumes, and what a resumed run may change.
+
+A checkpoint is one dict saved with torch.save:
+
+    model_args        ModelArgs as a dict: the architecture, including max_seq_len
+    model             the full state_dict                 } one or the other: a LoRA run saves only its
+    lora, lora_config the adapter tensors; rank, alpha,   } adapters, on top of the weights of base_ckpt
+    base_ckpt         dropout, targets; the base's path   }
+    iter_num, best_val_loss, optimizer, scaler, rng     what resuming needs (rng: one state per process)
+    config            the hyperparameters as the run used them (derived values such as lr_decay_iters filled in)
+    init_ckpt         fine-tuning: the checkpoint the run started from
+    tokenizer, tokenizer_sha256, data                   where the tokens came from
+
+merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
+"""
+import os
+
+import torch
+
+from lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from model import ModelArgs, Transformer
+import train_utils as tu
+
+# what a resumed run takes from its checkpoint and may not change: the model's shape (pretraining) and, for
+# fine-tuning, the starting weights, the context length and the adapters' shape
+ARCHITECTURE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                     "norm_eps", "max_seq_len", "tie_embeddings", "rope_theta")
+FINETUNE_KEYS = ("init_ckpt", "max_seq_len", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+# ---- files ------------------------------------------------------------------------------------------------
+
+def save(path, state):
+    """torch.save(state) through a temp file and a rename: a killed save never leaves half a checkpoint."""
+    tu.atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load(path, device="cpu"):
+    """The checkpoint dict at path, tensors on device. Raises FileNotFoundError naming the path.
+    weights_only: a checkpoint is data, never code."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def training_state(model, optimizer, scaler, rngs, **fields):
+    """The dict a training run saves: the adapters only when the model carries LoRA (apply_lora sets
+    model.lora_config; base_ckpt = fields["init_ckpt"]), else the full weights; plus the optimizer, the loss
+    scaler, every process's RNG state and the given fields (model_args, iter_num, best_val_loss, config, ...)."""
+    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+             "rng": rngs, **fields}
+    if getattr(model, "lora_config", None):
+        state.update(lora=lora_state_dict(model), lora_config=dict(model.lora_config), base_ckpt=fields["init_ckpt"])
+    else:
+        state["model"] = model.state_dict()
+    return state
+
+
+def save_training(path, run, model, optimizer, scaler, log=None, **fields):
+    """Save a training run's checkpoint (training_state) from the master process, and note it in the run's
+    JSONL log ({"iter", "checkpoint": path}). A collective: every process calls it, since each contributes its
+    RNG state (dropout masks differ per process)."""
+    rngs = tu.gather_rng_states(run)
+    if run.master:
+        save(path, training_state(model, optimizer, scaler, rngs, **fields))
+        if log is not None:
+            log.write(iter=fields.get("iter_num"), checkpoint=path)
+
+
+def save_merged(path, model, **fields):
+    """LoRA: fold the adapters into the weights (in place: the model is plain afterwards) and save a plain
+    checkpoint {"model", **fields} that eval.py, export and serving read like any pretraining checkpoint."""
+    merge_lora(model)
+    save(path, {"model": model.state_dict(), **fields})
+
+
+# ---- models from checkpoints ------------------------------------------------------------------------------
+
+def base_path(ckpt, path):
+    """Where a LoRA checkpoint's base weights are: the path it names, or the file of that name beside it (a
+    run folder moved or copied elsewhere keeps working)."""
+    base = ckpt["base_ckpt"]
+    if not os.path.exists(base):
+        base = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(base))
+    return base
+
+
+def load_model(path, device="cpu", merge=True):
+    """A Transformer from any checkpoint this project writes: a full one ("model") or a LoRA one (adapters on
+    top of the base checkpoint it names, itself full or LoRA). With merge the adapters are folded into the
+    weights, so the model is a plain Transformer; without, it keeps LoRALinear layers. Returns (model on
+    device, the checkpoint dict). Raises FileNotFoundError naming a missing file."""
+    ckpt = load(path, device)
+    if "lora" not in ckpt:
+        model = Transformer(ModelArgs(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device), ckpt
+    model, _ = load_model(base_path(ckpt, path), device)
+    cfg = ckpt["lora_config"]
+    apply_lora(model, cfg["rank"], cfg["alpha"], 0.0, cfg["targets"])
+    load_lora_state_dict(model, ckpt["lora"])
+    if merge:
+        merge_lora(model)
+    return model.to(device), ckpt
+
+
+def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=0.0, lora_rank=0,
+                   lora_alpha=16.0, lora_dropout=0.0, lora_targets="wq,wk,wv,wo,w1,w2,w3"):
+    """The model a fine-tuning run (sft.py, dpo.py) trains: the weights of init_ckpt (a LoRA checkpoint comes
+    back merged) in its architecture with this run's context length (max_seq_len; 0 = the checkpoint's) and
+    dropout, LoRA adapters when lora_rank > 0 (seeded: the same initial adapters on every process), and a
+    resumed run's weights or adapters (resume_ckpt, a checkpoint dict, or None) on top.
+    Returns (model on device, model_args, the starting weights' state dict, the init checkpoint dict)."""
+    base, init = load_model(init_ckpt, device)
+    model_args = dict(init["model_args"], max_seq_len=max_seq_len or init["model_args"]["max_seq_len"],
+                      dropout=dropout)
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**model_args))
+    start_state = base.state_dict()
+    model.load_state_dict(start_state)
+    del base
+    if resume_ckpt is not None and "model" in resume_ckpt:
+        model.load_state_dict(resume_ckpt["model"])
+    if lora_rank:
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        if resume_ckpt is not None:
+            load_lora_state_dict(model, resume_ckpt["lora"])
+    return model.to(device), model_args, start_state, init
+
+
+# ---- resuming ---------------------------------------------------------------------------------------------
+
+def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys):
+    """A script's resume step. init_from must be `start` (a new run: returns None) or 'resume': then the
+    checkpoint at ckpt_path is loaded and returned, and the script's globals g take the settings named in keys
+    from it (resume_config). Raises SystemExit for any other init_from."""
+    if init_from == start:
+        return None
+    if init_from != "resume":
+        raise SystemExit(f"init_from must be {start!r} or 'resume', not {init_from!r}")
+    ckpt = load(ckpt_path, device)
+    g.update(resume_config(ckpt, {k: g[k] for k in config_keys}, changed, keys))
+    return ckpt
+
+
+def resume_config(ckpt, config, changed, keys):
+    """The config of a resumed run: the settings named in keys come from the checkpoint's config (the run
+    continues with the model, adapters and context it has), the others from this run (learning rate, batch
+    size, max_iters... may change). changed: the keys the command line or a config file set (what
+    configurator.apply_overrides returns). Raises SystemExit when one of them asks for another value of a key
+    the checkpoint decides, rather than ignoring the request silently."""
+    saved = ckpt["config"]
+    conflicts = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in keys
+                 if k in changed and k in saved and config[k] != saved[k]]
+    if conflicts:
+        raise SystemExit("a resumed run keeps its checkpoint's " + ", ".join(k for k in keys if k in saved) +
+                         "; cannot change " + "; ".join(conflicts) +
+                         ". Start a new run (another out_dir) to change them.")
+    return dict(config, **{k: saved[k] for k in keys if k in saved})
+
+
+def restore_training_state(ckpt, optimizer, scaler, run, seed, iter_num):
+    """Resuming (ckpt a checkpoint dict): the optimizer, the loss scaler and this process's RNG state. Starting
+    (ckpt None): seed each process differently (dropout masks must differ across processes). A checkpoint from
+    another number of processes cannot give each its own state, so the RNG is reseeded deterministically."""
+    if ckpt is None:
+        torch.manual_seed(seed + run.rank)
+        return
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt["rng"]
+    if len(states) == run.world_size:
+        tu.set_rng_state(states[run.rank])
+    else:
+        torch.manual_seed(seed + run.rank + iter_num)
+        if run.master:
+            print(f"note: checkpoint had {len(states)} process(es), now {run.world_size}: RNG reseeded")
+
+
+class Keeper:
+    """When a training loop evaluates and writes its checkpoint, the same way in every script. Evaluate every
+    eval_interval iterations and at the last one, but not again at the iteration a resumed run starts from
+    (the run it continues evaluated there). Save after an evaluation when the validation loss improved on the
+    best so far (or at every evaluation, with always_save_checkpoint), and at the end when the last state is
+    not saved yet; never at the iteration the run started from (nothing new to save)."""
+
+    def __init__(self, ckpt, eval_interval, always_save_checkpoint):
+        """ckpt: the checkpoint a resumed run continues, None for a new run."""
+        self.resumed = ckpt is not None
+        self.start_iter = ckpt["iter_num"] if self.resumed else 0
+        self.best_val_loss = ckpt["best_val_loss"] if self.resumed else float("inf")
+        self.eval_interval, self.always = eval_interval, always_save_checkpoint
+        self.saved_at = None
+
+    def eval_due(self, iter_num, last):
+        return (iter_num % self.eval_interval == 0 or last) and not (self.resumed and iter_num == self.start_iter)
+
+    def after_eval(self, iter_num, val_loss, save):
+        """Record an evaluation's loss and call save() when the checkpoint is due."""
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        self._save_if(iter_num, improved or self.always, save)
+
+    def at_end(self, iter_num, save):
+        """Call save() when the final state is not written yet (so init_from=resume can continue it)."""
+        self._save_if(iter_num, self.saved_at != iter_num, save)
+
+    def _save_if(self, iter_num, wanted, save):
+        if wanted and iter_num > self.start_iter:
+            self.saved_at = iter_num
+            save()

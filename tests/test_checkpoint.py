@@ -1,0 +1,138 @@
+"""checkpoint.py and the loop helpers of train_utils, one by one: atomic writes, the adapter-or-full choice,
+models back from any checkpoint (a LoRA one whose folder moved included), what a resumed run takes from its
+checkpoint and refuses to change, when a loop evaluates and saves, and training time without evaluation time."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import checkpoint as ck
+import train_utils as tu
+from lora import apply_lora, lora_state_dict
+from model import ModelArgs, Transformer
+
+ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16)
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**ARGS))
+
+
+def test_save_is_atomic_and_load_names_a_missing_file(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    ck.save(path, {"iter_num": 1})
+
+    def killed(tmp):  # a save that dies half-way
+        open(tmp, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tu.atomic_write(path, killed)
+    assert ck.load(path)["iter_num"] == 1  # the good checkpoint is untouched
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temp file is left behind
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        ck.load(str(tmp_path / "nope.pt"))
+
+
+def test_training_state_holds_adapters_only_for_lora():
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    full = ck.training_state(model, opt, scaler, [tu.rng_state()], iter_num=3, init_ckpt="base.pt")
+    assert "model" in full and "lora" not in full and full["iter_num"] == 3
+    apply_lora(model, rank=2, alpha=4.0, targets="wq,wv")
+    lora = ck.training_state(model, opt, scaler, [tu.rng_state()], iter_num=3, init_ckpt="base.pt")
+    assert "model" not in lora and lora["base_ckpt"] == "base.pt"
+    assert set(lora["lora"]) == set(lora_state_dict(model)) and all("lora_" in k for k in lora["lora"])
+    assert lora["lora_config"] == {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["wq", "wv"]}
+
+
+def test_load_model_merges_a_lora_checkpoint_whose_folder_moved(tmp_path):
+    base = tiny()
+    ck.save(str(tmp_path / "run" / "base.pt"), {"model": base.state_dict(), "model_args": ARGS})
+    adapted = apply_lora(tiny(), rank=2, alpha=4.0, targets="wq,w2")
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # a trained adapter changes the outputs
+    ck.save(str(tmp_path / "run" / "ckpt.pt"), {"lora": lora_state_dict(adapted), "model_args": ARGS,
+                                                "lora_config": adapted.lora_config,
+                                                "base_ckpt": str(tmp_path / "run" / "base.pt")})
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # base_ckpt now names a path that is gone
+    model, ckpt = ck.load_model(str(tmp_path / "moved" / "ckpt.pt"))
+    assert not any("lora_" in k for k in model.state_dict())  # merged: a plain Transformer
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], adapted(x)[0], atol=1e-5)
+        assert not torch.allclose(model(x)[0], base(x)[0], atol=1e-3)
+
+
+def test_resume_config_takes_locked_keys_from_the_checkpoint_and_refuses_changes():
+    ckpt = {"config": {"lora_rank": 4, "lora_alpha": 4.0, "lora_targets": "wq,wv", "max_seq_len": 48,
+                       "learning_rate": 1e-3}}
+    now = {"lora_rank": 0, "lora_alpha": 16.0, "lora_targets": "wq,wk,wv,wo,w1,w2,w3", "max_seq_len": 0,
+           "learning_rate": 5e-4}
+    keys = ("lora_rank", "lora_alpha", "lora_targets", "max_seq_len")
+    got = ck.resume_config(ckpt, now, changed=["learning_rate"], keys=keys)
+    assert got == dict(ckpt["config"], learning_rate=5e-4)  # the schedule may change, the adapters may not
+    same = ck.resume_config(ckpt, dict(now, lora_alpha=4.0), changed=["lora_alpha"], keys=keys)
+    assert same["lora_alpha"] == 4.0  # repeating the checkpoint's value is fine
+    with pytest.raises(SystemExit, match=r"lora_alpha=32.0 \(checkpoint: 4.0\)"):
+        ck.resume_config(ckpt, dict(now, lora_alpha=32.0), changed=["lora_alpha"], keys=keys)
+    with pytest.raises(SystemExit, match="init_from must be 'scratch' or 'resume'"):
+        ck.resume("pretrain", "scratch", "x.pt", "cpu", {}, [], [], keys)
+    assert ck.resume("scratch", "scratch", "x.pt", "cpu", {}, [], [], keys) is None
+
+
+def test_finetune_model_resumes_the_adapters_on_the_starting_weights(tmp_path):
+    ck.save(str(tmp_path / "base.pt"), {"model": tiny().state_dict(), "model_args": ARGS})
+    model, args, start, _ = ck.finetune_model(str(tmp_path / "base.pt"), None, "cpu", seed=1, max_seq_len=12,
+                                              lora_rank=2, lora_alpha=4.0, lora_targets="wq")
+    assert args["max_seq_len"] == 12 and model.lora_config["alpha"] == 4.0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(p)
+    saved = {"lora": lora_state_dict(model)}
+    again, _, _, _ = ck.finetune_model(str(tmp_path / "base.pt"), saved, "cpu", seed=2, max_seq_len=12,
+                                       lora_rank=2, lora_alpha=4.0, lora_targets="wq")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    assert set(start) == set(tiny().state_dict())  # the starting weights, plain names (the DPO reference)
+
+
+def test_keeper_evaluates_and_saves_the_same_way_for_every_script():
+    def run(keeper, iters, losses, eval_every):
+        saved, evaluated = [], []
+        for it in iters:
+            last = it == iters[-1]
+            if keeper.eval_due(it, last):
+                evaluated.append(it)
+                keeper.after_eval(it, losses[it], lambda: saved.append(it))
+            if last:
+                keeper.at_end(it, lambda: saved.append(it))
+        return evaluated, saved
+
+    losses = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 7: 3.0}
+    assert run(ck.Keeper(None, 2, True), range(8), losses, 2) == ([0, 2, 4, 6, 7], [2, 4, 6, 7])
+    # without always_save_checkpoint: improvements only (2: 4.0 < 5.0; 4 and 6 are worse than 4.0), then the end
+    assert run(ck.Keeper(None, 2, False), range(8), losses, 2) == ([0, 2, 4, 6, 7], [2, 7])
+    losses[7] = 9.0  # the end is saved even when it is no improvement
+    assert run(ck.Keeper(None, 2, False), range(8), losses, 2) == ([0, 2, 4, 6, 7], [2, 7])
+    # resumed at 4 with best 4.0: no evaluation or save at 4 itself
+    resumed = ck.Keeper({"iter_num": 4, "best_val_loss": 4.0}, 2, False)
+    assert run(resumed, range(4, 8), {6: 4.2, 7: 3.5}, 2) == ([6, 7], [7])
+    assert resumed.best_val_loss == 3.5
+
+
+def test_step_timer_counts_training_time_only():
+    now = [100.0]
+    timer = tu.StepTimer(clock=lambda: now[0])
+    now[0] += 2.0
+    assert timer.lap(1000) == 2.0
+    now[0] += 30.0  # an evaluation
+    timer.skip()
+    now[0] += 3.0
+    assert timer.lap(500) == 3.0
+    assert (timer.seconds, timer.tokens) == (5.0, 1500)
+    assert tu.throughput(timer, "cpu")["tokens_per_sec"] == 300.0
+    assert not timer.out_of_time(0) and not timer.out_of_time(1.0) and timer.out_of_time(0.5)  # 35 s in
