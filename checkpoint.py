@@ -16,6 +16,7 @@ A checkpoint is one dict saved with torch.save:
 
 merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
 """
+import math
 import os
 
 import torch
@@ -57,17 +58,6 @@ def training_state(model, optimizer, scaler, rngs, **fields):
     else:
         state["model"] = model.state_dict()
     return state
-
-
-def save_training(path, run, model, optimizer, scaler, log=None, **fields):
-    """Save a training run's checkpoint (training_state) from the master process, and note it in the run's
-    JSONL log ({"iter", "checkpoint": path}). A collective: every process calls it, since each contributes its
-    RNG state (dropout masks differ per process)."""
-    rngs = tu.gather_rng_states(run)
-    if run.master:
-        save(path, training_state(model, optimizer, scaler, rngs, **fields))
-        if log is not None:
-            log.write(iter=fields.get("iter_num"), checkpoint=path)
 
 
 def save_merged(path, model, **fields):
@@ -162,16 +152,20 @@ def resume_config(ckpt, config, changed, keys):
     return dict(config, **{k: saved[k] for k in keys if k in saved})
 
 
-def restore_training_state(ckpt, optimizer, scaler, run, seed, iter_num):
-    """Resuming (ckpt a checkpoint dict): the optimizer, the loss scaler and this process's RNG state. Starting
-    (ckpt None): seed each process differently (dropout masks must differ across processes). A checkpoint from
-    another number of processes cannot give each its own state, so the RNG is reseeded deterministically."""
+def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, betas):
+    """The AdamW optimizer of the model's trainable parameters (model.configure_optimizers), and the RNG.
+    Resuming (ckpt a checkpoint dict): the optimizer, the loss scaler (run.scaler) and this process's RNG state
+    come back. Starting (ckpt None): each process is seeded differently (dropout masks must differ across
+    processes). A checkpoint from another number of processes cannot give each its own state, so the RNG is
+    then reseeded deterministically. Returns the optimizer."""
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type)
     if ckpt is None:
         torch.manual_seed(seed + run.rank)
-        return
+        return optimizer
     optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(ckpt["scaler"])
+    iter_num = ckpt["iter_num"]
+    if ckpt.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(ckpt["scaler"])
     states = ckpt["rng"]
     if len(states) == run.world_size:
         tu.set_rng_state(states[run.rank])
@@ -179,37 +173,63 @@ def restore_training_state(ckpt, optimizer, scaler, run, seed, iter_num):
         torch.manual_seed(seed + run.rank + iter_num)
         if run.master:
             print(f"note: checkpoint had {len(states)} process(es), now {run.world_size}: RNG reseeded")
+    return optimizer
 
 
-class Keeper:
-    """When a training loop evaluates and writes its checkpoint, the same way in every script. Evaluate every
-    eval_interval iterations and at the last one, but not again at the iteration a resumed run starts from
-    (the run it continues evaluated there). Save after an evaluation when the validation loss improved on the
-    best so far (or at every evaluation, with always_save_checkpoint), and at the end when the last state is
-    not saved yet; never at the iteration the run started from (nothing new to save)."""
+class Checkpointer:
+    """A training run's checkpoint, the same way in every script: where it is written (path), what goes in it
+    (training_state: the model or its adapters, the optimizer, the loss scaler, every process's RNG state, and
+    the fields given at construction, such as model_args, config, init_ckpt, tokenizer), and when:
 
-    def __init__(self, ckpt, eval_interval, always_save_checkpoint):
-        """ckpt: the checkpoint a resumed run continues, None for a new run."""
+    - evaluate every eval_interval iterations and at the last one, but not again at the iteration a resumed run
+      starts from (the run it continues evaluated there);
+    - save after an evaluation when the validation loss improved on the best so far (or at every evaluation,
+      with always_save_checkpoint), and at the end when the last state is not saved yet; never at the
+      iteration the run started from (nothing new to save);
+    - a NaN or infinite validation loss stops the run before anything is saved.
+
+    Every process calls after_eval and at_end (saving gathers each process's RNG state); the master writes.
+    Each write is noted in the run's log as {"iter", "checkpoint": path}."""
+
+    def __init__(self, path, ckpt, run, model, optimizer, log, eval_interval, always_save_checkpoint, **fields):
+        """ckpt: the checkpoint a resumed run continues (its iteration and best validation loss), None for a new
+        run. model: the plain Transformer (not a DDP or compile wrapper)."""
+        self.path, self.run, self.model, self.optimizer, self.log, self.fields = path, run, model, optimizer, log, fields
         self.resumed = ckpt is not None
         self.start_iter = ckpt["iter_num"] if self.resumed else 0
         self.best_val_loss = ckpt["best_val_loss"] if self.resumed else float("inf")
         self.eval_interval, self.always = eval_interval, always_save_checkpoint
-        self.saved_at = None
+        self.saved_at = self.start_iter if self.resumed else None
 
     def eval_due(self, iter_num, last):
         return (iter_num % self.eval_interval == 0 or last) and not (self.resumed and iter_num == self.start_iter)
 
-    def after_eval(self, iter_num, val_loss, save):
-        """Record an evaluation's loss and call save() when the checkpoint is due."""
+    def after_eval(self, iter_num, val_loss):
+        """Record an evaluation's loss (nats per token, or the script's held-out loss) and save when due.
+        Raises FloatingPointError naming the iteration when the loss is NaN or infinite."""
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(
+                f"validation loss became {val_loss} at iteration {iter_num}; stopping without saving. "
+                + (f"{self.path} holds iteration {self.saved_at}" if self.saved_at is not None else
+                   "No checkpoint was written by this run") +
+                " (lower learning_rate, check the data, or use bfloat16 instead of float16).")
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
-        self._save_if(iter_num, improved or self.always, save)
+        if improved or self.always:
+            self.save(iter_num)
 
-    def at_end(self, iter_num, save):
-        """Call save() when the final state is not written yet (so init_from=resume can continue it)."""
-        self._save_if(iter_num, self.saved_at != iter_num, save)
+    def at_end(self, iter_num):
+        """Save the final state unless it is saved already (so init_from=resume can continue it)."""
+        if self.saved_at != iter_num:
+            self.save(iter_num)
 
-    def _save_if(self, iter_num, wanted, save):
-        if wanted and iter_num > self.start_iter:
-            self.saved_at = iter_num
-            save()
+    def save(self, iter_num):
+        """Write the checkpoint of iteration iter_num (atomically; not at the iteration the run started from)."""
+        if iter_num <= self.start_iter:
+            return
+        rngs = tu.gather_rng_states(self.run)  # a collective: every process takes part
+        if self.run.master:
+            save(self.path, training_state(self.model, self.optimizer, self.run.scaler, rngs, iter_num=iter_num,
+                                           best_val_loss=self.best_val_loss, **self.fields))
+            self.log.write(iter=iter_num, checkpoint=self.path)
+        self.saved_at = iter_num

@@ -62,3 +62,12 @@ def config_of(g):
     return {k: v for k, v in g.items()
             if not k.startswith("_") and (isinstance(v, simple) or
                                           (isinstance(v, (list, tuple)) and all(isinstance(x, simple) for x in v)))}
+
+
+def configure(g):
+    """A script's configuration step, on its globals g: the names of its hyperparameters (config_of, taken
+    before anything can add to them), then the command line's config files and --key=value overrides applied
+    when the script runs as __main__ (not when a test imports it). Returns (config_keys, changed keys)."""
+    config_keys = list(config_of(g))
+    changed = apply_overrides(g) if g.get("__name__") == "__main__" else []
+    return config_keys, changed

@@ -1,6 +1,6 @@
 """
 Direct Preference Optimization (Rafailov et al. 2023) and its common variants, on pairs (prompt, chosen reply,
-rejected reply) that preference_data.py reads; starts from an SFT checkpoint.
+rejected reply) that chat_data/preferences.py reads; starts from an SFT checkpoint.
 
 One process:   python dpo.py config/dpo_demo.py
 LoRA:          python dpo.py config/dpo_demo.py --lora_rank=8   (the reference is the base, adapters off)
@@ -49,7 +49,7 @@ import torch
 
 import checkpoint as ck
 from chat_data.preferences import load_preferences
-from configurator import apply_overrides, config_of
+from configurator import configure
 from finetune import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, frozen_copy,
                       pair_batch_loss, pair_logps, tokenize_pair)
 from lora import adapters_off
@@ -104,8 +104,7 @@ compile = False
 num_threads = 0
 max_minutes = 0.0
 # -----------------------------------------------------------------------------------------------------------
-config_keys = list(config_of(globals()))
-changed = apply_overrides(globals()) if __name__ == "__main__" else []
+config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 if loss_type not in LOSS_TYPES:
     raise SystemExit(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
 if reference not in ("model", "cached"):
@@ -127,17 +126,9 @@ if ref_mode == "model" and lora_rank:
 model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len,
                                                          dropout, lora_rank, lora_alpha, lora_dropout, lora_targets)
 raw_model, max_seq_len = model, model_args["max_seq_len"]
-trainable = [p for p in model.parameters() if p.requires_grad]
-n_trainable = sum(p.numel() for p in trainable)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-ck.restore_training_state(resume_ckpt, optimizer, run.scaler, run, seed, iter_num)
-keeper = ck.Keeper(resume_ckpt, eval_interval, always_save_checkpoint)
-tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"])
-pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
-config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
-ckpt_fields = dict(model_args=model_args, config=config, init_ckpt=init_ckpt, tokenizer=tok.model_path,
-                   tokenizer_sha256=tok.sha256(), data={"sampler": "stateless", "seed": seed, "train": train_data})
-loss_args = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, sft_weight=sft_weight)
+n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
+module = tu.wrap_ddp(torch.compile(model) if compile else model, run)
 if master:
     print(f"{run.world_size} process(es) on {device}, {run.dtype}; from {init_ckpt}"
           + (f" (resumed at iteration {iter_num})" if resume_ckpt is not None else ""))
@@ -145,6 +136,8 @@ if master:
           f"trainable {n_trainable:,}" + (f" (LoRA rank {lora_rank}, alpha {lora_alpha})" if lora_rank else ""))
 
 # ---- data -------------------------------------------------------------------------------------------------
+tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"])
+pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
 train_pairs, train_counts = load_preferences(train_data)
 val_pairs, val_counts = load_preferences(val_data) if val_data else ([], {})
 train_tok = [tokenize_pair(tok, p, max_seq_len) for p in train_pairs]
@@ -203,39 +196,34 @@ if ref_mode == "cached":
               f"{len(visit) + len(val_items) - n_todo:,} read from {cache_path}")
 ref_net = frozen_copy(model_args, start_state, device) if ref_mode == "model" else \
     raw_model if ref_mode == "adapters_off" else None
-reference = Reference(ref_mode, ref_net, ref_cache, run.autocast)
-del start_state, resume_ckpt
-
-module = torch.compile(model) if compile else model
-module = tu.wrap_ddp(module, run)
-
-
-def save():
-    ck.save_training(ckpt_path, run, raw_model, optimizer, run.scaler, log, iter_num=iter_num,
-                     best_val_loss=keeper.best_val_loss, **ckpt_fields)
-
+ref = Reference(ref_mode, ref_net, ref_cache, run.autocast)  # (the global `reference` is the setting)
+del start_state
 
 # ---- training loop ----------------------------------------------------------------------------------------
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=keeper.resumed) if master else None
+config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
+loss_args = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, sft_weight=sft_weight)
+log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=resume_ckpt is not None, enabled=master)
+checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
+                               always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
+                               tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
+                               data={"sampler": "stateless", "seed": seed, "train": train_data})
+start_eval = ev = None  # the held-out metrics of the first and of the latest evaluation
 timer = tu.StepTimer()
-start_eval = ev = None
+del resume_ckpt
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes)
-    if val_items and keeper.eval_due(iter_num, last):
-        ev = evaluate_pairs(raw_model, reference, val_items, val_kinds, batch_size, pad_id, device, run.autocast,
+    if val_items and checkpointer.eval_due(iter_num, last):
+        ev = evaluate_pairs(raw_model, ref, val_items, val_kinds, batch_size, pad_id, device, run.autocast,
                             loss_type, **loss_args)
         start_eval = ev if start_eval is None and iter_num == 0 else start_eval
         val_loss = tu.all_reduce_mean(ev["loss"], run)
-        tu.check_finite(val_loss, iter_num, out_dir)
-        if master:
-            print(f"iter {iter_num}: held-out loss {val_loss:.4f}, reward acc {ev['rewards/accuracies']:.3f}, "
-                  f"margin {ev['rewards/margins']:.3f}; logp acc {ev['logps/accuracy']:.3f}")
-            log.write(iter=iter_num, lr=lr, **{f"val/{k}": v for k, v in ev.items()})
-        keeper.after_eval(iter_num, val_loss, save)
+        log.write(f"iter {iter_num}: held-out loss {val_loss:.4f}, reward acc {ev['rewards/accuracies']:.3f}, "
+                  f"margin {ev['rewards/margins']:.3f}; logp acc {ev['logps/accuracy']:.3f}",
+                  iter=iter_num, lr=lr, **{f"val/{k}": v for k, v in ev.items()})
+        checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time
     if last:
-        keeper.at_end(iter_num, save)
         break
 
     sums, n_pairs, n_tok = {}, 0, 0
@@ -243,7 +231,7 @@ while True:
         idx = batches.get(iter_num * gradient_accumulation_steps + run.rank * accum + micro)
         sync = not run.ddp or micro == accum - 1
         with (nullcontext() if sync else module.no_sync()):
-            loss, m, nt = pair_batch_loss(module, reference, train_items, idx, "train", pad_id, device,
+            loss, m, nt = pair_batch_loss(module, ref, train_items, idx, "train", pad_id, device,
                                           run.autocast, loss_type, **loss_args)
             run.scaler.scale(loss / accum).backward()
         for k, v in m.items():
@@ -253,16 +241,17 @@ while True:
     metrics = {k: tu.all_reduce_mean(v / n_pairs, run) for k, v in sums.items()}
     if not run.scaler.is_enabled():
         tu.check_finite(metrics["loss"], iter_num, out_dir)
-    tu.optimizer_step(optimizer, run.scaler, trainable, grad_clip)
+    tu.optimizer_step(optimizer, run.scaler, grad_clip)
 
     n_tok = int(tu.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
-    if master and iter_num % log_interval == 0:
-        print(f"iter {iter_num}: loss {metrics['loss']:.4f}, margin {metrics['rewards/margins']:.3f}, "
-              f"acc {metrics['rewards/accuracies']:.2f}, logps c/r {metrics['logps/chosen']:.1f}/"
-              f"{metrics['logps/rejected']:.1f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {n_tok / dt:,.0f} tok/s")
-        log.write(iter=iter_num, lr=lr, dt_ms=dt * 1000, tokens_per_sec=n_tok / dt, **metrics)
+    if iter_num % log_interval == 0:
+        log.write(f"iter {iter_num}: loss {metrics['loss']:.4f}, margin {metrics['rewards/margins']:.3f}, "
+                  f"acc {metrics['rewards/accuracies']:.2f}, logps c/r {metrics['logps/chosen']:.1f}/"
+                  f"{metrics['logps/rejected']:.1f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {n_tok / dt:,.0f} tok/s",
+                  iter=iter_num, lr=lr, dt_ms=dt * 1000, tokens_per_sec=n_tok / dt, **metrics)
     iter_num += 1
+checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary, plots, generations before/after --------------------------------------------------------------
 if master:
@@ -317,6 +306,6 @@ if master:
         with open(os.path.join(out_dir, "samples.json"), "w", encoding="utf-8") as f:
             json.dump(samples, f, ensure_ascii=False, indent=1)
     if lora_rank and save_merged:
-        ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **ckpt_fields)
+        ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **checkpointer.fields)
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 tu.cleanup_ddp(run)

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 
 import checkpoint as ck
-from configurator import apply_overrides, config_of
+from configurator import configure
 from model import ModelArgs, Transformer
 import train_utils as tu
 
@@ -60,8 +60,7 @@ compile = False
 num_threads = 0  # CPU threads; 0 = torch's default
 max_minutes = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
 # -----------------------------------------------------------------------------------------------------------
-config_keys = list(config_of(globals()))
-changed = apply_overrides(globals()) if __name__ == "__main__" else []
+config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 
 # ---- set-up -----------------------------------------------------------------------------------------------
 run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir)
@@ -98,13 +97,10 @@ torch.manual_seed(seed)  # the same initial weights on every process
 model = Transformer(ModelArgs(**model_args))
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
+    if master:
+        print(f"resumed from {ckpt_path} at iteration {iter_num}")
 model.to(device)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-ck.restore_training_state(ckpt, optimizer, run.scaler, run, seed, iter_num)
-keeper = ck.Keeper(ckpt, eval_interval, always_save_checkpoint)
-if ckpt is not None and master:
-    print(f"resumed from {ckpt_path} at iteration {iter_num}")
-del ckpt
+optimizer = ck.training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
 raw_model = model
 if master:
     print(f"parameters: {raw_model.num_params() / 1e6:.2f}M")
@@ -112,30 +108,23 @@ if compile:
     model = torch.compile(model)
 model = tu.wrap_ddp(model, run)
 
-
-def save():
-    ck.save_training(ckpt_path, run, raw_model, optimizer, run.scaler, log, iter_num=iter_num,
-                     best_val_loss=keeper.best_val_loss, model_args=model_args, **ckpt_fields)
-
-
 # ---- training loop ----------------------------------------------------------------------------------------
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=keeper.resumed) if master else None
+log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=ckpt is not None, enabled=master)
+checkpointer = ck.Checkpointer(ckpt_path, ckpt, run, raw_model, optimizer, log, eval_interval,
+                               always_save_checkpoint, model_args=model_args, **ckpt_fields)
+del ckpt
 timer = tu.StepTimer()
 running_mfu = -1.0
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes)
-    if val_bins is not None and keeper.eval_due(iter_num, last):
+    if val_bins is not None and checkpointer.eval_due(iter_num, last):
         val_loss = tu.estimate_loss(raw_model, val_bins, batch_size, max_seq_len, eval_iters, device, run.autocast)
         val_loss = tu.all_reduce_mean(val_loss, run)
-        tu.check_finite(val_loss, iter_num, out_dir)
-        if master:
-            print(f"iter {iter_num}: val loss {val_loss:.4f}")
-            log.write(iter=iter_num, val_loss=val_loss, lr=lr)
-        keeper.after_eval(iter_num, val_loss, save)
+        log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
+        checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time
     if last:
-        keeper.at_end(iter_num, save)  # the final state, so init_from=resume can continue it
         break
 
     # gradient accumulation: this process's micro-steps are global micro-steps rank*accum .. rank*accum+accum-1
@@ -153,22 +142,23 @@ while True:
     loss_value = tu.all_reduce_mean(float(loss_sum), run)
     if not run.scaler.is_enabled():
         tu.check_finite(loss_value, iter_num, out_dir)  # before the update, so the weights stay good
-    tu.optimizer_step(optimizer, run.scaler, model.parameters(), grad_clip)
+    tu.optimizer_step(optimizer, run.scaler, grad_clip)
 
     dt = timer.lap(tokens_per_iter)
-    if master and iter_num % log_interval == 0:
+    if iter_num % log_interval == 0:
         tok_s = tokens_per_iter / dt
         mfu = raw_model.estimate_mfu(accum * batch_size, dt)  # per GPU: this process's sequences
-        if mfu is not None and iter_num - keeper.start_iter >= 5:  # skip the compile/warm-up iterations
+        if mfu is not None and iter_num - checkpointer.start_iter >= 5:  # skip the compile/warm-up iterations
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         mfu_text = f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ""
-        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s{mfu_text}")
-        log.write(iter=iter_num, loss=loss_value, lr=lr, dt_ms=dt * 1000, tokens_per_sec=tok_s,
+        log.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s"
+                  f"{mfu_text}", iter=iter_num, loss=loss_value, lr=lr, dt_ms=dt * 1000, tokens_per_sec=tok_s,
                   mfu=running_mfu if running_mfu >= 0 else None)
     iter_num += 1
+checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
+log.close()
 if master:
-    log.close()
     tu.plot_log(log.path, os.path.join(out_dir, "loss.png"))
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 tu.cleanup_ddp(run)

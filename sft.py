@@ -24,7 +24,7 @@ import torch
 
 import checkpoint as ck
 from chat_data.conversations import load_conversations
-from configurator import apply_overrides, config_of
+from configurator import configure
 from finetune import ConversationBatches, PackedLM, sft_loss, sft_validation_loss, tokenize_conversations
 from tokenizer.chat_template import IGNORE
 import train_utils as tu
@@ -71,8 +71,7 @@ compile = False
 num_threads = 0
 max_minutes = 0.0
 # -----------------------------------------------------------------------------------------------------------
-config_keys = list(config_of(globals()))
-changed = apply_overrides(globals()) if __name__ == "__main__" else []
+config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 
 # ---- set-up -----------------------------------------------------------------------------------------------
 run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir)
@@ -87,24 +86,21 @@ lr_decay_iters = lr_decay_iters or max_iters
 model, model_args, _, init = ck.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len, dropout,
                                                lora_rank, lora_alpha, lora_dropout, lora_targets)
 raw_model, max_seq_len = model, model_args["max_seq_len"]
-trainable = [p for p in model.parameters() if p.requires_grad]
-n_trainable = sum(p.numel() for p in trainable)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-ck.restore_training_state(resume_ckpt, optimizer, run.scaler, run, seed, iter_num)
-keeper = ck.Keeper(resume_ckpt, eval_interval, always_save_checkpoint)
-tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"])
-pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
-config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
-ckpt_fields = dict(model_args=model_args, config=config, init_ckpt=init_ckpt, tokenizer=tok.model_path,
-                   tokenizer_sha256=tok.sha256(), data={"sampler": "stateless", "seed": seed, "train": train_data})
+n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
+module = PackedLM(model) if pack else model  # packed rows need explicit positions and masks
+if compile:
+    module = torch.compile(module)
+module = tu.wrap_ddp(module, run)
 if master:
     print(f"{run.world_size} process(es) on {device}, {run.dtype}; from {init_ckpt}"
           + (f" (resumed at iteration {iter_num})" if resume_ckpt is not None else ""))
     print(f"parameters: {raw_model.num_params() / 1e6:.2f}M, trainable: {n_trainable:,}"
           + (f" (LoRA rank {lora_rank}, alpha {lora_alpha}, targets {lora_targets})" if lora_rank else ""))
-del resume_ckpt
 
 # ---- data -------------------------------------------------------------------------------------------------
+tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"])
+pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
 train_samples, dropped = tokenize_conversations(load_conversations(train_data), tok, max_seq_len)
 val_samples = tokenize_conversations(load_conversations(val_data), tok, max_seq_len)[0] if val_data else []
 batches = ConversationBatches(train_samples, batch_size, gradient_accumulation_steps, seed, pack, max_seq_len, pad_id)
@@ -114,33 +110,24 @@ if master:
           f"{int(batches.lengths.sum()):,} tokens of which {scored:,} scored; val: {len(val_samples):,}; "
           + (f"packed into {len(batches.units(0)):,} rows of {max_seq_len}" if pack else "padded batches"))
 
-module = PackedLM(model) if pack else model
-if compile:
-    module = torch.compile(module)
-module = tu.wrap_ddp(module, run)
-
-
-def save():
-    ck.save_training(ckpt_path, run, raw_model, optimizer, run.scaler, log, iter_num=iter_num,
-                     best_val_loss=keeper.best_val_loss, **ckpt_fields)
-
-
 # ---- training loop ----------------------------------------------------------------------------------------
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=keeper.resumed) if master else None
+config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
+log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=resume_ckpt is not None, enabled=master)
+checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
+                               always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
+                               tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
+                               data={"sampler": "stateless", "seed": seed, "train": train_data})
 timer = tu.StepTimer()
+del resume_ckpt
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes)
-    if val_samples and keeper.eval_due(iter_num, last):
+    if val_samples and checkpointer.eval_due(iter_num, last):
         val_loss = sft_validation_loss(raw_model, val_samples, batch_size, eval_iters, pad_id, device, run.autocast)
-        tu.check_finite(val_loss, iter_num, out_dir)
-        if master:
-            print(f"iter {iter_num}: val loss {val_loss:.4f}")
-            log.write(iter=iter_num, val_loss=val_loss, lr=lr)
-        keeper.after_eval(iter_num, val_loss, save)
+        log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
+        checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time
     if last:
-        keeper.at_end(iter_num, save)
         break
 
     loss_sum, n_tok = 0.0, 0
@@ -157,25 +144,26 @@ while True:
     loss_value = tu.all_reduce_mean(float(loss_sum), run)
     if not run.scaler.is_enabled():
         tu.check_finite(loss_value, iter_num, out_dir)
-    tu.optimizer_step(optimizer, run.scaler, trainable, grad_clip)
+    tu.optimizer_step(optimizer, run.scaler, grad_clip)
 
     n_tok = int(tu.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
-    if master and iter_num % log_interval == 0:
-        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {n_tok / dt:,.0f} tok/s")
-        log.write(iter=iter_num, loss=loss_value, lr=lr, dt_ms=dt * 1000, tokens_per_sec=n_tok / dt)
+    if iter_num % log_interval == 0:
+        log.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {n_tok / dt:,.0f} tok/s",
+                  iter=iter_num, loss=loss_value, lr=lr, dt_ms=dt * 1000, tokens_per_sec=n_tok / dt)
     iter_num += 1
+checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary and the merged model -------------------------------------------------------------------------
 if master:
-    summary = dict(iter=iter_num, trainable_params=n_trainable, best_val_loss=keeper.best_val_loss,
+    summary = dict(iter=iter_num, trainable_params=n_trainable, best_val_loss=checkpointer.best_val_loss,
                    **tu.throughput(timer, device_type))
     log.write(summary=summary)
     log.close()
     tu.plot_log(log.path, os.path.join(out_dir, "loss.png"))
     print(f"summary: {summary}")
     if lora_rank and save_merged:
-        ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **ckpt_fields)
+        ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **checkpointer.fields)
         print(f"merged model: {os.path.join(out_dir, 'merged.pt')}")
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 tu.cleanup_ddp(run)

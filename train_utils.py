@@ -156,12 +156,12 @@ def set_lr(optimizer, it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
     return lr
 
 
-def optimizer_step(optimizer, scaler, params, grad_clip):
-    """One update from the accumulated gradients: unscale (fp16), clip the global norm of params to grad_clip
-    (0 = no clipping), step, update the loss scale, clear the gradients."""
+def optimizer_step(optimizer, scaler, grad_clip):
+    """One update from the accumulated gradients: unscale (fp16), clip the global norm of the optimizer's
+    parameters' gradients to grad_clip (0 = no clipping), step, update the loss scale, clear the gradients."""
     if grad_clip:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -306,20 +306,28 @@ def load_tokenizer(path, vocab_size):
 # ---- logging ----------------------------------------------------------------------------------------------
 
 class JsonlLog:
-    """One JSON object per line, flushed at once so a killed run keeps its log."""
+    """A run's log: one JSON object per line, flushed at once so a killed run keeps its log. Only the master
+    process logs (enabled=False elsewhere: every call does nothing). write(line, **record) also prints line to
+    the terminal, when given. resume=True appends to the log of the run being continued."""
 
-    def __init__(self, path, resume=False):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
-        self.f = open(path, "a" if resume else "w", encoding="utf-8")
+    def __init__(self, path, resume=False, enabled=True):
+        self.path, self.enabled, self.f = path, enabled, None
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.f = open(path, "a" if resume else "w", encoding="utf-8")
 
-    def write(self, **record):
+    def write(self, line=None, **record):
+        if not self.enabled:
+            return
+        if line is not None:
+            print(line, flush=True)
         record.setdefault("time", round(time.time(), 3))
         self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.f.flush()
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def read_jsonl(path):

@@ -1,5 +1,5 @@
 # The CPU demo's preference tuning (make dpo): DPO of the demo SFT checkpoint on the poetry preference set
-# that dpo_data.py --demo_poetry builds, for a few minutes on 2 cores.
+# that dpo_data_process.py --demo_poetry builds, for a few minutes on 2 cores.
 out_dir = "out/demo/dpo"
 init_ckpt = "out/demo/sft/ckpt.pt"
 train_data = "out/demo/dpo_data/train.jsonl"

@@ -100,28 +100,51 @@ def test_finetune_model_resumes_the_adapters_on_the_starting_weights(tmp_path):
     assert set(start) == set(tiny().state_dict())  # the starting weights, plain names (the DPO reference)
 
 
-def test_keeper_evaluates_and_saves_the_same_way_for_every_script():
-    def run(keeper, iters, losses, eval_every):
-        saved, evaluated = [], []
-        for it in iters:
-            last = it == iters[-1]
-            if keeper.eval_due(it, last):
-                evaluated.append(it)
-                keeper.after_eval(it, losses[it], lambda: saved.append(it))
-            if last:
-                keeper.at_end(it, lambda: saved.append(it))
-        return evaluated, saved
+def checkpointer(tmp_path, ckpt=None, always=True):
+    model = tiny()
+    run = tu.setup_run("cpu", "float32", 0, 1, str(tmp_path))
+    log = tu.JsonlLog(str(tmp_path / "log.jsonl"), resume=ckpt is not None)
+    optimizer = ck.training_optimizer(model, None, run, 0, 0.0, 1e-3, (0.9, 0.95))
+    return ck.Checkpointer(str(tmp_path / "ckpt.pt"), ckpt, run, model, optimizer, log, 2, always,
+                           model_args=ARGS, config={})
 
+
+def loop(c, iters, losses):
+    """The skeleton of every script's loop: evaluate when due, save the end."""
+    evaluated = []
+    for it in iters:
+        last = it == iters[-1]
+        if c.eval_due(it, last):
+            evaluated.append(it)
+            c.after_eval(it, losses[it])
+        if last:
+            break
+    c.at_end(iters[-1])
+    c.log.close()
+    return evaluated, [r["iter"] for r in tu.read_jsonl(c.log.path) if "checkpoint" in r]
+
+
+def test_checkpointer_evaluates_and_saves_the_same_way_for_every_script(tmp_path):
     losses = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 7: 3.0}
-    assert run(ck.Keeper(None, 2, True), range(8), losses, 2) == ([0, 2, 4, 6, 7], [2, 4, 6, 7])
+    assert loop(checkpointer(tmp_path / "a"), range(8), losses) == ([0, 2, 4, 6, 7], [2, 4, 6, 7])
     # without always_save_checkpoint: improvements only (2: 4.0 < 5.0; 4 and 6 are worse than 4.0), then the end
-    assert run(ck.Keeper(None, 2, False), range(8), losses, 2) == ([0, 2, 4, 6, 7], [2, 7])
+    assert loop(checkpointer(tmp_path / "b", always=False), range(8), losses) == ([0, 2, 4, 6, 7], [2, 7])
     losses[7] = 9.0  # the end is saved even when it is no improvement
-    assert run(ck.Keeper(None, 2, False), range(8), losses, 2) == ([0, 2, 4, 6, 7], [2, 7])
+    assert loop(checkpointer(tmp_path / "c", always=False), range(8), losses) == ([0, 2, 4, 6, 7], [2, 7])
+    saved = ck.load(str(tmp_path / "c" / "ckpt.pt"))
+    assert saved["iter_num"] == 7 and saved["best_val_loss"] == 4.0 and saved["model_args"] == ARGS
     # resumed at 4 with best 4.0: no evaluation or save at 4 itself
-    resumed = ck.Keeper({"iter_num": 4, "best_val_loss": 4.0}, 2, False)
-    assert run(resumed, range(4, 8), {6: 4.2, 7: 3.5}, 2) == ([6, 7], [7])
+    resumed = checkpointer(tmp_path / "d", {"iter_num": 4, "best_val_loss": 4.0}, always=False)
+    assert loop(resumed, range(4, 8), {6: 4.2, 7: 3.5}) == ([6, 7], [7])
     assert resumed.best_val_loss == 3.5
+
+
+def test_nan_validation_loss_stops_before_saving(tmp_path):
+    c = checkpointer(tmp_path)
+    c.after_eval(2, 4.0)
+    with pytest.raises(FloatingPointError, match=r"iteration 4.*holds iteration 2"):
+        c.after_eval(4, float("nan"))
+    assert ck.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
 
 
 def test_step_timer_counts_training_time_only():

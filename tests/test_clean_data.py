@@ -204,8 +204,8 @@ def test_clean_refuses_an_unknown_setting(tmp_path):
 
 
 def test_command_line_overrides_reach_the_pipeline(tmp_path):
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": long_doc(i, 60)}) + "\n" for i in range(3)) +
-                                       json.dumps({"text": long_doc(99, 15)}) + "\n", encoding="utf-8")  # kept at the default min_chars 10
+    docs = [long_doc(i, 60) for i in range(3)] + [long_doc(99, 15)]  # the last one passes the default min_chars 10
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
     run_script("-m", "clean_data", f"--input={tmp_path / 'in.jsonl'}", f"--out_dir={tmp_path / 'out'}",
                "--num_workers=1", "--min_chars=20", "--stages=filter,exact", timeout=60)
     r = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))

@@ -139,7 +139,8 @@ def test_load_conversations_names_unusable_records_and_refuses_a_file_without_an
     assert errors.examples == [f"{path}:2: bad json (Expecting property name enclosed in double quotes at column 2)",
                                f"{path}:3: not an object (list)", f"{path}:4: does not end with an assistant turn"]
     path.write_text("\n".join(lines[1:]) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=re.escape(f"{path}: no usable conversation: 3 records skipped, e.g. {path}:1")):
+    want = f"{path}: no usable conversation: 3 records skipped, e.g. {path}:1: bad json"
+    with pytest.raises(ValueError, match=re.escape(want)):
         load_conversations(path)
     path.write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(f"{path}: no conversation in it")):
