@@ -1,11 +1,11 @@
 # make demo: install, fetch the chinese-poetry corpus, and run the whole pipeline on it: pretraining, then chat
 # fine-tuning (SFT), scored chat answers and preference tuning (DPO) (~17 min on 2 cores)
-# make test: install and run the test suite
+# make test: install and run the test suite (make test-fast: without the slow subprocess runs)
 PYTHON ?= python3
 DEMO := out/demo
 TOK := $(DEMO)/tok8k.model
 
-.PHONY: install install-dev demo test download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo bench bench-clean clean clean-demo
+.PHONY: install install-dev demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo bench bench-clean clean clean-demo
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -15,6 +15,9 @@ install-dev:
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests
+
+test-fast: install-dev
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 download:
 	$(PYTHON) -c "from clean_data.readers import download_poetry; print(download_poetry('data'))"
@@ -55,7 +58,7 @@ chat-samples:
 # preference tuning (DPO) of the SFT model on pairs built from the corpus (real vs corrupted poem, right vs wrong
 # author); prints the held-out preference accuracy before and after
 dpo-data: download
-	$(PYTHON) dpo_data.py --demo_poetry=data/chinese-poetry --out_dir=$(DEMO)/dpo_data
+	$(PYTHON) dpo_data_process.py --demo_poetry=data/chinese-poetry --out_dir=$(DEMO)/dpo_data
 
 dpo: dpo-data
 	$(PYTHON) dpo.py config/dpo_demo.py
@@ -72,7 +75,7 @@ bench: install
 	$(PYTHON) bench.py config/bench_rival.py --dtype=bfloat16 --compile=True
 
 bench-clean: install
-	$(PYTHON) bench_clean.py
+	$(PYTHON) -m clean_data.bench
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -16,8 +16,10 @@ A checkpoint is one dict saved with torch.save:
 
 merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
 """
+import dataclasses
 import math
 import os
+import shutil
 
 import torch
 
@@ -64,7 +66,8 @@ def save_merged(path, model, **fields):
     """LoRA: fold the adapters into the weights (in place: the model is plain afterwards) and save a plain
     checkpoint {"model", **fields} that eval.py, export and serving read like any pretraining checkpoint."""
     merge_lora(model)
-    save(path, {"model": model.state_dict(), **fields})
+    # the merged architecture is the model's own (an adapted output layer unties tied embeddings)
+    save(path, {"model": model.state_dict(), **fields, "model_args": dataclasses.asdict(model.args)})
 
 
 # ---- models from checkpoints ------------------------------------------------------------------------------
@@ -105,8 +108,8 @@ def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=
     resumed run's weights or adapters (resume_ckpt, a checkpoint dict, or None) on top.
     Returns (model on device, model_args, the starting weights' state dict, the init checkpoint dict)."""
     base, init = load_model(init_ckpt, device)
-    model_args = dict(init["model_args"], max_seq_len=max_seq_len or init["model_args"]["max_seq_len"],
-                      dropout=dropout)
+    base_args = dataclasses.asdict(base.args)  # (a merged LoRA checkpoint may have untied its embeddings)
+    model_args = dict(base_args, max_seq_len=max_seq_len or base_args["max_seq_len"], dropout=dropout)
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(**model_args))
     start_state = base.state_dict()
@@ -123,11 +126,18 @@ def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=
 
 # ---- resuming ---------------------------------------------------------------------------------------------
 
-def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys):
+def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys, overwrite=False):
     """A script's resume step. init_from must be `start` (a new run: returns None) or 'resume': then the
     checkpoint at ckpt_path is loaded and returned, and the script's globals g take the settings named in keys
-    from it (resume_config). Raises SystemExit for any other init_from."""
+    from it (resume_config). Raises SystemExit for any other init_from, and for a new run whose ckpt_path
+    exists already unless overwrite (forgetting --init_from=resume must not wipe a run)."""
     if init_from == start:
+        if os.path.exists(ckpt_path) and not overwrite:
+            raise SystemExit(f"{ckpt_path} exists (a run of {load(ckpt_path)['iter_num']} iterations): continue it "
+                             f"with --init_from=resume, or start over with --overwrite=True (or another out_dir)")
+        best = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "best.pt")
+        if os.path.exists(best):
+            os.remove(best)  # starting over: the old run's best is not this run's
         return None
     if init_from != "resume":
         raise SystemExit(f"init_from must be {start!r} or 'resume', not {init_from!r}")
@@ -177,59 +187,100 @@ def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, beta
 
 
 class Checkpointer:
-    """A training run's checkpoint, the same way in every script: where it is written (path), what goes in it
+    """A training run's checkpoints, the same way in every script: where they are written, what goes in them
     (training_state: the model or its adapters, the optimizer, the loss scaler, every process's RNG state, and
-    the fields given at construction, such as model_args, config, init_ckpt, tokenizer), and when:
+    the fields given at construction, such as model_args, config, init_ckpt, tokenizer), and when.
 
-    - evaluate every eval_interval iterations and at the last one, but not again at the iteration a resumed run
-      starts from (the run it continues evaluated there);
-    - save after an evaluation when the validation loss improved on the best so far (or at every evaluation,
-      with always_save_checkpoint), and at the end when the last state is not saved yet; never at the
-      iteration the run started from (nothing new to save);
-    - a NaN or infinite validation loss stops the run before anything is saved.
+    Two files, kept apart: `path` (out_dir/ckpt.pt), the latest state, which init_from=resume continues; and
+    best.pt beside it, the state of the best validation loss so far (what to evaluate, export or fine-tune).
 
-    Every process calls after_eval and at_end (saving gathers each process's RNG state); the master writes.
-    Each write is noted in the run's log as {"iter", "checkpoint": path}."""
+    - Evaluate every eval_interval iterations and at the last one, but not again at the iteration a resumed run
+      starts from (the run it continues evaluated there).
+    - After an evaluation, first the divergence check: a NaN or infinite loss, a loss at or above `ceiling`
+      (ln V for a language model's loss: it predicts no better than a uniform guess) after having been below
+      it, or above DIVERGED times the best so far, stops the run (FloatingPointError naming the iteration and
+      what each file holds) before anything is written, so a diverged model never replaces a good one. Then
+      best.pt is written when the loss improved, and ckpt.pt at every evaluation (always_save_checkpoint) or
+      when it improved.
+    - Without validation data (val_loss None) ckpt.pt is written every eval_interval iterations, so a killed
+      run can still resume.
+    - check_train_loss stops on a NaN or infinite training loss before the update that would spread it.
+    - At the end ckpt.pt is written unless it already holds the last iteration.
+    Never at the iteration the run started from (nothing new). Every process makes the same calls (saving
+    gathers each process's RNG state); the master writes. Each write is noted in the log as
+    {"iter", "checkpoint": path}."""
 
-    def __init__(self, path, ckpt, run, model, optimizer, log, eval_interval, always_save_checkpoint, **fields):
+    DIVERGED = 3.0  # a validation loss above 3x the best so far is a diverged run, not noise or overfitting
+
+    def __init__(self, path, ckpt, run, model, optimizer, log, eval_interval, always_save_checkpoint,
+                 ceiling=None, **fields):
         """ckpt: the checkpoint a resumed run continues (its iteration and best validation loss), None for a new
-        run. model: the plain Transformer (not a DDP or compile wrapper)."""
+        run. model: the plain Transformer (not a DDP or compile wrapper). ceiling: the loss of a model that has
+        learned nothing (ln vocab_size for next-token losses), None when there is none (preference losses)."""
         self.path, self.run, self.model, self.optimizer, self.log, self.fields = path, run, model, optimizer, log, fields
+        self.best_path = os.path.join(os.path.dirname(os.path.abspath(path)), "best.pt")
         self.resumed = ckpt is not None
         self.start_iter = ckpt["iter_num"] if self.resumed else 0
         self.best_val_loss = ckpt["best_val_loss"] if self.resumed else float("inf")
-        self.eval_interval, self.always = eval_interval, always_save_checkpoint
+        self.eval_interval, self.always, self.ceiling = eval_interval, always_save_checkpoint, ceiling
         self.saved_at = self.start_iter if self.resumed else None
 
     def eval_due(self, iter_num, last):
+        """True when iteration iter_num (the last one when last) should evaluate."""
         return (iter_num % self.eval_interval == 0 or last) and not (self.resumed and iter_num == self.start_iter)
 
     def after_eval(self, iter_num, val_loss):
-        """Record an evaluation's loss (nats per token, or the script's held-out loss) and save when due.
-        Raises FloatingPointError naming the iteration when the loss is NaN or infinite."""
-        if not math.isfinite(val_loss):
-            raise FloatingPointError(
-                f"validation loss became {val_loss} at iteration {iter_num}; stopping without saving. "
-                + (f"{self.path} holds iteration {self.saved_at}" if self.saved_at is not None else
-                   "No checkpoint was written by this run") +
-                " (lower learning_rate, check the data, or use bfloat16 instead of float16).")
+        """Record an evaluation's loss (nats per token, or the script's held-out loss; None without validation
+        data) and write what is due. Raises FloatingPointError when the run diverged (see the class)."""
+        if val_loss is None:
+            self.save(iter_num)
+            return
+        why = self._diverged(val_loss)
+        if why:
+            self.stop(f"validation loss {val_loss:.4g} at iteration {iter_num} {why}")
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
         if improved or self.always:
-            self.save(iter_num)
+            self.save(iter_num, best=improved)
+
+    def check_train_loss(self, iter_num, loss):
+        """Stop (FloatingPointError) on a NaN or infinite training loss, before the update."""
+        if not math.isfinite(loss):
+            self.stop(f"training loss {loss} at iteration {iter_num}")
 
     def at_end(self, iter_num):
-        """Save the final state unless it is saved already (so init_from=resume can continue it)."""
+        """Write the final state unless it is written already (so init_from=resume can continue it)."""
         if self.saved_at != iter_num:
             self.save(iter_num)
 
-    def save(self, iter_num):
-        """Write the checkpoint of iteration iter_num (atomically; not at the iteration the run started from)."""
+    def _diverged(self, val_loss):
+        if not math.isfinite(val_loss):
+            return "is not a number"
+        if self.ceiling is not None and self.best_val_loss < self.ceiling <= val_loss:
+            return f"reached {self.ceiling:.3f}, the loss of a uniform guess, after {self.best_val_loss:.4g}"
+        if val_loss > self.DIVERGED * self.best_val_loss > 0:
+            return f"is above {self.DIVERGED:g}x the best so far ({self.best_val_loss:.4g})"
+        return ""
+
+    def stop(self, what):
+        """Raise FloatingPointError saying what diverged and which iterations the files on disk hold."""
+        held = (f"{self.path} holds iteration {self.saved_at}" if self.saved_at is not None else
+                "this run wrote no checkpoint")
+        best = f", {self.best_path} the best validation loss {self.best_val_loss:.4g}" \
+            if os.path.exists(self.best_path) and math.isfinite(self.best_val_loss) else ""
+        raise FloatingPointError(f"{what}: the run diverged; stopping without saving. {held}{best}, untouched "
+                                 f"(lower learning_rate, check the data, or use bfloat16 instead of float16).")
+
+    def save(self, iter_num, best=False):
+        """Write ckpt.pt for iteration iter_num (atomically), and best.pt too when best; nothing at the
+        iteration the run started from."""
         if iter_num <= self.start_iter:
             return
         rngs = tu.gather_rng_states(self.run)  # a collective: every process takes part
         if self.run.master:
             save(self.path, training_state(self.model, self.optimizer, self.run.scaler, rngs, iter_num=iter_num,
                                            best_val_loss=self.best_val_loss, **self.fields))
-            self.log.write(iter=iter_num, checkpoint=self.path)
+            if best:
+                tu.atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.path, tmp))
+            self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))
         self.saved_at = iter_num

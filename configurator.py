@@ -18,8 +18,10 @@ def _parse_value(key, text, old):
         value = ast.literal_eval(text)
     except (SyntaxError, ValueError):
         value = text  # a bare string such as --device=cuda
-    if old is None or value is None:
+    if old is None:
         return value
+    if value is None:
+        raise ValueError(f"--{key}={text}: expected {type(old).__name__}, got None")
     if isinstance(old, bool) != isinstance(value, bool):
         raise ValueError(f"--{key}={text}: expected {type(old).__name__}, got {type(value).__name__}")
     if isinstance(old, float) and isinstance(value, int):
@@ -33,6 +35,9 @@ def apply_overrides(g, argv=None, verbose=True):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to the dict g.
     Returns the list of keys that were changed."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage(g))
+        sys.exit(0)
     changed = []
     for arg in argv:
         if not arg.startswith("--"):
@@ -56,6 +61,23 @@ def apply_overrides(g, argv=None, verbose=True):
     return changed
 
 
+def usage(g):
+    """--help: the script's docstring, then each hyperparameter with its default and the comment beside it in
+    the script's source (the globals block at its top)."""
+    import inspect
+    import re
+    try:
+        source = inspect.getsource(sys.modules[g["__name__"]]) if g.get("__name__") in sys.modules else ""
+    except (OSError, TypeError):
+        source = ""
+    comments = {m.group(1): m.group(2) for m in re.finditer(r"^(\w+) = [^#\n]*#\s*(.*)$", source, re.M)}
+    lines = [(g.get("__doc__") or "").strip(), "", "settings (--key=value, or a config file of assignments):"]
+    width = max((len(k) for k in config_of(g)), default=0)
+    for k, v in config_of(g).items():
+        lines.append(f"  --{k.ljust(width)} = {v!r}" + (f"    # {comments[k]}" if k in comments else ""))
+    return "\n".join(lines)
+
+
 def config_of(g):
     """The script's hyperparameters: its public globals of simple types (what a checkpoint stores)."""
     simple = (int, float, bool, str, type(None))
@@ -69,5 +91,8 @@ def configure(g):
     before anything can add to them), then the command line's config files and --key=value overrides applied
     when the script runs as __main__ (not when a test imports it). Returns (config_keys, changed keys)."""
     config_keys = list(config_of(g))
-    changed = apply_overrides(g) if g.get("__name__") == "__main__" else []
+    try:
+        changed = apply_overrides(g) if g.get("__name__") == "__main__" else []
+    except ValueError as e:  # a typo'd key or a value of the wrong type: a one-line error, not a traceback
+        raise SystemExit(f"error: {e}") from None
     return config_keys, changed

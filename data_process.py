@@ -15,22 +15,29 @@ documents always land on the same side.
 
 Encoding runs in a multiprocessing pool (each worker loads the tokenizer once); chunks of chunk_docs
 documents are submitted with at most 2 * num_workers in flight and collected in order, so memory stays
-bounded and the output is byte-identical whatever num_workers is. The .bin files are written to *.tmp and
-renamed at the end; meta.json (token and document counts, tokenizer sha256, skipped/malformed records)
-is removed first and written last, atomically, so a complete meta.json means complete .bin files.
+bounded and the output is byte-identical whatever num_workers is. The .bin files are written to *.tmp.<pid>
+and renamed at the end; meta.json (token and document counts, tokenizer sha256, skipped/malformed records)
+is removed first and written last, atomically, so a complete meta.json means complete .bin files. meta.json
+also gives the tokens per file by name (tokens_per_file) and lists the files written empty (empty_files: a
+small corpus can leave val.bin empty, and so does val_fraction=0), so a reader can refuse one by name.
+
+Nothing in out_dir is created or touched before there is something to write: a missing input path, an input
+with no file, or one whose documents are all dropped, is an error naming the input (exit status 1), and the
+files of the last good run stay byte-identical.
 """
 import collections
 import hashlib
 import itertools
-import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 
 import numpy as np
 from tqdm import tqdm
 
-from clean_data.readers import ReadErrors, download_poetry, iter_documents
+from clean_data.atomic import atomic_path, write_json
+from clean_data.readers import EmptyInputError, ReadErrors, download_poetry, input_files, read_files
 
 # -----------------------------------------------------------------------------
 input = "data/chinese-poetry"  # comma-separated files / directories / globs
@@ -49,10 +56,6 @@ download = ""  # "poetry": fetch the chinese-poetry npm package into data/ first
 DTYPE = np.uint16
 MAX_VOCAB = 65535  # uint16 token files
 TOP_SOURCES = 50
-
-
-class EmptyInputError(ValueError):
-    """No document to write: nothing found under the input, or everything was dropped."""
 
 
 def is_val(text, val_fraction, seed):
@@ -101,8 +104,8 @@ def _ordered_results(chunks, workers, init_args):
             yield _encode_chunk(chunk)
         return
     import multiprocessing as mp
-    ctx = mp.get_context("spawn")  # no fork of a process that may hold pyarrow / tqdm threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    spawn = mp.get_context("spawn")  # no fork of a process that may hold pyarrow / tqdm threads
+    with spawn.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = collections.deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -122,19 +125,14 @@ def _inputs(spec):
     return items
 
 
-def _replace_atomic_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, text_field=text_field,
             val_fraction=val_fraction, min_chars=min_chars, num_workers=num_workers, chunk_docs=chunk_docs,
             seed=seed, txt_mode=txt_mode, progress=True, verbose=True):
     """Read, filter, encode and write train.bin / val.bin / meta.json into out_dir. Returns the meta
-    dict. Raises EmptyInputError when no document survives, ValueError for a tokenizer too big for uint16.
+    dict. Raises FileNotFoundError for an input path that does not exist, EmptyInputError (a ValueError) naming
+    the input when it holds no file or no document survives, ValueError for a tokenizer too big for uint16.
+    On any of these out_dir is neither created nor touched: the first encoded chunk is in hand before the
+    first file is opened, and existing train.bin / val.bin / meta.json stay byte-identical.
     """
     from tokenizer import Tokenizer
     t0 = time.time()
@@ -149,10 +147,11 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
     errors = ReadErrors()
     counts = collections.Counter()
     per_source = collections.Counter()
+    files = input_files(inputs, errors)  # a missing path or an empty folder raises here
 
     def chunks():
         chunk = []
-        for doc in iter_documents(inputs, text_field=text_field or None, errors=errors, txt_mode=txt_mode):
+        for doc in read_files(files, text_field=text_field or None, errors=errors, txt_mode=txt_mode):
             counts["read"] += 1
             text = doc["text"]
             if len(text.strip()) < min_chars:
@@ -166,19 +165,28 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
         if chunk:
             yield chunk
 
+    results = _ordered_results(chunks(), int(num_workers), (os.fspath(tokenizer_model), float(val_fraction), seed))
+    first = next(results, None)  # a chunk holds at least one document: None means nothing survived
+    if first is None:
+        raise EmptyInputError(
+            f"no documents to write from input {', '.join(inputs)!r}: {errors.files_read} files read, "
+            f"{counts['read']} documents found, {counts['short']} shorter than min_chars={min_chars}, "
+            f"{errors.count} malformed records skipped" +
+            (f" (e.g. {errors.examples[0]})" if errors.examples else ""))
     os.makedirs(out_dir, exist_ok=True)
-    final = {s: os.path.join(out_dir, f"{s}.bin") for s in ("train", "val")}
-    tmp = {s: p + ".tmp" for s, p in final.items()}
     meta_path = os.path.join(out_dir, "meta.json")
     n_tok = {"train": 0, "val": 0}
     n_doc = {"train": 0, "val": 0}
-    files = {s: open(p, "wb") for s, p in tmp.items()}
-    try:
+    # the .bin files under temporary names, renamed when the block ends; on an error removed, nothing replaced
+    with ExitStack() as outputs:
+        bins = {}
+        for s in ("train", "val"):
+            tmp = outputs.enter_context(atomic_path(os.path.join(out_dir, f"{s}.bin")))
+            bins[s] = outputs.enter_context(open(tmp, "wb"))  # exits first: closed before it is renamed
         bar = tqdm(desc="encode", unit="doc", disable=not progress, smoothing=0.05, mininterval=0.5)
-        for train_ids, val_ids, n_train, n_val in _ordered_results(
-                chunks(), int(num_workers), (os.fspath(tokenizer_model), float(val_fraction), seed)):
-            train_ids.tofile(files["train"])
-            val_ids.tofile(files["val"])
+        for train_ids, val_ids, n_train, n_val in itertools.chain([first], results):
+            train_ids.tofile(bins["train"])
+            val_ids.tofile(bins["val"])
             n_tok["train"] += len(train_ids)
             n_tok["val"] += len(val_ids)
             n_doc["train"] += n_train
@@ -186,23 +194,8 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
             bar.update(n_train + n_val)
             bar.set_postfix(tokens=f"{n_tok['train'] + n_tok['val']:,}", refresh=False)
         bar.close()
-        for f in files.values():
-            f.close()
-        if n_doc["train"] + n_doc["val"] == 0:
-            raise EmptyInputError(
-                f"no documents to write from input {', '.join(inputs)!r}: {errors.files_read} files read, "
-                f"{counts['read']} documents found, {counts['short']} shorter than min_chars={min_chars}, "
-                f"{errors.count} malformed records skipped" +
-                (f" (e.g. {errors.examples[0]})" if errors.examples else ""))
         if os.path.exists(meta_path):
-            os.remove(meta_path)  # no meta.json describing files that are being replaced
-        for s in ("train", "val"):
-            os.replace(tmp[s], final[s])
-    finally:
-        for s in ("train", "val"):
-            files[s].close()
-            if os.path.exists(tmp[s]):
-                os.remove(tmp[s])
+            os.remove(meta_path)  # no meta.json describing files that are being replaced (renamed at the block's end)
 
     folders = collections.Counter()
     for src, n in per_source.items():
@@ -220,6 +213,9 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
         "layout": "each document's tokens followed by eos_id; no bos",
         "train_tokens": n_tok["train"],
         "val_tokens": n_tok["val"],
+        # per file by name, so a reader can refuse an empty one (val.bin of a small corpus) before memory-mapping it
+        "tokens_per_file": {"train.bin": n_tok["train"], "val.bin": n_tok["val"]},
+        "empty_files": [f"{s}.bin" for s in ("train", "val") if n_tok[s] == 0],
         "train_documents": n_doc["train"],
         "val_documents": n_doc["val"],
         "documents_read": counts["read"],
@@ -242,13 +238,29 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
         "seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _replace_atomic_json(meta_path, meta)
+    write_json(meta_path, meta, indent=2)
     if verbose:
         print(format_report(meta, out_dir))
     return meta
 
 
+def empty_file_warnings(meta, out_dir=""):
+    """One WARNING line per token file written empty, naming it (out_dir/val.bin): val.bin is empty by design
+    with val_fraction=0 (no warning then), otherwise the corpus was too small for the split."""
+    out = []
+    for split in ("train", "val"):
+        if meta[f"{split}_tokens"] or (split == "val" and meta["val_fraction"] == 0):
+            continue
+        why = f"the corpus is too small for val_fraction={meta['val_fraction']}" if split == "val" \
+            else "every document went to val"
+        out.append(f"WARNING: {os.path.join(out_dir, meta['files'][split])} is empty (0 tokens): {why}; "
+                   f"meta.json lists it under empty_files")
+    return out
+
+
 def format_report(meta, out_dir=""):
+    """The meta dict process() returns as the lines the script prints (no trailing newline), with a WARNING
+    naming each token file written empty."""
     total = meta["train_tokens"] + meta["val_tokens"]
     docs = meta["train_documents"] + meta["val_documents"]
     lines = [
@@ -273,10 +285,7 @@ def format_report(meta, out_dir=""):
         lines.append(f"  {n:9,d}  {folder}")
     lines.append(f"tokens: {total:,} (train {meta['train_tokens']:,}, val {meta['val_tokens']:,}), "
                  f"{total / max(docs, 1):.1f} per document, vocab {meta['vocab_size']}, eos {meta['eos_id']}")
-    if meta["val_fraction"] > 0 and meta["val_documents"] == 0:
-        lines.append("WARNING: val split is empty (corpus too small for val_fraction)")
-    if meta["train_documents"] == 0:
-        lines.append("WARNING: train split is empty")
+    lines += empty_file_warnings(meta, out_dir)
     lines.append(f"time: {meta['seconds']:.1f}s" + (f", wrote {out_dir}/{{train.bin,val.bin,meta.json}}"
                                                    if out_dir else ""))
     return "\n".join(lines)
@@ -293,5 +302,5 @@ if __name__ == "__main__":
         process(input, tokenizer_model, out_dir, text_field=text_field, val_fraction=val_fraction,
                 min_chars=min_chars, num_workers=num_workers, chunk_docs=chunk_docs, seed=seed,
                 txt_mode=txt_mode)
-    except (EmptyInputError, FileNotFoundError) as e:
+    except (OSError, ValueError) as e:  # a missing or empty input, an unusable tokenizer: say which, no traceback
         sys.exit(f"error: {e}")

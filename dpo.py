@@ -62,6 +62,7 @@ out_dir = "out/dpo"
 train_data = "out/dpo_data/train.jsonl"  # comma-separated; .json, .jsonl or .parquet in any format above
 val_data = "out/dpo_data/val.jsonl"  # held-out pairs; "" = none
 init_from = "sft"  # 'sft': start from init_ckpt; 'resume': continue out_dir/ckpt.pt
+overwrite = False  # a new run (not resume) over an existing out_dir/ckpt.pt: refused unless True
 init_ckpt = "out/sft/ckpt.pt"  # an SFT checkpoint (full or LoRA), or any checkpoint this project writes
 tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt
 eval_interval = 50
@@ -115,7 +116,8 @@ run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's
-resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed, ck.FINETUNE_KEYS)
+resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed,
+                        ck.FINETUNE_KEYS, overwrite)
 iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 ref_mode = "none" if loss_type in REFERENCE_FREE else reference
@@ -202,7 +204,7 @@ del start_state
 # ---- training loop ----------------------------------------------------------------------------------------
 config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
 loss_args = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, sft_weight=sft_weight)
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=resume_ckpt is not None, enabled=master)
+log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
@@ -213,34 +215,42 @@ del resume_ckpt
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes)
-    if val_items and checkpointer.eval_due(iter_num, last):
-        ev = evaluate_pairs(raw_model, ref, val_items, val_kinds, batch_size, pad_id, device, run.autocast,
-                            loss_type, **loss_args)
-        start_eval = ev if start_eval is None and iter_num == 0 else start_eval
-        val_loss = tu.all_reduce_mean(ev["loss"], run)
-        log.write(f"iter {iter_num}: held-out loss {val_loss:.4f}, reward acc {ev['rewards/accuracies']:.3f}, "
-                  f"margin {ev['rewards/margins']:.3f}; logp acc {ev['logps/accuracy']:.3f}",
-                  iter=iter_num, lr=lr, **{f"val/{k}": v for k, v in ev.items()})
+    if checkpointer.eval_due(iter_num, last):
+        val_loss = None  # without held-out pairs the checkpoint is still written every eval_interval
+        if val_items:
+            ev = evaluate_pairs(raw_model, ref, val_items, val_kinds, batch_size, pad_id, device, run.autocast,
+                                loss_type, **loss_args)
+            start_eval = ev if start_eval is None and iter_num == 0 else start_eval
+            val_loss = tu.all_reduce_mean(ev["loss"], run)
+            log.write(f"iter {iter_num}: held-out loss {val_loss:.4f}, reward acc {ev['rewards/accuracies']:.3f}, "
+                      f"margin {ev['rewards/margins']:.3f}; logp acc {ev['logps/accuracy']:.3f}",
+                      iter=iter_num, lr=lr, **{f"val/{k}": v for k, v in ev.items()})
         checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time
     if last:
         break
 
-    sums, n_pairs, n_tok = {}, 0, 0
-    for micro in range(accum):
-        idx = batches.get(iter_num * gradient_accumulation_steps + run.rank * accum + micro)
+    # the objective: the pair losses of the whole iteration (every micro-step of every process) summed and divided
+    # by its pair count, plus sft_weight x the chosen replies' token NLL over their token count: the same gradient
+    # however batch x accumulation x processes is split
+    micro_idx = [batches.get(iter_num * gradient_accumulation_steps + run.rank * accum + m) for m in range(accum)]
+    n_pairs = tu.all_reduce_sum(sum(len(idx) for idx in micro_idx), run)
+    n_chosen = tu.all_reduce_sum(sum(len(train_items[i][1]) for idx in micro_idx for i in idx), run)
+    sums, loss_sum, n_tok = {}, 0.0, 0
+    for micro, idx in enumerate(micro_idx):
         sync = not run.ddp or micro == accum - 1
         with (nullcontext() if sync else module.no_sync()):
-            loss, m, nt = pair_batch_loss(module, ref, train_items, idx, "train", pad_id, device,
-                                          run.autocast, loss_type, **loss_args)
-            run.scaler.scale(loss / accum).backward()
+            loss, m, nt = pair_batch_loss(module, ref, train_items, idx, "train", pad_id, device, run.autocast,
+                                          loss_type, n_pairs, n_chosen, **loss_args)
+            run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
-        n_pairs += len(idx)
+        loss_sum += float(loss)
         n_tok += nt
-    metrics = {k: tu.all_reduce_mean(v / n_pairs, run) for k, v in sums.items()}
+    metrics = {k: tu.all_reduce_sum(v, run) / n_pairs for k, v in sums.items()}
+    metrics["loss"] = tu.all_reduce_sum(loss_sum, run)
     if not run.scaler.is_enabled():
-        tu.check_finite(metrics["loss"], iter_num, out_dir)
+        checkpointer.check_train_loss(iter_num, metrics["loss"])
     tu.optimizer_step(optimizer, run.scaler, grad_clip)
 
     n_tok = int(tu.all_reduce_sum(n_tok, run))

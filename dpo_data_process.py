@@ -14,9 +14,11 @@ Torch-free.
 import glob
 import json
 import os
+import sys
 
 from chat_data.poetry import build_poetry_pairs
 from chat_data.preferences import load_preferences, write_pairs
+from clean_data.atomic import write_json
 from clean_data.readers import ReadErrors
 from configurator import apply_overrides
 
@@ -32,13 +34,13 @@ count = ""  # comma-separated preference files: print the loaders' counts and ex
 
 
 def main():
+    """Count preference files (count) or build the demo set into out_dir. Raises OSError / ValueError naming the
+    input for a missing, empty or unusable one, and ValueError when the demo set would have no training pair;
+    nothing is written then."""
     if count:
         for path in [p for p in count.split(",") if p]:
             errors = ReadErrors()
-            try:
-                pairs, counts = load_preferences(path, errors)
-            except (OSError, ValueError) as e:  # a missing, empty or unusable file: say which, no traceback
-                raise SystemExit(str(e)) from None
+            pairs, counts = load_preferences(path, errors)
             turns = sum(len(p["prompt"]) for p in pairs) / len(pairs)
             print(json.dumps({"file": path, **dict(counts), "mean prompt turns": round(turns, 2)},
                              ensure_ascii=False))
@@ -50,14 +52,22 @@ def main():
     paths = sorted(glob.glob(os.path.join(demo_poetry, demo_glob))) if demo_glob else [demo_poetry]
     if not paths:
         raise SystemExit(f"no files match {os.path.join(demo_poetry, demo_glob)} (run make download)")
-    train, val, stats = build_poetry_pairs(paths, demo_poems, demo_val_poems, seed)
+    errors = ReadErrors(max_examples=3)  # the corpus reader's own skips: counted in stats, the first named
+    train, val, stats = build_poetry_pairs(paths, demo_poems, demo_val_poems, seed, errors=errors)
+    if not train:  # checked before out_dir is touched: an empty training set is never written
+        raise ValueError(f"no training pair from {demo_poetry}: all {stats['poems used']} poems used are held out "
+                         f"(demo_val_poems={demo_val_poems}); stats: {stats}")
     write_pairs(os.path.join(out_dir, "train.jsonl"), train)
     write_pairs(os.path.join(out_dir, "val.jsonl"), val)
-    with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
-        json.dump(stats, f, ensure_ascii=False, indent=1)
+    write_json(os.path.join(out_dir, "stats.json"), stats)
     print(f"demo preference set in {out_dir}: {stats}")
+    if errors.count:
+        print(errors.report())
 
 
 if __name__ == "__main__":
     apply_overrides(globals())
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a missing, empty or unusable input: say which, no traceback
+        sys.exit(f"error: {e}")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import checkpoint as ck
+from clean_data.readers import ReadErrors, iter_records, read_txt
 from chat_data.poetry import well_formed_poem
 from configurator import apply_overrides
 from tokenizer import StreamDecoder, Tokenizer
@@ -64,7 +65,7 @@ def sample(model, tok, prompt_list, device, autocast_ctx):
     idx = torch.zeros((len(encoded), max(lens)), dtype=torch.long)
     for i, e in enumerate(encoded):
         idx[i, :len(e)] = torch.tensor(e)
-    opts = dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
+    opts = dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
                 repetition_penalty=repetition_penalty, stop_ids=[tok.eos_id])
     results = []
     for s in range(num_samples):
@@ -93,8 +94,11 @@ def sample(model, tok, prompt_list, device, autocast_ctx):
 
 @torch.no_grad()
 def val_loss(model, path, device, autocast_ctx):
-    """Mean next-token loss over consecutive windows of the file (every token scored once)."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")
+    """Mean next-token loss (nats) over consecutive windows of a uint16 token file (every token scored once),
+    and how many tokens that is. The file is checked as training checks it (train_utils.open_bins)."""
+    if not path.endswith(".bin"):
+        raise SystemExit(f"{path}: --mode=loss reads a token file (.bin from data_process.py), not {path!r}")
+    data = tu.open_bins(path, model.args.vocab_size)[0][0]
     T = model.args.max_seq_len
     n_windows = min((len(data) - 1) // T, max(1, val_max_tokens // T))
     if n_windows < 1:
@@ -111,16 +115,16 @@ def val_loss(model, path, device, autocast_ctx):
 
 
 def _gen_opts(tok):
-    return dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
+    return dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
                 repetition_penalty=repetition_penalty, stop_ids=stop_ids(tok))
 
 
-def fit_history(tok, history, limit, system=None):
-    """The chat prompt, dropping the oldest exchanges until it fits `limit` tokens."""
+def fit_history(tok, history, max_prompt_tokens, system=None):
+    """The chat prompt, dropping the oldest exchanges until it fits max_prompt_tokens tokens."""
     while True:
         prompt = encode_prompt(tok, history, system or None)
-        if len(prompt) <= limit or len(history) <= 1:
-            return prompt[-limit:], history
+        if len(prompt) <= max_prompt_tokens or len(history) <= 1:
+            return prompt[-max_prompt_tokens:], history
         history = history[2:]
 
 
@@ -132,6 +136,9 @@ def chat_interactive(model, tok, device, autocast_ctx):
             line = input("用户> ")
         except EOFError:
             break
+        except UnicodeDecodeError:  # bytes the terminal's encoding cannot read: say so and go on
+            print("(that line was not valid text in the terminal's encoding; type it again)")
+            continue
         if line.strip() == "/quit":
             break
         if line.strip() == "/reset":
@@ -154,19 +161,36 @@ def chat_interactive(model, tok, device, autocast_ctx):
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
+def read_questions(path):
+    """The questions of a .txt file (one per line) or a .jsonl file ({"question", optional "system",
+    "reference", "kind"}). Lines that are not UTF-8, not JSON, or have no "question" string are skipped, counted
+    and named (file:line); no question at all is an error naming the file."""
+    errors = ReadErrors()
+    if path.endswith(".jsonl"):
+        items = []
+        for line, rec in iter_records(path, errors):
+            if isinstance(rec, dict) and isinstance(rec.get("question"), str) and rec["question"].strip():
+                items.append(rec)
+            else:
+                errors.add(path, line, "no question", 'want {"question": "..."}')
+    else:
+        items = [{"question": d["text"]} for d in read_txt(path, path, errors)]
+    if errors.count:
+        print(errors.report())
+    if not items:
+        raise SystemExit(f"{path}: no question to answer ({errors.count} lines skipped)")
+    return items
+
+
 def chat_batch(model, tok, device, autocast_ctx, path, out_path):
     """Answer every question of the file in padded batches; JSONL out; exact match etc. when references."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            items = [json.loads(line) for line in f if line.strip()]
-        else:
-            items = [{"question": line.rstrip("\n")} for line in f if line.strip()]
-    limit = model.args.max_seq_len - max_new_tokens
+    items = read_questions(path)
+    max_prompt_tokens = model.args.max_seq_len - max_new_tokens
     stops = set(stop_ids(tok))
     t0, n_new = time.time(), 0
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        prompts = [fit_history(tok, [{"role": "user", "content": it["question"]}], limit,
+        prompts = [fit_history(tok, [{"role": "user", "content": it["question"]}], max_prompt_tokens,
                                it.get("system") or system_prompt)[0] for it in chunk]
         lens = [len(p) for p in prompts]
         idx = torch.zeros((len(prompts), max(lens)), dtype=torch.long)
@@ -200,8 +224,12 @@ def chat_batch(model, tok, device, autocast_ctx, path, out_path):
     return scores
 
 
+MODES = ("sample", "loss", "all", "chat")
+
 if __name__ == "__main__":
     apply_overrides(globals())
+    if mode not in MODES:
+        raise SystemExit(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cpu":
@@ -215,7 +243,8 @@ if __name__ == "__main__":
     print(f"loaded {ckpt_path}: iteration {ckpt['iter_num']}, {model.num_params() / 1e6:.2f}M parameters")
     tok = Tokenizer(tokenizer_model or ckpt.get("tokenizer") or "")
     if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:
-        print(f"warning: {tok.model_path} is not the tokenizer the training data was made with (sha256 differs)")
+        raise SystemExit(f"{tok.model_path} is not the tokenizer the model was trained with (sha256 differs from "
+                         f"the checkpoint's {ckpt['tokenizer_sha256'][:12]}...): its text would be garbage")
     if tok.vocab_size != model.args.vocab_size:
         raise SystemExit(f"tokenizer {tok.model_path} has {tok.vocab_size} tokens, the model {model.args.vocab_size}")
     if mode == "chat":

@@ -43,11 +43,11 @@ def tokenize_conversations(convs, tok, max_seq_len):
 def pack_rows(order, lengths, max_seq_len):
     """Greedy packing of samples (lengths in tokens), in the given order, into rows of at most max_seq_len + 1
     tokens (max_seq_len positions once shifted). Returns a list of rows, each a list of sample indices."""
-    row_len = max_seq_len + 1
+    row_tokens = max_seq_len + 1
     rows, cur, used = [], [], 0
     for i in order:
-        n = min(int(lengths[i]), row_len)
-        if cur and used + n > row_len:
+        n = min(int(lengths[i]), row_tokens)
+        if cur and used + n > row_tokens:
             rows.append(cur)
             cur, used = [], 0
         cur.append(int(i))
@@ -65,12 +65,15 @@ class ConversationBatches:
     processes together (gradient_accumulation_steps)."""
 
     def __init__(self, samples, batch_size, micro_per_step, seed, pack, max_seq_len, pad_id):
+        if not samples:
+            raise ValueError("no samples: an empty training set would loop forever looking for a batch")
         self.samples, self.B, self.M, self.seed = samples, batch_size, micro_per_step, seed
         self.pack, self.max_seq_len, self.pad_id = pack, max_seq_len, pad_id
         self.lengths = np.array([len(s[0]) for s in samples])
         self._epochs = {}
 
     def units(self, epoch):
+        """The units of epoch (lists of sample indices), computed once and kept while that epoch is read."""
         if epoch not in self._epochs:
             order = np.random.default_rng([self.seed, 7, epoch]).permutation(len(self.samples))
             self._epochs = {epoch: pack_rows(order, self.lengths, self.max_seq_len) if self.pack
@@ -96,6 +99,7 @@ class ConversationBatches:
 
 
 def to_device_fn(device):
+    """A function moving a CPU tensor to device: pinned and non-blocking on GPUs, unchanged on the CPU."""
     if device.startswith("cuda"):
         return lambda t: t.pin_memory().to(device, non_blocking=True)
     return lambda t: t
@@ -149,12 +153,18 @@ class PackedLM(nn.Module):
         self.model = model
 
     def forward(self, x, y, pos, mask):
+        """x, y, pos: (B, T) int64; mask: (B, 1, T, T) bool -> (logits (B, T, V), mean loss over y != -1)."""
         logits = self.model._forward_positions(x, pos, mask)
         return logits, cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
 
 
+def scored_tokens(batch):
+    """How many targets of a collated batch are scored (y != -1)."""
+    return int((batch["y"] != IGNORE).sum())
+
+
 def sft_loss(module, batch):
-    """The mean loss per scored token of a collated batch (padded, or packed with pos and mask)."""
+    """The mean loss per scored token (nats) of a collated batch (padded, or packed with pos and mask)."""
     if "pos" in batch:
         return module(batch["x"], batch["y"], batch["pos"], batch["mask"])[1]
     return module(batch["x"], batch["y"], return_logits=False)[1]
@@ -185,14 +195,14 @@ def tokenize_pair(tok, pair, max_seq_len):
     """(prompt ids, chosen ids, rejected ids, truncated?) with prompt = the conversation so far + <|assistant|>
     and each reply = its content + <|end|> (exactly what encode_conversation gives the final assistant turn).
     Over max_seq_len + 1 tokens the prompt keeps its last half of that, then the replies are cut."""
-    limit = max_seq_len + 1
+    n_max = max_seq_len + 1  # tokens of prompt + reply
     prompt = encode_prompt(tok, pair["prompt"], pair.get("system"))
     replies = [tok.encode(pair[k]) + [tok.end_id] for k in ("chosen", "rejected")]
     truncated = False
-    if len(prompt) + max(map(len, replies)) > limit:
+    if len(prompt) + max(map(len, replies)) > n_max:
         truncated = True
-        prompt = prompt[-(limit // 2):] if len(prompt) > limit // 2 else prompt
-        replies = [r[:limit - len(prompt)] for r in replies]
+        prompt = prompt[-(n_max // 2):] if len(prompt) > n_max // 2 else prompt
+        replies = [r[:n_max - len(prompt)] for r in replies]
     return prompt, replies[0], replies[1], truncated
 
 
@@ -217,14 +227,18 @@ class PairBatches:
     concatenated epochs."""
 
     def __init__(self, n, batch_size, seed):
+        if n <= 0:
+            raise ValueError("no pairs: an empty training set has no batches")
         self.n, self.B, self.seed, self._perm = n, batch_size, seed, {}
 
     def perm(self, epoch):
+        """The permutation of pair indices for epoch (the latest one is kept)."""
         if epoch not in self._perm:
             self._perm = {epoch: np.random.default_rng([self.seed, 11, epoch]).permutation(self.n)}
         return self._perm[epoch]
 
     def get(self, global_micro):
+        """The B pair indices of global micro-step global_micro."""
         g = global_micro * self.B
         return [int(self.perm((g + k) // self.n)[(g + k) % self.n]) for k in range(self.B)]
 
@@ -321,19 +335,28 @@ def simpo_loss(avg_c, avg_r, beta, gamma, label_smoothing=0.0):
     return loss, beta * avg_c.detach(), beta * avg_r.detach()
 
 
+def log1m_exp(x):
+    """log(1 - exp(x)) for x <= 0, computed stably (log(-expm1(x)) near 0, log1p(-exp(x)) far from it; Maechler
+    2012). x is clamped to -1e-6 first: at x = 0 (a reply of probability 1) 1 - exp(x) is 0 and the log -inf."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def orpo_loss(avg_c, avg_r, beta):
     """ORPO: the chosen reply's per-token NLL plus beta times the odds-ratio term, no reference.
-    log odds(p) = log p - log(1 - p) with log p = avg (a mean token log-prob, so p < 1)."""
-    log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+    log odds(p) = log p - log(1 - p) with log p = avg (a mean token log-prob, so p <= 1)."""
+    log_odds = (avg_c - avg_r) - (log1m_exp(avg_c) - log1m_exp(avg_r))
     loss = -avg_c - beta * F.logsigmoid(log_odds)
     return loss, beta * avg_c.detach(), beta * avg_r.detach()
 
 
 def preference_loss(loss_type, pol_c, pol_r, ref_c, ref_r, n_c, n_r, beta, label_smoothing=0.0,
-                    simpo_gamma=0.5, sft_weight=0.0):
-    """The batch loss (a scalar: mean over pairs, plus the optional SFT term) and per-pair rewards.
-    pol_*/ref_*: summed reply log-probs (B,) of policy and reference (ref_* unused by simpo/orpo);
-    n_*: reply token counts (B,)."""
+                    simpo_gamma=0.5, sft_weight=0.0, n_pairs=None, n_chosen_tokens=None):
+    """The loss (a scalar) and per-pair rewards (rc, rr), each (B,). pol_*/ref_*: summed reply log-probs (B,) of
+    policy and reference (ref_* unused by simpo/orpo); n_*: reply token counts (B,).
+    loss = sum of the pair losses / n_pairs + sft_weight * (the chosen replies' summed token NLL) / n_chosen_tokens.
+    In training the two counts are those of the whole optimizer step (every micro-batch of every process), so the
+    gradient does not depend on how the step is split; None = this batch's own (the batch mean)."""
     if loss_type == "sigmoid":
         losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, label_smoothing)
     elif loss_type == "ipo":
@@ -346,9 +369,9 @@ def preference_loss(loss_type, pol_c, pol_r, ref_c, ref_r, n_c, n_r, beta, label
         losses, rc, rr = orpo_loss(pol_c / n_c, pol_r / n_r, beta)
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
-    loss = losses.mean()
-    if sft_weight:
-        loss = loss + sft_weight * (-pol_c.sum() / n_c.sum())  # mean NLL per chosen token
+    loss = losses.sum() / (len(losses) if n_pairs is None else n_pairs)
+    if sft_weight:  # NLL per chosen token
+        loss = loss + sft_weight * (-pol_c.sum() / (n_c.sum() if n_chosen_tokens is None else n_chosen_tokens))
     return loss, rc, rr
 
 
@@ -360,15 +383,18 @@ def pair_metrics(loss, pol_c, pol_r, rc, rr):
             # the model's own preference, no reference: does it give the chosen reply the higher log-prob?
             "logps/accuracy": float((pol_c > pol_r).float().sum()), "logps/margin": float((pol_c - pol_r).detach().sum())}
 
-def pair_batch_loss(module, reference, items, idx, split, pad_id, device, autocast, loss_type, **loss_args):
+def pair_batch_loss(module, reference, items, idx, split, pad_id, device, autocast, loss_type, n_pairs=None,
+                    n_chosen_tokens=None, **loss_args):
     """The preference loss of the pairs items[i], i in idx (their positions in split, for the cached
-    reference), in one forward pass of module: (loss, pair_metrics sums, input tokens without padding)."""
+    reference), in one forward pass of module, normalised by n_pairs and n_chosen_tokens (preference_loss):
+    (loss, pair_metrics sums, input tokens without padding)."""
     x, y = collate_pairs([items[i] for i in idx], pad_id)
     x, y = x.to(device), y.to(device)
     ref_c, ref_r = reference.logps(x, y, split, torch.tensor(idx))
     with autocast:
         pol_c, pol_r, n_c, n_r = concatenated_logps(module, x, y)
-    loss, rc, rr = preference_loss(loss_type, pol_c, pol_r, ref_c, ref_r, n_c, n_r, **loss_args)
+    loss, rc, rr = preference_loss(loss_type, pol_c, pol_r, ref_c, ref_r, n_c, n_r, n_pairs=n_pairs,
+                                   n_chosen_tokens=n_chosen_tokens, **loss_args)
     return loss, pair_metrics(loss.detach(), pol_c, pol_r, rc, rr), int((x != pad_id).sum())
 
 

@@ -11,6 +11,7 @@ A is initialised like nn.Linear (Kaiming uniform) and B with zeros, so a fresh a
 outputs unchanged. LoRALinear.weight is the effective (merged) weight, so code that reads .weight
 directly, such as Transformer's stacked generation weights, sees the adapted layer.
 """
+import dataclasses
 import math
 from contextlib import contextmanager
 
@@ -22,6 +23,12 @@ DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and Sw
 
 
 class LoRALinear(nn.Module):
+    """An nn.Linear `base` plus a trainable low-rank adapter (LoRA, Hu et al. 2021):
+    y = base(x) + (alpha / rank) * B A dropout(x), with A (rank, in_features) Kaiming-uniform and B
+    (out_features, rank) zeros, both on base.weight's device and dtype, so a fresh adapter changes nothing.
+    base is kept as given (apply_lora is what freezes it). rank must be positive: 0 raises ZeroDivisionError,
+    a negative rank RuntimeError."""
+
     def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
         super().__init__()
         self.base = base
@@ -36,20 +43,28 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self):
+        """The effective weight W + scaling * B A, (out_features, in_features) in base.weight's dtype, recomputed
+        on each access and differentiable in A and B (W itself within adapters_off, where scaling is 0)."""
         return self.base.weight + self.scaling * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
     @property
     def in_features(self):
+        """base.in_features, so the wrapper reads like an nn.Linear."""
         return self.base.in_features
 
     @property
     def out_features(self):
+        """base.out_features, so the wrapper reads like an nn.Linear."""
         return self.base.out_features
 
     def forward(self, x):
+        """x (..., in_features) -> (..., out_features): base(x) + scaling * B A dropout(x), without forming
+        B A; the dropout is on the adapter path only."""
         return self.base(x) + self.scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
     def merged(self):
+        """A new bias-free nn.Linear on base's device and dtype holding the merged weight (self.weight); self
+        is unchanged. A bias of base is not carried over (model.py's projections have none)."""
         lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False,
                         device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
@@ -57,6 +72,7 @@ class LoRALinear(nn.Module):
         return lin
 
     def extra_repr(self):
+        """rank and alpha, for print(model)."""
         return f"rank={self.rank}, alpha={self.alpha}"
 
 
@@ -70,6 +86,8 @@ def apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, 
     """Replace the nn.Linear submodules whose attribute name is in targets (a list, or a comma-separated
     string such as "wq,wv") by LoRALinear, in place; with freeze every other parameter stops requiring grad.
     Sets model.lora_config = {rank, alpha, dropout, targets} (what a checkpoint records). Returns the model.
+    targets may name "output": on a model with tied embeddings its adapter changes the output layer only (the
+    embedding lookup keeps W), and merge_lora then unties the two (see there).
     Raises ValueError for rank <= 0 or when no layer matches."""
     targets = _targets(targets)
     if rank <= 0:
@@ -118,11 +136,29 @@ def load_lora_state_dict(model, sd):
 @torch.no_grad()
 def merge_lora(model):
     """Fold every adapter into its base weight and put plain nn.Linear layers back, in place: the model
-    then has exactly the state_dict keys of the un-adapted Transformer (for eval, export, serving)."""
+    then has exactly the state_dict keys of the un-adapted Transformer (for eval, export, serving).
+
+    An adapter on the output layer of a model with tied embeddings (model.args.tie_embeddings) gives an
+    output matrix W + (alpha/r) B A that is no longer the embedding W: the merged model is untied, and
+    model.args becomes a copy with tie_embeddings=False (a copy: the args object may be shared with other
+    models), so Transformer(model.args) loads the merged state_dict and computes the same logits. When the
+    merged output equals the embedding exactly (an adapter that never moved), the tie is restored instead
+    and model.args is left as it was. model.args is the merged model's architecture. Returns the model."""
+    embedding = getattr(model, "tok_embeddings", None)
+    tied = [(module, name) for module in model.modules() for name, child in module.named_children()
+            if isinstance(child, LoRALinear) and embedding is not None and child.base.weight is embedding.weight]
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
+    for module, name in tied:
+        layer = getattr(module, name)
+        if torch.equal(layer.weight, embedding.weight):
+            layer.weight = embedding.weight  # nothing learned: share the tensor again, as before apply_lora
+        elif getattr(getattr(model, "args", None), "tie_embeddings", False):
+            # loading into a tied Transformer would write the merged output over the embedding (they share
+            # one tensor there), so the architecture itself must say "untied"
+            model.args = dataclasses.replace(model.args, tie_embeddings=False)
     model.__dict__.pop("lora_config", None)
     return model
 

@@ -9,6 +9,7 @@ of wq/wk. tests/test_model_hf_parity.py proves the logits equal.
 """
 import inspect
 import math
+import numbers
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -20,6 +21,23 @@ import torch.nn.functional as F
 
 @dataclass
 class ModelArgs:
+    """Hyperparameters of the Llama 2 network (Touvron et al. 2023).
+
+    dim: width D of the embeddings and the residual stream. n_layers: number of TransformerBlocks.
+    n_heads: query heads H; head_dim = dim // n_heads (Attention asserts dim % n_heads == 0).
+    n_kv_heads: key/value heads of grouped-query attention; None = n_heads (plain multi-head attention),
+        1 = multi-query attention; must divide n_heads (asserted).
+    vocab_size: V, the rows of the embedding and output matrices.
+    multiple_of, ffn_dim_multiplier: the SwiGLU hidden width is int(8 * dim / 3), scaled by ffn_dim_multiplier
+        when it is not None, rounded up to a multiple of multiple_of (see ffn_hidden_dim).
+    norm_eps: epsilon added to the mean square in every RMSNorm.
+    max_seq_len: longest sequence T the model takes (forward asserts T <= max_seq_len) and the length of the
+        RoPE tables; generation keeps prompt + new tokens within it.
+    dropout: probability used on the embedding output (in forward), the attention weights and the output of
+        every attention and feed-forward branch; active in train mode only.
+    tie_embeddings: the output layer shares tok_embeddings' (V, D) weight.
+    rope_theta: RoPE base; head dims i and i + head_dim/2 rotate by pos * rope_theta ** (-2i / head_dim) radians.
+    """
     dim: int = 288
     n_layers: int = 6
     n_heads: int = 6
@@ -35,6 +53,8 @@ class ModelArgs:
 
 
 def ffn_hidden_dim(args):
+    """Hidden width (int) of FeedForward for args (ModelArgs): int(8 * dim / 3), scaled by ffn_dim_multiplier
+    if set, rounded up to a multiple of multiple_of (768 for the defaults); LlamaConfig's intermediate_size."""
     # Llama 2: 2/3 of 4*dim (so SwiGLU's three matrices cost what a 4*dim GELU MLP's two do), optionally
     # scaled, rounded up to multiple_of for efficient kernels.
     hidden = int(2 * 4 * args.dim / 3)
@@ -44,12 +64,17 @@ def ffn_hidden_dim(args):
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), as in Llama 2: no mean subtraction, no bias, a
+    learned per-channel scale `weight` (dim,) initialised to ones; eps is added to the mean square."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        """x (..., D) -> (..., D): x / sqrt(mean(x^2 over D) + eps) * weight. The result has the promoted dtype
+        of x and weight (fp32 for bf16 x under autocast with fp32 weights)."""
         # normalise in fp32 even under autocast (the mean of squares loses precision in bf16), then scale;
         # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
@@ -64,6 +89,9 @@ def rope_cos_sin(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
+    """Rotary position embedding (RoPE, Su et al. 2021) in rotate-half layout. x (B, H, T, hd) with hd even;
+    cos, sin from rope_cos_sin indexed by position, (T, hd) or (B, 1, T, hd). Returns x's shape, in the dtype
+    promoted with cos/sin's (the fp32 tables turn bf16 x into fp32)."""
     # x: (B, H, T, hd); cos/sin broadcast to it. Rotating the pair (x_i, x_{i+hd/2}) by angle pos*freq_i.
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -71,6 +99,11 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE on queries and keys and grouped-query attention (GQA, Ainslie et al.
+    2023): n_kv_heads key/value heads, each shared by n_heads // n_kv_heads consecutive query heads
+    (n_kv_heads == n_heads is plain multi-head attention). Bias-free wq, wk, wv, wo, as in Llama 2.
+    Raises AssertionError unless dim % n_heads == 0 and n_heads % n_kv_heads == 0."""
+
     def __init__(self, args):
         super().__init__()
         self.n_heads = args.n_heads
@@ -85,6 +118,13 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(args.dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0, wqkv=None):
+        """x (B, T, D) -> (B, T, D). cos, sin: RoPE tables of the T positions, (T, hd) or (B, 1, T, hd).
+        mask: None = causal (the queries must then start at position 0, or T == 1), else a boolean mask
+        broadcastable to (B, H, T, S), True = may attend, S the keys (T, or cache_pos + T with a cache).
+        cache: (k, v) buffers (B, n_kv_heads, L, hd), written in place at columns [cache_pos, cache_pos + T);
+        the queries then attend to columns [0, cache_pos + T). wqkv: optional stacked [wq; wk; wv] weight
+        ((n_heads + 2 * n_kv_heads) * hd, D), used instead of the three projections.
+        Raises AssertionError when mask is None, T > 1 and cache_pos != 0."""
         B, T, _ = x.shape
         if wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -125,6 +165,9 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020), as in Llama 2: w2(silu(w1 x) * w3 x), bias-free, hidden width
+    ffn_hidden_dim(args), dropout on the output."""
+
     def __init__(self, args):
         super().__init__()
         hidden = ffn_hidden_dim(args)
@@ -134,6 +177,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x, w13=None):
+        """x (..., D) -> (..., D). w13: optional stacked [w1; w3] weight (2 * hidden, D), used instead of w1, w3."""
         if w13 is None:
             gate, up = self.w1(x), self.w3(x)
         else:  # [w1; w3] stacked, as wqkv above
@@ -142,6 +186,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """One pre-norm Llama 2 block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))."""
+
     def __init__(self, args):
         super().__init__()
         self.attention = Attention(args)
@@ -150,11 +196,19 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0, fused=(None, None)):
+        """x (B, T, D) -> (B, T, D). cos, sin, mask, cache, cache_pos as in Attention.forward (and its
+        AssertionError); fused: the stacked weights (wqkv, w13) for attention and feed-forward, or (None, None)."""
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos, fused[0])
         return h + self.feed_forward(self.ffn_norm(h), fused[1])
 
 
 class Transformer(nn.Module):
+    """The Llama 2 decoder-only language model: token embedding (V, D), n_layers TransformerBlocks, a final
+    RMSNorm and a bias-free output projection to V logits, tied to the embedding when args.tie_embeddings.
+    The RoPE cos/sin tables (max_seq_len, head_dim) are non-persistent buffers (not in the state_dict).
+    Linear and embedding weights start N(0, 0.02), the residual projections wo and w2 N(0, 0.02 / sqrt(2 * n_layers)).
+    Raises AssertionError for args that Attention rejects."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -236,8 +290,18 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
                  stop_ids=None, use_cache=True, prompt_lens=None, pad_id=0, generator=None):
-        """Generate for a batch of right-padded prompts idx (B, T) with true lengths prompt_lens.
-        Returns B lists of new token ids; a row ends after it emits a token in stop_ids (kept in the list)."""
+        """Generate for a batch of right-padded prompts idx (B, T) int64 with true lengths prompt_lens (B,)
+        (None = every row has length T; pad_id is not read: prompt_lens says where each row ends).
+        Returns B lists of new token ids; a row ends after it emits a token in stop_ids (kept in the list).
+
+        max_new_tokens: 0 returns B empty lists; must be < max_seq_len (prompts are cropped from the left so
+        prompt + new tokens fit). The sampling parameters, at their boundaries (see sample_next):
+        temperature 0 = greedy; top_k None, 0 or >= vocab_size = off, 1 = greedy; top_p None or 1 = off,
+        0 = greedy (only the top token is kept); repetition_penalty 1 = off. Greedy means the argmax of the
+        (penalised) logits, the same tokens whatever the temperature and generator.
+        Raises ValueError naming the parameter and its value for max_new_tokens < 0 or >= max_seq_len,
+        temperature < 0, top_k < 0, top_p outside [0, 1], repetition_penalty <= 0 (and non-finite or non-integer
+        values where a finite number or an integer is expected)."""
         out = [[] for _ in range(idx.shape[0])]
         for step_tokens, alive in self._generate_steps(idx, max_new_tokens, temperature, top_k, top_p,
                                                        repetition_penalty, stop_ids, use_cache, prompt_lens,
@@ -247,10 +311,21 @@ class Transformer(nn.Module):
                     out[b].append(step_tokens[b])
         return out
 
-    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                         repetition_penalty=1.0, stop_ids=None, use_cache=True, generator=None):
-        """Generate for one prompt (T,) or (1, T), yielding each new token id as soon as it is chosen."""
+        """Generate for one prompt (T,) or (1, T) int64, returning an iterator that yields each new token id
+        (int) as soon as it is chosen and stops after a token in stop_ids (yielded). Parameters and their
+        boundaries as in generate: max_new_tokens 0 yields nothing. The ValueError for an invalid parameter
+        is raised here, at the call, not at the first next()."""
+        check_generation_args(max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p,
+                              repetition_penalty)
+        return self._stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+                            use_cache, generator)
+
+    @torch.inference_mode()
+    def _stream(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids, use_cache,
+                generator):
+        """generate_stream's generator (a separate function so that generate_stream validates eagerly)."""
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
         for step_tokens, alive in self._generate_steps(idx, max_new_tokens, temperature, top_k, top_p,
@@ -268,8 +343,10 @@ class Transformer(nn.Module):
         device = idx.device
         lens = torch.full((B,), T, dtype=torch.long) if prompt_lens is None else torch.as_tensor(prompt_lens)
         max_len = self.args.max_seq_len
-        if max_new_tokens >= max_len:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be < max_seq_len={max_len}")
+        check_generation_args(max_new_tokens, max_len, temperature, top_k, top_p, repetition_penalty)
+        if max_new_tokens == 0:  # nothing to generate: skip the prompt re-layout and the caches
+            return
+        max_new_tokens = int(max_new_tokens)
         keep = max_len - max_new_tokens  # crop prompts from the left so prompt + new tokens fit the context
         tokens = torch.zeros((B, min(int(lens.max()), keep)), dtype=torch.long, device=device)
         lens = lens.clamp(max=tokens.shape[1])
@@ -326,6 +403,10 @@ class Transformer(nn.Module):
     # ---- training helpers ----------------------------------------------------------------------------
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """torch.optim.AdamW over the parameters that require grad, in two groups: matrices (dim >= 2) get
+        weight_decay; RMSNorm weights and tok_embeddings.weight (with the output when tied; an untied output
+        is decayed) get 0. betas: (beta1, beta2); device_type: "cuda", "cpu", ... The fused implementation is
+        asked for on cuda and cpu when AdamW has it; if that raises RuntimeError or TypeError, plain AdamW."""
         # decay matmul weights only; norms and embeddings (a lookup table, and the tied output) are not decayed
         decay, no_decay = [], []
         for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings.weight
@@ -383,6 +464,9 @@ class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets):
+        """logits (N, V), targets (N,) int64 -> 0-dim fp32 mean loss in nats over targets != -1 (0 when all are
+        -1). Saves the fp32 softmax (N, V) for backward. A target probability below fp32's smallest normal
+        is clamped to it: that row's loss is ~87.3 nats rather than inf."""
         probs = torch.softmax(logits.float(), dim=-1)
         valid = targets != -1
         safe = targets.clamp(min=0)
@@ -396,6 +480,9 @@ class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """grad (0-dim) -> (dloss/dlogits (N, V) in logits' dtype, None): (softmax - one_hot) * grad / count,
+        zero rows for ignored targets. Overwrites the saved softmax, so a second backward through the same
+        graph (retain_graph=True) raises RuntimeError."""
         probs, safe, valid, count = ctx.saved_tensors
         probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0  # softmax - one_hot, in place
         probs.mul_((grad / count) * valid[:, None])
@@ -403,6 +490,9 @@ class CrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(logits, targets):
+    """Mean cross-entropy in nats of logits (N, V) against targets (N,) (int64 class ids, -1 = ignored), a 0-dim
+    fp32 tensor; matches F.cross_entropy(logits.float(), targets, ignore_index=-1), except that all-ignored
+    targets give 0 instead of nan. The gradient has logits' dtype; see CrossEntropy (one backward only)."""
     return CrossEntropy.apply(logits, targets)
 
 
@@ -415,6 +505,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, compute_dtype, chunk):
+        """h (N, D), weight (V, D), targets (N,) int64 (-1 = ignored) -> 0-dim fp32 mean loss in nats over the
+        non-ignored rows (0 when none). compute_dtype: dtype of the matmuls; chunk: rows per step, so at most
+        (chunk, V) fp32 logits exist at a time. Also computes and saves the gradients (grad_h (N, D) in h's
+        dtype, grad_w (V, D) fp32), which the forward pays for even under torch.no_grad. Autocast is off here."""
         with torch.autocast(h.device.type, enabled=False):
             valid = targets != -1
             safe = targets.clamp(min=0)
@@ -439,35 +533,81 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """grad (0-dim) -> (dloss/dh (N, D) in h's dtype, dloss/dweight (V, D) in weight's dtype, None, None,
+        None): the gradients saved by forward, scaled by grad / count."""
         grad_h, grad_w, count = ctx.saved_tensors
         scale = grad / count
         return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
 def linear_cross_entropy(h, weight, targets, chunk=512):
+    """cross_entropy(h @ weight.T, targets) without holding the (N, V) logits: h (N, D) final hidden states,
+    weight (V, D) output matrix, targets (N,) int64 with -1 = ignored -> 0-dim fp32 mean loss in nats (0 when
+    all are ignored). The matmuls run in the autocast dtype when autocast is on for h's device type, else in
+    h's dtype, the softmax in fp32, `chunk` rows at a time (see LinearCrossEntropy)."""
     device_type = h.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     return LinearCrossEntropy.apply(h, weight, targets, dtype, chunk)
 
 
+def _is_count(x):
+    """True for an integer-valued finite number >= 0 (3 or 3.0; not True, nan, inf or "3")."""
+    return (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+            and int(x) == x)
+
+
+def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
+    """Raise ValueError, naming the parameter and its value, unless temperature is a finite number >= 0, top_k
+    is None or an integer >= 0, top_p is None or a number in [0, 1] and repetition_penalty a finite number > 0.
+    The boundaries themselves are valid: see sample_next for what each one means."""
+    # every test is written to fail for nan too (comparisons with nan are False)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and not _is_count(top_k):
+        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 0 (None or 0 = off, 1 = greedy)")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p={top_p!r} must be None or in [0, 1] (0 = greedy, None or 1 = off)")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a finite number > 0 (1 = off)")
+
+
+def check_generation_args(max_new_tokens, max_seq_len, temperature, top_k, top_p, repetition_penalty):
+    """check_sampling_args, and max_new_tokens an integer in [0, max_seq_len); else ValueError naming it."""
+    if not _is_count(max_new_tokens):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0 (0 = no new tokens)")
+    if max_new_tokens >= max_seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be < max_seq_len={max_seq_len}")
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+
+
 def sample_next(logits, temperature, top_k, top_p, repetition_penalty=1.0, seen=None, generator=None):
-    """Choose the next token per row from logits (B, V). Order as in HF: repetition penalty, temperature,
-    top-k, top-p. temperature 0 = greedy."""
+    """Choose the next token per row: logits (B, V) float -> token ids (B,) int64. Order as in HF: repetition
+    penalty (CTRL's, on the tokens where seen (B, V) bool is True), temperature, top-k, top-p, then one draw
+    per row from the softmax with generator (a torch.Generator or None = the global RNG).
+
+    Boundaries: temperature 0 = greedy; top_k None or 0 = off, >= V = off (every token stays), 1 = greedy;
+    top_p None or 1 = off, 0 = greedy (only the top token stays); repetition_penalty 1 = off. Greedy is the
+    argmax of the (penalised) logits and draws nothing from the generator.
+    Raises ValueError naming the parameter and its value for temperature < 0, top_k < 0 (or not an integer),
+    top_p outside [0, 1], repetition_penalty <= 0, and a non-finite temperature or repetition_penalty."""
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     if seen is not None and repetition_penalty != 1.0:
         # CTRL's penalty: make already-seen tokens less likely whatever the sign of their logit
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalised, logits)
-    if temperature == 0.0:
+    # every limit that keeps only the top token is argmax itself: exact, whatever ties or temperature
+    if temperature == 0.0 or top_k == 1 or top_p == 0.0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+    if top_k is not None and 0 < top_k < logits.size(-1):  # top_k >= V keeps every token: nothing to do
+        kth = torch.topk(logits, int(top_k), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens before it already cover top_p; the most likely token always stays
-        drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -6,6 +6,7 @@ Several GPUs:       torchrun --standalone --nproc_per_node=8 pretrain.py config/
 Several nodes:      torchrun --nnodes=2 --node_rank=0 --master_addr=IP --master_port=29500 --nproc_per_node=8 pretrain.py ...
 Any global below can be overridden with --key=value after the config files.
 """
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -23,6 +24,7 @@ out_dir = "out/pretrain"
 train_data = "out/data/poetry/train.bin"  # comma-separated paths or globs: several corpora mix by length
 val_data = "out/data/poetry/val.bin"
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+overwrite = False  # a new run (not resume) over an existing out_dir/ckpt.pt: refused unless True
 eval_interval = 200
 eval_iters = 20
 log_interval = 10
@@ -67,17 +69,17 @@ run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # resuming: the architecture (dim, ..., max_seq_len, which the batches use too) becomes the checkpoint's
-ckpt = ck.resume(init_from, "scratch", ckpt_path, device, globals(), config_keys, changed, ck.ARCHITECTURE_KEYS)
+ckpt = ck.resume(init_from, "scratch", ckpt_path, device, globals(), config_keys, changed, ck.ARCHITECTURE_KEYS,
+                 overwrite)
 iter_num = ckpt["iter_num"] if ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- data -------------------------------------------------------------------------------------------------
-train_bins, train_paths = tu.open_bins(train_data)
-val_bins, _ = tu.open_bins(val_data) if val_data else (None, None)
-meta = tu.read_meta(train_paths[0])
+train_bins, train_paths, meta = tu.open_bins(train_data, vocab_size)  # checked: see open_bins
+val_bins = tu.open_bins(val_data, vocab_size, like=meta)[0] if val_data else None
 if not vocab_size:
     if "vocab_size" not in meta:
-        raise SystemExit(f"vocab_size not set and no meta.json beside {train_paths[0]}")
+        raise SystemExit(f"vocab_size not set and no vocab_size in the meta.json beside {train_paths[0]}")
     vocab_size = meta["vocab_size"]
 tokens_per_iter = gradient_accumulation_steps * batch_size * max_seq_len
 config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
@@ -109,19 +111,23 @@ if compile:
 model = tu.wrap_ddp(model, run)
 
 # ---- training loop ----------------------------------------------------------------------------------------
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=ckpt is not None, enabled=master)
+log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, ckpt, run, raw_model, optimizer, log, eval_interval,
-                               always_save_checkpoint, model_args=model_args, **ckpt_fields)
+                               always_save_checkpoint, ceiling=math.log(vocab_size), model_args=model_args,
+                               **ckpt_fields)
 del ckpt
 timer = tu.StepTimer()
 running_mfu = -1.0
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes)
-    if val_bins is not None and checkpointer.eval_due(iter_num, last):
-        val_loss = tu.estimate_loss(raw_model, val_bins, batch_size, max_seq_len, eval_iters, device, run.autocast)
-        val_loss = tu.all_reduce_mean(val_loss, run)
-        log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
+    if checkpointer.eval_due(iter_num, last):
+        val_loss = None  # without validation data the checkpoint is still written every eval_interval
+        if val_bins is not None:
+            val_loss = tu.estimate_loss(raw_model, val_bins, batch_size, max_seq_len, eval_iters, device,
+                                        run.autocast)
+            val_loss = tu.all_reduce_mean(val_loss, run)
+            log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
         checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time
     if last:
@@ -136,12 +142,14 @@ while True:
         with (nullcontext() if sync else model.no_sync()):
             with run.autocast:
                 _, loss = model(x, y, return_logits=False)
-                loss = loss / accum  # DDP then averages over processes: the mean over all micro-batches
+                # every micro-batch holds batch_size x max_seq_len scored tokens, so this, averaged by DDP over
+                # processes, is the sum of all token losses / their global count however the batch is split
+                loss = loss / accum
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     loss_value = tu.all_reduce_mean(float(loss_sum), run)
     if not run.scaler.is_enabled():
-        tu.check_finite(loss_value, iter_num, out_dir)  # before the update, so the weights stay good
+        checkpointer.check_train_loss(iter_num, loss_value)  # before the update, so the weights stay good
     tu.optimizer_step(optimizer, run.scaler, grad_clip)
 
     dt = timer.lap(tokens_per_iter)

@@ -16,6 +16,7 @@ With lora_rank > 0 only LoRA adapters train (lora.py); ckpt.pt then holds the ad
 state) and names its base checkpoint, and merged.pt holds the merged model for eval.py and export.
 The pieces (batches, packing, the loss) are in finetune.py; checkpoints in checkpoint.py.
 """
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -25,7 +26,8 @@ import torch
 import checkpoint as ck
 from chat_data.conversations import load_conversations
 from configurator import configure
-from finetune import ConversationBatches, PackedLM, sft_loss, sft_validation_loss, tokenize_conversations
+from finetune import (ConversationBatches, PackedLM, scored_tokens, sft_loss, sft_validation_loss,
+                      tokenize_conversations)
 from tokenizer.chat_template import IGNORE
 import train_utils as tu
 
@@ -35,6 +37,7 @@ out_dir = "out/sft"
 train_data = "out/sft_data/train.jsonl"
 val_data = "out/sft_data/val.jsonl"  # "" = no validation
 init_from = "pretrain"  # 'pretrain': start from the weights of init_ckpt; 'resume': continue out_dir/ckpt.pt
+overwrite = False  # a new run (not resume) over an existing out_dir/ckpt.pt: refused unless True
 init_ckpt = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an SFT one (full or LoRA) to continue from
 tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt
 eval_interval = 100
@@ -78,7 +81,8 @@ run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's
-resume_ckpt = ck.resume(init_from, "pretrain", ckpt_path, device, globals(), config_keys, changed, ck.FINETUNE_KEYS)
+resume_ckpt = ck.resume(init_from, "pretrain", ckpt_path, device, globals(), config_keys, changed,
+                        ck.FINETUNE_KEYS, overwrite)
 iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
@@ -103,6 +107,8 @@ tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args
 pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
 train_samples, dropped = tokenize_conversations(load_conversations(train_data), tok, max_seq_len)
 val_samples = tokenize_conversations(load_conversations(val_data), tok, max_seq_len)[0] if val_data else []
+if not train_samples:
+    raise SystemExit(f"{train_data}: no conversation with a scored token ({dropped} dropped): nothing to train on")
 batches = ConversationBatches(train_samples, batch_size, gradient_accumulation_steps, seed, pack, max_seq_len, pad_id)
 if master:
     scored = sum(int((s[1][1:] != IGNORE).sum()) for s in train_samples)
@@ -112,9 +118,10 @@ if master:
 
 # ---- training loop ----------------------------------------------------------------------------------------
 config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), resume=resume_ckpt is not None, enabled=master)
+log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
-                               always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
+                               always_save_checkpoint, ceiling=math.log(model_args["vocab_size"]),
+                               model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
 timer = tu.StepTimer()
@@ -122,28 +129,34 @@ del resume_ckpt
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes)
-    if val_samples and checkpointer.eval_due(iter_num, last):
-        val_loss = sft_validation_loss(raw_model, val_samples, batch_size, eval_iters, pad_id, device, run.autocast)
-        log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
+    if checkpointer.eval_due(iter_num, last):
+        val_loss = None  # without validation data the checkpoint is still written every eval_interval
+        if val_samples:
+            val_loss = sft_validation_loss(raw_model, val_samples, batch_size, eval_iters, pad_id, device,
+                                           run.autocast)
+            log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
         checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time
     if last:
         break
 
+    # the objective is the sum of the token losses over the whole iteration (every micro-step of every process)
+    # divided by its scored-token count, so batch x accumulation x processes can be traded with the same gradient
+    micro_batches = [batches.get(iter_num, run.rank * accum + micro, device) for micro in range(accum)]
+    n_scored = tu.all_reduce_sum(sum(scored_tokens(b) for b, _ in micro_batches), run)
     loss_sum, n_tok = 0.0, 0
-    for micro in range(accum):
-        batch, put = batches.get(iter_num, run.rank * accum + micro, device)
+    for micro, (batch, put) in enumerate(micro_batches):
         n_tok += batch.pop("n_tokens")
         batch = {k: put(v) for k, v in batch.items()}
         sync = not run.ddp or micro == accum - 1
         with (nullcontext() if sync else module.no_sync()):
             with run.autocast:
-                loss = sft_loss(module, batch) / accum  # mean over micro-batches of the per-token mean
-            run.scaler.scale(loss).backward()
+                loss = sft_loss(module, batch) * scored_tokens(batch) / n_scored  # this micro-batch's share
+            run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
         loss_sum += loss.detach()
-    loss_value = tu.all_reduce_mean(float(loss_sum), run)
+    loss_value = tu.all_reduce_sum(float(loss_sum), run)
     if not run.scaler.is_enabled():
-        tu.check_finite(loss_value, iter_num, out_dir)
+        checkpointer.check_train_loss(iter_num, loss_value)
     tu.optimizer_step(optimizer, run.scaler, grad_clip)
 
     n_tok = int(tu.all_reduce_sum(n_tok, run))

@@ -19,17 +19,23 @@ longest prefix of whole exchanges that fits), and exact duplicates. Sources mix 
 keeps a random half of a source, 2.0 repeats it twice, 1.5 once plus a random half), deterministic with `seed`;
 `val_fraction` of the conversations is held out.
 
+Every input is read and checked before out_dir is touched. An input that gives no usable conversation (empty,
+all malformed, all filtered), a demo corpus that gives none, or no training conversation left after mixing and
+the split, is an error naming the input(s) and how many records were dropped for what (exit status 1), and so
+is a path that is not a readable file; nothing is written or replaced then. Every output is written atomically.
+
 --demo_poetry builds a demo set from the chinese-poetry corpus' own metadata (titles, authors, lines) so the
 demo needs no other download; see chat_data.poetry.build_poetry_demo(). Its held-out poems also give
 eval_questions.jsonl.
 """
-import json
 import os
 import random
+import sys
 from collections import Counter
 
-from chat_data.conversations import Filter, mix, read_raw_conversations, write_conversations
+from chat_data.conversations import Filter, mix, nothing_usable, read_raw_conversations, write_conversations
 from chat_data.poetry import build_poetry_demo
+from clean_data.atomic import write_json, write_jsonl
 from clean_data.readers import ReadErrors
 from configurator import apply_overrides
 
@@ -50,7 +56,46 @@ seed = 1337
 # -----------------------------------------------------------------------------------------------------------
 
 
+def read_source(path, filt, errors, formats):
+    """The conversations of one input file that pass filt (a Filter shared by all inputs, so duplicates across
+    them count), printing how many were parsed and kept. Records the reader skips go to errors (a ReadErrors),
+    the formats found to the Counter formats. Raises ValueError naming the file, how many records were dropped
+    and why, when none is kept; FileNotFoundError, IsADirectoryError or ValueError for a path that is not a
+    readable .json, .jsonl or .parquet file."""
+    read_before, filter_before = Counter(errors.by_reason), Counter(filt.counts)
+    parsed = list(read_raw_conversations(path, errors, formats))
+    kept = [c for c in map(filt, parsed) if c is not None]
+    print(f"{path}: {len(parsed):,} conversations parsed, {len(kept):,} kept")
+    if not kept:
+        filtered = Counter({k: v for k, v in (filt.counts - filter_before).items() if "kept" not in k})
+        raise nothing_usable(path, "conversation", errors, (Counter(errors.by_reason) - read_before) + filtered)
+    return kept
+
+
+def read_demo(path, tok, limit, seed):
+    """The demo set of the chinese-poetry corpus at path through its own Filter: (train conversations, held-out
+    conversations, evaluation questions, stats). Raises ValueError naming the corpus and the counts when no
+    training conversation is left (no regular poem found, all of them held out, all filtered)."""
+    demo_filter = Filter(tok, limit, overlong, dedup)
+    corpus_errors = ReadErrors(max_examples=3)  # the corpus reader's own skips, summarised only
+    dtrain, dval, questions, demo_stats = build_poetry_demo(path, demo_max_poems, demo_eval_poems, seed,
+                                                            corpus_errors)
+    demo_stats["corpus records skipped by the reader"] = corpus_errors.count
+    dtrain = [c for c in map(demo_filter, dtrain) if c is not None]
+    dval = [c for c in map(demo_filter, dval) if c is not None]
+    demo_stats["filters"] = dict(demo_filter.counts)
+    if not dtrain:
+        raise ValueError(f"{path}: no demo training conversation (demo_max_poems={demo_max_poems}, "
+                         f"demo_eval_poems={demo_eval_poems} held out): {demo_stats}; {corpus_errors.brief()}")
+    print(f"demo set from {path}: {demo_stats}")
+    return dtrain, dval, questions, demo_stats
+
+
 def main():
+    """Read, filter, mix and split the inputs (and the demo set) and write out_dir. Every input is read and
+    checked before out_dir is touched: raises ValueError naming the input(s) and the counts when an input gives
+    no usable conversation or no training conversation is left, OSError for a path that is not a readable
+    file; nothing is written then. Returns the stats dict."""
     if overlong not in ("drop", "truncate"):
         raise SystemExit(f"overlong must be 'drop' or 'truncate', not {overlong!r}")
     tok = None
@@ -66,44 +111,34 @@ def main():
     errors, formats = ReadErrors(), Counter()
     limit = max_seq_len + 1 if max_seq_len else 0  # max_seq_len + 1 tokens give max_seq_len targets
     filt = Filter(tok, limit, overlong, dedup)
-    per_source, stats = [], {}
-    for p in paths:
-        parsed = list(read_raw_conversations(p, errors, formats))
-        kept = [c for c in map(filt, parsed) if c is not None]
-        per_source.append(kept)
-        print(f"{p}: {len(parsed):,} conversations parsed, {len(kept):,} kept")
+    per_source = [read_source(p, filt, errors, formats) for p in paths]
     rng = random.Random(seed)
     convs = mix(per_source, rs, rng)
     rng.shuffle(convs)
     n_val = int(round(val_fraction * len(convs))) if convs else 0
     val, train = convs[:n_val], convs[n_val:]
+    stats, questions = {}, []
     if demo_poetry:
-        demo_filter = Filter(tok, limit, overlong, dedup)
-        corpus_errors = ReadErrors(max_examples=3)  # the corpus reader's own skips, summarised only
-        dtrain, dval, questions, demo_stats = build_poetry_demo(demo_poetry, demo_max_poems, demo_eval_poems,
-                                                                seed, corpus_errors)
-        demo_stats["corpus records skipped by the reader"] = corpus_errors.count
-        dtrain = [c for c in map(demo_filter, dtrain) if c is not None]
-        dval = [c for c in map(demo_filter, dval) if c is not None]
+        dtrain, dval, questions, stats["demo"] = read_demo(demo_poetry, tok, limit, seed)
         train, val = train + dtrain, val + dval
         rng.shuffle(train)
-        qpath = os.path.join(out_dir, "eval_questions.jsonl")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(qpath, "w", encoding="utf-8") as f:
-            for q in questions:
-                f.write(json.dumps(q, ensure_ascii=False) + "\n")
-        stats["demo"] = dict(demo_stats, filters=dict(demo_filter.counts))
-        print(f"demo set from {demo_poetry}: {demo_stats}; filters {dict(demo_filter.counts)}; "
-              f"{len(questions)} evaluation questions -> {qpath}")
-    ext = "parquet" if out_format == "parquet" else "jsonl"
-    write_conversations(os.path.join(out_dir, f"train.{ext}"), train, out_format)
-    write_conversations(os.path.join(out_dir, f"val.{ext}"), val, out_format)
+    if not train:  # e.g. every ratio 0, or val_fraction holding out all of a small set
+        raise ValueError(f"no training conversation left from {', '.join(paths)}: {len(convs)} after mixing with "
+                         f"ratios {rs}, {n_val} of them held out for val (val_fraction={val_fraction})")
     turns = Counter(len(c["messages"]) // 2 for c in train + val)
     stats.update(formats=dict(formats), filters=dict(filt.counts), malformed=errors.to_dict(),
                  train=len(train), val=len(val), exchanges_per_conversation=dict(sorted(turns.items())),
                  with_system=sum(1 for c in train + val if c.get("system")))
-    with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
-        json.dump(stats, f, ensure_ascii=False, indent=1)
+    # everything is checked: only now is out_dir touched
+    ext = "parquet" if out_format == "parquet" else "jsonl"
+    os.makedirs(out_dir, exist_ok=True)
+    if demo_poetry:
+        qpath = os.path.join(out_dir, "eval_questions.jsonl")
+        write_jsonl(qpath, questions)
+        print(f"{len(questions)} evaluation questions -> {qpath}")
+    write_conversations(os.path.join(out_dir, f"train.{ext}"), train, out_format)
+    write_conversations(os.path.join(out_dir, f"val.{ext}"), val, out_format)
+    write_json(os.path.join(out_dir, "stats.json"), stats)
     print(f"formats detected: {dict(formats)}")
     print("filters: " + ", ".join(f"{k} {v:,}" for k, v in filt.counts.most_common()))
     print(errors.report())
@@ -114,4 +149,7 @@ def main():
 
 if __name__ == "__main__":
     apply_overrides(globals())
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a missing, empty or unusable input: say which, no traceback
+        sys.exit(f"error: {e}")

@@ -39,6 +39,7 @@ class Run:
 
     @property
     def master(self):
+        """Rank 0: the process that prints, logs and writes files."""
         return self.rank == 0
 
 
@@ -85,6 +86,7 @@ def setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir):
 
 
 def cleanup_ddp(run):
+    """Leave the process group at the end of a torchrun run (nothing to do in a single process)."""
     if run.ddp and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -113,8 +115,14 @@ def wrap_ddp(module, run):
 
 # ---- precision --------------------------------------------------------------------------------------------
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def resolve_dtype(dtype, device_type):
-    """'auto' = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    """'auto' = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU. Raises SystemExit naming the
+    allowed values for anything else."""
+    if dtype not in DTYPES:
+        raise SystemExit(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
@@ -132,6 +140,7 @@ def amp_setup(device_type, dtype):
 
 
 def configure_cpu():
+    """CPU settings every script uses."""
     # subnormal floats make CPU matmuls 2-5x slower a few steps into training; flush them to zero
     torch.set_flush_denormal(True)
 
@@ -180,6 +189,7 @@ class StepTimer:
         self.seconds, self.tokens = 0.0, 0
 
     def lap(self, n_tokens):
+        """End an iteration that trained on n_tokens; returns its seconds."""
         t = self.clock()
         dt, self.t0 = t - self.t0, t
         self.seconds += dt
@@ -187,17 +197,27 @@ class StepTimer:
         return dt
 
     def skip(self):
+        """Leave the time since the last lap out of every iteration (evaluation, saving)."""
         self.t0 = self.clock()
 
     def out_of_time(self, max_minutes):
+        """True once the wall time since the start has reached max_minutes (0 = never)."""
         return bool(max_minutes) and (self.clock() - self.start) / 60 >= max_minutes
 
 
 # ---- token files ------------------------------------------------------------------------------------------
 
-def open_bins(spec):
-    """Memory-map one or many uint16 token files: a comma-separated list of paths or globs. Returns (list of
-    1-D np.memmap, their paths). Raises FileNotFoundError naming a part that matches no file."""
+def open_bins(spec, vocab_size=None, like=None):
+    """Memory-map one or many uint16 token files (spec: comma-separated paths or globs) after checking each, so
+    that wrong token data is refused by name instead of training silently:
+    - its meta.json (data_process.py writes it beside the .bin files) exists and says dtype uint16;
+    - the byte length is even, not zero, and matches the token count meta.json gives for the file (an int32
+      file has twice the bytes);
+    - every file (and `like`, another file's meta dict, e.g. train's for val) comes from one tokenizer: the same
+      tokenizer_sha256 and vocab_size;
+    - the largest id is below vocab_size (default: meta.json's), one pass over each file.
+    Returns (list of 1-D np.memmap uint16, their paths, the first file's meta dict). Raises FileNotFoundError
+    for a part that matches no file or a missing meta.json, ValueError naming the file for everything else."""
     import glob
     paths = []
     for part in [p for p in spec.split(",") if p]:
@@ -205,14 +225,55 @@ def open_bins(spec):
         if not matches:
             raise FileNotFoundError(f"token file {part!r} not found (run data_process.py first)")
         paths += matches
-    return [np.memmap(p, dtype=np.uint16, mode="r") for p in paths], paths
+    if not paths:
+        raise FileNotFoundError(f"no token file given ({spec!r})")
+    bins, first = [], like
+    for p in paths:
+        meta = read_meta(p)
+        check_bin(p, meta, first)
+        first = first or meta
+        bins.append(np.memmap(p, dtype=np.uint16, mode="r"))
+    vocab_size = vocab_size or first.get("vocab_size")
+    for p, b in zip(paths, bins):
+        top = max_token(b)
+        if vocab_size and top >= vocab_size:
+            raise ValueError(f"{p}: token id {top} >= vocab_size {vocab_size}: not tokens of this model's "
+                             f"tokenizer (or not uint16 token ids at all)")
+    return bins, paths, read_meta(paths[0])
+
+
+def check_bin(path, meta, like=None):
+    """The checks of open_bins that need no pass over the data (ValueError naming path)."""
+    if meta.get("dtype", "uint16") != "uint16":
+        raise ValueError(f"{path}: meta.json says dtype {meta['dtype']!r}; token files are uint16")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise ValueError(f"{path}: {size} bytes, an odd number: not a file of uint16 tokens")
+    if size == 0:
+        raise ValueError(f"{path}: no tokens (data_process.py writes an empty val.bin when the corpus is too small "
+                         f"for val_fraction: raise it, or train without validation: --val_data='')")
+    name = os.path.splitext(os.path.basename(path))[0]  # train.bin -> train_tokens in meta.json
+    expected = meta.get(f"{name}_tokens")
+    if expected is not None and expected * 2 != size:
+        raise ValueError(f"{path}: {size} bytes but meta.json counts {expected:,} uint16 tokens ({expected * 2:,} "
+                         f"bytes): another dtype, or a file from another run of data_process.py")
+    for key in ("tokenizer_sha256", "vocab_size"):
+        if like is not None and like.get(key) and meta.get(key) and like[key] != meta[key]:
+            raise ValueError(f"{path}: {key} {meta[key]} differs from the other token files' {like[key]}: "
+                             f"files tokenized with different tokenizers cannot be mixed")
+
+
+def max_token(tokens, chunk=1 << 26):
+    """The largest id in a 1-D token array, read in chunks (a memmap is not loaded whole)."""
+    return max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
 
 
 def read_meta(bin_path):
-    """The meta.json that data_process.py writes beside a .bin file, or {} if there is none."""
+    """The meta.json that data_process.py writes beside a .bin file. Raises FileNotFoundError naming it."""
     path = os.path.join(os.path.dirname(os.path.abspath(bin_path)), "meta.json")
     if not os.path.exists(path):
-        return {}
+        raise FileNotFoundError(f"{path} not found: every token file needs the meta.json data_process.py writes "
+                                f"beside it (its tokenizer, vocab_size and token counts)")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -261,6 +322,7 @@ def atomic_write(path, write_fn):
     """write_fn(tmp) writes a temp file in the same folder, then it is renamed to path: a crash never leaves
     half a file at path, and the temp file is removed whatever happens."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         write_fn(tmp)
@@ -270,7 +332,33 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def remove_stale_temps(path):
+    """Remove the temp files (path.tmp.<pid>) that writers killed mid-write left behind: those whose process is
+    gone. A live writer's temp file (another process saving now) is left alone."""
+    import glob
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
+        pid = tmp.rsplit(".", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def pid_alive(pid):
+    """True when a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def rng_state():
+    """This process's RNG state (torch, Python, and CUDA when present) as tensors and lists, which
+    torch.load(weights_only=True) reads back."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -278,6 +366,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore what rng_state() returned."""
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
@@ -308,15 +397,26 @@ def load_tokenizer(path, vocab_size):
 class JsonlLog:
     """A run's log: one JSON object per line, flushed at once so a killed run keeps its log. Only the master
     process logs (enabled=False elsewhere: every call does nothing). write(line, **record) also prints line to
-    the terminal, when given. resume=True appends to the log of the run being continued."""
+    the terminal, when given. resume_from: the iteration a resumed run starts from; the log of the run it
+    continues is kept up to there (the rows a killed run wrote after its last checkpoint are dropped, so no
+    iteration appears twice); None starts a new log."""
 
-    def __init__(self, path, resume=False, enabled=True):
+    def __init__(self, path, resume_from=None, enabled=True):
         self.path, self.enabled, self.f = path, enabled, None
-        if enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.f = open(path, "a" if resume else "w", encoding="utf-8")
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        kept = []
+        if resume_from is not None and os.path.exists(path):
+            # the checkpoint of iteration N is written after N's evaluation and before N's training step
+            kept = [r for r in read_jsonl(path) if "iter" in r and r["iter"] is not None and
+                    (r["iter"] < resume_from or (r["iter"] == resume_from and "loss" not in r))]
+        atomic_write(path, lambda tmp: open(tmp, "w", encoding="utf-8").writelines(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        self.f = open(path, "a", encoding="utf-8")
 
     def write(self, line=None, **record):
+        """Print line (if given) and append record, with a "time" stamp, as one JSON line."""
         if not self.enabled:
             return
         if line is not None:
@@ -326,14 +426,21 @@ class JsonlLog:
         self.f.flush()
 
     def close(self):
+        """Close the file (after which write() must not be called)."""
         if self.f is not None:
             self.f.close()
 
 
 def read_jsonl(path):
-    """The records of a JSONL log (one JSON object per line)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSONL log (one JSON object per line); a line cut short by a kill is skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val")), title="loss"):
@@ -355,14 +462,6 @@ def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val"))
     fig.tight_layout()
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-
-
-def check_finite(value, it, out_dir):
-    """FloatingPointError naming the iteration when a loss is NaN or infinite."""
-    if not math.isfinite(value):
-        raise FloatingPointError(
-            f"loss became {value} at iteration {it}; stopping. The last good checkpoint in {out_dir} is untouched "
-            f"(lower learning_rate, check the data, or use bfloat16 instead of float16).")
 
 
 def peak_memory_mb(device_type):

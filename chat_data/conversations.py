@@ -20,6 +20,7 @@ import json
 import os
 from collections import Counter
 
+from clean_data.atomic import atomic_path, write_jsonl
 from clean_data.readers import ReadErrors, iter_records
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -150,7 +151,7 @@ def load_conversations(path, errors=None):
     file when it holds no usable conversation; FileNotFoundError, IsADirectoryError or ValueError for a path
     that is not a readable file of a supported type."""
     errors = ReadErrors() if errors is None else errors
-    skipped_before = errors.count
+    skipped_before = Counter(errors.by_reason)
     convs = []
     for line, rec, _, conv in _parsed_records(path, errors):
         reason = check_conversation(conv)
@@ -160,18 +161,21 @@ def load_conversations(path, errors=None):
         source = rec.get("source") if isinstance(rec.get("source"), str) else ""
         convs.append({"messages": conv["messages"], "system": conv["system"], "source": source})
     if not convs:
-        raise nothing_usable(path, "conversation", errors, errors.count - skipped_before)
+        raise nothing_usable(path, "conversation", errors, Counter(errors.by_reason) - skipped_before)
     return convs
 
 
 def nothing_usable(path, what, errors, skipped):
-    """The ValueError for a file that gave no usable `what`: it names the file, how many records were skipped
-    and the first of them (file:line: reason) that errors (a ReadErrors) still holds."""
-    if not skipped:
+    """The ValueError for a file that gave no usable `what`: it names the file, how many of its records were
+    skipped and why (skipped: a mapping reason -> count), and the first of them (file:line: reason) that errors
+    (a ReadErrors) still holds."""
+    total = sum(skipped.values())
+    if not total:
         return ValueError(f"{path}: no {what} in it (the file holds no records)")
     examples = [e for e in errors.examples if e.startswith(f"{path}:")][:3]
-    return ValueError(f"{path}: no usable {what}: {skipped} records skipped" +
-                      (", e.g. " + "; ".join(examples) if examples else ""))
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return ValueError(f"{path}: no usable {what}: {total} records skipped" +
+                      (", e.g. " + "; ".join(examples) if examples else "") + f"; skipped by reason: {reasons}")
 
 
 # ---- filters ----------------------------------------------------------------------------------------------
@@ -251,16 +255,13 @@ def mix(sources, ratios, rng):
 
 def write_conversations(path, convs, fmt):
     """The conversations in the unified form, as JSONL (fmt 'jsonl') or parquet ('parquet'), written to a
-    temporary file first and renamed, so a reader never sees half a file."""
+    temporary file first and renamed, so a reader never sees half a file (and a failed write leaves none)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     rows = [{"messages": c["messages"], "system": c.get("system"), "source": c.get("source", "")} for c in convs]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    if fmt != "parquet":
+        write_jsonl(path, rows)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-    else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

@@ -15,7 +15,7 @@ import random
 import re
 from collections import Counter
 
-from clean_data.readers import iter_documents
+from clean_data.readers import ReadErrors, iter_documents
 
 CLAUSE_MARKS = "，。？！；、,.?!;"  # what ends a clause
 LINE_END = "。？！"  # what ends a line of a well-formed poem
@@ -158,15 +158,18 @@ def corrupt(clauses, kind, rng, skip=0):
     return "\n".join(lines_of(out))
 
 
-def build_poetry_pairs(paths, n_poems=2000, n_val=100, seed=0, max_docs=0):
+def build_poetry_pairs(paths, n_poems=2000, n_val=100, seed=0, max_docs=0, errors=None):
     """(train pairs, held-out pairs, stats) from chinese-poetry files (any path clean_data.readers reads).
     Per poem: the poem asked by title (chosen the real one, rejected a corrupted one), its author (rejected
     a wrong author), and the continuation of its first line (rejected a corrupted continuation). The first
     well-formed poem of each title is used; n_poems of them picked with seed, the first n_val held out: the
     held-out pairs come from poems that appear in no training pair. max_docs > 0 stops reading after that
-    many documents. Raises ValueError when the poems are by fewer than two authors."""
+    many documents. Records the corpus reader skips go to errors (a ReadErrors, created if None; their count
+    is in stats). Raises ValueError naming the paths and the counts when the poems are by fewer than two
+    authors (no poem at all included)."""
+    errors = ReadErrors() if errors is None else errors
     poems, seen, n_docs = [], set(), 0
-    for doc in iter_documents(paths):
+    for doc in iter_documents(paths, errors=errors):
         n_docs += 1
         if max_docs and n_docs > max_docs:
             break
@@ -183,7 +186,9 @@ def build_poetry_pairs(paths, n_poems=2000, n_val=100, seed=0, max_docs=0):
     poems = poems[:n_poems]
     authors = sorted({p["author"] for p in poems})
     if len(authors) < 2:
-        raise ValueError("need poems by at least two authors")
+        raise ValueError(f"no preference pair from {', '.join(map(str, paths))}: {n_docs} documents read, "
+                         f"{len(seen)} regular poems with a title and an author, by {len(authors)} author(s); "
+                         f"the wrong-author pairs need poems by at least two ({errors.brief()})")
 
     def pairs_of(p, k):
         t, a, cl = p["title"], p["author"], p["clauses"]
@@ -211,7 +216,8 @@ def build_poetry_pairs(paths, n_poems=2000, n_val=100, seed=0, max_docs=0):
     val = [x for k, p in enumerate(poems[:n_val]) for x in pairs_of(p, k)]
     train = [x for k, p in enumerate(poems[n_val:]) for x in pairs_of(p, k)]
     rng.shuffle(train)
-    stats = {"documents read": n_docs, "regular poems": len(seen), "poems used": len(poems),
+    stats = {"documents read": n_docs, "corpus records skipped by the reader": errors.count,
+             "regular poems": len(seen), "poems used": len(poems),
              "held-out poems": min(n_val, len(poems)), "train pairs": len(train), "held-out pairs": len(val),
              "kinds": dict(Counter(x["kind"] for x in train))}
     return train, val, stats

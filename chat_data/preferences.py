@@ -18,11 +18,11 @@ A reply given as messages is its last assistant turn; as a single turn, {from, v
 Records that do not fit are skipped ("malformed: <reason>"), as are pairs whose two replies are the same text
 ("identical pair"); load_preferences counts them and names each one file:line in a ReadErrors.
 """
-import json
 import os
 from collections import Counter
 
 from chat_data.conversations import nothing_usable
+from clean_data.atomic import write_jsonl
 from clean_data.readers import ReadErrors, iter_records
 
 ROLE_MAP = {"user": "user", "human": "user", "question": "user",
@@ -141,7 +141,7 @@ def load_preferences(paths, errors=None):
         for reason, n in skipped.items():
             counts[reason if reason == IDENTICAL else f"malformed: {reason}"] += n
         if not kept:
-            raise nothing_usable(path, "preference pair", errors, sum(skipped.values()))
+            raise nothing_usable(path, "preference pair", errors, skipped)
     return pairs, counts
 
 
@@ -149,8 +149,4 @@ def write_pairs(path, pairs):
     """Pairs as JSONL in the internal form (which load_preferences reads back unchanged), written to a
     temporary file first and renamed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, pairs)

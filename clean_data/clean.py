@@ -14,7 +14,10 @@ From Python, the same settings by name (the globals below are the defaults):
 Writes out_dir/clean.parquet (text, source, line, title, author, collection, id; zstd, row groups),
 out_dir/report.json (documents in/out per stage, removals per filter, seconds and docs/s per stage, peak
 RSS, read errors) and, with write_removed, out_dir/removed.jsonl (every removed document and its reason;
-for duplicates, dup_of = the running number of the kept document it duplicates).
+for duplicates, dup_of = the running number of the kept document it duplicates). The input is checked before
+out_dir is touched (a path that does not exist, an unsupported file, no file or no document at all: an error
+naming the input, exit status 1 from the command line); the outputs are written under temporary names and
+renamed at the end, so a failed run leaves the files of the last good one byte-identical.
 
 One streaming pass, memory bounded by the indexes: documents are read in chunks of chunk_docs; a pool
 of num_workers processes normalises, filters and computes exact keys, MinHash signatures and SimHash
@@ -27,18 +30,21 @@ the kept signatures live in one Redis server under redis_prefix, so several proc
 clean shards of one corpus against one index (give each a different shard_id so document ids differ).
 Documents in flight at the same moment on two workers can both survive; SimHash stays per process.
 """
+import itertools
 import json
 import os
 import resource
+import sys
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from multiprocessing import Pool
 from types import SimpleNamespace
 
 from clean_data import dedup, filters
+from clean_data.atomic import atomic_path
 from clean_data.normalize import normalize
-from clean_data.readers import ReadErrors, iter_documents
+from clean_data.readers import EmptyInputError, ReadErrors, input_files, read_files
 from configurator import config_of
 
 # -----------------------------------------------------------------------------
@@ -153,7 +159,8 @@ def _chunks(docs, size):
 
 
 class ParquetSink:
-    """Appends kept documents to one parquet file, a row group every row_group_size rows."""
+    """Appends kept documents to one parquet file at path, a row group every row_group_size rows (clean()
+    gives it a temporary path, renamed over clean.parquet once the whole run has succeeded)."""
 
     def __init__(self, path, row_group_size):
         import pyarrow as pa
@@ -161,9 +168,7 @@ class ParquetSink:
         self.pa = pa
         self.schema = pa.schema([("text", pa.string()), ("source", pa.string()), ("line", pa.int64())] +
                                 [(k, pa.string()) for k in META_COLUMNS[1:]])
-        self.tmp = path + ".tmp"
-        self.path = path
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self.rows, self.row_group_size, self.n = [], row_group_size, 0
 
     def add(self, doc):
@@ -184,9 +189,9 @@ class ParquetSink:
         self.rows = []
 
     def close(self):
+        """Write the last rows and the footer (closing twice is harmless: pyarrow's close is idempotent)."""
         self.flush()
         self.writer.close()
-        os.replace(self.tmp, self.path)  # a complete file or none
 
 
 def peak_rss_mb():
@@ -200,7 +205,14 @@ def clean(input, out_dir, progress=True, **settings):
     """Run the pipeline on input (comma-separated files / directories / globs, or a list of them) into
     out_dir; returns the report dict (also written to out_dir/report.json). settings: any of the
     hyperparameter globals at the top of this file by name (stages, min_chars, num_workers, ...); the ones
-    not given keep those values. Raises TypeError naming any other setting, ValueError for an unknown stage."""
+    not given keep those values.
+
+    Everything about the input is checked before out_dir is created or any file opened: raises TypeError
+    naming any other setting, ValueError for an unknown stage or an input file of an unsupported type,
+    FileNotFoundError for an input path that does not exist, EmptyInputError (a ValueError) naming the input
+    when it holds no file or no document. The outputs are written under temporary names and renamed together
+    at the end, so on any error the files already in out_dir stay byte-identical and no temporary file is
+    left behind."""
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"clean() got unknown setting(s) {unknown}; known: {', '.join(DEFAULTS)}")
@@ -213,33 +225,16 @@ def clean(input, out_dir, progress=True, **settings):
     walk = [s for s in STAGES if s in active]  # always in this order, whatever the order given
     cfg = dict(stages=active, t2s=c.t2s, ngram=c.ngram, num_perm=c.num_perm, minhash_seed=c.minhash_seed,
                filters={k: getattr(c, k) for k in filters.DEFAULTS})
-    os.makedirs(out_dir, exist_ok=True)
     inputs = [p for p in input.split(",") if p] if isinstance(input, str) else list(input)
     errors = ReadErrors()
-    indexes = {"exact": dedup.ExactDedup(c.redis_url, c.redis_prefix) if "exact" in active else None,
-               "minhash": dedup.MinHashDedup(c.threshold, c.num_perm, c.minhash_seed, c.redis_url, c.redis_prefix,
-                                             c.lsh_threshold) if "minhash" in active else None,
-               "simhash": dedup.SimHashDedup(c.simhash_k) if "simhash" in active else None}
-    removed_by = {s: {} for s in STAGES}  # stage -> reason -> count
-    stage_in = {s: 0 for s in STAGES}
-    secs = {"read": 0.0, **{s: 0.0 for s in STAGES}, "write": 0.0}
-    sink = ParquetSink(os.path.join(out_dir, "clean.parquet"), c.row_group_size)
-    removed_f = open(os.path.join(out_dir, "removed.jsonl"), "w", encoding="utf-8") if c.write_removed else None
+    files = input_files(inputs, errors)  # a typo'd path raises here, before anything is created
     n_read = chars_in = chars_out = 0
     doc_id = c.shard_id * 10 ** 12
-
-    def drop(stage, reason, doc, dup_of=None):
-        removed_by[stage][reason] = removed_by[stage].get(reason, 0) + 1
-        if removed_f is not None:
-            rec = {"stage": stage, "reason": reason, "doc": doc["_id"], "source": doc.get("source"),
-                   "line": doc.get("line"), "text": doc["text"]}
-            if dup_of is not None:
-                rec["dup_of"] = dup_of
-            removed_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    secs = {"read": 0.0, **{s: 0.0 for s in STAGES}, "write": 0.0}
 
     def timed_docs():  # reading time is what the generator spends between yields
         nonlocal n_read, chars_in, doc_id
-        it = iter(iter_documents(inputs, text_field=c.text_field or None, errors=errors, txt_mode=c.txt_mode))
+        it = iter(read_files(files, text_field=c.text_field or None, errors=errors, txt_mode=c.txt_mode))
         while True:
             t = time.perf_counter()
             doc = next(it, None)
@@ -252,63 +247,95 @@ def clean(input, out_dir, progress=True, **settings):
             doc_id += 1
             yield doc
 
-    pool = Pool(c.num_workers, initializer=_init, initargs=(cfg,)) if c.num_workers > 1 else None
-    if pool is None:
-        _init(cfg)
-    try:
-        chunks = _chunks(timed_docs(), max(1, c.chunk_docs))
-        for chunk, analysis in _bounded_map(pool, chunks, 2 * max(1, c.num_workers)):
-            for k, v in analysis["secs"].items():
-                secs[k] += v
-            for j, doc in enumerate(chunk):
-                for stage in walk:
-                    if stage in ("minhash", "simhash") and analysis["empty"][j]:
-                        continue  # nothing left after normalisation: no near-duplicate comparison possible
-                    stage_in[stage] += 1
-                    t = time.perf_counter()
-                    reason, dup_of = _verdict(stage, indexes.get(stage), analysis, j, doc["_id"])
-                    secs[stage] += time.perf_counter() - t
-                    if reason is not None:
-                        drop(stage, reason, doc, dup_of)
-                        break
-                else:  # no stage removed it
-                    t = time.perf_counter()
-                    chars_out += len(doc["text"])
-                    sink.add(doc)
-                    secs["write"] += time.perf_counter() - t
-            if progress and n_read % 100_000 < c.chunk_docs:
-                print(f"  {n_read:,} read, {sink.n + len(sink.rows):,} kept, {time.time() - t_start:.0f} s",
-                      flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    t = time.perf_counter()
-    sink.close()
-    secs["write"] += time.perf_counter() - t
-    if removed_f is not None:
-        removed_f.close()
-    wall = time.time() - t_start
-    per_stage = {}
-    for s in walk:
-        n_removed = sum(removed_by[s].values())
-        per_stage[s] = {"in": stage_in[s], "out": stage_in[s] - n_removed, "removed": n_removed,
-                        "removed_by": removed_by[s], "seconds": round(secs[s], 3),
-                        "docs_per_s": round(stage_in[s] / secs[s]) if secs[s] > 0 else None}
-    rss_self, rss_children = peak_rss_mb()
-    report = {
-        "input": inputs, "output": sink.path, "documents_in": n_read, "documents_out": sink.n,
-        "chars_in": chars_in, "chars_out": chars_out, "stages": per_stage,
-        "seconds": {"wall": round(wall, 2), "read": round(secs["read"], 2), "write": round(secs["write"], 2)},
-        "docs_per_s_wall": round(n_read / wall) if wall > 0 else None,
-        "peak_rss_mb": {"main": rss_self, "largest_worker": rss_children},
-        "read_errors": errors.to_dict(),
-        "config": dict(stages=active, t2s=c.t2s, ngram=c.ngram, num_perm=c.num_perm, threshold=c.threshold,
-                       lsh_threshold=c.lsh_threshold, simhash_k=c.simhash_k, num_workers=c.num_workers,
-                       chunk_docs=c.chunk_docs, redis=bool(c.redis_url), **cfg["filters"]),
-    }
-    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, ensure_ascii=False, indent=1)
+    docs = timed_docs()
+    first = next(docs, None)  # files that hold no document (empty, all malformed) are refused before writing
+    if first is None:
+        raise EmptyInputError(f"no documents in input {', '.join(map(str, inputs))}: {errors.brief()}")
+    docs = itertools.chain([first], docs)
+
+    indexes = {"exact": dedup.ExactDedup(c.redis_url, c.redis_prefix) if "exact" in active else None,
+               "minhash": dedup.MinHashDedup(c.threshold, c.num_perm, c.minhash_seed, c.redis_url, c.redis_prefix,
+                                             c.lsh_threshold) if "minhash" in active else None,
+               "simhash": dedup.SimHashDedup(c.simhash_k) if "simhash" in active else None}
+    removed_by = {s: {} for s in STAGES}  # stage -> reason -> count
+    stage_in = {s: 0 for s in STAGES}
+    parquet_path = os.path.join(out_dir, "clean.parquet")
+    os.makedirs(out_dir, exist_ok=True)
+    # one ExitStack for the three outputs: leaving it on an error removes every temporary file, replaces none
+    with ExitStack() as outputs:
+        def staged(name):
+            return outputs.enter_context(atomic_path(os.path.join(out_dir, name)))
+
+        report_path = staged("report.json")  # entered first, so renamed last: a new report means new outputs
+        sink = ParquetSink(staged("clean.parquet"), c.row_group_size)
+        outputs.callback(sink.writer.close)  # on an error: closed before its temporary file is removed
+        removed_f = outputs.enter_context(open(staged("removed.jsonl"), "w", encoding="utf-8")) \
+            if c.write_removed else None
+
+        def drop(stage, reason, doc, dup_of=None):
+            removed_by[stage][reason] = removed_by[stage].get(reason, 0) + 1
+            if removed_f is not None:
+                rec = {"stage": stage, "reason": reason, "doc": doc["_id"], "source": doc.get("source"),
+                       "line": doc.get("line"), "text": doc["text"]}
+                if dup_of is not None:
+                    rec["dup_of"] = dup_of
+                removed_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+        pool = Pool(c.num_workers, initializer=_init, initargs=(cfg,)) if c.num_workers > 1 else None
+        if pool is None:
+            _init(cfg)
+        try:
+            chunks = _chunks(docs, max(1, c.chunk_docs))
+            for chunk, analysis in _bounded_map(pool, chunks, 2 * max(1, c.num_workers)):
+                for k, v in analysis["secs"].items():
+                    secs[k] += v
+                for j, doc in enumerate(chunk):
+                    for stage in walk:
+                        if stage in ("minhash", "simhash") and analysis["empty"][j]:
+                            continue  # nothing left after normalisation: no near-duplicate comparison possible
+                        stage_in[stage] += 1
+                        t = time.perf_counter()
+                        reason, dup_of = _verdict(stage, indexes.get(stage), analysis, j, doc["_id"])
+                        secs[stage] += time.perf_counter() - t
+                        if reason is not None:
+                            drop(stage, reason, doc, dup_of)
+                            break
+                    else:  # no stage removed it
+                        t = time.perf_counter()
+                        chars_out += len(doc["text"])
+                        sink.add(doc)
+                        secs["write"] += time.perf_counter() - t
+                if progress and n_read % 100_000 < c.chunk_docs:
+                    print(f"  {n_read:,} read, {sink.n + len(sink.rows):,} kept, {time.time() - t_start:.0f} s",
+                          flush=True)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        t = time.perf_counter()
+        sink.close()
+        secs["write"] += time.perf_counter() - t
+        wall = time.time() - t_start
+        per_stage = {}
+        for s in walk:
+            n_removed = sum(removed_by[s].values())
+            per_stage[s] = {"in": stage_in[s], "out": stage_in[s] - n_removed, "removed": n_removed,
+                            "removed_by": removed_by[s], "seconds": round(secs[s], 3),
+                            "docs_per_s": round(stage_in[s] / secs[s]) if secs[s] > 0 else None}
+        rss_self, rss_children = peak_rss_mb()
+        report = {
+            "input": inputs, "output": parquet_path, "documents_in": n_read, "documents_out": sink.n,
+            "chars_in": chars_in, "chars_out": chars_out, "stages": per_stage,
+            "seconds": {"wall": round(wall, 2), "read": round(secs["read"], 2), "write": round(secs["write"], 2)},
+            "docs_per_s_wall": round(n_read / wall) if wall > 0 else None,
+            "peak_rss_mb": {"main": rss_self, "largest_worker": rss_children},
+            "read_errors": errors.to_dict(),
+            "config": dict(stages=active, t2s=c.t2s, ngram=c.ngram, num_perm=c.num_perm, threshold=c.threshold,
+                           lsh_threshold=c.lsh_threshold, simhash_k=c.simhash_k, num_workers=c.num_workers,
+                           chunk_docs=c.chunk_docs, redis=bool(c.redis_url), **cfg["filters"]),
+        }
+        with open(report_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, ensure_ascii=False, indent=1)
     return report
 
 
@@ -332,6 +359,7 @@ def _bounded_map(pool, chunks, in_flight):
 
 
 def format_report(r):
+    """The report dict clean() returns as the lines the command prints (no trailing newline)."""
     lines = [f"documents {r['documents_in']:,} -> {r['documents_out']:,}, characters {r['chars_in']:,} -> "
              f"{r['chars_out']:,}, {r['seconds']['wall']} s ({r['docs_per_s_wall']:,} docs/s)"]
     for s, v in r["stages"].items():
@@ -342,6 +370,8 @@ def format_report(r):
     e = r["read_errors"]
     if e["malformed_records"]:
         lines.append(f"  malformed records skipped: {e['malformed_records']} {e['malformed_by_reason']}")
+    if r["documents_out"] == 0:
+        lines.append(f"  WARNING: every document was removed: {r['output']} has no rows")
     lines.append(f"  -> {r['output']}")
     return "\n".join(lines)
 
@@ -351,4 +381,8 @@ if __name__ == "__main__":
     apply_overrides(globals())
     from clean_data import clean as module  # workers unpickle clean_data.clean._analyse, not __main__'s
     settings = {k: globals()[k] for k in DEFAULTS}  # the hyperparameters, as overridden
-    print(module.format_report(module.clean(input, out_dir, **settings)))
+    try:
+        report = module.clean(input, out_dir, **settings)
+    except (OSError, ValueError) as e:  # a missing, empty or unsupported input: say which, no traceback
+        sys.exit(f"error: {e}")
+    print(module.format_report(report))

@@ -91,13 +91,18 @@ class ReadErrors:
             self.examples.append(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
 
     def skip_file(self, path, reason):
+        """Record a whole file left out on purpose: str(path) is appended to skipped_files[reason]."""
         self.skipped_files.setdefault(reason, []).append(str(path))
 
     @property
     def skipped_file_count(self):
+        """Number of files recorded by skip_file, over all reasons."""
         return sum(len(v) for v in self.skipped_files.values())
 
     def to_dict(self, max_paths=10):
+        """A JSON-serialisable summary: files_read, malformed_records (= count), malformed_by_reason (most
+        frequent first), malformed_examples, and skipped_files as reason -> {count, examples: first max_paths
+        paths}."""
         return {
             "files_read": self.files_read,
             "malformed_records": self.count,
@@ -107,7 +112,17 @@ class ReadErrors:
                               for r, p in self.skipped_files.items()},
         }
 
+    def brief(self):
+        """One line for an error message: files read, records skipped and the first of them, files skipped on
+        purpose."""
+        out = f"{self.files_read} files read, {self.count} malformed records skipped" + \
+            (f" (e.g. {self.examples[0]})" if self.examples else "")
+        return out + (f", {self.skipped_file_count} files skipped on purpose" if self.skipped_files else "")
+
     def report(self):
+        """Human-readable multi-line summary (no trailing newline): files read, files skipped on purpose per
+        reason with one example path, skipped records per reason (most frequent first), the kept examples
+        and how many more there were."""
         lines = [f"files read: {self.files_read}"]
         if self.skipped_files:
             lines.append(f"files skipped on purpose: {self.skipped_file_count}")
@@ -275,12 +290,14 @@ def iter_records(path, errors, source=None):
     malformed spot or invalid UTF-8 stops the file there (JSON cannot be resynchronised reliably), the records
     before it are kept. errors.files_read counts the file. source names the file in errors (default: path).
     Raises FileNotFoundError for a missing path, IsADirectoryError for a folder and ValueError for any other
-    file type, when called (not when iterated)."""
+    file type or a path that is not a regular file (a pipe, a device), when called (not when iterated)."""
     source = str(path) if source is None else source
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: a folder, not a file (give the files in it)")
+    if not os.path.isfile(path):  # a pipe or a device: reading it could block for ever
+        raise ValueError(f"{path}: not a regular file")
     fmt = format_of(path)
     if fmt not in RECORD_FORMATS:
         raise ValueError(f"{path}: unsupported file type for records (want .jsonl, .ndjson, .json or .parquet)")
@@ -332,10 +349,20 @@ def _first_line_not_utf8(path):
     return None
 
 
-def _parquet_records(path, source, errors):
+def _parquet_file(path):
+    """pyarrow's ParquetFile of path; a file pyarrow cannot open (corrupt, not parquet at all) raises ValueError
+    naming it (pyarrow's own message does not)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+
+
+def _parquet_records(path, source, errors):
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    for batch in _parquet_file(path).iter_batches(batch_size=1024):
         for rec in batch.to_pylist():
             row += 1
             yield row, rec
@@ -511,9 +538,8 @@ def read_parquet(path, source, text_field=None, errors=None, batch_size=1024):
     """Parquet via pyarrow iter_batches. With a text column (text_field or one of TEXT_FIELDS) only that
     column is read (the fast path: no other column is decoded); otherwise whole rows from iter_records go
     through record_to_documents. line = row number (from 1)."""
-    import pyarrow.parquet as pq
     errors = ReadErrors() if errors is None else errors
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(path)
     names = pf.schema_arrow.names
     field = text_field if text_field else next((n for n in TEXT_FIELDS if n in names), None)
     if field is None:
@@ -552,7 +578,7 @@ def read_file(path, source=None, text_field=None, errors=None, txt_mode="line"):
     source = str(path) if source is None else source
     fmt = format_of(path)
     if fmt is None:
-        raise ValueError(f"{path}: unsupported file type (want one of {', '.join(sorted(SUFFIXES))})")
+        raise _unsupported(path)
     if fmt == "jsonl":
         yield from read_jsonl(path, source, text_field, errors)
     elif fmt == "json":
@@ -563,8 +589,17 @@ def read_file(path, source=None, text_field=None, errors=None, txt_mode="line"):
         yield from read_txt(path, source, errors, txt_mode)
 
 
+def _unsupported(path):
+    return ValueError(f"{path}: unsupported file type (want one of {', '.join(sorted(SUFFIXES))})")
+
+
 # ------------------------------------------------------------------------------------------------------
 # paths -> files
+
+class EmptyInputError(ValueError):
+    """No document to work on: the inputs name no file (an empty folder, a glob that matches nothing), or
+    their files hold no document."""
+
 
 def _walk(directory):
     """Supported files under directory, recursively, sorted, hidden files/folders skipped."""
@@ -580,6 +615,7 @@ def _dir_files(directory, errors, include_error):
     chinese-poetry package, that package contributes poetry_document_files() and the files those leave
     out go to errors.skipped_files (named relative to `directory`)."""
     def poetry(pkg, under):
+        """Document files of package pkg lying under `under`; its skipped files there go to errors."""
         files, skipped = poetry_document_files(pkg, include_error=include_error)
         under = os.path.abspath(under) + os.sep
         for f, reason in skipped:
@@ -633,15 +669,40 @@ def expand_paths(paths, errors=None, poetry_include_error=False):
     return out
 
 
+def input_files(paths, errors=None, poetry_include_error=False):
+    """expand_paths, checked before anything is read or written: the list of (file, source), at least one,
+    every file of a type a reader knows. Raises FileNotFoundError for a path that does not exist, ValueError
+    naming a file given by name whose type is not supported, EmptyInputError naming the paths when they hold
+    no file at all (an empty folder, a glob that matches nothing)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = expand_paths(paths, errors, poetry_include_error)
+    for path, _ in files:
+        if format_of(path) is None:
+            raise _unsupported(path)
+    if not files:
+        raise EmptyInputError(f"no input file in {', '.join(map(os.fspath, paths))} "
+                              f"(want {', '.join(sorted(SUFFIXES))} files, a folder of them or a glob)")
+    return files
+
+
+def read_files(files, text_field=None, errors=None, txt_mode="line"):
+    """Documents of the (file, source) pairs that expand_paths / input_files give, in order (see
+    iter_documents)."""
+    errors = ReadErrors() if errors is None else errors
+    for path, source in files:
+        yield from read_file(path, source, text_field or None, errors, txt_mode)
+
+
 def iter_documents(paths, text_field=None, errors=None, txt_mode="line", poetry_include_error=False):
     """Stream documents from files, directories (recursive) and globs: yields dicts
     {"text": str, "source": relative file path, "line": line/row number, ...metadata}. text_field: the
     field holding the text (None/"" = auto-detect, see record_to_documents). Skipped records and files
-    are reported to `errors` (a ReadErrors). Memory stays bounded by the largest single record."""
+    are reported to `errors` (a ReadErrors). Memory stays bounded by the largest single record. The paths
+    are resolved when iteration starts: to find a missing path before writing anything, call input_files
+    first and read its list with read_files."""
     errors = ReadErrors() if errors is None else errors
-    text_field = text_field or None
-    for path, source in expand_paths(paths, errors, poetry_include_error):
-        yield from read_file(path, source, text_field, errors, txt_mode)
+    yield from read_files(expand_paths(paths, errors, poetry_include_error), text_field, errors, txt_mode)
 
 
 # ------------------------------------------------------------------------------------------------------
