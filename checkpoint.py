@@ -204,7 +204,8 @@ class Checkpointer:
       when it improved.
     - Without validation data (val_loss None) ckpt.pt is written every eval_interval iterations, so a killed
       run can still resume.
-    - check_train_loss stops on a NaN or infinite training loss before the update that would spread it.
+    - check_train_loss stops on a NaN or infinite training loss, or one back at the ceiling, before the update
+      that would spread it.
     - At the end ckpt.pt is written unless it already holds the last iteration.
     Never at the iteration the run started from (nothing new). Every process makes the same calls (saving
     gathers each process's RNG state); the master writes. Each write is noted in the log as
@@ -224,6 +225,7 @@ class Checkpointer:
         self.best_val_loss = ckpt["best_val_loss"] if self.resumed else float("inf")
         self.eval_interval, self.always, self.ceiling = eval_interval, always_save_checkpoint, ceiling
         self.saved_at = self.start_iter if self.resumed else None
+        self.best_train_loss = float("inf")
 
     def eval_due(self, iter_num, last):
         """True when iteration iter_num (the last one when last) should evaluate."""
@@ -244,9 +246,15 @@ class Checkpointer:
             self.save(iter_num, best=improved)
 
     def check_train_loss(self, iter_num, loss):
-        """Stop (FloatingPointError) on a NaN or infinite training loss, before the update."""
+        """Stop (FloatingPointError) before the update on a NaN or infinite training loss, or one back at the
+        ceiling (a uniform guess) after the run had got below 90% of it: a language model that knew something
+        and lost it all has diverged; a batch of hard examples does not do that."""
         if not math.isfinite(loss):
             self.stop(f"training loss {loss} at iteration {iter_num}")
+        if self.ceiling is not None and self.best_train_loss < 0.9 * self.ceiling <= self.ceiling <= loss:
+            self.stop(f"training loss {loss:.4g} at iteration {iter_num} is back at {self.ceiling:.3f}, the loss of "
+                      f"a uniform guess, after {self.best_train_loss:.4g}")
+        self.best_train_loss = min(self.best_train_loss, loss)
 
     def at_end(self, iter_num):
         """Write the final state unless it is written already (so init_from=resume can continue it)."""
@@ -263,13 +271,16 @@ class Checkpointer:
         return ""
 
     def stop(self, what):
-        """Raise FloatingPointError saying what diverged and which iterations the files on disk hold."""
-        held = (f"{self.path} holds iteration {self.saved_at}" if self.saved_at is not None else
-                "this run wrote no checkpoint")
-        best = f", {self.best_path} the best validation loss {self.best_val_loss:.4g}" \
-            if os.path.exists(self.best_path) and math.isfinite(self.best_val_loss) else ""
-        raise FloatingPointError(f"{what}: the run diverged; stopping without saving. {held}{best}, untouched "
-                                 f"(lower learning_rate, check the data, or use bfloat16 instead of float16).")
+        """Raise FloatingPointError saying what diverged and what the files on disk hold."""
+        if self.saved_at is None:
+            held = "This run wrote no checkpoint."
+        else:
+            held = f"{self.path} (iteration {self.saved_at})"
+            if os.path.exists(self.best_path) and math.isfinite(self.best_val_loss):
+                held += f" and {self.best_path} (validation loss {self.best_val_loss:.4g})"
+            held += " are untouched."
+        raise FloatingPointError(f"{what}: the run diverged; stopping without saving. {held} Lower learning_rate, "
+                                 f"check the data, or use bfloat16 instead of float16.")
 
     def save(self, iter_num, best=False):
         """Write ckpt.pt for iteration iter_num (atomically), and best.pt too when best; nothing at the

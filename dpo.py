@@ -318,4 +318,5 @@ if master:
     if lora_rank and save_merged:
         ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **checkpointer.fields)
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
+del module  # the DDP wrapper goes before the process group (see cleanup_ddp)
 tu.cleanup_ddp(run)

@@ -169,4 +169,5 @@ log.close()
 if master:
     tu.plot_log(log.path, os.path.join(out_dir, "loss.png"))
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
+del model  # the DDP wrapper goes before the process group (see cleanup_ddp)
 tu.cleanup_ddp(run)

@@ -142,9 +142,27 @@ def test_checkpointer_evaluates_and_saves_the_same_way_for_every_script(tmp_path
 def test_nan_validation_loss_stops_before_saving(tmp_path):
     c = checkpointer(tmp_path)
     c.after_eval(2, 4.0)
-    with pytest.raises(FloatingPointError, match=r"iteration 4.*diverged.*holds iteration 2"):
+    with pytest.raises(FloatingPointError, match=r"iteration 4.*diverged.*\(iteration 2\)"):
         c.after_eval(4, float("nan"))
     assert ck.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
+
+
+def test_losses_back_at_a_uniform_guess_or_3x_the_best_stop_the_run(tmp_path):
+    c = checkpointer(tmp_path)
+    c.ceiling = 4.0  # ln V
+    c.check_train_loss(0, 4.2)  # a new model starts at the ceiling: fine
+    c.check_train_loss(1, 2.0)
+    c.check_train_loss(2, 3.9)  # a hard batch: fine
+    with pytest.raises(FloatingPointError, match="training loss 4.1 at iteration 3 is back at 4.000"):
+        c.check_train_loss(3, 4.1)
+    c.after_eval(2, 1.0)
+    with pytest.raises(FloatingPointError, match="reached 4.000"):
+        c.after_eval(4, 4.0)
+    c.ceiling = None  # preference losses have no ceiling, only the 3x rule
+    c.after_eval(4, 2.9)
+    with pytest.raises(FloatingPointError, match="above 3x the best"):
+        c.after_eval(6, 3.1)
+    assert ck.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 4
 
 
 def test_step_timer_counts_training_time_only():
