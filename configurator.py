@@ -96,3 +96,14 @@ def configure(g):
     except ValueError as e:  # a typo'd key or a value of the wrong type: a one-line error, not a traceback
         raise SystemExit(f"error: {e}") from None
     return config_keys, changed
+
+
+def run_main(g, main):
+    """A data script's entry point: the command line applied to its globals g, then main(). A missing, empty or
+    unusable input (OSError, ValueError, whose messages name the file) ends with a one-line `error: ...` and
+    exit status 1 instead of a traceback."""
+    apply_overrides(g)
+    try:
+        main()
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -115,14 +115,15 @@ if reference not in ("model", "cached"):
 run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-# resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's
+# resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's, and with them the
+# reference (a LoRA policy is its own reference, adapters off)
 resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed,
                         ck.FINETUNE_KEYS, overwrite)
-iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
-lr_decay_iters = lr_decay_iters or max_iters
 ref_mode = "none" if loss_type in REFERENCE_FREE else reference
 if ref_mode == "model" and lora_rank:
     ref_mode = "adapters_off"
+iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
+lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model: the policy --------------------------------------------------------------------------------------
 model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len,
@@ -209,9 +210,9 @@ checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
+del resume_ckpt
 start_eval = ev = None  # the held-out metrics of the first and of the latest evaluation
 timer = tu.StepTimer()
-del resume_ckpt
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes)

@@ -14,13 +14,12 @@ Torch-free.
 import glob
 import json
 import os
-import sys
 
 from chat_data.poetry import build_poetry_pairs
 from chat_data.preferences import load_preferences, write_pairs
 from clean_data.atomic import write_json
 from clean_data.readers import ReadErrors
-from configurator import apply_overrides
+from configurator import run_main
 
 # -----------------------------------------------------------------------------------------------------------
 demo_poetry = ""  # the chinese-poetry corpus (a directory, file or glob clean_data.readers reads)
@@ -66,8 +65,4 @@ def main():
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    try:
-        main()
-    except (OSError, ValueError) as e:  # a missing, empty or unusable input: say which, no traceback
-        sys.exit(f"error: {e}")
+    run_main(globals(), main)

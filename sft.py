@@ -124,8 +124,8 @@ checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer
                                model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
-timer = tu.StepTimer()
 del resume_ckpt
+timer = tu.StepTimer()
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes)

@@ -30,14 +30,13 @@ eval_questions.jsonl.
 """
 import os
 import random
-import sys
 from collections import Counter
 
 from chat_data.conversations import Filter, mix, nothing_usable, read_raw_conversations, write_conversations
 from chat_data.poetry import build_poetry_demo
 from clean_data.atomic import write_json, write_jsonl
 from clean_data.readers import ReadErrors
-from configurator import apply_overrides
+from configurator import run_main
 
 # -----------------------------------------------------------------------------------------------------------
 inputs = ""  # comma-separated files (.json, .jsonl, .parquet)
@@ -148,8 +147,4 @@ def main():
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    try:
-        main()
-    except (OSError, ValueError) as e:  # a missing, empty or unusable input: say which, no traceback
-        sys.exit(f"error: {e}")
+    run_main(globals(), main)

@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -22,3 +25,15 @@ def run_script(script, *args, launcher=None, check=True, input=None, timeout=300
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread while the test runs (then the setting it found): for tiny models, more threads only
+    spin-wait on a shared 2-core box (the overfit test: 45 s with 2 threads, 4 s with 1)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -107,6 +107,7 @@ def sft(chat, out, *extra, check=True):
                       *extra, check=check)
 
 
+@pytest.mark.slow
 def test_sft_divergence_stops_and_keeps_the_good_checkpoint(chat, tmp_path):
     sft(chat, tmp_path, f"--val_data={chat / 'train.jsonl'}", "--max_iters=6", "--eval_interval=2",
         "--batch_size=2", "--learning_rate=3e-3")
@@ -119,6 +120,17 @@ def test_sft_divergence_stops_and_keeps_the_good_checkpoint(chat, tmp_path):
 
 # ---- 2. a fresh start over an existing run -----------------------------------------------------------------
 
+def test_resume_step_refuses_a_new_run_over_a_checkpoint_unless_told(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    ck.save(path, {"iter_num": 7})
+    ck.save(str(tmp_path / "best.pt"), {"iter_num": 5})
+    with pytest.raises(SystemExit, match=r"a run of 7 iterations.*--init_from=resume.*--overwrite=True"):
+        ck.resume("scratch", "scratch", path, "cpu", {}, [], [], (), overwrite=False)
+    assert ck.resume("scratch", "scratch", path, "cpu", {}, [], [], (), overwrite=True) is None
+    assert not os.path.exists(tmp_path / "best.pt")  # starting over: the old run's best is not this run's
+
+
+@pytest.mark.slow
 def test_fresh_start_over_an_existing_run_is_refused(bins, tmp_path):
     pretrain(bins, tmp_path, "--max_iters=2", "--eval_interval=100")
     before, log = file_bytes(tmp_path / "ckpt.pt"), file_bytes(tmp_path / "log.jsonl")

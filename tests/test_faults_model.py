@@ -22,15 +22,7 @@ LENGTHS = [3, 7, 5]
 N_NEW = 8
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models: intra-op threads only add spin-waiting on a shared CPU box (as in test_generate.py)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,7 @@ from model import ModelArgs, Transformer, hf_config_dict, to_hf_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These models are tiny: intra-op threading brings nothing, and on a small,
-    shared CPU box OpenMP spin-waiting made the overfit test ~12x slower
-    (45 s with 2 threads vs 4 s with 1). Restore the setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest.py)
 
 
 def make_args(**overrides):

@@ -89,6 +89,7 @@ def test_checkpoint_loads_with_weights_only_and_records_the_config_used(data, tm
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no temp file left behind
 
 
+@pytest.mark.slow  # test_faults.py checks the same, byte for byte, with best.pt too
 def test_nan_loss_stops_with_iteration_and_keeps_last_good_checkpoint(data, tmp_path):
     run(common(data, tmp_path, "--max_iters=3", "--eval_interval=1"))
     good = weights(tmp_path)
