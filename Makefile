@@ -38,7 +38,7 @@ tokens: tokenizer clean
 	$(PYTHON) data_process.py --input=$(CLEAN) --tokenizer_model=$(TOK) --out_dir=$(DEMO)/data
 
 pretrain: tokens
-	$(PYTHON) pretrain.py config/demo_cpu.py
+	$(PYTHON) pretrain.py config/demo_cpu.py --overwrite=True
 
 samples:
 	$(PYTHON) eval.py --ckpt_path=$(DEMO)/pretrain/ckpt.pt --mode=all --val_data=$(DEMO)/data/val.bin
@@ -48,7 +48,7 @@ sft-data: tokenizer
 	$(PYTHON) sft_data_process.py --demo_poetry=data/chinese-poetry --tokenizer_model=$(TOK) --out_dir=$(DEMO)/sft_data
 
 sft: sft-data
-	$(PYTHON) sft.py config/sft_demo.py
+	$(PYTHON) sft.py config/sft_demo.py --overwrite=True
 
 # greedy answers to the held-out poems' questions (scored), the first few printed
 chat-samples:
@@ -61,7 +61,7 @@ dpo-data: download
 	$(PYTHON) dpo_data_process.py --demo_poetry=data/chinese-poetry --out_dir=$(DEMO)/dpo_data
 
 dpo: dpo-data
-	$(PYTHON) dpo.py config/dpo_demo.py
+	$(PYTHON) dpo.py config/dpo_demo.py --overwrite=True
 
 demo: install
 	@start=$$(date +%s); \

@@ -16,6 +16,7 @@ A checkpoint is one dict saved with torch.save:
 
 merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -86,7 +87,7 @@ def load_model(path, device="cpu", merge=True):
     top of the base checkpoint it names, itself full or LoRA). With merge the adapters are folded into the
     weights, so the model is a plain Transformer; without, it keeps LoRALinear layers. Returns (model on
     device, the checkpoint dict). Raises FileNotFoundError naming a missing file."""
-    ckpt = load(path, device)
+    ckpt = load(path, "cpu")  # the model goes to device; the rest (optimizer state...) stays off the GPU
     if "lora" not in ckpt:
         model = Transformer(ModelArgs(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
@@ -130,14 +131,12 @@ def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys, o
     """A script's resume step. init_from must be `start` (a new run: returns None) or 'resume': then the
     checkpoint at ckpt_path is loaded and returned, and the script's globals g take the settings named in keys
     from it (resume_config). Raises SystemExit for any other init_from, and for a new run whose ckpt_path
-    exists already unless overwrite (forgetting --init_from=resume must not wipe a run)."""
+    exists already unless overwrite (forgetting --init_from=resume must not wipe a run; with overwrite the
+    Checkpointer removes the old run's checkpoints before this run writes anything)."""
     if init_from == start:
         if os.path.exists(ckpt_path) and not overwrite:
             raise SystemExit(f"{ckpt_path} exists (a run of {load(ckpt_path)['iter_num']} iterations): continue it "
                              f"with --init_from=resume, or start over with --overwrite=True (or another out_dir)")
-        best = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "best.pt")
-        if os.path.exists(best):
-            os.remove(best)  # starting over: the old run's best is not this run's
         return None
     if init_from != "resume":
         raise SystemExit(f"init_from must be {start!r} or 'resume', not {init_from!r}")
@@ -196,12 +195,14 @@ class Checkpointer:
 
     - Evaluate every eval_interval iterations and at the last one, but not again at the iteration a resumed run
       starts from (the run it continues evaluated there).
-    - After an evaluation, first the divergence check: a NaN or infinite loss, a loss at or above `ceiling`
+    - After an evaluation, first the divergence check: a NaN or infinite loss, or a loss at or above `ceiling`
       (ln V for a language model's loss: it predicts no better than a uniform guess) after having been below
-      it, or above DIVERGED times the best so far, stops the run (FloatingPointError naming the iteration and
-      what each file holds) before anything is written, so a diverged model never replaces a good one. Then
+      it, stops the run (FloatingPointError naming the iteration and what each file holds) before anything is
+      written, so a diverged model never replaces a good one. (No ratio to the best loss: a preference loss
+      near 0, or a small fine-tuning loss, can triple from noise or overfitting without diverging.) Then
       best.pt is written when the loss improved, and ckpt.pt at every evaluation (always_save_checkpoint) or
-      when it improved.
+      when it improved. The evaluation at the iteration a run starts from is never saved, so a run that never
+      improves on its start has no best.pt.
     - Without validation data (val_loss None) ckpt.pt is written every eval_interval iterations, so a killed
       run can still resume.
     - check_train_loss stops on a NaN or infinite training loss, or one back at the ceiling, before the update
@@ -210,8 +211,6 @@ class Checkpointer:
     Never at the iteration the run started from (nothing new). Every process makes the same calls (saving
     gathers each process's RNG state); the master writes. Each write is noted in the log as
     {"iter", "checkpoint": path}."""
-
-    DIVERGED = 3.0  # a validation loss above 3x the best so far is a diverged run, not noise or overfitting
 
     def __init__(self, path, ckpt, run, model, optimizer, log, eval_interval, always_save_checkpoint,
                  ceiling=None, **fields):
@@ -226,6 +225,10 @@ class Checkpointer:
         self.eval_interval, self.always, self.ceiling = eval_interval, always_save_checkpoint, ceiling
         self.saved_at = self.start_iter if self.resumed else None
         self.best_train_loss = float("inf")
+        if not self.resumed and run.master:  # a new run (told to --overwrite): the old run's files are not its own
+            for old in (path, self.best_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(old)
 
     def eval_due(self, iter_num, last):
         """True when iteration iter_num (the last one when last) should evaluate."""
@@ -251,7 +254,7 @@ class Checkpointer:
         and lost it all has diverged; a batch of hard examples does not do that."""
         if not math.isfinite(loss):
             self.stop(f"training loss {loss} at iteration {iter_num}")
-        if self.ceiling is not None and self.best_train_loss < 0.9 * self.ceiling <= self.ceiling <= loss:
+        if self.ceiling is not None and self.best_train_loss < 0.9 * self.ceiling and loss >= self.ceiling:
             self.stop(f"training loss {loss:.4g} at iteration {iter_num} is back at {self.ceiling:.3f}, the loss of "
                       f"a uniform guess, after {self.best_train_loss:.4g}")
         self.best_train_loss = min(self.best_train_loss, loss)
@@ -266,8 +269,6 @@ class Checkpointer:
             return "is not a number"
         if self.ceiling is not None and self.best_val_loss < self.ceiling <= val_loss:
             return f"reached {self.ceiling:.3f}, the loss of a uniform guess, after {self.best_val_loss:.4g}"
-        if val_loss > self.DIVERGED * self.best_val_loss > 0:
-            return f"is above {self.DIVERGED:g}x the best so far ({self.best_val_loss:.4g})"
         return ""
 
     def stop(self, what):

@@ -81,8 +81,8 @@ def usage(g):
 def config_of(g):
     """The script's hyperparameters: its public globals of simple types (what a checkpoint stores)."""
     simple = (int, float, bool, str, type(None))
-    return {k: v for k, v in g.items()
-            if not k.startswith("_") and (isinstance(v, simple) or
+    return {k: v for k, v in g.items()  # ALL_CAPS names are the script's constants, not settings
+            if not k.startswith("_") and not k.isupper() and (isinstance(v, simple) or
                                           (isinstance(v, (list, tuple)) and all(isinstance(x, simple) for x in v)))}
 
 
@@ -102,8 +102,8 @@ def run_main(g, main):
     """A data script's entry point: the command line applied to its globals g, then main(). A missing, empty or
     unusable input (OSError, ValueError, whose messages name the file) ends with a one-line `error: ...` and
     exit status 1 instead of a traceback."""
-    apply_overrides(g)
     try:
+        apply_overrides(g)
         main()
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

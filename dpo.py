@@ -139,7 +139,9 @@ if master:
           f"trainable {n_trainable:,}" + (f" (LoRA rank {lora_rank}, alpha {lora_alpha})" if lora_rank else ""))
 
 # ---- data -------------------------------------------------------------------------------------------------
-tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"])
+tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"],
+                       init.get("tokenizer_sha256", ""))
+del init  # the starting checkpoint: only its tokenizer was still needed
 pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
 train_pairs, train_counts = load_preferences(train_data)
 val_pairs, val_counts = load_preferences(val_data) if val_data else ([], {})
@@ -215,7 +217,7 @@ start_eval = ev = None  # the held-out metrics of the first and of the latest ev
 timer = tu.StepTimer()
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-    last = iter_num >= max_iters or timer.out_of_time(max_minutes)
+    last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without held-out pairs the checkpoint is still written every eval_interval
         if val_items:

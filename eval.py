@@ -98,8 +98,8 @@ def val_loss(model, path, device, autocast_ctx):
     and how many tokens that is. The file is checked as training checks it (train_utils.open_bins)."""
     if not path.endswith(".bin"):
         raise SystemExit(f"{path}: --mode=loss reads a token file (.bin from data_process.py), not {path!r}")
-    data = tu.open_bins(path, model.args.vocab_size)[0][0]
     T = model.args.max_seq_len
+    data = tu.open_bins(path, model.args.vocab_size, like=tokenizer_of_model, min_tokens=T + 1)[0][0]
     n_windows = min((len(data) - 1) // T, max(1, val_max_tokens // T))
     if n_windows < 1:
         raise SystemExit(f"{path}: {len(data)} tokens, fewer than one window of {T + 1}")
@@ -245,6 +245,7 @@ if __name__ == "__main__":
     if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:
         raise SystemExit(f"{tok.model_path} is not the tokenizer the model was trained with (sha256 differs from "
                          f"the checkpoint's {ckpt['tokenizer_sha256'][:12]}...): its text would be garbage")
+    tokenizer_of_model = {"tokenizer_sha256": ckpt.get("tokenizer_sha256")}  # token files must match it
     if tok.vocab_size != model.args.vocab_size:
         raise SystemExit(f"tokenizer {tok.model_path} has {tok.vocab_size} tokens, the model {model.args.vocab_size}")
     if mode == "chat":

@@ -70,7 +70,7 @@ class ConversationBatches:
         self.samples, self.B, self.M, self.seed = samples, batch_size, micro_per_step, seed
         self.pack, self.max_seq_len, self.pad_id = pack, max_seq_len, pad_id
         self.lengths = np.array([len(s[0]) for s in samples])
-        self._epochs = {}
+        self._epochs, self._n_units = {}, {}
 
     def units(self, epoch):
         """The units of epoch (lists of sample indices), computed once and kept while that epoch is read."""
@@ -78,7 +78,14 @@ class ConversationBatches:
             order = np.random.default_rng([self.seed, 7, epoch]).permutation(len(self.samples))
             self._epochs = {epoch: pack_rows(order, self.lengths, self.max_seq_len) if self.pack
                             else [[int(i)] for i in order]}
+            self._n_units[epoch] = len(self._epochs[epoch])
         return self._epochs[epoch]
+
+    def n_units(self, epoch):
+        """How many units epoch has (remembered: finding a late epoch does not pack the earlier ones again)."""
+        if epoch not in self._n_units:
+            self.units(epoch)
+        return self._n_units[epoch]
 
     def get(self, step, micro, device):
         """(batch dict, put): the collated micro-batch (collate_padded / collate_packed) and a function moving
@@ -86,12 +93,11 @@ class ConversationBatches:
         picked, g = [], (step * self.M + micro) * self.B
         epoch, k = 0, g
         while len(picked) < self.B:
-            units = self.units(epoch)
-            if k >= len(units):
-                k -= len(units)
+            if k >= self.n_units(epoch):
+                k -= self.n_units(epoch)
                 epoch += 1
                 continue
-            picked.append(units[k])
+            picked.append(self.units(epoch)[k])
             k += 1
         rows = [[self.samples[i] for i in unit] for unit in picked]
         return (collate_packed(rows, self.max_seq_len, self.pad_id) if self.pack
@@ -263,8 +269,11 @@ def concatenated_logps(module, x, y):
 # ---- the reference model -----------------------------------------------------------------------------------
 
 def frozen_copy(model_args, state_dict, device):
-    """The reference: a Transformer with the given weights, in eval mode, requiring no gradient."""
-    ref = Transformer(ModelArgs(**dict(model_args, dropout=0.0)))
+    """The reference: a Transformer with the given weights, in eval mode, requiring no gradient. Built without
+    touching the RNG (its random init is overwritten anyway), so a resumed run's dropout masks stay those of an
+    uninterrupted run."""
+    with torch.random.fork_rng(devices=[]):
+        ref = Transformer(ModelArgs(**dict(model_args, dropout=0.0)))
     ref.load_state_dict(state_dict)
     ref.requires_grad_(False)
     return ref.eval().to(device)

@@ -75,8 +75,8 @@ iter_num = ckpt["iter_num"] if ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- data -------------------------------------------------------------------------------------------------
-train_bins, train_paths, meta = tu.open_bins(train_data, vocab_size)  # checked: see open_bins
-val_bins = tu.open_bins(val_data, vocab_size, like=meta)[0] if val_data else None
+train_bins, train_paths, meta = tu.open_bins(train_data, vocab_size, min_tokens=max_seq_len + 1)  # checked
+val_bins = tu.open_bins(val_data, vocab_size, like=meta, min_tokens=max_seq_len + 1)[0] if val_data else None
 if not vocab_size:
     if "vocab_size" not in meta:
         raise SystemExit(f"vocab_size not set and no vocab_size in the meta.json beside {train_paths[0]}")
@@ -120,7 +120,7 @@ timer = tu.StepTimer()
 running_mfu = -1.0
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-    last = iter_num >= max_iters or timer.out_of_time(max_minutes)
+    last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without validation data the checkpoint is still written every eval_interval
         if val_bins is not None:

@@ -103,7 +103,9 @@ if master:
           + (f" (LoRA rank {lora_rank}, alpha {lora_alpha}, targets {lora_targets})" if lora_rank else ""))
 
 # ---- data -------------------------------------------------------------------------------------------------
-tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"])
+tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"],
+                       init.get("tokenizer_sha256", ""))
+del init  # the starting checkpoint: only its tokenizer was still needed
 pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
 train_samples, dropped = tokenize_conversations(load_conversations(train_data), tok, max_seq_len)
 val_samples = tokenize_conversations(load_conversations(val_data), tok, max_seq_len)[0] if val_data else []
@@ -128,12 +130,13 @@ del resume_ckpt
 timer = tu.StepTimer()
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-    last = iter_num >= max_iters or timer.out_of_time(max_minutes)
+    last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without validation data the checkpoint is still written every eval_interval
         if val_samples:
             val_loss = sft_validation_loss(raw_model, val_samples, batch_size, eval_iters, pad_id, device,
                                            run.autocast)
+            val_loss = tu.all_reduce_mean(val_loss, run)  # every process decides on the same number
             log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
         checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time

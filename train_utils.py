@@ -207,14 +207,19 @@ class StepTimer:
         """Leave the time since the last lap out of every iteration (evaluation, saving)."""
         self.t0 = self.clock()
 
-    def out_of_time(self, max_minutes):
-        """True once the wall time since the start has reached max_minutes (0 = never)."""
-        return bool(max_minutes) and (self.clock() - self.start) / 60 >= max_minutes
+    def out_of_time(self, max_minutes, run=None):
+        """True once the wall time since the start has reached max_minutes (0 = never). With a DDP run, True on
+        every process as soon as it is on one: processes that disagree on the last iteration would call
+        different collectives and hang."""
+        if not max_minutes:
+            return False
+        late = (self.clock() - self.start) / 60 >= max_minutes
+        return all_reduce_sum(float(late), run) > 0 if run is not None else late
 
 
 # ---- token files ------------------------------------------------------------------------------------------
 
-def open_bins(spec, vocab_size=None, like=None):
+def open_bins(spec, vocab_size=None, like=None, min_tokens=1):
     """Memory-map one or many uint16 token files (spec: comma-separated paths or globs) after checking each, so
     that wrong token data is refused by name instead of training silently:
     - its meta.json (data_process.py writes it beside the .bin files) exists and says dtype uint16;
@@ -222,7 +227,8 @@ def open_bins(spec, vocab_size=None, like=None):
       file has twice the bytes);
     - every file (and `like`, another file's meta dict, e.g. train's for val) comes from one tokenizer: the same
       tokenizer_sha256 and vocab_size;
-    - the largest id is below vocab_size (default: meta.json's), one pass over each file.
+    - the largest id is below vocab_size (default: meta.json's), one pass over each file;
+    - it holds at least min_tokens tokens (max_seq_len + 1 for training windows).
     Returns (list of 1-D np.memmap uint16, their paths, the first file's meta dict). Raises FileNotFoundError
     for a part that matches no file or a missing meta.json, ValueError naming the file for everything else."""
     import glob
@@ -242,6 +248,8 @@ def open_bins(spec, vocab_size=None, like=None):
         bins.append(np.memmap(p, dtype=np.uint16, mode="r"))
     vocab_size = vocab_size or first.get("vocab_size")
     for p, b in zip(paths, bins):
+        if len(b) < min_tokens:
+            raise ValueError(f"{p}: {len(b):,} tokens, fewer than the {min_tokens:,} of one window (max_seq_len + 1)")
         top = max_token(b)
         if vocab_size and top >= vocab_size:
             raise ValueError(f"{p}: token id {top} >= vocab_size {vocab_size}: not tokens of this model's "
@@ -390,12 +398,16 @@ def gather_rng_states(run):
     return states
 
 
-def load_tokenizer(path, vocab_size):
-    """The Tokenizer at path, checked against the model's vocabulary size (SystemExit when they differ)."""
+def load_tokenizer(path, vocab_size, sha256=""):
+    """The Tokenizer at path, checked against the model: its vocabulary size and, when the checkpoint recorded
+    it, the sha256 of the tokenizer it was trained with (SystemExit naming the file when either differs)."""
     from tokenizer import Tokenizer
     tok = Tokenizer(path)
     if tok.vocab_size != vocab_size:
         raise SystemExit(f"tokenizer {path} has {tok.vocab_size} tokens, the model {vocab_size}")
+    if sha256 and tok.sha256() != sha256:
+        raise SystemExit(f"{path} is not the tokenizer the model was trained with (sha256 {tok.sha256()[:12]}..., "
+                         f"the checkpoint's {sha256[:12]}...)")
     return tok
 
 
@@ -418,8 +430,11 @@ class JsonlLog:
             # the checkpoint of iteration N is written after N's evaluation and before N's training step
             kept = [r for r in read_jsonl(path) if "iter" in r and r["iter"] is not None and
                     (r["iter"] < resume_from or (r["iter"] == resume_from and "loss" not in r))]
-        atomic_write(path, lambda tmp: open(tmp, "w", encoding="utf-8").writelines(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        def write_kept(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+
+        atomic_write(path, write_kept)
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, line=None, **record):

@@ -147,7 +147,7 @@ def test_nan_validation_loss_stops_before_saving(tmp_path):
     assert ck.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
 
 
-def test_losses_back_at_a_uniform_guess_or_3x_the_best_stop_the_run(tmp_path):
+def test_losses_back_at_a_uniform_guess_stop_the_run_and_preference_losses_only_on_nan(tmp_path):
     c = checkpointer(tmp_path)
     c.ceiling = 4.0  # ln V
     c.check_train_loss(0, 4.2)  # a new model starts at the ceiling: fine
@@ -158,22 +158,16 @@ def test_losses_back_at_a_uniform_guess_or_3x_the_best_stop_the_run(tmp_path):
     c.after_eval(2, 1.0)
     with pytest.raises(FloatingPointError, match="reached 4.000"):
         c.after_eval(4, 4.0)
-    c.ceiling = None  # preference losses have no ceiling, only the 3x rule
-    c.after_eval(4, 2.9)
-    with pytest.raises(FloatingPointError, match="above 3x the best"):
-        c.after_eval(6, 3.1)
-    assert ck.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 4
+    c.ceiling = None  # a preference loss: 0.04 -> 0.13 is noise or overfitting, not divergence
+    c.after_eval(4, 0.04)
+    c.after_eval(6, 0.13)
+    with pytest.raises(FloatingPointError, match="not a number"):
+        c.after_eval(8, float("inf"))
+    assert ck.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 6
 
 
-def test_step_timer_counts_training_time_only():
-    now = [100.0]
-    timer = tu.StepTimer(clock=lambda: now[0])
-    now[0] += 2.0
-    assert timer.lap(1000) == 2.0
-    now[0] += 30.0  # an evaluation
-    timer.skip()
-    now[0] += 3.0
-    assert timer.lap(500) == 3.0
-    assert (timer.seconds, timer.tokens) == (5.0, 1500)
-    assert tu.throughput(timer, "cpu")["tokens_per_sec"] == 300.0
-    assert not timer.out_of_time(0) and not timer.out_of_time(1.0) and timer.out_of_time(0.5)  # 35 s in
+def test_a_new_run_removes_the_old_runs_checkpoints_before_writing(tmp_path):
+    ck.save(str(tmp_path / "ckpt.pt"), {"iter_num": 9})
+    ck.save(str(tmp_path / "best.pt"), {"iter_num": 7})
+    checkpointer(tmp_path)  # a new run (the script's resume step let it through: --overwrite=True)
+    assert not os.path.exists(tmp_path / "ckpt.pt") and not os.path.exists(tmp_path / "best.pt")
