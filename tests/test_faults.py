@@ -341,7 +341,7 @@ def weights(out):
 
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_weights_of_a_straight_run(bins, tmp_path):
-    sched = ["--max_iters=24", "--eval_interval=4", "--lr_decay_iters=24", "--dropout=0.1"]
+    sched = ["--max_iters=60", "--eval_interval=4", "--lr_decay_iters=60", "--dropout=0.1"]
     pretrain(bins, tmp_path / "straight", *sched)
     # killed in the middle of its third save (iteration 12): ckpt.pt still holds iteration 8, whole
     env = dict(ENV, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests", "faults"), ROOT]), KILL_AT_SAVE="3")
@@ -351,7 +351,8 @@ def test_killed_runs_resume_to_the_weights_of_a_straight_run(bins, tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert ck.load(str(out / "ckpt.pt"))["iter_num"] == 8 and any(".tmp." in f for f in os.listdir(out))
-    # killed at an iteration between saves, by the test, once the log shows iteration 14
+    # killed at an iteration between saves, by the test, once the log shows iteration 14 (the run goes on a few
+    # iterations more before the signal lands, but not to the end)
     out2 = tmp_path / "killed_between"
     proc = subprocess.Popen([*cmd[:-len(sched) - 1], f"--out_dir={out2}", *sched], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -361,13 +362,13 @@ def test_killed_runs_resume_to_the_weights_of_a_straight_run(bins, tmp_path):
                                               else [])):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ck.load(str(out2 / "ckpt.pt"))["iter_num"] in (12, 16)
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    assert 12 <= ck.load(str(out2 / "ckpt.pt"))["iter_num"] < 60
     straight = weights(tmp_path / "straight")
     for killed in (out, out2):
         pretrain(bins, killed, *sched, "--init_from=resume")
         assert not any(".tmp." in f for f in os.listdir(killed))  # the dead writer's temp file is gone
         rows = [r["iter"] for r in tu.read_jsonl(str(killed / "log.jsonl")) if "loss" in r]
-        assert rows == list(range(24))  # every iteration once
+        assert rows == list(range(60))  # every iteration once
         for k, v in weights(killed).items():
             assert torch.allclose(v, straight[k], atol=1e-6, rtol=0), (killed.name, k)
