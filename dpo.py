@@ -251,7 +251,7 @@ while True:
         loss_sum += float(loss)
         n_tok += nt
     metrics = {k: tu.all_reduce_sum(v, run) / n_pairs for k, v in sums.items()}
-    metrics["loss"] = tu.all_reduce_sum(loss_sum, run)
+    metrics["loss"] = tu.all_reduce_sum(loss_sum, run)  # the iteration's objective (as normalised above)
     if not run.scaler.is_enabled():
         checkpointer.check_train_loss(iter_num, metrics["loss"])
     tu.optimizer_step(optimizer, run.scaler, grad_clip)

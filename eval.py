@@ -99,7 +99,10 @@ def val_loss(model, path, device, autocast_ctx):
     if not path.endswith(".bin"):
         raise SystemExit(f"{path}: --mode=loss reads a token file (.bin from data_process.py), not {path!r}")
     T = model.args.max_seq_len
-    data = tu.open_bins(path, model.args.vocab_size, like=tokenizer_of_model, min_tokens=T + 1)[0][0]
+    bins, paths, _ = tu.open_bins(path, model.args.vocab_size, like=tokenizer_of_model, min_tokens=T + 1)
+    if len(bins) > 1:
+        raise SystemExit(f"--mode=loss evaluates one token file; {path!r} is {len(paths)}: {', '.join(paths)}")
+    data = bins[0]
     n_windows = min((len(data) - 1) // T, max(1, val_max_tokens // T))
     if n_windows < 1:
         raise SystemExit(f"{path}: {len(data)} tokens, fewer than one window of {T + 1}")
