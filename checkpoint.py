@@ -24,6 +24,7 @@ import shutil
 
 import torch
 
+from clean_data.atomic import atomic_path
 from lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from model import ModelArgs, Transformer
 import train_utils as tu
@@ -39,7 +40,8 @@ FINETUNE_KEYS = ("init_ckpt", "max_seq_len", "lora_rank", "lora_alpha", "lora_dr
 
 def save(path, state):
     """torch.save(state) through a temp file and a rename: a killed save never leaves half a checkpoint."""
-    tu.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load(path, device="cpu"):
@@ -293,6 +295,7 @@ class Checkpointer:
             save(self.path, training_state(self.model, self.optimizer, self.run.scaler, rngs, iter_num=iter_num,
                                            best_val_loss=self.best_val_loss, **self.fields))
             if best:
-                tu.atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.path, tmp))
+                with atomic_path(self.best_path) as tmp:
+                    shutil.copyfile(self.path, tmp)
             self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))
         self.saved_at = iter_num

@@ -250,8 +250,9 @@ while True:
             sums[k] = sums.get(k, 0.0) + v
         loss_sum += float(loss)
         n_tok += nt
-    metrics = {k: tu.all_reduce_sum(v, run) / n_pairs for k, v in sums.items()}
-    metrics["loss"] = tu.all_reduce_sum(loss_sum, run)  # the iteration's objective (as normalised above)
+    # pair_metrics' "loss" is a batch mean; the iteration's objective is the normalised sum above
+    metrics = {k: tu.all_reduce_sum(v, run) / n_pairs for k, v in sums.items() if k != "loss"}
+    metrics["loss"] = tu.all_reduce_sum(loss_sum, run)
     if not run.scaler.is_enabled():
         checkpointer.check_train_loss(iter_num, metrics["loss"])
     tu.optimizer_step(optimizer, run.scaler, grad_clip)

@@ -146,7 +146,8 @@ while True:
     # the objective is the sum of the token losses over the whole iteration (every micro-step of every process)
     # divided by its scored-token count, so batch x accumulation x processes can be traded with the same gradient
     micro_batches = [batches.get(iter_num, run.rank * accum + micro, device) for micro in range(accum)]
-    n_scored = tu.all_reduce_sum(sum(scored_tokens(b) for b, _ in micro_batches), run)
+    scored = [scored_tokens(b) for b, _ in micro_batches]  # counted on the CPU, before the copies to device
+    n_scored = tu.all_reduce_sum(sum(scored), run)
     loss_sum, n_tok = 0.0, 0
     for micro, (batch, put) in enumerate(micro_batches):
         n_tok += batch.pop("n_tokens")
@@ -154,7 +155,7 @@ while True:
         sync = not run.ddp or micro == accum - 1
         with (nullcontext() if sync else module.no_sync()):
             with run.autocast:
-                loss = sft_loss(module, batch) * scored_tokens(batch) / n_scored  # this micro-batch's share
+                loss = sft_loss(module, batch) * scored[micro] / n_scored  # this micro-batch's share
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
         loss_sum += loss.detach()
     loss_value = tu.all_reduce_sum(float(loss_sum), run)

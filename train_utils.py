@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from clean_data.atomic import atomic_path, write_jsonl
+
 
 # ---- distributed ------------------------------------------------------------------------------------------
 
@@ -90,7 +92,7 @@ def setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir):
 def cleanup_ddp(run):
     """Leave the process group at the end of a torchrun run (nothing to do in a single process). Delete the
     DistributedDataParallel wrapper first: with its reducer still alive when the group goes, gloo aborted about
-    one CPU run in 15 at exit ("terminate called without an active exception"; none in 60 once deleted)."""
+    one CPU run in 15 at exit ("terminate called without an active exception"; none in 80 once deleted)."""
     if run.ddp and dist.is_initialized():
         import gc
         gc.collect()  # the wrapper's reference cycles, so its reducer is really gone
@@ -240,12 +242,12 @@ def open_bins(spec, vocab_size=None, like=None, min_tokens=1):
         paths += matches
     if not paths:
         raise FileNotFoundError(f"no token file given ({spec!r})")
-    bins, first = [], like
+    bins, metas = [], []
     for p in paths:
-        meta = read_meta(p)
-        check_bin(p, meta, first)
-        first = first or meta
+        metas.append(read_meta(p))
+        check_bin(p, metas[-1], like or metas[0])
         bins.append(np.memmap(p, dtype=np.uint16, mode="r"))
+    first = like or metas[0]
     vocab_size = vocab_size or first.get("vocab_size")
     for p, b in zip(paths, bins):
         if len(b) < min_tokens:
@@ -254,7 +256,7 @@ def open_bins(spec, vocab_size=None, like=None, min_tokens=1):
         if vocab_size and top >= vocab_size:
             raise ValueError(f"{p}: token id {top} >= vocab_size {vocab_size}: not tokens of this model's "
                              f"tokenizer (or not uint16 token ids at all)")
-    return bins, paths, read_meta(paths[0])
+    return bins, paths, metas[0]
 
 
 def check_bin(path, meta, like=None):
@@ -267,8 +269,8 @@ def check_bin(path, meta, like=None):
     if size == 0:
         raise ValueError(f"{path}: no tokens (data_process.py writes an empty val.bin when the corpus is too small "
                          f"for val_fraction: raise it, or train without validation: --val_data='')")
-    name = os.path.splitext(os.path.basename(path))[0]  # train.bin -> train_tokens in meta.json
-    expected = meta.get(f"{name}_tokens")
+    name = os.path.basename(path)  # tokens_per_file by file name; older meta.json: train_tokens, val_tokens
+    expected = meta.get("tokens_per_file", {}).get(name, meta.get(f"{os.path.splitext(name)[0]}_tokens"))
     if expected is not None and expected * 2 != size:
         raise ValueError(f"{path}: {size} bytes but meta.json counts {expected:,} uint16 tokens ({expected * 2:,} "
                          f"bytes): another dtype, or a file from another run of data_process.py")
@@ -331,45 +333,7 @@ def estimate_loss(model, bins, batch_size, max_seq_len, eval_iters, device, auto
     return float(np.mean(losses))
 
 
-# ---- files and RNG state ----------------------------------------------------------------------------------
-
-def atomic_write(path, write_fn):
-    """write_fn(tmp) writes a temp file in the same folder, then it is renamed to path: a crash never leaves
-    half a file at path, and the temp file is removed whatever happens."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    remove_stale_temps(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_temps(path):
-    """Remove the temp files (path.tmp.<pid>) that writers killed mid-write left behind: those whose process is
-    gone. A live writer's temp file (another process saving now) is left alone."""
-    import glob
-    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
-        pid = tmp.rsplit(".", 1)[1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            try:
-                os.remove(tmp)
-            except FileNotFoundError:
-                pass
-
-
-def pid_alive(pid):
-    """True when a process with this id exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
+# ---- RNG state ----------------------------------------------------------------------------------
 
 def rng_state():
     """This process's RNG state (torch, Python, and CUDA when present) as tensors and lists, which
@@ -430,11 +394,7 @@ class JsonlLog:
             # the checkpoint of iteration N is written after N's evaluation and before N's training step
             kept = [r for r in read_jsonl(path) if "iter" in r and r["iter"] is not None and
                     (r["iter"] < resume_from or (r["iter"] == resume_from and "loss" not in r))]
-        def write_kept(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
-
-        atomic_write(path, write_kept)
+        write_jsonl(path, kept)
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, line=None, **record):
@@ -482,7 +442,8 @@ def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 

@@ -16,7 +16,7 @@ Torch-free.
 """
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 
 def temp_path(path):
@@ -25,10 +25,35 @@ def temp_path(path):
     return f"{path}.tmp.{os.getpid()}"
 
 
+def remove_stale_temps(path):
+    """Remove the temporary files (path.tmp.<pid>) that writers killed mid-write left behind: those whose process
+    is gone. A live writer's temporary file (another process writing now) is left alone."""
+    import glob
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
+        pid = tmp.rsplit(".", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with suppress(FileNotFoundError):
+                os.remove(tmp)
+
+
+def pid_alive(pid):
+    """True when a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path):
     """Yields the temporary path (temp_path) to write the file under. When the with-block ends without an error
-    the file is renamed over `path`; on an error it is removed and `path` is left as it was."""
+    the file is renamed over `path`; on an error it is removed and `path` is left as it was. The folder is
+    created if needed, and temporary files of earlier writers of `path` that were killed are removed first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temps(path)
     tmp = temp_path(path)
     try:
         yield tmp

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint as ck
+from clean_data.atomic import atomic_path
 import train_utils as tu
 from lora import apply_lora, lora_state_dict
 from model import ModelArgs, Transformer
@@ -24,12 +25,10 @@ def test_save_is_atomic_and_load_names_a_missing_file(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     ck.save(path, {"iter_num": 1})
 
-    def killed(tmp):  # a save that dies half-way
-        open(tmp, "wb").write(b"half a checkpoint")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        tu.atomic_write(path, killed)
+    with pytest.raises(KeyboardInterrupt):  # a save that dies half-way
+        with atomic_path(path) as tmp:
+            open(tmp, "wb").write(b"half a checkpoint")
+            raise KeyboardInterrupt
     assert ck.load(path)["iter_num"] == 1  # the good checkpoint is untouched
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temp file is left behind
     with pytest.raises(FileNotFoundError, match="nope.pt"):
