@@ -1,11 +1,11 @@
 # make demo: install, fetch the chinese-poetry corpus, and run the whole pipeline on it: pretraining, then chat
-# fine-tuning (SFT), scored chat answers and preference tuning (DPO) (~17 min on 2 cores)
+# fine-tuning (SFT), scored chat answers and preference tuning (DPO), and a summary (out/demo/summary.md)
 # make test: install and run the test suite (make test-fast: without the slow subprocess runs)
 PYTHON ?= python3
 DEMO := out/demo
 TOK := $(DEMO)/tok8k.model
 
-.PHONY: install install-dev demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo bench bench-clean clean clean-demo
+.PHONY: install install-dev redis-server demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo bench bench-clean clean clean-demo
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -13,66 +13,97 @@ install:
 install-dev:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 
-test: install-dev
+# the Redis-shared dedup index is tested against a real redis-server (Debian package); without apt-get (or
+# root / sudo) the install is skipped and that one test says why it skips
+redis-server:
+	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; } || \
+	  echo "redis-server not installed: the Redis test will be skipped"
+
+test: install-dev redis-server
 	$(PYTHON) -m pytest -q tests
 
-test-fast: install-dev
+test-fast: install-dev redis-server
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
-download:
+# ---- the demo: every stage a file target, so a re-run of make demo skips the finished stages -----------------
+CORPUS := data/chinese-poetry/package.json
+CLEAN := $(DEMO)/clean/clean.parquet
+TOKENS := $(DEMO)/data/meta.json
+# (each target is the file its stage writes last: a stage killed half-way is not taken for done)
+# each stage's wall time goes to $(DEMO)/stages.jsonl for the summary
+timed = @printf '%s\n' "$(2)"; mkdir -p $(DEMO); t0=$$(date +%s%N); $(2) && \
+	echo "{\"stage\": \"$(1)\", \"seconds\": $$(( ($$(date +%s%N) - t0) / 1000000 ))e-3}" >> $(DEMO)/stages.jsonl
+
+$(CORPUS):
 	$(PYTHON) -c "from clean_data.readers import download_poetry; print(download_poetry('data'))"
 
-$(TOK):
-	$(PYTHON) tokenizer/train_tokenizer.py --input=data/chinese-poetry --vocab_size=8000 --model_prefix=$(DEMO)/tok8k
+$(TOK): $(CORPUS)
+	$(call timed,tokenizer,$(PYTHON) tokenizer/train_tokenizer.py --input=data/chinese-poetry --vocab_size=8000 --model_prefix=$(DEMO)/tok8k)
 
-tokenizer: download $(TOK)
+$(DEMO)/clean/report.json: $(CORPUS)
+	$(call timed,clean,$(PYTHON) -m clean_data --input=data/chinese-poetry --out_dir=$(DEMO)/clean)
 
-CLEAN := $(DEMO)/clean/clean.parquet
+$(TOKENS): $(DEMO)/clean/report.json $(TOK)
+	$(call timed,tokens,$(PYTHON) data_process.py --input=$(CLEAN) --tokenizer_model=$(TOK) --out_dir=$(DEMO)/data)
 
-$(CLEAN):
-	$(PYTHON) -m clean_data --input=data/chinese-poetry --out_dir=$(DEMO)/clean
+$(DEMO)/pretrain/summary.json: $(TOKENS) config/demo_cpu.py
+	$(call timed,pretrain,$(PYTHON) pretrain.py config/demo_cpu.py --overwrite=True)
 
-clean: download $(CLEAN)
-
-tokens: tokenizer clean
-	$(PYTHON) data_process.py --input=$(CLEAN) --tokenizer_model=$(TOK) --out_dir=$(DEMO)/data
-
-pretrain: tokens
-	$(PYTHON) pretrain.py config/demo_cpu.py --overwrite=True
-
-samples:
-	$(PYTHON) eval.py --ckpt_path=$(DEMO)/pretrain/ckpt.pt --mode=all --val_data=$(DEMO)/data/val.bin
+# continuations of a few prompts and the loss on every validation token
+$(DEMO)/pretrain/eval.json: $(DEMO)/pretrain/summary.json
+	$(call timed,samples,$(PYTHON) eval.py --ckpt_path=$(DEMO)/pretrain/ckpt.pt --mode=all --val_data=$(DEMO)/data/val.bin --results_file=$@)
 
 # chat fine-tuning of the demo model on questions built from the corpus' own titles and authors
-sft-data: tokenizer
-	$(PYTHON) sft_data_process.py --demo_poetry=data/chinese-poetry --tokenizer_model=$(TOK) --out_dir=$(DEMO)/sft_data
+$(DEMO)/sft_data/stats.json: $(CORPUS) $(TOK)
+	$(call timed,sft-data,$(PYTHON) sft_data_process.py --demo_poetry=data/chinese-poetry --tokenizer_model=$(TOK) --out_dir=$(DEMO)/sft_data)
 
-sft: sft-data
-	$(PYTHON) sft.py config/sft_demo.py --overwrite=True
+$(DEMO)/sft/summary.json: $(DEMO)/pretrain/summary.json $(DEMO)/sft_data/stats.json config/sft_demo.py
+	$(call timed,sft,$(PYTHON) sft.py config/sft_demo.py --overwrite=True)
 
-# greedy answers to the held-out poems' questions (scored), the first few printed
-chat-samples:
-	$(PYTHON) eval.py --mode=chat --ckpt_path=$(DEMO)/sft/ckpt.pt --questions_file=$(DEMO)/sft_data/eval_questions.jsonl \
-		--answers_file=$(DEMO)/sft/answers.jsonl --temperature=0.0 --repetition_penalty=1.0 --batch_size=50
+# greedy answers to the held-out poems' questions, scored: the base model (before SFT), after SFT, after DPO
+CHAT = $(PYTHON) eval.py --mode=chat --questions_file=$(DEMO)/sft_data/eval_questions.jsonl --temperature=0.0 \
+	--repetition_penalty=1.0 --batch_size=100 --max_new_tokens=64
+$(DEMO)/pretrain/chat.json: $(DEMO)/pretrain/summary.json $(DEMO)/sft_data/stats.json
+	$(call timed,chat-base,$(CHAT) --ckpt_path=$(DEMO)/pretrain/ckpt.pt --answers_file=$(DEMO)/pretrain/answers.jsonl --results_file=$@)
+$(DEMO)/sft/chat.json: $(DEMO)/sft/summary.json
+	$(call timed,chat-sft,$(CHAT) --ckpt_path=$(DEMO)/sft/ckpt.pt --answers_file=$(DEMO)/sft/answers.jsonl --results_file=$@)
+$(DEMO)/dpo/chat.json: $(DEMO)/dpo/summary.json
+	$(call timed,chat-dpo,$(CHAT) --ckpt_path=$(DEMO)/dpo/ckpt.pt --answers_file=$(DEMO)/dpo/answers.jsonl --results_file=$@)
 
 # preference tuning (DPO) of the SFT model on pairs built from the corpus (real vs corrupted poem, right vs wrong
 # author); prints the held-out preference accuracy before and after
-dpo-data: download
-	$(PYTHON) dpo_data_process.py --demo_poetry=data/chinese-poetry --out_dir=$(DEMO)/dpo_data
+$(DEMO)/dpo_data/stats.json: $(CORPUS)
+	$(call timed,dpo-data,$(PYTHON) dpo_data_process.py --demo_poetry=data/chinese-poetry --out_dir=$(DEMO)/dpo_data)
 
-dpo: dpo-data
-	$(PYTHON) dpo.py config/dpo_demo.py --overwrite=True
+$(DEMO)/dpo/summary.json: $(DEMO)/sft/summary.json $(DEMO)/dpo_data/stats.json config/dpo_demo.py
+	$(call timed,dpo,$(PYTHON) dpo.py config/dpo_demo.py --overwrite=True)
+
+DEMO_OUTPUTS := $(DEMO)/pretrain/eval.json $(DEMO)/pretrain/chat.json $(DEMO)/sft/chat.json $(DEMO)/dpo/chat.json
+$(DEMO)/summary.md: $(DEMO_OUTPUTS) demo_summary.py
+	$(PYTHON) demo_summary.py --demo_dir=$(DEMO)
+
+# the stages by name (each runs what it needs first, and nothing already done)
+download: $(CORPUS)
+tokenizer: $(TOK)
+clean: $(DEMO)/clean/report.json
+tokens: $(TOKENS)
+pretrain: $(DEMO)/pretrain/summary.json
+samples: $(DEMO)/pretrain/eval.json
+sft-data: $(DEMO)/sft_data/stats.json
+sft: $(DEMO)/sft/summary.json
+chat-samples: $(DEMO)/sft/chat.json
+dpo-data: $(DEMO)/dpo_data/stats.json
+dpo: $(DEMO)/dpo/summary.json
 
 demo: install
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain && $(MAKE) --no-print-directory samples && \
-	$(MAKE) --no-print-directory sft && $(MAKE) --no-print-directory chat-samples && \
-	$(MAKE) --no-print-directory dpo && \
-	echo "make demo: $$(( $$(date +%s) - start )) s"
+	@start=$$(date +%s); $(MAKE) --no-print-directory $(DEMO)/summary.md && \
+	echo "make demo: $$(( $$(date +%s) - start )) s (stages already done were skipped; make clean-demo starts over)"
 
+# fp32 eager, then this CPU's fast path (bench.py prints which and why)
 bench: install
+	$(PYTHON) bench.py config/bench_rival.py --dtype=float32 --compile=False
 	$(PYTHON) bench.py config/bench_rival.py
-	$(PYTHON) bench.py config/bench_rival.py --dtype=bfloat16 --compile=True
 
 bench-clean: install
 	$(PYTHON) -m clean_data.bench

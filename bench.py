@@ -28,7 +28,7 @@ gradient_accumulation_steps = 1
 tie_embeddings = True
 device = "auto"
 dtype = "auto"
-compile = False
+compile = "auto"  # True, False, or 'auto': the fast path of this device (train_utils.cpu_fast_path)
 num_threads = 2  # CPU threads (the rivals were measured with 2)
 warmup_steps = 3
 steps = 10
@@ -49,6 +49,8 @@ if device_type == "cpu":
 else:
     torch.backends.cuda.matmul.allow_tf32 = True
 dtype = tu.resolve_dtype(dtype, device_type)
+compile = tu.resolve_compile(compile, device_type, dtype)
+print(f"path: {tu.describe_path(device_type, dtype, compile)}")
 autocast_ctx, scaler = tu.amp_setup(device_type, dtype)
 torch.manual_seed(0)
 args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or None, vocab_size=vocab_size,

@@ -196,7 +196,8 @@ class Checkpointer:
     best.pt beside it, the state of the best validation loss so far (what to evaluate, export or fine-tune).
 
     - Evaluate every eval_interval iterations and at the last one, but not again at the iteration a resumed run
-      starts from (the run it continues evaluated there).
+      starts from (the run it continues evaluated there), nor at a last iteration that comes right after an
+      evaluation (see eval_due).
     - After an evaluation, first the divergence check: a NaN or infinite loss, or a loss at or above `ceiling`
       (ln V for a language model's loss: it predicts no better than a uniform guess) after having been below
       it, stops the run (FloatingPointError naming the iteration and what each file holds) before anything is
@@ -226,19 +227,27 @@ class Checkpointer:
         self.best_val_loss = ckpt["best_val_loss"] if self.resumed else float("inf")
         self.eval_interval, self.always, self.ceiling = eval_interval, always_save_checkpoint, ceiling
         self.saved_at = self.start_iter if self.resumed else None
+        self.evaluated_at = None  # the iteration of this run's latest evaluation
         self.best_train_loss = float("inf")
         if not self.resumed and run.master:  # a new run (told to --overwrite): the old run's files are not its own
-            for old in (path, self.best_path):
+            for old in (path, self.best_path, os.path.join(os.path.dirname(self.best_path), "summary.json")):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(old)
 
     def eval_due(self, iter_num, last):
-        """True when iteration iter_num (the last one when last) should evaluate."""
-        return (iter_num % self.eval_interval == 0 or last) and not (self.resumed and iter_num == self.start_iter)
+        """True when iteration iter_num (the last one when last) should evaluate. The last iteration does not
+        evaluate when the one before it did (a run whose max_minutes ran out during an evaluation stops one
+        step later): one step changes little, and at_end still saves its state."""
+        if self.resumed and iter_num == self.start_iter:
+            return False
+        if iter_num % self.eval_interval == 0:
+            return True
+        return last and (self.evaluated_at is None or iter_num - self.evaluated_at > 1)
 
     def after_eval(self, iter_num, val_loss):
         """Record an evaluation's loss (nats per token, or the script's held-out loss; None without validation
         data) and write what is due. Raises FloatingPointError when the run diverged (see the class)."""
+        self.evaluated_at = iter_num
         if val_loss is None:
             self.save(iter_num)
             return

@@ -6,7 +6,8 @@ Overrides for the plain globals at the top of a script, as in nanoGPT:
 A bare argument is a config file: plain Python assignments executed into the script's globals.
 `--key=value` sets one global; the value is parsed as a Python literal when it can be, and must have
 the type of the default it replaces (an int default accepts an int, a float default an int or float,
-a None default anything), so a typo fails loudly instead of training with the wrong setting.
+an 'auto' default a bool too, a None default anything), so a typo fails loudly instead of training with the
+wrong setting.
 Torch-free on purpose: data scripts use it too.
 """
 import ast
@@ -20,6 +21,8 @@ def _parse_value(key, text, old):
         value = text  # a bare string such as --device=cuda
     if old is None:
         return value
+    if old == "auto" and isinstance(value, bool):
+        return value  # a setting that is True, False or 'auto' (compile)
     if value is None:
         raise ValueError(f"--{key}={text}: expected {type(old).__name__}, got None")
     if isinstance(old, bool) != isinstance(value, bool):
@@ -90,12 +93,32 @@ def configure(g):
     """A script's configuration step, on its globals g: the names of its hyperparameters (config_of, taken
     before anything can add to them), then the command line's config files and --key=value overrides applied
     when the script runs as __main__ (not when a test imports it). Returns (config_keys, changed keys)."""
+    import os
     config_keys = list(config_of(g))
-    try:
-        changed = apply_overrides(g) if g.get("__name__") == "__main__" else []
-    except ValueError as e:  # a typo'd key or a value of the wrong type: a one-line error, not a traceback
-        raise SystemExit(f"error: {e}") from None
+    try:  # under torchrun only rank 0 echoes the config files and overrides
+        verbose = int(os.environ.get("RANK", "0")) == 0
+        changed = apply_overrides(g, verbose=verbose) if g.get("__name__") == "__main__" else []
+    except (ValueError, OSError) as e:  # a typo'd key, a wrong type, a missing config file: one line, no traceback
+        exit_error(f"error: {e}")
     return config_keys, changed
+
+
+def exit_error(message):
+    """End the program with exit status 1 and message on stderr, said once: under torchrun every rank reaches
+    the same configuration error, so rank 0 prints it (and puts it in torchrun's error file, where torchrun's
+    failure report shows it as the root cause) while the other ranks wait a moment and leave silently, so
+    that rank 0 fails first instead of being stopped by torchrun before it could print."""
+    import json
+    import os
+    import time
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(5)
+        raise SystemExit(1)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:  # torchrun's layout
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
+    raise SystemExit(message)
 
 
 def run_main(g, main):

@@ -39,7 +39,6 @@ Chosen and rejected go through the model in one forward pass (2B rows: chosen fi
 targets are -1 on the prompt and padding, so only reply tokens (and the <|end|> closing the reply) count.
 The pieces (pair batches, log-probs, the reference, the losses) are in finetune.py; checkpoints in checkpoint.py.
 """
-import json
 import math
 import os
 import time
@@ -48,6 +47,7 @@ from contextlib import nullcontext
 import torch
 
 import checkpoint as ck
+from clean_data.atomic import write_json
 from chat_data.preferences import load_preferences
 from configurator import configure
 from finetune import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, frozen_copy,
@@ -101,7 +101,7 @@ save_merged = True  # LoRA: also write merged.pt at the end
 # system
 device = "auto"
 dtype = "auto"
-compile = False
+compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
 num_threads = 0
 max_minutes = 0.0
 # -----------------------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ if reference not in ("model", "cached"):
     raise SystemExit(f"reference must be 'model' or 'cached', not {reference!r}")
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir)
+run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, False)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's, and with them the
@@ -131,9 +131,9 @@ model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt,
 raw_model, max_seq_len = model, model_args["max_seq_len"]
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
-module = tu.wrap_ddp(torch.compile(model) if compile else model, run)
+module = tu.wrap_ddp(torch.compile(model) if run.compile else model, run)
 if master:
-    print(f"{run.world_size} process(es) on {device}, {run.dtype}; from {init_ckpt}"
+    print(f"from {init_ckpt}"
           + (f" (resumed at iteration {iter_num})" if resume_ckpt is not None else ""))
     print(f"loss {loss_type}, beta {beta}, reference: {ref_mode}; parameters {raw_model.num_params() / 1e6:.2f}M, "
           f"trainable {n_trainable:,}" + (f" (LoRA rank {lora_rank}, alpha {lora_alpha})" if lora_rank else ""))
@@ -215,6 +215,9 @@ checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer
 del resume_ckpt
 start_eval = ev = None  # the held-out metrics of the first and of the latest evaluation
 timer = tu.StepTimer()
+progress = tu.Progress("dpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x "
+                       f"{batch_size * gradient_accumulation_steps} pairs, {loss_type} loss (beta {beta}), held-out "
+                       f"evaluation every {eval_interval}", enabled=master)
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
@@ -248,7 +251,7 @@ while True:
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
         n_tok += nt
     # pair_metrics' "loss" is a batch mean; the iteration's objective is the normalised sum above
     metrics = {k: tu.all_reduce_sum(v, run) / n_pairs for k, v in sums.items() if k != "loss"}
@@ -259,12 +262,11 @@ while True:
 
     n_tok = int(tu.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
+    progress.step(metrics["loss"], n_tok, dt)
     if iter_num % log_interval == 0:
-        log.write(f"iter {iter_num}: loss {metrics['loss']:.4f}, margin {metrics['rewards/margins']:.3f}, "
-                  f"acc {metrics['rewards/accuracies']:.2f}, logps c/r {metrics['logps/chosen']:.1f}/"
-                  f"{metrics['logps/rejected']:.1f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {n_tok / dt:,.0f} tok/s",
-                  iter=iter_num, lr=lr, dt_ms=dt * 1000, tokens_per_sec=n_tok / dt, **metrics)
+        log.write(iter=iter_num, lr=lr, dt_ms=dt * 1000, tokens_per_sec=n_tok / dt, **metrics)
     iter_num += 1
+progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary, plots, generations before/after --------------------------------------------------------------
@@ -272,7 +274,8 @@ if master:
     # what the reference costs in memory: a frozen copy of the weights, or the cached numbers
     reference_mb = (sum(p.numel() * p.element_size() for p in ref_net.parameters()) if ref_mode == "model" else
                     sum(t.numel() * 4 for c in ref_cache.values() for t in c) if ref_mode == "cached" else 0) / 2 ** 20
-    summary = dict(iter=iter_num, loss_type=loss_type, beta=beta, reference=ref_mode, lora_rank=lora_rank,
+    summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), loss_type=loss_type,
+                   beta=beta, reference=ref_mode, lora_rank=lora_rank,
                    trainable_params=n_trainable, reference_cache_seconds=round(cache_seconds, 1),
                    reference_mb=round(reference_mb, 2), **tu.throughput(timer, device_type))
     if start_eval is not None and ev is not None:
@@ -287,16 +290,16 @@ if master:
               f"after {ev['logps/accuracy']:.3f} (mean margin {ev['logps/margin']:.2f}); "
               f"DPO reward accuracy {ev['rewards/accuracies']:.3f}, margin {ev['rewards/margins']:.3f}")
     log.write(summary=summary)
-    log.close()
     tu.plot_log(log.path, os.path.join(out_dir, "loss.png"), (("loss", "train"), ("val/loss", "held-out")),
-                title=f"{loss_type} loss")
+                title=f"DPO {loss_type} loss")
     tu.plot_log(log.path, os.path.join(out_dir, "rewards.png"),
                 (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"), ("rewards/margins", "margin"),
-                 ("val/rewards/margins", "held-out margin")), title="rewards")
+                 ("val/rewards/margins", "held-out margin")), title="DPO implicit rewards (beta x log-ratio)")
     tu.plot_log(log.path, os.path.join(out_dir, "accuracy.png"),
                 (("rewards/accuracies", "reward accuracy"), ("val/rewards/accuracies", "held-out reward acc."),
-                 ("val/logps/accuracy", "held-out logp acc.")), title="accuracy")
+                 ("val/logps/accuracy", "held-out logp acc.")), title="DPO preference accuracy")
     print(f"summary: {summary}")
+    log.close()
 
     if n_samples and val_pairs:
         # greedy replies to held-out prompts, one per pair kind first, from the starting model and the trained one
@@ -317,10 +320,10 @@ if master:
             samples.append({"prompt": val_pairs[i]["prompt"][-1]["content"], "chosen": val_pairs[i]["chosen"],
                             "before": reply(before_model), "after": reply(raw_model)})
             print(f"--- {samples[-1]['prompt']}\n  before: {samples[-1]['before']!r}\n  after:  {samples[-1]['after']!r}")
-        with open(os.path.join(out_dir, "samples.json"), "w", encoding="utf-8") as f:
-            json.dump(samples, f, ensure_ascii=False, indent=1)
+        write_json(os.path.join(out_dir, "samples.json"), samples)
     if lora_rank and save_merged:
         ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **checkpointer.fields)
+    write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 del module  # the DDP wrapper goes before the process group (see cleanup_ddp)
 tu.cleanup_ddp(run)

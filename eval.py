@@ -14,7 +14,6 @@ merged. Batch chat: questions_file is .txt (one question per line) or .jsonl ({"
 "system", "reference", "kind"}); answers go to answers_file as JSONL, and when references are given the
 exact-match rate is printed per kind (for kind "poem", also the rate of well-formed 5/7-character poems).
 """
-import json
 import math
 import os
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 import checkpoint as ck
+from clean_data.atomic import write_json, write_jsonl
 from clean_data.readers import ReadErrors, iter_records, read_txt
 from chat_data.poetry import well_formed_poem
 from configurator import apply_overrides
@@ -52,6 +52,7 @@ compile = False  # compile the decode step: pays off for long or many generation
 system_prompt = ""  # chat: an optional system prompt
 questions_file = ""  # chat: batch mode, questions in (.txt or .jsonl); "" = interactive
 answers_file = ""  # chat batch mode: JSONL answers out ("" = questions_file + .answers.jsonl)
+results_file = ""  # JSON out: what this run measured (samples, loss, chat scores); "" = none
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------------------------------------
@@ -191,6 +192,9 @@ def chat_batch(model, tok, device, autocast_ctx, path, out_path):
     max_prompt_tokens = model.args.max_seq_len - max_new_tokens
     stops = set(stop_ids(tok))
     t0, n_new = time.time(), 0
+    from tqdm import tqdm
+    bar = tqdm(total=len(items), desc="chat", unit="answer", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         prompts = [fit_history(tok, [{"role": "user", "content": it["question"]}], max_prompt_tokens,
@@ -205,10 +209,10 @@ def chat_batch(model, tok, device, autocast_ctx, path, out_path):
             n_new += len(o)
             it["answer"] = decode_reply(tok, o)
             it["finished"] = bool(o) and o[-1] in stops
+        bar.update(len(chunk))
+    bar.close()
     dt = time.time() - t0
-    with open(out_path, "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(it, ensure_ascii=False) + "\n")
+    write_jsonl(out_path, items)
     print(f"{len(items)} answers in {dt:.1f}s ({n_new / max(dt, 1e-9):.1f} tok/s) -> {out_path}")
     scores = {}
     for kind in sorted({it.get("kind", "") for it in items if "reference" in it}):
@@ -251,20 +255,28 @@ if __name__ == "__main__":
     tokenizer_of_model = {"tokenizer_sha256": ckpt.get("tokenizer_sha256")}  # token files must match it
     if tok.vocab_size != model.args.vocab_size:
         raise SystemExit(f"tokenizer {tok.model_path} has {tok.vocab_size} tokens, the model {model.args.vocab_size}")
+    results = {}  # what results_file gets
     if mode == "chat":
         if questions_file:
-            chat_batch(model, tok, device, autocast_ctx, questions_file,
-                       answers_file or questions_file + ".answers.jsonl")
+            results["chat_scores"] = chat_batch(model, tok, device, autocast_ctx, questions_file,
+                                                answers_file or questions_file + ".answers.jsonl")
         else:
             chat_interactive(model, tok, device, autocast_ctx)
     if mode in ("sample", "all"):
         if prompt_file:
             with open(prompt_file, encoding="utf-8") as f:
                 prompts = [line.rstrip("\n") for line in f if line.strip()]
-        sample(model, tok, prompts, device, autocast_ctx)
+        results["samples"] = sample(model, tok, prompts, device, autocast_ctx)
     if mode in ("loss", "all"):
         path = val_data or ckpt["config"].get("val_data", "")
         if not path or not os.path.exists(path):
             sys.exit(f"no validation file: pass --val_data (tried {path!r})")
         loss, n = val_loss(model, path, device, autocast_ctx)
-        print(f"val loss {loss:.4f}, perplexity {math.exp(loss):.2f} ({n:,} tokens of {path})")
+        results.update(val_loss=loss, perplexity=math.exp(loss), val_tokens=n, val_data=path)
+        # pretrain.py's "val loss" is an estimate on eval_iters batches of random windows: this one reads the
+        # file in order, every token once, so the two differ by sampling noise (a few hundredths)
+        print(f"val loss {loss:.4f}, perplexity {math.exp(loss):.2f} ({n:,} tokens of {path}, every token once in "
+              f"consecutive windows of {model.args.max_seq_len})")
+    if results_file:
+        write_json(results_file, dict(ckpt_path=ckpt_path, iter=ckpt["iter_num"], mode=mode, **results))
+        print(f"results -> {results_file}")

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 
 import checkpoint as ck
+from clean_data.atomic import write_json
 from configurator import configure
 from model import ModelArgs, Transformer
 import train_utils as tu
@@ -27,7 +28,7 @@ init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 overwrite = False  # a new run (not resume) over an existing out_dir/ckpt.pt: refused unless True
 eval_interval = 200
 eval_iters = 20
-log_interval = 10
+log_interval = 1  # a JSONL row every log_interval iterations (the terminal shows a progress bar)
 always_save_checkpoint = True  # save at every eval; otherwise only when val loss improves
 # model
 dim = 288
@@ -57,15 +58,15 @@ grad_clip = 1.0  # 0 = off
 seed = 1337
 # system
 device = "auto"  # 'auto', 'cpu', 'cuda'
-dtype = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
-compile = False
+dtype = "auto"  # 'auto' (GPU: bf16; CPU: its fast path, train_utils.cpu_fast_path), 'float32', 'bfloat16', 'float16'
+compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
 num_threads = 0  # CPU threads; 0 = torch's default
 max_minutes = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir)
+run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, True)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # resuming: the architecture (dim, ..., max_seq_len, which the batches use too) becomes the checkpoint's
@@ -86,7 +87,7 @@ config = {k: globals()[k] for k in config_keys}  # what this run really uses: th
 ckpt_fields = dict(config=config, data={"sampler": "stateless", "seed": seed, "train": train_paths},
                    tokenizer=meta.get("tokenizer_model", ""), tokenizer_sha256=meta.get("tokenizer_sha256", ""))
 if master:
-    print(f"{run.world_size} process(es) on {device}, {run.dtype}; {tokens_per_iter:,} tokens per iteration "
+    print(f"{tokens_per_iter:,} tokens per iteration "
           f"({run.world_size} x {accum} micro-steps x {batch_size} x {max_seq_len})")
     print(f"train tokens: {sum(len(b) for b in train_bins):,} in {len(train_bins)} file(s)")
 
@@ -106,7 +107,7 @@ optimizer = ck.training_optimizer(model, ckpt, run, seed, weight_decay, learning
 raw_model = model
 if master:
     print(f"parameters: {raw_model.num_params() / 1e6:.2f}M")
-if compile:
+if run.compile:
     model = torch.compile(model)
 model = tu.wrap_ddp(model, run)
 
@@ -117,6 +118,9 @@ checkpointer = ck.Checkpointer(ckpt_path, ckpt, run, raw_model, optimizer, log, 
                                **ckpt_fields)
 del ckpt
 timer = tu.StepTimer()
+progress = tu.Progress("pretrain", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {tokens_per_iter:,} "
+                       f"tokens = {(max_iters - iter_num) * tokens_per_iter:,} tokens, validation every "
+                       f"{eval_interval} ({eval_iters} sampled batches)", enabled=master)
 running_mfu = -1.0
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
@@ -124,10 +128,12 @@ while True:
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without validation data the checkpoint is still written every eval_interval
         if val_bins is not None:
+            # eval_iters fixed batches of random windows: an estimate; eval.py --mode=loss reads the whole file
             val_loss = tu.estimate_loss(raw_model, val_bins, batch_size, max_seq_len, eval_iters, device,
                                         run.autocast)
             val_loss = tu.all_reduce_mean(val_loss, run)
-            log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
+            log.write(f"iter {iter_num}: val loss {val_loss:.4f} (estimate: {eval_iters} x {batch_size} windows)",
+                      iter=iter_num, val_loss=val_loss, lr=lr)
         checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time
     if last:
@@ -153,21 +159,25 @@ while True:
     tu.optimizer_step(optimizer, run.scaler, grad_clip)
 
     dt = timer.lap(tokens_per_iter)
+    progress.step(loss_value, tokens_per_iter, dt)
     if iter_num % log_interval == 0:
-        tok_s = tokens_per_iter / dt
         mfu = raw_model.estimate_mfu(accum * batch_size, dt)  # per GPU: this process's sequences
-        if mfu is not None and iter_num - checkpointer.start_iter >= 5:  # skip the compile/warm-up iterations
+        if mfu is not None and timer.laps > 5:  # skip the compile/warm-up iterations
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-        mfu_text = f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ""
-        log.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s"
-                  f"{mfu_text}", iter=iter_num, loss=loss_value, lr=lr, dt_ms=dt * 1000, tokens_per_sec=tok_s,
+        log.write(iter=iter_num, loss=loss_value, lr=lr, dt_ms=dt * 1000, tokens_per_sec=tokens_per_iter / dt,
                   mfu=running_mfu if running_mfu >= 0 else None)
     iter_num += 1
+progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
-log.close()
 if master:
-    tu.plot_log(log.path, os.path.join(out_dir, "loss.png"))
+    summary = dict(iter=iter_num, params=raw_model.num_params(), best_val_loss=checkpointer.best_val_loss,
+                   wall_seconds=round(time.time() - timer.start, 1), **tu.throughput(timer, device_type))
+    log.write(summary=summary)
+    write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
+    tu.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="pretraining loss (nats per token)")
+    print(f"summary: {summary}")
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
+log.close()
 del model  # the DDP wrapper goes before the process group (see cleanup_ddp)
 tu.cleanup_ddp(run)

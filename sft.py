@@ -24,6 +24,7 @@ from contextlib import nullcontext
 import torch
 
 import checkpoint as ck
+from clean_data.atomic import write_json
 from chat_data.conversations import load_conversations
 from configurator import configure
 from finetune import (ConversationBatches, PackedLM, scored_tokens, sft_loss, sft_validation_loss,
@@ -42,7 +43,7 @@ init_ckpt = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an SFT one (full
 tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt
 eval_interval = 100
 eval_iters = 0  # validation batches; 0 = the whole held-out split
-log_interval = 10
+log_interval = 1  # a JSONL row every log_interval iterations (the terminal shows a progress bar)
 always_save_checkpoint = True
 # data
 max_seq_len = 0  # 0 = the checkpoint's context; samples are cut to max_seq_len + 1 tokens
@@ -70,14 +71,14 @@ save_merged = True  # LoRA: also write merged.pt (base + adapter folded) at the 
 # system
 device = "auto"
 dtype = "auto"
-compile = False
+compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
 num_threads = 0
 max_minutes = 0.0
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir)
+run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, pack)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's
@@ -93,11 +94,11 @@ raw_model, max_seq_len = model, model_args["max_seq_len"]
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
 module = PackedLM(model) if pack else model  # packed rows need explicit positions and masks
-if compile:
+if run.compile:
     module = torch.compile(module)
 module = tu.wrap_ddp(module, run)
 if master:
-    print(f"{run.world_size} process(es) on {device}, {run.dtype}; from {init_ckpt}"
+    print(f"from {init_ckpt}"
           + (f" (resumed at iteration {iter_num})" if resume_ckpt is not None else ""))
     print(f"parameters: {raw_model.num_params() / 1e6:.2f}M, trainable: {n_trainable:,}"
           + (f" (LoRA rank {lora_rank}, alpha {lora_alpha}, targets {lora_targets})" if lora_rank else ""))
@@ -128,6 +129,10 @@ checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
 del resume_ckpt
 timer = tu.StepTimer()
+n_val = min(len(val_samples), eval_iters * batch_size) if eval_iters else len(val_samples)
+progress = tu.Progress("sft", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x "
+                       f"{batch_size * gradient_accumulation_steps} conversations, validation every {eval_interval} "
+                       f"on {n_val:,} held-out conversations", enabled=master)
 while True:
     lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
@@ -165,23 +170,25 @@ while True:
 
     n_tok = int(tu.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
+    progress.step(loss_value, n_tok, dt)
     if iter_num % log_interval == 0:
-        log.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {n_tok / dt:,.0f} tok/s",
-                  iter=iter_num, loss=loss_value, lr=lr, dt_ms=dt * 1000, tokens_per_sec=n_tok / dt)
+        log.write(iter=iter_num, loss=loss_value, lr=lr, dt_ms=dt * 1000, tokens_per_sec=n_tok / dt)
     iter_num += 1
+progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary and the merged model -------------------------------------------------------------------------
 if master:
-    summary = dict(iter=iter_num, trainable_params=n_trainable, best_val_loss=checkpointer.best_val_loss,
-                   **tu.throughput(timer, device_type))
+    summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), trainable_params=n_trainable,
+                   best_val_loss=checkpointer.best_val_loss, **tu.throughput(timer, device_type))
     log.write(summary=summary)
     log.close()
-    tu.plot_log(log.path, os.path.join(out_dir, "loss.png"))
+    tu.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="SFT loss (nats per scored token)")
     print(f"summary: {summary}")
     if lora_rank and save_merged:
         ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **checkpointer.fields)
         print(f"merged model: {os.path.join(out_dir, 'merged.pt')}")
+    write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 del module  # the DDP wrapper goes before the process group (see cleanup_ddp)
 tu.cleanup_ddp(run)

@@ -86,7 +86,10 @@ def read_demo(path, tok, limit, seed):
     if not dtrain:
         raise ValueError(f"{path}: no demo training conversation (demo_max_poems={demo_max_poems}, "
                          f"demo_eval_poems={demo_eval_poems} held out): {demo_stats}; {corpus_errors.brief()}")
-    print(f"demo set from {path}: {demo_stats}")
+    print(f"demo set from {path}: {demo_stats['regular poems found']:,} regular poems, {demo_max_poems:,} picked, "
+          f"{demo_eval_poems:,} held out; {len(dtrain):,} train and {len(dval):,} val conversations "
+          f"(filters: {', '.join(f'{k} {v:,}' for k, v in demo_filter.counts.most_common())}; "
+          f"{corpus_errors.count:,} corpus records the reader skipped)")
     return dtrain, dval, questions, demo_stats
 
 
@@ -125,7 +128,9 @@ def main():
         raise ValueError(f"no training conversation left from {', '.join(paths)}: {len(convs)} after mixing with "
                          f"ratios {rs}, {n_val} of them held out for val (val_fraction={val_fraction})")
     turns = Counter(len(c["messages"]) // 2 for c in train + val)
-    stats.update(formats=dict(formats), filters=dict(filt.counts), malformed=errors.to_dict(),
+    if paths:  # counters of the --inputs files; the demo set's are in stats["demo"]
+        stats.update(formats=dict(formats), filters=dict(filt.counts), malformed=errors.to_dict())
+    stats.update(
                  train=len(train), val=len(val), exchanges_per_conversation=dict(sorted(turns.items())),
                  with_system=sum(1 for c in train + val if c.get("system")))
     # everything is checked: only now is out_dir touched
@@ -138,9 +143,10 @@ def main():
     write_conversations(os.path.join(out_dir, f"train.{ext}"), train, out_format)
     write_conversations(os.path.join(out_dir, f"val.{ext}"), val, out_format)
     write_json(os.path.join(out_dir, "stats.json"), stats)
-    print(f"formats detected: {dict(formats)}")
-    print("filters: " + ", ".join(f"{k} {v:,}" for k, v in filt.counts.most_common()))
-    print(errors.report())
+    if paths:  # the --inputs files' counters (the demo set printed its own above)
+        print(f"formats detected: {dict(formats)}")
+        print("filters: " + ", ".join(f"{k} {v:,}" for k, v in filt.counts.most_common()))
+        print(errors.report())
     print(f"exchanges per conversation: {dict(sorted(turns.items()))}; with a system prompt: {stats['with_system']}")
     print(f"wrote {len(train):,} train and {len(val):,} val conversations to {out_dir}")
     return stats

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from clean_data.atomic import atomic_path, write_jsonl
+from configurator import exit_error
 
 
 # ---- distributed ------------------------------------------------------------------------------------------
@@ -27,7 +28,8 @@ class Run:
     ddp: launched by torchrun; rank / local_rank / world_size: this process among world_size; master: rank 0
     (the one that prints, logs and writes); device: 'cpu' or 'cuda:N'; device_type: 'cpu' or 'cuda';
     accum: micro-steps per process per iteration; dtype: 'float32' / 'bfloat16' / 'float16'; autocast: the
-    context for forward passes; scaler: the GradScaler (enabled only for float16)."""
+    context for forward passes; scaler: the GradScaler (enabled only for float16); compile: whether the
+    script compiles its model (setup_run's resolution of compile='auto')."""
     ddp: bool = False
     rank: int = 0
     local_rank: int = 0
@@ -38,6 +40,7 @@ class Run:
     dtype: str = "float32"
     autocast: object = None
     scaler: object = None
+    compile: bool = False
 
     @property
     def master(self):
@@ -51,7 +54,7 @@ def setup_ddp(device="auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
-        raise SystemExit(f"device must be one of auto, cpu, cuda, cuda:N, not {device!r}")
+        exit_error(f"error: device must be one of auto, cpu, cuda, cuda:N, not {device!r}")
     if int(os.environ.get("RANK", -1)) == -1:
         return Run(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -65,27 +68,41 @@ def setup_ddp(device="auto"):
     return Run(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir):
-    """What every training script sets up before its data and model: DDP, the device and its precision,
-    CPU threads, the output folder. gradient_accumulation_steps counts the micro-steps of all processes
-    together, so it must divide by the number of processes (SystemExit otherwise). Returns a Run."""
+def setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile=False, fixed_shapes=True):
+    """What every training script sets up before its data and model: DDP, the device and its precision (dtype
+    and compile may be 'auto': the fast path of this device, see cpu_fast_path), CPU threads, the output
+    folder. gradient_accumulation_steps counts the micro-steps of all processes together, so it must divide
+    by the number of processes. A configuration error ends the run with one line from rank 0. num_threads
+    (0 = torch's default, all cores) is shared among the processes of one machine: 2 processes on 2 cores
+    get 1 thread each, not 2 that fight for the same cores. Returns a Run (run.compile: the choice made)."""
+    if gradient_accumulation_steps < 1 or gradient_accumulation_steps % int(os.environ.get("WORLD_SIZE", "1")):
+        exit_error(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a positive multiple "
+                   f"of the {os.environ.get('WORLD_SIZE', '1')} processes (it counts the micro-steps of all of them "
+                   f"together); set --gradient_accumulation_steps=N accordingly (the batch per process stays "
+                   f"batch_size)")
+    if dtype not in DTYPES:
+        exit_error(f"error: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     run = setup_ddp(device)
     run.device_type = "cuda" if run.device.startswith("cuda") else "cpu"
-    if gradient_accumulation_steps % run.world_size:
-        raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the "
-                         f"{run.world_size} processes")
     run.accum = gradient_accumulation_steps // run.world_size
-    if num_threads:
-        torch.set_num_threads(num_threads)
     if run.device_type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, (num_threads or torch.get_num_threads()) // local) if run.ddp else num_threads
+        if threads:
+            torch.set_num_threads(threads)
         configure_cpu()
     else:
+        if num_threads:
+            torch.set_num_threads(num_threads)
         torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: fp32 range, ~8x the throughput
         torch.backends.cudnn.allow_tf32 = True
     run.dtype = resolve_dtype(dtype, run.device_type)
+    run.compile = resolve_compile(compile, run.device_type, run.dtype, fixed_shapes)
     run.autocast, run.scaler = amp_setup(run.device_type, run.dtype)
     if run.master:
         os.makedirs(out_dir, exist_ok=True)
+        print(f"{run.world_size} process(es) on {run.device}, {torch.get_num_threads()} thread(s) each; "
+              f"precision {describe_path(run.device_type, run.dtype, run.compile, fixed_shapes)}")
     return run
 
 
@@ -127,16 +144,68 @@ def wrap_ddp(module, run):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def resolve_dtype(dtype, device_type):
-    """'auto' = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU. Raises SystemExit naming the
-    allowed values for anything else."""
+def cpu_features():
+    """What this CPU offers the kernels torch will run: ATen's vector capability ('AVX2', 'AVX512', ...; it
+    honours ATEN_CPU_CAPABILITY, so a machine told to use AVX2 only reports AVX2), and whether the CPU has
+    AMX tiles or AVX512-BF16 instructions, the two ways a CPU multiplies bf16 matrices in hardware."""
+    return dict(capability=torch.backends.cpu.get_cpu_capability(), amx=torch.cpu._is_amx_tile_supported(),
+                avx512_bf16=torch.cpu._is_avx512_bf16_supported())
+
+
+def cpu_fast_path(features, fixed_shapes=True):
+    """The fastest training precision and compile choice for a CPU with these features (cpu_features()), by
+    what this project measured (bench.py config/bench_rival.py, 2 threads, training tokens/s):
+    - bf16 matrix units (AMX, or AVX512-BF16 with AVX-512 kernels in use): bf16 autocast. On an AMD EPYC with
+      AVX512-BF16, bf16 ran 1.9x fp32 eager and 2.2x with compile; on Intel Xeons with AMX ~2.5x.
+    - none (AVX2 only): fp32. bf16 there has no matrix units and emulates them: 16x slower than fp32 eager.
+    compile: on CPU torch.compile gained 4-22% per step (fp32 / bf16) but costs a warm-up of tens of
+    seconds, so it is chosen only where it pays most (bf16 units) and only for fixed shapes (pretraining's
+    windows; padded chat batches change shape every step and recompile).
+    Returns (dtype, compile, reason), reason a sentence for the log."""
+    units = [name for name, key in (("AMX", "amx"), ("AVX512-BF16", "avx512_bf16")) if features.get(key)]
+    vector = features.get("capability", "")
+    if units and "AVX512" in vector:
+        return "bfloat16", fixed_shapes, (f"{' and '.join(units)} multiply bf16 matrices in hardware: bf16 autocast"
+                                          + (" + torch.compile" if fixed_shapes else ""))
+    why = "no bf16 matrix units" if not units else f"{'/'.join(units)} present but ATen is limited to {vector}"
+    return "float32", False, f"{why} ({vector} kernels): bf16 would be emulated, many times slower; fp32"
+
+
+def resolve_dtype(dtype, device_type, features=None):
+    """'auto' = bf16 on GPUs that support it, fp16 on older GPUs; on CPU, cpu_fast_path's choice (features:
+    cpu_features(), probed when None). Raises SystemExit naming the allowed values for anything else."""
     if dtype not in DTYPES:
         raise SystemExit(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    return cpu_fast_path(features or cpu_features())[0]
+
+
+def resolve_compile(compile, device_type, dtype, fixed_shapes=True, features=None):
+    """compile = True / False, or 'auto': on GPUs, compile models trained on fixed shapes; on CPU, what
+    cpu_fast_path chooses when dtype (resolved) is its dtype, else False (a run told to use another precision
+    is off the measured path). SystemExit for any other value."""
+    if isinstance(compile, bool):
+        return compile
+    if compile != "auto":
+        raise SystemExit(f"compile must be True, False or 'auto', not {compile!r}")
+    if device_type == "cuda":
+        return fixed_shapes
+    path_dtype, path_compile, _ = cpu_fast_path(features or cpu_features(), fixed_shapes)
+    return path_compile and dtype == path_dtype
+
+
+def describe_path(device_type, dtype, compile, fixed_shapes=True):
+    """One line saying which precision and compile choice a run uses and why (setup_run and bench.py print it)."""
+    if device_type != "cpu":
+        return f"{dtype}, compile={compile}"
+    features = cpu_features()
+    path_dtype, path_compile, reason = cpu_fast_path(features, fixed_shapes)
+    chosen = "the fast path" if (dtype, compile) == (path_dtype, path_compile) else \
+        f"set by the config (the fast path would be {path_dtype}, compile={path_compile})"
+    return f"{dtype}, compile={compile}: {chosen}; this CPU: {features['capability']}, {reason}"
 
 
 def amp_setup(device_type, dtype):
@@ -188,21 +257,27 @@ def optimizer_step(optimizer, scaler, grad_clip):
 class StepTimer:
     """Wall time of the training iterations alone, and the tokens they trained on. lap(n_tokens) ends an
     iteration and returns its seconds (since the previous lap, or the start); skip() after an evaluation or
-    a checkpoint write makes that time count toward no iteration. seconds and tokens are the totals so far,
-    so tokens per second is the same measure in every script. out_of_time(max_minutes): the wall time since
-    the start, everything included, has reached max_minutes (0 = no limit)."""
+    a checkpoint write makes that time count toward no iteration. The first lap is the warm-up (memory
+    allocation, torch.compile's compilation: tens of seconds): kept apart in warmup_seconds, so seconds and
+    tokens, the totals of the other laps, give tokens per second the same way in every script.
+    out_of_time(max_minutes): the wall time since the start, everything included, has reached max_minutes
+    (0 = no limit)."""
 
     def __init__(self, clock=time.time):
         self.clock = clock
         self.start = self.t0 = clock()
-        self.seconds, self.tokens = 0.0, 0
+        self.seconds, self.tokens, self.laps, self.warmup_seconds = 0.0, 0, 0, 0.0
 
     def lap(self, n_tokens):
         """End an iteration that trained on n_tokens; returns its seconds."""
         t = self.clock()
         dt, self.t0 = t - self.t0, t
-        self.seconds += dt
-        self.tokens += n_tokens
+        self.laps += 1
+        if self.laps == 1:
+            self.warmup_seconds = dt
+        else:
+            self.seconds += dt
+            self.tokens += n_tokens
         return dt
 
     def skip(self):
@@ -217,6 +292,51 @@ class StepTimer:
             return False
         late = (self.clock() - self.start) / 60 >= max_minutes
         return all_reduce_sum(float(late), run) > 0 if run is not None else late
+
+
+class Progress:
+    """What a person sees of a training loop (the master only; the JSONL log keeps every number): a first line
+    saying what the stage will do, one tqdm bar with the ETA, loss and tokens/s, and, once `measure` iterations
+    have run, the expected training time on this machine: the median iteration of the second half of those
+    (the first few iterations are slow: memory allocation, kernel selection, compilation; 3 iterations of ~5 s
+    before settling at 0.18 s in one CPU run). Lines printed meanwhile (the evaluations, through
+    JsonlLog.write) appear above the bar."""
+
+    def __init__(self, stage, start, total, what, enabled=True, measure=24):
+        """stage: its name ('pretrain'); start, total: the first and the end iteration; what: the plan (e.g.
+        '1,000 iterations x 4,096 tokens')."""
+        self.enabled, self.left, self.measure, self.stage = enabled, total - start, measure, stage
+        self.bar, self.dts = None, []
+        if not enabled:
+            return
+        from tqdm import tqdm
+        print(f"{stage}: {what}", flush=True)
+        self.bar = tqdm(total=total, initial=start, desc=stage, unit="it", dynamic_ncols=True, smoothing=0.05,
+                        mininterval=0.5 if _stderr_is_tty() else 30)
+
+    def step(self, loss, n_tokens, dt):
+        """After one training iteration of dt seconds on n_tokens: advance the bar; once `measure` iterations
+        have run, say how long the rest will take."""
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {loss:.4f}, {n_tokens / max(dt, 1e-9):,.0f} tok/s", refresh=False)
+        self.dts.append(dt)
+        if len(self.dts) == min(self.measure, self.left):
+            per_iter = float(np.median(self.dts[len(self.dts) // 2:]))
+            self.bar.write(f"{self.stage}: {per_iter:.3f} s per iteration (median of iterations "
+                           f"{len(self.dts) // 2 + 1}-{len(self.dts)}): about "
+                           f"{per_iter * (self.left - len(self.dts)) / 60:.1f} min to go on this machine, "
+                           f"evaluations aside")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stderr_is_tty():
+    import sys
+    return sys.stderr.isatty()
 
 
 # ---- token files ------------------------------------------------------------------------------------------
@@ -402,7 +522,8 @@ class JsonlLog:
         if not self.enabled:
             return
         if line is not None:
-            print(line, flush=True)
+            from tqdm import tqdm
+            tqdm.write(line)  # above a progress bar, when one is on the terminal
         record.setdefault("time", round(time.time(), 3))
         self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.f.flush()
@@ -425,8 +546,10 @@ def read_jsonl(path):
     return records
 
 
-def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val")), title="loss"):
-    """Plot chosen fields of a JSONL log against 'iter' into a PNG (written atomically)."""
+def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val")), title="loss", ylabel=None):
+    """Plot chosen fields of a JSONL log against 'iter' into a PNG (written atomically), titled. A series of
+    many points (a training loss logged every iteration) is drawn faint, with its smoothed curve (an
+    exponential moving average, bias-corrected like Adam's, so its start is not pulled toward 0) over it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -434,17 +557,32 @@ def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in series:
         pts = [(r["iter"], r[key]) for r in records if key in r and r[key] is not None]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=label, marker="o" if len(pts) < 30 else None)
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        if len(pts) < 30:
+            ax.plot(xs, ys, label=label, marker="o")
+            continue
+        raw, = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, smooth(ys), color=raw.get_color(), label=f"{label} (smoothed)")
+    ax.set_title(title)
     ax.set_xlabel("iteration")
-    ax.set_ylabel(title)
+    ax.set_ylabel(ylabel or title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def smooth(values, beta=0.95):
+    """Exponential moving average of a sequence, bias-corrected: out[i] = EMA_i / (1 - beta^(i+1))."""
+    out, ema = [], 0.0
+    for i, v in enumerate(values):
+        ema = beta * ema + (1 - beta) * v
+        out.append(ema / (1 - beta ** (i + 1)))
+    return out
 
 
 def peak_memory_mb(device_type):
@@ -457,7 +595,9 @@ def peak_memory_mb(device_type):
 
 def throughput(timer, device_type):
     """The end-of-run figures every script reports the same way: tokens trained on, training seconds (a
-    StepTimer's: evaluation and saving excluded), tokens per second, and peak memory in MiB."""
+    StepTimer's: evaluation, saving and the first iteration's warm-up excluded), the warm-up's seconds, tokens
+    per second, and peak memory in MiB."""
     return dict(train_tokens=timer.tokens, train_seconds=round(timer.seconds, 1),
+                warmup_seconds=round(timer.warmup_seconds, 1),
                 tokens_per_sec=round(timer.tokens / max(timer.seconds, 1e-9), 1),
                 peak_memory_mb=round(peak_memory_mb(device_type), 1))

@@ -41,6 +41,8 @@ from contextlib import ExitStack, contextmanager
 from multiprocessing import Pool
 from types import SimpleNamespace
 
+from tqdm import tqdm
+
 from clean_data import dedup, filters
 from clean_data.atomic import atomic_path
 from clean_data.normalize import normalize
@@ -284,6 +286,8 @@ def clean(input, out_dir, progress=True, **settings):
         pool = Pool(c.num_workers, initializer=_init, initargs=(cfg,)) if c.num_workers > 1 else None
         if pool is None:
             _init(cfg)
+        bar = tqdm(desc="clean", unit="doc", disable=not progress, smoothing=0.05,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
         try:
             chunks = _chunks(docs, max(1, c.chunk_docs))
             for chunk, analysis in _bounded_map(pool, chunks, 2 * max(1, c.num_workers)):
@@ -305,10 +309,10 @@ def clean(input, out_dir, progress=True, **settings):
                         chars_out += len(doc["text"])
                         sink.add(doc)
                         secs["write"] += time.perf_counter() - t
-                if progress and n_read % 100_000 < c.chunk_docs:
-                    print(f"  {n_read:,} read, {sink.n + len(sink.rows):,} kept, {time.time() - t_start:.0f} s",
-                          flush=True)
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{sink.n + len(sink.rows):,} kept", refresh=False)
         finally:
+            bar.close()
             if pool is not None:
                 pool.close()
                 pool.join()

@@ -124,17 +124,20 @@ def loop(c, iters, losses):
 
 
 def test_checkpointer_evaluates_and_saves_the_same_way_for_every_script(tmp_path):
-    losses = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 7: 3.0}
-    assert loop(checkpointer(tmp_path / "a"), range(8), losses) == ([0, 2, 4, 6, 7], [2, 4, 6, 7])
+    losses = {0: 5.0, 2: 4.0, 4: 4.5, 6: 4.2, 8: 3.0}
+    assert loop(checkpointer(tmp_path / "a"), range(9), losses) == ([0, 2, 4, 6, 8], [2, 4, 6, 8])
+    # the last iteration right after an evaluation is not evaluated again, but saved
+    assert loop(checkpointer(tmp_path / "a7"), range(8), losses) == ([0, 2, 4, 6], [2, 4, 6, 7])
     # without always_save_checkpoint: improvements only (2: 4.0 < 5.0; 4 and 6 are worse than 4.0), then the end
-    assert loop(checkpointer(tmp_path / "b", always=False), range(8), losses) == ([0, 2, 4, 6, 7], [2, 7])
-    losses[7] = 9.0  # the end is saved even when it is no improvement
-    assert loop(checkpointer(tmp_path / "c", always=False), range(8), losses) == ([0, 2, 4, 6, 7], [2, 7])
+    losses[9] = 3.0
+    assert loop(checkpointer(tmp_path / "b", always=False), range(10), losses) == ([0, 2, 4, 6, 8], [2, 8, 9])
+    losses[8] = 9.0  # the end is saved even when it is no improvement
+    assert loop(checkpointer(tmp_path / "c", always=False), range(9), losses) == ([0, 2, 4, 6, 8], [2, 8])
     saved = ck.load(str(tmp_path / "c" / "ckpt.pt"))
-    assert saved["iter_num"] == 7 and saved["best_val_loss"] == 4.0 and saved["model_args"] == ARGS
+    assert saved["iter_num"] == 8 and saved["best_val_loss"] == 4.0 and saved["model_args"] == ARGS
     # resumed at 4 with best 4.0: no evaluation or save at 4 itself
     resumed = checkpointer(tmp_path / "d", {"iter_num": 4, "best_val_loss": 4.0}, always=False)
-    assert loop(resumed, range(4, 8), {6: 4.2, 7: 3.5}) == ([6, 7], [7])
+    assert loop(resumed, range(4, 9), {6: 4.2, 8: 3.5}) == ([6, 8], [8])
     assert resumed.best_val_loss == 3.5
 
 

@@ -34,6 +34,7 @@ character_coverage = 0.995  # rarer characters use byte fallback; 0.9995 needs >
 num_threads = 2
 text_field = ""  # json/jsonl/parquet field holding the text ("" = reader's default)
 seed = 1337
+verbose = False  # True: sentencepiece's whole training log (~360 lines) and a sample tokenization
 # -----------------------------------------------------------------------------
 
 # token files are uint16, and the fixed head of the vocab: <unk> <s> </s> <pad>, chat/reserved, 256 bytes
@@ -118,12 +119,15 @@ def iter_sentences(docs, max_sentence_length=max_sentence_length, max_chars=max_
 def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=vocab_size, *,
                     max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
                     max_chars=max_chars, character_coverage=character_coverage, num_threads=num_threads,
-                    text_field=text_field, seed=seed, verbose=True):
+                    text_field=text_field, seed=seed, verbose=False):
     """Train a BPE model and return the path of <model_prefix>.model.
 
     files_or_iterator: a str of comma-separated files/globs/dirs or a list/tuple of paths; any other
-    iterable (a generator, iter(list_of_texts)) is taken as the documents themselves.
+    iterable (a generator, iter(list_of_texts)) is taken as the documents themselves. Prints one summary
+    line; verbose: sentencepiece's own log and a sample tokenization too.
     """
+    import time
+    t0 = time.time()
     # check everything cheap before reading any data
     if vocab_size > MAX_VOCAB:
         raise ValueError(f"vocab_size={vocab_size} does not fit: token files store ids as uint16, "
@@ -168,13 +172,17 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
 
     path = model_prefix + ".model"
     tok = Tokenizer(path)  # also checks that the model round-trips text
+    if "read_errors" in stats and (verbose or stats["read_errors"].count):  # the records skipped: named with verbose
+        print(stats["read_errors"].report() if verbose else f"input: {stats['read_errors'].brief()}")
+    pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    n_bytes = sum(p.startswith("<0x") and p.endswith(">") and len(p) == 6 for p in pieces)
+    n_merged = sum(len(p) > 1 and not (p.startswith("<") and p.endswith(">")) for p in pieces)
+    print(f"tokenizer: {tok.vocab_size:,} pieces ({n_merged:,} of several characters, {n_bytes} byte fallbacks, "
+          f"{N_FIXED - n_bytes} special) from {stats.get('chars', 0):,} characters in {stats.get('sentences', 0):,} "
+          f"lines, {time.time() - t0:.1f} s -> {path} (sha256 {tok.sha256()[:12]})")
     if verbose:
         sample = "床前明月光，疑是地上霜。Hello, world! 2026年11月21日 👋"
         ids = tok.encode(sample)
-        if "read_errors" in stats:
-            print(stats["read_errors"].report())
-        print(f"trained on {stats['chars']:,} chars in {stats['sentences']:,} lines")
-        print(f"wrote {path} (vocab_size {tok.vocab_size}, sha256 {tok.sha256()[:12]})")
         print(f"sample: {sample!r} -> {len(ids)} tokens")
         print(" ".join(tok.id_to_piece(i) for i in ids))
     return path
@@ -186,4 +194,4 @@ if __name__ == "__main__":
     train_tokenizer(input, model_prefix, vocab_size, max_sentence_length=max_sentence_length,
                     input_sentence_size=input_sentence_size, max_chars=max_chars,
                     character_coverage=character_coverage, num_threads=num_threads,
-                    text_field=text_field, seed=seed)
+                    text_field=text_field, seed=seed, verbose=verbose)
