@@ -63,7 +63,7 @@ $(DEMO)/sft/summary.json: $(DEMO)/pretrain/summary.json $(DEMO)/sft_data/stats.j
 
 # greedy answers to the held-out poems' questions, scored: the base model (before SFT), after SFT, after DPO
 CHAT = $(PYTHON) eval.py --mode=chat --questions_file=$(DEMO)/sft_data/eval_questions.jsonl --temperature=0.0 \
-	--repetition_penalty=1.0 --batch_size=100 --max_new_tokens=64
+	--repetition_penalty=1.0 --batch_size=100 --max_new_tokens=96
 $(DEMO)/pretrain/chat.json: $(DEMO)/pretrain/summary.json $(DEMO)/sft_data/stats.json
 	$(call timed,chat-base,$(CHAT) --ckpt_path=$(DEMO)/pretrain/ckpt.pt --answers_file=$(DEMO)/pretrain/answers.jsonl --results_file=$@)
 $(DEMO)/sft/chat.json: $(DEMO)/sft/summary.json

@@ -9,10 +9,12 @@ val_data = "out/demo/sft_data/val.jsonl"
 import os
 gradient_accumulation_steps = int(os.environ.get("WORLD_SIZE", "1"))
 batch_size = 32 // gradient_accumulation_steps
-learning_rate = 1e-3
-min_lr = 1e-4
+learning_rate = 2e-3
+min_lr = 2e-4
 warmup_iters = 20
-max_iters = 400
-lr_decay_iters = 400
-eval_interval = 100
+# (measured on two pretrained bases: 400 iterations at 1e-3 gave 96.5% and 40% well-formed poems, the greedy
+# answers falling into one template or another; 800 at 2e-3 gave 95.5% and 93%)
+max_iters = 800
+lr_decay_iters = 800
+eval_interval = 200
 eval_iters = 10

@@ -257,5 +257,29 @@ def test_cli_trains_with_configurator_overrides(corpus_dir, tmp_path):
     r = run_script(os.path.join("tokenizer", "train_tokenizer.py"),
                    f"--input={corpus_dir / 'poems.txt'},{corpus_dir / 'mixed.txt'}",
                    "--vocab_size=500", f"--model_prefix={prefix}", "--num_threads=1", timeout=60)
-    assert "vocab_size 500" in r.stdout and "sample" in r.stdout
     assert Tokenizer(f"{prefix}.model").vocab_size == 500
+    # quiet by default: one summary line, none of sentencepiece's ~360 lines of log
+    assert "tokenizer: 500 pieces" in r.stdout and len((r.stdout + r.stderr).splitlines()) < 10
+    r = run_script(os.path.join("tokenizer", "train_tokenizer.py"), f"--input={corpus_dir}", "--vocab_size=500", f"--model_prefix={prefix}", "--num_threads=1", "--verbose=True", timeout=60)
+    assert "sample" in r.stdout and "trainer_interface" in r.stderr  # the whole log on request
+
+
+def test_sentence_sample_is_seeded_uniform_and_in_stream_order():
+    lines = [f"line {i}" for i in range(10_000)]
+    a = tt.sample_sentences(iter(lines), 1000, seed=1)
+    assert a == tt.sample_sentences(iter(lines), 1000, seed=1) != tt.sample_sentences(iter(lines), 1000, seed=2)
+    assert len(a) == len(set(a)) == 1000 and a == sorted(a, key=lambda s: int(s.split()[1]))  # stream order
+    # uniform: each tenth of the stream holds ~100 of the 1000 (binomial sd ~9.5: 60..140 is > 4 sd)
+    tenths = [sum(1 for s in a if int(s.split()[1]) // 1000 == k) for k in range(10)]
+    assert all(60 <= n <= 140 for n in tenths), tenths
+    assert tt.sample_sentences(iter(lines[:5]), 1000, seed=1) == lines[:5]  # fewer than size: all of them
+
+
+def test_training_twice_gives_the_same_file(corpus_dir, tmp_path):
+    # a sample smaller than the input, as on a real corpus; the model file records its prefix, so same prefix
+    one = train_tokenizer(str(corpus_dir), str(tmp_path / "a" / "t"), VOCAB, num_threads=2, input_sentence_size=300)
+    with open(one, "rb") as f:
+        first = f.read()
+    again = train_tokenizer(str(corpus_dir), str(tmp_path / "a" / "t"), VOCAB, num_threads=2, input_sentence_size=300)
+    with open(again, "rb") as f:
+        assert f.read() == first

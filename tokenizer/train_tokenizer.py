@@ -28,7 +28,7 @@ input = ""  # comma-separated files / globs / directories
 vocab_size = 8000
 model_prefix = "out/tokenizer/tok8k"
 max_sentence_length = 16384  # bytes; sentencepiece drops longer lines, so we cut them into chunks
-input_sentence_size = 2_000_000  # lines sampled (shuffled) for training, bounds memory on big corpora
+input_sentence_size = 2_000_000  # lines sampled (reservoir, seeded) for training, bounds memory on big corpora; 0 = all
 max_chars = 200_000_000  # stop reading input after this many characters
 character_coverage = 0.995  # rarer characters use byte fallback; 0.9995 needs >10k pieces on classical Chinese
 num_threads = 2
@@ -116,6 +116,25 @@ def iter_sentences(docs, max_sentence_length=max_sentence_length, max_chars=max_
                     return
 
 
+def sample_sentences(sentences, size, seed):
+    """A uniform random sample of at most size sentences (reservoir sampling, Vitter's algorithm R), in
+    stream order, drawn with Python's seeded RNG: the same sample on every run and machine. sentencepiece's
+    own sampling (input_sentence_size with shuffle_input_sentence) gave a different vocabulary on each run of
+    the demo corpus (73 of 8,000 pieces) despite set_random_generator_seed."""
+    import random
+    rng = random.Random(seed)
+    sample, order = [], []
+    for n, s in enumerate(sentences):
+        if n < size:
+            sample.append(s)
+            order.append(n)
+        else:
+            j = rng.randrange(n + 1)
+            if j < size:
+                sample[j], order[j] = s, n
+    return [s for _, s in sorted(zip(order, sample))]
+
+
 def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=vocab_size, *,
                     max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
                     max_chars=max_chars, character_coverage=character_coverage, num_threads=num_threads,
@@ -147,10 +166,11 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
     if first is None:
         raise ValueError("tokenizer input holds no text")
     sentences = itertools.chain([first], sentences)
+    if input_sentence_size:
+        sentences = iter(sample_sentences(sentences, input_sentence_size, seed))
 
     os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
-    tmp_prefix = f"{model_prefix}.tmp{os.getpid()}"
-    spm.set_random_generator_seed(seed)  # the input_sentence_size sample is random: make it repeatable
+    tmp_prefix = f"{model_prefix}.tmp"  # no PID in it: the model file records its prefix, and its sha256 must repeat
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences, model_prefix=tmp_prefix, vocab_size=vocab_size, model_type="bpe",
@@ -161,8 +181,8 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
             unk_id=0, bos_id=1, eos_id=2, pad_id=3,
             unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
             control_symbols=",".join(SPECIAL_TOKENS),
-            max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True, num_threads=num_threads, minloglevel=0 if verbose else 2)
+            max_sentence_length=max_sentence_length, input_sentence_size=0,  # sampled above, reproducibly
+            shuffle_input_sentence=False, num_threads=num_threads, minloglevel=0 if verbose else 2)
         for ext in (".vocab", ".model"):  # .model last: if it is there, training finished
             os.replace(tmp_prefix + ext, model_prefix + ext)
     finally:
