@@ -321,6 +321,8 @@ class Progress:
             return
         self.bar.update(1)
         self.bar.set_postfix_str(f"loss {loss:.4f}, {n_tokens / max(dt, 1e-9):,.0f} tok/s", refresh=False)
+        if len(self.dts) >= min(self.measure, self.left):
+            return
         self.dts.append(dt)
         if len(self.dts) == min(self.measure, self.left):
             per_iter = float(np.median(self.dts[len(self.dts) // 2:]))

@@ -27,6 +27,20 @@ def run_script(script, *args, launcher=None, check=True, input=None, timeout=300
     return p
 
 
+def write_motif_bins(d, vocab_size, top_id, n_motifs, max_len, n_draws, n_val):
+    """train.bin, val.bin (its first n_val tokens) and meta.json (vocab_size) in folder d: a token corpus with
+    structure to learn, n_draws motifs (5..max_len-1 ids in 4..top_id-1) drawn from n_motifs in random order."""
+    import json
+    import numpy as np
+    rng = np.random.default_rng(0)
+    motifs = [rng.integers(4, top_id, size=rng.integers(5, max_len)) for _ in range(n_motifs)]
+    stream = np.concatenate([motifs[i] for i in rng.integers(0, n_motifs, size=n_draws)]).astype(np.uint16)
+    stream.tofile(d / "train.bin")
+    stream[:n_val].tofile(d / "val.bin")
+    (d / "meta.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    return d
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread while the test runs (then the setting it found): for tiny models, more threads only

@@ -3,10 +3,9 @@ same model whatever the thread count, progress timing leaves the warm-up out, an
 import json
 import os
 
-import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_script, write_motif_bins
 import checkpoint as ck
 import configurator
 import train_utils as tu
@@ -81,14 +80,8 @@ def test_smoothed_curve_is_a_bias_corrected_moving_average():
 @pytest.fixture(scope="module")
 def demo_tokens(tmp_path_factory):
     """Token files shaped like the demo's (vocab 8,000) with structure to learn: motifs in random order."""
-    d = tmp_path_factory.mktemp("demo_bins")
-    rng = np.random.default_rng(0)
-    motifs = [rng.integers(4, 8000, size=rng.integers(5, 30)) for _ in range(200)]
-    stream = np.concatenate([motifs[i] for i in rng.integers(0, 200, size=3000)]).astype(np.uint16)
-    stream.tofile(d / "train.bin")
-    stream[:20_000].tofile(d / "val.bin")
-    (d / "meta.json").write_text(json.dumps({"vocab_size": 8000}))
-    return d
+    return write_motif_bins(tmp_path_factory.mktemp("demo_bins"), 8000, 8000, n_motifs=200, max_len=30,
+                            n_draws=3000, n_val=20_000)
 
 
 def demo_losses(data, out_dir, threads, dtype):

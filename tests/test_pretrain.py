@@ -2,11 +2,10 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import TORCHRUN_2, run_script
+from conftest import TORCHRUN_2, run_script, write_motif_bins
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=32", "--batch_size=2",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1",
         "--dtype=float32", "--device=cpu"]
@@ -14,15 +13,8 @@ TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bins")
-    rng = np.random.default_rng(0)
-    # a corpus with structure to learn: a few token motifs in random order
-    motifs = [rng.integers(4, 200, size=rng.integers(5, 20)) for _ in range(30)]
-    stream = np.concatenate([motifs[i] for i in rng.integers(0, 30, size=2000)]).astype(np.uint16)
-    stream.tofile(d / "train.bin")
-    stream[:4000].tofile(d / "val.bin")
-    (d / "meta.json").write_text(json.dumps({"vocab_size": 256}))
-    return d
+    return write_motif_bins(tmp_path_factory.mktemp("bins"), 256, 200, n_motifs=30, max_len=20, n_draws=2000,
+                            n_val=4000)
 
 
 def run(args, launcher=None, check=True):
