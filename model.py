@@ -262,16 +262,19 @@ class Transformer(nn.Module):
             loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def _forward_positions(self, tokens, pos, mask, caches=None, cache_pos=0, fused=None):
+    def _forward_positions(self, tokens, pos, mask, caches=None, cache_pos=0, fused=None, head=True):
         """Inference forward with explicit per-row positions (B, T) and a boolean attention mask
-        (B, 1, T, S), optionally reading/writing KV caches. Returns logits (B, T, V)."""
+        (B, 1, T, S), optionally reading/writing KV caches. Returns logits (B, T, V), or with head=False the
+        final normalised hidden states (B, T, D), for callers that need the logits of a few positions only
+        (self.output of those rows)."""
         cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hd)
         sin = self.rope_sin[pos].unsqueeze(1)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if caches is None else caches[i], cache_pos,
                       (None, None) if fused is None else fused[i])
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        return self.output(h) if head else h
 
     def compile_decode(self):
         """torch.compile the one-token decode step (dynamic shapes: one graph for every cache length).

@@ -1,21 +1,22 @@
 """
-The end of `make demo`: what was trained, how long each stage took, the losses, a few continuations and chat
-answers, the held-out scores before and after SFT and DPO, and where every file is. Printed, and written as
-out/demo/summary.md. It only reads what the stages wrote (their summary.json, results and answer files).
+The report card of a run: what was trained, how long each stage took, the loss and reward curves (the PNGs the
+stages wrote, linked from beside the report), every evaluation table eval.py wrote for the run's models
+(perplexity, multiple choice, BLEU/ROUGE, contamination), the held-out chat scores before and after SFT and DPO,
+samples, and where every file is. Written as <run_dir>/report.md and printed; `make demo` ends with it. It only
+reads what the stages wrote (summary.json, log plots, eval_*.json, answers), so it can be re-run at any time.
 
-    python demo_summary.py                   # after make demo
-    python demo_summary.py --demo_dir=out/demo
+    python eval.py --mode=report --run_dir=out/demo
 """
+import glob
 import json
 import os
 
 from clean_data.atomic import atomic_open
-from configurator import run_main
 
-# -----------------------------------------------------------------------------------------------------------
-demo_dir = "out/demo"
-n_answers = 3  # chat answers shown per model
-# -----------------------------------------------------------------------------------------------------------
+STAGES = (("pretrain", "pretrained"), ("sft", "after SFT"), ("dpo", "after DPO"))
+PLOTS = (("pretrain/loss.png", "pretraining loss"), ("sft/loss.png", "SFT loss"), ("dpo/loss.png", "DPO loss"),
+         ("dpo/rewards.png", "DPO rewards"), ("dpo/accuracy.png", "DPO preference accuracy"))
+N_ANSWERS = 3  # chat answers shown per model
 
 
 def read_json(path):
@@ -91,21 +92,85 @@ def scores_table(d):
     return lines
 
 
-def summarize(d):
-    """The summary as a list of markdown lines."""
+def mc_section(tag, results):
+    """Markdown for one multiple-choice set scored on several models: results = [(model label, eval_mc JSON)].
+    Few subjects (a benchmark of our own): accuracy per subject; C-Eval/CMMLU: Average and the categories."""
+    from evals.mc import category_table
+    first = results[0][1]
+    scorings = list(first["scores"])
+    subjects = sorted(first["scores"][scorings[0]]["subjects"])
+    head = f"### {first['benchmark']} ({first['split']}, {first['k_shot']}-shot, {first['questions']:,} questions)"
+    if len(subjects) <= 6:
+        lines = [head, "", "| model | scoring | " + " | ".join(subjects) + " | average |",
+                 "|---|---|" + "---:|" * (len(subjects) + 1)]
+        for label, r in results:
+            for sc in scorings:
+                s = r["scores"][sc]
+                lines.append(f"| {label} | {sc} | " + " | ".join(f"{100 * s['subjects'][x]:.1f}" for x in subjects)
+                             + f" | {100 * s['average']:.1f} |")
+        lines += ["", "(accuracy in %; chance is 25%)"]
+    else:
+        lines = [head, "", category_table([(f"{label}, by {sc}", r["scores"][sc]) for label, r in results
+                                           for sc in scorings])]
+    flagged = [f"{label}: {r['contaminated']}" for label, r in results if r.get("contaminated") is not None]
+    if flagged:
+        lines += ["", f"Questions with a near-duplicate in the training data: {flagged[0].split(': ')[1]} of "
+                      f"{first['questions']} (eval.py --mode=contamination)."]
+    return lines + [""]
+
+
+def eval_sections(d):
+    """The evaluation tables eval.py wrote beside the run's checkpoints (eval_*.json) and its contamination
+    checks, as markdown lines."""
+    from evals.text_metrics import scores_table
+    found = {}  # kind/tag -> [(model label, result)]
+    for stage, label in STAGES:
+        for path in sorted(glob.glob(f"{d}/{stage}/eval_*.json")):
+            tag = os.path.basename(path)[5:-5]
+            found.setdefault(tag, []).append((label, read_json(path)))
+    out = []
+    ppl = found.pop("ppl", [])
+    if ppl:
+        out += ["### Perplexity and bits per character", "",
+                "| model | data | tokens | loss (nats/token) | perplexity | bits/character |", "|---|---|---:|---:|---:|---:|"]
+        out += [f"| {label} | {r['val_data']} | {r['val_tokens']:,} | {r['val_loss']:.4f} | {r['perplexity']:.2f} | "
+                f"{r['bits_per_char']:.4f} |" for label, r in ppl] + [""]
+    for tag in sorted(t for t in found if t.startswith("mc_")):
+        out += mc_section(tag, found[tag])
+    gen = found.get("gen", [])
+    if gen:
+        out += ["### Generation against references (BLEU, ROUGE-L)", "",
+                scores_table([(label, r["scores"]) for label, r in gen]), ""]
+    for path in sorted(glob.glob(f"{d}/**/contamination.json", recursive=True)):
+        r = read_json(path)
+        out += [f"### Contamination of {r['eval_set']}", "", r["markdown"], ""]
+    return out
+
+
+def report_lines(d):
+    """The report as a list of markdown lines."""
     pre = read_json(f"{d}/pretrain/summary.json") or {}
     ev = read_json(f"{d}/pretrain/eval.json") or {}
     dpo = read_json(f"{d}/dpo/summary.json") or {}
-    out = ["# babyllama demo: summary", ""]
+    out = [f"# babyllama report: {d}", ""]
     if pre:
-        out += [f"A {pre['params'] / 1e6:.2f}M-parameter Llama 2 pretrained on {pre['train_tokens']:,} tokens of the "
-                f"chinese-poetry corpus, then chat-tuned (SFT) and preference-tuned (DPO).", ""]
-    out += ["## Wall time per stage", ""] + stages_table(stage_seconds(f"{d}/stages.jsonl")) + [""]
+        out += [f"A {pre['params'] / 1e6:.2f}M-parameter Llama 2 pretrained on {pre['train_tokens']:,} tokens, "
+                f"then chat-tuned (SFT) and preference-tuned (DPO) where those stages ran.", ""]
+    seconds = stage_seconds(f"{d}/stages.jsonl")
+    if seconds:
+        out += ["## Wall time per stage", ""] + stages_table(seconds) + [""]
     out += ["## Training", ""] + training_table(d) + [""]
+    plots = [(f, what) for f, what in PLOTS if os.path.exists(os.path.join(d, f))]
+    if plots:
+        out += ["## Curves", ""] + [f"![{what}]({f})" for f, what in plots] + [""]
     if "val_loss" in ev:
+        bpc = f", {ev['bits_per_char']:.4f} bits per character" if "bits_per_char" in ev else ""
         out += [f"Pretrained model on every token of the validation file ({ev['val_tokens']:,} tokens, eval.py "
-                f"--mode=loss): **val loss {ev['val_loss']:.4f}**, perplexity {ev['perplexity']:.1f}. (The training "
+                f"--mode=all): **val loss {ev['val_loss']:.4f}**, perplexity {ev['perplexity']:.1f}{bpc}. (The training "
                 f"log's val loss is an estimate on a few batches of random windows.)", ""]
+    evals = eval_sections(d)
+    if evals:
+        out += ["## Evaluations", ""] + evals
     out += ["## Held-out scores", ""] + scores_table(d) + [""]
     held = dpo.get("held_out")
     if held:
@@ -118,7 +183,7 @@ def summarize(d):
         out += [f"- {s['prompt']}**{s['completion']}**".replace("\n", " / ") for s in ev["samples"]] + [""]
     for name, path in (("SFT", f"{d}/sft/answers.jsonl"), ("DPO", f"{d}/dpo/answers.jsonl")):
         rows = read_jsonl(path)
-        picked = [r for r in rows if r.get("kind") == "poem"][:n_answers - 1] + \
+        picked = [r for r in rows if r.get("kind") == "poem"][:N_ANSWERS - 1] + \
                  [r for r in rows if r.get("kind") == "author"][:1]
         if picked:
             out += [f"## Chat answers after {name} (held-out questions, greedy)", ""]
@@ -131,22 +196,19 @@ def summarize(d):
              ("SFT data", f"{d}/sft_data/"), ("SFT model", f"{d}/sft/ckpt.pt"), ("SFT answers", f"{d}/sft/answers.jsonl"),
              ("DPO pairs", f"{d}/dpo_data/"), ("DPO model", f"{d}/dpo/ckpt.pt"),
              ("DPO plots and samples", f"{d}/dpo/*.png, samples.json"), ("DPO answers", f"{d}/dpo/answers.jsonl"),
-             ("this summary", f"{d}/summary.md")]
+             ("this report", f"{d}/report.md")]
     out += ["## Files", "", "| what | where |", "|---|---|"] + [f"| {w} | `{p}` |" for w, p in files] + [""]
     out += ["Next: `python eval.py --mode=chat --ckpt_path=" + f"{d}/dpo/ckpt.pt` to chat with the final model.", ""]
     return out
 
 
-def main():
-    if not os.path.isdir(demo_dir):
-        raise FileNotFoundError(f"{demo_dir} not found: run make demo first")
-    text = "\n".join(summarize(demo_dir))
-    path = os.path.join(demo_dir, "summary.md")
+def main(run_dir):
+    """Write <run_dir>/report.md and print it."""
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"{run_dir}: no such run folder (run make demo, or pass --run_dir)")
+    text = "\n".join(report_lines(run_dir))
+    path = os.path.join(run_dir, "report.md")
     with atomic_open(path) as f:
         f.write(text)
     print(text)
-    print(f"summary -> {path}")
-
-
-if __name__ == "__main__":
-    run_main(globals(), main)
+    print(f"report -> {path}")

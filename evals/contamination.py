@@ -1,0 +1,81 @@
+"""
+Contamination: which items of an evaluation set have a near-duplicate in the training data. Torch-free.
+
+The texts are compared as clean_data's dedup compares documents: normalised (clean_data.normalize: NFKC, lower
+case, whitespace and punctuation removed) and cut into the same hashed character 5-gram shingles
+(clean_data.dedup.shingle_hashes). An item counts as contaminated when one training document contains at least
+`threshold` of the item's shingles (containment |I ∩ D| / |I|, computed exactly, no sampling).
+
+Why containment and not the MinHash/LSH Jaccard the dedup stage uses: a 60-character exam question inside a
+2,000-character training document has a Jaccard of about 0.03 with it, so an LSH tuned for near-duplicate
+documents would never return the pair; containment is what contamination means (the item, or most of it,
+was seen in training: the n-gram overlap of GPT-3's and Llama 2's contamination studies) and, with the eval
+set's shingles in one sorted array, costs one vectorised lookup per training chunk. The Jaccard of the best
+document is reported beside it. Reordered characters share no 5-gram, so a text with the same characters in
+another order is not flagged.
+"""
+import numpy as np
+
+from clean_data.dedup import shingle_hashes
+from clean_data.normalize import normalize
+
+SHINGLE = 5
+
+
+def item_shingles(texts):
+    """Sorted unique shingle hashes of each text (normalised first)."""
+    hashes, counts = shingle_hashes([normalize(t) for t in texts], SHINGLE)
+    ends = np.cumsum(counts)
+    return [np.unique(hashes[e - c:e]) for e, c in zip(ends, counts)]
+
+
+def find_contamination(items, documents, chunk=4096, on_chunk=None):
+    """items: [{"key", "text"}] (the evaluation set); documents: an iterable of {"text", optional "source",
+    "line"} (the training data, streamed). For each item, the training document holding most of its
+    shingles. Returns a list parallel to items of {"containment", "jaccard", "source", "line", "excerpt"}
+    (containment 0 and source None when no shingle is shared) and the number of documents read.
+    on_chunk(n_docs) is called after each chunk of documents (a progress bar)."""
+    sets = item_shingles([it["text"] for it in items])
+    all_h = np.concatenate(sets) if sets else np.zeros(0, np.uint64)
+    owner = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
+    order = np.argsort(all_h, kind="stable")
+    all_h, owner = all_h[order], owner[order]
+    sizes = np.array([max(len(s), 1) for s in sets])
+    best = [{"containment": 0.0, "jaccard": 0.0, "source": None, "line": None, "excerpt": ""} for _ in items]
+    n_docs = 0
+    buf = []
+
+    def flush():
+        texts = [normalize(d["text"]) for d in buf]
+        hashes, counts = shingle_hashes(texts, SHINGLE)
+        ends = np.cumsum(counts)
+        doc_of = np.repeat(np.arange(len(buf)), counts)
+        hits = np.bincount(doc_of[np.isin(hashes, all_h)], minlength=len(buf))
+        for j in np.flatnonzero(hits):
+            doc_h = np.unique(hashes[ends[j] - counts[j]:ends[j]])
+            lo = np.searchsorted(all_h, doc_h, "left")
+            hi = np.searchsorted(all_h, doc_h, "right")
+            shared = np.concatenate([owner[a:b] for a, b in zip(lo, hi) if b > a])
+            for i, n in zip(*np.unique(shared, return_counts=True)):
+                c = n / sizes[i]
+                if c > best[i]["containment"]:
+                    d = buf[j]
+                    best[i] = {"containment": float(c), "jaccard": float(n / (sizes[i] + len(doc_h) - n)),
+                               "source": d.get("source"), "line": d.get("line"), "excerpt": d["text"][:200]}
+        if on_chunk:
+            on_chunk(len(buf))
+        buf.clear()
+
+    for doc in documents:
+        buf.append(doc)
+        n_docs += 1
+        if len(buf) >= chunk:
+            flush()
+    if buf:
+        flush()
+    return best, n_docs
+
+
+def flagged(items, best, threshold):
+    """The items whose best training document reaches the containment threshold, with that document."""
+    return [dict(key=it["key"], text=it["text"][:200], **b) for it, b in zip(items, best) if b["containment"] >= threshold]

@@ -1,0 +1,274 @@
+"""
+Multiple-choice exams in the C-Eval and CMMLU layouts: reading the CSV files, building 0-shot and k-shot prompts
+(plain text for base models, the chat template for chat models), and the tables of accuracy per subject and per
+category that the C-Eval and CMMLU model cards publish. The scoring itself (one forward per batch of prompts)
+is in eval.py. Torch-free.
+
+Layouts (one CSV per subject):
+  C-Eval  <dir>/<split>/<subject>_<split>.csv   columns id,question,A,B,C,D,answer[,explanation]
+  CMMLU   <dir>/<split>/<subject>.csv           columns ,Question,A,B,C,D,Answer (first column: a row index)
+Column names are matched case-insensitively; files may also sit directly in <dir> as <subject>_<split>.csv.
+
+Prompt (C-Eval's published format, the answer cue "答案："), for a base model:
+    以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\\n\\n
+    {shot question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\n答案：{letter}\\n\\n      (k times)
+    {question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\n答案：
+For a chat model every shot is a user turn (the question block) and an assistant turn ("答案：{letter}"), the
+instruction opens the first user turn, and the scored reply starts "答案：" after <|assistant|>.
+Scoring by option text uses the cloze form of the same prompt: no options listed, and a shot's answer is the
+text of its right option, so each option is read as the continuation of the question.
+"""
+import csv
+import json
+import os
+
+LETTERS = "ABCD"
+CUE = "答案："
+SUBJECTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "subjects.json")
+
+
+class MCError(ValueError):
+    """A multiple-choice file or folder that cannot be scored; the message names the file and the row."""
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+
+def subject_files(folder, split):
+    """{subject: path} of the split's CSV files: <folder>/<split>/<subject>[_<split>].csv, or else
+    <folder>/<subject>_<split>.csv. Raises MCError naming the folder when there is none."""
+    where = os.path.join(folder, split)
+    found = {}
+    if os.path.isdir(where):
+        for name in sorted(os.listdir(where)):
+            if name.endswith(".csv"):
+                stem = name[:-4]
+                found[stem[:-len(split) - 1] if stem.endswith("_" + split) else stem] = os.path.join(where, name)
+    elif os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(f"_{split}.csv"):
+                found[name[:-len(split) - 5]] = os.path.join(folder, name)
+    else:
+        raise MCError(f"{folder}: no such folder")
+    if not found:
+        raise MCError(f"{folder}: no {split} questions (looked for {where}/<subject>.csv, "
+                      f"{where}/<subject>_{split}.csv and {folder}/<subject>_{split}.csv)")
+    return found
+
+
+def read_questions(path):
+    """The questions of one subject CSV: [{"id", "question", "options": [A, B, C, D], "answer": "A".."D"}].
+    Raises MCError naming the file and row for a missing column, an empty question or option, an answer
+    outside A-D, and for a file with no question (an empty subject must not become a 0% row)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise MCError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not rows:
+        raise MCError(f"{path}: empty file (want a header id,question,A,B,C,D,answer and one row per question)")
+    header = [h.strip().lower() for h in rows[0]]
+    cols = {}
+    for name in ("question", "a", "b", "c", "d", "answer"):
+        if name not in header:
+            raise MCError(f"{path}, row 1 (header): missing column {name if len(name) > 1 else name.upper()!r} "
+                          f"(header is {','.join(rows[0])})")
+        cols[name] = header.index(name)
+    id_col = header.index("id") if "id" in header else 0 if header[0] == "" else None
+    out = []
+    for r, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line at the end of a file
+        if len(row) < len(header):
+            raise MCError(f"{path}, row {r}: {len(row)} fields, the header has {len(header)}")
+        answer = row[cols["answer"]].strip().upper()
+        if answer not in LETTERS or not answer:
+            raise MCError(f"{path}, row {r}: answer {row[cols['answer']]!r} is not one of A, B, C, D")
+        q = {"id": row[id_col] if id_col is not None else str(r - 2), "question": row[cols["question"]].strip(),
+             "options": [row[cols[c]].strip() for c in "abcd"], "answer": answer}
+        empty = [n for n, v in zip(("question", "A", "B", "C", "D"), [q["question"]] + q["options"]) if not v]
+        if empty:
+            raise MCError(f"{path}, row {r}: empty {', '.join(empty)}")
+        out.append(q)
+    if not out:
+        raise MCError(f"{path}: no questions (a header only)")
+    return out
+
+
+def load_exam(folder, split, shots_split="dev", k_shot=0, subjects=""):
+    """{subject: {"questions": [...], "shots": [...]}} for every subject of the split (or the comma-separated
+    `subjects`). Shots are the first k_shot questions of the same subject in shots_split; a missing or short
+    shots file is an MCError naming it."""
+    files = subject_files(folder, split)
+    if subjects:
+        wanted = [s.strip() for s in subjects.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in files]
+        if unknown:
+            raise MCError(f"{folder}: no {split} file for subject(s) {', '.join(unknown)}")
+        files = {s: files[s] for s in wanted}
+    shot_files = subject_files(folder, shots_split) if k_shot > 0 else {}
+    exam = {}
+    for subject, path in files.items():
+        shots = []
+        if k_shot > 0:
+            if subject not in shot_files:
+                raise MCError(f"{folder}: {k_shot}-shot needs {shots_split} questions of {subject!r}; there is no "
+                              f"{shots_split} file for it")
+            shots = read_questions(shot_files[subject])
+            if len(shots) < k_shot:
+                raise MCError(f"{shot_files[subject]}: {len(shots)} questions, fewer than k_shot={k_shot}")
+        exam[subject] = {"questions": read_questions(path), "shots": shots, "path": path}
+    return exam
+
+
+def load_subjects(benchmark, folder=""):
+    """{subject: {"name": Chinese name, "categories": [...], "hard": bool}}: a benchmark's own map
+    (<folder>/subjects.json, as evals/poetry_bench.py writes), else for "ceval" or "cmmlu" the maps this project
+    keeps in evals/subjects.json; {} for any other benchmark (subjects go by their file names)."""
+    own = os.path.join(folder, "subjects.json") if folder else ""
+    if own and os.path.exists(own):
+        with open(own, encoding="utf-8") as f:
+            return json.load(f)
+    with open(SUBJECTS_FILE, encoding="utf-8") as f:
+        return json.load(f).get(benchmark, {})
+
+
+def guess_benchmark(folder):
+    """'ceval' or 'cmmlu' when the folder's name says so, else the folder's own name."""
+    name = os.path.basename(os.path.normpath(folder))
+    key = name.lower().replace("-", "").replace("_", "")
+    return "ceval" if "ceval" in key else "cmmlu" if "cmmlu" in key else name
+
+
+# ---- prompts --------------------------------------------------------------------------------------------
+
+def instruction(subject_name):
+    """The line that opens every prompt (C-Eval's wording)."""
+    return f"以下是中国关于{subject_name}考试的单项选择题，请选出其中的正确答案。"
+
+
+def question_block(q, cloze=False):
+    """The question and its four options, one per line (cloze: the question alone), without the cue."""
+    if cloze:
+        return q["question"]
+    return q["question"] + "".join(f"\n{L}. {o}" for L, o in zip(LETTERS, q["options"]))
+
+
+def answer_text(q, cloze=False):
+    """What follows the cue in a shot: the letter, or (cloze) the text of the right option."""
+    return q["options"][LETTERS.index(q["answer"])] if cloze else q["answer"]
+
+
+def shots_for(q, shots, k):
+    """The first k shots that are not the question itself (evaluating on the shots' own split)."""
+    return [s for s in shots if s["question"] != q["question"] or s["options"] != q["options"]][:k]
+
+
+def chat_messages(subject_name, shots, q, cloze=False):
+    """The conversation of a chat-model prompt (shots as earlier turns); the reply to score starts with CUE."""
+    msgs = []
+    for s in shots + [q]:
+        msgs.append({"role": "user", "content": question_block(s, cloze)})
+        if s is not q:
+            msgs.append({"role": "assistant", "content": CUE + answer_text(s, cloze)})
+    msgs[0] = {"role": "user", "content": instruction(subject_name) + "\n\n" + msgs[0]["content"]}
+    return msgs
+
+
+def encode_mc_prompt(tok, subject_name, shots, q, chat, cloze=False):
+    """(prefix, suffix) token ids of the prompt, which is prefix + suffix and ends right after the answer cue.
+    The prefix (instruction and shots) is the same for every question of a subject that gets the same shots,
+    so a scorer can compute it once (a KV cache). A base-model prompt starts with eos (every pretraining
+    document follows one); a chat prompt is the template up to <|assistant|>, then the cue.
+    cloze=False lists the options and a shot's answer is its letter (the multiple-choice formulation, scored
+    by letter); cloze=True shows the question alone and a shot's answer is the right option's text (the cloze
+    formulation, scored by option text; OLMES, Gu et al. 2024, uses both)."""
+    if chat:
+        from tokenizer.chat_template import encode_conversation
+        msgs = chat_messages(subject_name, shots, q, cloze)
+        if shots:
+            prefix = encode_conversation(tok, msgs[:-1])[0]
+            suffix = encode_conversation(tok, msgs[-1:])[0]
+        else:
+            prefix, suffix = [], encode_conversation(tok, msgs)[0]
+        return prefix, suffix + [tok.assistant_id] + tok.encode(CUE)
+    head = instruction(subject_name) + "\n\n" + "".join(
+        question_block(s, cloze) + f"\n{CUE}{answer_text(s, cloze)}\n\n" for s in shots)
+    return [tok.eos_id] + tok.encode(head), tok.encode(question_block(q, cloze) + "\n" + CUE)
+
+
+def fit_prompt(tok, subject_name, shots, q, k_shot, chat, max_len, cloze=False):
+    """(prefix, suffix, n_shots, truncated): the prompt with as many of the first k_shot shots as fit max_len
+    tokens, dropping shots from the last; with none left and still too long, the prompt keeps its last
+    max_len tokens (all in suffix)."""
+    chosen = shots_for(q, shots, k_shot)
+    for k in range(len(chosen), -1, -1):
+        prefix, suffix = encode_mc_prompt(tok, subject_name, chosen[:k], q, chat, cloze)
+        if len(prefix) + len(suffix) <= max_len:
+            return prefix, suffix, k, False
+    return [], (prefix + suffix)[-max_len:], 0, True
+
+
+def letter_ids(tok):
+    """The token each option letter starts with after the cue (the tokens scored by letter). Raises ValueError
+    when two letters share a first token (the tokenizer cannot tell them apart)."""
+    cue = tok.encode(CUE)
+    ids = []
+    for L in LETTERS:
+        full = tok.encode(CUE + L)
+        ids.append(full[len(cue)] if full[:len(cue)] == cue and len(full) > len(cue) else tok.encode(L)[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{tok.model_path}: the letters A-D do not start with distinct tokens ({ids})")
+    return ids
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+
+def summarize(correct, subjects):
+    """Accuracies from {subject: [bool per question]}: per subject, per category (the mean over the
+    category's subjects, as the C-Eval and CMMLU papers average; a CMMLU "China specific" subject counts in
+    its second category too, as CMMLU's own code does), Average (the mean over subjects) and, when the map
+    marks hard subjects, Average (Hard). Subjects missing from the map go to category "Other"."""
+    per_subject = {s: sum(c) / len(c) for s, c in correct.items()}
+    by_cat = {}
+    for s, acc in per_subject.items():
+        for cat in subjects.get(s, {}).get("categories", ["Other"]):
+            by_cat.setdefault(cat, []).append(acc)
+    out = {"subjects": per_subject, "categories": {c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
+           "average": sum(per_subject.values()) / len(per_subject),
+           "questions": sum(len(c) for c in correct.values())}
+    hard = [acc for s, acc in per_subject.items() if subjects.get(s, {}).get("hard")]
+    if hard:
+        out["average_hard"] = sum(hard) / len(hard)
+    return out
+
+
+def category_table(summaries, chance=0.25):
+    """Markdown table like the model cards': one row per (label, summary), columns Average, Average (Hard)
+    when any summary has it, then the categories; accuracies in percent."""
+    order = ["STEM", "Social Science", "Humanities", "Other", "China specific"]  # the model cards' order
+    cats = sorted({c for _, s in summaries for c in s["categories"]},
+                  key=lambda c: (order.index(c) if c in order else len(order), c))
+    hard = any("average_hard" in s for _, s in summaries)
+    head = ["model / scoring", "Average"] + (["Average (Hard)"] if hard else []) + cats + ["questions"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for label, s in summaries:
+        cells = [label, f"{100 * s['average']:.1f}"]
+        if hard:
+            cells.append(f"{100 * s['average_hard']:.1f}" if "average_hard" in s else "-")
+        cells += [f"{100 * s['categories'][c]:.1f}" if c in s["categories"] else "-" for c in cats]
+        lines.append("| " + " | ".join(cells + [str(s["questions"])]) + " |")
+    lines.append(f"\n(accuracy in %; chance is {100 * chance:.0f}%)")
+    return "\n".join(lines)
+
+
+def subject_table(summary, subjects):
+    """Markdown table of the accuracy per subject (one column per scoring in summary: {scoring: summary})."""
+    scorings = list(summary)
+    first = summary[scorings[0]]
+    lines = ["| subject | category | " + " | ".join(scorings) + " |", "|---|---|" + "---:|" * len(scorings)]
+    for s in sorted(first["subjects"]):
+        meta = subjects.get(s, {})
+        name = f"{s} ({meta['name']})" if meta.get("name") else s
+        lines.append(f"| {name} | {', '.join(meta.get('categories', ['Other']))} | " +
+                     " | ".join(f"{100 * summary[k]['subjects'][s]:.1f}" for k in scorings) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""
+The model-facing half of eval.py: log-probabilities of chosen next tokens for batches of prompts (with one KV
+cache for a prefix many prompts share), multiple-choice scoring by answer letter and by option text, and the
+token loss of long sequences with a sliding window (perplexity, bits per character).
+
+Right padding needs no mask: a causal model's logits at a row's real positions never see the pad after them.
+"""
+import math
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from evals.mc import LETTERS, fit_prompt, letter_ids
+
+MIN_PREFIX = 32  # a shared prefix shorter than this is recomputed with every prompt: the copy costs as much
+
+
+# ---- log-probabilities of chosen tokens -----------------------------------------------------------------
+
+@torch.inference_mode()
+def prefix_kv(model, prefix, device):
+    """The keys and values of a prefix (list of ids, batch 1): per layer (k, v), each (1, n_kv_heads, P, hd)."""
+    n_kv = model.layers[0].attention.n_kv_heads
+    hd = model.args.dim // model.args.n_heads
+    dtype = model.tok_embeddings.weight.dtype
+    P = len(prefix)
+    caches = [(torch.empty(1, n_kv, P, hd, device=device, dtype=dtype),
+               torch.empty(1, n_kv, P, hd, device=device, dtype=dtype)) for _ in model.layers]
+    model._forward_positions(torch.tensor([prefix], device=device), torch.arange(P, device=device)[None], None,
+                             caches, 0, head=False)
+    return caches
+
+
+@torch.inference_mode()
+def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None):
+    """log P(token | everything before it) for chosen (row, position, token) triples of a batch.
+
+    rows: B lists of token ids, right-padded here into (B, S); with kv (prefix_kv of a prefix of prefix_len
+    tokens) every row continues that prefix, at positions prefix_len.., and prefix_len + S <= max_seq_len.
+    targets: (b, t, token) triples: the log-probability that rows[b][t] is followed by `token`.
+    Returns a list of floats in the order of targets (nats, fp32 log-softmax of the logits)."""
+    B, S = len(rows), max(len(r) for r in rows)
+    x = torch.zeros((B, S), dtype=torch.long)
+    for b, r in enumerate(rows):
+        x[b, :len(r)] = torch.tensor(r)
+    x = x.to(device)
+    pos = (prefix_len + torch.arange(S, device=device)).expand(B, S)
+    caches, mask = None, None
+    if kv is not None:
+        caches = []
+        for k, v in kv:  # every row gets its own copy of the prefix keys and values, then writes its suffix
+            ck = torch.empty((B, k.shape[1], prefix_len + S, k.shape[3]), device=device, dtype=k.dtype)
+            cv = torch.empty_like(ck)
+            ck[:, :, :prefix_len], cv[:, :, :prefix_len] = k, v
+            caches.append((ck, cv))
+        cols = torch.arange(prefix_len + S, device=device)
+        mask = ((prefix_len + torch.arange(S, device=device))[:, None] >= cols[None, :])[None, None]
+    h = model._forward_positions(x, pos, mask, caches, prefix_len, head=False)
+    where = sorted({(b, t) for b, t, _ in targets})
+    index = {bt: i for i, bt in enumerate(where)}
+    hs = h[torch.tensor([b for b, _ in where]), torch.tensor([t for _, t in where])]
+    logp = model.output(hs).float().log_softmax(-1)
+    rows_i = torch.tensor([index[(b, t)] for b, t, _ in targets], device=logp.device)
+    tok_i = torch.tensor([tok for _, _, tok in targets], device=logp.device)
+    return logp[rows_i, tok_i].tolist()
+
+
+def progress(desc, total, unit):
+    """A tqdm bar (refreshing every 30 s when stderr is a log file, not a terminal), or None without desc."""
+    if not desc:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+def score_batches(model, units, batch_size, device, use_prefix_cache=True, on_batch=None):
+    """Run scoring units through token_logprobs, batch_size rows at a time. A unit is a dict with "prefix"
+    (ids), "rows" (lists of ids continuing it) and "targets" ((row, t, token) triples, row indexing the
+    unit's rows); its "logprobs" are filled in. Units sharing a prefix of at least MIN_PREFIX tokens run
+    against one KV cache of it (use_prefix_cache); others send prefix + row whole. on_batch(n_units) is
+    called after each batch (a progress bar)."""
+    groups = {}
+    for u in units:
+        key = tuple(u["prefix"]) if use_prefix_cache and len(u["prefix"]) >= MIN_PREFIX else ()
+        groups.setdefault(key, []).append(u)
+    for prefix, group in groups.items():
+        kv = prefix_kv(model, list(prefix), device) if prefix else None
+        group.sort(key=lambda u: max(len(r) for r in u["rows"]) + (0 if prefix else len(u["prefix"])))
+        i = 0
+        while i < len(group):
+            batch, n_rows = [], 0
+            while i < len(group) and (not batch or n_rows + len(group[i]["rows"]) <= batch_size):
+                batch.append(group[i])
+                n_rows += len(group[i]["rows"])
+                i += 1
+            rows, targets, spans = [], [], []
+            for u in batch:
+                lead = [] if prefix else u["prefix"]
+                base = len(rows)
+                rows += [lead + r for r in u["rows"]]
+                spans.append(len(targets))
+                targets += [(base + r, len(lead) + t, tok) for r, t, tok in u["targets"]]
+            out = token_logprobs(model, rows, targets, device, len(prefix), kv)
+            for u, s in zip(batch, spans):
+                u["logprobs"] = out[s:s + len(u["targets"])]
+            if on_batch:
+                on_batch(len(batch))
+
+
+# ---- multiple choice ------------------------------------------------------------------------------------
+
+def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
+    """The scoring units of every question (see score_batches) and the prompt statistics.
+    "letter": one row, the prompt; targets: the first token of A, B, C, D after the cue.
+    "option": four rows, the cloze prompt (no options listed) followed by each option's text; targets: the
+              option's tokens.
+    Prompts that do not fit drop shots, then keep their last tokens (evals.mc.fit_prompt); for "option"
+    the room of the longest option is kept free. Returns (units, stats) with stats[scoring] = counts of
+    prompts with fewer shots than asked and of truncated prompts."""
+    letters = letter_ids(tok)
+    units, stats = [], {s: {"fewer_shots": 0, "truncated": 0} for s in scorings}
+    for subject, part in exam.items():
+        name = names.get(subject, {}).get("name", subject)
+        for qi, q in enumerate(part["questions"]):
+            opts = [tok.encode(o) for o in q["options"]]
+            for scoring in scorings:
+                room = 0 if scoring == "letter" else min(max(len(o) for o in opts), max_seq_len // 2)
+                prefix, suffix, n_shots, truncated = fit_prompt(tok, name, part["shots"], q, k_shot, chat,
+                                                                max_seq_len - room, cloze=scoring == "option")
+                stats[scoring]["fewer_shots"] += n_shots < min(k_shot, len(part["shots"]))
+                stats[scoring]["truncated"] += truncated
+                u = {"subject": subject, "q": qi, "scoring": scoring, "prefix": prefix, "shots": n_shots}
+                if scoring == "letter":
+                    u["rows"] = [suffix]
+                    u["targets"] = [(0, len(suffix) - 1, L) for L in letters]
+                else:
+                    opts_fit = [o[:room] for o in opts]
+                    u["rows"] = [suffix + o for o in opts_fit]
+                    u["targets"] = [(j, len(suffix) - 1 + i, o[i]) for j, o in enumerate(opts_fit)
+                                    for i in range(len(o))]
+                    u["n_chars"] = [len(o) for o in q["options"]]
+                units.append(u)
+    return units, stats
+
+
+def mc_choice(unit):
+    """(index of the chosen option, its four scores) of a scored unit: the letters' log-probabilities, or the
+    options' summed log-probabilities divided by their length in characters (so a long option is not
+    penalised for having more tokens to pay for; lm-evaluation-harness's acc_norm divides by bytes)."""
+    if unit["scoring"] == "letter":
+        scores = unit["logprobs"]
+    else:
+        sums = [0.0] * 4
+        for (j, _, _), lp in zip(unit["targets"], unit["logprobs"]):
+            sums[j] += lp
+        scores = [s / max(n, 1) for s, n in zip(sums, unit["n_chars"])]
+    return max(range(4), key=lambda j: scores[j]), scores
+
+
+def score_mc(model, tok, exam, names, chat, k_shot, scorings, batch_size, device, autocast_ctx=nullcontext(),
+             use_prefix_cache=True, desc=None):
+    """Score every question of exam (evals.mc.load_exam) by each scoring ("letter", "option"); batch_size counts
+    rows (a question is one row by letter, four by option); desc: the progress bar's label (None = no bar).
+    Returns (correct, predictions, stats): correct[scoring][subject] = [bool per question]; predictions: one
+    dict per (question, scoring) with the chosen letter and the scores."""
+    units, stats = mc_units(tok, exam, names, chat, k_shot, model.args.max_seq_len, scorings)
+    bar = progress(desc, len(units), "prompt")
+    with autocast_ctx:
+        score_batches(model, units, batch_size, device, use_prefix_cache, bar.update if bar else None)
+    if bar:
+        bar.close()
+    correct = {s: {subject: [None] * len(part["questions"]) for subject, part in exam.items()} for s in scorings}
+    predictions = []
+    for u in units:
+        j, scores = mc_choice(u)
+        q = exam[u["subject"]]["questions"][u["q"]]
+        correct[u["scoring"]][u["subject"]][u["q"]] = LETTERS[j] == q["answer"]
+        predictions.append({"subject": u["subject"], "id": q["id"], "scoring": u["scoring"], "answer": q["answer"],
+                            "prediction": LETTERS[j], "scores": [round(s, 4) for s in scores], "shots": u["shots"]})
+    return correct, predictions, stats
+
+
+# ---- perplexity -----------------------------------------------------------------------------------------
+
+def sliding_windows(n, max_seq_len, stride):
+    """Windows over a sequence of n tokens whose tokens 1..n-1 are each predicted once from what precedes
+    them: (start, length, skip): the window reads tokens[start:start+length], predicts
+    tokens[start+1:start+length+1] and scores all but the first `skip` of those (scored by an earlier window).
+    After the first window every scored token sees at least max_seq_len - stride tokens of context.
+    Raises ValueError unless 1 <= stride <= max_seq_len."""
+    if not 1 <= stride <= max_seq_len:
+        raise ValueError(f"stride must be in [1, max_seq_len={max_seq_len}], not {stride}")
+    out, done, start = [], 0, 0  # done: the last target index already scored
+    while done < n - 1:
+        length = min(max_seq_len, n - 1 - start)
+        out.append((start, length, done - start))
+        done = start + length
+        start += stride
+    return out
+
+
+@torch.inference_mode()
+def sequence_loss(model, seqs, stride, batch_size, device, autocast_ctx=nullcontext(), desc=None):
+    """Summed next-token loss (nats) and the number of scored tokens over sequences of ids, each token after
+    the first of a sequence scored once (sliding_windows). seqs: lists or int arrays of token ids; desc: the
+    progress bar's label (None = no bar)."""
+    T = model.args.max_seq_len
+    rows = [(seq, s, n, skip) for seq in seqs for s, n, skip in sliding_windows(len(seq), T, stride)]
+    rows.sort(key=lambda r: r[2])  # similar lengths together: less padding
+    bar = progress(desc, len(rows), "window")
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        L = max(n for _, _, n, _ in chunk)
+        x = torch.zeros((len(chunk), L), dtype=torch.long)
+        y = torch.full((len(chunk), L), -1, dtype=torch.long)
+        for b, (seq, s, n, skip) in enumerate(chunk):
+            window = torch.as_tensor(seq[s:s + n + 1], dtype=torch.long)
+            x[b, :n] = window[:-1]
+            y[b, skip:n] = window[1 + skip:]
+        x, y = x.to(device), y.to(device)
+        n_scored = int((y >= 0).sum())
+        with autocast_ctx:
+            _, loss = model(x, y, return_logits=False)  # mean over the scored tokens, no (B, T, V) logits held
+        total += loss.item() * n_scored
+        count += n_scored
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
+    return total, count
+
+
+def bits_per_character(total_nats, n_chars):
+    """Bits per character: the summed loss in nats over the characters it covers, in bits."""
+    return total_nats / (n_chars * math.log(2))
