@@ -1,11 +1,12 @@
 # make demo: install, fetch the chinese-poetry corpus, and run the whole pipeline on it: pretraining, then chat
-# fine-tuning (SFT), scored chat answers and preference tuning (DPO), and a summary (out/demo/summary.md)
+# fine-tuning (SFT), scored chat answers and preference tuning (DPO), the evaluations, and a report card
+# (out/demo/report.md)
 # make test: install and run the test suite (make test-fast: without the slow subprocess runs)
 PYTHON ?= python3
 DEMO := out/demo
 TOK := $(DEMO)/tok8k.model
 
-.PHONY: install install-dev redis-server demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo bench bench-clean clean clean-demo
+.PHONY: install install-dev redis-server demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo poetry-bench evals report bench bench-clean bench-eval clean clean-demo
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -79,9 +80,28 @@ $(DEMO)/dpo_data/stats.json: $(CORPUS)
 $(DEMO)/dpo/summary.json: $(DEMO)/sft/summary.json $(DEMO)/dpo_data/stats.json config/dpo_demo.py
 	$(call timed,dpo,$(PYTHON) dpo.py config/dpo_demo.py --overwrite=True)
 
-DEMO_OUTPUTS := $(DEMO)/pretrain/eval.json $(DEMO)/pretrain/chat.json $(DEMO)/sft/chat.json $(DEMO)/dpo/chat.json
-$(DEMO)/summary.md: $(DEMO_OUTPUTS) demo_summary.py
-	$(PYTHON) demo_summary.py --demo_dir=$(DEMO)
+# the poetry benchmark (multiple choice from held-out documents: which line comes next, who wrote it), how many
+# of its questions have a near-duplicate in the training tokens, and the three models' scores on it
+BENCH := $(DEMO)/poetry_bench
+$(BENCH)/about.json: $(TOKENS)
+	$(call timed,poetry-bench,$(PYTHON) -m evals.poetry_bench --corpus=$(CLEAN) --token_meta=$(TOKENS) --out_dir=$(BENCH))
+$(BENCH)/contamination.json: $(BENCH)/about.json
+	$(call timed,contamination,$(PYTHON) eval.py --mode=contamination --eval_set=$(BENCH) --train_data=$(DEMO)/data/train.bin)
+MC = $(PYTHON) eval.py --mode=mc --mc_data=$(BENCH) --contamination_file=$(BENCH)/contamination.json --batch_size=64
+MC_JSON := eval_mc_poetry_bench_val_0shot.json
+$(DEMO)/pretrain/$(MC_JSON): $(DEMO)/pretrain/summary.json $(BENCH)/contamination.json
+	$(call timed,mc-base,$(MC) --ckpt_path=$(DEMO)/pretrain/ckpt.pt)
+$(DEMO)/sft/$(MC_JSON): $(DEMO)/sft/summary.json $(BENCH)/contamination.json
+	$(call timed,mc-sft,$(MC) --ckpt_path=$(DEMO)/sft/ckpt.pt)
+$(DEMO)/dpo/$(MC_JSON): $(DEMO)/dpo/summary.json $(BENCH)/contamination.json
+	$(call timed,mc-dpo,$(MC) --ckpt_path=$(DEMO)/dpo/ckpt.pt)
+
+DEMO_OUTPUTS := $(DEMO)/pretrain/eval.json $(DEMO)/pretrain/chat.json $(DEMO)/sft/chat.json $(DEMO)/dpo/chat.json \
+	$(DEMO)/pretrain/$(MC_JSON) $(DEMO)/sft/$(MC_JSON) $(DEMO)/dpo/$(MC_JSON)
+# the report card: every stage's numbers, curves and evaluation tables (always rewritten)
+$(DEMO)/report.md: $(DEMO_OUTPUTS) FORCE
+	$(PYTHON) eval.py --mode=report --run_dir=$(DEMO)
+FORCE:
 
 # the stages by name (each runs what it needs first, and nothing already done)
 download: $(CORPUS)
@@ -95,9 +115,12 @@ sft: $(DEMO)/sft/summary.json
 chat-samples: $(DEMO)/sft/chat.json
 dpo-data: $(DEMO)/dpo_data/stats.json
 dpo: $(DEMO)/dpo/summary.json
+poetry-bench: $(BENCH)/contamination.json
+evals: $(DEMO_OUTPUTS)
+report: $(DEMO)/report.md
 
 demo: install
-	@start=$$(date +%s); $(MAKE) --no-print-directory $(DEMO)/summary.md && \
+	@start=$$(date +%s); $(MAKE) --no-print-directory $(DEMO)/report.md && \
 	echo "make demo: $$(( $$(date +%s) - start )) s (stages already done were skipped; make clean-demo starts over)"
 
 # fp32 eager, then this CPU's fast path (bench.py prints which and why)
@@ -107,6 +130,11 @@ bench: install
 
 bench-clean: install
 	$(PYTHON) -m clean_data.bench
+
+# multiple-choice scoring speed: one prompt at a time against batched and prefix-cached (C-Eval val, 5-shot, on a
+# random model with a 1024-token context, so the shots fit)
+bench-eval: install
+	$(PYTHON) -m evals.bench --ckpt_path= --n_questions=200
 
 clean-demo:
 	rm -rf $(DEMO)

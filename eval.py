@@ -314,6 +314,8 @@ def chat_batch(model, tok, device, autocast_ctx, path, out_path):
             s["well_formed"] = sum(it["finished"] and well_formed_poem(it["answer"]) for it in group) / len(group)
         if kind == "author":  # the right name anywhere in the reply
             s["author_named"] = sum(bool(it.get("author")) and it["author"] in it["answer"] for it in group) / len(group)
+        m = text_metrics.corpus_scores([it["answer"] for it in group], [it["reference"] for it in group])
+        s.update(bleu4=m["bleu4"], rougeL=m["rougeL"])  # in %, against the reference (evals/text_metrics.py)
         scores[kind or "all"] = s
         print(f"{kind or 'all'}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in s.items()))
@@ -467,8 +469,10 @@ def run_contamination():
           f"{time.time() - t0:.0f} s)")
     if hits:
         md += "\n\n| item | containment | Jaccard | training document |\n|---|---:|---:|---|\n" + "\n".join(
-            f"| {h['key']} | {h['containment']:.2f} | {h['jaccard']:.2f} | {h['source']}:{h['line']} "
-            f"{h['excerpt'][:40]!r} |" for h in sorted(hits, key=lambda h: -h["containment"])[:20])
+            f"| {h['key']} | {h['containment']:.2f} | {h['jaccard']:.2f} | {h['source']}:{h['line']}: "
+            f"{h['excerpt'][:40].replace(chr(10), ' / ').replace('|', '/')} |"
+            for h in sorted(hits, key=lambda h: -h["containment"])[:10])
+        md += f"\n\n(the {min(10, len(hits))} highest of {len(hits)}; all in the JSON file)"
     path = results_file or os.path.join(eval_set if os.path.isdir(eval_set) else os.path.dirname(eval_set),
                                         "contamination.json")
     print(md)

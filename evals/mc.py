@@ -163,49 +163,42 @@ def shots_for(q, shots, k):
     return [s for s in shots if s["question"] != q["question"] or s["options"] != q["options"]][:k]
 
 
-def chat_messages(subject_name, shots, q, cloze=False):
-    """The conversation of a chat-model prompt (shots as earlier turns); the reply to score starts with CUE."""
-    msgs = []
-    for s in shots + [q]:
-        msgs.append({"role": "user", "content": question_block(s, cloze)})
-        if s is not q:
-            msgs.append({"role": "assistant", "content": CUE + answer_text(s, cloze)})
-    msgs[0] = {"role": "user", "content": instruction(subject_name) + "\n\n" + msgs[0]["content"]}
-    return msgs
-
-
-def encode_mc_prompt(tok, subject_name, shots, q, chat, cloze=False):
-    """(prefix, suffix) token ids of the prompt, which is prefix + suffix and ends right after the answer cue.
-    The prefix (instruction and shots) is the same for every question of a subject that gets the same shots,
-    so a scorer can compute it once (a KV cache). A base-model prompt starts with eos (every pretraining
-    document follows one); a chat prompt is the template up to <|assistant|>, then the cue.
+def encode_pieces(tok, subject_name, shots, q, chat, cloze=False):
+    """The prompt in token pieces (head, [one per shot], question); the prompt is their concatenation and ends
+    right after the answer cue. Each piece is encoded on its own, so a prompt with fewer shots is the same
+    pieces with some left out, and head + shots (the prefix) is the same for every question of a subject:
+    a scorer computes it once (a KV cache).
+      base model: head = eos (every pretraining document follows one) + the instruction; a shot = its question
+                  block, the cue and its answer; the question = its block and the cue.
+      chat model: head = the instruction as the system prompt; a shot = a user turn (its block) and an
+                  assistant turn (cue + answer); the question = a user turn, <|assistant|>, the cue.
     cloze=False lists the options and a shot's answer is its letter (the multiple-choice formulation, scored
     by letter); cloze=True shows the question alone and a shot's answer is the right option's text (the cloze
     formulation, scored by option text; OLMES, Gu et al. 2024, uses both)."""
     if chat:
         from tokenizer.chat_template import encode_conversation
-        msgs = chat_messages(subject_name, shots, q, cloze)
-        if shots:
-            prefix = encode_conversation(tok, msgs[:-1])[0]
-            suffix = encode_conversation(tok, msgs[-1:])[0]
-        else:
-            prefix, suffix = [], encode_conversation(tok, msgs)[0]
-        return prefix, suffix + [tok.assistant_id] + tok.encode(CUE)
-    head = instruction(subject_name) + "\n\n" + "".join(
-        question_block(s, cloze) + f"\n{CUE}{answer_text(s, cloze)}\n\n" for s in shots)
-    return [tok.eos_id] + tok.encode(head), tok.encode(question_block(q, cloze) + "\n" + CUE)
+        head = encode_conversation(tok, [], system=instruction(subject_name))[0]
+        shot_ids = [encode_conversation(tok, [{"role": "user", "content": question_block(s, cloze)},
+                                              {"role": "assistant", "content": CUE + answer_text(s, cloze)}])[0]
+                    for s in shots]
+        question = encode_conversation(tok, [{"role": "user", "content": question_block(q, cloze)}])[0]
+        return head, shot_ids, question + [tok.assistant_id] + tok.encode(CUE)
+    head = [tok.eos_id] + tok.encode(instruction(subject_name) + "\n\n")
+    shot_ids = [tok.encode(question_block(s, cloze) + f"\n{CUE}{answer_text(s, cloze)}\n\n") for s in shots]
+    return head, shot_ids, tok.encode(question_block(q, cloze) + "\n" + CUE)
 
 
-def fit_prompt(tok, subject_name, shots, q, k_shot, chat, max_len, cloze=False):
-    """(prefix, suffix, n_shots, truncated): the prompt with as many of the first k_shot shots as fit max_len
-    tokens, dropping shots from the last; with none left and still too long, the prompt keeps its last
+def fit_prompt(head, shot_ids, question, max_len):
+    """(prefix, suffix, n_shots, truncated) of the prompt head + shots + question with as many shots as fit
+    max_len tokens, dropping shots from the last; with none left and still too long, the prompt keeps its last
     max_len tokens (all in suffix)."""
-    chosen = shots_for(q, shots, k_shot)
-    for k in range(len(chosen), -1, -1):
-        prefix, suffix = encode_mc_prompt(tok, subject_name, chosen[:k], q, chat, cloze)
-        if len(prefix) + len(suffix) <= max_len:
-            return prefix, suffix, k, False
-    return [], (prefix + suffix)[-max_len:], 0, True
+    k = len(shot_ids)
+    while k and len(head) + sum(len(x) for x in shot_ids[:k]) + len(question) > max_len:
+        k -= 1
+    prefix = head + [t for x in shot_ids[:k] for t in x]
+    if len(prefix) + len(question) <= max_len:
+        return prefix, question, k, False
+    return [], (prefix + question)[-max_len:], 0, True
 
 
 def letter_ids(tok):

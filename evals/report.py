@@ -44,6 +44,10 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def num(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
 def stages_table(seconds):
     """Markdown table of the wall time of every stage that ran, and their total."""
     lines = ["| stage | wall time |", "|---|---:|"]
@@ -74,8 +78,8 @@ def scores_table(d):
     """Markdown table of the held-out chat scores of the base, SFT and DPO models (eval.py --mode=chat)."""
     models = [("base (before SFT)", f"{d}/pretrain/chat.json"), ("after SFT", f"{d}/sft/chat.json"),
               ("after DPO", f"{d}/dpo/chat.json")]
-    lines = ["| model | well-formed poems | poems finished | author named | exact match (poem / author) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| model | well-formed poems | poems finished | author named | exact match (poem / author) | "
+             "poem BLEU-4 / ROUGE-L |", "|---|---:|---:|---:|---:|---:|"]
     for name, path in models:
         r = read_json(path)
         if r is None:
@@ -83,12 +87,14 @@ def scores_table(d):
         poem, author = r["chat_scores"].get("poem", {}), r["chat_scores"].get("author", {})
         lines.append(f"| {name} | {pct(poem.get('well_formed'))} | {pct(poem.get('finished'))} | "
                      f"{pct(author.get('author_named'))} | {pct(poem.get('exact_match'))} / "
-                     f"{pct(author.get('exact_match'))} |")
+                     f"{pct(author.get('exact_match'))} | {num(poem.get('bleu4'))} / {num(poem.get('rougeL'))} |")
     n = (read_json(f"{d}/sft/chat.json") or {}).get("chat_scores", {}).get("poem", {}).get("n")
     if n:
         lines.append("")
         lines.append(f"{n} held-out poems (their titles never seen in SFT) and as many author questions, greedy "
-                     f"decoding. Well-formed: 4 or 8 clauses, all of 5 or all of 7 characters, every line ending with 。？！ (chat_data.poetry.well_formed_poem).")
+                     f"decoding. Well-formed: 4 or 8 clauses, all of 5 or all of 7 characters, every line ending with 。？！ (chat_data.poetry.well_formed_poem). "
+                     f"BLEU-4 and ROUGE-L (%, characters) of the poem against the real one: a poem is not expected to match, "
+                     f"they measure its closeness in wording.")
     return lines
 
 

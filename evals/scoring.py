@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from evals.mc import LETTERS, fit_prompt, letter_ids
+from evals.mc import LETTERS, encode_pieces, fit_prompt, letter_ids, shots_for
 
 MIN_PREFIX = 32  # a shared prefix shorter than this is recomputed with every prompt: the copy costs as much
 
@@ -34,11 +34,13 @@ def prefix_kv(model, prefix, device):
 
 
 @torch.inference_mode()
-def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None):
+def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None, row_prefix=None):
     """log P(token | everything before it) for chosen (row, position, token) triples of a batch.
 
-    rows: B lists of token ids, right-padded here into (B, S); with kv (prefix_kv of a prefix of prefix_len
-    tokens) every row continues that prefix, at positions prefix_len.., and prefix_len + S <= max_seq_len.
+    rows: B lists of token ids, right-padded here into (B, S). With kv (prefix_kv of a prefix P tokens long,
+    prefix_len = P) every row continues a prefix of that prefix: row b reads its first row_prefix[b] tokens
+    (default all P; a prompt with fewer shots reads fewer) and sits at positions row_prefix[b]..; the keys of
+    the prefix it does not read are masked. P + S <= max_seq_len.
     targets: (b, t, token) triples: the log-probability that rows[b][t] is followed by `token`.
     Returns a list of floats in the order of targets (nats, fp32 log-softmax of the logits)."""
     B, S = len(rows), max(len(r) for r in rows)
@@ -46,18 +48,24 @@ def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None):
     for b, r in enumerate(rows):
         x[b, :len(r)] = torch.tensor(r)
     x = x.to(device)
-    pos = (prefix_len + torch.arange(S, device=device)).expand(B, S)
+    P = prefix_len
+    starts = torch.tensor(row_prefix if row_prefix is not None else [P] * B, device=device)
+    steps = torch.arange(S, device=device)
+    # (B, S); a padding slot past the context takes the last position (its output is never read)
+    pos = (starts[:, None] + steps[None, :]).clamp(max=model.args.max_seq_len - 1)
     caches, mask = None, None
     if kv is not None:
         caches = []
         for k, v in kv:  # every row gets its own copy of the prefix keys and values, then writes its suffix
-            ck = torch.empty((B, k.shape[1], prefix_len + S, k.shape[3]), device=device, dtype=k.dtype)
+            ck = torch.empty((B, k.shape[1], P + S, k.shape[3]), device=device, dtype=k.dtype)
             cv = torch.empty_like(ck)
-            ck[:, :, :prefix_len], cv[:, :, :prefix_len] = k, v
+            ck[:, :, :P], cv[:, :, :P] = k, v
             caches.append((ck, cv))
-        cols = torch.arange(prefix_len + S, device=device)
-        mask = ((prefix_len + torch.arange(S, device=device))[:, None] >= cols[None, :])[None, None]
-    h = model._forward_positions(x, pos, mask, caches, prefix_len, head=False)
+        cols = torch.arange(P + S, device=device)
+        # (B, 1, S, P + S): the row's own part of the prefix, then its suffix causally
+        mask = ((cols[None, None, :] < starts[:, None, None]) |
+                ((cols[None, None, :] >= P) & (cols[None, None, :] - P <= steps[None, :, None])))[:, None]
+    h = model._forward_positions(x, pos, mask, caches, P, head=False)
     where = sorted({(b, t) for b, t, _ in targets})
     index = {bt: i for i, bt in enumerate(where)}
     hs = h[torch.tensor([b for b, _ in where]), torch.tensor([t for _, t in where])]
@@ -65,6 +73,26 @@ def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None):
     rows_i = torch.tensor([index[(b, t)] for b, t, _ in targets], device=logp.device)
     tok_i = torch.tensor([tok for _, _, tok in targets], device=logp.device)
     return logp[rows_i, tok_i].tolist()
+
+
+def prefix_groups(units, use_prefix_cache):
+    """{cached prefix (tuple, () = none): units}. A unit's prefix is cached when at least MIN_PREFIX tokens
+    long, and joins the group of a longer prefix that starts with it (a prompt that dropped shots reads the
+    front of its subject's full few-shot prefix): one cache per subject."""
+    groups = {(): []}
+    if not use_prefix_cache:
+        groups[()] = list(units)
+        return groups
+    for key in sorted({tuple(u["prefix"]) for u in units if len(u["prefix"]) >= MIN_PREFIX}, key=len, reverse=True):
+        if not any(g[:len(key)] == key for g in groups if len(g) > len(key)):
+            groups[key] = []
+    for u in units:
+        p = tuple(u["prefix"])
+        if len(p) < MIN_PREFIX:
+            groups[()].append(u)
+        else:
+            groups[next(g for g in groups if len(g) >= len(p) and g[:len(p)] == p)].append(u)
+    return groups
 
 
 def progress(desc, total, unit):
@@ -79,13 +107,11 @@ def score_batches(model, units, batch_size, device, use_prefix_cache=True, on_ba
     """Run scoring units through token_logprobs, batch_size rows at a time. A unit is a dict with "prefix"
     (ids), "rows" (lists of ids continuing it) and "targets" ((row, t, token) triples, row indexing the
     unit's rows); its "logprobs" are filled in. Units sharing a prefix of at least MIN_PREFIX tokens run
-    against one KV cache of it (use_prefix_cache); others send prefix + row whole. on_batch(n_units) is
-    called after each batch (a progress bar)."""
-    groups = {}
-    for u in units:
-        key = tuple(u["prefix"]) if use_prefix_cache and len(u["prefix"]) >= MIN_PREFIX else ()
-        groups.setdefault(key, []).append(u)
-    for prefix, group in groups.items():
+    against one KV cache of it (use_prefix_cache, see prefix_groups); others send prefix + row whole.
+    on_batch(n_units) is called after each batch (a progress bar)."""
+    for prefix, group in prefix_groups(units, use_prefix_cache).items():
+        if not group:
+            continue
         kv = prefix_kv(model, list(prefix), device) if prefix else None
         group.sort(key=lambda u: max(len(r) for r in u["rows"]) + (0 if prefix else len(u["prefix"])))
         i = 0
@@ -95,14 +121,15 @@ def score_batches(model, units, batch_size, device, use_prefix_cache=True, on_ba
                 batch.append(group[i])
                 n_rows += len(group[i]["rows"])
                 i += 1
-            rows, targets, spans = [], [], []
+            rows, targets, spans, row_prefix = [], [], [], []
             for u in batch:
                 lead = [] if prefix else u["prefix"]
                 base = len(rows)
                 rows += [lead + r for r in u["rows"]]
+                row_prefix += [len(u["prefix"]) if prefix else 0] * len(u["rows"])
                 spans.append(len(targets))
                 targets += [(base + r, len(lead) + t, tok) for r, t, tok in u["targets"]]
-            out = token_logprobs(model, rows, targets, device, len(prefix), kv)
+            out = token_logprobs(model, rows, targets, device, len(prefix), kv, row_prefix)
             for u, s in zip(batch, spans):
                 u["logprobs"] = out[s:s + len(u["targets"])]
             if on_batch:
@@ -123,13 +150,20 @@ def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
     units, stats = [], {s: {"fewer_shots": 0, "truncated": 0} for s in scorings}
     for subject, part in exam.items():
         name = names.get(subject, {}).get("name", subject)
-        for qi, q in enumerate(part["questions"]):
-            opts = [tok.encode(o) for o in q["options"]]
-            for scoring in scorings:
-                room = 0 if scoring == "letter" else min(max(len(o) for o in opts), max_seq_len // 2)
-                prefix, suffix, n_shots, truncated = fit_prompt(tok, name, part["shots"], q, k_shot, chat,
-                                                                max_seq_len - room, cloze=scoring == "option")
-                stats[scoring]["fewer_shots"] += n_shots < min(k_shot, len(part["shots"]))
+        for scoring in scorings:
+            cloze = scoring == "option"
+            pieces = {}  # the subject's shots, encoded once
+            for qi, q in enumerate(part["questions"]):
+                opts = [tok.encode(o) for o in q["options"]] if cloze else None
+                shots = shots_for(q, part["shots"], k_shot)
+                for s in shots:
+                    if id(s) not in pieces:
+                        pieces[id(s)] = encode_pieces(tok, name, [s], s, chat, cloze)[1][0]
+                head, _, question = encode_pieces(tok, name, [], q, chat, cloze)
+                room = min(max(len(o) for o in opts), max_seq_len // 2) if cloze else 0
+                prefix, suffix, n_shots, truncated = fit_prompt(head, [pieces[id(s)] for s in shots], question,
+                                                                max_seq_len - room)
+                stats[scoring]["fewer_shots"] += n_shots < k_shot
                 stats[scoring]["truncated"] += truncated
                 u = {"subject": subject, "q": qi, "scoring": scoring, "prefix": prefix, "shots": n_shots}
                 if scoring == "letter":

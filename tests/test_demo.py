@@ -122,7 +122,14 @@ def write(path, obj):
             json.dump(obj, f, ensure_ascii=False)
 
 
-def test_summary_has_the_losses_scores_samples_and_files(tmp_path):
+def mc_result(avg_letter, avg_option):
+    subj = lambda a: {"subjects": {"next_line": a - 0.05, "author": a + 0.05}, "categories": {"poetry": a},
+                      "average": a, "questions": 1000}
+    return dict(benchmark="poetry_bench", split="val", k_shot=0, questions=1000, contaminated=3,
+                scores={"letter": subj(avg_letter), "option": subj(avg_option)})
+
+
+def test_report_has_the_losses_curves_evaluations_scores_samples_and_files(tmp_path):
     d = tmp_path / "demo"
     run_s = dict(train_tokens=1_000_000, train_seconds=120.0, warmup_seconds=3.0, tokens_per_sec=8333.3)
     write(f"{d}/stages.jsonl", [{"stage": "pretrain", "seconds": 125.0}, {"stage": "sft", "seconds": 60.0}])
@@ -137,11 +144,22 @@ def test_summary_has_the_losses_scores_samples_and_files(tmp_path):
     write(f"{d}/sft/answers.jsonl", [{"kind": "poem", "question": "请写一首题为《春》的诗。", "answer": "春风吹绿柳，"}])
     write(f"{d}/dpo/summary.json", dict(iter=80, held_out={"pairs": 100, "before": {"logps/accuracy": 0.66,
           "logps/margin": 1.0}, "after": {"logps/accuracy": 0.71, "logps/margin": 2.0}}, **run_s))
-    run_script("demo_summary.py", f"--demo_dir={d}")
-    text = (d / "summary.md").read_text(encoding="utf-8")
-    for section in ("## Wall time per stage", "## Training", "## Held-out scores", "## Continuations",
-                    "## Chat answers after SFT", "## Files"):
+    write(f"{d}/pretrain/eval_mc_poetry_bench_val_0shot.json", mc_result(0.25, 0.40))
+    write(f"{d}/sft/eval_mc_poetry_bench_val_0shot.json", mc_result(0.30, 0.45))
+    write(f"{d}/pretrain/eval_ppl.json", dict(val_data="v.bin", val_tokens=1000, val_loss=5.0, perplexity=148.4,
+                                              bits_per_char=3.21))
+    write(f"{d}/bench/contamination.json", dict(eval_set="bench", markdown="| flagged table |"))
+    (d / "pretrain" / "loss.png").write_bytes(b"png")
+    run_script("eval.py", "--mode=report", f"--run_dir={d}")
+    text = (d / "report.md").read_text(encoding="utf-8")
+    for section in ("## Wall time per stage", "## Training", "## Curves", "## Evaluations", "## Held-out scores",
+                    "## Continuations", "## Chat answers after SFT", "## Files"):
         assert section in text, section
+    assert "![pretraining loss](pretrain/loss.png)" in text and "sft/loss.png" not in text  # only plots that exist
+    assert "| pretrained | letter | 30.0 | 20.0 | 25.0 |" in text  # subjects sorted: author, next_line; average
+    assert "| after SFT | option | 50.0 | 40.0 | 45.0 |" in text and "chance is 25%" in text
+    assert "| pretrained | v.bin | 1,000 | 5.0000 | 148.40 | 3.2100 |" in text
+    assert "| flagged table |" in text and "near-duplicate in the training data: 3 of 1000" in text
     assert "| pretraining | 500 | 1,000,000 |" in text and "5.4321" in text and "3.2109" in text  # losses
     assert "val loss 5.5000" in text and "6.10M-parameter" in text
     assert "| after SFT | 87.5% |" in text and "| base (before SFT) | 0.0% |" in text  # scores
