@@ -179,7 +179,8 @@ def ppl_text(model, tok, path, device, autocast_ctx):
     if errors.count:
         print(errors.report())
     if not seqs:
-        raise SystemExit(f"{path}: no document to score ({errors.brief()})")
+        raise SystemExit(f"{path}: no document to score ({errors.brief()}); --mode=ppl reads a token file (.bin) "
+                         f"or text documents (.txt, or .jsonl/.parquet with a text field: --text_field names it)")
     T = model.args.max_seq_len
     total, n = sequence_loss(model, seqs, stride or T // 2, batch_size, device, autocast_ctx, desc="ppl")
     return total, n, n_chars, len(seqs)

@@ -118,6 +118,13 @@ def mc_section(tag, results):
     else:
         lines = [head, "", category_table([(f"{label}, by {sc}", r["scores"][sc]) for label, r in results
                                            for sc in scorings])]
+    stats = [(label, r["prompt_stats"]) for label, r in results if r.get("prompt_stats")]
+    if stats:
+        lines += ["", "Prompts that did not fit the context: " + "; ".join(
+            f"{label}: " + ", ".join(f"by {sc} {st['fewer_shots']} with fewer than {first['k_shot']} shots and "
+                                     f"{st['truncated']} cut on the left" if first["k_shot"] else
+                                     f"by {sc} {st['truncated']} cut on the left" for sc, st in ps.items())
+            for label, ps in stats) + "."]
     flagged = [f"{label}: {r['contaminated']}" for label, r in results if r.get("contaminated") is not None]
     if flagged:
         lines += ["", f"Questions with a near-duplicate in the training data: {flagged[0].split(': ')[1]} of "

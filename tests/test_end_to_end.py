@@ -39,6 +39,6 @@ def test_tokenizer_data_process_pretrain_eval(tmp_path):
     text = sh("eval.py", f"--ckpt_path={out / 'ckpt.pt'}", "--mode=all", f"--val_data={data / 'val.bin'}",
               "--prompts=['床前明月光，']", "--max_new_tokens=12", "--temperature=0.0")
     assert "--- 床前明月光，" in text
-    assert "val loss" in text and "perplexity" in text
+    assert "| loss (nats/token) | perplexity | bits/character |" in text
     # the checkpoint names its tokenizer, so eval needed no --tokenizer_model
     assert os.path.exists(f"{prefix}.model")

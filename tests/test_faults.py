@@ -237,7 +237,8 @@ def test_eval_refuses_unknown_modes_token_files_that_are_not_and_another_tokeniz
     assert p.returncode != 0 and "mode must be one of" in p.stderr and "'samples'" in p.stderr
     p = run_script("eval.py", f"--ckpt_path={base}", "--mode=loss", f"--val_data={chat / 'train.jsonl'}",
                    check=False)
-    assert p.returncode != 0 and "train.jsonl" in p.stderr and ".bin" in p.stderr
+    # conversations are not text documents: the file and its first skipped line are named, and what ppl reads
+    assert p.returncode != 0 and "train.jsonl:1: no text field" in p.stderr and ".bin" in p.stderr
     from tokenizer.train_tokenizer import train_tokenizer
     from sft_fixtures import TEXTS
     other = train_tokenizer(iter([t[::-1] for t in TEXTS]), str(tmp_path / "other"), 400, num_threads=1,
