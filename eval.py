@@ -344,10 +344,9 @@ def read_gen_items(path):
     return items
 
 
-def run_gen(model, tok, chat, device, autocast_ctx):
-    """Answers for every prompt of gen_file (the chat template for chat models and for "messages"), scored
-    against the references with BLEU-1..4 and ROUGE-L; per-sample JSONL beside the results."""
-    items = read_gen_items(gen_file)
+def run_gen(model, tok, items, chat, device, autocast_ctx):
+    """Answers for every prompt of gen_file (read_gen_items; the chat template for chat models and for
+    "messages"), scored against the references with BLEU-1..4 and ROUGE-L; per-sample JSONL beside the results."""
     room = model.args.max_seq_len - max_new_tokens
     prompts = []
     for it in items:
@@ -382,9 +381,9 @@ def flagged_keys(path):
         return {r["key"] for r in json.load(f)["flagged_items"]}
 
 
-def run_mc(model, tok, chat, device, autocast_ctx):
-    """Accuracy on a multiple-choice set, per subject, per category and on average, by each scoring."""
-    exam = load_exam(mc_data, split, shots_split, k_shot, subjects)
+def run_mc(model, tok, exam, chat, device, autocast_ctx):
+    """Accuracy on a multiple-choice set (evals.mc.load_exam), per subject, per category and on average, by
+    each scoring."""
     bench = benchmark or guess_benchmark(mc_data)
     names = load_subjects(bench, mc_data)
     scorings = [x.strip() for x in scoring.split(",") if x.strip()]
@@ -456,6 +455,8 @@ def training_documents(path):
 
 
 def run_contamination():
+    """Flag the items of eval_set that a document of train_data nearly contains; JSON (every flagged item and
+    its document) to results_file, or contamination.json in the mc folder / beside the gen file."""
     from tqdm import tqdm
     items = contamination_items(eval_set)
     bar = tqdm(desc="training documents", unit="doc", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -492,18 +493,21 @@ if __name__ == "__main__":
     if mode == "report":
         report.main(run_dir)
         sys.exit(0)
-    if mode == "contamination":
-        if not eval_set or not train_data:
-            raise SystemExit("--mode=contamination needs --eval_set (an mc folder or a gen JSONL) and --train_data")
-        run_contamination()
-        sys.exit(0)
-    if mode == "mc":  # the questions are checked before a model is loaded
-        try:
-            load_exam(mc_data, split, shots_split, k_shot, subjects)
-        except MCError as e:
-            raise SystemExit(f"error: {e}")
-    if mode == "gen":
-        read_gen_items(gen_file)
+    if prompt_format not in ("auto", "plain", "chat"):
+        raise SystemExit(f"prompt_format must be auto, plain or chat, not {prompt_format!r}")
+    for name, path in (("mc_data", mc_data if mode == "mc" else None), ("gen_file", gen_file if mode == "gen" else None),
+                       ("eval_set", eval_set if mode == "contamination" else None),
+                       ("train_data", train_data if mode == "contamination" else None)):
+        if path is not None and not os.path.exists(path):
+            raise SystemExit(f"--mode={mode} needs --{name}: {path!r} does not exist")
+    try:  # the inputs are read and checked before a model is loaded
+        if mode == "contamination":
+            run_contamination()
+            sys.exit(0)
+        exam = load_exam(mc_data, split, shots_split, k_shot, subjects) if mode == "mc" else None
+        gen_items = read_gen_items(gen_file) if mode == "gen" else None
+    except MCError as e:
+        raise SystemExit(f"error: {e}")
     device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cpu":
@@ -543,9 +547,9 @@ if __name__ == "__main__":
             save_results("ppl", r, md)
     chat_model = prompt_format == "chat" or (prompt_format == "auto" and "init_ckpt" in ckpt)
     if mode == "mc":
-        run_mc(model, tok, chat_model, device, autocast_ctx)
+        run_mc(model, tok, exam, chat_model, device, autocast_ctx)
     if mode == "gen":
-        run_gen(model, tok, chat_model, device, autocast_ctx)
+        run_gen(model, tok, gen_items, chat_model, device, autocast_ctx)
     if results_file and mode in ("sample", "all", "chat"):
         write_json(results_file, dict(ckpt_path=ckpt_path, iter=ckpt["iter_num"], mode=mode, **results))
         print(f"results -> {results_file}")

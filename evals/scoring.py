@@ -10,7 +10,6 @@ import sys
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from evals.mc import LETTERS, encode_pieces, fit_prompt, letter_ids, shots_for
 
