@@ -66,7 +66,7 @@ repetition_penalty = 1.1  # 1.0 = off
 num_samples = 1
 stream = False  # print tokens as they come (prompts one by one)
 val_data = ""  # ppl: a token file (.bin) or raw text (.txt/.jsonl/.parquet); "" = the checkpoint's val.bin
-val_max_tokens = 200_000  # ppl on a .bin: at most this many tokens (from the start)
+val_max_tokens = 200_000  # ppl on a .bin: at most this many tokens (from the start; 0 = all)
 batch_size = 8
 seed = 1337
 compile = False  # compile the decode step: pays off for long or many generations
@@ -152,14 +152,16 @@ def save_results(name, result, markdown):
 
 
 def ppl_bin(model, tok, path, device, autocast_ctx):
-    """Loss over the first val_max_tokens tokens of a uint16 token file, read as one sequence (documents
-    separated by eos, which is scored like every token, as in training). The file is checked as training
+    """Loss over the first val_max_tokens tokens of a uint16 token file, read as one sequence after an eos
+    (documents separated by eos, which is scored like every token, as in training). The file is checked as training
     checks it (train_utils.open_bins). Characters: of the decoded documents."""
     T = model.args.max_seq_len
     bins, paths, _ = tu.open_bins(path, model.args.vocab_size, like=tokenizer_of_model, min_tokens=2)
     if len(bins) > 1:
         raise SystemExit(f"--mode=ppl evaluates one token file; {path!r} is {len(paths)}: {', '.join(paths)}")
-    seq = np.asarray(bins[0][:val_max_tokens + 1], dtype=np.int64)
+    # the file's first document follows no eos: put one before it, as before every other, so all are scored
+    data = bins[0][:val_max_tokens] if val_max_tokens else bins[0]
+    seq = np.concatenate([[tok.eos_id], np.asarray(data, dtype=np.int64)])
     cuts = np.flatnonzero(seq[1:] == tok.eos_id) + 1  # the scored tokens, split into documents at eos
     n_chars = sum(len(tok.decode(part[part != tok.eos_id].tolist())) for part in np.split(seq[1:], cuts - 1))
     total, n = sequence_loss(model, [seq], stride or T // 2, batch_size, device, autocast_ctx, desc="ppl")
@@ -190,8 +192,12 @@ def run_ppl(model, tok, device, autocast_ctx):
     path = val_data or ckpt["config"].get("val_data", "")
     if not path or not os.path.exists(path):
         raise SystemExit(f"no data to score: pass --val_data (tried {path!r})")
+    if stride > model.args.max_seq_len:
+        raise SystemExit(f"stride {stride} is longer than the context ({model.args.max_seq_len} tokens)")
     fn = ppl_bin if path.endswith(".bin") else ppl_text
     total, n, n_chars, n_docs = fn(model, tok, path, device, autocast_ctx)
+    if n == 0 or n_chars == 0:
+        raise SystemExit(f"{path}: nothing to score ({n} tokens, {n_chars} characters)")
     loss = total / n
     r = dict(val_data=path, val_loss=loss, perplexity=math.exp(loss), bits_per_char=bits_per_character(total, n_chars),
              val_tokens=n, characters=n_chars, documents=n_docs, stride=stride or model.args.max_seq_len // 2)
@@ -325,6 +331,18 @@ def chat_batch(model, tok, device, autocast_ctx, path, out_path):
     return scores
 
 
+def messages_ok(msgs):
+    """True for a conversation to answer: an optional system message, then user/assistant turns alternating
+    from a user turn to a final user turn, every content a string."""
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+        return False
+    roles = [m.get("role") for m in msgs]
+    if roles and roles[0] == "system":
+        roles = roles[1:]
+    return bool(roles) and len(roles) % 2 == 1 and all(r == ("user" if i % 2 == 0 else "assistant")
+                                                         for i, r in enumerate(roles))
+
+
 def read_gen_items(path):
     """The items of a gen file: JSONL {"prompt": str | "messages": [{"role", "content"}], "reference": str}.
     Lines without a prompt or a reference string are skipped, counted and named (file:line)."""
@@ -333,10 +351,13 @@ def read_gen_items(path):
         ok = isinstance(rec, dict) and isinstance(rec.get("reference"), str) and (
             isinstance(rec.get("prompt"), str) and rec["prompt"].strip() or
             isinstance(rec.get("messages"), list) and rec["messages"])
-        if ok:
-            items.append(dict(rec, line=line))
-        else:
+        if not ok:
             errors.add(path, line, "no prompt/messages or reference", 'want {"prompt": "...", "reference": "..."}')
+        elif "messages" in rec and not messages_ok(rec["messages"]):
+            errors.add(path, line, "bad messages", 'want [{"role": "user"|"assistant"|"system", "content": "..."}, '
+                                                    '...] alternating, ending with a user turn')
+        else:
+            items.append(dict(rec, line=line))
     if errors.count:
         print(errors.report())
     if not items:
@@ -352,7 +373,8 @@ def run_gen(model, tok, items, chat, device, autocast_ctx):
     for it in items:
         if "messages" in it or chat:
             msgs = it.get("messages") or [{"role": "user", "content": it["prompt"]}]
-            prompts.append(fit_history(tok, msgs, room, system_prompt)[0])
+            system = msgs[0]["content"] if msgs[0]["role"] == "system" else system_prompt
+            prompts.append(fit_history(tok, [m for m in msgs if m["role"] != "system"], room, system)[0])
         else:
             prompts.append(([tok.eos_id] + tok.encode(it["prompt"]))[-room:])
     replies, n_new, dt = generate_replies(model, tok, prompts, device, autocast_ctx, "gen")
@@ -376,19 +398,19 @@ def mc_tag():
 
 
 def flagged_keys(path):
-    """{subject/id} of the items a contamination result file flagged."""
-    with open(path, encoding="utf-8") as f:
-        return {r["key"] for r in json.load(f)["flagged_items"]}
+    """{subject/id} of the items a contamination result file (--mode=contamination) flagged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {r["key"] for r in json.load(f)["flagged_items"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a result of --mode=contamination ({type(e).__name__}: {e})") from None
 
 
-def run_mc(model, tok, exam, chat, device, autocast_ctx):
+def run_mc(model, tok, exam, scorings, flagged_ids, chat, device, autocast_ctx):
     """Accuracy on a multiple-choice set (evals.mc.load_exam), per subject, per category and on average, by
-    each scoring."""
+    each scoring; flagged_ids: {subject/id} of the questions flagged by a contamination check (or None)."""
     bench = benchmark or guess_benchmark(mc_data)
     names = load_subjects(bench, mc_data)
-    scorings = [x.strip() for x in scoring.split(",") if x.strip()]
-    if not scorings or set(scorings) - {"letter", "option"}:
-        raise SystemExit(f"scoring must be letter, option or both (letter,option), not {scoring!r}")
     n_q = sum(len(p["questions"]) for p in exam.values())
     print(f"{bench} {split}: {len(exam)} subjects, {n_q:,} questions, {k_shot}-shot, "
           f"{'chat template' if chat else 'plain prompt'}, scoring by {' and '.join(scorings)}")
@@ -409,9 +431,8 @@ def run_mc(model, tok, exam, chat, device, autocast_ctx):
         notes.append(f"by {sc}: {stats[sc]['fewer_shots']} prompts with fewer than {k_shot} shots, "
                      f"{stats[sc]['truncated']} cut on the left to fit the context of {model.args.max_seq_len} tokens")
     flagged = None
-    if contamination_file:
-        keys = flagged_keys(contamination_file)
-        flagged = sum(f"{s}/{q['id']}" in keys for s, p in exam.items() for q in p["questions"])
+    if flagged_ids is not None:
+        flagged = sum(f"{s}/{q['id']}" in flagged_ids for s, p in exam.items() for q in p["questions"])
         notes.append(f"{flagged} of {n_q} questions have a near-duplicate in the training data ({contamination_file})")
     md += "\n\n" + "\n".join(f"- {x}" for x in notes)
     preds_path = os.path.splitext(default_results(mc_tag()))[0] + ".predictions.jsonl"
@@ -495,6 +516,12 @@ if __name__ == "__main__":
         sys.exit(0)
     if prompt_format not in ("auto", "plain", "chat"):
         raise SystemExit(f"prompt_format must be auto, plain or chat, not {prompt_format!r}")
+    scorings = [x.strip() for x in scoring.split(",") if x.strip()]
+    if not scorings or set(scorings) - {"letter", "option"}:
+        raise SystemExit(f"scoring must be letter, option or both (letter,option), not {scoring!r}")
+    if not (stride >= 0 and 0 < threshold <= 1 and val_max_tokens >= 0 and k_shot >= 0):
+        raise SystemExit(f"want stride >= 0, 0 < threshold <= 1, val_max_tokens >= 0 and k_shot >= 0; got stride "
+                         f"{stride}, threshold {threshold}, val_max_tokens {val_max_tokens}, k_shot {k_shot}")
     for name, path in (("mc_data", mc_data if mode == "mc" else None), ("gen_file", gen_file if mode == "gen" else None),
                        ("eval_set", eval_set if mode == "contamination" else None),
                        ("train_data", train_data if mode == "contamination" else None)):
@@ -505,8 +532,9 @@ if __name__ == "__main__":
             run_contamination()
             sys.exit(0)
         exam = load_exam(mc_data, split, shots_split, k_shot, subjects) if mode == "mc" else None
+        flagged_ids = flagged_keys(contamination_file) if mode == "mc" and contamination_file else None
         gen_items = read_gen_items(gen_file) if mode == "gen" else None
-    except MCError as e:
+    except (MCError, OSError) as e:
         raise SystemExit(f"error: {e}")
     device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -547,7 +575,7 @@ if __name__ == "__main__":
             save_results("ppl", r, md)
     chat_model = prompt_format == "chat" or (prompt_format == "auto" and "init_ckpt" in ckpt)
     if mode == "mc":
-        run_mc(model, tok, exam, chat_model, device, autocast_ctx)
+        run_mc(model, tok, exam, scorings, flagged_ids, chat_model, device, autocast_ctx)
     if mode == "gen":
         run_gen(model, tok, gen_items, chat_model, device, autocast_ctx)
     if results_file and mode in ("sample", "all", "chat"):

@@ -57,13 +57,22 @@ def subject_files(folder, split):
 
 def read_questions(path):
     """The questions of one subject CSV: [{"id", "question", "options": [A, B, C, D], "answer": "A".."D"}].
-    Raises MCError naming the file and row for a missing column, an empty question or option, an answer
-    outside A-D, and for a file with no question (an empty subject must not become a 0% row)."""
+    Raises MCError naming the file and row (the CSV record; its first file line too when a question spans
+    lines) for a missing column, an empty question or option, an answer that is not one letter A-D, and for a
+    file with no question (an empty subject must not become a 0% row)."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            rows, lines = [], []  # each record and the file line it starts on (a question may span lines)
+            start = 1
+            for row in reader:
+                rows.append(row)
+                lines.append(start)
+                start = reader.line_num + 1
     except UnicodeDecodeError as e:
         raise MCError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise MCError(f"{path}, line {reader.line_num}: not CSV ({e})") from None
     if not rows:
         raise MCError(f"{path}: empty file (want a header id,question,A,B,C,D,answer and one row per question)")
     header = [h.strip().lower() for h in rows[0]]
@@ -75,19 +84,20 @@ def read_questions(path):
         cols[name] = header.index(name)
     id_col = header.index("id") if "id" in header else 0 if header[0] == "" else None
     out = []
-    for r, row in enumerate(rows[1:], start=2):
+    for r, (row, line) in enumerate(zip(rows[1:], lines[1:]), start=2):
+        where = f"{path}, row {r}" + (f" (line {line})" if line != r else "")
         if not any(cell.strip() for cell in row):
             continue  # a blank line at the end of a file
         if len(row) < len(header):
-            raise MCError(f"{path}, row {r}: {len(row)} fields, the header has {len(header)}")
+            raise MCError(f"{where}: {len(row)} fields, the header has {len(header)}")
         answer = row[cols["answer"]].strip().upper()
-        if answer not in LETTERS or not answer:
-            raise MCError(f"{path}, row {r}: answer {row[cols['answer']]!r} is not one of A, B, C, D")
+        if len(answer) != 1 or answer not in LETTERS:
+            raise MCError(f"{where}: answer {row[cols['answer']]!r} is not one of A, B, C, D")
         q = {"id": row[id_col] if id_col is not None else str(r - 2), "question": row[cols["question"]].strip(),
              "options": [row[cols[c]].strip() for c in "abcd"], "answer": answer}
         empty = [n for n, v in zip(("question", "A", "B", "C", "D"), [q["question"]] + q["options"]) if not v]
         if empty:
-            raise MCError(f"{path}, row {r}: empty {', '.join(empty)}")
+            raise MCError(f"{where}: empty {', '.join(empty)}")
         out.append(q)
     if not out:
         raise MCError(f"{path}: no questions (a header only)")

@@ -10,6 +10,7 @@ import sys
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from evals.mc import LETTERS, encode_pieces, fit_prompt, letter_ids, shots_for
 
@@ -173,7 +174,8 @@ def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
                     u["rows"] = [suffix + o for o in opts_fit]
                     u["targets"] = [(j, len(suffix) - 1 + i, o[i]) for j, o in enumerate(opts_fit)
                                     for i in range(len(o))]
-                    u["n_chars"] = [len(o) for o in q["options"]]
+                    u["n_chars"] = [len(o) if len(f) == len(ids) else len(tok.decode(f))  # a cut option: its part
+                                    for o, ids, f in zip(q["options"], opts, opts_fit)]
                 units.append(u)
     return units, stats
 
@@ -254,11 +256,14 @@ def sequence_loss(model, seqs, stride, batch_size, device, autocast_ctx=nullcont
             x[b, :n] = window[:-1]
             y[b, skip:n] = window[1 + skip:]
         x, y = x.to(device), y.to(device)
-        n_scored = int((y >= 0).sum())
         with autocast_ctx:
-            _, loss = model(x, y, return_logits=False)  # mean over the scored tokens, no (B, T, V) logits held
-        total += loss.item() * n_scored
-        count += n_scored
+            h = model._forward_positions(x, torch.arange(L, device=device).expand(len(chunk), L), None, head=False)
+            scored = y >= 0
+            hs, ys = h[scored], y[scored]  # only the scored positions go through the output layer
+            for j in range(0, len(ys), 4096):  # a few thousand rows of vocab_size logits at a time
+                logits = model.output(hs[j:j + 4096]).float()
+                total += F.cross_entropy(logits, ys[j:j + 4096], reduction="sum").item()
+        count += len(ys)
         if bar:
             bar.update(len(chunk))
     if bar:

@@ -204,6 +204,7 @@ def test_mc_accuracy_equals_transformers_llama_on_the_exported_weights(tok, tmp_
     correct, preds, _ = score_mc(model, tok, exam, {}, False, 2, ["letter", "option"], 5, "cpu")
     letters = letter_ids(tok)
     ours = {(p["subject"], p["id"], p["scoring"]): p["prediction"] for p in preds}
+    our_scores = {(p["subject"], p["id"], p["scoring"]): p["scores"] for p in preds}
     n_right = {"letter": 0, "option": 0}
     for subject, part in exam.items():
         for q in part["questions"]:
@@ -223,6 +224,7 @@ def test_mc_accuracy_equals_transformers_llama_on_the_exported_weights(tok, tmp_
                             scores.append(sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)) / len(o))
                 pick = LETTERS[int(np.argmax(scores))]
                 assert ours[(subject, q["id"], scoring)] == pick
+                assert our_scores[(subject, q["id"], scoring)] == pytest.approx(scores, abs=2e-4)
                 n_right[scoring] += pick == q["answer"]
     for scoring in ("letter", "option"):
         assert sum(sum(c) for c in correct[scoring].values()) == n_right[scoring]
@@ -235,6 +237,10 @@ def test_bad_mc_files_name_the_file_and_row(tmp_path):
     bad = write_csv(tmp_path / "b_val.csv", [(0, "问", "1", "2", "3", "4", "A"), (1, "问", "1", "2", "3", "4", "E")])
     with pytest.raises(MCError, match=r"b_val\.csv, row 3: answer 'E' is not one of A, B, C, D"):
         read_questions(str(bad))
+    bad = write_csv(tmp_path / "m_val.csv", [(0, "第一行\n第二行\n第三行", "1", "2", "3", "4", "A"),
+                                              (1, "问", "1", "2", "3", "4", "AB")])
+    with pytest.raises(MCError, match=r"m_val\.csv, row 3 \(line 5\): answer 'AB' is not one of A, B, C, D"):
+        read_questions(str(bad))  # a question over three lines: the record is row 3, it starts on line 5
     cmmlu = write_csv(tmp_path / "c" / "test" / "x.csv", [(0, "问", "1", "2", "3", "4", "b")],
                       header=("", "Question", "A", "B", "C", "D", "Answer"))
     assert read_questions(str(cmmlu))[0]["answer"] == "B"  # the CMMLU layout, lower-case answer accepted
@@ -269,6 +275,20 @@ def test_sliding_window_loss_equals_the_full_forward_when_it_fits(tok):
                                               rel=1e-4)
 
 
+def test_stride_1_predicts_every_token_from_the_last_context_tokens(tok):
+    # with stride 1, token j is predicted from exactly tokens[max(0, j - T):j]: one forward per token, by hand
+    T = 8
+    model = tiny_model(tok, seed=4, max_seq_len=T)
+    seqs = [torch.randint(4, tok.vocab_size, (n,)) for n in (30, 5, 9)]
+    total, n = sequence_loss(model, [s.tolist() for s in seqs], 1, 3, "cpu")
+    expected = 0.0
+    for s in seqs:
+        for j in range(1, len(s)):
+            ctx = s[max(0, j - T):j]
+            expected -= model(ctx[None])[0][0, -1].log_softmax(-1)[s[j]].item()
+    assert n == 29 + 4 + 8 and total == pytest.approx(expected, rel=1e-4)
+
+
 def save_tiny_ckpt(tok, path):
     model = tiny_model(tok, max_seq_len=16)
     save_merged(str(path), model, iter_num=0, config={}, tokenizer=tok.model_path, tokenizer_sha256=tok.sha256())
@@ -286,6 +306,20 @@ def test_ppl_on_text_reports_bits_per_character_from_loss_tokens_and_characters(
     assert r["val_tokens"] == sum(len(tok.encode(d)) + 1 for d in docs)  # each token and the closing eos
     assert r["bits_per_char"] == pytest.approx(r["val_loss"] * r["val_tokens"] / (r["characters"] * math.log(2)))
     assert r["perplexity"] == pytest.approx(math.exp(r["val_loss"]))
+
+
+def test_ppl_on_a_token_file_counts_the_characters_of_its_documents(tok, tmp_path):
+    save_tiny_ckpt(tok, tmp_path / "ckpt.pt")
+    docs = ["床前明月光", "疑是地上霜。", "Hello!"]
+    ids = [t for d in docs for t in tok.encode(d) + [tok.eos_id]]
+    np.array(ids, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "tokenizer_sha256": tok.sha256()}))
+    run_script("eval.py", "--mode=ppl", f"--ckpt_path={tmp_path / 'ckpt.pt'}", f"--val_data={tmp_path / 'val.bin'}",
+               "--val_max_tokens=0", f"--results_file={tmp_path / 'r.json'}")
+    r = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    # every token is scored (the first after an eos, as data_process's documents are; the eos closing each
+    # document too); the characters are the texts'
+    assert r["val_tokens"] == len(ids) and r["characters"] == 5 + 6 + 6 and r["documents"] == 3
 
 
 # ---- BLEU and ROUGE-L against hand-computed values --------------------------------------------------------------
@@ -333,11 +367,13 @@ def test_empty_hypothesis_scores_0():
 def test_gen_mode_writes_scores_and_per_sample_rows(tok, tmp_path):
     save_tiny_ckpt(tok, tmp_path / "ckpt.pt")
     items = [{"prompt": "床前明月光，", "reference": "疑是地上霜。"},
-             {"messages": [{"role": "user", "content": "你好"}], "reference": "你好，我是助手。"}, {"bad": 1}]
+             {"messages": [{"role": "user", "content": "你好"}], "reference": "你好，我是助手。"}, {"bad": 1},
+             {"messages": ["你好"], "reference": "x"}, {"messages": [{"role": "assistant", "content": "a"}], "reference": "x"}]
     (tmp_path / "g.jsonl").write_text("\n".join(json.dumps(i, ensure_ascii=False) for i in items), encoding="utf-8")
     p = run_script("eval.py", "--mode=gen", f"--ckpt_path={tmp_path / 'ckpt.pt'}", f"--gen_file={tmp_path / 'g.jsonl'}",
                    "--max_new_tokens=4", "--temperature=0.0", f"--results_file={tmp_path / 'r.json'}")
     assert "g.jsonl:3: no prompt/messages or reference" in p.stdout
+    assert "g.jsonl:4: bad messages" in p.stdout and "g.jsonl:5: bad messages" in p.stdout
     r = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     rows = [json.loads(x) for x in open(r["samples"], encoding="utf-8")]
     assert len(rows) == 2 and {"bleu4", "rougeL", "answer"} <= set(rows[0])
