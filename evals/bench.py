@@ -20,8 +20,8 @@ mc_data = "../shared/data/ceval"
 split = "val"
 k_shot = 5
 n_questions = 200  # the questions of the first subjects (sorted by name)
-scoring = "letter"
-batch_size = 4  # rows per forward (a question is one row by letter, four by option); 2-4 fastest on 2 CPU cores
+scoring = "letter,option"  # eval.py --mode=mc's default: both
+batch_size = 8  # prompts (rows) per forward: a question is one by letter, four by option
 num_threads = 2
 dtype = "float32"  # the same arithmetic in every variant: predictions must agree
 # -----------------------------------------------------------------------------------------------------------
@@ -61,19 +61,21 @@ def main():
     exam = subset(load_exam(mc_data, split, "dev", k_shot), n_questions)
     names = load_subjects(guess_benchmark(mc_data), mc_data)
     n = sum(len(p["questions"]) for p in exam.values())
-    print(f"{n} questions of {mc_data} ({len(exam)} subjects), {k_shot}-shot, by {scoring}; model "
+    scorings = scoring.split(",")
+    print(f"{n} questions of {mc_data} ({len(exam)} subjects), {k_shot}-shot, by {' and '.join(scorings)}; model "
           f"{model.num_params() / 1e6:.1f}M parameters, context {model.args.max_seq_len}; {dtype}, "
           f"{num_threads} threads")
+    # batch_size counts rows: with 1, each prompt (by option: each question-option pair) runs alone
     variants = [("one prompt at a time", 1, False), (f"batched ({batch_size} rows)", batch_size, False),
                 (f"batched ({batch_size} rows) + prefix cache", batch_size, True)]
     runs = []
     for name, bs, cache in variants:
-        score_mc(model, tok, subset(exam, 4), names, False, k_shot, [scoring], bs, "cpu", autocast_ctx, cache)  # warm-up
+        score_mc(model, tok, subset(exam, 4), names, False, k_shot, scorings, bs, "cpu", autocast_ctx, cache)  # warm-up
         t0 = time.perf_counter()
-        correct, preds, stats = score_mc(model, tok, exam, names, False, k_shot, [scoring], bs, "cpu", autocast_ctx,
+        correct, preds, stats = score_mc(model, tok, exam, names, False, k_shot, scorings, bs, "cpu", autocast_ctx,
                                          cache)
         dt = time.perf_counter() - t0
-        runs.append((name, dt, [p["prediction"] for p in preds], stats[scoring]))
+        runs.append((name, dt, [p["prediction"] for p in preds], stats[scorings[0]]))
     base_dt, base_pred = runs[0][1], runs[0][2]
     print(f"shots kept: {runs[0][3]['fewer_shots']} prompts with fewer than {k_shot} shots, "
           f"{runs[0][3]['truncated']} cut on the left")
@@ -81,7 +83,8 @@ def main():
     print("|---|---:|---:|---:|---:|---:|")
     for name, dt, pred, _ in runs:
         same = sum(a == b for a, b in zip(pred, base_pred))
-        print(f"| {name} | {dt:.2f} | {n / dt:.1f} | {1000 * dt / n:.1f} | {base_dt / dt:.1f}x | {same}/{n} |")
+        print(f"| {name} | {dt:.2f} | {n / dt:.1f} | {1000 * dt / n:.1f} | {base_dt / dt:.1f}x | "
+              f"{same}/{len(pred)} |")
 
 
 if __name__ == "__main__":

@@ -20,52 +20,41 @@ MIN_PREFIX = 32  # a shared prefix shorter than this is recomputed with every pr
 # ---- log-probabilities of chosen tokens -----------------------------------------------------------------
 
 @torch.inference_mode()
-def prefix_kv(model, prefix, device):
-    """The keys and values of a prefix (list of ids, batch 1): per layer (k, v), each (1, n_kv_heads, P, hd)."""
-    n_kv = model.layers[0].attention.n_kv_heads
-    hd = model.args.dim // model.args.n_heads
-    dtype = model.tok_embeddings.weight.dtype
-    P = len(prefix)
-    caches = [(torch.empty(1, n_kv, P, hd, device=device, dtype=dtype),
-               torch.empty(1, n_kv, P, hd, device=device, dtype=dtype)) for _ in model.layers]
-    model._forward_positions(torch.tensor([prefix], device=device), torch.arange(P, device=device)[None], None,
-                             caches, 0, head=False)
-    return caches
+def forward_rows(model, rows, device, kv=None, P=0, starts=None, M=0, mids=None):
+    """Final hidden states (B, S, D) of right-padded rows (B lists of ids) that continue context held in a KV
+    cache, and the caches with the rows' keys and values written after it.
 
-
-@torch.inference_mode()
-def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None, row_prefix=None):
-    """log P(token | everything before it) for chosen (row, position, token) triples of a batch.
-
-    rows: B lists of token ids, right-padded here into (B, S). With kv (prefix_kv of a prefix P tokens long,
-    prefix_len = P) every row continues a prefix of that prefix: row b reads its first row_prefix[b] tokens
-    (default all P; a prompt with fewer shots reads fewer) and sits at positions row_prefix[b]..; the keys of
-    the prefix it does not read are masked. P + S <= max_seq_len.
-    targets: (b, t, token) triples: the log-probability that rows[b][t] is followed by `token`.
-    Returns a list of floats in the order of targets (nats, fp32 log-softmax of the logits)."""
+    kv: None, or per layer (k, v), each (1 or B, n_kv_heads, P + M, hd): columns [0, P) a prefix shared by all
+    rows, of which row b reads the first starts[b] (default all P: a prompt with fewer shots reads fewer);
+    columns [P, P + M) a middle part of each row's own, of which row b reads the first mids[b] (default 0).
+    Row b's tokens sit at positions starts[b] + mids[b] + t; every key a row does not read is masked.
+    Requires the positions of real tokens < max_seq_len (a padding slot past the context takes the last one)."""
     B, S = len(rows), max(len(r) for r in rows)
     x = torch.zeros((B, S), dtype=torch.long)
     for b, r in enumerate(rows):
         x[b, :len(r)] = torch.tensor(r)
     x = x.to(device)
-    P = prefix_len
-    starts = torch.tensor(row_prefix if row_prefix is not None else [P] * B, device=device)
+    starts = torch.tensor(starts if starts is not None else [P] * B, device=device)
+    mids = torch.tensor(mids if mids is not None else [0] * B, device=device)
     steps = torch.arange(S, device=device)
-    # (B, S); a padding slot past the context takes the last position (its output is never read)
-    pos = (starts[:, None] + steps[None, :]).clamp(max=model.args.max_seq_len - 1)
-    caches, mask = None, None
+    pos = (starts[:, None] + mids[:, None] + steps[None, :]).clamp(max=model.args.max_seq_len - 1)
+    n_kv = model.layers[0].attention.n_kv_heads
+    hd = model.args.dim // model.args.n_heads
+    dtype = model.tok_embeddings.weight.dtype
+    caches = [(torch.empty(B, n_kv, P + M + S, hd, device=device, dtype=dtype),
+               torch.empty(B, n_kv, P + M + S, hd, device=device, dtype=dtype)) for _ in model.layers]
+    mask = None  # no context: causal
     if kv is not None:
-        caches = []
-        for k, v in kv:  # every row gets its own copy of the prefix keys and values, then writes its suffix
-            ck = torch.empty((B, k.shape[1], P + S, k.shape[3]), device=device, dtype=k.dtype)
-            cv = torch.empty_like(ck)
-            ck[:, :, :P], cv[:, :, :P] = k, v
-            caches.append((ck, cv))
-        cols = torch.arange(P + S, device=device)
-        # (B, 1, S, P + S): the row's own part of the prefix, then its suffix causally
-        mask = ((cols[None, None, :] < starts[:, None, None]) |
-                ((cols[None, None, :] >= P) & (cols[None, None, :] - P <= steps[None, :, None])))[:, None]
-    h = model._forward_positions(x, pos, mask, caches, P, head=False)
+        for (ck, cv), (k, v) in zip(caches, kv):  # every row gets its own copy of the context, then its keys
+            ck[:, :, :P + M], cv[:, :, :P + M] = k, v
+        c = torch.arange(P + M + S, device=device)[None, None, :]
+        b_start, b_mid, t = starts[:, None, None], mids[:, None, None], steps[None, :, None]
+        mask = ((c < b_start) | ((c >= P) & (c < P + b_mid)) | ((c >= P + M) & (c - P - M <= t)))[:, None]
+    return model._forward_positions(x, pos, mask, caches, P + M, head=False), caches
+
+
+def logprobs_at(model, h, targets):
+    """log P(token) from hidden states h (B, S, D) at (b, t, token) triples: a list of floats (fp32)."""
     where = sorted({(b, t) for b, t, _ in targets})
     index = {bt: i for i, bt in enumerate(where)}
     hs = h[torch.tensor([b for b, _ in where]), torch.tensor([t for _, t in where])]
@@ -73,6 +62,24 @@ def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None, row_pref
     rows_i = torch.tensor([index[(b, t)] for b, t, _ in targets], device=logp.device)
     tok_i = torch.tensor([tok for _, _, tok in targets], device=logp.device)
     return logp[rows_i, tok_i].tolist()
+
+
+@torch.inference_mode()
+def prefix_kv(model, prefix, device):
+    """The keys and values of a prefix (list of ids, batch 1): per layer (k, v), each (1, n_kv_heads, P, hd)."""
+    return forward_rows(model, [prefix], device)[1]
+
+
+@torch.inference_mode()
+def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None, row_prefix=None):
+    """log P(token | everything before it) for chosen (row, position, token) triples of a batch.
+
+    rows: B lists of token ids; with kv (prefix_kv of a prefix of prefix_len tokens) each row continues the
+    first row_prefix[b] tokens of that prefix (default all: forward_rows). targets: (b, t, token) triples, the
+    log-probability that rows[b][t] is followed by `token`. Returns a list of floats in the order of targets
+    (nats, fp32 log-softmax of the logits)."""
+    h, _ = forward_rows(model, rows, device, kv, prefix_len, row_prefix)
+    return logprobs_at(model, h, targets)
 
 
 def prefix_groups(units, use_prefix_cache):
@@ -104,36 +111,83 @@ def progress(desc, total, unit):
 
 
 def score_batches(model, units, batch_size, device, use_prefix_cache=True, on_batch=None):
-    """Run scoring units through token_logprobs, batch_size rows at a time. A unit is a dict with "prefix"
-    (ids), "rows" (lists of ids continuing it) and "targets" ((row, t, token) triples, row indexing the
-    unit's rows); its "logprobs" are filled in. Units sharing a prefix of at least MIN_PREFIX tokens run
-    against one KV cache of it (use_prefix_cache, see prefix_groups); others send prefix + row whole.
-    on_batch(n_units) is called after each batch (a progress bar)."""
+    """Fill in the "logprobs" of scoring units, batch_size prompts (rows) at a time.
+
+    A unit: "prefix" (ids), optional "shared" (ids every row of the unit starts with: the question, when the
+    rows are its options), "rows" (lists of ids) and "targets": (row, t, token) triples, t indexing
+    shared + row. Its logprobs come out in the order of its targets.
+    With use_prefix_cache, units whose prefix has at least MIN_PREFIX tokens run against one KV cache of it
+    (prefix_groups), and a unit's shared part is computed once and cached for its rows; without, every row is
+    sent whole (prefix + shared + row), the plain way. on_batch(n_rows) is called after each batch."""
     for prefix, group in prefix_groups(units, use_prefix_cache).items():
         if not group:
             continue
         kv = prefix_kv(model, list(prefix), device) if prefix else None
-        group.sort(key=lambda u: max(len(r) for r in u["rows"]) + (0 if prefix else len(u["prefix"])))
-        i = 0
-        while i < len(group):
-            batch, n_rows = [], 0
-            while i < len(group) and (not batch or n_rows + len(group[i]["rows"]) <= batch_size):
-                batch.append(group[i])
-                n_rows += len(group[i]["rows"])
-                i += 1
-            rows, targets, spans, row_prefix = [], [], [], []
-            for u in batch:
-                lead = [] if prefix else u["prefix"]
-                base = len(rows)
-                rows += [lead + r for r in u["rows"]]
-                row_prefix += [len(u["prefix"]) if prefix else 0] * len(u["rows"])
-                spans.append(len(targets))
-                targets += [(base + r, len(lead) + t, tok) for r, t, tok in u["targets"]]
-            out = token_logprobs(model, rows, targets, device, len(prefix), kv, row_prefix)
-            for u, s in zip(batch, spans):
-                u["logprobs"] = out[s:s + len(u["targets"])]
+        P = len(prefix)
+        plain = [u for u in group if not (use_prefix_cache and u.get("shared"))]
+        two_level = [u for u in group if use_prefix_cache and u.get("shared")]
+        rows = []  # (unit, ids, [(t, token, index of the unit's target)], prefix read)
+        for u in plain:
+            u["logprobs"] = [None] * len(u["targets"])
+            lead = ([] if prefix else u["prefix"]) + u.get("shared", [])
+            for r, row in enumerate(u["rows"]):
+                tg = [(len(lead) - len(u.get("shared", [])) + t, tok, i)
+                      for i, (rr, t, tok) in enumerate(u["targets"]) if rr == r]
+                rows.append((u, lead + row, tg, P and len(u["prefix"])))
+        rows.sort(key=lambda x: len(x[1]))  # similar lengths together: less padding
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            targets = [(b, t, tok) for b, (_, _, tg, _) in enumerate(chunk) for t, tok, _ in tg]
+            out = iter(token_logprobs(model, [ids for _, ids, _, _ in chunk], targets, device, P, kv,
+                                      [p for *_, p in chunk]))
+            for u, _, tg, _ in chunk:
+                for _, _, idx in tg:
+                    u["logprobs"][idx] = next(out)
             if on_batch:
-                on_batch(len(batch))
+                on_batch(len(chunk))
+        two_level.sort(key=lambda u: len(u["shared"]))
+        i = 0
+        while i < len(two_level):  # as many units as have batch_size rows between them (at least one)
+            chunk, n = [], 0
+            while i < len(two_level) and (not chunk or n + len(two_level[i]["rows"]) <= batch_size):
+                chunk.append(two_level[i])
+                n += len(two_level[i]["rows"])
+                i += 1
+            score_shared(model, chunk, device, kv, P)
+            if on_batch:
+                on_batch(n)
+
+
+def score_shared(model, units, device, kv, P):
+    """Two-level scoring of units with a shared part: the shared parts go through the model once (a batch
+    of them, reading the prefix cache kv of P tokens), then every unit's rows read its shared part's keys and
+    values. A target right after the shared part (an option's first token) is read from the first pass."""
+    lead = [[] if kv is not None else u["prefix"] for u in units]
+    starts = [len(u["prefix"]) if kv is not None else 0 for u in units]
+    shared = [ld + u["shared"] for ld, u in zip(lead, units)]
+    h1, caches = forward_rows(model, shared, device, kv, P, starts)
+    M = max(len(s) for s in shared)
+    first, later = [], []  # targets of the first pass (b, t, tok) and of the second (row, t, tok)
+    row_units, row_mid = [], []
+    for b, (u, ld) in enumerate(zip(units, lead)):
+        u["logprobs"] = [None] * len(u["targets"])
+        base = len(row_units)
+        row_units += [b] * len(u["rows"])
+        row_mid += [len(shared[b])] * len(u["rows"])
+        for i, (r, t, tok) in enumerate(u["targets"]):
+            if t < len(u["shared"]):
+                first.append((b, len(ld) + t, tok, u, i))
+            else:
+                later.append((base + r, t - len(u["shared"]), tok, u, i))
+    for (_, _, _, u, i), lp in zip(first, logprobs_at(model, h1, [(b, t, tok) for b, t, tok, _, _ in first])):
+        u["logprobs"][i] = lp
+    if later:
+        pick = torch.tensor(row_units, device=device)
+        kv2 = [(k[:, :, :P + M].index_select(0, pick), v[:, :, :P + M].index_select(0, pick)) for k, v in caches]
+        rows = [u["rows"][r] for u in units for r in range(len(u["rows"]))]
+        h2, _ = forward_rows(model, rows, device, kv2, P, [starts[b] for b in row_units], M, row_mid)
+        for (_, _, _, u, i), lp in zip(later, logprobs_at(model, h2, [(b, t, tok) for b, t, tok, _, _ in later])):
+            u["logprobs"][i] = lp
 
 
 # ---- multiple choice ------------------------------------------------------------------------------------
@@ -141,7 +195,7 @@ def score_batches(model, units, batch_size, device, use_prefix_cache=True, on_ba
 def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
     """The scoring units of every question (see score_batches) and the prompt statistics.
     "letter": one row, the prompt; targets: the first token of A, B, C, D after the cue.
-    "option": four rows, the cloze prompt (no options listed) followed by each option's text; targets: the
+    "option": the cloze prompt (no options listed) shared by four rows, each option's text; targets: the
               option's tokens.
     Prompts that do not fit drop shots, then keep their last tokens (evals.mc.fit_prompt); for "option"
     the room of the longest option is kept free. Returns (units, stats) with stats[scoring] = counts of
@@ -171,7 +225,7 @@ def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
                     u["targets"] = [(0, len(suffix) - 1, L) for L in letters]
                 else:
                     opts_fit = [o[:room] for o in opts]
-                    u["rows"] = [suffix + o for o in opts_fit]
+                    u["shared"], u["rows"] = suffix, opts_fit  # the question once, then its four options
                     u["targets"] = [(j, len(suffix) - 1 + i, o[i]) for j, o in enumerate(opts_fit)
                                     for i in range(len(o))]
                     u["n_chars"] = [len(o) if len(f) == len(ids) else len(tok.decode(f))  # a cut option: its part
@@ -197,11 +251,11 @@ def mc_choice(unit):
 def score_mc(model, tok, exam, names, chat, k_shot, scorings, batch_size, device, autocast_ctx=nullcontext(),
              use_prefix_cache=True, desc=None):
     """Score every question of exam (evals.mc.load_exam) by each scoring ("letter", "option"); batch_size counts
-    rows (a question is one row by letter, four by option); desc: the progress bar's label (None = no bar).
+    prompts (rows: a question is one by letter, four by option); desc: the progress bar's label (None = no bar).
     Returns (correct, predictions, stats): correct[scoring][subject] = [bool per question]; predictions: one
     dict per (question, scoring) with the chosen letter and the scores."""
     units, stats = mc_units(tok, exam, names, chat, k_shot, model.args.max_seq_len, scorings)
-    bar = progress(desc, len(units), "prompt")
+    bar = progress(desc, sum(len(u["rows"]) for u in units), "prompt")
     with autocast_ctx:
         score_batches(model, units, batch_size, device, use_prefix_cache, bar.update if bar else None)
     if bar:

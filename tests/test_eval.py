@@ -184,6 +184,26 @@ def test_prefix_cache_gives_the_logprobs_of_the_whole_prompt(tok):
     assert cached[:4] == pytest.approx([logits[len(prefix) + t, 20 + t].item() for t in range(4)], abs=1e-4)
 
 
+def test_cached_scoring_equals_sending_every_prompt_whole(tok, tmp_path):
+    # long shots, a context that keeps 1 to 3 of them: the subject's cache, read in part by prompts with fewer
+    # shots, and the question cached once for its four options must give the plain path's numbers
+    d = tmp_path / "e"
+    write_csv(d / "val" / "s_val.csv", [(i, q * (1 + i % 3), *o, a) for i, (q, o, a) in enumerate(QUESTIONS)])
+    write_csv(d / "dev" / "s_dev.csv", [(i, "样例" + "床前明月光" * 3 + str(i), "甲", "乙", "丙", "丁", "A")
+                                        for i in range(3)])
+    exam = load_exam(str(d), "val", k_shot=3)
+    model = tiny_model(tok, seed=5, max_seq_len=150)
+    for chat in (False, True):
+        runs = [score_mc(model, tok, exam, {}, chat, 3, ["letter", "option"], bs, "cpu", use_prefix_cache=cache)
+                for bs, cache in ((1, False), (3, True), (8, True))]
+        shots = {p["shots"] for p in runs[0][1]}
+        assert len(shots) > 1  # some prompts kept fewer shots than others
+        for _, preds, _ in runs[1:]:
+            for a, b in zip(runs[0][1], preds):
+                assert (a["prediction"], a["shots"]) == (b["prediction"], b["shots"])
+                assert a["scores"] == pytest.approx(b["scores"], abs=2e-4)
+
+
 def test_prompts_with_fewer_shots_share_their_subjects_prefix_cache():
     from evals.scoring import prefix_groups
     full, other = list(range(100)), list(range(200, 260))
