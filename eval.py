@@ -255,6 +255,15 @@ def chat_interactive(model, tok, device, autocast_ctx):
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
+def kept(path, items, errors, none_left):
+    """The items read from path, after printing what was skipped; none at all is an error naming the file."""
+    if errors.count:
+        print(errors.report())
+    if not items:
+        raise SystemExit(f"{path}: {none_left} ({errors.count} lines skipped)")
+    return items
+
+
 def read_questions(path):
     """The questions of a .txt file (one per line) or a .jsonl file ({"question", optional "system",
     "reference", "kind"}). Lines that are not UTF-8, not JSON, or have no "question" string are skipped, counted
@@ -269,11 +278,7 @@ def read_questions(path):
                 errors.add(path, line, "no question", 'want {"question": "..."}')
     else:
         items = [{"question": d["text"]} for d in read_txt(path, path, errors)]
-    if errors.count:
-        print(errors.report())
-    if not items:
-        raise SystemExit(f"{path}: no question to answer ({errors.count} lines skipped)")
-    return items
+    return kept(path, items, errors, "no question to answer")
 
 
 def generate_replies(model, tok, prompts, device, autocast_ctx, desc):
@@ -358,11 +363,7 @@ def read_gen_items(path):
                                                     '...] alternating, ending with a user turn')
         else:
             items.append(dict(rec, line=line))
-    if errors.count:
-        print(errors.report())
-    if not items:
-        raise SystemExit(f"{path}: nothing to generate for ({errors.count} lines skipped)")
-    return items
+    return kept(path, items, errors, "nothing to generate for")
 
 
 def run_gen(model, tok, items, chat, device, autocast_ctx):
