@@ -37,6 +37,8 @@ class ModelArgs:
         every attention and feed-forward branch; active in train mode only.
     tie_embeddings: the output layer shares tok_embeddings' (V, D) weight.
     rope_theta: RoPE base; head dims i and i + head_dim/2 rotate by pos * rope_theta ** (-2i / head_dim) radians.
+    hidden_dim: the SwiGLU hidden width itself, overriding multiple_of and ffn_dim_multiplier (None = computed;
+        set when a model comes from elsewhere, e.g. export.py --import_from, with a width the rule cannot give).
     """
     dim: int = 288
     n_layers: int = 6
@@ -50,6 +52,7 @@ class ModelArgs:
     dropout: float = 0.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    hidden_dim: Optional[int] = None
 
 
 def ffn_hidden_dim(args):
@@ -57,6 +60,8 @@ def ffn_hidden_dim(args):
     if set, rounded up to a multiple of multiple_of (768 for the defaults); LlamaConfig's intermediate_size."""
     # Llama 2: 2/3 of 4*dim (so SwiGLU's three matrices cost what a 4*dim GELU MLP's two do), optionally
     # scaled, rounded up to multiple_of for efficient kernels.
+    if args.hidden_dim is not None:
+        return args.hidden_dim
     hidden = int(2 * 4 * args.dim / 3)
     if args.ffn_dim_multiplier is not None:
         hidden = int(args.ffn_dim_multiplier * hidden)
@@ -629,24 +634,42 @@ def hf_config_dict(args: ModelArgs):
                 mlp_bias=False, head_dim=args.dim // args.n_heads)
 
 
+HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}
+HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+          "output.weight": "lm_head.weight"}
+
+
 def to_hf_state_dict(model: Transformer):
     """Our weights under LlamaForCausalLM's names. RoPE is already rotate-half, so no permutation."""
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
     sd = {}
     for k, v in model.state_dict().items():
         if k.startswith("layers."):
             _, i, rest = k.split(".", 2)
             module, param = rest.rsplit(".", 1)
-            k = f"model.layers.{i}.{names[module]}.{param}"
-        elif k == "tok_embeddings.weight":
-            k = "model.embed_tokens.weight"
-        elif k == "norm.weight":
-            k = "model.norm.weight"
-        elif k == "output.weight":
-            k = "lm_head.weight"
+            k = f"model.layers.{i}.{HF_NAMES[module]}.{param}"
+        else:
+            k = HF_TOP[k]
         sd[k] = v.detach().clone()
     return sd
+
+
+def from_hf_state_dict(sd):
+    """The inverse of to_hf_state_dict: LlamaForCausalLM's names -> ours (tensors not copied). Raises KeyError
+    naming a tensor we have no place for."""
+    back = {v: k for k, v in HF_NAMES.items()}
+    top = {v: k for k, v in HF_TOP.items()}
+    out = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+            continue
+        parts = k.split(".")  # model.layers.{i}.{self_attn|mlp|..}.{name}.weight
+        module = ".".join(parts[3:-1])
+        if parts[:2] != ["model", "layers"] or module not in back:
+            raise KeyError(f"tensor {k!r} has no place in this Llama 2 (a bias, or another architecture?)")
+        out[f"layers.{parts[2]}.{back[module]}.{parts[-1]}"] = v
+    return out

@@ -1,0 +1,220 @@
+"""
+Take a model out of this project as a Hugging Face folder, or bring a Hugging Face Llama folder in.
+
+    python export.py --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/hf                 # fp32
+    python export.py --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/hf_bf16 --dtype=bfloat16
+    python export.py --import_from=path/to/llama_folder --out_dir=out/imported             # -> out/imported/ckpt.pt
+
+The folder (any checkpoint this project writes: pretrained, SFT, DPO; LoRA adapters merged first) holds
+  config.json             LlamaConfig of the same network (model.hf_config_dict), architectures LlamaForCausalLM
+  model.safetensors       the weights under LlamaForCausalLM's names, in --dtype (float32, bfloat16, float16);
+                          a tied output layer is stored once, as the embedding
+  generation_config.json  eos and <|end|> as stop tokens, eval.py's sampling defaults
+  tokenizer.model         our sentencepiece model, as trained
+  tokenizer.json          the fast tokenizer transformers builds from it (loading then needs neither
+                          sentencepiece nor protobuf)
+  tokenizer_config.json   the special tokens and the chat template in Jinja, so that
+                          apply_chat_template(messages, add_generation_prompt=True) gives the ids of
+                          tokenizer/chat_template.encode_prompt
+and loads offline: AutoModelForCausalLM.from_pretrained(dir), AutoTokenizer.from_pretrained(dir). The export
+checks that the folder's tokenizer encodes a probe text to our ids before it puts the folder in place.
+
+Two differences from our Tokenizer, both in text that contains what our wrapper escapes: Hugging Face's tokenizer
+reads a literal "<|user|>" (or any chat marker) in the text as the control token, where ours encodes the
+characters, and a literal "▁" as a space. Keep user text free of the markers (a server should) if the ids must
+agree.
+
+Import: config.json + model.safetensors (or sharded *.safetensors with an index) + tokenizer.model of a
+LlamaForCausalLM becomes out_dir/ckpt.pt and out_dir/tokenizer.model, which eval.py reads and sft.py / dpo.py
+start from (--init_ckpt). What this Llama 2 cannot represent is refused with the field named: biases, RoPE
+scaling, another activation or head_dim, a tokenizer that is not a sentencepiece model that round-trips text
+(tokenizer/tokenizer.py's promise).
+"""
+import json
+import os
+import shutil
+
+import torch
+
+import checkpoint as ck
+from configurator import run_main
+from model import ModelArgs, Transformer, ffn_hidden_dim, from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from tokenizer import SPECIAL_TOKENS, Tokenizer
+
+# -----------------------------------------------------------------------------------------------------------
+ckpt_path = "out/pretrain/ckpt.pt"  # export: the checkpoint (full or LoRA)
+out_dir = "out/hf"  # export: the Hugging Face folder; import: where ckpt.pt and tokenizer.model go
+format = "hf"  # export format: 'hf'
+dtype = "float32"  # export: weights in float32, bfloat16 or float16
+import_from = ""  # a Hugging Face Llama folder to import instead of exporting
+overwrite = False  # replace an existing out_dir
+# -----------------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the chat template of tokenizer/chat_template.py in Jinja: every message, the system prompt included, is
+# <|role|>content<|end|>; the generation prompt is <|assistant|>; no bos
+CHAT_TEMPLATE = ("{%- for message in messages -%}"
+                 "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{%- endfor -%}"
+                 "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}")
+# what the export's tokenizer check encodes: Chinese, English, spaces, tabs, newlines, full-width, emoji, digits
+PROBE = "床前明月光，疑是地上霜。\n  Hello, world!\t12345 ＡＢ😀 答案：A"
+
+
+def tokenizer_config(tok, max_seq_len):
+    """tokenizer_config.json: LlamaTokenizer over our sentencepiece model, no bos/eos added, no prefix space
+    (the model was trained without sentencepiece's dummy prefix), every control token special."""
+    names = ["<unk>", "<s>", "</s>", "<pad>"] + SPECIAL_TOKENS
+    added = {str(tok.sp.piece_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                          "normalized": False, "single_word": False}
+             for t in names if tok.sp.piece_to_id(t) != tok.unk_id or t == "<unk>"}
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
+            "add_prefix_space": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "pad_token": "<pad>", "added_tokens_decoder": added, "model_max_length": max_seq_len,
+            "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
+
+
+def write_tokenizer(tok, folder, max_seq_len):
+    """tokenizer.model, tokenizer_config.json, then tokenizer.json and special_tokens_map.json as transformers
+    writes them after converting the sentencepiece model. Raises ValueError when the result does not encode
+    PROBE to our ids."""
+    from transformers import AutoTokenizer
+    shutil.copyfile(tok.model_path, os.path.join(folder, "tokenizer.model"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config(tok, max_seq_len), f, ensure_ascii=False, indent=1)
+    hf_tok = AutoTokenizer.from_pretrained(folder)  # converts tokenizer.model (needs sentencepiece + protobuf)
+    hf_tok.save_pretrained(folder)
+    again = AutoTokenizer.from_pretrained(folder)
+    if again.encode(PROBE, add_special_tokens=False) != tok.encode(PROBE):
+        raise ValueError(f"{tok.model_path}: the Hugging Face tokenizer built from it encodes text differently "
+                         f"from ours; not exporting a model that would read other ids")
+
+
+def generation_config(tok, max_seq_len):
+    """generation_config.json: stop on eos and on end-of-turn; eval.py's sampling defaults."""
+    from transformers import GenerationConfig
+    stops = [i for i in (tok.eos_id, tok.end_id) if i is not None]
+    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=stops, pad_token_id=tok.pad_id, do_sample=True,
+                            temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, max_length=max_seq_len)
+
+
+def export_hf(model, tok, folder, dtype_name="float32"):
+    """Write the Hugging Face folder of model (a Transformer) and tok (our Tokenizer) into folder (created;
+    what is there is replaced). See the module docstring for the files."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+    args = model.args
+    os.makedirs(folder, exist_ok=True)
+    cfg = LlamaConfig(**hf_config_dict(args), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                      pad_token_id=tok.pad_id, architectures=["LlamaForCausalLM"], dtype=dtype_name)
+    cfg.save_pretrained(folder)
+    sd = to_hf_state_dict(model)
+    if args.tie_embeddings:
+        del sd["lm_head.weight"]  # the same tensor as the embedding; transformers ties it back on load
+    sd = {k: v.to(DTYPES[dtype_name]).contiguous() for k, v in sd.items()}
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(os.path.join(folder, "model.safetensors"), 0o644)  # readable like the other files
+    generation_config(tok, args.max_seq_len).save_pretrained(folder)
+    write_tokenizer(tok, folder, args.max_seq_len)
+
+
+def read_hf_config(folder):
+    """ModelArgs kwargs from a Hugging Face Llama config.json. Raises ValueError naming the field this Llama 2
+    cannot represent."""
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        c = json.load(f)
+    if c.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type {c.get('model_type')!r}, only 'llama' (LlamaForCausalLM) is imported")
+    for field in ("attention_bias", "mlp_bias"):
+        if c.get(field):
+            raise ValueError(f"{path}: {field}=true; this Llama 2 has no biases")
+    if c.get("rope_scaling") not in (None, {}) and (c["rope_scaling"] or {}).get("rope_type", "default") != "default":
+        raise ValueError(f"{path}: rope_scaling={c['rope_scaling']!r}; only plain RoPE (rope_theta) is supported")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act={c['hidden_act']!r}; this Llama 2 uses SwiGLU (silu)")
+    dim, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim") not in (None, dim // heads):
+        raise ValueError(f"{path}: head_dim={c['head_dim']}, not hidden_size / num_attention_heads = {dim // heads}")
+    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    args = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
+                n_kv_heads=c.get("num_key_value_heads") or heads, vocab_size=c["vocab_size"],
+                norm_eps=c.get("rms_norm_eps", 1e-6), max_seq_len=c.get("max_position_embeddings", 2048),
+                tie_embeddings=bool(c.get("tie_word_embeddings", False)), rope_theta=float(theta))
+    if ffn_hidden_dim(ModelArgs(**args)) != c["intermediate_size"]:
+        args["hidden_dim"] = c["intermediate_size"]
+    return args
+
+
+def read_hf_weights(folder):
+    """The tensors of model.safetensors, or of every shard named by model.safetensors.index.json."""
+    from safetensors.torch import load_file
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    sd = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise ValueError(f"{folder}: no {name} (want safetensors weights; .bin pickles are not read)")
+        sd.update(load_file(path))
+    return sd
+
+
+def import_hf(folder, out):
+    """A Hugging Face Llama folder -> (Transformer in fp32, Tokenizer copied into out). Raises ValueError naming
+    what cannot be represented."""
+    args = read_hf_config(folder)
+    src_tok = os.path.join(folder, "tokenizer.model")
+    if not os.path.exists(src_tok):
+        raise ValueError(f"{folder}: no tokenizer.model; the tokenizer must be a sentencepiece model (a "
+                         f"tokenizer.json-only BPE or tiktoken tokenizer cannot be represented)")
+    os.makedirs(out, exist_ok=True)
+    tok_path = os.path.join(out, "tokenizer.model")
+    shutil.copyfile(src_tok, tok_path)
+    tok = Tokenizer(tok_path)  # raises ValueError for a model that does not round-trip text
+    if tok.vocab_size != args["vocab_size"]:
+        raise ValueError(f"{folder}: vocab_size {args['vocab_size']} in config.json, {tok.vocab_size} pieces in "
+                         f"tokenizer.model")
+    sd = from_hf_state_dict(read_hf_weights(folder))
+    if args["tie_embeddings"]:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    model = Transformer(ModelArgs(**args))
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return model, tok
+
+
+def main():
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise SystemExit(f"{out_dir} exists and is not empty: pass --overwrite=True or another --out_dir")
+    if import_from:
+        model, tok = import_hf(import_from, out_dir)
+        path = os.path.join(out_dir, "ckpt.pt")
+        ck.save_merged(path, model, iter_num=0, config={"import_from": os.path.abspath(import_from)},
+                       tokenizer=tok.model_path, tokenizer_sha256=tok.sha256())
+        print(f"{import_from} -> {path} ({model.num_params() / 1e6:.2f}M parameters) and {tok.model_path}")
+        return
+    if format != "hf":
+        raise SystemExit(f"format must be 'hf', not {format!r}")
+    if dtype not in DTYPES:
+        raise SystemExit(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    model, ckpt = ck.load_model(ckpt_path, "cpu")  # LoRA adapters come back merged
+    tok = Tokenizer(ckpt.get("tokenizer") or "")
+    if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:
+        raise SystemExit(f"{tok.model_path} is not the tokenizer {ckpt_path} was trained with (sha256 differs)")
+    tmp = out_dir.rstrip("/") + f".tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        export_hf(model, tok, tmp, dtype)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)  # the whole folder appears at once
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{ckpt_path} -> {out_dir} (LlamaForCausalLM, {dtype}; {model.num_params() / 1e6:.2f}M parameters)")
+
+
+if __name__ == "__main__":
+    run_main(globals(), main)
