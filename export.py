@@ -4,6 +4,7 @@ Take a model out of this project as a Hugging Face folder, or bring a Hugging Fa
     python export.py --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/hf                 # fp32
     python export.py --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/hf_bf16 --dtype=bfloat16
     python export.py --import_from=path/to/llama_folder --out_dir=out/imported             # -> out/imported/ckpt.pt
+    python export.py --format=gguf --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/gguf --dtype=q8_0
 
 The folder (any checkpoint this project writes: pretrained, SFT, DPO; LoRA adapters merged first) holds
   config.json             LlamaConfig of the same network (model.hf_config_dict), architectures LlamaForCausalLM
@@ -23,6 +24,15 @@ Two differences from our Tokenizer, both in text that contains what our wrapper 
 reads a literal "<|user|>" (or any chat marker) in the text as the control token, where ours encodes the
 characters, and a literal "▁" as a space. Keep user text free of the markers (a server should) if the ids must
 agree.
+
+GGUF (--format=gguf; --dtype float32, float16 or q8_0): one file, <out_dir>/model-<dtype>.gguf, for llama.cpp,
+llama-cpp-python and Ollama, written with the `gguf` package llama.cpp publishes: the "llama" architecture's
+hyperparameters, the tokenizer (sentencepiece pieces, scores and types; no bos, eos or space prefix added, as
+our model was trained), the chat template, and the tensors under llama.cpp's names. llama.cpp's "llama" RoPE
+rotates interleaved pairs of a head's dimensions where ours (Hugging Face's layout) rotates its two halves
+against each other, so the rows of wq and wk are reordered per head (gguf_rope_rows); attention scores do not
+change. Norm weights stay float32; q8_0 (blocks of 32 weights, one fp16 scale each) applies to matrices whose
+rows are a multiple of 32 long, the others stay float32.
 
 Import: config.json + model.safetensors (or sharded *.safetensors with an index) + tokenizer.model of a
 LlamaForCausalLM becomes out_dir/ckpt.pt and out_dir/tokenizer.model, which eval.py reads and sft.py / dpo.py
@@ -44,8 +54,8 @@ from tokenizer import SPECIAL_TOKENS, Tokenizer
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"  # export: the checkpoint (full or LoRA)
 out_dir = "out/hf"  # export: the Hugging Face folder; import: where ckpt.pt and tokenizer.model go
-format = "hf"  # export format: 'hf'
-dtype = "float32"  # export: weights in float32, bfloat16 or float16
+format = "hf"  # export format: 'hf' (a Hugging Face folder) or 'gguf' (a llama.cpp file)
+dtype = "float32"  # export: weights in float32, bfloat16 or float16 (hf); float32, float16 or q8_0 (gguf)
 import_from = ""  # a Hugging Face Llama folder to import instead of exporting
 overwrite = False  # replace an existing out_dir
 # -----------------------------------------------------------------------------------------------------------
@@ -118,6 +128,104 @@ def export_hf(model, tok, folder, dtype_name="float32"):
     write_tokenizer(tok, folder, args.max_seq_len)
 
 
+GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+              "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+GGUF_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+            "output.weight": "output.weight"}
+GGUF_DTYPES = ("float32", "float16", "q8_0")
+
+
+def gguf_name(name):
+    """llama.cpp's name of one of our tensors (layers.3.attention.wq.weight -> blk.3.attn_q.weight)."""
+    if name in GGUF_TOP:
+        return GGUF_TOP[name]
+    _, i, rest = name.split(".", 2)
+    module, param = rest.rsplit(".", 1)
+    return f"blk.{i}.{GGUF_NAMES[module]}.{param}"
+
+
+def gguf_rope_rows(w, n_heads):
+    """wq or wk (n_heads * hd, D) with each head's rows reordered from the rotate-half layout (row i pairs with
+    row i + hd/2) to the interleaved one llama.cpp's "llama" RoPE reads (row 2i pairs with row 2i + 1): new row
+    2i = old row i, new row 2i + 1 = old row hd/2 + i. The same reordering of queries and keys leaves every
+    q . k unchanged."""
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_token_type(tok, i):
+    import gguf
+    sp = tok.sp
+    if sp.is_unknown(i):
+        return gguf.TokenType.UNKNOWN
+    if sp.is_control(i):
+        return gguf.TokenType.CONTROL
+    if sp.is_byte(i):
+        return gguf.TokenType.BYTE
+    if sp.is_unused(i):
+        return gguf.TokenType.UNUSED
+    return gguf.TokenType.NORMAL
+
+
+def export_gguf(model, tok, path, dtype_name="float32"):
+    """Write model (a Transformer) and tok as one GGUF file at path, tensors in dtype_name (GGUF_DTYPES)."""
+    import gguf
+    import numpy as np
+    args = model.args
+    n_kv = args.n_kv_heads or args.n_heads
+    kinds = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_name(os.path.splitext(os.path.basename(path))[0])
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(ffn_hidden_dim(args))
+    w.add_rope_dimension_count(args.dim // args.n_heads)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_vocab_size(args.vocab_size)
+    w.add_file_type(kinds[dtype_name])
+    w.add_tokenizer_model("llama")  # sentencepiece
+    w.add_tokenizer_pre("default")
+    w.add_token_list([tok.sp.id_to_piece(i) for i in range(tok.vocab_size)])
+    w.add_token_scores([tok.sp.get_score(i) for i in range(tok.vocab_size)])
+    w.add_token_types([gguf_token_type(tok, i) for i in range(tok.vocab_size)])
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_unk_token_id(tok.unk_id)
+    w.add_pad_token_id(tok.pad_id)
+    if tok.end_id is not None:
+        w.add_eot_token_id(tok.end_id)  # end of turn: chat generation stops on it
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)  # trained without sentencepiece's dummy prefix
+    w.add_chat_template(CHAT_TEMPLATE)
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and args.tie_embeddings:
+            continue  # llama.cpp reads token_embd when there is no output tensor
+        t = t.detach().float()
+        if name.endswith("attention.wq.weight"):
+            t = gguf_rope_rows(t, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = gguf_rope_rows(t, n_kv)
+        a = t.numpy()
+        if a.ndim == 1 or dtype_name == "float32" or (dtype_name == "q8_0" and a.shape[-1] % 32):
+            w.add_tensor(gguf_name(name), a.astype(np.float32))
+        elif dtype_name == "float16":
+            w.add_tensor(gguf_name(name), a.astype(np.float16))
+        else:
+            q = gguf.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gguf_name(name), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def read_hf_config(folder):
     """ModelArgs kwargs from a Hugging Face Llama config.json. Raises ValueError naming the field this Llama 2
     cannot represent."""
@@ -188,8 +296,9 @@ def import_hf(folder, out):
 
 
 def main():
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise SystemExit(f"{out_dir} exists and is not empty: pass --overwrite=True or another --out_dir")
+    target = os.path.join(out_dir, f"model-{dtype}.gguf") if format == "gguf" and not import_from else out_dir
+    if os.path.exists(target) and (os.path.isfile(target) or os.listdir(target)) and not overwrite:
+        raise SystemExit(f"{target} exists: pass --overwrite=True or another --out_dir")
     if import_from:
         model, tok = import_hf(import_from, out_dir)
         path = os.path.join(out_dir, "ckpt.pt")
@@ -197,14 +306,22 @@ def main():
                        tokenizer=tok.model_path, tokenizer_sha256=tok.sha256())
         print(f"{import_from} -> {path} ({model.num_params() / 1e6:.2f}M parameters) and {tok.model_path}")
         return
-    if format != "hf":
-        raise SystemExit(f"format must be 'hf', not {format!r}")
-    if dtype not in DTYPES:
-        raise SystemExit(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if format not in ("hf", "gguf"):
+        raise SystemExit(f"format must be 'hf' or 'gguf', not {format!r}")
+    allowed = DTYPES if format == "hf" else GGUF_DTYPES
+    if dtype not in allowed:
+        raise SystemExit(f"dtype must be one of {', '.join(allowed)} for {format}, not {dtype!r}")
     model, ckpt = ck.load_model(ckpt_path, "cpu")  # LoRA adapters come back merged
     tok = Tokenizer(ckpt.get("tokenizer") or "")
     if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:
         raise SystemExit(f"{tok.model_path} is not the tokenizer {ckpt_path} was trained with (sha256 differs)")
+    if format == "gguf":
+        from clean_data.atomic import atomic_path
+        path = target
+        with atomic_path(path) as tmp_file:
+            export_gguf(model, tok, tmp_file, dtype)
+        print(f"{ckpt_path} -> {path} (llama.cpp GGUF, {dtype}; {os.path.getsize(path) / 2**20:.1f} MiB)")
+        return
     tmp = out_dir.rstrip("/") + f".tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -3,6 +3,7 @@ chat-template ids; import of a Hugging Face Llama folder; export then import is 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,92 @@ def test_import_refuses_a_tokenizer_that_is_not_sentencepiece(tok, tmp_path):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
     p = run_script("export.py", f"--import_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'out2'}", check=False)
     assert p.returncode == 1 and "no tokenizer.model" in p.stderr
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------------------------
+
+def read_gguf(path):
+    gguf = pytest.importorskip("gguf")
+    r = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in r.tensors:
+        a = gguf.dequantize(t.data, t.tensor_type) if t.tensor_type == gguf.GGMLQuantizationType.Q8_0 else t.data
+        tensors[t.name] = (torch.from_numpy(np.array(a, dtype=np.float32)), t.tensor_type)
+    return tensors, {k: f.contents() for k, f in r.fields.items()}
+
+
+def ours_in_gguf_layout(model):
+    """Our tensors under llama.cpp's names, wq/wk rows in the interleaved RoPE layout: computed here from the
+    rule (row 2i <- row i, row 2i + 1 <- row hd/2 + i of each head), not with export.gguf_rope_rows."""
+    from export import gguf_name
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and model.args.tie_embeddings:
+            continue
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = model.args.n_heads if "wq" in name else (model.args.n_kv_heads or model.args.n_heads)
+            hd = t.shape[0] // heads
+            order = [h * hd + (i // 2 if i % 2 == 0 else hd // 2 + i // 2) for h in range(heads) for i in range(hd)]
+            t = t[order]
+        out[gguf_name(name)] = t.float()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "q8_0"])
+def test_gguf_file_holds_our_tensors_tokenizer_and_template(tok, tmp_path, dtype):
+    from export import CHAT_TEMPLATE, export_gguf
+    model = random_model(tok, dim=64, n_kv_heads=2, tie_embeddings=False)
+    export_gguf(model, tok, str(tmp_path / "m.gguf"), dtype)
+    tensors, fields = read_gguf(tmp_path / "m.gguf")
+    want = ours_in_gguf_layout(model)
+    assert tensors.keys() == want.keys()
+    for name, w in want.items():
+        got, kind = tensors[name]
+        got = got.reshape(w.shape)
+        if dtype == "float32" or w.dim() == 1:
+            assert torch.equal(got, w), name
+        else:  # q8_0: blocks of 32, x ~ q * d with d = max|x| / 127 stored in fp16 (relative error <= 2^-11):
+            # |error| <= d / 2 (rounding q) + 127 * d * 2^-11 (the scale's own rounding) = 0.562 d
+            blocks = w.reshape(-1, 32)
+            bound = blocks.abs().amax(1, keepdim=True) / 127 * (0.5 + 127 * 2 ** -11) + 1e-7
+            assert ((got.reshape(-1, 32) - blocks).abs() <= bound).all(), name
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.feed_forward_length"] == ffn(model)
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.tokens"] == [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
+            fields["tokenizer.ggml.padding_token_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert fields["tokenizer.ggml.eot_token_id"] == tok.end_id and fields["tokenizer.ggml.add_space_prefix"] is False
+    assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE
+
+
+def ffn(model):
+    from model import ffn_hidden_dim
+    return ffn_hidden_dim(model.args)
+
+
+def test_interleaved_rope_on_reordered_rows_gives_our_attention_scores(tok):
+    # llama.cpp's "llama" RoPE, written here from its definition: dims (2i, 2i + 1) of a head rotate by
+    # pos * theta^(-2i / hd). Applied to the reordered wq/wk it must give our queries . keys at every position.
+    from export import gguf_rope_rows
+    from model import apply_rope
+    model = random_model(tok, dim=64, n_kv_heads=4)
+    att = model.layers[0].attention
+    H, hd, T = 4, 16, 7
+    x = torch.randn(T, 64)
+    q, k = x @ att.wq.weight.T, x @ att.wk.weight.T
+    ours = [apply_rope(v.view(1, T, H, hd).transpose(1, 2), model.rope_cos[:T], model.rope_sin[:T]) for v in (q, k)]
+    scores = ours[0] @ ours[1].transpose(-1, -2)
+    pos = torch.arange(T, dtype=torch.float64)[:, None]
+    angle = pos * model.args.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (T, hd/2)
+    cos, sin = angle.cos().float(), angle.sin().float()
+
+    def interleaved(v):
+        v = v.view(T, H, hd // 2, 2)
+        a, b = v[..., 0], v[..., 1]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.stack([a * c - b * s, a * s + b * c], -1).view(T, H, hd).transpose(0, 1)
+
+    qg = interleaved(x @ gguf_rope_rows(att.wq.weight, H).T)
+    kg = interleaved(x @ gguf_rope_rows(att.wk.weight, H).T)
+    assert torch.allclose(qg @ kg.transpose(-1, -2), scores[0], atol=1e-4)
