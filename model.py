@@ -330,6 +330,24 @@ class Transformer(nn.Module):
         return self._stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
                             use_cache, generator)
 
+    def generate_batch_stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                              repetition_penalty=1.0, stop_ids=None, prompt_lens=None, generator=None):
+        """generate() step by step, for a server that streams every row of a batch: an iterator that yields,
+        once per step, (the B new token ids, which rows were still running at this step) as lists; a row stops
+        running after it emits a token in stop_ids (later tokens of that row are to be ignored), and the
+        iterator ends when every row has stopped or after max_new_tokens steps. Arguments as in generate; the
+        ValueError for an invalid one is raised at the call."""
+        check_generation_args(max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p,
+                              repetition_penalty)
+        return self._batch_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+                                  prompt_lens, generator)
+
+    @torch.inference_mode()
+    def _batch_stream(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+                      prompt_lens, generator):
+        yield from self._generate_steps(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                        stop_ids, True, prompt_lens, generator)
+
     @torch.inference_mode()
     def _stream(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids, use_cache,
                 generator):

@@ -232,3 +232,28 @@ def test_interleaved_rope_on_reordered_rows_gives_our_attention_scores(tok):
     qg = interleaved(x @ gguf_rope_rows(att.wq.weight, H).T)
     kg = interleaved(x @ gguf_rope_rows(att.wk.weight, H).T)
     assert torch.allclose(qg @ kg.transpose(-1, -2), scores[0], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_llama_cpp_continues_our_gguf_as_we_do(tok, tmp_path):
+    """A real llama.cpp (llama-cpp-python compiles it at install: pip install llama-cpp-python) reads the f32
+    and q8_0 files and its greedy continuation equals ours (f32) / starts as ours does (q8_0)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp "
+                                                         "from source: pip install llama-cpp-python)")
+    from export import export_gguf
+    model = random_model(tok, dim=64, n_kv_heads=2, tie_embeddings=False, max_seq_len=64)
+    prompt = [tok.eos_id] + tok.encode("床前明月光，疑是地上霜。")
+    ours = model.generate(torch.tensor([prompt]), 16, temperature=0.0)[0]
+    # q8_0 rounds weights (and llama.cpp its activations) to 8 bits: a random model's near-ties part ways after a
+    # few tokens (the trained demo model's 32 greedy tokens matched on 3 prompts: see the README)
+    for dtype, n_equal in (("float32", 16), ("q8_0", 2)):
+        path = tmp_path / f"m-{dtype}.gguf"
+        export_gguf(model, tok, str(path), dtype)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
+        assert llm.tokenize("床前明月光，疑是地上霜。".encode(), add_bos=False, special=False) == prompt[1:]
+        theirs = []
+        for t in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            theirs.append(t)
+            if len(theirs) == 16:
+                break
+        assert theirs[:n_equal] == ours[:n_equal], dtype
