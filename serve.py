@@ -87,7 +87,6 @@ class Engine:
         self.model, self.tok, self.device, self.autocast_ctx = model, tok, device, autocast_ctx
         self.stop_ids = stop_ids(tok)
         self.waiting = queue.Queue(maxsize=max_queue)
-        self.lock = threading.Lock()  # guards taking a batch from the waiting queue
         self.stats = {"batches": 0, "rows": 0}
         threading.Thread(target=self.work, daemon=True).start()
 
@@ -373,6 +372,11 @@ def create_app(engine, name):
             return error(APIError(401, "missing or wrong API key", "invalid_api_key", "authentication_error"))
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "babyllama",
                                             "context_length": context}]}
+
+    @app.get("/stats")
+    async def stats():
+        """How many batches the worker ran and how many requests they held (the mean batch size)."""
+        return dict(engine.stats)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

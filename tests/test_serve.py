@@ -1,0 +1,169 @@
+"""serve.py through real clients: the `openai` package (chat and completions, streamed and not), raw HTTP for
+every refusal, and 8 concurrent clients that each get the answer they get alone."""
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import ENV, ROOT
+from sft_fixtures import tiny_tokenizer
+from checkpoint import save_merged
+from model import ModelArgs, Transformer
+from tokenizer.chat_template import encode_prompt, stop_ids
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+KEY = "test-key"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    tok = tiny_tokenizer(d)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                                  max_seq_len=64, multiple_of=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else None
+    save_merged(str(d / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=tok.model_path,
+                tokenizer_sha256=tok.sha256())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt_path={d / 'ckpt.pt'}", f"--port={port}",
+                             f"--api_key={KEY}", "--model_name=tiny", "--max_tokens_limit=24",
+                             "--max_body_bytes=4096", "--dtype=float32"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(300):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            time.sleep(0.1)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+    yield {"port": port, "client": client, "model": model, "tok": tok}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def our_greedy(server, ids, n):
+    """What our generator answers to ids, greedy, as text up to the first stop token."""
+    tok, model = server["tok"], server["model"]
+    out = model.generate(torch.tensor([ids]), n, temperature=0.0, stop_ids=stop_ids(tok))[0]
+    return tok.decode([t for t in out if t not in stop_ids(tok)])
+
+
+def raw(server, path, body, key=KEY, method="POST"):
+    c = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    c.request(method, path, body=body if isinstance(body, (bytes, str)) else json.dumps(body), headers=headers)
+    r = c.getresponse()
+    return r.status, json.loads(r.read() or b"null")
+
+
+MSGS = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "请写一首题为《静夜思》的诗。"}]
+
+
+def test_models_lists_the_served_model(server):
+    assert [m.id for m in server["client"].models.list().data] == ["tiny"]
+
+
+def test_chat_completion_streamed_and_not_is_our_greedy_answer(server):
+    c = server["client"]
+    want = our_greedy(server, encode_prompt(server["tok"], MSGS[1:], MSGS[0]["content"]), 20)
+    r = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=20)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(encode_prompt(server["tok"], MSGS[1:], MSGS[0]["content"]))
+    assert r.usage.completion_tokens <= 20 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=20, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completion_streamed_and_not_and_stop_strings(server):
+    c, tok = server["client"], server["tok"]
+    want = our_greedy(server, [tok.eos_id] + tok.encode("床前明月光，"), 16)
+    r = c.completions.create(model="tiny", prompt="床前明月光，", temperature=0, max_tokens=16)
+    assert r.choices[0].text == want
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="床前明月光，", temperature=0, max_tokens=16, stream=True))
+    assert streamed == want
+    stop = want[3:5]  # a stop string inside the answer: the text ends right before it
+    r = c.completions.create(model="tiny", prompt="床前明月光，", temperature=0, max_tokens=16, stop=[stop])
+    assert r.choices[0].text == want[:want.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_repeats(server):
+    c = server["client"]
+    a, b = (c.chat.completions.create(model="tiny", messages=MSGS, temperature=1.0, top_p=0.9, seed=7,
+                                      max_tokens=12).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+@pytest.mark.parametrize("body,key,status,code", [
+    (b"{not json", KEY, 400, "invalid_json"),
+    ({"model": "gpt-4", "messages": MSGS}, KEY, 404, "model_not_found"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "床前明月光" * 40}]}, KEY, 400,
+     "context_length_exceeded"),
+    ({"model": "tiny", "messages": MSGS, "max_tokens": 25}, KEY, 400, "max_tokens_too_large"),
+    ({"model": "tiny", "messages": MSGS}, "wrong", 401, "invalid_api_key"),
+    ({"model": "tiny", "messages": MSGS}, None, 401, "invalid_api_key"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 5000}]}, KEY, 413, "body_too_large"),
+    ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, KEY, 400, "invalid_messages"),
+    ({"model": "tiny", "messages": MSGS, "temperature": "hot"}, KEY, 400, "invalid_temperature"),
+])
+def test_bad_requests_get_a_clear_4xx(server, body, key, status, code):
+    got, answer = raw(server, "/v1/chat/completions", body, key)
+    assert got == status and answer["error"]["code"] == code and answer["error"]["message"]
+
+
+def test_eight_concurrent_clients_each_get_their_own_greedy_answer(server):
+    c = server["client"]
+    prompts = [f"请写一首题为《{t}》的诗。" for t in "春夏秋冬山水风月"]
+    alone = [c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], temperature=0,
+                                       max_tokens=16).choices[0].message.content for p in prompts]
+    together = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def ask(i):
+        barrier.wait()
+        stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[i]}],
+                                           temperature=0, max_tokens=16, stream=True)
+        together[i] = "".join(ch.choices[0].delta.content or "" for ch in stream)
+
+    before = raw(server, "/stats", None, method="GET")[1]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    after = raw(server, "/stats", None, method="GET")[1]
+    assert together == alone and len(set(alone)) > 1  # different prompts, different answers, none mixed
+    assert after["rows"] - before["rows"] == 8 and after["batches"] - before["batches"] < 8  # some were batched
+
+
+def test_the_chat_page_is_served(server):
+    c = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=10)
+    c.request("GET", "/")
+    r = c.getresponse()
+    page = r.read().decode()
+    assert r.status == 200 and "/v1/chat/completions" in page
+    assert "<script src" not in page and "<link" not in page  # nothing fetched from elsewhere
