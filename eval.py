@@ -48,6 +48,7 @@ from evals import report, text_metrics
 from evals.contamination import find_contamination, flagged
 from evals.mc import MCError, category_table, guess_benchmark, load_exam, load_subjects, subject_table, summarize
 from evals.scoring import bits_per_character, score_mc, sequence_loss
+from model import model_bytes, quantize_int8
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
 import train_utils as tu
@@ -70,6 +71,7 @@ val_max_tokens = 200_000  # ppl on a .bin: at most this many tokens (from the st
 batch_size = 8
 seed = 1337
 compile = False  # compile the decode step: pays off for long or many generations
+quantize = ""  # 'int8': weight-only int8 linear layers (model.quantize_int8), a quarter of their fp32 memory
 system_prompt = ""  # chat: an optional system prompt
 questions_file = ""  # chat: batch mode, questions in (.txt or .jsonl); "" = interactive
 answers_file = ""  # chat batch mode: JSONL answers out ("" = questions_file + .answers.jsonl)
@@ -545,6 +547,12 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     model, ckpt = ck.load_model(ckpt_path, device)  # any checkpoint: full, or base + LoRA adapter merged
     model.eval()
+    if quantize:
+        if quantize != "int8":
+            raise SystemExit(f"quantize must be '' or 'int8', not {quantize!r}")
+        full = model_bytes(model)
+        quantize_int8(model)
+        print(f"int8 weights: {full / 2**20:.1f} MiB -> {model_bytes(model) / 2**20:.1f} MiB")
     if compile:
         model.compile_decode()
     print(f"loaded {ckpt_path}: iteration {ckpt['iter_num']}, {model.num_params() / 1e6:.2f}M parameters")

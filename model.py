@@ -289,9 +289,12 @@ class Transformer(nn.Module):
         return self
 
     def _stacked_weights(self):
-        """Per layer ([wq; wk; wv], [w1; w3]) for generation: fewer, larger matrix-vector products."""
-        return [(torch.cat([l.attention.wq.weight, l.attention.wk.weight, l.attention.wv.weight]),
-                 torch.cat([l.feed_forward.w1.weight, l.feed_forward.w3.weight])) for l in self.layers]
+        """Per layer ([wq; wk; wv], [w1; w3]) for generation: fewer, larger matrix-vector products. (None, None)
+        for a layer whose projections are not plain nn.Linear (int8, LoRA): they run one by one."""
+        def stack(*mods):
+            return torch.cat([m.weight for m in mods]) if all(type(m) is nn.Linear for m in mods) else None
+        return [(stack(l.attention.wq, l.attention.wk, l.attention.wv), stack(l.feed_forward.w1, l.feed_forward.w3))
+                for l in self.layers]
 
     # ---- generation ----------------------------------------------------------------------------------
 
@@ -465,6 +468,52 @@ class Transformer(nn.Module):
             return None
         T = self.args.max_seq_len if seq_len is None else seq_len
         return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
+
+
+# ---- int8 weight-only quantisation (inference) ---------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer for inference whose weight (out, in) is kept as int8 with one scale per output
+    row: W ~ q * scale[:, None], scale = max|W_row| / 127, q = round(W / scale), so each weight is off by at most
+    scale / 2 and y_j = x . W_j is off by at most (scale_j / 2) * sum_i |x_i|. Weights take a quarter of fp32's
+    memory. On CPU under bf16 autocast the product runs in torch's int8 weight kernel (_weight_int8pack_mm);
+    otherwise q is converted to the input's dtype and the scale applied to the output."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("q", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x):
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
+                torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(x2, self.q, self.scale.to(torch.bfloat16))
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+def quantize_int8(model):
+    """Replace every nn.Linear of model (attention, feed-forward, output) by an Int8Linear, in place; the
+    embedding stays as it is (a tied output layer gets its own int8 copy). Returns model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear(child).to(child.weight.device))
+    return model
+
+
+def model_bytes(model):
+    """Bytes of the model's parameters and buffers (each shared tensor once): its size in memory."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def peak_flops(device=None):
