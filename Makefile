@@ -6,7 +6,7 @@ PYTHON ?= python3
 DEMO := out/demo
 TOK := $(DEMO)/tok8k.model
 
-.PHONY: install install-dev redis-server demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo poetry-bench evals report bench bench-clean bench-eval clean clean-demo
+.PHONY: install install-dev redis-server chromium demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo poetry-bench evals report bench bench-clean bench-eval bench-serve clean clean-demo
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -21,10 +21,17 @@ redis-server:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; } || \
 	  echo "redis-server not installed: the Redis test will be skipped"
 
-test: install-dev redis-server
+# the chat page is tested in Debian's headless chromium through chromedriver (no browser download by pip); without
+# apt-get the browser test says why it skips
+chromium:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { command -v apt-get >/dev/null && \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; } || \
+	  echo "chromium not installed: the browser test will be skipped"
+
+test: install-dev redis-server chromium
 	$(PYTHON) -m pytest -q tests
 
-test-fast: install-dev redis-server
+test-fast: install-dev redis-server chromium
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # ---- the demo: every stage a file target, so a re-run of make demo skips the finished stages -----------------
@@ -135,6 +142,10 @@ bench-clean: install
 # random model with a 1024-token context, so the shots fit)
 bench-eval: install
 	$(PYTHON) -m evals.bench --ckpt_path= --n_questions=200
+
+# serving: tokens/s of 1 and 8 concurrent clients and the time to the first token, through a server it starts
+bench-serve: install
+	$(PYTHON) bench_serve.py --ckpt_path=$(DEMO)/sft/ckpt.pt
 
 clean-demo:
 	rm -rf $(DEMO)

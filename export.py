@@ -43,6 +43,7 @@ scaling, another activation or head_dim, a tokenizer that is not a sentencepiece
 import json
 import os
 import shutil
+import time
 
 import torch
 
@@ -296,6 +297,7 @@ def import_hf(folder, out):
 
 
 def main():
+    t0 = time.time()
     target = os.path.join(out_dir, f"model-{dtype}.gguf") if format == "gguf" and not import_from else out_dir
     if os.path.exists(target) and (os.path.isfile(target) or os.listdir(target)) and not overwrite:
         raise SystemExit(f"{target} exists: pass --overwrite=True or another --out_dir")
@@ -304,7 +306,8 @@ def main():
         path = os.path.join(out_dir, "ckpt.pt")
         ck.save_merged(path, model, iter_num=0, config={"import_from": os.path.abspath(import_from)},
                        tokenizer=tok.model_path, tokenizer_sha256=tok.sha256())
-        print(f"{import_from} -> {path} ({model.num_params() / 1e6:.2f}M parameters) and {tok.model_path}")
+        print(f"{import_from} -> {path} ({model.num_params() / 1e6:.2f}M parameters) and {tok.model_path} in "
+              f"{time.time() - t0:.1f} s")
         return
     if format not in ("hf", "gguf"):
         raise SystemExit(f"format must be 'hf' or 'gguf', not {format!r}")
@@ -320,7 +323,8 @@ def main():
         path = target
         with atomic_path(path) as tmp_file:
             export_gguf(model, tok, tmp_file, dtype)
-        print(f"{ckpt_path} -> {path} (llama.cpp GGUF, {dtype}; {os.path.getsize(path) / 2**20:.1f} MiB)")
+        print(f"{ckpt_path} -> {path} (llama.cpp GGUF, {dtype}; {os.path.getsize(path) / 2**20:.1f} MiB) in "
+              f"{time.time() - t0:.1f} s")
         return
     tmp = out_dir.rstrip("/") + f".tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -330,7 +334,8 @@ def main():
         os.replace(tmp, out_dir)  # the whole folder appears at once
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{ckpt_path} -> {out_dir} (LlamaForCausalLM, {dtype}; {model.num_params() / 1e6:.2f}M parameters)")
+    print(f"{ckpt_path} -> {out_dir} (LlamaForCausalLM, {dtype}; {model.num_params() / 1e6:.2f}M parameters) in "
+          f"{time.time() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -167,3 +167,50 @@ def test_the_chat_page_is_served(server):
     page = r.read().decode()
     assert r.status == 200 and "/v1/chat/completions" in page
     assert "<script src" not in page and "<link" not in page  # nothing fetched from elsewhere
+
+
+def test_chat_page_in_a_real_browser_streams_two_turns(server, tmp_path):
+    """Headless Chromium (Debian's chromium + chromium-driver, through selenium) loads the page, sends a
+    message, sees the streamed reply, sends a second turn that carries the first; a screenshot goes to out/."""
+    import shutil
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("no chromium / chromedriver (Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(f"http://127.0.0.1:{server['port']}/")
+        driver.execute_script("document.getElementById('key').value = arguments[0];"
+                              "document.getElementById('temperature').value = '0';"
+                              "document.getElementById('max_tokens').value = '12';", KEY)
+        tok = server["tok"]
+        turns = ["你好", "请写一首题为《春》的诗。"]
+        history = []
+        for n, text in enumerate(turns, 1):
+            box = driver.find_element(By.ID, "input")
+            box.send_keys(text)
+            driver.find_element(By.ID, "send").click()
+            WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == n and
+                                            d.find_elements(By.CSS_SELECTOR, ".assistant")[-1].get_attribute(
+                                                "data-done") == "true")
+            history.append({"role": "user", "content": text})
+            reply = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text
+            # the page sent the whole conversation: the reply is our greedy answer to it
+            want = our_greedy(server, encode_prompt(tok, history), 12)
+            assert reply == want.strip() or reply == want
+            history.append({"role": "assistant", "content": want})
+            assert "pieces/s" in driver.find_element(By.ID, "status").text  # it streamed, and says how fast
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+        import os
+        from conftest import ROOT
+        os.makedirs(os.path.join(ROOT, "out"), exist_ok=True)
+        driver.save_screenshot(os.path.join(ROOT, "out", "serve_page.png"))
+    finally:
+        driver.quit()
