@@ -147,6 +147,23 @@ def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys, o
     return ckpt
 
 
+def init_architecture(args, changed, path):
+    """The pretraining globals of a starting checkpoint's architecture (args: its ModelArgs), for a run that
+    continues pretraining it. Raises SystemExit when the command line or a config file asked for another value
+    of one of them."""
+    arch = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads or 0,
+            "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+            "ffn_dim_multiplier": args.ffn_dim_multiplier or 0.0, "norm_eps": args.norm_eps,
+            "max_seq_len": args.max_seq_len, "tie_embeddings": args.tie_embeddings, "rope_theta": args.rope_theta}
+    if "max_seq_len" in changed:  # the context length is this run's choice: no weight depends on it
+        del arch["max_seq_len"]
+    asked = [k for k in ARCHITECTURE_KEYS if k in changed and k != "max_seq_len"]
+    if asked:
+        raise SystemExit(f"{path} decides the architecture of a run that starts from it; do not set "
+                         f"{', '.join(asked)}")
+    return arch
+
+
 def resume_config(ckpt, config, changed, keys):
     """The config of a resumed run: the settings named in keys come from the checkpoint's config (the run
     continues with the model, adapters and context it has), the others from this run (learning rate, batch

@@ -25,6 +25,8 @@ out_dir = "out/pretrain"
 train_data = "out/data/poetry/train.bin"  # comma-separated paths or globs: several corpora mix by length
 val_data = "out/data/poetry/val.bin"
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_ckpt = ""  # a new run starts from this checkpoint's weights and architecture (continued pretraining, e.g. of
+#                 a model export.py --import_from brought in); "" = random weights
 overwrite = False  # a new run (not resume) over an existing out_dir/ckpt.pt: refused unless True
 eval_interval = 200
 eval_iters = 20
@@ -73,6 +75,11 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ckpt = ck.resume(init_from, "scratch", ckpt_path, device, globals(), config_keys, changed, ck.ARCHITECTURE_KEYS,
                  overwrite)
 iter_num = ckpt["iter_num"] if ckpt else 0
+# continued pretraining: the architecture is the starting checkpoint's (asking for another one is an error)
+init_model = None
+if ckpt is None and init_ckpt:
+    init_model, init = ck.load_model(init_ckpt, "cpu")
+    globals().update(ck.init_architecture(init_model.args, changed, init_ckpt))
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -97,7 +104,16 @@ model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_h
                   norm_eps=norm_eps, max_seq_len=max_seq_len, dropout=dropout, tie_embeddings=tie_embeddings,
                   rope_theta=rope_theta)
 torch.manual_seed(seed)  # the same initial weights on every process
+if init_model is not None:
+    model_args = dict(model_args, hidden_dim=init_model.args.hidden_dim)
+    if init.get("tokenizer_sha256") and meta.get("tokenizer_sha256") and init["tokenizer_sha256"] != meta["tokenizer_sha256"]:
+        raise SystemExit(f"{init_ckpt} was trained with another tokenizer than {train_paths[0]}'s (sha256 differs)")
 model = Transformer(ModelArgs(**model_args))
+if init_model is not None:
+    model.load_state_dict(init_model.state_dict())
+    del init_model
+    if master:
+        print(f"continued pretraining from the weights of {init_ckpt}")
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
     if master:

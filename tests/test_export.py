@@ -257,3 +257,27 @@ def test_llama_cpp_continues_our_gguf_as_we_do(tok, tmp_path):
             if len(theirs) == 16:
                 break
         assert theirs[:n_equal] == ours[:n_equal], dtype
+
+
+def test_pretraining_continues_from_an_imported_model(tok, tmp_path):
+    from conftest import write_motif_bins
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=72,
+                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "src"))
+    (tmp_path / "src" / "tokenizer.model").write_bytes(open(tok.model_path, "rb").read())
+    run_script("export.py", f"--import_from={tmp_path / 'src'}", f"--out_dir={tmp_path / 'imp'}")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_motif_bins(data, tok.vocab_size, tok.vocab_size, 8, 12, 400, 600)
+    common = [f"--init_ckpt={tmp_path / 'imp' / 'ckpt.pt'}", f"--train_data={data / 'train.bin'}",
+              f"--val_data={data / 'val.bin'}", "--batch_size=2", "--gradient_accumulation_steps=1",
+              "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--learning_rate=0.0", "--min_lr=0.0",
+              "--warmup_iters=0", "--compile=False", "--dtype=float32", "--num_threads=1"]
+    run_script("pretrain.py", f"--out_dir={tmp_path / 'run'}", *common)
+    start = torch.load(tmp_path / "imp" / "ckpt.pt", weights_only=True)
+    after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert after["model_args"]["hidden_dim"] == 72 and after["model_args"]["dim"] == 32
+    assert all(torch.allclose(after["model"][k], start["model"][k]) for k in start["model"])  # lr 0: unchanged
+    p = run_script("pretrain.py", f"--out_dir={tmp_path / 'run2'}", "--dim=64", *common, check=False)
+    assert p.returncode != 0 and "decides the architecture" in p.stdout + p.stderr and "dim" in p.stdout + p.stderr
