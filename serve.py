@@ -13,7 +13,8 @@ POST /v1/completions (plain text after eos, as eval.py samples), streamed as ser
 "data: [DONE]" or not; temperature, top_p, max_tokens, stop, seed, n=1; usage token counts.
 
 Batching: one worker thread owns the model. Requests wait in a queue; the worker takes the oldest one and every
-other waiting request with the same sampling settings (up to max_batch) and decodes them together with the
+other request with the same sampling settings that is waiting or arrives within batch_wait_ms (up to max_batch)
+and decodes them together with the
 KV-cached generator (model.generate_batch_stream), each row streaming to its own client; requests that arrive
 meanwhile form the next batch. A greedy answer is the same alone or in a batch (the batched generator equals
 the unbatched one, tests/test_generate.py). A request with a seed runs in a batch of its own, so its samples
@@ -47,6 +48,7 @@ host = "127.0.0.1"
 port = 8000
 api_key = ""  # when set, every /v1 request must send "Authorization: Bearer <api_key>"
 max_batch = 8  # requests decoded together
+batch_wait_ms = 10.0  # how long a new batch waits for more requests to join it (Triton's max_queue_delay)
 max_queue = 64  # requests waiting beyond that are refused (429)
 max_tokens_limit = 0  # the largest max_tokens a request may ask for; 0 = max_seq_len // 2
 default_max_tokens = 128
@@ -98,13 +100,16 @@ class Engine:
                            "rate_limit_error") from None
 
     def take_batch(self):
-        """The oldest waiting job and the waiting jobs with its sampling settings (a seeded job goes alone)."""
+        """The oldest waiting job and the jobs with its sampling settings waiting or arriving within batch_wait_ms
+        (a seeded job goes alone; the others go back in line for the next batch)."""
         first = self.waiting.get()
         batch, others = [first], []
         if first.seed is None:
+            deadline = time.monotonic() + batch_wait_ms / 1000
             while len(batch) < max_batch:
+                left = deadline - time.monotonic()
                 try:
-                    j = self.waiting.get_nowait()
+                    j = self.waiting.get(timeout=left) if left > 0 else self.waiting.get_nowait()
                 except queue.Empty:
                     break
                 (batch if j.sampling == first.sampling and j.seed is None else others).append(j)
