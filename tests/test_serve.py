@@ -55,7 +55,7 @@ def server(tmp_path_factory):
                 raise AssertionError(proc.stdout.read())
             time.sleep(0.1)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
-    yield {"port": port, "client": client, "model": model, "tok": tok}
+    yield {"port": port, "client": client, "model": model, "tok": tok, "ckpt": d / "ckpt.pt"}
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -214,3 +214,38 @@ def test_chat_page_in_a_real_browser_streams_two_turns(server, tmp_path):
         driver.save_screenshot(os.path.join(ROOT, "out", "serve_page.png"))
     finally:
         driver.quit()
+
+
+def test_a_full_queue_is_answered_429(server):
+    """A second server that holds one request waiting: of 6 at once, some are refused with queue_full."""
+    port = free_port()
+    ckpt = server["ckpt"]
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt_path={ckpt}", f"--port={port}", "--max_queue=1",
+                             "--max_batch=1", "--batch_wait_ms=0", "--model_name=tiny", "--dtype=float32"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        other = dict(server, port=port)
+        codes, barrier = [], threading.Barrier(6)
+
+        def ask():
+            barrier.wait()
+            codes.append(raw(other, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 24,
+                                                              "temperature": 0}, key=None))
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        statuses = sorted(c for c, _ in codes)
+        assert 429 in statuses and 200 in statuses and set(statuses) == {200, 429}
+        assert all(a["error"]["code"] == "queue_full" for c, a in codes if c == 429)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
