@@ -281,3 +281,27 @@ def test_pretraining_continues_from_an_imported_model(tok, tmp_path):
     assert all(torch.allclose(after["model"][k], start["model"][k]) for k in start["model"])  # lr 0: unchanged
     p = run_script("pretrain.py", f"--out_dir={tmp_path / 'run2'}", "--dim=64", *common, check=False)
     assert p.returncode != 0 and "decides the architecture" in p.stdout + p.stderr and "dim" in p.stdout + p.stderr
+
+
+def test_a_lora_checkpoint_is_exported_merged(tok, tmp_path):
+    from checkpoint import save
+    from lora import apply_lora, lora_parameters, lora_state_dict
+    base = random_model(tok, n_kv_heads=2)
+    save_merged(str(tmp_path / "base.pt"), base, iter_num=0, config={}, tokenizer=tok.model_path,
+                tokenizer_sha256=tok.sha256())
+    adapted = random_model(tok, n_kv_heads=2)  # the same weights (same seed), then adapters that change them
+    apply_lora(adapted, rank=2, alpha=4.0, targets=("wq", "wv", "w2"))
+    with torch.no_grad():
+        for p in lora_parameters(adapted):
+            p.normal_(0, 0.3)
+    save(str(tmp_path / "lora.pt"), {"lora": lora_state_dict(adapted), "model_args": base.args.__dict__,
+                                     "lora_config": adapted.lora_config, "base_ckpt": str(tmp_path / "base.pt"),
+                                     "iter_num": 1, "config": {}, "tokenizer": tok.model_path,
+                                     "tokenizer_sha256": tok.sha256()})
+    run_script("export.py", f"--ckpt_path={tmp_path / 'lora.pt'}", f"--out_dir={tmp_path / 'hf'}")
+    hf, _ = load_hf(str(tmp_path / "hf"))
+    ids = torch.tensor([tok.encode("春眠不觉晓，处处闻啼鸟。")])
+    with torch.no_grad():
+        want = adapted(ids)[0]  # base + adapters, unmerged
+        assert (hf(ids).logits - want).abs().max().item() <= 1e-4
+        assert (base(ids)[0] - want).abs().max().item() > 1e-2  # the adapters did change the model
