@@ -1,0 +1,127 @@
+"""
+Verifiable rewards for the poetry demo's RL stage: a prompt asks for a form ("写一首五言绝句，题为《春晓》"), and
+the reply is scored by rules, no reward model. Torch-free.
+
+  parse_request(prompt)   the form asked for: characters per clause (五言 5, 七言 7), clauses (绝句 4, 律诗 8), title
+  form_score(reply, ask)  1.0 for exactly that form as the corpus writes it (two clauses a line, "，" after the
+                          first and 。？！ after the second, the right number of clauses of the right length);
+                          partial credit otherwise: the mean of (clause count right, share of clauses of the right
+                          length, share of punctuation marks right), 0 for an empty reply
+  repeat_score(reply)     1 - the share of clauses that repeat an earlier one
+  title_score(reply, ask) 1.0 when the reply names the requested title (《X》 or a first line that is X)
+  poetry_reward           the weighted sum (weights: the form, no repeats, the title), in [0, sum of weights]
+
+A poem of the right form is also well_formed_poem (chat_data/poetry.py), the rule the demo's chat scores use.
+The corpus' tone patterns (strains/) are not used yet: a level/oblique tone reward needs a character -> tone
+table built from them.
+"""
+import re
+
+from chat_data.poetry import CLAUSE_MARKS, LINE_END
+
+CHARS = {"五言": 5, "七言": 7}
+CLAUSES = {"绝句": 4, "律诗": 8}
+ASK = "写一首{chars}{kind}，题为《{title}》"
+REQUEST = re.compile(r"(五言|七言)(绝句|律诗)[^《]*《([^》]+)》")
+
+
+def make_request(title, n_chars, n_clauses):
+    """The prompt asking for a poem of n_chars characters a clause and n_clauses clauses, titled title."""
+    chars = {v: k for k, v in CHARS.items()}[n_chars]
+    kind = {v: k for k, v in CLAUSES.items()}[n_clauses]
+    return ASK.format(chars=chars, kind=kind, title=title)
+
+
+def parse_request(prompt):
+    """{"chars": 5|7, "clauses": 4|8, "title": str} from a prompt like make_request's; None when it asks for no
+    form these rules know."""
+    m = REQUEST.search(prompt)
+    if not m:
+        return None
+    return {"chars": CHARS[m.group(1)], "clauses": CLAUSES[m.group(2)], "title": m.group(3)}
+
+
+def clauses_of(reply):
+    """[(text, mark)] of the reply's body: each run of characters and the punctuation mark that ends it ("" for
+    trailing text without one). Newlines separate lines and are not clauses; a first line naming the title
+    (《X》 or X alone, without marks) is not part of the body."""
+    lines = [line.strip() for line in reply.split("\n") if line.strip()]
+    if lines and not any(c in CLAUSE_MARKS for c in lines[0]) and len(lines) > 1:
+        lines = lines[1:]  # a title line
+    body = "".join(lines)
+    return [(m.group(1), m.group(2)) for m in re.finditer(f"([^{CLAUSE_MARKS}]*)([{CLAUSE_MARKS}]|$)", body)
+            if m.group(1) or m.group(2)]
+
+
+def form_score(reply, ask):
+    """How close the reply is to the requested form, in [0, 1] (1 exactly that form)."""
+    clauses = clauses_of(reply)
+    if not clauses:
+        return 0.0
+    n = ask["clauses"]
+    count_ok = 1.0 if len(clauses) == n else 0.0
+    first = clauses[:n]
+    length_ok = sum(len(text) == ask["chars"] for text, _ in first) / n
+    marks_ok = sum((mark == "，") if k % 2 == 0 else (mark in LINE_END and mark != "")
+                   for k, (_, mark) in enumerate(first)) / n
+    return (count_ok + length_ok + marks_ok) / 3
+
+
+def repeat_score(reply):
+    """1 - the share of clauses that repeat an earlier clause (1.0 for none, or for an empty reply)."""
+    texts = [t for t, _ in clauses_of(reply) if t]
+    if not texts:
+        return 1.0
+    return 1.0 - (len(texts) - len(set(texts))) / len(texts)
+
+
+def title_score(reply, ask):
+    """1.0 when the reply names the requested title: 《X》 anywhere, or a first line that is X."""
+    first = reply.strip().split("\n")[0].strip()
+    return 1.0 if f"《{ask['title']}》" in reply or first == ask["title"] else 0.0
+
+
+def poetry_reward(prompt, reply, w_form=1.0, w_repeat=0.5, w_title=0.0):
+    """The reward of a reply to a poetry request: w_form * form + w_repeat * no-repeats + w_title * title.
+    A prompt that asks for no known form scores 0."""
+    ask = parse_request(prompt)
+    if ask is None:
+        return 0.0
+    return w_form * form_score(reply, ask) + w_repeat * repeat_score(reply) + w_title * title_score(reply, ask)
+
+
+def exact_form(prompt, reply):
+    """True when the reply is exactly the requested form (what the demo reports as "correct form")."""
+    ask = parse_request(prompt)
+    return ask is not None and form_score(reply, ask) == 1.0
+
+
+def requests_from(path, limit=0):
+    """Form requests (make_request) for the poems of a file: SFT conversations (a user turn "请写一首题为《X》的诗。"
+    answered by a poem) or the demo's held-out questions ({"kind": "poem", "question", "reference"}). The form
+    asked for is the real poem's (5 or 7 characters a clause, 4 or 8 clauses); poems of another form are left out.
+    One request per title, in file order; at most limit (0 = all). Lines that are not JSON objects are skipped."""
+    from chat_data.poetry import poem_clauses
+    from clean_data.readers import ReadErrors, iter_records
+    title_of = re.compile(r"请写一首题为《([^》]+)》的诗。")
+    out, seen = [], set()
+    for _, rec in iter_records(path, ReadErrors()):
+        if not isinstance(rec, dict):
+            continue
+        pairs = []
+        if rec.get("kind") == "poem" and isinstance(rec.get("question"), str):
+            pairs.append((rec["question"], rec.get("reference", "")))
+        msgs = rec.get("messages") or []
+        for q, a in zip(msgs, msgs[1:]):
+            if isinstance(q, dict) and isinstance(a, dict) and q.get("role") == "user" and a.get("role") == "assistant":
+                pairs.append((q.get("content", ""), a.get("content", "")))
+        for question, poem in pairs:
+            m = title_of.fullmatch(question or "")
+            clauses = poem_clauses(poem or "") if m else None
+            if not clauses or m.group(1) in seen:
+                continue
+            seen.add(m.group(1))
+            out.append(make_request(m.group(1), len(clauses[0]) - 1, len(clauses)))
+            if limit and len(out) >= limit:
+                return out
+    return out
