@@ -1,0 +1,151 @@
+"""The RL stage: rl.py's losses against hand-computed values, reply log-probs against the plain forward, the
+poetry rewards on hand-written poems (malformed ones too), and grpo.py: it optimises a toy reward, never moves
+its reference, and resumes to the weights of a straight run."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_script
+from sft_fixtures import tiny_tokenizer
+from checkpoint import save_merged
+from chat_data.poetry_rewards import (clauses_of, exact_form, form_score, make_request, parse_request,
+                                      poetry_reward, repeat_score, title_score)
+from model import ModelArgs, Transformer
+from rl import gae, group_advantages, k3_kl, policy_loss, reply_logps, value_loss
+
+
+# ---- rl.py against hand-computed values ---------------------------------------------------------------------
+
+def test_group_advantages_are_zero_mean_per_group_and_zero_for_equal_rewards():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    a = group_advantages(r, 4)
+    std = math.sqrt(((1.5 ** 2) * 2 + (0.5 ** 2) * 2) / 4)  # population std of 1, 2, 3, 4
+    assert a[:4].tolist() == pytest.approx([-1.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4),
+                                            1.5 / (std + 1e-4)])
+    assert a[4:].tolist() == [0, 0, 0, 0] and abs(float(a[:4].sum())) < 1e-6
+    assert group_advantages(r, 4, normalize=False)[:4].tolist() == [-1.5, -0.5, 0.5, 1.5]  # Dr. GRPO
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([math.log(0.5), math.log(0.2)]), torch.tensor([math.log(0.25), math.log(0.2)])
+    # q = log(0.25 / 0.5) = -log 2: e^q - q - 1 = 0.5 + log 2 - 1; equal distributions give 0
+    assert k3_kl(logp, ref).tolist() == pytest.approx([0.5 + math.log(2) - 1, 0.0])
+
+
+def test_clipped_objective_by_hand():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 0.5]]))  # ratios 1.5, 0.5, 0.5 (old log-probs 0)
+    mask = torch.ones(1, 3)
+    # token 1: A = 2, min(1.5*2, 1.2*2) = 2.4; token 2: A = 2, min(0.5*2, 0.8*2) = 1.0; token 3: A = -1,
+    # min(-0.5, -0.8) = -0.8. Loss = -(2.4 + 1.0 - 0.8) = -2.6; the first two ratios lie outside [0.8, 1.2]
+    adv = torch.tensor([[2.0, 2.0, -1.0]])
+    loss, st = policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    assert float(loss) == pytest.approx(-2.6) and st["clipped"] == 3 and st["tokens"] == 3
+    # sequence aggregation: the reply's token mean; a masked token counts nowhere
+    loss, _ = policy_loss(logp, old, adv, torch.tensor([[1.0, 1.0, 0.0]]), clip_eps=0.2, aggregation="sequence")
+    assert float(loss) == pytest.approx(-(2.4 + 1.0) / 2)
+    # the KL penalty adds beta * k3 per token
+    ref = logp - 0.1
+    loss, st = policy_loss(logp, old, adv, mask, 0.2, beta=0.5, ref_logp=ref)
+    assert float(loss) == pytest.approx(-2.6 + 0.5 * 3 * (math.exp(-0.1) + 0.1 - 1))
+
+
+def test_gae_and_value_loss_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the 4th step is padding: its value must not leak in
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.9)
+    # delta2 = 1 - 0.7 = 0.3; A2 = 0.3; delta1 = 0.7 - 0.6 = 0.1, A1 = 0.1 + 0.9 * 0.3 = 0.37;
+    # delta0 = 0.6 - 0.5 = 0.1, A0 = 0.1 + 0.9 * 0.37 = 0.433
+    assert adv[0].tolist() == pytest.approx([0.433, 0.37, 0.3, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.933, 0.97, 1.0, 0.0])
+    # value loss: V = 1.0 from old 0.5 with returns 0.2: max((0.8)^2, (0.7 - 0.2)^2) / 2 = 0.32
+    assert float(value_loss(torch.tensor([[1.0]]), torch.tensor([[0.5]]), torch.tensor([[0.2]]),
+                            torch.tensor([[1.0]]), clip=0.2)) == pytest.approx(0.32)
+
+
+def test_reply_logps_are_the_forward_pass_log_probs_of_the_reply_tokens():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=32, multiple_of=16)).eval()
+    prompts, replies = [[1, 5, 6], [1, 7]], [[8, 9], [10, 11, 12]]
+    logp, mask, ent = reply_logps(m, prompts, replies, 0, "cpu", with_entropy=True)
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    for b, (p, r) in enumerate(zip(prompts, replies)):
+        full = m(torch.tensor([p + r]))[0][0].log_softmax(-1)
+        want = [full[len(p) - 1 + i, t].item() for i, t in enumerate(r)]
+        assert logp[b, :len(r)].tolist() == pytest.approx(want, abs=1e-5)
+        assert float(ent[b, 0]) == pytest.approx(float(-(full[len(p) - 1].exp() * full[len(p) - 1]).sum().detach()), abs=1e-5)
+
+
+# ---- the poetry rewards -------------------------------------------------------------------------------------------
+
+JING_YE_SI = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
+
+
+def test_poetry_rewards_on_hand_written_poems():
+    ask = make_request("静夜思", 5, 4)
+    assert ask == "写一首五言绝句，题为《静夜思》" and parse_request(ask) == {"chars": 5, "clauses": 4, "title": "静夜思"}
+    spec = parse_request(ask)
+    assert form_score(JING_YE_SI, spec) == 1.0 and exact_form(ask, JING_YE_SI)
+    assert form_score("静夜思\n" + JING_YE_SI, spec) == 1.0 and title_score("静夜思\n" + JING_YE_SI, spec) == 1.0
+    assert title_score(JING_YE_SI, spec) == 0.0
+    # a 七言 request for a 五言 poem: count right, lengths wrong, marks right -> (1 + 0 + 1) / 3
+    assert form_score(JING_YE_SI, parse_request(make_request("静夜思", 7, 4))) == pytest.approx(2 / 3)
+    # a 律诗 request: 4 of 8 clauses, all of the right length among them, marks right -> (0 + 4/8 + 4/8) / 3
+    assert form_score(JING_YE_SI, parse_request(make_request("静夜思", 5, 8))) == pytest.approx(1 / 3)
+    # malformed: no punctuation at all, one clause of 10 characters -> lengths 0, marks 0, count 0
+    assert form_score("床前明月光疑是地上霜", spec) == 0.0 and form_score("", spec) == 0.0
+    # wrong marks: every clause ends with "，" -> the 2nd and 4th marks are wrong: (1 + 1 + 2/4) / 3
+    assert form_score("床前明月光，疑是地上霜，举头望明月，低头思故乡，", spec) == pytest.approx(2.5 / 3)
+    repeated = "床前明月光，疑是地上霜。\n床前明月光，疑是地上霜。"
+    assert repeat_score(repeated) == 0.5 and repeat_score(JING_YE_SI) == 1.0
+    assert poetry_reward(ask, repeated) == pytest.approx(1.0 + 0.5 * 0.5)
+    assert poetry_reward("写一首诗", JING_YE_SI) == 0.0  # no form asked for: nothing to verify
+    assert clauses_of("a，b。c") == [("a", "，"), ("b", "。"), ("c", "")]
+
+
+# ---- grpo.py ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo")
+    tok = tiny_tokenizer(d)
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=48,
+                              multiple_of=16))
+    save_merged(str(d / "sft.pt"), m, iter_num=0, config={}, tokenizer=tok.model_path, tokenizer_sha256=tok.sha256())
+    poems = [JING_YE_SI, "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。", "春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。"]
+    with open(d / "q.jsonl", "w", encoding="utf-8") as f:
+        for i, p in enumerate(poems * 3):
+            f.write(json.dumps({"kind": "poem", "question": f"请写一首题为《诗{i}》的诗。", "reference": p},
+                               ensure_ascii=False) + "\n")
+    args = [f"--init_ckpt={d / 'sft.pt'}", f"--train_prompts={d / 'q.jsonl'}", f"--val_prompts={d / 'q.jsonl'}",
+            "--reward=char:月", "--max_new_tokens=8", "--group_size=8", "--prompts_per_iter=2", "--minibatch_size=16",
+            "--learning_rate=1e-2", "--min_lr=1e-2", "--warmup_iters=0", "--beta=0.0", "--bench_rollout=False",
+            "--dtype=float32", "--num_threads=1"]
+    return d, args
+
+
+def test_grpo_teaches_a_tiny_model_the_rewarded_token_and_keeps_its_reference(tiny_run):
+    d, args = tiny_run
+    run_script("grpo.py", *args, f"--out_dir={d / 'learn'}", "--max_iters=20", "--eval_interval=20")
+    s = json.loads((d / "learn" / "summary.json").read_text())
+    before, after = s["held_out"]["before"]["reward"], s["held_out"]["after"]["reward"]
+    assert after - before >= 0.3  # the share of "月" in the greedy replies
+    assert s["ref_unchanged"] is True
+    start = torch.load(d / "sft.pt", weights_only=True)["model"]
+    end = torch.load(d / "learn" / "ckpt.pt", weights_only=True)["model"]
+    assert any(not torch.equal(start[k], end[k]) for k in start)  # the policy did move
+
+
+def test_grpo_resume_equals_a_straight_run(tiny_run):
+    d, args = tiny_run
+    common = [*args, "--eval_interval=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--beta=0.1"]
+    run_script("grpo.py", *common, f"--out_dir={d / 'straight'}", "--max_iters=4")
+    run_script("grpo.py", *common, f"--out_dir={d / 'halves'}", "--max_iters=2")
+    run_script("grpo.py", *common, f"--out_dir={d / 'halves'}", "--max_iters=4", "--init_from=resume")
+    a = torch.load(d / "straight" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(d / "halves" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
