@@ -155,21 +155,24 @@ def evaluate(net):
             "length": sum(len(o) for o in out) / len(out)}, replies
 
 
-def bench_group():
+def bench_group(repeats=3):
     """Tokens/s of one prompt's G replies generated as one batch against G one-at-a-time generations (same
-    prompt, same sampling, same run)."""
+    prompt, same sampling, same run; after a warm-up, the median of `repeats` timings of each)."""
+    import statistics
     p = prompt_ids(train_requests[0])
     raw_model.eval()
-    timings = {}
-    for name, groups in (("one at a time", [1] * group_size), ("one batch", [group_size])):
-        t0, n = time.perf_counter(), 0
-        with run.autocast:
-            for k, g in enumerate(groups):
-                n += sum(len(r) for r in rollout(raw_model, [p], g, max_new_tokens, [], device, temperature,
-                                                 top_p, sampler(10_000 + k)))
-        timings[name] = n / (time.perf_counter() - t0)
+    timings = {"one at a time": [], "one batch": []}
+    with run.autocast:
+        rollout(raw_model, [p], group_size, max_new_tokens, [], device, temperature, top_p, sampler(9_999))
+        for r in range(repeats):
+            for name, groups in (("one at a time", [1] * group_size), ("one batch", [group_size])):
+                t0, n = time.perf_counter(), 0
+                for k, g in enumerate(groups):
+                    n += sum(len(x) for x in rollout(raw_model, [p], g, max_new_tokens, [], device, temperature,
+                                                     top_p, sampler(10_000 + 100 * r + k)))
+                timings[name].append(n / (time.perf_counter() - t0))
     raw_model.train()
-    return timings
+    return {name: statistics.median(v) for name, v in timings.items()}
 
 
 # ---- training loop ----------------------------------------------------------------------------------------

@@ -15,8 +15,11 @@ reply's tokens (its closing stop token included) and 0 on padding.
                     ("sequence", the GRPO paper's 1/|o|); the caller divides by the global token or reply count
   gae               generalised advantage estimation (Schulman et al. 2016) over per-token rewards and values
   value_loss        PPO's clipped value loss, summed over tokens
+  RewardModel       a Transformer whose last real token's final hidden state goes through one linear layer to a
+                    scalar (Ouyang et al. 2022); bt_loss, its pairwise Bradley-Terry loss (optional margin)
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -134,3 +137,64 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
     """PPO's clipped value loss summed over masked tokens: 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     return 0.5 * (torch.max((values - returns) ** 2, (clipped - returns) ** 2) * mask).sum()
+
+
+# ---- the reward model ---------------------------------------------------------------------------------------
+
+class RewardModel(nn.Module):
+    """A scalar reward for a whole sequence: body (a Transformer, usually the SFT model) reads prompt + reply; the
+    final normalised hidden state at the sequence's last real token goes through head (dim -> 1). Padding is on
+    the right and never read: the result does not depend on how much of it there is."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.args.dim, 1)
+        nn.init.normal_(self.head.weight, std=1 / (body.args.dim + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def args(self):
+        return self.body.args
+
+    def forward(self, seqs, device):
+        """seqs: B lists of token ids -> rewards (B,) float32."""
+        B, L = len(seqs), max(len(s) for s in seqs)
+        x = torch.zeros((B, L), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            x[b, :len(s)] = torch.tensor(s)
+        x = x.to(device)
+        pos = torch.arange(L, device=device).expand(B, L)
+        h = self.body._forward_positions(x, pos, None, head=False)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        return self.head(h[torch.arange(B, device=device), last]).squeeze(-1).float()
+
+
+def bt_loss(r_chosen, r_rejected, margin=0.0):
+    """Bradley-Terry pairwise loss per pair: -log sigmoid(r_chosen - r_rejected - margin)."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin)
+
+
+def load_reward_model(path, device="cpu"):
+    """A RewardModel saved by reward_model.py (its "model": body.* and head.* weights; "model_args": the body's)."""
+    from checkpoint import load
+    from model import ModelArgs, Transformer
+    ckpt = load(path, "cpu")
+    if not any(k.startswith("head.") for k in ckpt.get("model", {})):
+        raise ValueError(f"{path} is not a reward model checkpoint (no head.* weights): train one with reward_model.py")
+    rm = RewardModel(Transformer(ModelArgs(**ckpt["model_args"])))
+    rm.load_state_dict(ckpt["model"])
+    return rm.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def score_conversations(rm, tok, conversations, device, batch_size=16):
+    """Rewards (list of floats) of conversations {"messages": [...ending with an assistant turn], "system"},
+    batched; the sequences are the chat template's ids (tokenizer/chat_template.encode_conversation), cut to the
+    model's context from the left."""
+    from tokenizer.chat_template import encode_conversation
+    seqs = [encode_conversation(tok, c["messages"], c.get("system"))[0][-rm.args.max_seq_len:] for c in conversations]
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        out += rm(seqs[i:i + batch_size], device).tolist()
+    return out

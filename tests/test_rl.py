@@ -149,3 +149,56 @@ def test_grpo_resume_equals_a_straight_run(tiny_run):
     a = torch.load(d / "straight" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(d / "halves" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the reward model ---------------------------------------------------------------------------------------------
+
+def test_bradley_terry_loss_and_accuracy_on_a_hand_made_batch():
+    from rl import bt_loss
+    rc, rr = torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 3.0])
+    # -log sigmoid(d) = log(1 + e^-d): d = 1, -1, 0
+    assert bt_loss(rc, rr).tolist() == pytest.approx([math.log(1 + math.exp(-1)), math.log(1 + math.exp(1)),
+                                                      math.log(2)])
+    assert bt_loss(rc, rr, margin=0.5).tolist() == pytest.approx([math.log(1 + math.exp(-0.5)),
+                                                                  math.log(1 + math.exp(1.5)), math.log(1 + math.exp(0.5))])
+    assert (rc > rr).float().mean().item() == pytest.approx(1 / 3)  # a tie is not a win
+
+
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding():
+    from rl import RewardModel
+    torch.manual_seed(0)
+    rm = RewardModel(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=32,
+                                           multiple_of=16))).eval()
+    short, long = [1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15]
+    with torch.no_grad():
+        alone = rm([short], "cpu")
+        padded = rm([short, long], "cpu")
+        h = rm.body._forward_positions(torch.tensor([short]), torch.arange(4)[None], None, head=False)
+        by_hand = rm.head(h[0, -1]).item()
+    assert padded[0].item() == pytest.approx(alone[0].item(), abs=1e-5) == pytest.approx(by_hand, abs=1e-5)
+    assert padded[1].item() != pytest.approx(padded[0].item(), abs=1e-3)
+
+
+def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path):
+    d, _ = tiny_run
+    rows = []
+    for i in range(40):  # chosen replies say "明月", rejected ones "黄河": a pattern a tiny model can learn
+        rows.append({"conversations": [{"from": "human", "value": f"请写一首题为《诗{i}》的诗。"}],
+                     "chosen": {"from": "gpt", "value": "床前明月光" if i % 2 else "举头望明月"},
+                     "rejected": {"from": "gpt", "value": "黄河入海流" if i % 2 else "白日依山尽"}})
+    for name, part in (("train", rows[:32]), ("val", rows[32:])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(part, ensure_ascii=False), encoding="utf-8")
+    run_script("reward_model.py", f"--init_ckpt={d / 'sft.pt'}", f"--train_data={tmp_path / 'train.json'}",
+               f"--val_data={tmp_path / 'val.json'}", f"--out_dir={tmp_path / 'rm'}", "--max_iters=30",
+               "--eval_interval=30", "--batch_size=8", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=0",
+               "--dtype=float32", "--num_threads=1")
+    s = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert s["held_out"]["after"]["accuracy"] == 1.0 and s["held_out"]["after"]["margin"] > 1.0
+    from rl import load_reward_model, score_conversations
+    rm, ckpt = load_reward_model(str(tmp_path / "rm" / "ckpt.pt"))
+    from tokenizer import Tokenizer
+    tok = Tokenizer(ckpt["tokenizer"])
+    good, bad = score_conversations(rm, tok, [
+        {"messages": [{"role": "user", "content": "请写一首题为《春》的诗。"}, {"role": "assistant", "content": m}]}
+        for m in ("床前明月光", "黄河入海流")], "cpu")
+    assert good > bad
