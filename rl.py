@@ -169,6 +169,23 @@ class RewardModel(nn.Module):
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
         return self.head(h[torch.arange(B, device=device), last]).squeeze(-1).float()
 
+    def values(self, prompts, replies, device):
+        """PPO's value of every reply token's state: (B, T) float32, column t = the head read at the position
+        just before reply token t (the prompt's last token for t = 0), T = the longest reply."""
+        seqs = [p + r[:-1] for p, r in zip(prompts, replies)]
+        B, L = len(seqs), max(len(s) for s in seqs)
+        x = torch.zeros((B, L), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            x[b, :len(s)] = torch.tensor(s)
+        x = x.to(device)
+        h = self.body._forward_positions(x, torch.arange(L, device=device).expand(B, L), None, head=False)
+        v = self.head(h).squeeze(-1).float()
+        T = max(len(r) for r in replies)
+        out = torch.zeros((B, T), device=v.device)
+        for b, (p, r) in enumerate(zip(prompts, replies)):
+            out[b, :len(r)] = v[b, len(p) - 1:len(p) - 1 + len(r)]
+        return out
+
 
 def bt_loss(r_chosen, r_rejected, margin=0.0):
     """Bradley-Terry pairwise loss per pair: -log sigmoid(r_chosen - r_rejected - margin)."""

@@ -202,3 +202,21 @@ def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path):
         {"messages": [{"role": "user", "content": "请写一首题为《春》的诗。"}, {"role": "assistant", "content": m}]}
         for m in ("床前明月光", "黄河入海流")], "cpu")
     assert good > bad
+
+
+def test_ppo_teaches_a_tiny_model_the_rewarded_token(tiny_run, tmp_path):
+    import checkpoint as ck
+    from rl import RewardModel
+    d, args = tiny_run
+    body, c = ck.load_model(str(d / "sft.pt"))
+    torch.manual_seed(0)
+    ck.save(str(tmp_path / "value.pt"), {"model": RewardModel(body).state_dict(), "model_args": c["model_args"]})
+    keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size", "--beta",
+                                                 "--bench_rollout"))]
+    run_script("ppo.py", *keep, f"--value_ckpt={tmp_path / 'value.pt'}", f"--out_dir={tmp_path / 'ppo'}",
+               "--prompts_per_iter=16", "--minibatch_size=8", "--max_iters=20", "--eval_interval=20",
+               "--value_learning_rate=1e-2", "--kl_coef=0.0")
+    s = json.loads((tmp_path / "ppo" / "summary.json").read_text())
+    assert s["held_out"]["after"]["reward"] - s["held_out"]["before"]["reward"] >= 0.3
+    saved = torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=True)
+    assert any(k.startswith("head.") for k in saved["value_model"])  # the value model is saved for resume
