@@ -5,7 +5,8 @@ pairwise Bradley-Terry loss
     loss = -log sigmoid(r(prompt, chosen) - r(prompt, rejected) - margin)
 summed over the pairs of an iteration and divided by their count over all micro-steps and processes. Logged:
 loss, accuracy (share of pairs with r_chosen > r_rejected) and mean margin r_chosen - r_rejected, on training
-batches and on held-out pairs, with PNGs. Full fine-tuning (the body and the head).
+batches and on held-out pairs, with PNGs. Full fine-tuning (the body and the head) or, with lora_rank > 0, LoRA
+adapters on the body and the head (the rest frozen).
 
     python reward_model.py --init_ckpt=out/demo/sft/ckpt.pt --train_data=out/demo/dpo_data/train.jsonl \\
         --val_data=out/demo/dpo_data/val.jsonl --out_dir=out/demo/reward
@@ -56,6 +57,11 @@ dtype = "auto"
 compile = False
 num_threads = 0
 max_minutes = 0.0
+# LoRA (lora_rank = 0: full fine-tuning)
+lora_rank = 0
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = "wq,wk,wv,wo,w1,w2,w3"
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())
 
@@ -68,15 +74,17 @@ iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model: the SFT body and a scalar head ---------------------------------------------------------------------
-body, model_args, _, init = ck.finetune_model(init_ckpt, None, device, seed, max_seq_len)
+body, model_args, _, init = ck.finetune_model(init_ckpt, None, device, seed, max_seq_len, 0.0, lora_rank, lora_alpha,
+                                              lora_dropout, lora_targets)
 torch.manual_seed(seed)  # the same head on every process
 model = RewardModel(body).to(device)
 if resume_ckpt is not None:
     model.load_state_dict(resume_ckpt["model"])
 max_seq_len = model_args["max_seq_len"]
-# AdamW over every parameter (the body's decay groups as configure_optimizers makes them, plus the head)
-groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
-          {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+# AdamW over the trainable parameters (with LoRA: the adapters and the head), no decay on vectors
+trainable = [p for p in model.parameters() if p.requires_grad]
+groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+          {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2))
 if resume_ckpt is not None:
     optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -95,7 +103,8 @@ if not train_items:
     raise SystemExit(f"no usable pairs in {train_data}: {dict(train_counts)}")
 batches = PairBatches(len(train_items), batch_size, seed)
 if master:
-    print(f"reward model on {init_ckpt}: {model.body.num_params() / 1e6:.2f}M + head; train pairs "
+    print(f"reward model on {init_ckpt}: {model.body.num_params() / 1e6:.2f}M + head, trainable "
+          f"{sum(p.numel() for p in trainable):,}" + (f" (LoRA rank {lora_rank})" if lora_rank else "") + "; train pairs "
           f"{dict(train_counts)}; held-out pairs {dict(val_counts)}")
 
 

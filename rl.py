@@ -200,7 +200,14 @@ def load_reward_model(path, device="cpu"):
     if not any(k.startswith("head.") for k in ckpt.get("model", {})):
         raise ValueError(f"{path} is not a reward model checkpoint (no head.* weights): train one with reward_model.py")
     rm = RewardModel(Transformer(ModelArgs(**ckpt["model_args"])))
+    lora = any("lora_" in k for k in ckpt["model"])
+    if lora:  # a LoRA reward model: the adapters as trained, then folded into the weights
+        from lora import apply_lora, merge_lora
+        cfg = ckpt["config"]
+        apply_lora(rm.body, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["lora_targets"])
     rm.load_state_dict(ckpt["model"])
+    if lora:
+        merge_lora(rm.body)
     return rm.to(device).eval(), ckpt
 
 

@@ -179,7 +179,8 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding():
     assert padded[1].item() != pytest.approx(padded[0].item(), abs=1e-3)
 
 
-def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path, lora_rank):
     d, _ = tiny_run
     rows = []
     for i in range(40):  # chosen replies say "明月", rejected ones "黄河": a pattern a tiny model can learn
@@ -191,7 +192,7 @@ def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path):
     run_script("reward_model.py", f"--init_ckpt={d / 'sft.pt'}", f"--train_data={tmp_path / 'train.json'}",
                f"--val_data={tmp_path / 'val.json'}", f"--out_dir={tmp_path / 'rm'}", "--max_iters=30",
                "--eval_interval=30", "--batch_size=8", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=0",
-               "--dtype=float32", "--num_threads=1")
+               "--dtype=float32", "--num_threads=1", f"--lora_rank={lora_rank}")
     s = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert s["held_out"]["after"]["accuracy"] == 1.0 and s["held_out"]["after"]["margin"] > 1.0
     from rl import load_reward_model, score_conversations
