@@ -50,6 +50,8 @@ always_save_checkpoint = True
 # GRPO
 reward = "poetry"  # 'poetry' or 'char:X'
 w_form, w_repeat, w_title = 1.0, 0.5, 0.0  # the poetry reward's weights
+w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table (python -m chat_data.poetry_rewards builds it)
+tone_table = "out/demo/tones.json"
 group_size = 8  # G replies per prompt
 prompts_per_iter = 4  # per process
 max_new_tokens = 64
@@ -113,6 +115,11 @@ def checksum(net):
 ref_checksum = checksum(ref)
 
 # ---- prompts and rewards --------------------------------------------------------------------------------------
+tones = None
+if w_tone:
+    import json
+    with open(tone_table, encoding="utf-8") as f:
+        tones = json.load(f)
 train_requests = requests_from(train_prompts)
 val_requests = requests_from(val_prompts, n_val) if val_prompts else []
 if not train_requests:
@@ -129,7 +136,7 @@ def prompt_ids(request):
 
 def score(request, reply):
     if reward == "poetry":
-        return poetry_reward(request, reply, w_form, w_repeat, w_title)
+        return poetry_reward(request, reply, w_form, w_repeat, w_title, w_tone, tones)
     return reply.count(reward[5]) / max(len(reply), 1)
 
 

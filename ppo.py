@@ -42,6 +42,8 @@ reward = "model"  # 'model' (reward_ckpt's scalar) or 'poetry' (the form rules) 
 reward_ckpt = "out/demo/reward/best.pt"  # the reward model (reward_model.py)
 value_ckpt = ""  # the value model's start: a reward model checkpoint; "" = reward_ckpt
 w_form, w_repeat, w_title = 1.0, 0.5, 0.0
+w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table (python -m chat_data.poetry_rewards builds it)
+tone_table = "out/demo/tones.json"
 eval_interval = 20
 log_interval = 1
 always_save_checkpoint = True
@@ -119,6 +121,11 @@ def average_value_grads():
 stops = stop_ids(tok)
 pad_id = max(tok.pad_id, 0)
 
+tones = None
+if w_tone:
+    import json
+    with open(tone_table, encoding="utf-8") as f:
+        tones = json.load(f)
 train_requests = requests_from(train_prompts)
 val_requests = requests_from(val_prompts, n_val) if val_prompts else []
 if not train_requests:
@@ -137,7 +144,7 @@ def sequence_rewards(requests, texts):
                                                             {"role": "assistant", "content": a}]}
                                              for q, a in zip(requests, texts)], device)
     if reward == "poetry":
-        return [poetry_reward(q, a, w_form, w_repeat, w_title) for q, a in zip(requests, texts)]
+        return [poetry_reward(q, a, w_form, w_repeat, w_title, w_tone, tones) for q, a in zip(requests, texts)]
     return [a.count(reward[5]) / max(len(a), 1) for a in texts]
 
 

@@ -9,11 +9,17 @@ the reply is scored by rules, no reward model. Torch-free.
                           length, share of punctuation marks right), 0 for an empty reply
   repeat_score(reply)     1 - the share of clauses that repeat an earlier one
   title_score(reply, ask) 1.0 when the reply names the requested title (《X》 or a first line that is X)
-  poetry_reward           the weighted sum (weights: the form, no repeats, the title), in [0, sum of weights]
+  tone_score(reply, ask, table)  the level/oblique (平仄) rules a regular poem keeps, checked where the tone of
+                          the character is known: in a clause the 2nd and 4th characters differ in tone (and the
+                          4th and 6th in a 七言 clause), and the 2nd characters of a couplet's two clauses differ
+                          (对); the share of the checks that pass, 0 when none can be checked
+  build_tone_table        character -> 平 or 仄 from the corpus' own tone annotations (dist/strains: one pattern
+                          per poem line, keyed by poem id), for characters read one way >= 90% of the time
+  poetry_reward           the weighted sum (weights: the form, no repeats, the title, the tones)
 
 A poem of the right form is also well_formed_poem (chat_data/poetry.py), the rule the demo's chat scores use.
-The corpus' tone patterns (strains/) are not used yet: a level/oblique tone reward needs a character -> tone
-table built from them.
+
+    python -m chat_data.poetry_rewards --poetry=data/chinese-poetry --tone_table=out/demo/tones.json
 """
 import re
 
@@ -81,13 +87,72 @@ def title_score(reply, ask):
     return 1.0 if f"《{ask['title']}》" in reply or first == ask["title"] else 0.0
 
 
-def poetry_reward(prompt, reply, w_form=1.0, w_repeat=0.5, w_title=0.0):
-    """The reward of a reply to a poetry request: w_form * form + w_repeat * no-repeats + w_title * title.
-    A prompt that asks for no known form scores 0."""
+def tone_score(reply, ask, table):
+    """The share of the 平仄 checks the reply passes (see the module docstring); table: char -> "平" | "仄".
+    Only clauses of the requested length count, and a check with a character of unknown tone is skipped."""
+    clauses = [t for t, _ in clauses_of(reply)][:ask["clauses"]]
+    clauses = [c if len(c) == ask["chars"] else None for c in clauses]
+    passed = checked = 0
+
+    def differ(a, b):
+        nonlocal passed, checked
+        ta, tb = table.get(a), table.get(b)
+        if ta and tb:
+            checked += 1
+            passed += ta != tb
+
+    for c in clauses:
+        if c:
+            differ(c[1], c[3])
+            if len(c) == 7:
+                differ(c[3], c[5])
+    for a, b in zip(clauses[0::2], clauses[1::2]):
+        if a and b:
+            differ(a[1], b[1])
+    return passed / checked if checked else 0.0
+
+
+def build_tone_table(poetry_root, min_share=0.9):
+    """{char: "平" | "仄"} from the chinese-poetry package at poetry_root: every poem of dist/quantangshi with a
+    tone pattern in dist/strains/json (same id), line by line where the line and its pattern have one length;
+    a character enters with the tone it has in at least min_share of its occurrences."""
+    import glob
+    import json
+    import os
+    from collections import Counter
+    patterns = {}
+    for path in glob.glob(os.path.join(poetry_root, "dist", "strains", "json", "*.json")):
+        with open(path, encoding="utf-8") as f:
+            for rec in json.load(f):
+                patterns[rec["id"]] = rec["strains"]
+    counts = {}
+    for path in glob.glob(os.path.join(poetry_root, "dist", "quantangshi", "poet.*.json")):
+        with open(path, encoding="utf-8") as f:
+            for poem in json.load(f):
+                for line, pattern in zip(poem.get("paragraphs", []), patterns.get(poem.get("id"), [])):
+                    if len(line) == len(pattern):
+                        for ch, tone in zip(line, pattern):
+                            if tone in ("平", "仄"):
+                                counts.setdefault(ch, Counter())[tone] += 1
+    table = {}
+    for ch, c in counts.items():
+        tone, n = c.most_common(1)[0]
+        if n / sum(c.values()) >= min_share:
+            table[ch] = tone
+    return table
+
+
+def poetry_reward(prompt, reply, w_form=1.0, w_repeat=0.5, w_title=0.0, w_tone=0.0, tones=None):
+    """The reward of a reply to a poetry request: w_form * form + w_repeat * no-repeats + w_title * title +
+    w_tone * tones (tones: the table of build_tone_table; needed when w_tone > 0). A prompt that asks for no known
+    form scores 0."""
     ask = parse_request(prompt)
     if ask is None:
         return 0.0
-    return w_form * form_score(reply, ask) + w_repeat * repeat_score(reply) + w_title * title_score(reply, ask)
+    r = w_form * form_score(reply, ask) + w_repeat * repeat_score(reply) + w_title * title_score(reply, ask)
+    if w_tone:
+        r += w_tone * tone_score(reply, ask, tones or {})
+    return r
 
 
 def exact_form(prompt, reply):
@@ -125,3 +190,19 @@ def requests_from(path, limit=0):
             if limit and len(out) >= limit:
                 return out
     return out
+
+
+if __name__ == "__main__":
+    from configurator import run_main
+    from clean_data.atomic import write_json
+    poetry = "data/chinese-poetry"
+    tone_table = "out/demo/tones.json"
+
+    def main():
+        table = build_tone_table(poetry)
+        if not table:
+            raise ValueError(f"{poetry}: no tone patterns found (want the chinese-poetry package with dist/strains)")
+        write_json(tone_table, table)
+        print(f"{len(table):,} characters ({sum(t == '平' for t in table.values()):,} 平) -> {tone_table}")
+
+    run_main(globals(), main)

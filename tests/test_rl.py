@@ -221,3 +221,32 @@ def test_ppo_teaches_a_tiny_model_the_rewarded_token(tiny_run, tmp_path):
     assert s["held_out"]["after"]["reward"] - s["held_out"]["before"]["reward"] >= 0.3
     saved = torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=True)
     assert any(k.startswith("head.") for k in saved["value_model"])  # the value model is saved for resume
+
+
+def test_tone_rules_on_a_hand_made_table():
+    from chat_data.poetry_rewards import tone_score
+    ask = parse_request(make_request("题", 5, 4))
+    table = {"一": "平", "二": "仄", "三": "平", "四": "仄"}
+    # clause 1 "甲一乙二丙": 2nd 一 平, 4th 二 仄: differ (pass); clause 2 "丁二戊二己": 二, 二 same (fail);
+    # couplet: 一 vs 二 differ (pass). Clauses 3-4 hold no known character: no check. 2 of 3 pass
+    reply = "甲一乙二丙，丁二戊二己。\n庚辛壬癸子，丑寅卯辰巳。"
+    assert tone_score(reply, ask, table) == pytest.approx(2 / 3)
+    assert tone_score("庚辛壬癸子，丑寅卯辰巳。", ask, table) == 0.0  # nothing checkable
+    assert tone_score("甲一乙二丙丁戊，己。", ask, table) == 0.0  # a clause of the wrong length is not checked
+    seven = parse_request(make_request("题", 7, 4))
+    # 七言: 2nd/4th and 4th/6th: "甲一乙二丙三丁": 一 平 / 二 仄 pass, 二 仄 / 三 平 pass -> 2 of 2
+    assert tone_score("甲一乙二丙三丁，", seven, table) == 1.0
+
+
+def test_tone_table_keeps_characters_read_one_way(tmp_path):
+    from chat_data.poetry_rewards import build_tone_table
+    (tmp_path / "dist" / "strains" / "json").mkdir(parents=True)
+    (tmp_path / "dist" / "quantangshi").mkdir(parents=True)
+    poems, strains = [], []
+    for i in range(10):  # 甲 is 平 9 times of 10, 乙 平 5 of 10, 丙 always 仄; 丁's line has a pattern of another length
+        poems.append({"id": str(i), "paragraphs": ["甲乙丙", "丁"]})
+        strains.append({"id": str(i), "strains": ["平" + ("平" if i % 2 else "仄") + "仄" if i else "仄平仄",
+                                                  "平平"]})
+    (tmp_path / "dist" / "strains" / "json" / "a.json").write_text(json.dumps(strains, ensure_ascii=False))
+    (tmp_path / "dist" / "quantangshi" / "poet.tang.0.json").write_text(json.dumps(poems, ensure_ascii=False))
+    assert build_tone_table(str(tmp_path)) == {"甲": "平", "丙": "仄"}
