@@ -28,11 +28,12 @@ chromium:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; } || \
 	  echo "chromium not installed: the browser test will be skipped"
 
+# one test process per core (pytest-xdist): the suite's many small subprocess runs overlap
 test: install-dev redis-server chromium
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto tests
 
 test-fast: install-dev redis-server chromium
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q -n auto -m "not slow" tests
 
 # ---- the demo: every stage a file target, so a re-run of make demo skips the finished stages -----------------
 CORPUS := data/chinese-poetry/package.json
