@@ -17,9 +17,9 @@ token mean ('sequence', the paper's 1/|o|). The sampling RNG is a function of (s
 resumed run samples what an uninterrupted one would. Logged: reward mean/std, the share of replies of the exact
 form (poetry), KL, clip fraction, entropy, reply length; held-out greedy replies every eval_interval.
 
-Rewards (`reward`): 'poetry' (chat_data/poetry_rewards.py: the requested form, no repeated clauses, optionally
-the title), or 'char:X' (the share of the reply's characters that are X: a toy objective the tests use to check
-that the loop optimises).
+Rewards (`reward`, rl.reward_function): 'poetry' (chat_data/poetry_rewards.py: the requested form, no repeated
+clauses, optionally the title and the tones), 'model' (a reward model's scalar, reward_model.py), or 'char:X' (the
+share of the reply's characters that are X: a toy objective the tests use to check that the loop optimises).
 """
 import os
 import time
@@ -27,12 +27,13 @@ import time
 import torch
 
 import checkpoint as ck
-from chat_data.poetry_rewards import exact_form, poetry_reward, requests_from
+from chat_data.poetry_rewards import exact_form
 from clean_data.atomic import write_json
 from configurator import configure
 from finetune import frozen_copy
-from rl import group_advantages, policy_loss, reply_logps, rollout
-from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
+from rl import (Requests, evaluate_requests, group_advantages, load_reward_model, policy_loss, reply_logps,
+                reward_function, rollout)
+from tokenizer.chat_template import decode_reply, stop_ids
 import train_utils as tu
 
 # -----------------------------------------------------------------------------------------------------------
@@ -48,7 +49,8 @@ eval_interval = 20
 log_interval = 1
 always_save_checkpoint = True
 # GRPO
-reward = "poetry"  # 'poetry' or 'char:X'
+reward = "poetry"  # 'poetry', 'model' (reward_ckpt's scalar) or 'char:X'
+reward_ckpt = "out/demo/reward/best.pt"  # reward_model.py's checkpoint, for reward='model'
 w_form, w_repeat, w_title = 1.0, 0.5, 0.0  # the poetry reward's weights
 w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table (python -m chat_data.poetry_rewards builds it)
 tone_table = "out/demo/tones.json"
@@ -85,8 +87,8 @@ bench_rollout = True  # measure a batched group against one-at-a-time generation
 config_keys, changed = configure(globals())
 if aggregation not in ("token", "sequence"):
     raise SystemExit(f"aggregation must be 'token' or 'sequence', not {aggregation!r}")
-if not (reward == "poetry" or reward.startswith("char:") and len(reward) == 6):
-    raise SystemExit(f"reward must be 'poetry' or 'char:X' (one character), not {reward!r}")
+if not (reward in ("poetry", "model") or reward.startswith("char:") and len(reward) == 6):
+    raise SystemExit(f"reward must be 'poetry', 'model' or 'char:X' (one character), not {reward!r}")
 
 # ---- set-up -----------------------------------------------------------------------------------------------
 run = tu.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
@@ -115,68 +117,29 @@ def checksum(net):
 ref_checksum = checksum(ref)
 
 # ---- prompts and rewards --------------------------------------------------------------------------------------
-tones = None
-if w_tone:
-    import json
-    with open(tone_table, encoding="utf-8") as f:
-        tones = json.load(f)
-train_requests = requests_from(train_prompts)
-val_requests = requests_from(val_prompts, n_val) if val_prompts else []
-if not train_requests:
-    raise SystemExit(f"{train_prompts}: no poem requests (want SFT conversations or the demo's held-out questions)")
-room = model_args["max_seq_len"] - max_new_tokens
-if room < 8:
-    raise SystemExit(f"max_new_tokens {max_new_tokens} leaves {room} tokens of the {model_args['max_seq_len']}-token "
-                     f"context for the prompt")
-
-
-def prompt_ids(request):
-    return encode_prompt(tok, [{"role": "user", "content": request}])[-room:]
-
-
-def score(request, reply):
-    if reward == "poetry":
-        return poetry_reward(request, reply, w_form, w_repeat, w_title, w_tone, tones)
-    return reply.count(reward[5]) / max(len(reply), 1)
-
-
-def sampler(it):
-    """The sampling RNG of an iteration on this process: a function of (seed, iteration, rank) only."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + it * 1_009 + run.rank)
-
-
-def prompts_of(it):
-    g = torch.Generator().manual_seed(seed + it * 7919 + run.rank * 104729)
-    return [train_requests[int(i)] for i in torch.randint(len(train_requests), (prompts_per_iter,), generator=g)]
-
-
-@torch.no_grad()
-def evaluate(net):
-    """Greedy replies to the held-out requests: mean reward, share of the exact form, mean reply length."""
-    net.eval()
-    out = rollout(net, [prompt_ids(r) for r in val_requests], 1, max_new_tokens, stops, device, temperature=0.0)
-    replies = [decode_reply(tok, o) for o in out]
-    net.train()
-    return {"reward": sum(score(q, a) for q, a in zip(val_requests, replies)) / len(replies),
-            "exact_form": sum(exact_form(q, a) for q, a in zip(val_requests, replies)) / len(replies),
-            "length": sum(len(o) for o in out) / len(out)}, replies
+train = Requests(tok, train_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank)
+val = Requests(tok, val_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank, n_val) if val_prompts \
+    else None
+rm = load_reward_model(reward_ckpt, device)[0] if reward == "model" else None
+rewards_of = reward_function(reward, (w_form, w_repeat, w_title, w_tone), tone_table, rm, tok, device)
 
 
 def bench_group(repeats=3):
     """Tokens/s of one prompt's G replies generated as one batch against G one-at-a-time generations (same
     prompt, same sampling, same run; after a warm-up, the median of `repeats` timings of each)."""
     import statistics
-    p = prompt_ids(train_requests[0])
+    p = train.ids(train.items[0])
     raw_model.eval()
     timings = {"one at a time": [], "one batch": []}
     with run.autocast:
-        rollout(raw_model, [p], group_size, max_new_tokens, [], device, temperature, top_p, sampler(9_999))
+        rollout(raw_model, [p], group_size, max_new_tokens, [], device, temperature, top_p,
+                train.sampler(9_999, device))
         for r in range(repeats):
             for name, groups in (("one at a time", [1] * group_size), ("one batch", [group_size])):
                 t0, n = time.perf_counter(), 0
                 for k, g in enumerate(groups):
                     n += sum(len(x) for x in rollout(raw_model, [p], g, max_new_tokens, [], device, temperature,
-                                                     top_p, sampler(10_000 + 100 * r + k)))
+                                                     top_p, train.sampler(10_000 + 100 * r + k, device)))
                 timings[name].append(n / (time.perf_counter() - t0))
     raw_model.train()
     return {name: statistics.median(v) for name, v in timings.items()}
@@ -205,14 +168,15 @@ while True:
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_metric = None
-        if val_requests:
+        if val is not None:
             with run.autocast:
-                ev, replies = evaluate(raw_model)
+                ev, replies = evaluate_requests(raw_model, tok, val, val.items, rewards_of, max_new_tokens, stops,
+                                                device)
             first_eval = ev if first_eval is None and iter_num == 0 else first_eval
             last_eval = ev
             val_metric = -tu.all_reduce_mean(ev["reward"], run)  # the Checkpointer keeps the lowest: -reward
             log.write(f"iter {iter_num}: held-out reward {ev['reward']:.3f}, exact form {ev['exact_form']:.3f}, "
-                      f"length {ev['length']:.1f}; e.g. {val_requests[0]} -> {replies[0][:40]!r}",
+                      f"length {ev['length']:.1f}; e.g. {val.items[0]} -> {replies[0][:40]!r}",
                       iter=iter_num, **{f"val/{k}": v for k, v in ev.items()})
         checkpointer.after_eval(iter_num, val_metric)
         timer.skip()
@@ -221,16 +185,16 @@ while True:
 
     # ---- rollout: G replies per prompt, one batch, sampled with this iteration's RNG ----
     t0 = time.time()
-    requests = prompts_of(iter_num)
-    prompts = [prompt_ids(r) for r in requests]
+    requests = train.of_iteration(iter_num, prompts_per_iter)
+    prompts = [train.ids(r) for r in requests]
     raw_model.eval()
     with run.autocast:
         replies = rollout(raw_model, prompts, group_size, max_new_tokens, stops, device, temperature, top_p,
-                          sampler(iter_num))
+                          train.sampler(iter_num, device))
     replies = [r if r else [tok.end_id] for r in replies]  # an empty reply still scores its stop
     texts = [decode_reply(tok, r) for r in replies]
     rows = [p for p in prompts for _ in range(group_size)]
-    rewards = torch.tensor([score(requests[i // group_size], texts[i]) for i in range(len(texts))])
+    rewards = torch.tensor(rewards_of([requests[i // group_size] for i in range(len(texts))], texts))
     advantages = group_advantages(rewards, group_size, normalize_advantages).to(device)
     with torch.no_grad(), run.autocast:
         old_logp, mask, _ = reply_logps(raw_model, rows, replies, pad_id, device)
@@ -290,8 +254,8 @@ if master:
     if rollout_bench:
         summary["rollout_bench"] = {k: round(v, 1) for k, v in rollout_bench.items()}
     if first_eval and last_eval:
-        summary["held_out"] = {"requests": len(val_requests), "before": first_eval, "after": last_eval}
-        print(f"held-out requests ({len(val_requests)}): exact form {first_eval['exact_form']:.3f} -> "
+        summary["held_out"] = {"requests": len(val.items), "before": first_eval, "after": last_eval}
+        print(f"held-out requests ({len(val.items)}): exact form {first_eval['exact_form']:.3f} -> "
               f"{last_eval['exact_form']:.3f}, reward {first_eval['reward']:.3f} -> {last_eval['reward']:.3f}")
     log.write(summary=summary)
     tu.plot_log(log.path, os.path.join(out_dir, "reward.png"), (("reward", "train (sampled)"),

@@ -22,12 +22,13 @@ import time
 import torch
 
 import checkpoint as ck
-from chat_data.poetry_rewards import exact_form, poetry_reward, requests_from
+from chat_data.poetry_rewards import exact_form
 from clean_data.atomic import write_json
 from configurator import configure
 from finetune import frozen_copy
-from rl import gae, load_reward_model, policy_loss, reply_logps, rollout, score_conversations, value_loss
-from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
+from rl import (Requests, evaluate_requests, gae, load_reward_model, policy_loss, reply_logps, reward_function,
+                rollout, value_loss)
+from tokenizer.chat_template import decode_reply, stop_ids
 import train_utils as tu
 
 # -----------------------------------------------------------------------------------------------------------
@@ -121,51 +122,10 @@ def average_value_grads():
 stops = stop_ids(tok)
 pad_id = max(tok.pad_id, 0)
 
-tones = None
-if w_tone:
-    import json
-    with open(tone_table, encoding="utf-8") as f:
-        tones = json.load(f)
-train_requests = requests_from(train_prompts)
-val_requests = requests_from(val_prompts, n_val) if val_prompts else []
-if not train_requests:
-    raise SystemExit(f"{train_prompts}: no poem requests")
-room = model_args["max_seq_len"] - max_new_tokens
-
-
-def prompt_ids(request):
-    return encode_prompt(tok, [{"role": "user", "content": request}])[-room:]
-
-
-def sequence_rewards(requests, texts):
-    """The reward of each whole reply: the reward model's scalar, or the rules."""
-    if reward == "model":
-        return score_conversations(rm, tok, [{"messages": [{"role": "user", "content": q},
-                                                            {"role": "assistant", "content": a}]}
-                                             for q, a in zip(requests, texts)], device)
-    if reward == "poetry":
-        return [poetry_reward(q, a, w_form, w_repeat, w_title, w_tone, tones) for q, a in zip(requests, texts)]
-    return [a.count(reward[5]) / max(len(a), 1) for a in texts]
-
-
-def sampler(it):
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + it * 1_009 + run.rank)
-
-
-def prompts_of(it):
-    g = torch.Generator().manual_seed(seed + it * 7919 + run.rank * 104729)
-    return [train_requests[int(i)] for i in torch.randint(len(train_requests), (prompts_per_iter,), generator=g)]
-
-
-@torch.no_grad()
-def evaluate():
-    raw_model.eval()
-    out = rollout(raw_model, [prompt_ids(r) for r in val_requests], 1, max_new_tokens, stops, device, 0.0)
-    raw_model.train()
-    texts = [decode_reply(tok, o) for o in out]
-    r = sequence_rewards(val_requests, texts)
-    return {"reward": sum(r) / len(r), "exact_form": sum(exact_form(q, a) for q, a in zip(val_requests, texts)) /
-            len(texts), "length": sum(len(o) for o in out) / len(out)}, texts
+train = Requests(tok, train_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank)
+val = Requests(tok, val_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank, n_val) if val_prompts \
+    else None
+rewards_of = reward_function(reward, (w_form, w_repeat, w_title, w_tone), tone_table, rm, tok, device)
 
 
 config = {k: globals()[k] for k in config_keys}
@@ -188,14 +148,15 @@ while True:
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_metric = None
-        if val_requests:
+        if val is not None:
             with run.autocast:
-                ev, texts = evaluate()
+                ev, texts = evaluate_requests(raw_model, tok, val, val.items, rewards_of, max_new_tokens, stops,
+                                              device)
             first_eval = ev if first_eval is None and iter_num == 0 else first_eval
             last_eval = ev
             val_metric = -tu.all_reduce_mean(ev["reward"], run)
             log.write(f"iter {iter_num}: held-out reward {ev['reward']:.3f}, exact form {ev['exact_form']:.3f}, "
-                      f"length {ev['length']:.1f}; e.g. {val_requests[0]} -> {texts[0][:40]!r}",
+                      f"length {ev['length']:.1f}; e.g. {val.items[0]} -> {texts[0][:40]!r}",
                       iter=iter_num, **{f"val/{k}": v for k, v in ev.items()})
         checkpointer.fields["value_model"] = value_model.state_dict()
         checkpointer.fields["value_optimizer"] = value_optimizer.state_dict()
@@ -206,18 +167,19 @@ while True:
 
     # ---- rollout, rewards, values, advantages ----
     t0 = time.time()
-    requests = prompts_of(iter_num)
-    prompts = [prompt_ids(r) for r in requests]
+    requests = train.of_iteration(iter_num, prompts_per_iter)
+    prompts = [train.ids(r) for r in requests]
     raw_model.eval()
     with run.autocast:
-        replies = rollout(raw_model, prompts, 1, max_new_tokens, stops, device, temperature, top_p, sampler(iter_num))
+        replies = rollout(raw_model, prompts, 1, max_new_tokens, stops, device, temperature, top_p,
+                          train.sampler(iter_num, device))
     replies = [r if r else [tok.end_id] for r in replies]
     texts = [decode_reply(tok, r) for r in replies]
     with torch.no_grad(), run.autocast:
         old_logp, mask, _ = reply_logps(raw_model, prompts, replies, pad_id, device)
         ref_logp, _, _ = reply_logps(ref, prompts, replies, pad_id, device)
         old_values = value_model.values(prompts, replies, device) * mask
-        seq_r = torch.tensor(sequence_rewards(requests, texts), device=old_logp.device)
+        seq_r = torch.tensor(rewards_of(requests, texts), device=old_logp.device)
     raw_model.train()
     kl = (old_logp - ref_logp) * mask  # per-token log-ratio: the KL penalty's estimate
     token_rewards = -kl_coef * kl
@@ -284,8 +246,8 @@ if master:
                    rollout_tokens_per_sec=round(rollout_tokens / max(rollout_seconds, 1e-9), 1),
                    train_tokens_per_sec=round(train_tokens / max(train_seconds, 1e-9), 1))
     if first_eval and last_eval:
-        summary["held_out"] = {"requests": len(val_requests), "before": first_eval, "after": last_eval}
-        print(f"held-out requests ({len(val_requests)}): exact form {first_eval['exact_form']:.3f} -> "
+        summary["held_out"] = {"requests": len(val.items), "before": first_eval, "after": last_eval}
+        print(f"held-out requests ({len(val.items)}): exact form {first_eval['exact_form']:.3f} -> "
               f"{last_eval['exact_form']:.3f}, reward {first_eval['reward']:.3f} -> {last_eval['reward']:.3f}")
     log.write(summary=summary)
     tu.plot_log(log.path, os.path.join(out_dir, "reward.png"), (("reward", "train (sampled)"),

@@ -222,3 +222,74 @@ def score_conversations(rm, tok, conversations, device, batch_size=16):
     for i in range(0, len(seqs), batch_size):
         out += rm(seqs[i:i + batch_size], device).tolist()
     return out
+
+
+# ---- what an RL run asks and how it scores ----------------------------------------------------------------------
+
+class Requests:
+    """The prompts of an RL run: poem requests (chat_data.poetry_rewards.requests_from) from a file, their
+    chat-template ids (cut from the left so max_new_tokens fit the context), and each iteration's prompts and
+    sampling RNG, functions of (seed, iteration, rank) only, so a resumed run samples what a straight one would.
+    Raises SystemExit naming the file when it holds no request, or when no room is left for a prompt."""
+
+    def __init__(self, tok, path, max_seq_len, max_new_tokens, seed, rank, limit=0):
+        from chat_data.poetry_rewards import requests_from
+        from tokenizer.chat_template import encode_prompt
+        self.items = requests_from(path, limit)
+        if not self.items:
+            raise SystemExit(f"{path}: no poem requests (want SFT conversations or the demo's held-out questions)")
+        self.room = max_seq_len - max_new_tokens
+        if self.room < 8:
+            raise SystemExit(f"max_new_tokens {max_new_tokens} leaves {self.room} tokens of the {max_seq_len}-token "
+                             f"context for the prompt")
+        self.encode = lambda r: encode_prompt(tok, [{"role": "user", "content": r}])[-self.room:]
+        self.seed, self.rank = seed, rank
+
+    def ids(self, request):
+        return self.encode(request)
+
+    def of_iteration(self, it, n):
+        """The n requests of iteration it on this process."""
+        g = torch.Generator().manual_seed(self.seed + it * 7919 + self.rank * 104729)
+        return [self.items[int(i)] for i in torch.randint(len(self.items), (n,), generator=g)]
+
+    def sampler(self, it, device):
+        """The sampling RNG of iteration it on this process."""
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + it * 1_009 + self.rank)
+
+
+def reward_function(kind, weights=(1.0, 0.5, 0.0, 0.0), tone_table="", rm=None, tok=None, device="cpu"):
+    """fn(requests, replies) -> list of float rewards. kind: 'poetry' (poetry_reward with weights = (form,
+    repeats, title, tones); tone_table: the JSON of build_tone_table, read when the tone weight is > 0),
+    'model' (rm's scalar of the conversation), 'char:X' (the share of the reply's characters that are X)."""
+    from chat_data.poetry_rewards import poetry_reward
+    if kind == "poetry":
+        tones = None
+        if weights[3]:
+            import json
+            with open(tone_table, encoding="utf-8") as f:
+                tones = json.load(f)
+        return lambda qs, rs: [poetry_reward(q, r, *weights, tones) for q, r in zip(qs, rs)]
+    if kind == "model":
+        return lambda qs, rs: score_conversations(rm, tok, [{"messages": [{"role": "user", "content": q},
+                                                                          {"role": "assistant", "content": r}]}
+                                                            for q, r in zip(qs, rs)], device)
+    if kind.startswith("char:") and len(kind) == 6:
+        return lambda qs, rs: [r.count(kind[5]) / max(len(r), 1) for r in rs]
+    raise SystemExit(f"reward must be 'poetry', 'model' or 'char:X' (one character), not {kind!r}")
+
+
+@torch.no_grad()
+def evaluate_requests(net, tok, requests, items, rewards, max_new_tokens, stop, device):
+    """Greedy replies of net to the requests items (a Requests encodes them): mean reward, share of the exact
+    requested form, mean reply length in tokens; and the replies."""
+    from chat_data.poetry_rewards import exact_form
+    from tokenizer.chat_template import decode_reply
+    was_training = net.training
+    net.eval()
+    out = rollout(net, [requests.ids(r) for r in items], 1, max_new_tokens, stop, device, temperature=0.0)
+    net.train(was_training)
+    texts = [decode_reply(tok, o) for o in out]
+    r = rewards(items, texts)
+    return {"reward": sum(r) / len(r), "exact_form": sum(exact_form(q, a) for q, a in zip(items, texts)) / len(texts),
+            "length": sum(len(o) for o in out) / len(out)}, texts
