@@ -25,8 +25,7 @@ import checkpoint as ck
 from chat_data.poetry_rewards import exact_form
 from clean_data.atomic import write_json
 from configurator import configure
-from finetune import frozen_copy
-from rl import (Requests, evaluate_requests, gae, load_reward_model, policy_loss, reply_logps, reward_function,
+from rl import (Requests, evaluate_requests, policy_and_reference, gae, load_reward_model, policy_loss, reply_logps, reward_function,
                 rollout, value_loss)
 from tokenizer.chat_template import decode_reply, stop_ids
 import train_utils as tu
@@ -90,14 +89,10 @@ iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- the four models ----------------------------------------------------------------------------------------
-model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt, device, seed)
+# the policy, its optimizer, and pi_ref: the starting weights, frozen
+model, model_args, optimizer, module, ref, tok = policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay,
+                                                                      learning_rate, (beta1, beta2))
 raw_model = model
-optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
-module = tu.wrap_ddp(model, run)
-ref = frozen_copy(model_args, start_state, device)
-del start_state
-tok = tu.load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
-del init
 rm = load_reward_model(reward_ckpt, device)[0] if reward == "model" else None
 if rm is not None:
     rm.requires_grad_(False)

@@ -293,3 +293,18 @@ def evaluate_requests(net, tok, requests, items, rewards, max_new_tokens, stop, 
     r = rewards(items, texts)
     return {"reward": sum(r) / len(r), "exact_form": sum(exact_form(q, a) for q, a in zip(items, texts)) / len(texts),
             "length": sum(len(o) for o in out) / len(out)}, texts
+
+
+def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learning_rate, betas):
+    """An RL script's start: the policy (init_ckpt's weights, or the resumed run's), its AdamW and DDP wrapper,
+    the frozen reference (the starting weights, never trained) and the tokenizer, checked against the model.
+    Returns (policy, model_args, optimizer, module, reference, tokenizer)."""
+    import checkpoint as ck
+    import train_utils as tu
+    from finetune import frozen_copy
+    model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt, run.device, seed)
+    optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, betas)
+    module = tu.wrap_ddp(model, run)
+    ref = frozen_copy(model_args, start_state, run.device)
+    tok = tu.load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
+    return model, model_args, optimizer, module, ref, tok
