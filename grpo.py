@@ -30,8 +30,8 @@ import checkpoint as ck
 from chat_data.poetry_rewards import exact_form
 from clean_data.atomic import write_json
 from configurator import configure
-from rl import (Requests, evaluate_requests, policy_and_reference, group_advantages, load_reward_model, policy_loss, reply_logps,
-                reward_function, rollout)
+from rl import (Requests, evaluate_requests, group_advantages, load_reward_model, policy_and_reference, policy_loss,
+                reply_logps, reward_function, rollout)
 from tokenizer.chat_template import decode_reply, stop_ids
 import train_utils as tu
 

@@ -25,8 +25,8 @@ import checkpoint as ck
 from chat_data.poetry_rewards import exact_form
 from clean_data.atomic import write_json
 from configurator import configure
-from rl import (Requests, evaluate_requests, policy_and_reference, gae, load_reward_model, policy_loss, reply_logps, reward_function,
-                rollout, value_loss)
+from rl import (Requests, evaluate_requests, gae, load_reward_model, policy_and_reference, policy_loss, reply_logps,
+                reward_function, rollout, value_loss)
 from tokenizer.chat_template import decode_reply, stop_ids
 import train_utils as tu
 
