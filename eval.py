@@ -48,7 +48,7 @@ from evals import report, text_metrics
 from evals.contamination import find_contamination, flagged
 from evals.mc import MCError, category_table, guess_benchmark, load_exam, load_subjects, subject_table, summarize
 from evals.scoring import bits_per_character, score_mc, sequence_loss
-from model import model_bytes, quantize_int8
+from model import model_bytes, quantize_int8, right_pad
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
 import train_utils as tu
@@ -108,10 +108,7 @@ def sample(model, tok, prompt_list, device, autocast_ctx):
     """Continue each prompt; all prompts go through generate() together as one padded batch."""
     # every training document follows an eos, so starting a prompt with eos puts the model at a document start
     encoded = [[tok.eos_id] + tok.encode(p) for p in prompt_list]
-    lens = [len(e) for e in encoded]
-    idx = torch.zeros((len(encoded), max(lens)), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        idx[i, :len(e)] = torch.tensor(e)
+    idx, lens = right_pad(encoded)
     opts = dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
                 repetition_penalty=repetition_penalty, stop_ids=[tok.eos_id])
     results = []
@@ -153,11 +150,10 @@ def save_results(name, result, markdown):
     return path
 
 
-def ppl_bin(model, tok, path, device, autocast_ctx):
-    """Loss over the first val_max_tokens tokens of a uint16 token file, read as one sequence after an eos
-    (documents separated by eos, which is scored like every token, as in training). The file is checked as training
-    checks it (train_utils.open_bins). Characters: of the decoded documents."""
-    T = model.args.max_seq_len
+def ppl_bin(model, tok, path):
+    """(sequences to score, characters, documents) of the first val_max_tokens tokens of a uint16 token file, read
+    as one sequence after an eos (documents separated by eos, which is scored like every token, as in training).
+    The file is checked as training checks it (train_utils.open_bins). Characters: of the decoded documents."""
     bins, paths, _ = tu.open_bins(path, model.args.vocab_size, like=tokenizer_of_model, min_tokens=2)
     if len(bins) > 1:
         raise SystemExit(f"--mode=ppl evaluates one token file; {path!r} is {len(paths)}: {', '.join(paths)}")
@@ -166,13 +162,12 @@ def ppl_bin(model, tok, path, device, autocast_ctx):
     seq = np.concatenate([[tok.eos_id], np.asarray(data, dtype=np.int64)])
     cuts = np.flatnonzero(seq[1:] == tok.eos_id) + 1  # the scored tokens, split into documents at eos
     n_chars = sum(len(tok.decode(part[part != tok.eos_id].tolist())) for part in np.split(seq[1:], cuts - 1))
-    total, n = sequence_loss(model, [seq], stride or T // 2, batch_size, device, autocast_ctx, desc="ppl")
-    return total, n, n_chars, len(cuts)
+    return [seq], n_chars, len(cuts)
 
 
-def ppl_text(model, tok, path, device, autocast_ctx):
-    """Loss over the documents of raw text (any file or folder clean_data's readers read), each scored as
-    eos + tokens + eos (data_process.py's layout); characters: of the texts."""
+def ppl_text(model, tok, path):
+    """(sequences to score, characters, documents) of raw text (any file or folder clean_data's readers read):
+    each document as eos + tokens + eos (data_process.py's layout); characters: of the texts."""
     errors = ReadErrors()
     seqs, n_chars = [], 0
     for doc in iter_documents([path], text_field=text_field or None, errors=errors):
@@ -185,9 +180,7 @@ def ppl_text(model, tok, path, device, autocast_ctx):
     if not seqs:
         raise SystemExit(f"{path}: no document to score ({errors.brief()}); --mode=ppl reads a token file (.bin) "
                          f"or text documents (.txt, or .jsonl/.parquet with a text field: --text_field names it)")
-    T = model.args.max_seq_len
-    total, n = sequence_loss(model, seqs, stride or T // 2, batch_size, device, autocast_ctx, desc="ppl")
-    return total, n, n_chars, len(seqs)
+    return seqs, n_chars, len(seqs)
 
 
 def run_ppl(model, tok, device, autocast_ctx):
@@ -196,8 +189,9 @@ def run_ppl(model, tok, device, autocast_ctx):
         raise SystemExit(f"no data to score: pass --val_data (tried {path!r})")
     if stride > model.args.max_seq_len:
         raise SystemExit(f"stride {stride} is longer than the context ({model.args.max_seq_len} tokens)")
-    fn = ppl_bin if path.endswith(".bin") else ppl_text
-    total, n, n_chars, n_docs = fn(model, tok, path, device, autocast_ctx)
+    seqs, n_chars, n_docs = (ppl_bin if path.endswith(".bin") else ppl_text)(model, tok, path)
+    total, n = sequence_loss(model, seqs, stride or model.args.max_seq_len // 2, batch_size, device, autocast_ctx,
+                             desc="ppl")
     if n == 0 or n_chars == 0:
         raise SystemExit(f"{path}: nothing to score ({n} tokens, {n_chars} characters)")
     loss = total / n
@@ -293,10 +287,7 @@ def generate_replies(model, tok, prompts, device, autocast_ctx, desc):
                mininterval=0.5 if sys.stderr.isatty() else 30)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        lens = [len(p) for p in chunk]
-        idx = torch.zeros((len(chunk), max(lens)), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            idx[i, :len(p)] = torch.tensor(p)
+        idx, lens = right_pad(chunk)
         with autocast_ctx:
             outs = model.generate(idx.to(device), max_new_tokens, prompt_lens=lens, **_gen_opts(tok))
         for o in outs:

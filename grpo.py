@@ -231,7 +231,8 @@ while True:
     if reward == "poetry":
         metrics["exact_form"] = sum(exact_form(requests[i // group_size], texts[i])
                                     for i in range(len(texts))) / len(texts)
-    checkpointer.check_train_loss(iter_num, metrics["loss"])
+    if not run.scaler.is_enabled():  # a diverged run stops and keeps its last good checkpoint
+        checkpointer.check_train_loss(iter_num, metrics["loss"])
     dt = timer.lap(int(tok_total))
     progress.step(-metrics["reward"], int(tok_total), dt)
     if iter_num % log_interval == 0:

@@ -631,6 +631,16 @@ def _is_count(x):
             and int(x) == x)
 
 
+def right_pad(rows, device=None):
+    """B lists of token ids -> (a (B, L) int64 tensor, each row's ids then zeros; their lengths as a list): the
+    batch layout generate() and the scoring passes take (padding after the real tokens is never read)."""
+    lens = [len(r) for r in rows]
+    x = torch.zeros((len(rows), max(lens)), dtype=torch.long)
+    for b, r in enumerate(rows):
+        x[b, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return (x if device is None else x.to(device)), lens
+
+
 def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
     """Raise ValueError, naming the parameter and its value, unless temperature is a finite number >= 0, top_k
     is None or an integer >= 0, top_p is None or a number in [0, 1] and repetition_penalty a finite number > 0.

@@ -129,8 +129,13 @@ checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_prompts})
-checkpointer.fields["value_model"] = value_model.state_dict()  # refreshed before every save (below)
-checkpointer.fields["value_optimizer"] = value_optimizer.state_dict()
+
+
+def keep_value_model():
+    """Put the value model and its optimizer, as they are now, into what the next checkpoint saves."""
+    checkpointer.fields.update(value_model=value_model.state_dict(), value_optimizer=value_optimizer.state_dict())
+
+
 del resume_ckpt
 first_eval = last_eval = None
 timer = tu.StepTimer()
@@ -153,8 +158,7 @@ while True:
             log.write(f"iter {iter_num}: held-out reward {ev['reward']:.3f}, exact form {ev['exact_form']:.3f}, "
                       f"length {ev['length']:.1f}; e.g. {val.items[0]} -> {texts[0][:40]!r}",
                       iter=iter_num, **{f"val/{k}": v for k, v in ev.items()})
-        checkpointer.fields["value_model"] = value_model.state_dict()
-        checkpointer.fields["value_optimizer"] = value_optimizer.state_dict()
+        keep_value_model()
         checkpointer.after_eval(iter_num, val_metric)
         timer.skip()
     if last:
@@ -190,7 +194,7 @@ while True:
 
     # ---- optimisation ----
     t0 = time.time()
-    stats = {"kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy": 0.0, "vf": 0.0}
+    stats = {"kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy": 0.0, "vf": 0.0, "loss": 0.0}
     g = torch.Generator().manual_seed(seed + iter_num)
     for epoch in range(ppo_epochs):
         order = torch.randperm(len(replies), generator=g).tolist()
@@ -216,6 +220,7 @@ while True:
                 stats[k] += st[k]
             stats["entropy"] += float((ent * m).sum().detach())
             stats["vf"] += float(vl.detach())
+            stats["loss"] += float((pl / n + vl / n).detach())
     train_seconds += time.time() - t0
     train_tokens += stats["tokens"]
     tok_total = tu.all_reduce_sum(stats["tokens"], run)
@@ -226,14 +231,15 @@ while True:
                "value_loss": tu.all_reduce_sum(stats["vf"], run) / tok_total,
                "length": float(mask.sum(1).mean())}
     metrics["exact_form"] = sum(exact_form(q, a) for q, a in zip(requests, texts)) / len(texts)
+    if not run.scaler.is_enabled():  # a diverged run stops and keeps its last good checkpoint
+        checkpointer.check_train_loss(iter_num, stats["loss"])
     dt = timer.lap(int(tok_total))
     progress.step(-metrics["reward"], int(tok_total), dt)
     if iter_num % log_interval == 0:
         log.write(iter=iter_num, lr=lr, dt_ms=dt * 1000, **metrics)
     iter_num += 1
 progress.close()
-checkpointer.fields["value_model"] = value_model.state_dict()
-checkpointer.fields["value_optimizer"] = value_optimizer.state_dict()
+keep_value_model()
 checkpointer.at_end(iter_num)
 
 if master:

@@ -81,15 +81,9 @@ model = RewardModel(body).to(device)
 if resume_ckpt is not None:
     model.load_state_dict(resume_ckpt["model"])
 max_seq_len = model_args["max_seq_len"]
-# AdamW over the trainable parameters (with LoRA: the adapters and the head), no decay on vectors
+# AdamW over the trainable parameters (with LoRA: the adapters and the head); resumed with its RNG and scaler
 trainable = [p for p in model.parameters() if p.requires_grad]
-groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-          {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2))
-if resume_ckpt is not None:
-    optimizer.load_state_dict(resume_ckpt["optimizer"])
-    if len(resume_ckpt["rng"]) == run.world_size:
-        tu.set_rng_state(resume_ckpt["rng"][run.rank])
+optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
 module = tu.wrap_ddp(model, run)
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -173,10 +167,11 @@ while True:
         correct += int((rc > rr).sum())
         margin_sum += float((rc - rr).sum().detach())
         n_tok += sum(len(train_items[i][0]) * 2 + len(train_items[i][1]) + len(train_items[i][2]) for i in idx)
-    checkpointer.check_train_loss(iter_num, tu.all_reduce_sum(loss_sum, run))
-    tu.optimizer_step(optimizer, run.scaler, grad_clip)
     metrics = {"loss": tu.all_reduce_sum(loss_sum, run), "accuracy": tu.all_reduce_sum(correct, run) / n_pairs,
                "margin": tu.all_reduce_sum(margin_sum, run) / n_pairs}
+    if not run.scaler.is_enabled():  # fp16's scaler skips an overflowing step by itself
+        checkpointer.check_train_loss(iter_num, metrics["loss"])
+    tu.optimizer_step(optimizer, run.scaler, grad_clip)
     n_tok = int(tu.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
     progress.step(metrics["loss"], n_tok, dt)

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import right_pad
+
 
 # ---- rollouts and log-probabilities -------------------------------------------------------------------------
 
@@ -30,12 +32,8 @@ def rollout(model, prompts, group_size, max_new_tokens, stop_ids, device, temper
             generator=None):
     """group_size replies to each prompt (lists of ids), generated as one batch: returns the replies, in prompt
     order (prompt 0's group first), each a list of ids ending with its stop token when it stopped."""
-    rows = [p for p in prompts for _ in range(group_size)]
-    lens = [len(p) for p in rows]
-    idx = torch.zeros((len(rows), max(lens)), dtype=torch.long)
-    for i, p in enumerate(rows):
-        idx[i, :len(p)] = torch.tensor(p)
-    return model.generate(idx.to(device), max_new_tokens, temperature=temperature, top_p=top_p,
+    idx, lens = right_pad([p for p in prompts for _ in range(group_size)], device)
+    return model.generate(idx, max_new_tokens, temperature=temperature, top_p=top_p,
                           stop_ids=stop_ids, prompt_lens=lens, generator=generator)
 
 
@@ -157,31 +155,28 @@ class RewardModel(nn.Module):
     def args(self):
         return self.body.args
 
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """The body's AdamW grouping (Transformer.configure_optimizers), the head included."""
+        from model import Transformer
+        return Transformer.configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
+
+    def hidden(self, seqs, device):
+        """The body's final normalised hidden states (B, L, D) of right-padded seqs (B lists of ids)."""
+        x, _ = right_pad(seqs, device)
+        B, L = x.shape
+        return self.body._forward_positions(x, torch.arange(L, device=device).expand(B, L), None, head=False)
+
     def forward(self, seqs, device):
         """seqs: B lists of token ids -> rewards (B,) float32."""
-        B, L = len(seqs), max(len(s) for s in seqs)
-        x = torch.zeros((B, L), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            x[b, :len(s)] = torch.tensor(s)
-        x = x.to(device)
-        pos = torch.arange(L, device=device).expand(B, L)
-        h = self.body._forward_positions(x, pos, None, head=False)
+        h = self.hidden(seqs, device)
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        return self.head(h[torch.arange(B, device=device), last]).squeeze(-1).float()
+        return self.head(h[torch.arange(len(seqs), device=device), last]).squeeze(-1).float()
 
     def values(self, prompts, replies, device):
         """PPO's value of every reply token's state: (B, T) float32, column t = the head read at the position
         just before reply token t (the prompt's last token for t = 0), T = the longest reply."""
-        seqs = [p + r[:-1] for p, r in zip(prompts, replies)]
-        B, L = len(seqs), max(len(s) for s in seqs)
-        x = torch.zeros((B, L), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            x[b, :len(s)] = torch.tensor(s)
-        x = x.to(device)
-        h = self.body._forward_positions(x, torch.arange(L, device=device).expand(B, L), None, head=False)
-        v = self.head(h).squeeze(-1).float()
-        T = max(len(r) for r in replies)
-        out = torch.zeros((B, T), device=v.device)
+        v = self.head(self.hidden([p + r[:-1] for p, r in zip(prompts, replies)], device)).squeeze(-1).float()
+        out = torch.zeros((len(replies), max(len(r) for r in replies)), device=v.device)
         for b, (p, r) in enumerate(zip(prompts, replies)):
             out[b, :len(r)] = v[b, len(p) - 1:len(p) - 1 + len(r)]
         return out

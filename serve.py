@@ -36,6 +36,7 @@ import uuid
 import torch
 
 import checkpoint as ck
+from model import right_pad
 import train_utils as tu
 from configurator import run_main
 from tokenizer import StreamDecoder, Tokenizer
@@ -129,11 +130,8 @@ class Engine:
 
     def run(self, batch):
         """Decode a batch; every row's text goes to its own job as it comes."""
-        temperature, top_p, top_k = batch[0].sampling
-        lens = [len(j.prompt) for j in batch]
-        idx = torch.zeros((len(batch), max(lens)), dtype=torch.long)
-        for b, j in enumerate(batch):
-            idx[b, :lens[b]] = torch.tensor(j.prompt)
+        temperature, top_p = batch[0].sampling
+        idx, lens = right_pad([j.prompt for j in batch], self.device)
         generator = None
         if batch[0].seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(batch[0].seed))
@@ -141,8 +139,8 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
         with self.autocast_ctx:
-            stream = self.model.generate_batch_stream(idx.to(self.device), max(j.max_tokens for j in batch),
-                                                      temperature=temperature, top_k=top_k, top_p=top_p,
+            stream = self.model.generate_batch_stream(idx, max(j.max_tokens for j in batch),
+                                                      temperature=temperature, top_p=top_p,
                                                       stop_ids=self.stop_ids, prompt_lens=lens, generator=generator)
             for tokens, _ in stream:
                 for row, t in zip(rows, tokens):
@@ -218,7 +216,7 @@ def number(body, name, default, lo, hi, kind=float):
 
 
 def common_settings(body, prompt_len, context):
-    """(max_tokens, (temperature, top_p, top_k), stops, seed) of a request, checked against the limits."""
+    """(max_tokens, (temperature, top_p), stops, seed) of a request, checked against the limits."""
     limit = max_tokens_limit or context // 2
     if body.get("n", 1) not in (1, None):
         raise APIError(400, "only n=1 is supported", "invalid_n")
@@ -237,7 +235,7 @@ def common_settings(body, prompt_len, context):
     stops = [stops] if isinstance(stops, str) else stops
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
         raise APIError(400, "stop must be a string or a list of up to 4 strings", "invalid_stop")
-    return max_tokens, (temperature, top_p, None), tuple(stops), seed
+    return max_tokens, (temperature, top_p), tuple(stops), seed
 
 
 def chat_prompt(tok, body):

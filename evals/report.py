@@ -98,7 +98,7 @@ def scores_table(d):
     return lines
 
 
-def mc_section(tag, results):
+def mc_section(results):
     """Markdown for one multiple-choice set scored on several models: results = [(model label, eval_mc JSON)].
     Few subjects (a benchmark of our own): accuracy per subject; C-Eval/CMMLU: Average and the categories."""
     from evals.mc import category_table
@@ -149,7 +149,7 @@ def eval_sections(d):
         out += [f"| {label} | {r['val_data']} | {r['val_tokens']:,} | {r['val_loss']:.4f} | {r['perplexity']:.2f} | "
                 f"{r['bits_per_char']:.4f} |" for label, r in ppl] + [""]
     for tag in sorted(t for t in found if t.startswith("mc_")):
-        out += mc_section(tag, found[tag])
+        out += mc_section(found[tag])
     gen = found.get("gen", [])
     if gen:
         out += ["### Generation against references (BLEU, ROUGE-L)", "",

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from model import right_pad
 from evals.mc import LETTERS, encode_pieces, fit_prompt, letter_ids, shots_for
 
 MIN_PREFIX = 32  # a shared prefix shorter than this is recomputed with every prompt: the copy costs as much
@@ -29,11 +30,8 @@ def forward_rows(model, rows, device, kv=None, P=0, starts=None, M=0, mids=None)
     columns [P, P + M) a middle part of each row's own, of which row b reads the first mids[b] (default 0).
     Row b's tokens sit at positions starts[b] + mids[b] + t; every key a row does not read is masked.
     Requires the positions of real tokens < max_seq_len (a padding slot past the context takes the last one)."""
-    B, S = len(rows), max(len(r) for r in rows)
-    x = torch.zeros((B, S), dtype=torch.long)
-    for b, r in enumerate(rows):
-        x[b, :len(r)] = torch.tensor(r)
-    x = x.to(device)
+    x, _ = right_pad(rows, device)
+    B, S = x.shape
     starts = torch.tensor(starts if starts is not None else [P] * B, device=device)
     mids = torch.tensor(mids if mids is not None else [0] * B, device=device)
     steps = torch.arange(S, device=device)

@@ -157,6 +157,11 @@ def test_mc_counts_the_prompts_that_lost_shots_or_were_cut(tok, tmp_path):
     _, _, stats = score_mc(model, tok, exam, {}, False, 5, ["letter", "option"], 8, "cpu")
     assert stats["letter"]["fewer_shots"] == 10  # no 5-shot prompt fits 48 tokens
     assert stats["option"]["fewer_shots"] == 10
+    # 12 tokens hold not even the instruction: every prompt loses its shots and is cut
+    head, _, _ = encode_pieces(tok, "poems", [], exam["poems"]["questions"][0], False)
+    assert len(head) > 12
+    _, _, stats = score_mc(tiny_model(tok, max_seq_len=12), tok, exam, {}, False, 5, ["letter"], 8, "cpu")
+    assert stats["letter"] == {"fewer_shots": 10, "truncated": 10}
 
 
 def test_category_averages_are_means_over_their_subjects():

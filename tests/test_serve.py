@@ -113,9 +113,9 @@ def test_completion_streamed_and_not_and_stop_strings(server):
 
 def test_seeded_sampling_repeats(server):
     c = server["client"]
-    a, b = (c.chat.completions.create(model="tiny", messages=MSGS, temperature=1.0, top_p=0.9, seed=7,
-                                      max_tokens=12).choices[0].message.content for _ in range(2))
-    assert a == b
+    a, b, other = (c.chat.completions.create(model="tiny", messages=MSGS, temperature=1.0, top_p=0.9, seed=seed,
+                                             max_tokens=12).choices[0].message.content for seed in (7, 7, 8))
+    assert a == b and a != other  # the seed decides the sample (and is used: another seed, another sample)
 
 
 @pytest.mark.parametrize("body,key,status,code", [
