@@ -1,7 +1,9 @@
 """
-Deduplication: exact (hash of the normalised text), MinHash + LSH (datasketch), SimHash + its index
-(simhash package). Signatures are computed here with numpy, a whole chunk of documents at a time; the
-indexes are the libraries' own.
+Deduplication over compact arrays: exact (hash of the normalised text), MinHash + banded LSH with every
+candidate verified by exact Jaccard, SimHash through permuted-table bucketing. The per-document state kept
+for the whole corpus is numbers in numpy arrays (an 8-byte exact key, `bands` 8-byte band hashes, an 8-byte
+fingerprint: 184 bytes at 20 bands); texts are read back from a spill file only for the few documents that
+have a candidate.
 
 Shingles are character n-grams (default n=5) of the normalised text, so "明月光照" and "照光明月" share no
 shingle although they share every character (single-character shingles call them duplicates). A text
@@ -11,26 +13,35 @@ Shingle hash: a polynomial over the n code points (uint64, wrapping) followed by
 so every bit of the 64-bit value depends on every character; computed for all positions of all documents
 of a chunk in n vectorised numpy steps.
 
-MinHash: for each of num_perm permutations, h_i(x) = (a_i * x + b_i) mod 2^64 >> 32 (multiply-shift with
-random odd a_i: a universal family on the well-mixed 64-bit shingle hashes); the signature is the minimum
-over the document's shingles, one (shingles x num_perm) numpy op per block. Wrapped in datasketch
-LeanMinHash(scheme="affine32") for MinHashLSH. LSH returns candidates; a candidate counts as a duplicate
-only when the share of equal signature slots (the Jaccard estimate) reaches the threshold, which removes
-most LSH false positives. The index holds the documents kept so far, so the first of a cluster survives.
+MinHash: for each of num_perm permutations, h_i(x) = (a_i * x + b_i) mod 2^32 on the top 32 bits x of the
+well-mixed shingle hash (a_i odd: a bijection of the 32-bit values; uint32 arithmetic runs twice as many
+lanes as uint64); the signature is the minimum over the document's shingles. Signatures are cut into
+`bands` bands of num_perm / bands rows and each band hashed to 64 bits: two documents are LSH candidates
+when they share a band hash (probability 1 - (1 - J^rows)^bands: 0.998 at J = 0.8 for 20 x 6).
+
+The rule (decided in document order; the same whatever the chunk size, process or machine count):
+- exact: a document is removed when an earlier document that passed the filters has the same key;
+- minhash: a document is removed when an earlier *kept* document shares a band hash with it and their exact
+  Jaccard (recomputed from the two texts' shingle sets) is >= threshold; its partner is the earliest such
+  document. So in a chain A~B~C with J(A, C) below the threshold, B goes (A is kept) and C stays (its only
+  partner B was removed). Candidate pairs come from sorting each band's hashes; union-find over them gives
+  the connected components, which are resolved independently (in parallel, or on several machines);
+- simhash: a document is removed when an earlier kept document's fingerprint is within Hamming distance k.
 
 SimHash: the simhash package's algorithm (bit i of the fingerprint = majority vote of bit i over the
-shingle hashes, every occurrence counted), vectorised; fingerprints go into simhash.SimhashIndex, which
-finds Hamming distance <= k through its k+1 block buckets (no all-pairs comparison).
+shingle hashes, every occurrence counted), vectorised. Pairs within distance k agree on at least 3 of k + 3
+bit blocks (pigeonhole), so sorting the fingerprints masked to each 3-block combination finds all of them
+(20 tables of ~32-bit keys for k = 3: few chance collisions even at millions of documents).
 """
 import hashlib
-import logging
-from urllib.parse import urlparse
+from itertools import combinations
 
 import numpy as np
 
 _P = np.uint64(0x100000001B3)  # polynomial base (the FNV prime): odd, so no information is shifted out
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_BLOCK = 4096  # shingles per (num_perm x block) matrix: 4096 * 128 * 8 bytes = 4 MB
+_BLOCK = 8192  # shingles per (num_perm x block) uint32 matrix: 8192 * 120 * 4 bytes = 4 MB
+_POP8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 
 
 def _mix64(x):
@@ -41,6 +52,8 @@ def _mix64(x):
     x = x * _M2
     return x ^ (x >> np.uint64(31))
 
+
+# ---- per chunk: hashes, signatures, fingerprints (in worker processes) ------------------------------------
 
 def shingle_hashes(texts, n=5):
     """64-bit hashes of the character n-grams of each text, every position (duplicates kept).
@@ -63,29 +76,16 @@ def shingle_hashes(texts, n=5):
     return _mix64(h[idx]), counts
 
 
-def unique_shingles(hashes, counts):
-    """Per document, its sorted unique shingle hashes (what exact Jaccard compares)."""
-    ends = np.cumsum(counts)
-    return [np.unique(hashes[e - c:e]) for e, c in zip(ends, counts)]
-
-
-def exact_jaccard(a, b):
-    """Jaccard of two sorted unique uint64 arrays."""
-    inter = np.intersect1d(a, b, assume_unique=True).size
-    union = a.size + b.size - inter
-    return inter / union if union else 1.0
-
-
 def shingle_hashes_of(text, n=5):
     """Shingle hashes of one text (for tests and the benchmark's exact Jaccard)."""
     return shingle_hashes([text], n)[0]
 
 
 def permutations(num_perm, seed=1):
-    """num_perm (a, b) pairs of the multiply-shift family; a odd."""
+    """num_perm (a, b) uint32 pairs of the multiply-add family mod 2^32; a odd."""
     rng = np.random.RandomState(seed)
-    a = rng.randint(0, 2 ** 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    b = rng.randint(0, 2 ** 63, size=num_perm, dtype=np.uint64)
+    a = rng.randint(0, 2 ** 31, size=num_perm, dtype=np.uint64).astype(np.uint32) * np.uint32(2) + np.uint32(1)
+    b = rng.randint(0, 2 ** 32, size=num_perm, dtype=np.uint64).astype(np.uint32)
     return a, b
 
 
@@ -94,6 +94,7 @@ def minhash_signatures(hashes, counts, perms):
     Works on (num_perm x shingles) blocks of whole documents so each reduction runs along contiguous
     memory and a block stays in cache."""
     a, b = perms[0][:, None], perms[1][:, None]
+    x = (hashes >> np.uint64(32)).astype(np.uint32)
     sig = np.full((len(counts), len(a)), np.iinfo(np.uint32).max, np.uint32)
     nonempty = np.nonzero(counts)[0]
     offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -103,12 +104,25 @@ def minhash_signatures(hashes, counts, perms):
         j = max(j, i + 1)
         docs = nonempty[i:j]
         lo, hi = offsets[docs[0]], offsets[docs[-1] + 1]
-        hv = a * hashes[None, lo:hi]
+        hv = a * x[None, lo:hi]
         hv += b
-        hv >>= np.uint64(32)
-        sig[docs] = np.minimum.reduceat(hv.astype(np.uint32), offsets[docs] - lo, axis=1).T
+        sig[docs] = np.minimum.reduceat(hv, offsets[docs] - lo, axis=1).T
         i = j
     return sig
+
+
+def band_hashes(sig, bands):
+    """(documents x bands) uint64: band k hashes signature columns [k * rows, (k + 1) * rows), rows =
+    num_perm // bands. Raises ValueError when bands does not divide num_perm."""
+    n, num_perm = sig.shape
+    if bands < 1 or num_perm % bands:
+        raise ValueError(f"bands={bands} must divide num_perm={num_perm}")
+    rows = num_perm // bands
+    cols = sig.reshape(n, bands, rows).astype(np.uint64)
+    h = np.zeros((n, bands), np.uint64)
+    for r in range(rows):
+        h = _mix64(h * _P + cols[:, :, r])
+    return h
 
 
 def simhash_fingerprints(hashes, counts):
@@ -133,126 +147,142 @@ def exact_key(norm):
     return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def redis_params(url):
-    """redis://host:port/db -> redis.Redis keyword arguments (what datasketch's storage config wants)."""
-    u = urlparse(url)
-    return {"host": u.hostname or "localhost", "port": u.port or 6379,
-            "db": int(u.path.strip("/") or 0), **({"password": u.password} if u.password else {})}
+def popcount64(x):
+    """Set bits of each uint64 (any numpy version: a byte table)."""
+    x = np.ascontiguousarray(x, np.uint64)
+    return _POP8[x.view(np.uint8).reshape(-1, 8)].sum(axis=1, dtype=np.int64)
 
 
-class ExactDedup:
-    """First occurrence wins. In memory: a set of 8-byte keys; with redis_url, a Redis set shared by all
-    workers (SADD says atomically whether the key was new)."""
+# ---- exact Jaccard from the text (verification) -------------------------------------------------------
 
-    def __init__(self, redis_url="", prefix="babyllama"):
-        self.seen, self.redis = {}, None
-        if redis_url:
-            import redis
-            self.redis = redis.Redis(**redis_params(redis_url))
-            self.name = f"{prefix}:exact"
-
-    def check_and_add(self, key, doc_id):
-        """None if new (and now remembered), else the id of the first document with this key."""
-        if self.redis is not None:
-            if self.redis.hsetnx(self.name, key, doc_id):
-                return None
-            return int(self.redis.hget(self.name, key))
-        first = self.seen.setdefault(key, doc_id)
-        return None if first == doc_id else first
+def shingle_set(text, n=5):
+    """The set of character n-grams of a normalised text (the whole text when shorter than n; empty for "")."""
+    return {text[i:i + n] for i in range(max(len(text) - n + 1, 1 if text else 0))}
 
 
-class MinHashDedup:
-    """MinHashLSH over the kept documents, in memory or in Redis (datasketch storage_config), plus the
-    kept signatures (needed to verify candidates; a Redis hash in Redis mode, so workers see each other's).
-    """
-
-    def __init__(self, threshold=0.8, num_perm=128, seed=1, redis_url="", prefix="babyllama", lsh_threshold=None):
-        from datasketch import MinHashLSH
-        # LSH tuned at threshold catches only about half the pairs right at it; banding for a lower
-        # lsh_threshold returns more candidates and the signature check keeps precision
-        lsh_threshold = lsh_threshold or threshold
-        self.threshold, self.num_perm, self.seed = threshold, num_perm, seed
-        self.redis, self._lean = None, None
-        if redis_url:
-            import redis
-            storage = {"type": "redis", "basename": f"{prefix}:lsh".encode(), "redis": redis_params(redis_url)}
-            self.lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm, storage_config=storage)
-            self.redis = redis.Redis(**redis_params(redis_url))
-            self.sig_name = f"{prefix}:sig"
-        else:
-            self.lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
-            self.sigs = {}
-        self.shingle_sets = {}
-
-    def _minhash(self, sig):
-        # one LeanMinHash reused: building one per document (abc checks, copies) cost more than the query
-        if self._lean is None:
-            from datasketch import LeanMinHash
-            self._lean = LeanMinHash(seed=self.seed, hashvalues=sig, scheme="affine32")
-        self._lean.hashvalues = sig  # LSH reads only hashvalues (and len, scheme)
-        return self._lean
-
-    def _signatures(self, keys):
-        if self.redis is None:
-            return [self.sigs[k] for k in keys]
-        return [np.frombuffer(v, np.uint32) for v in self.redis.hmget(self.sig_name, keys)]
-
-    def candidates(self, sig):
-        """Keys that LSH returns for this signature, with their estimated Jaccard."""
-        keys = sorted(self.lsh.query(self._minhash(sig)))
-        return [(k, float(np.mean(s == sig))) for k, s in zip(keys, self._signatures(keys))] if keys else []
-
-    def check_and_add(self, sig, doc_id, shingles=None):
-        """None if no kept document has Jaccard >= threshold (the doc is then indexed), else the id of the
-        earliest such kept document. With `shingles` (the document's sorted unique shingle hashes) every LSH
-        candidate is verified by exact Jaccard, in memory: the signature estimate (std ~0.035 at J=0.8
-        with 128 permutations) would both miss and wrongly merge pairs near the threshold. Without them
-        (and in Redis mode) the estimate decides."""
-        for key, est in self.candidates(sig):
-            kept = self.shingle_sets.get(key) if shingles is not None else None
-            if kept is not None:
-                if exact_jaccard(shingles, kept) >= self.threshold:
-                    return key
-            elif est >= self.threshold:
-                return key
-        self.lsh.insert(doc_id, self._minhash(sig), check_duplication=False)
-        if self.redis is None:
-            self.sigs[doc_id] = sig
-            if shingles is not None:
-                self.shingle_sets[doc_id] = shingles
-        else:
-            self.redis.hset(self.sig_name, doc_id, sig.tobytes())
-        return None
+def jaccard(a, b):
+    """Jaccard of two sets (1.0 for two empty sets)."""
+    union = len(a | b)
+    return len(a & b) / union if union else 1.0
 
 
-class SimHashDedup:
-    """simhash.SimhashIndex over the kept documents' fingerprints (in memory, per process)."""
+# ---- decisions over the whole corpus (compact arrays, document order) ------------------------------------
 
-    def __init__(self, k=3):
-        from simhash import SimhashIndex
-        quiet = logging.getLogger("clean_data.simhash")
-        quiet.setLevel(logging.ERROR)  # the index warns about every bucket over 200 entries
-        self.index = SimhashIndex([], f=64, k=k, log=quiet)
-        self.k = k
-        self._blocks = None
+def first_of_equal(keys, alive):
+    """partner[i] = position of the first alive document with keys[i] when an earlier alive one has it, else -1
+    (int64, one per document). keys: (N,) uint64; alive: (N,) bool."""
+    partner = np.full(len(keys), -1, np.int64)
+    idx = np.nonzero(alive)[0]
+    order = idx[np.argsort(keys[idx], kind="stable")]  # equal keys stay in document order
+    k = keys[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = k[1:] != k[:-1]
+    first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
+    partner[order[~starts]] = first[~starts]
+    return partner
 
-    def _keys(self, value):
-        """index.get_keys, with its block offsets computed once: k+1 blocks of the 64 bits, '%x:%x'."""
-        if self._blocks is None:
-            offs = self.index.offsets
-            self._blocks = [(o, (1 << ((offs[i + 1] if i + 1 < len(offs) else 64) - o)) - 1)
-                            for i, o in enumerate(offs)]
-        return ["%x:%x" % (value >> o & m, i) for i, (o, m) in enumerate(self._blocks)]
 
-    def check_and_add(self, fp, doc_id):
-        """Search the buckets the index would (same keys, same rule: distance <= k, popcount via
-        int.bit_count); None and add to the index if nothing is near, else the earliest near id."""
-        value = int(fp)
-        keys = self._keys(value)
-        near = [obj_id for key in keys for entry in self.index.bucket.get(key, ())
-                for other, obj_id in [entry.split(",", 1)] if (int(other, 16) ^ value).bit_count() <= self.k]
-        if near:
-            return min(int(x) for x in near)
-        for key in keys:  # what index.add stores
-            self.index.bucket[key].add("%x,%s" % (value, doc_id))
-        return None
+def union(label, u, v):
+    """Union-find step over the edges (u, v), in place: label is a forest of parent pointers with
+    label[x] <= x, fully compressed on return (label[x] = the smallest node of x's component). Roots of
+    an edge's two ends are hooked, the larger under the smaller, until no edge spans two roots."""
+    while True:
+        ru, rv = label[u], label[v]
+        apart = ru != rv
+        if not apart.any():
+            return label
+        np.minimum.at(label, np.maximum(ru[apart], rv[apart]), np.minimum(ru[apart], rv[apart]))
+        while True:  # pointer jumping: every node straight to its root
+            nxt = label[label]
+            if np.array_equal(nxt, label):
+                break
+            label[:] = nxt
+
+
+def candidate_components(bands, alive):
+    """Connected components of the candidate graph (alive documents sharing any band hash), one band at a
+    time so at most one band's edges exist at once: in each band every document whose hash an earlier one
+    has is linked to the first of them. Returns (label, linked): label (N,) int64 as union() leaves it,
+    linked (N,) bool = has at least one candidate. bands: (N, b) uint64; alive: (N,) bool."""
+    n = len(alive)
+    label, linked = np.arange(n, dtype=np.int64), np.zeros(n, bool)
+    idx = np.nonzero(alive)[0]
+    for k in range(bands.shape[1]):
+        partner = first_of_equal(bands[idx, k], np.ones(len(idx), bool))
+        has = partner >= 0
+        u, v = idx[partner[has]], idx[has]
+        linked[u] = linked[v] = True
+        union(label, u, v)
+    return label, linked
+
+
+def component_groups(label, nodes):
+    """Components with two or more of the given nodes: (members, bounds): members = nodes sorted by
+    (component, position); component c is members[bounds[c]:bounds[c + 1]], in document order."""
+    nodes = np.unique(nodes)
+    order = nodes[np.lexsort((nodes, label[nodes]))]
+    lab = label[order]
+    cuts = np.concatenate([[0], np.nonzero(lab[1:] != lab[:-1])[0] + 1, [len(order)]])
+    sizes = np.diff(cuts)
+    keep = np.repeat(sizes >= 2, sizes)
+    members = order[keep]
+    bounds = np.concatenate([[0], np.cumsum(sizes[sizes >= 2])])
+    return members, bounds
+
+
+def resolve_component(bands, texts, threshold, n=5):
+    """The MinHash rule inside one component, members in document order. bands: (m, b) uint64 band hashes,
+    texts: the m normalised texts. Returns [(j, i, jaccard)] for each removed member j (indices into the
+    component): i is the earliest kept member sharing a band hash with j whose exact Jaccard >= threshold."""
+    kept = np.ones(len(texts), bool)
+    sets = [None] * len(texts)
+    removed = []
+    for j in range(1, len(texts)):
+        for i in np.nonzero(kept[:j] & (bands[:j] == bands[j]).any(axis=1))[0]:
+            for x in (i, j):
+                if sets[x] is None:
+                    sets[x] = shingle_set(texts[x], n)
+            jac = jaccard(sets[i], sets[j])
+            if jac >= threshold:
+                kept[j] = False
+                removed.append((j, int(i), jac))
+                break
+    return removed
+
+
+def simhash_pairs(fps, alive, k):
+    """Every pair (i, j), i < j, of alive documents whose fingerprints differ in at most k bits. Returns (i, j)
+    int64 arrays sorted by (j, i). fps: (N,) uint64."""
+    idx = np.nonzero(alive)[0]
+    f = fps[idx]
+    blocks = np.array_split(np.arange(64), k + 3)
+    masks = [sum(1 << int(bit) for bit in blk) for blk in blocks]
+    found = []
+    for combo in combinations(range(len(blocks)), 3):
+        key = f & np.uint64(sum(masks[c] for c in combo))
+        order = np.argsort(key, kind="stable")
+        kk = key[order]
+        cuts = np.concatenate([[0], np.nonzero(kk[1:] != kk[:-1])[0] + 1, [len(kk)]])
+        for size in np.unique(np.diff(cuts)):  # runs of one size at a time: all their pairs in one numpy step
+            if size < 2:
+                continue
+            run = cuts[:-1][np.diff(cuts) == size]
+            a, b = np.triu_indices(size, 1)
+            i, j = order[run[:, None] + a].ravel(), order[run[:, None] + b].ravel()
+            near = popcount64(f[i] ^ f[j]) <= k
+            found.append(np.stack([np.minimum(i, j)[near], np.maximum(i, j)[near]], axis=1))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.unique(np.concatenate(found), axis=0)
+    pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]
+    return idx[pairs[:, 0]], idx[pairs[:, 1]]
+
+
+def greedy_partners(i, j, n):
+    """Document-order rule over verified pairs (i < j, sorted by (j, i)): j is removed when one of its i is
+    kept; its partner is the earliest such i. Returns partner (N,) int64, -1 for kept documents."""
+    partner = np.full(n, -1, np.int64)
+    for a, b in zip(i.tolist(), j.tolist()):
+        if partner[b] < 0 and partner[a] < 0:
+            partner[b] = a
+    return partner

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clean_data import dedup, filters
-from clean_data.clean import clean
+from clean_data.clean import STAGES, clean, verdicts
 from clean_data.merge import merge, plan
 from clean_data.normalize import normalize
 from conftest import run_script
@@ -105,22 +105,77 @@ def test_near_dup_caught_and_reordered_text_kept(method):
     reordered = shuffled_sentences(base)  # same characters, different order
     assert jaccard(base, near) > 0.9 and jaccard(base, reordered) < 0.2
     assert sorted(base) == sorted(reordered)  # single-character shingles would call these identical
-    texts = [normalize(t) for t in (base, near, reordered)]
-    h, c = dedup.shingle_hashes(texts)
-    if method == "minhash":
-        index, keys = dedup.MinHashDedup(0.8, 128), dedup.minhash_signatures(h, c, dedup.permutations(128))
-    else:
-        index, keys = dedup.SimHashDedup(3), dedup.simhash_fingerprints(h, c)
-    assert index.check_and_add(keys[0], 0) is None
-    assert index.check_and_add(keys[1], 1) == 0  # the near-duplicate points at the first of its cluster
-    assert index.check_and_add(keys[2], 2) is None
+    code, partner, _ = verdicts([base, near, reordered], stages=method, num_workers=1)
+    assert code.tolist() == [0, 1 + STAGES.index(method), 0]
+    assert partner[1] == 0  # the near-duplicate points at the first of its cluster
 
 
 def test_exact_dedup_on_normalised_text():
-    ex = dedup.ExactDedup()
-    assert ex.check_and_add(dedup.exact_key(normalize("白日依山尽，黄河入海流。")), 0) is None
-    assert ex.check_and_add(dedup.exact_key(normalize("白日依山尽 黄河入海流")), 1) == 0
-    assert ex.check_and_add(dedup.exact_key(normalize("白日依山尽，长江入海流。")), 2) is None
+    texts = ["白日依山尽，黄河入海流。", "白日依山尽 黄河入海流", "白日依山尽，长江入海流。"]
+    code, partner, _ = verdicts(texts, stages="exact", num_workers=1)
+    assert code.tolist() == [0, 2, 0] and partner[1] == 0
+
+
+def test_minhash_candidates_are_verified_by_exact_jaccard():
+    # three documents whose band hashes all agree (LSH says: candidates) but whose texts overlap little: exact
+    # Jaccard decides, so only the real near-duplicate goes, pointing at the kept document it matches
+    a, b = long_doc(21, 200), long_doc(22, 200)
+    near = edit(a, 2)
+    same_bands = np.zeros((3, 20), np.uint64)
+    removed = dedup.resolve_component(same_bands, [a, b, near], threshold=0.8)
+    assert [(j, i) for j, i, _ in removed] == [(2, 0)]
+    assert removed[0][2] == pytest.approx(jaccard(a, near))
+    assert dedup.resolve_component(np.arange(3, dtype=np.uint64)[:, None], [a, b, a], 0.8) == []  # no band shared
+
+
+def test_union_find_matches_a_plain_search():
+    r = np.random.default_rng(0)
+    n = 300
+    u, v = r.integers(0, n, 250), r.integers(0, n, 250)
+    label = dedup.union(np.arange(n, dtype=np.int64), u, v)
+    adj = {i: set() for i in range(n)}
+    for x, y in zip(u.tolist(), v.tolist()):
+        adj[x].add(y)
+        adj[y].add(x)
+    for start in range(n):  # every node's component by depth-first search; its label = its smallest node
+        seen, todo = {start}, [start]
+        while todo:
+            for y in adj[todo.pop()] - seen:
+                seen.add(y)
+                todo.append(y)
+        assert label[start] == min(seen)
+
+
+def test_simhash_pairs_equal_all_pairs():
+    r = np.random.default_rng(1)
+    base = r.integers(0, 2 ** 63, 200, dtype=np.uint64)
+    flips = [np.uint64(sum(1 << int(b) for b in r.choice(64, k, replace=False))) for k in r.integers(0, 6, 200)]
+    fps = np.concatenate([base, base ^ np.array(flips, np.uint64)])  # half within 0-5 bits of the other half
+    alive = r.random(len(fps)) > 0.1
+    i, j = dedup.simhash_pairs(fps, alive, 3)
+    want = {(x, y) for x in range(len(fps)) for y in range(x + 1, len(fps))
+            if alive[x] and alive[y] and bin(int(fps[x]) ^ int(fps[y])).count("1") <= 3}
+    assert set(zip(i.tolist(), j.tolist())) == want and len(want) > 50
+
+
+def chain():
+    """A ~ B ~ C (exact Jaccard >= 0.8 each) with J(A, C) < 0.8: five edits in each half of a 300-character text."""
+    a = long_doc(31, 300)
+    b = "".join("鑫" if k in range(5, 150, 30) else ch for k, ch in enumerate(a))
+    c = "".join("淼" if k in range(155, 300, 30) else ch for k, ch in enumerate(b))
+    assert jaccard(a, b) >= 0.8 and jaccard(b, c) >= 0.8 and jaccard(a, c) < 0.8
+    return a, b, c
+
+
+def test_chain_resolves_in_document_order():
+    a, b, c = chain()
+    fillers = [long_doc(40 + k, 120) for k in range(6)]
+    texts = [a, fillers[0], b, fillers[1], c] + fillers[2:]
+    code, partner, score = verdicts(texts, stages="minhash", num_workers=1)
+    assert code[[0, 2, 4]].tolist() == [0, 3, 0]  # B goes (A is kept), C stays: its only partner B was removed
+    assert partner[2] == 0 and score[2] == pytest.approx(jaccard(a, b))
+    code, partner, _ = verdicts([b, a, c], stages="minhash", num_workers=1)  # B first: both others are its near-dups
+    assert code.tolist() == [0, 3, 3] and partner[1:].tolist() == [0, 0]
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------------
@@ -276,37 +331,98 @@ def redis_url(tmp_path_factory):
     proc.wait(5)
 
 
-def test_two_workers_share_one_redis_index(redis_url, tmp_path):
-    docs = [long_doc(100 + i, 200) for i in range(20)]
-    (tmp_path / "w1").mkdir()
-    (tmp_path / "w2").mkdir()
-    with open(tmp_path / "w1" / "a.jsonl", "w", encoding="utf-8") as f:
-        for t in docs[:10]:
-            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-    with open(tmp_path / "w2" / "b.jsonl", "w", encoding="utf-8") as f:  # near and exact dups of shard 1
-        for t in [edit(docs[0], 3), docs[1]] + docs[10:]:
-            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-    kw = dict(redis_url=redis_url, redis_prefix="t", num_workers=1, progress=False, stages="filter,exact,minhash")
-    r1 = clean(str(tmp_path / "w1"), str(tmp_path / "o1"), shard_id=1, **kw)
-    r2 = clean(str(tmp_path / "w2"), str(tmp_path / "o2"), shard_id=2, **kw)
-    assert r1["documents_out"] == 10
-    assert r2["stages"]["exact"]["removed"] == 1 and r2["stages"]["minhash"]["removed"] == 1
-    removed = [json.loads(l) for l in open(tmp_path / "o2" / "removed.jsonl", encoding="utf-8")]
-    assert {x["dup_of"] for x in removed} == {1 * 10 ** 12 + 0, 1 * 10 ** 12 + 1}  # ids from the other worker
+def planted_corpus(d, parts=3):
+    """Documents with known near-duplicates, in `parts` jsonl files (in corpus order): 40 originals, variants
+    of the first 15 with 1-8 characters edited (some above J = 0.8, some below), exact copies, the A ~ B ~ C
+    chain, shuffled. Returns the list of files."""
+    r = random.Random(5)
+    base = [long_doc(200 + k, 150) for k in range(40)]
+    texts = base + [edit(base[k], r.randint(1, 8), seed=k * 10 + v) for k in range(15) for v in range(2)]
+    texts += [base[3], base[4]] + list(chain())
+    r.shuffle(texts)
+    d.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k in range(parts):
+        files.append(str(d / f"part{k}.jsonl"))
+        with open(files[-1], "w", encoding="utf-8") as f:
+            for i in range(k * len(texts) // parts, (k + 1) * len(texts) // parts):
+                f.write(json.dumps({"text": texts[i], "id": f"doc{i}"}, ensure_ascii=False) + "\n")
+    return files
 
 
-def test_minhash_candidates_are_verified_by_exact_jaccard():
-    # two documents whose signatures agree completely (estimate 1.0) but whose shingle sets overlap by a third:
-    # with the shingle sets given, exact Jaccard decides and they are not merged; without them the estimate does
-    import numpy as np
-    from clean_data import dedup
-    sig = np.arange(128, dtype=np.uint32)
-    a, b = np.arange(0, 100, dtype=np.uint64), np.arange(50, 150, dtype=np.uint64)  # J = 50 / 150
-    index = dedup.MinHashDedup(threshold=0.8, num_perm=128)
-    assert index.check_and_add(sig, "a", a) is None
-    assert index.check_and_add(sig.copy(), "b", b) is None
-    near = np.arange(0, 105, dtype=np.uint64)  # J with a = 100 / 105 >= 0.8
-    assert index.check_and_add(sig.copy(), "c", near) == "a"
-    estimate_only = dedup.MinHashDedup(threshold=0.8, num_perm=128)
-    estimate_only.check_and_add(sig, "a")
-    assert estimate_only.check_and_add(sig.copy(), "b") == "a"
+def kept_ids(out_dir):
+    import pyarrow.parquet as pq
+    return sorted(pq.read_table(os.path.join(out_dir, "clean.parquet"), columns=["id"]).column("id").to_pylist())
+
+
+def test_removed_only_with_a_verified_partner(tmp_path):
+    files = planted_corpus(tmp_path / "in")
+    r = clean(files, str(tmp_path / "out"), num_workers=1, progress=False)
+    by_id, removed = {}, []
+    for f in files:
+        for line in open(f, encoding="utf-8"):
+            by_id[len(by_id)] = json.loads(line)["text"]  # running number = document id in one process
+    removed = [json.loads(l) for l in open(tmp_path / "out" / "removed.jsonl", encoding="utf-8")]
+    gone = {x["doc"]: x["stage"] for x in removed}
+    near = [x for x in removed if x["stage"] == "minhash"]
+    assert len(near) >= 10 and r["stages"]["minhash"]["removed"] == len(near)
+    for x in near:  # the partner is named, really is a near-duplicate, and survived the stages up to MinHash
+        assert x["jaccard"] >= 0.8
+        assert jaccard(normalize(x["text"]), normalize(by_id[x["dup_of"]])) == pytest.approx(x["jaccard"], abs=1e-4)
+        assert gone.get(x["dup_of"]) in (None, "simhash") and x["dup_of"] < x["doc"]
+
+
+@pytest.mark.parametrize("chunk_docs,num_workers", [(7, 1), (1000, 2)])
+def test_kept_set_independent_of_chunks_and_workers(tmp_path, chunk_docs, num_workers):
+    files = planted_corpus(tmp_path / "in")
+    clean(files, str(tmp_path / "one"), chunk_docs=1, num_workers=1, progress=False)
+    clean(files, str(tmp_path / "other"), chunk_docs=chunk_docs, num_workers=num_workers, progress=False)
+    assert kept_ids(tmp_path / "one") == kept_ids(tmp_path / "other")
+    assert len(kept_ids(tmp_path / "one")) < 40 + 30 + 5 - 5  # duplicates were removed
+
+
+def run_shards(files_per_shard, out, redis_url, prefix, order):
+    """clean() on each shard at once (threads, started in `order`); returns each shard's out_dir."""
+    import threading
+    outs, errors = [str(out / f"shard{s}") for s in range(len(files_per_shard))], []
+
+    def one(s):
+        try:
+            clean(files_per_shard[s], outs[s], redis_url=redis_url, redis_prefix=prefix, shard_id=s,
+                  num_shards=len(files_per_shard), num_workers=1, chunk_docs=5, progress=False, redis_timeout=60.0)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+    threads = [threading.Thread(target=one, args=(s,)) for s in order]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return outs
+
+
+def test_redis_shards_keep_what_one_process_keeps(redis_url, tmp_path):
+    files = planted_corpus(tmp_path / "in", parts=4)
+    clean(files, str(tmp_path / "single"), num_workers=1, progress=False)
+    want = kept_ids(tmp_path / "single")
+    for layout, order in (([files[:2], files[2:]], [1, 0]), ([[f] for f in files], [2, 0, 3, 1])):
+        outs = run_shards(layout, tmp_path / f"n{len(layout)}", redis_url, f"t{len(layout)}", order)
+        assert sorted(sum((kept_ids(o) for o in outs), [])) == want
+        alls = [o for o in outs if os.path.exists(os.path.join(o, "report_all.json"))]
+        assert len(alls) == 1  # the last shard to finish wrote the combined report
+        total = json.load(open(os.path.join(alls[0], "report_all.json")))
+        assert total["documents_out"] == len(want) and len(total["shards"]) == len(layout)
+    import redis
+    assert redis.Redis.from_url(redis_url).keys("t2:*") == []  # the run's keys were deleted
+
+
+def test_redis_shard_refuses_a_used_prefix_and_a_wrong_shard_id(redis_url, tmp_path):
+    import redis
+    files = planted_corpus(tmp_path / "in", parts=2)
+    redis.Redis.from_url(redis_url).sadd("used:shards", 0)
+    with pytest.raises(ValueError, match="already has shard 0"):
+        clean(files[:1], str(tmp_path / "o"), redis_url=redis_url, redis_prefix="used", num_shards=2, progress=False)
+    with pytest.raises(ValueError, match="shard_id=2"):
+        clean(files[:1], str(tmp_path / "o"), redis_url=redis_url, shard_id=2, num_shards=2, progress=False)
+    assert not (tmp_path / "o").exists()
