@@ -15,12 +15,22 @@ A checkpoint is one dict saved with torch.save:
     tokenizer, tokenizer_sha256, data                   where the tokens came from
 
 merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
+
+Runs with parallel='fsdp' write sharded checkpoints instead (torch.distributed.checkpoint, DCP): out_dir/ckpt.dcp
+(and best.dcp) is a symbolic link to a folder out_dir/dcp/iter_NNNNNNNN holding every process's shards of the
+trainable weights and of the optimizer state, and extra.pt with every other field above. The link is swapped
+atomically once a save is complete, so a run killed during a save keeps its previous checkpoint. A DCP folder
+loads on any number of processes (the shards are re-cut), and `load` reads one as a single-file checkpoint
+dict (weights gathered, no optimizer), so eval.py, export.py and fine-tuning take a .dcp path like a .pt;
+`python checkpoint.py out/x/ckpt.dcp out/x/model.pt` writes that single file.
 """
 import contextlib
 import dataclasses
 import math
 import os
 import shutil
+import sys
+import warnings
 
 import torch
 
@@ -45,23 +55,46 @@ def save(path, state):
 
 
 def load(path, device="cpu"):
-    """The checkpoint dict at path, tensors on device. Raises FileNotFoundError naming the path.
+    """The checkpoint dict at path, tensors on device; a DCP folder (FSDP runs) comes back as the single-file
+    dict of consolidate (no optimizer state). Raises FileNotFoundError naming the path.
     weights_only: a checkpoint is data, never code."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
+    if os.path.isdir(path):
+        return consolidate(path, device)
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def checkpoint_path(out_dir, parallel):
+    """Where a run keeps its latest state: out_dir/ckpt.pt, or out_dir/ckpt.dcp for parallel='fsdp'."""
+    return os.path.join(out_dir, "ckpt.dcp" if parallel == "fsdp" else "ckpt.pt")
+
+
+def load_resume(path, device="cpu"):
+    """What resuming reads first: the whole checkpoint dict of a .pt file; of a DCP folder only extra.pt (the
+    fields, iter_num, RNG states...) with "dcp": the folder, whose shards load_sharded reads once the model is
+    sharded. FileNotFoundError naming the path."""
+    if not os.path.isdir(path):
+        return load(path, device)
+    extra = os.path.join(path, "extra.pt")
+    if not os.path.exists(extra):
+        raise FileNotFoundError(f"{extra} not found: {path} is not a complete sharded checkpoint")
+    return dict(torch.load(extra, map_location="cpu", weights_only=True), dcp=os.path.realpath(path))
 
 
 def training_state(model, optimizer, scaler, rngs, **fields):
     """The dict a training run saves: the adapters only when the model carries LoRA (apply_lora sets
     model.lora_config; base_ckpt = fields["init_ckpt"]), else the full weights; plus the optimizer, the loss
-    scaler, every process's RNG state and the given fields (model_args, iter_num, best_val_loss, config, ...)."""
-    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-             "rng": rngs, **fields}
+    scaler, every process's RNG state and the given fields (model_args, iter_num, best_val_loss, config, ...).
+    optimizer None: a sharded checkpoint's extra.pt (weights and optimizer state go to the DCP shards)."""
+    state = {"scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rngs, **fields}
     if getattr(model, "lora_config", None):
-        state.update(lora=lora_state_dict(model), lora_config=dict(model.lora_config), base_ckpt=fields["init_ckpt"])
-    else:
-        state["model"] = model.state_dict()
+        state.update(lora_config=dict(model.lora_config), base_ckpt=fields["init_ckpt"])
+    if optimizer is None:
+        return state
+    state["optimizer"] = optimizer.state_dict()
+    state["lora" if "lora_config" in state else "model"] = \
+        lora_state_dict(model) if "lora_config" in state else model.state_dict()
     return state
 
 
@@ -71,6 +104,113 @@ def save_merged(path, model, **fields):
     merge_lora(model)
     # the merged architecture is the model's own (an adapted output layer unties tied embeddings)
     save(path, {"model": model.state_dict(), **fields, "model_args": dataclasses.asdict(model.args)})
+
+
+# ---- sharded checkpoints (FSDP): torch.distributed.checkpoint --------------------------------------------
+
+def _optimizers(optimizer):
+    return getattr(optimizer, "optimizers", [optimizer])  # model.Optimizers holds several
+
+
+def sharded_state(model, optimizer):
+    """The DCP state of a run: the trainable parameters (all of them, or a LoRA run's adapters; DTensor
+    shards under FSDP) and the optimizer state keyed by parameter name (get_optimizer_state_dict), so
+    another number of processes can re-cut both."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k in names}
+    return {"model": weights, "optim": get_optimizer_state_dict(model, _optimizers(optimizer))}
+
+
+def save_sharded(link, model, optimizer, extra, run, best_link=None):
+    """Write a DCP checkpoint (a collective: every process writes its shards) into out_dir/dcp/iter_N, the
+    master adds extra.pt (the other fields), then points `link` (and best_link, when given) at it by an atomic
+    symlink swap and removes the folders no link points to. Until the swap the previous checkpoint stays what
+    the links name: a kill at any moment leaves a loadable one. Assumes a folder every process can write
+    (one machine, or a shared file system across nodes)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    root = os.path.join(os.path.dirname(os.path.abspath(link)), "dcp")
+    name = f"iter_{extra['iter_num']:08d}"
+    folder = os.path.join(root, name)
+    if run.master and os.path.exists(folder) and name not in _linked(root):
+        shutil.rmtree(folder)  # half written by a killed run
+    if run.ddp:
+        dist.barrier()
+    if run.master and os.path.exists(folder):  # re-saving the iteration a link already names: write beside it
+        folder = os.path.join(root, name + "_1")
+        shutil.rmtree(folder, ignore_errors=True)
+    folder = _broadcast(folder, run)
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
+    if run.master:
+        with atomic_path(os.path.join(folder, "extra.pt")) as tmp:
+            torch.save(extra, tmp)
+        for l in (link, best_link):
+            if l:
+                _point(l, os.path.relpath(folder, os.path.dirname(os.path.abspath(l))))
+        for old in set(os.listdir(root)) - _linked(root):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    if run.ddp:
+        dist.barrier()
+
+
+def _broadcast(obj, run):
+    """The master's value of a picklable obj on every process."""
+    if not run.ddp:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _point(link, target):
+    """Make `link` a symbolic link to target, atomically (a new link renamed over the old one)."""
+    tmp = link + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _linked(root):
+    """Names of the folders in root that ckpt.dcp or best.dcp beside it point to."""
+    out_dir = os.path.dirname(root)
+    return {os.path.basename(os.path.realpath(os.path.join(out_dir, l))) for l in ("ckpt.dcp", "best.dcp")
+            if os.path.islink(os.path.join(out_dir, l))}
+
+
+def load_sharded(folder, model, optimizer):
+    """Load a DCP checkpoint's weights and optimizer state into a sharded (or plain) model and its optimizer,
+    whatever number of processes wrote it (a collective). Raises ValueError naming the folder when its
+    optimizer state is not this optimizer's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state = sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=folder)
+    except Exception as e:  # DCP says which key it lacks; say which checkpoint and the likely cause
+        raise ValueError(f"{folder}: cannot load into this run's model and optimizer (another optimizer, or "
+                         f"another LoRA set-up?): {e}") from e
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, _optimizers(optimizer), state["optim"])
+
+
+def consolidate(folder, device="cpu"):
+    """A DCP checkpoint as the single-file checkpoint dict eval.py, export.py and fine-tuning read, in one
+    process without a process group: extra.pt's fields, and the gathered weights as "model" (or, for a LoRA
+    run, as "lora" beside lora_config and base_ckpt). The optimizer state is left out: resuming reads the
+    folder itself."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    ckpt = load_resume(folder)
+    del ckpt["dcp"]
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want
+        warnings.simplefilter("ignore", UserWarning)
+        weights = _load_state_dict_from_keys({"model"}, checkpoint_id=os.path.realpath(folder))["model"]
+    weights = {k: v.to(device) for k, v in weights.items()}
+    ckpt["lora" if "lora_config" in ckpt else "model"] = weights
+    return ckpt
 
 
 # ---- models from checkpoints ------------------------------------------------------------------------------
@@ -122,7 +262,7 @@ def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=
         model.load_state_dict(resume_ckpt["model"])
     if lora_rank:
         apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        if resume_ckpt is not None:
+        if resume_ckpt is not None and "lora" in resume_ckpt:  # (a DCP checkpoint loads in training_optimizer)
             load_lora_state_dict(model, resume_ckpt["lora"])
     return model.to(device), model_args, start_state, init
 
@@ -137,12 +277,18 @@ def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys, o
     Checkpointer removes the old run's checkpoints before this run writes anything)."""
     if init_from == start:
         if os.path.exists(ckpt_path) and not overwrite:
-            raise SystemExit(f"{ckpt_path} exists (a run of {load(ckpt_path)['iter_num']} iterations): continue it "
-                             f"with --init_from=resume, or start over with --overwrite=True (or another out_dir)")
+            raise SystemExit(f"{ckpt_path} exists (a run of {load_resume(ckpt_path)['iter_num']} iterations): "
+                             f"continue it with --init_from=resume, or start over with --overwrite=True (or another "
+                             f"out_dir)")
         return None
     if init_from != "resume":
         raise SystemExit(f"init_from must be {start!r} or 'resume', not {init_from!r}")
-    ckpt = load(ckpt_path, device)
+    other = ckpt_path[:-4] + (".pt" if ckpt_path.endswith(".dcp") else ".dcp")
+    if not os.path.exists(ckpt_path) and os.path.exists(other):
+        raise SystemExit(f"{ckpt_path} not found, but {other} is: that run used --parallel="
+                         f"{'fsdp' if other.endswith('.dcp') else 'ddp'}; resume it with that setting (a sharded "
+                         f"checkpoint resumes on any number of processes)")
+    ckpt = load_resume(ckpt_path, device)
     g.update(resume_config(ckpt, {k: g[k] for k in config_keys}, changed, keys))
     return ckpt
 
@@ -180,17 +326,27 @@ def resume_config(ckpt, config, changed, keys):
     return dict(config, **{k: saved[k] for k in keys if k in saved})
 
 
-def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, betas):
-    """The AdamW optimizer of the model's trainable parameters (model.configure_optimizers), and the RNG.
-    Resuming (ckpt a checkpoint dict): the optimizer, the loss scaler (run.scaler) and this process's RNG state
-    come back. Starting (ckpt None): each process is seeded differently (dropout masks must differ across
-    processes). A checkpoint from another number of processes cannot give each its own state, so the RNG is
-    then reseeded deterministically. Returns the optimizer."""
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type)
+def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, betas, optimizer="adamw"):
+    """The optimizer of the model's trainable parameters (model.configure_optimizers: 'adamw' or 'muon'), and
+    the RNG. Under FSDP the model must be sharded already (train_utils.parallelize). Resuming (ckpt a checkpoint
+    dict, or load_resume's fields of a DCP folder, whose weights and optimizer state load here): the optimizer,
+    the loss scaler (run.scaler) and this process's RNG state come back. Starting (ckpt None): each process is
+    seeded differently (dropout masks must differ across processes). A checkpoint from another number of
+    processes cannot give each its own state, so the RNG is then reseeded deterministically. Returns the
+    optimizer. SystemExit when the checkpoint's optimizer state is another optimizer's."""
+    name = optimizer
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type, name)
     if ckpt is None:
         torch.manual_seed(seed + run.rank)
         return optimizer
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        if "dcp" in ckpt:
+            load_sharded(ckpt["dcp"], model, optimizer)
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"cannot resume with optimizer={name!r}: the checkpoint's optimizer state does not fit "
+                         f"({e}); resume with the optimizer the run started with") from e
     iter_num = ckpt["iter_num"]
     if ckpt.get("scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(ckpt["scaler"])
@@ -238,7 +394,8 @@ class Checkpointer:
         run. model: the plain Transformer (not a DDP or compile wrapper). ceiling: the loss of a model that has
         learned nothing (ln vocab_size for next-token losses), None when there is none (preference losses)."""
         self.path, self.run, self.model, self.optimizer, self.log, self.fields = path, run, model, optimizer, log, fields
-        self.best_path = os.path.join(os.path.dirname(os.path.abspath(path)), "best.pt")
+        self.sharded = path.endswith(".dcp")  # parallel='fsdp': DCP folders behind ckpt.dcp and best.dcp
+        self.best_path = os.path.join(os.path.dirname(os.path.abspath(path)), "best.dcp" if self.sharded else "best.pt")
         self.resumed = ckpt is not None
         self.start_iter = ckpt["iter_num"] if self.resumed else 0
         self.best_val_loss = ckpt["best_val_loss"] if self.resumed else float("inf")
@@ -250,6 +407,7 @@ class Checkpointer:
             for old in (path, self.best_path, os.path.join(os.path.dirname(self.best_path), "summary.json")):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(old)
+            shutil.rmtree(os.path.join(os.path.dirname(self.best_path), "dcp"), ignore_errors=True)
 
     def eval_due(self, iter_num, last):
         """True when iteration iter_num (the last one when last) should evaluate. The last iteration does not
@@ -317,6 +475,13 @@ class Checkpointer:
         if iter_num <= self.start_iter:
             return
         rngs = tu.gather_rng_states(self.run)  # a collective: every process takes part
+        if self.sharded:
+            extra = training_state(self.model, None, self.run.scaler, rngs, iter_num=iter_num,
+                                   best_val_loss=self.best_val_loss, **self.fields)
+            save_sharded(self.path, self.model, self.optimizer, extra, self.run, self.best_path if best else None)
+            self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))
+            self.saved_at = iter_num
+            return
         if self.run.master:
             save(self.path, training_state(self.model, self.optimizer, self.run.scaler, rngs, iter_num=iter_num,
                                            best_val_loss=self.best_val_loss, **self.fields))
@@ -325,3 +490,28 @@ class Checkpointer:
                     shutil.copyfile(self.path, tmp)
             self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))
         self.saved_at = iter_num
+
+
+def gathered_model(model, run):
+    """The trained model as a plain Transformer with all its weights on the master (for generation and the
+    merged LoRA file at the end of a run), None on the other processes. Under FSDP a collective that gathers
+    the shards into a new CPU model (LoRA layers rebuilt); otherwise the model itself."""
+    state = tu.full_state_dict(model, run) if run.parallel == "fsdp" else None
+    if not run.master:
+        return None
+    if run.parallel != "fsdp":
+        return model
+    plain = Transformer(model.args)
+    if getattr(model, "lora_config", None):
+        cfg = model.lora_config
+        apply_lora(plain, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+    plain.load_state_dict(state)
+    return plain
+
+
+if __name__ == "__main__":
+    # python checkpoint.py out/x/ckpt.dcp out/x/model.pt: a sharded checkpoint as one file for eval.py and export
+    if len(sys.argv) != 3 or not os.path.isdir(sys.argv[1]):
+        raise SystemExit("usage: python checkpoint.py SHARDED_CHECKPOINT.dcp OUT.pt (the .dcp folder of an FSDP run)")
+    save(sys.argv[2], consolidate(sys.argv[1]))
+    print(f"wrote {sys.argv[2]} from {sys.argv[1]}")

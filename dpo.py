@@ -90,6 +90,7 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
+optimizer = "adamw"  # or 'muon' (Muon for the blocks' matrices, AdamW for the rest)
 dropout = 0.0
 seed = 1337
 # LoRA (lora_rank = 0: full fine-tuning)
@@ -104,6 +105,10 @@ dtype = "auto"
 compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
 num_threads = 0
 max_minutes = 0.0
+parallel = "ddp"  # 'ddp', or 'fsdp': weights, gradients and optimizer state sharded over the processes (pretrain.py)
+activation_checkpointing = False  # recompute each block's activations in the backward pass (less memory)
+cpu_offload = False  # fsdp: keep the shards and the optimizer step in CPU memory
+replicas = 1  # fsdp: > 1 = HSDP (shard within world_size / replicas processes, replicate across)
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 if loss_type not in LOSS_TYPES:
@@ -112,9 +117,9 @@ if reference not in ("model", "cached"):
     raise SystemExit(f"reference must be 'model' or 'cached', not {reference!r}")
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, False)
+run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, False, parallel)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's, and with them the
 # reference (a LoRA policy is its own reference, adapters off)
 resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed,
@@ -130,8 +135,9 @@ model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt,
                                                          dropout, lora_rank, lora_alpha, lora_dropout, lora_targets)
 raw_model, max_seq_len = model, model_args["max_seq_len"]
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
-module = tu.wrap_ddp(torch.compile(model) if run.compile else model, run)
+module = tu.parallelize(model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
+optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2),
+                              optimizer)
 if master:
     print(f"from {init_ckpt}"
           + (f" (resumed at iteration {iter_num})" if resume_ckpt is not None else ""))
@@ -208,7 +214,7 @@ del start_state
 config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
 loss_args = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, sft_weight=sft_weight)
 log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
-checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
+checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optim, log, eval_interval,
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
@@ -219,7 +225,7 @@ progress = tu.Progress("dpo", iter_num, max_iters, f"{max_iters - iter_num:,} it
                        f"{batch_size * gradient_accumulation_steps} pairs, {loss_type} loss (beta {beta}), held-out "
                        f"evaluation every {eval_interval}", enabled=master)
 while True:
-    lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = tu.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without held-out pairs the checkpoint is still written every eval_interval
@@ -244,8 +250,7 @@ while True:
     n_chosen = tu.all_reduce_sum(sum(len(train_items[i][1]) for idx in micro_idx for i in idx), run)
     sums, loss_sum, n_tok = {}, 0.0, 0
     for micro, idx in enumerate(micro_idx):
-        sync = not run.ddp or micro == accum - 1
-        with (nullcontext() if sync else module.no_sync()):
+        with tu.gradient_sync(module, micro == accum - 1):  # reduce gradients on the last micro-step only
             loss, m, nt = pair_batch_loss(module, ref, train_items, idx, "train", pad_id, device, run.autocast,
                                           loss_type, n_pairs, n_chosen, **loss_args)
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
@@ -258,7 +263,7 @@ while True:
     metrics["loss"] = tu.all_reduce_sum(loss_sum, run)
     if not run.scaler.is_enabled():
         checkpointer.check_train_loss(iter_num, metrics["loss"])
-    tu.optimizer_step(optimizer, run.scaler, grad_clip)
+    tu.optimizer_step(optim, run.scaler, grad_clip)
 
     n_tok = int(tu.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
@@ -270,6 +275,7 @@ progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary, plots, generations before/after --------------------------------------------------------------
+final = ck.gathered_model(raw_model, run)  # the trained model whole, on the master (FSDP: gathers the shards)
 if master:
     # what the reference costs in memory: a frozen copy of the weights, or the cached numbers
     reference_mb = (sum(p.numel() * p.element_size() for p in ref_net.parameters()) if ref_mode == "model" else
@@ -310,7 +316,7 @@ if master:
                 order.append(i)
         order = (order + [i for i in range(len(val_pairs)) if i not in order])[:n_samples]
         before_model = ck.load_model(init_ckpt, device)[0].eval()
-        raw_model.eval()
+        final.eval()
         n_new = min(96, max_seq_len - 1)
         samples = []
         for i in order:
@@ -318,12 +324,12 @@ if master:
             ids = ids[:, -(max_seq_len - n_new):]
             reply = lambda m: decode_reply(tok, m.generate(ids, n_new, stop_ids=stop_ids(tok))[0])
             samples.append({"prompt": val_pairs[i]["prompt"][-1]["content"], "chosen": val_pairs[i]["chosen"],
-                            "before": reply(before_model), "after": reply(raw_model)})
+                            "before": reply(before_model), "after": reply(final)})
             print(f"--- {samples[-1]['prompt']}\n  before: {samples[-1]['before']!r}\n  after:  {samples[-1]['after']!r}")
         write_json(os.path.join(out_dir, "samples.json"), samples)
     if lora_rank and save_merged:
-        ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **checkpointer.fields)
+        ck.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
-del module  # the DDP wrapper goes before the process group (see cleanup_ddp)
+del module, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
 tu.cleanup_ddp(run)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -191,7 +192,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """One pre-norm Llama 2 block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))."""
+    """One pre-norm Llama 2 block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
+    checkpointing = True (activation checkpointing, Chen et al. 2016): in training, keep only the block's input
+    and recompute the rest in the backward pass: the activations of a layer shrink to one (B, T, D) tensor for
+    about a third more compute; the gradients are the same (dropout masks are replayed from the saved RNG
+    state). Set per block (train_utils.parallelize) so FSDP gathers the weights once for the recomputation."""
+    checkpointing = False
 
     def __init__(self, args):
         super().__init__()
@@ -203,6 +209,12 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0, fused=(None, None)):
         """x (B, T, D) -> (B, T, D). cos, sin, mask, cache, cache_pos as in Attention.forward (and its
         AssertionError); fused: the stacked weights (wqkv, w13) for attention and feed-forward, or (None, None)."""
+        if self.checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, None, 0, fused,
+                                                     use_reentrant=False)
+        return self._forward(x, cos, sin, mask, cache, cache_pos, fused)
+
+    def _forward(self, x, cos, sin, mask, cache, cache_pos, fused):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos, fused[0])
         return h + self.feed_forward(self.ffn_norm(h), fused[1])
 
@@ -431,25 +443,44 @@ class Transformer(nn.Module):
 
     # ---- training helpers ----------------------------------------------------------------------------
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """torch.optim.AdamW over the parameters that require grad, in two groups: matrices (dim >= 2) get
-        weight_decay; RMSNorm weights and tok_embeddings.weight (with the output when tied; an untied output
-        is decayed) get 0. betas: (beta1, beta2); device_type: "cuda", "cpu", ... The fused implementation is
-        asked for on cuda and cpu when AdamW has it; if that raises RuntimeError or TypeError, plain AdamW."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                             muon_momentum=0.95):
+        """The optimizer of the parameters that require grad. optimizer='adamw': torch.optim.AdamW in two
+        groups: matrices (dim >= 2) get weight_decay; RMSNorm weights and tok_embeddings.weight (with the output
+        when tied; an untied output is decayed) get 0. betas: (beta1, beta2); device_type: "cuda", "cpu", ...
+        The fused implementation is asked for on cuda and cpu when AdamW has it; if that raises RuntimeError or
+        TypeError, plain AdamW.
+        optimizer='muon': torch.optim.Muon (Jordan et al. 2024: Nesterov momentum `muon_momentum`, then the
+        update orthogonalised by 5 Newton-Schulz steps) for the 2-D matrices inside the blocks (wq, wk, wv, wo,
+        w1, w2, w3, and LoRA adapters there), AdamW as above for the embedding, the output layer and the norms,
+        as modded-nanogpt and nanochat split them. Muon's step is scaled to AdamW's update size
+        (adjust_lr_fn='match_rms_adamw', Liu et al. 2025, "Muon is scalable"), so one learning_rate and one
+        schedule serve both. Returns an Optimizers of the two. ValueError for another optimizer name."""
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
         # decay matmul weights only; norms and embeddings (a lookup table, and the tied output) are not decayed
-        decay, no_decay = [], []
+        decay, no_decay, hidden = [], [], []
         for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings.weight
             if not p.requires_grad:
+                continue
+            if optimizer == "muon" and p.dim() == 2 and name.startswith("layers."):
+                hidden.append(p)
                 continue
             (decay if p.dim() >= 2 and "tok_embeddings" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]] if optimizer == "muon" else groups
         # the fused kernel runs the whole update in one launch per group: on GPUs, and on CPU since torch 2.4
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
         try:
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+            adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
         except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+            adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+        if optimizer == "adamw":
+            return adamw
+        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=muon_momentum,
+                                adjust_lr_fn="match_rms_adamw")
+        return Optimizers([adamw, muon])
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward), as in the PaLM appendix: 6N for the matmuls with
@@ -468,6 +499,42 @@ class Transformer(nn.Module):
             return None
         T = self.args.max_seq_len if seq_len is None else seq_len
         return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon for the blocks' matrices, AdamW for the rest): param_groups are
+    all of theirs (the LR schedule and gradient clipping see every parameter), step, zero_grad, state_dict and
+    load_state_dict go to each in turn. `optimizers` is the list (DCP checkpoints save each)."""
+
+    def __init__(self, optimizers):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def step(self, closure=None):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        """Raises ValueError when the state is another optimizer's (e.g. an AdamW run resumed with Muon)."""
+        if "optimizers" not in state or len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError("the checkpoint's optimizer state is not this optimizer's (adamw vs muon?): resume "
+                             "with the optimizer the run started with")
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
 
 
 # ---- int8 weight-only quantisation (inference) ---------------------------------------------------------------

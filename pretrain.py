@@ -4,12 +4,12 @@ Pretrain the Llama 2 model of model.py on uint16 token files written by data_pro
 One process:        python pretrain.py config/demo_cpu.py
 Several GPUs:       torchrun --standalone --nproc_per_node=8 pretrain.py config/baby_218m.py
 Several nodes:      torchrun --nnodes=2 --node_rank=0 --master_addr=IP --master_port=29500 --nproc_per_node=8 pretrain.py ...
+Sharded (FSDP2):    torchrun --standalone --nproc_per_node=8 pretrain.py config/baby_218m.py --parallel=fsdp
 Any global below can be overridden with --key=value after the config files.
 """
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -57,6 +57,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = off
+optimizer = "adamw"  # 'adamw', or 'muon': Muon for the blocks' matrices, AdamW for the rest (model.configure_optimizers)
 seed = 1337
 # system
 device = "auto"  # 'auto', 'cpu', 'cuda'
@@ -64,13 +65,17 @@ dtype = "auto"  # 'auto' (GPU: bf16; CPU: its fast path, train_utils.cpu_fast_pa
 compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
 num_threads = 0  # CPU threads; 0 = torch's default
 max_minutes = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
+parallel = "ddp"  # 'ddp': a whole copy per process; 'fsdp': weights, gradients, optimizer sharded (sharded checkpoints)
+activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+cpu_offload = False  # fsdp: keep the shards and the optimizer step in CPU memory
+replicas = 1  # fsdp: > 1 = HSDP, shard within world_size / replicas processes (a node), replicate across
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, True)
+run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, True, parallel)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the architecture (dim, ..., max_seq_len, which the batches use too) becomes the checkpoint's
 ckpt = ck.resume(init_from, "scratch", ckpt_path, device, globals(), config_keys, changed, ck.ARCHITECTURE_KEYS,
                  overwrite)
@@ -114,22 +119,20 @@ if init_model is not None:
     del init_model
     if master:
         print(f"continued pretraining from the weights of {init_ckpt}")
-if ckpt is not None:
+if ckpt is not None and "model" in ckpt:  # (a sharded checkpoint loads once the model is sharded)
     model.load_state_dict(ckpt["model"])
-    if master:
-        print(f"resumed from {ckpt_path} at iteration {iter_num}")
+if ckpt is not None and master:
+    print(f"resumed from {ckpt_path} at iteration {iter_num}")
 model.to(device)
-optimizer = ck.training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
 raw_model = model
 if master:
     print(f"parameters: {raw_model.num_params() / 1e6:.2f}M")
-if run.compile:
-    model = torch.compile(model)
-model = tu.wrap_ddp(model, run)
+model = tu.parallelize(model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
+optim = ck.training_optimizer(raw_model, ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2), optimizer)
 
 # ---- training loop ----------------------------------------------------------------------------------------
 log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if ckpt else None, enabled=master)
-checkpointer = ck.Checkpointer(ckpt_path, ckpt, run, raw_model, optimizer, log, eval_interval,
+checkpointer = ck.Checkpointer(ckpt_path, ckpt, run, raw_model, optim, log, eval_interval,
                                always_save_checkpoint, ceiling=math.log(vocab_size), model_args=model_args,
                                **ckpt_fields)
 del ckpt
@@ -139,7 +142,7 @@ progress = tu.Progress("pretrain", iter_num, max_iters, f"{max_iters - iter_num:
                        f"{eval_interval} ({eval_iters} sampled batches)", enabled=master)
 running_mfu = -1.0
 while True:
-    lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = tu.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without validation data the checkpoint is still written every eval_interval
@@ -160,8 +163,7 @@ while True:
     for micro in range(accum):
         x, y = tu.get_batch(train_bins, batch_size, max_seq_len, seed, iter_num, run.rank * accum + micro, device)
         # sync gradients across processes only on the last micro-step: the others just accumulate locally
-        sync = not run.ddp or micro == accum - 1
-        with (nullcontext() if sync else model.no_sync()):
+        with tu.gradient_sync(model, micro == accum - 1):
             with run.autocast:
                 _, loss = model(x, y, return_logits=False)
                 # every micro-batch holds batch_size x max_seq_len scored tokens, so this, averaged by DDP over
@@ -172,7 +174,7 @@ while True:
     loss_value = tu.all_reduce_mean(float(loss_sum), run)
     if not run.scaler.is_enabled():
         checkpointer.check_train_loss(iter_num, loss_value)  # before the update, so the weights stay good
-    tu.optimizer_step(optimizer, run.scaler, grad_clip)
+    tu.optimizer_step(optim, run.scaler, grad_clip)
 
     dt = timer.lap(tokens_per_iter)
     progress.step(loss_value, tokens_per_iter, dt)
@@ -195,5 +197,5 @@ if master:
     print(f"summary: {summary}")
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 log.close()
-del model  # the DDP wrapper goes before the process group (see cleanup_ddp)
+del model  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
 tu.cleanup_ddp(run)

@@ -19,9 +19,6 @@ The pieces (batches, packing, the loss) are in finetune.py; checkpoints in check
 import math
 import os
 import time
-from contextlib import nullcontext
-
-import torch
 
 import checkpoint as ck
 from clean_data.atomic import write_json
@@ -60,6 +57,7 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
+optimizer = "adamw"  # or 'muon' (Muon for the blocks' matrices, AdamW for the rest)
 dropout = 0.0
 seed = 1337
 # LoRA (lora_rank = 0: full fine-tuning)
@@ -74,13 +72,17 @@ dtype = "auto"
 compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
 num_threads = 0
 max_minutes = 0.0
+parallel = "ddp"  # 'ddp', or 'fsdp': weights, gradients and optimizer state sharded over the processes (pretrain.py)
+activation_checkpointing = False  # recompute each block's activations in the backward pass (less memory)
+cpu_offload = False  # fsdp: keep the shards and the optimizer step in CPU memory
+replicas = 1  # fsdp: > 1 = HSDP (shard within world_size / replicas processes, replicate across)
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, pack)
+run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, pack, parallel)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's
 resume_ckpt = ck.resume(init_from, "pretrain", ckpt_path, device, globals(), config_keys, changed,
                         ck.FINETUNE_KEYS, overwrite)
@@ -92,11 +94,10 @@ model, model_args, _, init = ck.finetune_model(init_ckpt, resume_ckpt, device, s
                                                lora_rank, lora_alpha, lora_dropout, lora_targets)
 raw_model, max_seq_len = model, model_args["max_seq_len"]
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
 module = PackedLM(model) if pack else model  # packed rows need explicit positions and masks
-if run.compile:
-    module = torch.compile(module)
-module = tu.wrap_ddp(module, run)
+module = tu.parallelize(model, run, activation_checkpointing, cpu_offload, replicas, outer=module)
+optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2),
+                              optimizer)
 if master:
     print(f"from {init_ckpt}"
           + (f" (resumed at iteration {iter_num})" if resume_ckpt is not None else ""))
@@ -122,7 +123,7 @@ if master:
 # ---- training loop ----------------------------------------------------------------------------------------
 config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
 log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
-checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
+checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optim, log, eval_interval,
                                always_save_checkpoint, ceiling=math.log(model_args["vocab_size"]),
                                model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
@@ -134,7 +135,7 @@ progress = tu.Progress("sft", iter_num, max_iters, f"{max_iters - iter_num:,} it
                        f"{batch_size * gradient_accumulation_steps} conversations, validation every {eval_interval} "
                        f"on {n_val:,} held-out conversations", enabled=master)
 while True:
-    lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = tu.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without validation data the checkpoint is still written every eval_interval
@@ -157,8 +158,7 @@ while True:
     for micro, (batch, put) in enumerate(micro_batches):
         n_tok += batch.pop("n_tokens")
         batch = {k: put(v) for k, v in batch.items()}
-        sync = not run.ddp or micro == accum - 1
-        with (nullcontext() if sync else module.no_sync()):
+        with tu.gradient_sync(module, micro == accum - 1):  # reduce gradients on the last micro-step only
             with run.autocast:
                 loss = sft_loss(module, batch) * scored[micro] / n_scored  # this micro-batch's share
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
@@ -166,7 +166,7 @@ while True:
     loss_value = tu.all_reduce_sum(float(loss_sum), run)
     if not run.scaler.is_enabled():
         checkpointer.check_train_loss(iter_num, loss_value)
-    tu.optimizer_step(optimizer, run.scaler, grad_clip)
+    tu.optimizer_step(optim, run.scaler, grad_clip)
 
     n_tok = int(tu.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
@@ -178,6 +178,7 @@ progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary and the merged model -------------------------------------------------------------------------
+final = ck.gathered_model(raw_model, run) if lora_rank and save_merged else None  # (FSDP: gathers the shards)
 if master:
     summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), trainable_params=n_trainable,
                    best_val_loss=checkpointer.best_val_loss, **tu.throughput(timer, device_type))
@@ -186,9 +187,9 @@ if master:
     tu.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="SFT loss (nats per scored token)")
     print(f"summary: {summary}")
     if lora_rank and save_merged:
-        ck.save_merged(os.path.join(out_dir, "merged.pt"), raw_model, iter_num=iter_num, **checkpointer.fields)
+        ck.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
         print(f"merged model: {os.path.join(out_dir, 'merged.pt')}")
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
-del module  # the DDP wrapper goes before the process group (see cleanup_ddp)
+del module, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
 tu.cleanup_ddp(run)
