@@ -1,33 +1,50 @@
 """
-Benchmark clean_data/ on the chinese-poetry corpus: speed of each dedup stage on bench_docs poems, and
-precision / recall of MinHash and of SimHash against exact Jaccard on the same shingles.
+Benchmark clean_data/ on the chinese-poetry corpus. Two modes:
 
-    python -m clean_data.bench                                 # 100k poems, 2 worker processes
-    python -m clean_data.bench --bench_docs=20000 --full=True  # also the whole pipeline on the whole corpus
+    python -m clean_data.bench                       # 100k poems: MinHash stage docs/s, accuracy, rival ratio
+    python -m clean_data.bench --scale=1000000       # a 1M-document corpus with known duplicates, whole pipeline
+    python -m clean_data.bench --scale=1000000 --redis_workers=1,2,4   # + Redis shards against one process
 
 Run from the repository root (it reads data/chinese-poetry, from `make download`).
 
-Speed: wall-clock docs/s of a stage run alone on the same in-memory documents: signatures in a pool of
-num_workers processes + the sequential index walk (dedup mode: query, then insert the survivors).
+100k mode (scale=0): wall-clock docs/s of the MinHash stage alone (verdicts(stages="minhash") on the
+normalised texts: shingles, signatures and band hashes in num_workers processes, candidate components,
+exact verification) and of the SimHash stage; baby-llama2-chinese's own MinHash dedup
+(data_clean/functions.py, DropDatasetDuplicate(threshold=0.85, num_perm=256), as its clear.py calls it) on the
+same poems, run from the snapshot at rival_dir in a subprocess, so the ratio comes from one run.
+Accuracy against exact Jaccard >= threshold on 5-gram sets: truth = pairs a permissive pre-filter finds
+(256 other permutations, 64 bands of 4 rows: a pair at J = 0.8 is missed with probability ~1e-13) and whose
+exact Jaccard reaches the threshold; recall = share of true pairs that share one of the pipeline's band
+hashes (then exact verification confirms them all); precision = share of the pipeline's removals whose
+named partner has exact Jaccard >= threshold, recomputed here from the texts with another implementation.
 
-Accuracy, definitions: truth = pairs with exact Jaccard >= threshold (5-gram sets of the normalised
-texts). Candidates for truth come from a permissive pre-filter (MinHashLSH at Jaccard 0.5, 256
-permutations, another seed: misses a pair at J >= 0.8 with probability < 1e-6), then exact Jaccard decides.
-MinHash predicted pairs = every pair that LSH(threshold, num_perm) returns and whose signature estimate
-reaches the threshold (all documents inserted, all queried); SimHash predicted = Hamming <= k found
-through the index. precision = share of predicted pairs (a random sample of at most 5,000) whose exact
-Jaccard >= threshold; recall = share of true pairs predicted. Also the false-positive rate on 200,000
-random non-pairs. The 2-core machine is shared: run twice, read ratios.
+Scale mode: a corpus of `scale` documents built reproducibly from the poems: each of the first
+scale / mean_copies poems that are exactly distinct after normalisation (all of them, with more copies, when
+that is not enough) is a cluster of copies, documents drawn in a seeded random order; copy 0 is the poem,
+each later copy is, with the rates below, identical, or has characters replaced, two lines swapped, or its
+end cut. Written to out/bench_clean/scale_N/ (8 parquet parts), cleaned by `python -m clean_data` in a
+subprocess (its report: docs/s per stage, peak RSS, bytes per document). Accuracy on `sample_clusters`
+random clusters: every pair of their documents that reaches MinHash is checked by exact Jaccard (truth
+from the planted clusters, no LSH); recall = share of those true pairs that share a band hash; document
+recall = share of the documents the rule removes on the exact graph of their cluster that the pipeline
+removed; precision as above. With redis_workers, the same corpus is cleaned by W shard processes started
+in random order against one redis-server, and their kept ids compared with the single process's.
 """
+import glob
 import itertools
+import json
+import os
 import random
-import resource
+import shutil
+import socket
+import subprocess
+import sys
 import time
-from multiprocessing import Pool
 
 import numpy as np
 
 from clean_data import dedup
+from clean_data.clean import verdicts
 from clean_data.normalize import normalize
 from clean_data.readers import iter_documents
 
@@ -35,150 +52,323 @@ from clean_data.readers import iter_documents
 input = "data/chinese-poetry"
 bench_docs = 100_000
 num_workers = 2
-ngram = 5
-num_perm = 128
 threshold = 0.8
-lsh_threshold = 0.65  # banding threshold of the LSH (candidates), verified at threshold
 simhash_k = 3
-chunk_docs = 2000
-sample_seed = 0
-full = False  # also run the whole pipeline on the whole corpus (python -m clean_data) and print its report
+rival_dir = "/work/.mirror/DLLXW+baby-llama2-chinese/repo"  # git snapshot of baby-llama2-chinese ("" = skip)
+rival_docs = 100_000
+scale = 0  # > 0: the scale mode with this many documents
+out = "out/bench_clean"
+edit_rate = 0.02  # scale mode, per changed copy: share of characters replaced
+p_identical = 0.25  # share of later copies left identical (exact duplicates)
+p_swap = 0.3  # share of changed copies with two lines swapped
+p_cut = 0.3  # share of changed copies cut at the end (5-20 % of the characters)
+sample_clusters = 3000
+mean_copies = 4  # scale mode: copies per poem (more when scale needs more than the poems x this)
+redis_workers = None  # e.g. 1,2,4 (a tuple on the command line): also the Redis shard mode with these worker counts
+seed = 0
 # -----------------------------------------------------------------------------
 
 
-def _sig_chunk(texts):
-    h, c = dedup.shingle_hashes(texts, ngram)
-    return (dedup.minhash_signatures(h, c, dedup.permutations(num_perm)), dedup.unique_shingles(h, c)), c
+def uptime():
+    with open("/proc/loadavg") as f:
+        return "load average " + " ".join(f.read().split()[:3])
 
 
-def _fp_chunk(texts):
-    h, c = dedup.shingle_hashes(texts, ngram)
-    return dedup.simhash_fingerprints(h, c), c
+def poems(n=None):
+    """The first n poems' texts (all when n is None)."""
+    return [d["text"] for d in itertools.islice(iter_documents([input]), n)]
 
 
-def chunked(xs, n):
-    return [xs[i:i + n] for i in range(0, len(xs), n)]
+def truth_jaccard(a, b):
+    """Exact Jaccard of two normalised texts through shingle hash sets (not the pipeline's string sets)."""
+    sa, sb = set(dedup.shingle_hashes_of(a).tolist()), set(dedup.shingle_hashes_of(b).tolist())
+    return len(sa & sb) / len(sa | sb) if sa or sb else 1.0
 
 
-def run_stage(norms, kind):
-    """Dedup norms with one method; returns (seconds, removed)."""
-    t = time.time()
-    if kind == "minhash":
-        index = dedup.MinHashDedup(threshold, num_perm, lsh_threshold=lsh_threshold)
-    else:
-        index = dedup.SimHashDedup(simhash_k)
-    removed = 0
-    with Pool(num_workers) as pool:
-        for keys, counts in pool.imap(_sig_chunk if kind == "minhash" else _fp_chunk, chunked(norms, chunk_docs)):
-            for j in range(len(counts)):
-                if not counts[j]:
-                    continue
-                found = (index.check_and_add(keys[0][j], j, keys[1][j]) if kind == "minhash"
-                         else index.check_and_add(keys[j], j))
-                if found is not None:
-                    removed += 1
-    return time.time() - t, removed
+def bands_of(norms, num_perm=120, bands=20, perm_seed=1):
+    """The pipeline's band hashes (or, with other arguments, another LSH's) for normalised texts."""
+    out = []
+    for i in range(0, len(norms), 5000):
+        h, c = dedup.shingle_hashes(norms[i:i + 5000])
+        out.append(dedup.band_hashes(dedup.minhash_signatures(h, c, dedup.permutations(num_perm, perm_seed)), bands))
+    return np.concatenate(out) if out else np.zeros((0, bands), np.uint64)
 
 
-def jaccard(a, b):
-    return len(a & b) / len(a | b) if a or b else 1.0
+def share_band(b, i, j):
+    return bool((b[i] == b[j]).any())
 
 
-def main():
-    t = time.time()
-    texts = [d["text"] for d in itertools.islice(iter_documents([input]), bench_docs)]
-    t_read = time.time() - t
-    t = time.time()
+def rival_speed(texts):
+    """baby-llama2-chinese's DropDatasetDuplicate on texts, from its snapshot, in a subprocess: docs/s. Its module
+    imports jieba, pandas and ujson at the top for other functions; missing ones are stubbed (not used here)."""
+    work = os.path.join(out, "rival")
+    os.makedirs(work, exist_ok=True)
+    src = subprocess.run(["git", "--git-dir", os.path.join(rival_dir, ".git") if os.path.isdir(
+        os.path.join(rival_dir, ".git")) else rival_dir, "show", "HEAD:data_clean/functions.py"],
+        capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(work, "functions.py"), "w", encoding="utf-8") as f:
+        f.write(src)
+    with open(os.path.join(work, "texts.json"), "w", encoding="utf-8") as f:
+        json.dump(texts, f, ensure_ascii=False)
+    script = (
+        "import importlib.util, json, sys, time, types\n"
+        "for m in ('jieba', 'pandas', 'ujson'):\n"
+        "    if importlib.util.find_spec(m) is None: sys.modules[m] = types.ModuleType(m)\n"
+        f"sys.path.insert(0, {work!r})\n"
+        "from functions import DropDatasetDuplicate\n"
+        f"texts = json.load(open({os.path.join(work, 'texts.json')!r}, encoding='utf-8'))\n"
+        "d = DropDatasetDuplicate(threshold=0.85, num_perm=256)\n"
+        "t = time.perf_counter()\n"
+        "for i, x in enumerate(texts): d.add_doc(index=i, doc=x)\n"
+        "s = time.perf_counter() - t\n"
+        "print(json.dumps({'seconds': s, 'removed': len(d.get_duplicate_indexs())}))\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"rival run failed: {res.stderr[-2000:]}")
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    return len(texts) / r["seconds"], r["removed"]
+
+
+def bench_100k():
+    texts = poems(bench_docs)
     norms = [normalize(x) for x in texts]
-    t_norm = time.time() - t
-    print(f"{len(texts):,} documents ({sum(map(len, texts)):,} chars): read {len(texts) / t_read:,.0f} docs/s, "
-          f"normalise {len(texts) / t_norm:,.0f} docs/s")
+    print(f"{len(texts):,} poems, {uptime()}")
+    for stage in ("minhash", "simhash"):
+        t = time.perf_counter()
+        code, _, _ = verdicts(norms, stages=stage, num_workers=num_workers, threshold=threshold,
+                              simhash_k=simhash_k)
+        secs = time.perf_counter() - t
+        print(f"{stage:8s} {len(norms) / secs:>9,.0f} docs/s wall ({num_workers} processes, {secs:.2f} s), "
+              f"removed {(code > 0).sum():,}  [{uptime()}]")
+        if stage == "minhash":
+            ours, (code_m, partner, score) = len(norms) / secs, verdicts(norms, stages="minhash", num_workers=1)
+    if rival_dir:
+        rate, removed = rival_speed(texts[:rival_docs])
+        print(f"baby-llama2-chinese MinHash (its code) {rate:,.0f} docs/s on {min(rival_docs, len(texts)):,} poems "
+              f"(removed {removed:,}); ratio {ours / rate:.1f}x  [{uptime()}]")
+    # accuracy
+    valid = np.array([bool(s) for s in norms])
+    loose = bands_of(norms, num_perm=256, bands=64, perm_seed=12345)
+    ours_b = bands_of(norms)
+    label, linked = dedup.candidate_components(loose, valid)
+    members, bounds = dedup.component_groups(label, np.nonzero(linked)[0])
+    truth, checked = set(), 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        m = members[lo:hi].tolist()
+        for i, j in itertools.combinations(m, 2):
+            if share_band(loose, i, j):
+                checked += 1
+                if truth_jaccard(norms[i], norms[j]) >= threshold:
+                    truth.add((i, j))
+    found = sum(share_band(ours_b, i, j) for i, j in truth)
+    removed = np.nonzero(code_m)[0]
+    ok = sum(truth_jaccard(norms[j], norms[partner[j]]) >= threshold for j in removed)
+    print(f"accuracy vs exact Jaccard >= {threshold}: {len(truth):,} true pairs (pre-filter checked {checked:,}); "
+          f"recall {found / max(len(truth), 1):.3f} ({found}/{len(truth)}); precision {ok / max(len(removed), 1):.3f} "
+          f"({ok}/{len(removed)} removals with a partner at J >= {threshold})")
+
+
+# ---- scale mode --------------------------------------------------------------------------------------------
+
+def mutate(text, r):
+    """A changed copy: characters replaced at edit_rate, maybe two lines swapped, maybe the end cut."""
+    chars = list(text)
+    for k in range(len(chars)):
+        if r.random() < edit_rate and not chars[k].isspace():
+            chars[k] = chr(0x4E00 + r.randrange(20000))
+    lines = "".join(chars).split("\n")
+    if r.random() < p_swap and len(lines) >= 2:
+        a, b = r.sample(range(len(lines)), 2)
+        lines[a], lines[b] = lines[b], lines[a]
+    text = "\n".join(lines)
+    if r.random() < p_cut:
+        text = text[:int(len(text) * (1 - r.uniform(0.05, 0.2)))]
+    return text
+
+
+def document(k, base, order):
+    """Document k of the corpus: (text, cluster)."""
+    copy, poem = divmod(int(order[k]), len(base))
+    if copy == 0:
+        return base[poem], poem
+    r = random.Random(seed * 1_000_003 + int(order[k]))
+    return (base[poem] if r.random() < p_identical else mutate(base[poem], r)), poem
+
+
+def build_corpus(n, d, parts=8):
+    """Write the corpus (parts parquet files, columns text, id) and clusters.npy; reuses a finished one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if os.path.exists(os.path.join(d, "clusters.npy")):
+        return np.load(os.path.join(d, "clusters.npy")), len(glob.glob(os.path.join(d, "part*.parquet")))
+    texts = poems()
+    seen, base = set(), []
+    for t in texts:  # clusters start from exactly distinct poems
+        key = normalize(t)
+        if key and key not in seen:
+            seen.add(key)
+            base.append(t)
+    copies = max(mean_copies, -(-n // len(base)))
+    base = base[:-(-n // copies)]
+    order = np.random.default_rng(seed).permutation(copies * len(base))[:n]
+    clusters = np.empty(n, np.int64)
+    os.makedirs(d, exist_ok=True)
+    for p in range(parts):
+        lo, hi = p * n // parts, (p + 1) * n // parts
+        rows = [document(k, base, order) for k in range(lo, hi)]
+        clusters[lo:hi] = [c for _, c in rows]
+        pq.write_table(pa.table({"text": [t for t, _ in rows], "id": [str(k) for k in range(lo, hi)]}),
+                       os.path.join(d, f"part{p}.parquet"), compression="zstd")
+    np.save(os.path.join(d, "clusters.npy"), clusters)
+    print(f"built {n:,} documents from {len(base):,} distinct poems ({copies} copies each at most) in {d}")
+    return clusters, parts
+
+
+def run_clean(inputs, out_dir, extra=()):
+    """python -m clean_data in a subprocess; returns its report and wall seconds."""
     t = time.time()
-    exact_removed = len(norms) - len({dedup.exact_key(s) for s in norms})
-    print(f"exact    {len(norms) / (time.time() - t):>9,.0f} docs/s  removed {exact_removed:,}")
-    for kind in ("minhash", "simhash"):
-        secs, removed = run_stage(norms, kind)
-        print(f"{kind:8s} {len(norms) / secs:>9,.0f} docs/s  removed {removed:,}  "
-              f"({secs:.1f} s, {num_workers} processes)")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    subprocess.run([sys.executable, "-m", "clean_data", f"--input={','.join(inputs)}", f"--out_dir={out_dir}",
+                    f"--num_workers={num_workers}", *extra], check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(out_dir, "report.json"), encoding="utf-8") as f:
+        return json.load(f), time.time() - t
 
-    # ---- accuracy against exact Jaccard ----
-    cache = {}
 
-    def shingles(i):
-        if i not in cache:
-            cache[i] = set(dedup.shingle_hashes_of(norms[i], ngram).tolist())
-        return cache[i]
+def kept_ids(out_dir):
+    """The kept documents as (source, line): the corpus' own identity (the parquet reader's fast path reads only
+    the text column, so the id column is empty)."""
+    import pyarrow.parquet as pq
+    t = pq.read_table(os.path.join(out_dir, "clean.parquet"), columns=["source", "line"])
+    return set(zip(t.column("source").to_pylist(), t.column("line").to_pylist()))
 
-    def exact(i, j):
-        return jaccard(shingles(i), shingles(j))
 
-    with Pool(num_workers) as pool:
-        sigs = np.concatenate([s[0] for s, _ in pool.map(_sig_chunk, chunked(norms, chunk_docs))])
-        fps = np.concatenate([f for f, _ in pool.map(_fp_chunk, chunked(norms, chunk_docs))])
-    valid = [i for i, s in enumerate(norms) if s]
-    # permissive pre-filter for the truth
-    from datasketch import LeanMinHash, MinHashLSH
-    perms256 = dedup.permutations(256, seed=12345)
-    loose = MinHashLSH(threshold=0.5, num_perm=256)
-    sig256 = np.concatenate([dedup.minhash_signatures(*dedup.shingle_hashes(c, ngram), perms256)
-                             for c in chunked(norms, chunk_docs)])
-    with loose.insertion_session() as s:
-        for i in valid:
-            s.insert(i, LeanMinHash(seed=1, hashvalues=sig256[i], scheme="affine32"), check_duplication=False)
-    truth = set()
-    for i in valid:
-        for j in loose.query(LeanMinHash(seed=1, hashvalues=sig256[i], scheme="affine32")):
-            if j > i and exact(i, j) >= threshold:
-                truth.add((i, j))
-    # MinHash predictions (all docs in the index)
-    lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
-    with lsh.insertion_session() as s:
-        for i in valid:
-            s.insert(i, LeanMinHash(seed=1, hashvalues=sigs[i], scheme="affine32"), check_duplication=False)
-    mh_pred, mh_verified = set(), set()  # decided by the signature estimate / by exact Jaccard (clean_data's rule)
-    for i in valid:
-        for j in lsh.query(LeanMinHash(seed=1, hashvalues=sigs[i], scheme="affine32")):
-            if j > i and np.mean(sigs[i] == sigs[j]) >= threshold:
-                mh_pred.add((i, j))
-            if j > i and exact(i, j) >= threshold:
-                mh_verified.add((i, j))
-    # SimHash predictions through the index
-    sh = dedup.SimHashDedup(simhash_k)
-    sh_pred = set()
-    for i in valid:
-        v = int(fps[i])
-        for key in sh._keys(v):
-            for entry in sh.index.bucket.get(key, ()):
-                other, oid = entry.split(",", 1)
-                if (int(other, 16) ^ v).bit_count() <= simhash_k:
-                    sh_pred.add((int(oid), i))
-        for key in sh._keys(v):
-            sh.index.bucket[key].add("%x,%s" % (v, i))
-    rng = random.Random(sample_seed)
-    nonpairs = [tuple(sorted(rng.sample(valid, 2))) for _ in range(200_000)]
-    nonpairs = [p for p in nonpairs if p not in truth]
-    print(f"accuracy vs exact Jaccard >= {threshold} on {len(valid):,} docs: {len(truth):,} true pairs "
-          f"(pre-filter: LSH J>=0.5, 256 perms, then exact Jaccard)")
-    for name, pred, sig_match in (("minhash (estimate only)", mh_pred,
-                                   lambda p: np.mean(sigs[p[0]] == sigs[p[1]]) >= threshold),
-                                  ("minhash (LSH + exact check, as clean_data)", mh_verified,
-                                   lambda p: np.mean(sigs[p[0]] == sigs[p[1]]) >= threshold and exact(*p) >= threshold),
-                                  ("simhash", sh_pred,
-                                   lambda p: (int(fps[p[0]]) ^ int(fps[p[1]])).bit_count() <= simhash_k)):
-        sample = rng.sample(sorted(pred), min(5000, len(pred)))
-        precision = np.mean([exact(i, j) >= threshold for i, j in sample]) if sample else float("nan")
-        recall = len(pred & truth) / len(truth) if truth else float("nan")
-        fpr = np.mean([sig_match(p) for p in nonpairs])
-        print(f"{name:8s} predicted {len(pred):>7,} pairs  precision {precision:.3f} (sample {len(sample):,})  "
-              f"recall {recall:.3f}  false-positive rate on {len(nonpairs):,} random non-pairs {fpr:.2e}")
+def removals(path):
+    """doc -> (stage, dup_of) from removed.jsonl (doc = position: one shard 0)."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            x = json.loads(line)
+            out[x["doc"]] = (x["stage"], x.get("dup_of"))
+    return out
 
-    if full:
-        from clean_data.clean import clean, format_report
-        print(format_report(clean(input, "out/bench_clean/full", progress=False, num_workers=num_workers)))
+
+def ideal_removed(members, norms):
+    """The rule on the exact graph of one cluster (members in document order): removed member positions."""
+    kept, gone = [], set()
+    for j in members:
+        if any(truth_jaccard(norms[i], norms[j]) >= threshold for i in kept):
+            gone.add(j)
+        else:
+            kept.append(j)
+    return gone
+
+
+def bench_scale():
+    d = os.path.join(out, f"scale_{scale}")
+    clusters, parts = build_corpus(scale, d)
+    inputs = [os.path.join(d, f"part{p}.parquet") for p in range(parts)]
+    print(f"cleaning {scale:,} documents, {uptime()}")
+    report, wall = run_clean(inputs, os.path.join(d, "clean"))
+    rss = report["peak_rss_mb"]
+    print(f"whole pipeline: {wall:.0f} s wall ({scale / wall:,.0f} docs/s), peak RSS main {rss['main']:,.0f} MiB + "
+          f"largest worker {rss['largest_worker']:,.0f} MiB = {(rss['main'] + rss['largest_worker']) * 2 ** 20 / scale:,.0f}"
+          f" bytes per document; arrays {report['bytes_per_document']} bytes per document  [{uptime()}]")
+    for s, v in report["stages"].items():
+        print(f"  {s:8s} in {v['in']:>10,} removed {v['removed']:>10,}  {v['seconds']:8.1f} s  {v['removed_by']}")
+    # accuracy on sampled clusters
+    gone = removals(os.path.join(d, "clean", "removed.jsonl"))
+    rng = np.random.default_rng(seed + 1)
+    picked = set(rng.choice(clusters.max() + 1, sample_clusters, replace=False).tolist())
+    docs = np.nonzero(np.isin(clusters, list(picked)))[0]
+    texts = {}
+    import pyarrow.parquet as pq
+    for p, path in enumerate(inputs):
+        lo = p * scale // parts
+        col = pq.read_table(path, columns=["text"]).column("text")
+        for k in docs[(docs >= lo) & (docs < lo + col.length())]:
+            texts[int(k)] = normalize(col[int(k) - lo].as_py())
+    entering = [k for k in docs.tolist() if gone.get(k, ("",))[0] not in ("filter", "exact") and texts[k]]
+    b = dict(zip(entering, bands_of([texts[k] for k in entering])))
+    by_cluster = {}
+    for k in entering:
+        by_cluster.setdefault(int(clusters[k]), []).append(k)
+    true_pairs = found = should = did = 0
+    for members in by_cluster.values():
+        for i, j in itertools.combinations(members, 2):
+            if truth_jaccard(texts[i], texts[j]) >= threshold:
+                true_pairs += 1
+                found += bool((b[i] == b[j]).any())
+        for j in ideal_removed(members, texts):
+            should += 1
+            did += j in gone
+    near = [(k, v[1]) for k, v in gone.items() if v[0] == "minhash"]
+    sample = random.Random(seed).sample(near, min(5000, len(near)))
+    partner_texts = {}
+    for p, path in enumerate(inputs):  # the partners' texts, read back by position
+        lo, hi = p * scale // parts, (p + 1) * scale // parts
+        want = sorted({x for pair in sample for x in pair if lo <= x < hi})
+        if want:
+            col = pq.read_table(path, columns=["text"]).column("text")
+            for x in want:
+                partner_texts[x] = normalize(col[x - lo].as_py())
+    ok = sum(truth_jaccard(partner_texts[j], partner_texts[i]) >= threshold for j, i in sample)
+    print(f"accuracy on {len(by_cluster):,} sampled clusters ({len(entering):,} documents reaching MinHash): "
+          f"{true_pairs:,} true pairs (exact J >= {threshold}), recall {found / max(true_pairs, 1):.4f}; "
+          f"documents the rule removes on the exact graph: {should:,}, removed by the pipeline "
+          f"{did / max(should, 1):.4f}; precision {ok / max(len(sample), 1):.4f} ({ok}/{len(sample)} sampled "
+          f"MinHash removals with a partner at J >= {threshold})")
+    if redis_workers:
+        bench_redis(inputs, kept_ids(os.path.join(d, "clean")), d)
+
+
+def start_redis(d):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server not found (apt-get install redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def bench_redis(inputs, want, d):
+    proc, url = start_redis(d)
+    try:
+        for w in (redis_workers if isinstance(redis_workers, tuple) else (redis_workers,)):
+            order = random.Random(seed + w).sample(range(w), w)
+            t = time.time()
+            procs = []
+            for s in order:  # shard s gets a contiguous run of the parts; started in random order
+                part = inputs[s * len(inputs) // w:(s + 1) * len(inputs) // w]
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "clean_data", f"--input={','.join(part)}",
+                     f"--out_dir={os.path.join(d, f'redis{w}', f'shard{s}')}", f"--redis_url={url}",
+                     f"--redis_prefix=bench{w}", f"--shard_id={s}", f"--num_shards={w}",
+                     f"--num_workers={max(1, num_workers // w)}"], stdout=subprocess.DEVNULL))
+                time.sleep(random.Random(s).uniform(0, 1))
+            if any(p.wait() for p in procs):
+                raise SystemExit(f"a shard failed with {w} workers")
+            got = set().union(*(kept_ids(os.path.join(d, f"redis{w}", f"shard{s}")) for s in range(w)))
+            rss = max(json.load(open(os.path.join(d, f"redis{w}", f"shard{s}", "report.json")))["peak_rss_mb"]["main"]
+                      for s in range(w))
+            print(f"redis, {w} workers (started in order {order}): {time.time() - t:.0f} s, kept {len(got):,}, "
+                  f"identical to one process: {got == want} (only there {len(want - got)}, only here "
+                  f"{len(got - want)}), largest shard peak RSS {rss:,.0f} MiB  [{uptime()}]")
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 if __name__ == "__main__":
     from configurator import apply_overrides
     apply_overrides(globals())
-    main()
+    bench_scale() if scale else bench_100k()

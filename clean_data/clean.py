@@ -466,6 +466,9 @@ def clean(input, out_dir, progress=True, **settings):
         secs["exchange"] = time.perf_counter() - t
         bytes_per_doc = sum(v.nbytes for v in arrays.values()) / max(len(arrays["filter"]), 1)
         code, partner, score, decide_secs = _decide(arrays, c, walk, pool, texts_at, own, hub)
+        if pool is not None:  # done with the workers: joined now, their peak RSS reaches the report
+            pool.close()
+            pool.join()
         for k, v in decide_secs.items():
             secs[k] += v
         lo = int(starts[ids.index(c.shard_id)])
