@@ -36,14 +36,13 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from clean_data import dedup
+from clean_data import dedup, shards
 from clean_data.clean import verdicts
 from clean_data.normalize import normalize
 from clean_data.readers import iter_documents
@@ -141,7 +140,7 @@ def bench_100k():
         print(f"{stage:8s} {len(norms) / secs:>9,.0f} docs/s wall ({num_workers} processes, {secs:.2f} s), "
               f"removed {(code > 0).sum():,}  [{uptime()}]")
         if stage == "minhash":
-            ours, (code_m, partner, score) = len(norms) / secs, verdicts(norms, stages="minhash", num_workers=1)
+            ours, (code_m, partner, _) = len(norms) / secs, verdicts(norms, stages="minhash", num_workers=1)
     if rival_dir:
         rate, removed = rival_speed(texts[:rival_docs])
         print(f"baby-llama2-chinese MinHash (its code) {rate:,.0f} docs/s on {min(rival_docs, len(texts)):,} poems "
@@ -320,28 +319,11 @@ def bench_scale():
         bench_redis(inputs, kept_ids(os.path.join(d, "clean")), d)
 
 
-def start_redis(d):
+def bench_redis(inputs, want, d):
     exe = shutil.which("redis-server")
     if exe is None:
         raise SystemExit("redis-server not found (apt-get install redis-server)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-    client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
-def bench_redis(inputs, want, d):
-    proc, url = start_redis(d)
+    proc, url = shards.start_server(exe, d)
     try:
         for w in (redis_workers if isinstance(redis_workers, tuple) else (redis_workers,)):
             order = random.Random(seed + w).sample(range(w), w)

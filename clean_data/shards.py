@@ -38,6 +38,27 @@ def redis_params(url):
             "db": int(u.path.strip("/") or 0), **({"password": u.password} if u.password else {})}
 
 
+def start_server(exe, folder):
+    """A private redis-server (no persistence) on a free local port, for tests and benchmarks: (process, url),
+    once it answers PING."""
+    import socket
+    import subprocess
+    import redis
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
 def connect(url):
     import redis
     return redis.Redis(**redis_params(url))

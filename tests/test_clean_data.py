@@ -4,14 +4,12 @@ import json
 import os
 import random
 import shutil
-import socket
-import subprocess
 import time
 
 import numpy as np
 import pytest
 
-from clean_data import dedup, filters
+from clean_data import dedup, filters, shards
 from clean_data.clean import STAGES, clean, verdicts
 from clean_data.merge import merge, plan
 from clean_data.normalize import normalize
@@ -312,21 +310,8 @@ def redis_url(tmp_path_factory):
     if exe is None:
         pytest.skip("redis-server binary not found (apt-get install redis-server); Redis-shared index not tested")
     pytest.importorskip("redis", reason="redis python client not installed (pip install redis)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    d = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-    client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
+    proc, url = shards.start_server(exe, tmp_path_factory.mktemp("redis"))
+    yield url
     proc.terminate()
     proc.wait(5)
 
