@@ -186,6 +186,9 @@ def parallelize(model, run, activation_checkpointing=False, cpu_offload=False, r
         return wrap_ddp(torch.compile(module) if run.compile else module, run)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     from torch.distributed.fsdp import register_fsdp_forward_method
+    if cpu_offload and run.device_type != "cuda":
+        raise SystemExit("cpu_offload=True moves FSDP's shards from GPU memory to CPU memory; this run is on the CPU "
+                         "already: leave it False")
     if run.world_size % replicas:
         raise SystemExit(f"replicas={replicas} must divide the {run.world_size} processes (HSDP shards within "
                          f"world_size / replicas processes)")

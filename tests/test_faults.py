@@ -20,8 +20,7 @@ import checkpoint as ck
 import train_utils as tu
 from conftest import ENV, ROOT, TORCHRUN_2, run_script
 from finetune import preference_loss
-from model import ModelArgs, Transformer
-from sft_fixtures import tiny_tokenizer
+from sft_fixtures import write_chat_files
 
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--batch_size=2", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1", "--dtype=float32",
@@ -76,29 +75,7 @@ def test_pretrain_divergence_stops_and_keeps_the_good_checkpoints(bins, tmp_path
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
-    """A tiny base checkpoint with its tokenizer, conversations whose replies differ in length, and pairs."""
-    d = tmp_path_factory.mktemp("chat")
-    tok = tiny_tokenizer(d)
-    args = dict(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=64)
-    torch.manual_seed(0)
-    ck.save(str(d / "base.pt"), {"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args,
-                                 "iter_num": 0, "config": {}, "tokenizer": tok.model_path,
-                                 "tokenizer_sha256": tok.sha256()})
-    U = lambda c: {"role": "user", "content": c}
-    A = lambda c: {"role": "assistant", "content": c}
-    convs = [[U("你好"), A("你好。")], [U("《静夜思》的作者是谁？"), A("《静夜思》的作者是李白。")],
-             [U("续写：床前明月光，"), A("疑是地上霜。举头望明月，低头思故乡。")],
-             [U("请写一首题为《登鹳雀楼》的诗。"), A("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")]]
-    with open(d / "train.jsonl", "w", encoding="utf-8") as f:
-        for c in convs:
-            f.write(json.dumps({"messages": c, "system": None, "source": "t"}, ensure_ascii=False) + "\n")
-    pairs = [{"prompt": "你好", "chosen": "你好。", "rejected": "好。"},
-             {"prompt": "《静夜思》的作者是谁？", "chosen": "《静夜思》的作者是李白。", "rejected": "王之涣。"},
-             {"prompt": "续写：床前明月光，", "chosen": "疑是地上霜。举头望明月，低头思故乡。", "rejected": "疑是地上霜。"},
-             {"prompt": "请写一首题为《登鹳雀楼》的诗。", "chosen": "白日依山尽，黄河入海流。", "rejected": "白日依山尽。白日依山尽。"}]
-    with open(d / "pairs.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
-    return d
+    return write_chat_files(tmp_path_factory.mktemp("chat"))
 
 
 def sft(chat, out, *extra, check=True):
