@@ -38,7 +38,6 @@ out_dir; the last to finish adds report_all.json (all shards summed) to its out_
 """
 import itertools
 import json
-import mmap
 import os
 import resource
 import shutil
@@ -227,17 +226,15 @@ class ParquetSink:
 
 
 def _text_reader(buf, offsets):
-    """positions -> normalised texts, read from buf (bytes or the scratch file's mmap; offsets: (N + 1,) byte
-    offsets into it)."""
+    """positions -> normalised texts from buf (bytes; offsets: (N + 1,) byte offsets into it)."""
     return lambda positions: [buf[offsets[p]:offsets[p + 1]].decode("utf-8") for p in positions.tolist()]
 
 
-def _mapped(path):
-    """The file as a read-only mmap (b"" when empty: mmap refuses empty files)."""
-    if os.path.getsize(path) == 0:
-        return b""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+def _file_text_reader(fd, offsets):
+    """positions -> normalised texts read back from the scratch text file open as fd. pread, not mmap: the
+    pages an mmap touches count in this process' RSS."""
+    return lambda positions: [os.pread(fd, int(offsets[p + 1] - offsets[p]), int(offsets[p])).decode("utf-8")
+                              for p in positions.tolist()]
 
 
 # ---- pass 2: verdicts over the arrays of the whole corpus --------------------------------------------------
@@ -446,7 +443,12 @@ def clean(input, out_dir, progress=True, **settings):
             outputs.callback(pool.close)
         local, n_read, chars_in = _stream(docs, c, pool, scratch, secs, progress)
         offsets = np.concatenate([[0], np.cumsum(local.pop("norm_len"))]) if "norm_len" in local else None
-        local_texts = _text_reader(_mapped(os.path.join(scratch, "norm.bin")), offsets) if offsets is not None else None
+        local_texts = None
+        if offsets is not None:
+            fd = os.open(os.path.join(scratch, "norm.bin"), os.O_RDONLY)
+            outputs.callback(os.close, fd)
+            local_texts = _file_text_reader(fd, offsets)
+        rss_by_pass = {"stream": peak_rss_mb()[0]}
 
         # pass 2: the verdicts, over this shard's arrays or (Redis) all shards'
         t = time.perf_counter()
@@ -471,6 +473,7 @@ def clean(input, out_dir, progress=True, **settings):
             pool.join()
         for k, v in decide_secs.items():
             secs[k] += v
+        rss_by_pass["decide"] = peak_rss_mb()[0]
         lo = int(starts[ids.index(c.shard_id)])
         gid = _global_ids(starts, ids)
 
@@ -497,6 +500,7 @@ def clean(input, out_dir, progress=True, **settings):
                         "exchange": round(secs["exchange"], 2)},
             "docs_per_s_wall": round(n_read / wall) if wall > 0 else None,
             "peak_rss_mb": {"main": rss_self, "largest_worker": rss_children},
+            "peak_rss_mb_main_after": {**rss_by_pass, "write": rss_self},
             "bytes_per_document": round(bytes_per_doc, 1),
             "read_errors": errors.to_dict(),
             "config": dict(stages=active, t2s=c.t2s, ngram=c.ngram, num_perm=c.num_perm, bands=c.bands,
