@@ -5,14 +5,23 @@ with and without the KV cache.
 
     python bench.py config/bench_rival.py            # the shared CPU config the rivals were measured at
     python bench.py config/baby_92m.py --compile=True --dtype=bfloat16
+    torchrun --standalone --nproc_per_node=2 bench.py config/baby_92m.py --parallel=fsdp --skip_gen=True
+
+Memory: --estimate=True prints model.training_memory's bytes per process (weights, gradients, optimizer
+state, activations, peak) for full / LoRA training, DDP / FSDP over world_size processes, activation
+checkpointing off / on, and the largest micro-batch that fits memory_gb; with --measure=True the training
+steps then run as configured and their measured peak (CPU: the rise of the resident set from before the
+model was built, via /proc/self/clear_refs; GPU: torch.cuda.max_memory_allocated) is printed beside the
+estimate for the same set-up.
 """
+import os
 import statistics
 import time
 
 import torch
 
 from configurator import apply_overrides
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, training_memory
 import train_utils as tu
 
 # -----------------------------------------------------------------------------------------------------------
@@ -37,28 +46,79 @@ gen_prompt_len = 7
 gen_runs = 3
 skip_train = False
 skip_gen = False
+parallel = "ddp"  # under torchrun: 'ddp' or 'fsdp' (train_utils.parallelize); each process trains batch_size
+optimizer = "adamw"  # or 'muon'
+activation_checkpointing = False
+estimate = False  # print the memory estimates (model.training_memory) for this shape
+measure = False  # measure this run's peak memory and print it beside model.training_memory's estimate
+memory_gb = 80.0  # the memory per GPU the estimate's largest micro-batch must fit
+world_size = 8  # the processes the estimate's DDP / FSDP rows assume
+lora_rank = 8  # the estimate's LoRA rows
 # -----------------------------------------------------------------------------------------------------------
 apply_overrides(globals())
+if measure and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536" and "RANK" not in os.environ:
+    # glibc keeps freed memory in its heap for reuse, so the resident set would measure the allocator's
+    # high-water mark, not the tensors alive at once: a fixed threshold maps every block over 64 KiB on its own
+    # and returns it when freed. (Set before the process starts, so start again with it.)
+    import sys
+    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
 
-device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+run = tu.setup_ddp(device, parallel) if "RANK" in os.environ else tu.Run(device=device)
+run.parallel = parallel if run.ddp else "ddp"
+device = "cuda" if run.device == "auto" and torch.cuda.is_available() else \
+    ("cpu" if run.device == "auto" else run.device)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cpu":
     tu.configure_cpu()
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    threads = max(1, (num_threads or torch.get_num_threads()) // run.world_size)
+    torch.set_num_threads(threads)
 else:
     torch.backends.cuda.matmul.allow_tf32 = True
-dtype = tu.resolve_dtype(dtype, device_type)
-compile = tu.resolve_compile(compile, device_type, dtype)
-print(f"path: {tu.describe_path(device_type, dtype, compile)}")
+run.dtype = dtype = tu.resolve_dtype(dtype, device_type)
+run.compile = compile = tu.resolve_compile(compile, device_type, dtype)
+run.device, run.device_type = device, device_type
+say = print if run.master else (lambda *a, **k: None)
+say(f"path: {tu.describe_path(device_type, dtype, compile)}")
 autocast_ctx, scaler = tu.amp_setup(device_type, dtype)
-torch.manual_seed(0)
 args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or None, vocab_size=vocab_size,
                  multiple_of=multiple_of, max_seq_len=max_seq_len, tie_embeddings=tie_embeddings)
+
+GiB = 2 ** 30
+if estimate:
+    say(f"memory per process (GiB) at batch {batch_size} x {max_seq_len}, {dtype}, {optimizer}, largest micro-batch "
+        f"within {memory_gb:g} GiB (model.training_memory; {device_type} kernels):")
+    say("| method | parallel | act. ckpt | weights | grads | optimizer | activations | peak | max batch |")
+    say("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for method, rank in (("full", 0), (f"LoRA r={lora_rank}", lora_rank)):
+        for par, n in (("1 process", 1), (f"DDP x{world_size}", world_size), (f"FSDP x{world_size}", world_size)):
+            for ac in (False, True):
+                kw = dict(dtype=dtype, device_type=device_type, optimizer=optimizer, lora_rank=rank, world_size=n,
+                          parallel="fsdp" if par.startswith("FSDP") else "ddp", activation_checkpointing=ac)
+                m = training_memory(args, batch_size, **kw)
+                # the peak grows with the batch: bisect for the largest that fits (0: not even one sequence)
+                lo, hi = 0, 4096
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if training_memory(args, mid, **kw)["peak"] <= memory_gb * GiB else (lo, mid - 1)
+                say(f"| {method} | {par} | {'on' if ac else 'off'} | {m['weights'] / GiB:.2f} | "
+                    f"{m['gradients'] / GiB:.2f} | {m['optimizer'] / GiB:.2f} | {m['activations'] / GiB:.2f} | "
+                    f"{m['peak'] / GiB:.2f} | {lo} |")
+
+if measure:  # one step of a tiny model first: the kernels' code pages count in the resident set once touched
+    tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=vocab_size, max_seq_len=8)).to(device)
+    t_opt = tiny.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type, optimizer)
+    with autocast_ctx:
+        tiny(torch.zeros(1, 8, dtype=torch.long, device=device), torch.zeros(1, 8, dtype=torch.long,
+                                                                             device=device), False)[1].backward()
+    tu.optimizer_step(t_opt, scaler, 1.0)
+    del tiny, t_opt
+baseline = tu.reset_peak_memory(device_type)  # the measured peak is the rise from here
+torch.manual_seed(0)
 model = Transformer(args).to(device)
-print(f"config: dim {dim}, layers {n_layers}, heads {n_heads}/{n_kv_heads or n_heads}, vocab {vocab_size}, "
-      f"seq {max_seq_len}, batch {batch_size}x{gradient_accumulation_steps}; {model.num_params() / 1e6:.2f}M params; "
-      f"{device}, {dtype}, compile={compile}, threads={torch.get_num_threads()}")
+say(f"config: dim {dim}, layers {n_layers}, heads {n_heads}/{n_kv_heads or n_heads}, vocab {vocab_size}, "
+    f"seq {max_seq_len}, batch {batch_size}x{gradient_accumulation_steps}; {model.num_params() / 1e6:.2f}M params; "
+    f"{device}, {dtype}, compile={compile}, threads={torch.get_num_threads()}, {run.world_size} process(es), "
+    f"{run.parallel}")
 
 
 def sync():
@@ -67,21 +127,19 @@ def sync():
 
 
 if not skip_train:
-    optimizer = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type)
-    train_model = torch.compile(model) if compile else model
+    train_model = tu.parallelize(model, run, activation_checkpointing)  # compile, DDP or FSDP
+    optim = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type, optimizer)
+    torch.manual_seed(run.rank)  # each process its own tokens
     x = torch.randint(0, vocab_size, (batch_size, max_seq_len + 1), device=device)
-    tokens_per_step = batch_size * max_seq_len * gradient_accumulation_steps
+    tokens_per_step = batch_size * max_seq_len * gradient_accumulation_steps * run.world_size
 
     def train_step():
-        for _ in range(gradient_accumulation_steps):
-            with autocast_ctx:
-                _, loss = train_model(x[:, :-1], x[:, 1:], return_logits=False)
-            scaler.scale(loss / gradient_accumulation_steps).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for micro in range(gradient_accumulation_steps):
+            with tu.gradient_sync(train_model, micro == gradient_accumulation_steps - 1):
+                with autocast_ctx:
+                    _, loss = train_model(x[:, :-1], x[:, 1:], return_logits=False)
+                scaler.scale(loss / gradient_accumulation_steps).backward()
+        tu.optimizer_step(optim, scaler, 1.0)
 
     for _ in range(warmup_steps):  # includes compilation
         train_step()
@@ -93,16 +151,24 @@ if not skip_train:
         sync()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
-    mfu = model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
-    print(f"train: {tokens_per_step / dt:,.0f} tokens/s (median of {steps} steps, {dt * 1000:.1f} ms/step; "
-          f"min {tokens_per_step / max(times):,.0f}, max {tokens_per_step / min(times):,.0f})"
-          + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ", MFU n/a on CPU")
-          + f", {model.flops_per_token() * tokens_per_step / dt / 1e9:,.1f} GFLOP/s")
-    print(f"train: peak memory {tu.peak_memory_mb(device_type):,.0f} MiB")
-    del optimizer, train_model
+    mfu = model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)  # per process
+    say(f"train: {tokens_per_step / dt:,.0f} tokens/s (median of {steps} steps, {dt * 1000:.1f} ms/step; "
+        f"min {tokens_per_step / max(times):,.0f}, max {tokens_per_step / min(times):,.0f})"
+        + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ", MFU n/a on CPU")
+        + f", {model.flops_per_token() * tokens_per_step / dt / 1e9:,.1f} GFLOP/s")
+    rise = tu.all_reduce_sum(tu.peak_memory_rise(device_type, baseline), run) / run.world_size
+    say(f"train: peak memory {tu.peak_memory_mb(device_type):,.0f} MiB; rise during the run {rise / 2 ** 20:,.0f} MiB "
+        f"per process (mean of {run.world_size})")
+    if measure:
+        est = training_memory(args, batch_size, dtype=dtype, device_type=device_type, optimizer=optimizer,
+                              world_size=run.world_size, parallel=run.parallel,
+                              activation_checkpointing=activation_checkpointing)["peak"]
+        say(f"memory: measured {rise / 2 ** 20:,.1f} MiB, estimated {est / 2 ** 20:,.1f} MiB, "
+            f"estimate / measured = {est / rise:.3f}")
+    del optim
     model.zero_grad(set_to_none=True)
 
-if not skip_gen:
+if not skip_gen and not run.ddp:
     model.eval()
     # bf16 only pays on GPUs here: a CPU's bf16 matrix-vector products are slower than fp32's
     gen_ctx = autocast_ctx if device_type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -127,3 +193,6 @@ if not skip_gen:
         print(f"generate: {statistics.median(rates):,.1f} tokens/s {'with' if use_cache else 'without'} KV cache "
               f"(greedy, {n_new} new tokens from a {gen_prompt_len}-token prompt, median of {gen_runs})")
     print(f"peak memory {tu.peak_memory_mb(device_type):,.0f} MiB")
+if not skip_train:
+    del train_model  # the DDP/FSDP wrapper goes before the process group (train_utils.cleanup_ddp)
+tu.cleanup_ddp(run)

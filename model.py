@@ -583,6 +583,67 @@ def model_bytes(model):
     return total
 
 
+def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type="cuda", optimizer="adamw",
+                    lora_rank=0, world_size=1, parallel="ddp", activation_checkpointing=False, chunk=512):
+    """Bytes per process of one training step of this model as this project runs it, by part: weights,
+    gradients, optimizer state, activations kept for the backward pass, the output layer's loss chunks, and the
+    peak. args: ModelArgs; batch_size: sequences per micro-step; seq_len: default args.max_seq_len; dtype:
+    'float32' or 'bfloat16' (autocast; FSDP: bf16 parameters in compute); device_type: 'cpu' attends in fp32
+    under autocast (Attention.forward), 'cuda' in bf16; optimizer 'adamw' (2 states per trainable weight) or
+    'muon' (1 for the blocks' matrices); lora_rank > 0: LoRA on the 7 projections of every block (only the
+    adapters train); parallel 'ddp' (a whole copy per process, gradient buckets as big as the gradients when
+    world_size > 1) or 'fsdp' (weights, gradients and optimizer state / world_size, plus the unsharded root
+    and two blocks in flight); activation_checkpointing: a block keeps only its input.
+    Activations per token, counted from the tensors autograd saves in model.py's ops: a block in fp32 keeps
+    10 dim + 4 hidden + n_heads + 2 floats (the two RMSNorms 3 dim + 1 each: input, normalised, scaled; q, k, v
+    3 dim; wo's input dim; SwiGLU's gate, silu, up and product 4 hidden; softmax statistics n_heads); under
+    bf16 autocast 44 dim + 8 hidden + 4 n_heads + 8 bytes on a CPU (norms fp32, each projection's input cast
+    to bf16 apiece, attention in fp32), 36 dim + ... on a GPU (attention in bf16); outside the blocks the
+    final norm, the loss's gradient of h (fp32) and the token ids; the fused loss keeps the output layer's
+    weight gradient (vocab x dim fp32) from the forward pass. The peak is weights + optimizer state + the
+    larger of (activations + loss chunks + autocast's bf16 weight copies) and the gradients. What it leaves
+    out (CUDA context, allocator caching and fragmentation, framework buffers) is why a measured peak is
+    checked against it (bench.py --estimate=True --measure=True)."""
+    T = seq_len or args.max_seq_len
+    D, L, V, nh = args.dim, args.n_layers, args.vocab_size, args.n_heads
+    H = ffn_hidden_dim(args)
+    kv = (args.n_kv_heads or nh) * (D // nh)
+    block = 2 * D + D * D * 2 + D * kv * 2 + 3 * D * H  # norms, wq wo, wk wv, w1 w2 w3
+    root = V * D * (1 if args.tie_embeddings else 2) + D
+    n_params = L * block + root
+    shapes = [(D, D), (D, kv), (D, kv), (D, D), (D, H), (D, H), (H, D)]  # wq wk wv wo w1 w3 w2: (in, out)
+    lora = L * lora_rank * sum(i + o for i, o in shapes)  # A (r x in) and B (out x r) per projection
+    trainable = lora if lora_rank else n_params
+    muon = L * (block - 2 * D) if optimizer == "muon" and not lora_rank else 0
+    states = 2 * (trainable - muon) + muon  # AdamW: exp_avg, exp_avg_sq; Muon: momentum
+    bf16 = dtype == "bfloat16"
+    shards = world_size if parallel == "fsdp" else 1
+    weights = 4 * (n_params + lora) / shards
+    if parallel == "fsdp" and world_size > 1:  # gathered for compute: the root all along, two blocks in flight
+        weights += (2 if bf16 else 4) * (root + 2 * block)
+    grads = 4 * trainable / shards
+    if parallel == "fsdp" and world_size > 1:
+        grads += 4 * (root + block) if not lora_rank else 0  # unsharded until reduce-scattered
+    if parallel == "ddp" and world_size > 1:
+        grads += 4 * trainable  # DDP's buckets, a second copy of the gradients
+    opt = 4 * states / shards
+    if bf16:
+        per_block = 44 * D + 8 * H + 4 * nh + 8 - (8 * D if device_type == "cuda" else 0)
+    else:
+        per_block = 4 * (10 * D + 4 * H + nh + 2)
+    per_block += 4 * 7 * lora_rank * (1 if lora_rank else 0)  # each adapter's A x
+    tokens = batch_size * T
+    outside = 4 * (3 * D + 1) + 8
+    kept = L * 4 * D + per_block if activation_checkpointing else L * per_block  # (+ one block recomputed)
+    activations = tokens * (kept + outside) + 4 * V * D
+    if bf16 and parallel != "fsdp":
+        activations += 2 * (L * (block - 2 * D) + V * D)  # autocast's bf16 copies of the matrices
+    loss_chunks = 2 * min(chunk, tokens) * V * 4  # a chunk's logits and their softmax / gradient
+    total = weights + opt + max(activations + loss_chunks, grads)
+    return dict(params=n_params, trainable=trainable, weights=weights, gradients=grads, optimizer=opt,
+                activations=activations, loss_chunks=loss_chunks, peak=total)
+
+
 def peak_flops(device=None):
     """Dense bf16 peak FLOP/s of the current CUDA GPU from its name; None on CPU or an unknown GPU."""
     if not torch.cuda.is_available():

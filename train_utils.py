@@ -699,6 +699,30 @@ def peak_memory_mb(device_type):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def reset_peak_memory(device_type):
+    """Start a peak-memory measurement; returns the baseline in bytes. CPU (Linux): the resident set now, after
+    resetting the kernel's high-water mark (writing 5 to /proc/self/clear_refs); GPU: the allocated bytes now,
+    after torch.cuda.reset_peak_memory_stats."""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_memory_rise(device_type, baseline):
+    """Bytes the peak rose above reset_peak_memory's baseline since then (CPU: VmHWM - baseline)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() - baseline
+    return _proc_status_kib("VmHWM") * 1024 - baseline
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def throughput(timer, device_type):
     """The end-of-run figures every script reports the same way: tokens trained on, training seconds (a
     StepTimer's: evaluation, saving and the first iteration's warm-up excluded), the warm-up's seconds, tokens
