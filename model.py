@@ -591,8 +591,8 @@ def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type
     'float32' or 'bfloat16' (autocast; FSDP: bf16 parameters in compute); device_type: 'cpu' attends in fp32
     under autocast (Attention.forward), 'cuda' in bf16; optimizer 'adamw' (2 states per trainable weight) or
     'muon' (1 for the blocks' matrices); lora_rank > 0: LoRA on the 7 projections of every block (only the
-    adapters train); parallel 'ddp' (a whole copy per process, gradient buckets as big as the gradients when
-    world_size > 1) or 'fsdp' (weights, gradients and optimizer state / world_size, plus the unsharded root
+    adapters train); parallel 'ddp' (a whole copy per process, and gradient buckets as big as the gradients,
+    resident from the wrapper's creation, when world_size > 1) or 'fsdp' (weights, gradients and optimizer state / world_size, plus the unsharded root
     and two blocks in flight); activation_checkpointing: a block keeps only its input.
     Activations per token, counted from the tensors autograd saves in model.py's ops: a block in fp32 keeps
     10 dim + 4 hidden + n_heads + 2 floats (the two RMSNorms 3 dim + 1 each: input, normalised, scaled; q, k, v
@@ -600,10 +600,11 @@ def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type
     bf16 autocast 44 dim + 8 hidden + 4 n_heads + 8 bytes on a CPU (norms fp32, each projection's input cast
     to bf16 apiece, attention in fp32), 36 dim + ... on a GPU (attention in bf16); outside the blocks the
     final norm, the loss's gradient of h (fp32) and the token ids; the fused loss keeps the output layer's
-    weight gradient (vocab x dim fp32) from the forward pass. The peak is weights + optimizer state + the
-    larger of (activations + loss chunks + autocast's bf16 weight copies) and the gradients. What it leaves
+    weight gradient (vocab x dim fp32) from the forward pass. The peak is weights + optimizer state (+ DDP's
+    buckets) + the larger of (activations + loss chunks + autocast's bf16 weight copies) and the gradients. What it leaves
     out (CUDA context, allocator caching and fragmentation, framework buffers) is why a measured peak is
-    checked against it (bench.py --estimate=True --measure=True)."""
+    checked against it (bench.py --measure=True). Returns a dict of bytes (floats): weights, gradients (with
+    DDP's buckets), optimizer, activations, loss_chunks, peak; and the counts params and trainable."""
     T = seq_len or args.max_seq_len
     D, L, V, nh = args.dim, args.n_layers, args.vocab_size, args.n_heads
     H = ffn_hidden_dim(args)
@@ -624,8 +625,7 @@ def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type
     grads = 4 * trainable / shards
     if parallel == "fsdp" and world_size > 1:
         grads += 4 * (root + block) if not lora_rank else 0  # unsharded until reduce-scattered
-    if parallel == "ddp" and world_size > 1:
-        grads += 4 * trainable  # DDP's buckets, a second copy of the gradients
+    buckets = 4 * trainable if parallel == "ddp" and world_size > 1 else 0  # DDP's, allocated with the wrapper
     opt = 4 * states / shards
     if bf16:
         per_block = 44 * D + 8 * H + 4 * nh + 8 - (8 * D if device_type == "cuda" else 0)
@@ -639,8 +639,8 @@ def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type
     if bf16 and parallel != "fsdp":
         activations += 2 * (L * (block - 2 * D) + V * D)  # autocast's bf16 copies of the matrices
     loss_chunks = 2 * min(chunk, tokens) * V * 4  # a chunk's logits and their softmax / gradient
-    total = weights + opt + max(activations + loss_chunks, grads)
-    return dict(params=n_params, trainable=trainable, weights=weights, gradients=grads, optimizer=opt,
+    total = weights + opt + buckets + max(activations + loss_chunks, grads)
+    return dict(params=n_params, trainable=trainable, weights=weights, gradients=grads + buckets, optimizer=opt,
                 activations=activations, loss_chunks=loss_chunks, peak=total)
 
 

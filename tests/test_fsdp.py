@@ -102,10 +102,11 @@ def test_fsdp_lora_sft_on_two_processes_equals_one_process(chat, tmp_path):
     assert_same_run(tmp_path / "one", "merged.pt", tmp_path / "fsdp", "merged.pt", 1e-5)
 
 
-def test_fsdp_dpo_on_two_processes_equals_one_process(chat, tmp_path):
+def test_hsdp_dpo_on_two_processes_equals_one_process(chat, tmp_path):
+    # replicas=2: a (2 x 1) mesh, each process a whole shard group, the two replicated (HSDP's cross-node half)
     dpo = [f"--train_data={chat / 'pairs.jsonl'}", "--n_samples=0", "--sft_weight=0.5"]
     finetune("dpo.py", chat, tmp_path / "one", *dpo)
-    finetune("dpo.py", chat, tmp_path / "fsdp", *dpo, "--parallel=fsdp", launcher=TORCHRUN_2)
+    finetune("dpo.py", chat, tmp_path / "fsdp", *dpo, "--parallel=fsdp", "--replicas=2", launcher=TORCHRUN_2)
     assert_same_run(tmp_path / "one", "ckpt.pt", tmp_path / "fsdp", "ckpt.dcp", 1e-5)
 
 
