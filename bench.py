@@ -104,6 +104,8 @@ if estimate:
                     f"{m['gradients'] / GiB:.2f} | {m['optimizer'] / GiB:.2f} | {m['activations'] / GiB:.2f} | "
                     f"{m['peak'] / GiB:.2f} | {lo} |")
 
+if skip_train and skip_gen:  # the estimate alone (also for a GPU set-up on a machine without one: --device=cuda)
+    raise SystemExit(0)
 if measure:  # one step of a tiny model first: the kernels' code pages count in the resident set once touched
     tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=vocab_size, max_seq_len=8)).to(device)
     t_opt = tiny.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type, optimizer)

@@ -591,9 +591,10 @@ def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type
     'float32' or 'bfloat16' (autocast; FSDP: bf16 parameters in compute); device_type: 'cpu' attends in fp32
     under autocast (Attention.forward), 'cuda' in bf16; optimizer 'adamw' (2 states per trainable weight) or
     'muon' (1 for the blocks' matrices); lora_rank > 0: LoRA on the 7 projections of every block (only the
-    adapters train); parallel 'ddp' (a whole copy per process, and gradient buckets as big as the gradients,
-    resident from the wrapper's creation, when world_size > 1) or 'fsdp' (weights, gradients and optimizer state / world_size, plus the unsharded root
-    and two blocks in flight); activation_checkpointing: a block keeps only its input.
+    adapters train); parallel 'ddp' (a whole copy per process, and when world_size > 1 gradient buckets as big
+    as the gradients, resident from the wrapper's creation) or 'fsdp' (weights, gradients and optimizer state
+    / world_size, plus the unsharded root and two blocks in flight); activation_checkpointing: a block keeps
+    only its input.
     Activations per token, counted from the tensors autograd saves in model.py's ops: a block in fp32 keeps
     10 dim + 4 hidden + n_heads + 2 floats (the two RMSNorms 3 dim + 1 each: input, normalised, scaled; q, k, v
     3 dim; wo's input dim; SwiGLU's gate, silu, up and product 4 hidden; softmax statistics n_heads); under
@@ -601,10 +602,11 @@ def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type
     to bf16 apiece, attention in fp32), 36 dim + ... on a GPU (attention in bf16); outside the blocks the
     final norm, the loss's gradient of h (fp32) and the token ids; the fused loss keeps the output layer's
     weight gradient (vocab x dim fp32) from the forward pass. The peak is weights + optimizer state (+ DDP's
-    buckets) + the larger of (activations + loss chunks + autocast's bf16 weight copies) and the gradients. What it leaves
-    out (CUDA context, allocator caching and fragmentation, framework buffers) is why a measured peak is
-    checked against it (bench.py --measure=True). Returns a dict of bytes (floats): weights, gradients (with
-    DDP's buckets), optimizer, activations, loss_chunks, peak; and the counts params and trainable."""
+    buckets) + the larger of (activations + loss chunks + autocast's bf16 weight copies) and the gradients.
+    What it leaves out (CUDA context, allocator caching and fragmentation, framework buffers) is why a
+    measured peak is checked against it (bench.py --measure=True). Returns a dict of bytes (floats): weights,
+    gradients (with DDP's buckets), optimizer, activations, loss_chunks, peak; and the counts params and
+    trainable."""
     T = seq_len or args.max_seq_len
     D, L, V, nh = args.dim, args.n_layers, args.vocab_size, args.n_heads
     H = ffn_hidden_dim(args)

@@ -57,7 +57,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = off
-optimizer = "adamw"  # 'adamw', or 'muon': Muon for the blocks' matrices, AdamW for the rest (model.configure_optimizers)
+optimizer = "adamw"  # 'adamw', or 'muon': Muon for the blocks' matrices, AdamW for the rest
 seed = 1337
 # system
 device = "auto"  # 'auto', 'cpu', 'cuda'
@@ -66,7 +66,7 @@ compile = "auto"  # True, False, or 'auto': what pays on this device (train_util
 num_threads = 0  # CPU threads; 0 = torch's default
 max_minutes = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
 parallel = "ddp"  # 'ddp': a whole copy per process; 'fsdp': weights, gradients, optimizer sharded (sharded checkpoints)
-activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory
 cpu_offload = False  # fsdp: keep the shards and the optimizer step in CPU memory
 replicas = 1  # fsdp: > 1 = HSDP, shard within world_size / replicas processes (a node), replicate across
 # -----------------------------------------------------------------------------------------------------------
