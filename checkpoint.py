@@ -283,7 +283,7 @@ def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys, o
         return None
     if init_from != "resume":
         raise SystemExit(f"init_from must be {start!r} or 'resume', not {init_from!r}")
-    other = ckpt_path[:-4] + (".pt" if ckpt_path.endswith(".dcp") else ".dcp")
+    other = os.path.splitext(ckpt_path)[0] + (".pt" if ckpt_path.endswith(".dcp") else ".dcp")
     if not os.path.exists(ckpt_path) and os.path.exists(other):
         raise SystemExit(f"{ckpt_path} not found, but {other} is: that run used --parallel="
                          f"{'fsdp' if other.endswith('.dcp') else 'ddp'}; resume it with that setting (a sharded "

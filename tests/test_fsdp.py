@@ -140,6 +140,14 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path
     assert ck.load(link)["iter_num"] == 4 and os.listdir(tmp_path / "dcp") == ["iter_00000004"]
 
 
+def test_resuming_a_sharded_run_without_parallel_fsdp_names_the_setting(tmp_path):
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, max_seq_len=8))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    ck.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 2, "model_args": {}}, tu.Run())
+    with pytest.raises(SystemExit, match="--parallel=fsdp"):
+        ck.resume("resume", "scratch", ck.checkpoint_path(str(tmp_path), "ddp"), "cpu", {}, [], set(), ())
+
+
 def saved_bytes(model, x, y):
     """Loss, gradients, and the bytes autograd keeps for the backward pass of one forward."""
     total = [0]
