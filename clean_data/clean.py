@@ -55,7 +55,7 @@ from tqdm import tqdm
 from clean_data import dedup, filters, shards
 from clean_data.atomic import atomic_path
 from clean_data.normalize import normalize
-from clean_data.readers import EmptyInputError, ReadErrors, input_files, read_files
+from clean_data.readers import EmptyInputError, ReadErrors, input_files, parquet_file, read_files
 from configurator import config_of
 
 # -----------------------------------------------------------------------------
@@ -576,9 +576,8 @@ def _write(scratch_parquet, sink, removed_f, code, filt, partner, score, lo, gid
     stage, reason, doc id, source, line, text and, for duplicates, dup_of and jaccard / distance. Arrays are
     this shard's slices; lo its first global position. Returns the characters kept."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     chars_out, at = 0, 0
-    for batch in pq.ParquetFile(scratch_parquet).iter_batches(batch_size=sink.row_group_size):
+    for batch in parquet_file(scratch_parquet).iter_batches(batch_size=sink.row_group_size):
         n = batch.num_rows
         keep = code[at:at + n] == 0
         table = batch.filter(keep)

@@ -349,20 +349,21 @@ def _first_line_not_utf8(path):
     return None
 
 
-def _parquet_file(path):
+def parquet_file(path):
     """pyarrow's ParquetFile of path; a file pyarrow cannot open (corrupt, not parquet at all) raises ValueError
-    naming it (pyarrow's own message does not)."""
+    naming it (pyarrow's own message does not). pre_buffer=False: by default iter_batches reads ahead every
+    column chunk of the file, memory O(file) instead of O(batch)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False)
     except pa.ArrowException as e:
         raise ValueError(f"{path}: not a readable parquet file ({e})") from e
 
 
 def _parquet_records(path, source, errors):
     row = 0
-    for batch in _parquet_file(path).iter_batches(batch_size=1024):
+    for batch in parquet_file(path).iter_batches(batch_size=1024):
         for rec in batch.to_pylist():
             row += 1
             yield row, rec
@@ -539,7 +540,7 @@ def read_parquet(path, source, text_field=None, errors=None, batch_size=1024):
     column is read (the fast path: no other column is decoded); otherwise whole rows from iter_records go
     through record_to_documents. line = row number (from 1)."""
     errors = ReadErrors() if errors is None else errors
-    pf = _parquet_file(path)
+    pf = parquet_file(path)
     names = pf.schema_arrow.names
     field = text_field if text_field else next((n for n in TEXT_FIELDS if n in names), None)
     if field is None:
