@@ -155,9 +155,12 @@ class RewardModel(nn.Module):
     def args(self):
         return self.body.args
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """The body's AdamW grouping (Transformer.configure_optimizers), the head included."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
+        """The body's AdamW grouping (Transformer.configure_optimizers), the head included. optimizer must be
+        'adamw' (Muon would find no block matrix under the body's names: ValueError rather than a silent AdamW)."""
         from model import Transformer
+        if optimizer != "adamw":
+            raise ValueError(f"the reward model trains with AdamW, not {optimizer!r}")
         return Transformer.configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
 
     def hidden(self, seqs, device):
