@@ -141,7 +141,9 @@ def bench_100k():
               f"removed {(code > 0).sum():,}  [{uptime()}]")
         if stage == "minhash":
             ours, (code_m, partner, _) = len(norms) / secs, verdicts(norms, stages="minhash", num_workers=1)
-    if rival_dir:
+    if rival_dir and not os.path.exists(rival_dir):
+        print(f"baby-llama2-chinese: no snapshot at {rival_dir} (git clone it there, or --rival_dir=''): ratio skipped")
+    elif rival_dir:
         rate, removed = rival_speed(texts[:rival_docs])
         print(f"baby-llama2-chinese MinHash (its code) {rate:,.0f} docs/s on {min(rival_docs, len(texts)):,} poems "
               f"(removed {removed:,}); ratio {ours / rate:.1f}x  [{uptime()}]")

@@ -2,8 +2,8 @@
 Deduplication over compact arrays: exact (hash of the normalised text), MinHash + banded LSH with every
 candidate verified by exact Jaccard, SimHash through permuted-table bucketing. The per-document state kept
 for the whole corpus is numbers in numpy arrays (an 8-byte exact key, `bands` 8-byte band hashes, an 8-byte
-fingerprint: 184 bytes at 20 bands); texts are read back from a spill file only for the few documents that
-have a candidate.
+fingerprint, a filter code and an empty flag: 178 bytes at 20 bands); texts are read back from a scratch
+file only for the documents that have a candidate.
 
 Shingles are character n-grams (default n=5) of the normalised text, so "明月光照" and "照光明月" share no
 shingle although they share every character (single-character shingles call them duplicates). A text
