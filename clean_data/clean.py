@@ -561,7 +561,8 @@ def _stream(docs, c, pool, scratch, secs, progress):
 
 
 def _global_ids(starts, ids):
-    """position (global, int array) -> document id shard_id * ID_STRIDE + running number in the shard."""
+    """A function: global positions (int array) -> document ids shard_id * ID_STRIDE + running number in the
+    shard (int64 array)."""
     starts = np.asarray(starts)
     ids = np.asarray(ids, np.int64)
 
@@ -585,14 +586,16 @@ def _write(scratch_parquet, sink, removed_f, code, filt, partner, score, lo, gid
         chars_out += pc.sum(pc.utf8_length(table.column("text"))).as_py() or 0
         if removed_f is not None:
             gone = np.nonzero(~keep)[0]
-            for j, rec in zip(gone.tolist(), batch.take(gone).select(["text", "source", "line"]).to_pylist()):
+            rows = batch.take(gone).select(["text", "source", "line"]).to_pylist()
+            doc_ids, dup_ids = gid(lo + at + gone).tolist(), gid(np.maximum(partner[at + gone], 0)).tolist()
+            for j, rec, doc_id, dup_id in zip(gone.tolist(), rows, doc_ids, dup_ids):
                 p = at + j
                 stage = STAGES[code[p] - 1]
                 out = {"stage": stage, "reason": filters.FILTER_NAMES[filt[p] - 1] if stage == "filter"
-                       else DUP_REASON[stage], "doc": int(gid(lo + p)), "source": rec["source"],
+                       else DUP_REASON[stage], "doc": doc_id, "source": rec["source"],
                        "line": rec["line"], "text": rec["text"]}
                 if partner[p] >= 0:
-                    out["dup_of"] = int(gid(partner[p]))
+                    out["dup_of"] = dup_id
                     if stage != "exact":
                         out["jaccard" if stage == "minhash" else "distance"] = round(float(score[p]), 4)
                 removed_f.write(json.dumps(out, ensure_ascii=False) + "\n")

@@ -402,6 +402,24 @@ def test_redis_shards_keep_what_one_process_keeps(redis_url, tmp_path):
     assert redis.Redis.from_url(redis_url).keys("t2:*") == []  # the run's keys were deleted
 
 
+def test_chain_across_shards_resolves_as_in_one_process(redis_url, tmp_path):
+    a, b, c = chain()
+    files = []
+    for k, text in enumerate((a, b, c)):  # A, B and C each on its own shard, among unrelated documents
+        files.append(str(tmp_path / f"s{k}.jsonl"))
+        rows = [long_doc(60 + 3 * k + m, 120) for m in range(3)]
+        rows.insert(1, text)
+        with open(files[-1], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t, "id": f"{k}-{m}"}, ensure_ascii=False) + "\n" for m, t in enumerate(rows))
+    clean(files, str(tmp_path / "single"), num_workers=1, progress=False)
+    outs = run_shards([[f] for f in files], tmp_path, redis_url, "chain", [2, 1, 0])
+    assert sorted(sum((kept_ids(o) for o in outs), [])) == kept_ids(tmp_path / "single")
+    assert "1-1" not in kept_ids(tmp_path / "single") and {"0-1", "2-1"} <= set(kept_ids(tmp_path / "single"))
+    removed = [json.loads(l) for l in open(tmp_path / "shard1" / "removed.jsonl", encoding="utf-8")]
+    assert [(x["doc"], x["dup_of"]) for x in removed] == [(1 * 10 ** 12 + 1, 0 * 10 ** 12 + 1)]  # B -> A, across shards
+    assert removed[0]["jaccard"] == pytest.approx(jaccard(a, b), abs=1e-4)
+
+
 def test_redis_shard_refuses_a_used_prefix_and_a_wrong_shard_id(redis_url, tmp_path):
     import redis
     files = planted_corpus(tmp_path / "in", parts=2)
