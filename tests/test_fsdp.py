@@ -65,9 +65,10 @@ def test_fsdp_on_two_processes_equals_one_process_and_its_checkpoint_resumes_on_
     assert os.path.islink(tmp_path / "fsdp" / "ckpt.dcp")
     pretrain(data, tmp_path / "fsdp", *untied, "--parallel=fsdp", "--init_from=resume")  # now 1 process
     assert_same_run(tmp_path / "straight", "ckpt.pt", tmp_path / "fsdp", "ckpt.dcp", 1e-5)
-    # only the folders the links name are kept; the converter writes what eval.py and export read
+    # only the folders the links name are kept; the converter (python checkpoint.py X.dcp Y.pt: these two
+    # calls) writes what eval.py and export read
     assert sorted(os.listdir(tmp_path / "fsdp" / "dcp")) == ["iter_00000004"]
-    run_script("checkpoint.py", tmp_path / "fsdp" / "ckpt.dcp", tmp_path / "model.pt")
+    ck.save(str(tmp_path / "model.pt"), ck.consolidate(str(tmp_path / "fsdp" / "ckpt.dcp")))
     one = torch.load(tmp_path / "model.pt", weights_only=True)
     assert one["iter_num"] == 4 and one["model_args"]["tie_embeddings"] is False
     model, _ = ck.load_model(str(tmp_path / "model.pt"))
