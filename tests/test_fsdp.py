@@ -18,8 +18,7 @@ from sft_fixtures import write_chat_files
 
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=32", "--batch_size=2",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1",
-        "--dtype=float32", "--device=cpu", "--gradient_accumulation_steps=4", "--lr_decay_iters=4",
-        "--eval_interval=2"]
+        "--dtype=float32", "--device=cpu", "--gradient_accumulation_steps=4", "--eval_interval=2"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,8 @@ def train_losses(out_dir):
         return {r["iter"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def assert_same_run(ref_dir, ref_ckpt, other_dir, other_ckpt, tol):
-    """Same training losses at every iteration and the same final weights, to tol."""
+def assert_same_run(ref_dir, ref_ckpt, other_dir, other_ckpt, tol, weight_tol=None):
+    """Same training losses at every iteration to tol, and the same final weights to weight_tol (default tol)."""
     a, b = train_losses(ref_dir), train_losses(other_dir)
     assert sorted(a) == sorted(b) and len(a) >= 2
     for it in a:
@@ -53,39 +52,36 @@ def assert_same_run(ref_dir, ref_ckpt, other_dir, other_ckpt, tol):
     w1, w2 = ck.load(str(ref_dir / ref_ckpt))["model"], ck.load(str(other_dir / other_ckpt))["model"]
     assert set(w1) == set(w2)
     for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=tol, rtol=0), k
+        assert torch.allclose(w1[k], w2[k], atol=weight_tol or tol, rtol=0), k
 
 
 # ---- the scripts under torchrun -----------------------------------------------------------------------------
 
-def test_fsdp_on_two_processes_equals_one_process_and_its_checkpoint_resumes_on_one(data, tmp_path):
-    untied = ["--tie_embeddings=False", "--max_iters=4"]
-    pretrain(data, tmp_path / "straight", *untied)  # one process, plain model, 4 micro-steps per iteration
-    pretrain(data, tmp_path / "fsdp", *untied[:1], "--max_iters=2", "--parallel=fsdp", launcher=TORCHRUN_2)
-    assert os.path.islink(tmp_path / "fsdp" / "ckpt.dcp")
-    pretrain(data, tmp_path / "fsdp", *untied, "--parallel=fsdp", "--init_from=resume")  # now 1 process
-    assert_same_run(tmp_path / "straight", "ckpt.pt", tmp_path / "fsdp", "ckpt.dcp", 1e-5)
+def test_fsdp_equals_one_process_and_resumes_from_two_processes_on_one_and_back(data, tmp_path):
+    # untied embeddings, Muon for the matrices (AdamW for the rest), 6 iterations of 4 micro-steps: one process
+    # with the plain model, against FSDP on 2 processes (0-2), then resumed on 1 (2-4), then on 2 again (4-6)
+    untied = ["--tie_embeddings=False", "--optimizer=muon", "--lr_decay_iters=6"]
+    pretrain(data, tmp_path / "straight", *untied, "--max_iters=6")
+    for n_iters, launcher in ((2, TORCHRUN_2), (4, None), (6, TORCHRUN_2)):
+        resume = ["--init_from=resume"] if n_iters > 2 else []
+        pretrain(data, tmp_path / "fsdp", *untied, f"--max_iters={n_iters}", "--parallel=fsdp", *resume,
+                 launcher=launcher)
+        assert os.path.islink(tmp_path / "fsdp" / "ckpt.dcp")
+    # the losses agree to float rounding. The weights less: the runs' gradients differ in the last bits (another
+    # summation order), and Newton-Schulz, run in bf16, lifts every singular direction of the momentum to ~1,
+    # the tiny ones made of rounding noise too, so an entry may differ by a fraction of one step's update
+    # (~5e-3 here: lr 3e-3 x 0.2 x sqrt(176)); measured up to 2.8e-4 after 6 steps
+    assert_same_run(tmp_path / "straight", "ckpt.pt", tmp_path / "fsdp", "ckpt.dcp", 1e-5, weight_tol=1e-3)
     # only the folders the links name are kept; the converter (python checkpoint.py X.dcp Y.pt: these two
     # calls) writes what eval.py and export read
-    assert sorted(os.listdir(tmp_path / "fsdp" / "dcp")) == ["iter_00000004"]
+    assert sorted(os.listdir(tmp_path / "fsdp" / "dcp")) == ["iter_00000006"]
     ck.save(str(tmp_path / "model.pt"), ck.consolidate(str(tmp_path / "fsdp" / "ckpt.dcp")))
     one = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert one["iter_num"] == 4 and one["model_args"]["tie_embeddings"] is False
+    assert one["iter_num"] == 6 and one["model_args"]["tie_embeddings"] is False
     model, _ = ck.load_model(str(tmp_path / "model.pt"))
     straight = ck.load(str(tmp_path / "straight" / "ckpt.pt"))["model"]
     for k, v in model.state_dict().items():
-        assert torch.allclose(v, straight[k], atol=1e-5, rtol=0), k
-
-
-def test_fsdp_checkpoint_of_one_process_resumes_on_two_with_tied_embeddings_and_muon(data, tmp_path):
-    muon = ["--optimizer=muon", "--max_iters=4"]
-    pretrain(data, tmp_path / "straight", *muon)
-    pretrain(data, tmp_path / "fsdp", muon[0], "--max_iters=2", "--parallel=fsdp")  # one process
-    pretrain(data, tmp_path / "fsdp", *muon, "--parallel=fsdp", "--init_from=resume", launcher=TORCHRUN_2)
-    # Muon orthogonalises in bf16: the two runs' gradients differ in the last float bits, and so may its rounding
-    assert_same_run(tmp_path / "straight", "ckpt.pt", tmp_path / "fsdp", "ckpt.dcp", 2e-4)
-    w = ck.load(str(tmp_path / "fsdp" / "ckpt.dcp"))
-    assert w["model_args"]["tie_embeddings"] and "output.weight" in w["model"]
+        assert torch.allclose(v, straight[k], atol=1e-3, rtol=0), k
 
 
 def finetune(script, chat, out, *extra, launcher=None):
@@ -94,7 +90,7 @@ def finetune(script, chat, out, *extra, launcher=None):
                "--batch_size=1", "--gradient_accumulation_steps=4", "--eval_interval=100", *extra, launcher=launcher)
 
 
-def test_fsdp_lora_sft_on_two_processes_equals_one_process(chat, tmp_path):
+def test_fsdp_lora_sft_on_two_processes_equals_one_process_with_tied_embeddings(chat, tmp_path):
     lora = [f"--train_data={chat / 'train.jsonl'}", "--lora_rank=4", "--pack=False"]
     finetune("sft.py", chat, tmp_path / "one", *lora)
     finetune("sft.py", chat, tmp_path / "fsdp", *lora, "--parallel=fsdp", launcher=TORCHRUN_2)
