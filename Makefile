@@ -30,10 +30,10 @@ chromium:
 
 # one test process per core (pytest-xdist): the suite's many small subprocess runs overlap
 test: install-dev redis-server chromium
-	$(PYTHON) -m pytest -q -n auto tests
+	$(PYTHON) -m pytest -q -n auto --dist worksteal tests
 
 test-fast: install-dev redis-server chromium
-	$(PYTHON) -m pytest -q -n auto -m "not slow" tests
+	$(PYTHON) -m pytest -q -n auto --dist worksteal -m "not slow" tests
 
 # ---- the demo: every stage a file target, so a re-run of make demo skips the finished stages -----------------
 CORPUS := data/chinese-poetry/package.json
