@@ -655,7 +655,11 @@ def read_jsonl(path):
 def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val")), title="loss", ylabel=None):
     """Plot chosen fields of a JSONL log against 'iter' into a PNG (written atomically), titled. A series of
     many points (a training loss logged every iteration) is drawn faint, with its smoothed curve (an
-    exponential moving average, bias-corrected like Adam's, so its start is not pulled toward 0) over it."""
+    exponential moving average, bias-corrected like Adam's, so its start is not pulled toward 0) over it.
+    With BABYLLAMA_PLOTS=0 in the environment nothing is drawn (the test suite's setting: matplotlib's start-up
+    is ~1 s of CPU in each of its ~100 training runs; the tests of the plots turn it back on)."""
+    if os.environ.get("BABYLLAMA_PLOTS", "1") == "0":
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,15 +13,18 @@ if ROOT not in sys.path:
 
 # one thread per process: two processes x two threads on two cores spin-wait each other into the ground
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+# no loss plots (matplotlib's start-up costs ~1 s of CPU per training run) except where a test asks for them
+ENV["BABYLLAMA_PLOTS"] = "0"
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def run_script(script, *args, launcher=None, check=True, input=None, timeout=300):
+def run_script(script, *args, launcher=None, check=True, input=None, timeout=300, plots=False):
     """Run a repository script (e.g. "pretrain.py" or "-m", "clean_data") in a fresh interpreter from the
-    repository root, the way a user would. Returns the CompletedProcess; with check, a non-zero exit fails the
-    test showing the end of stdout and stderr."""
+    repository root, the way a user would (plots: also draw the loss PNGs). Returns the CompletedProcess; with
+    check, a non-zero exit fails the test showing the end of stdout and stderr."""
     cmd = (launcher or [sys.executable]) + [script, *map(str, args)]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, input=input, timeout=timeout)
+    env = dict(ENV, BABYLLAMA_PLOTS="1") if plots else ENV
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, input=input, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

@@ -45,11 +45,11 @@ def setup(tmp_path_factory):
     return d
 
 
-def run_dpo(d, out, *extra):
+def run_dpo(d, out, *extra, plots=False):
     p = run_script("dpo.py", f"--init_ckpt={d / 'sft.pt'}", f"--train_data={d / 'train.jsonl'}",
                    f"--val_data={d / 'val.json'}", f"--out_dir={out}", "--batch_size=2", "--num_threads=1",
                    "--dtype=float32", "--device=cpu", "--learning_rate=1e-3", "--min_lr=1e-3", "--warmup_iters=0",
-                   "--eval_interval=2", "--n_samples=1", *extra)
+                   "--eval_interval=2", "--n_samples=1", *extra, plots=plots)
     return p.stdout, tu.read_jsonl(os.path.join(out, "log.jsonl"))
 
 
@@ -59,7 +59,7 @@ def train_rows(log):
 
 @pytest.fixture(scope="module")
 def full_run(setup):
-    return run_dpo(setup, setup / "full", "--max_iters=4")
+    return run_dpo(setup, setup / "full", "--max_iters=4", plots=True)
 
 
 def test_step0_log2_metrics_plots(setup, full_run):

@@ -17,8 +17,8 @@ def data(tmp_path_factory):
                             n_val=4000)
 
 
-def run(args, launcher=None, check=True):
-    return run_script("pretrain.py", *args, launcher=launcher, check=check)
+def run(args, launcher=None, check=True, plots=False):
+    return run_script("pretrain.py", *args, launcher=launcher, check=check, plots=plots)
 
 
 def train_losses(out_dir):
@@ -69,7 +69,7 @@ def test_resume_continues_exactly_where_it_stopped(data, tmp_path):
 
 
 def test_checkpoint_loads_with_weights_only_and_records_the_config_used(data, tmp_path):
-    run(common(data, tmp_path, "--max_iters=2", "--eval_interval=100"))
+    run(common(data, tmp_path, "--max_iters=2", "--eval_interval=100"), plots=True)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     for key in ("model", "optimizer", "model_args", "iter_num", "config", "rng", "data"):
         assert key in ckpt, key

@@ -42,10 +42,10 @@ def setup(tmp_path_factory):
     return d, tok
 
 
-def run_sft(d, out, *extra, check=True):
+def run_sft(d, out, *extra, check=True, plots=False):
     p = run_script("sft.py", f"--init_ckpt={d / 'base.pt'}", f"--train_data={d / 'train.jsonl'}",
                    f"--val_data={d / 'val.jsonl'}", f"--out_dir={out}", "--batch_size=2", "--num_threads=1",
-                   "--log_interval=1", "--dtype=float32", "--device=cpu", *extra, check=check)
+                   "--log_interval=1", "--dtype=float32", "--device=cpu", *extra, check=check, plots=plots)
     return p.stdout if check else p
 
 
@@ -66,7 +66,7 @@ def test_tiny_model_learns_conversations_verbatim(setup, tmp_path, mode):
     extra = ["--lora_rank=16", "--lora_alpha=32", "--learning_rate=1e-2"] if mode == "lora" else \
         ["--learning_rate=3e-3"]
     out = run_sft(d, tmp_path, "--max_iters=120", "--warmup_iters=5", "--min_lr=1e-4", "--eval_interval=60",
-                  "--pack=True", *extra)
+                  "--pack=True", *extra, plots=True)
     assert "val loss" in out and os.path.exists(tmp_path / "loss.png")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     if mode == "lora":
