@@ -133,14 +133,12 @@ def save_sharded(link, model, optimizer, extra, run, best_link=None):
     root = os.path.join(os.path.dirname(os.path.abspath(link)), "dcp")
     name = f"iter_{extra['iter_num']:08d}"
     folder = os.path.join(root, name)
-    if run.master and os.path.exists(folder) and name not in _linked(root):
-        shutil.rmtree(folder)  # half written by a killed run
+    if run.master and os.path.exists(folder):
+        # half written by a killed run (a linked folder is never written again: a run saves only after the
+        # iteration it resumed from)
+        shutil.rmtree(folder)
     if run.ddp:
         dist.barrier()
-    if run.master and os.path.exists(folder):  # re-saving the iteration a link already names: write beside it
-        folder = os.path.join(root, name + "_1")
-        shutil.rmtree(folder, ignore_errors=True)
-    folder = _broadcast(folder, run)
     dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
     if run.master:
         with atomic_path(os.path.join(folder, "extra.pt")) as tmp:
@@ -152,16 +150,6 @@ def save_sharded(link, model, optimizer, extra, run, best_link=None):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     if run.ddp:
         dist.barrier()
-
-
-def _broadcast(obj, run):
-    """The master's value of a picklable obj on every process."""
-    if not run.ddp:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _point(link, target):
@@ -470,37 +458,33 @@ class Checkpointer:
                                  f"check the data, or use bfloat16 instead of float16.")
 
     def save(self, iter_num, best=False):
-        """Write ckpt.pt for iteration iter_num (atomically), and best.pt too when best; nothing at the
-        iteration the run started from."""
+        """Write ckpt.pt (or the sharded ckpt.dcp) for iteration iter_num atomically, and best.pt (best.dcp) too
+        when best; nothing at the iteration the run started from."""
         if iter_num <= self.start_iter:
             return
         rngs = tu.gather_rng_states(self.run)  # a collective: every process takes part
-        if self.sharded:
-            extra = training_state(self.model, None, self.run.scaler, rngs, iter_num=iter_num,
-                                   best_val_loss=self.best_val_loss, **self.fields)
+        fields = dict(iter_num=iter_num, best_val_loss=self.best_val_loss, **self.fields)
+        if self.sharded:  # every process writes its shards; the weights and optimizer state go there
+            extra = training_state(self.model, None, self.run.scaler, rngs, **fields)
             save_sharded(self.path, self.model, self.optimizer, extra, self.run, self.best_path if best else None)
-            self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))
-            self.saved_at = iter_num
-            return
-        if self.run.master:
-            save(self.path, training_state(self.model, self.optimizer, self.run.scaler, rngs, iter_num=iter_num,
-                                           best_val_loss=self.best_val_loss, **self.fields))
+        elif self.run.master:
+            save(self.path, training_state(self.model, self.optimizer, self.run.scaler, rngs, **fields))
             if best:
                 with atomic_path(self.best_path) as tmp:
                     shutil.copyfile(self.path, tmp)
-            self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))
+        self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))  # (master only)
         self.saved_at = iter_num
-
 
 def gathered_model(model, run):
     """The trained model as a plain Transformer with all its weights on the master (for generation and the
     merged LoRA file at the end of a run), None on the other processes. Under FSDP a collective that gathers
     the shards into a new CPU model (LoRA layers rebuilt); otherwise the model itself."""
-    state = tu.full_state_dict(model, run) if run.parallel == "fsdp" else None
+    if run.parallel != "fsdp":
+        return model if run.master else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not run.master:
         return None
-    if run.parallel != "fsdp":
-        return model
     plain = Transformer(model.args)
     if getattr(model, "lora_config", None):
         cfg = model.lora_config

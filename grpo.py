@@ -30,8 +30,8 @@ import checkpoint as ck
 from chat_data.poetry_rewards import exact_form
 from clean_data.atomic import write_json
 from configurator import configure
-from rl import (Requests, evaluate_requests, group_advantages, load_reward_model, policy_and_reference, policy_loss,
-                reply_logps, reward_function, rollout)
+from rl import (Requests, check_reward, evaluate_requests, group_advantages, load_reward_model,
+                policy_and_reference, policy_loss, reply_logps, reward_function, rollout)
 from tokenizer.chat_template import decode_reply, stop_ids
 import train_utils as tu
 
@@ -86,8 +86,7 @@ bench_rollout = True  # measure a batched group against one-at-a-time generation
 config_keys, changed = configure(globals())
 if aggregation not in ("token", "sequence"):
     raise SystemExit(f"aggregation must be 'token' or 'sequence', not {aggregation!r}")
-if not (reward in ("poetry", "model") or reward.startswith("char:") and len(reward) == 6):
-    raise SystemExit(f"reward must be 'poetry', 'model' or 'char:X' (one character), not {reward!r}")
+check_reward(reward)
 
 # ---- set-up -----------------------------------------------------------------------------------------------
 run = tu.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)

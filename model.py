@@ -513,10 +513,6 @@ class Optimizers:
     def param_groups(self):
         return [g for o in self.optimizers for g in o.param_groups]
 
-    @property
-    def state(self):
-        return {p: s for o in self.optimizers for p, s in o.state.items()}
-
     def step(self, closure=None):
         for o in self.optimizers:
             o.step()

@@ -25,8 +25,8 @@ import checkpoint as ck
 from chat_data.poetry_rewards import exact_form
 from clean_data.atomic import write_json
 from configurator import configure
-from rl import (Requests, evaluate_requests, gae, load_reward_model, policy_and_reference, policy_loss, reply_logps,
-                reward_function, rollout, value_loss)
+from rl import (Requests, check_reward, evaluate_requests, gae, load_reward_model, policy_and_reference,
+                policy_loss, reply_logps, reward_function, rollout, value_loss)
 from tokenizer.chat_template import decode_reply, stop_ids
 import train_utils as tu
 
@@ -77,8 +77,7 @@ num_threads = 0
 max_minutes = 0.0
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())
-if not (reward in ("model", "poetry") or reward.startswith("char:") and len(reward) == 6):
-    raise SystemExit(f"reward must be 'model', 'poetry' or 'char:X', not {reward!r}")
+check_reward(reward)
 
 run = tu.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
 device, device_type, master = run.device, run.device_type, run.master

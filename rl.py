@@ -256,11 +256,19 @@ class Requests:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + it * 1_009 + self.rank)
 
 
+def check_reward(kind):
+    """SystemExit unless kind names a reward reward_function knows: 'poetry', 'model' or 'char:X'. (The scripts
+    call it before loading any model.)"""
+    if not (kind in ("poetry", "model") or kind.startswith("char:") and len(kind) == 6):
+        raise SystemExit(f"reward must be 'poetry', 'model' or 'char:X' (one character), not {kind!r}")
+
+
 def reward_function(kind, weights=(1.0, 0.5, 0.0, 0.0), tone_table="", rm=None, tok=None, device="cpu"):
     """fn(requests, replies) -> list of float rewards. kind: 'poetry' (poetry_reward with weights = (form,
     repeats, title, tones); tone_table: the JSON of build_tone_table, read when the tone weight is > 0),
     'model' (rm's scalar of the conversation), 'char:X' (the share of the reply's characters that are X)."""
     from chat_data.poetry_rewards import poetry_reward
+    check_reward(kind)
     if kind == "poetry":
         tones = None
         if weights[3]:
@@ -272,9 +280,8 @@ def reward_function(kind, weights=(1.0, 0.5, 0.0, 0.0), tone_table="", rm=None, 
         return lambda qs, rs: score_conversations(rm, tok, [{"messages": [{"role": "user", "content": q},
                                                                           {"role": "assistant", "content": r}]}
                                                             for q, r in zip(qs, rs)], device)
-    if kind.startswith("char:") and len(kind) == 6:
-        return lambda qs, rs: [r.count(kind[5]) / max(len(r), 1) for r in rs]
-    raise SystemExit(f"reward must be 'poetry', 'model' or 'char:X' (one character), not {kind!r}")
+    return lambda qs, rs: [r.count(kind[5]) / max(len(r), 1) for r in rs]  # 'char:X'
+
 
 
 @torch.no_grad()

@@ -233,16 +233,6 @@ def _fsdp_no_sync(module):
         module.set_requires_gradient_sync(True)
 
 
-def full_state_dict(model, run):
-    """The model's whole state_dict on the CPU, on the master (None elsewhere). Under FSDP a collective that
-    gathers the shards: every process must call it; otherwise simply model.state_dict()."""
-    if run.parallel != "fsdp":
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if run.master else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if run.master else None
-
-
 # ---- precision --------------------------------------------------------------------------------------------
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
