@@ -45,10 +45,10 @@ timed = @printf '%s\n' "$(2)"; mkdir -p $(DEMO); t0=$$(date +%s%N); $(2) && \
 	echo "{\"stage\": \"$(1)\", \"seconds\": $$(( ($$(date +%s%N) - t0) / 1000000 ))e-3}" >> $(DEMO)/stages.jsonl
 
 $(CORPUS):
-	$(PYTHON) -c "from clean_data.readers import download_poetry; print(download_poetry('data'))"
+	$(PYTHON) -c "from babyllama.readers import download_poetry; print(download_poetry('data'))"
 
 $(TOK): $(CORPUS)
-	$(call timed,tokenizer,$(PYTHON) tokenizer/train_tokenizer.py --input=data/chinese-poetry --vocab_size=8000 --model_prefix=$(DEMO)/tok8k)
+	$(call timed,tokenizer,$(PYTHON) -m tokenizer --input=data/chinese-poetry --vocab_size=8000 --model_prefix=$(DEMO)/tok8k)
 
 $(DEMO)/clean/report.json: $(CORPUS)
 	$(call timed,clean,$(PYTHON) -m clean_data --input=data/chinese-poetry --out_dir=$(DEMO)/clean)
@@ -92,7 +92,7 @@ $(DEMO)/dpo/summary.json: $(DEMO)/sft/summary.json $(DEMO)/dpo_data/stats.json c
 # of its questions have a near-duplicate in the training tokens, and the three models' scores on it
 BENCH := $(DEMO)/poetry_bench
 $(BENCH)/about.json: $(TOKENS)
-	$(call timed,poetry-bench,$(PYTHON) -m evals.poetry_bench --corpus=$(CLEAN) --token_meta=$(TOKENS) --out_dir=$(BENCH))
+	$(call timed,poetry-bench,$(PYTHON) poetry_bench.py --corpus=$(CLEAN) --token_meta=$(TOKENS) --out_dir=$(BENCH))
 $(BENCH)/contamination.json: $(BENCH)/about.json
 	$(call timed,contamination,$(PYTHON) eval.py --mode=contamination --eval_set=$(BENCH) --train_data=$(DEMO)/data/train.bin)
 MC = $(PYTHON) eval.py --mode=mc --mc_data=$(BENCH) --contamination_file=$(BENCH)/contamination.json --batch_size=64
@@ -139,13 +139,13 @@ bench: install
 # 100k poems (MinHash speed against baby-llama2-chinese's own code, accuracy), then a 1M-document planted corpus
 # (whole pipeline, peak RSS, recall) cleaned again by 1, 2 and 4 Redis shards (kept sets compared)
 bench-clean: install
-	$(PYTHON) -m clean_data.bench
-	$(PYTHON) -m clean_data.bench --scale=1000000 --redis_workers=1,2,4
+	$(PYTHON) bench_clean.py
+	$(PYTHON) bench_clean.py --scale=1000000 --redis_workers=1,2,4
 
 # multiple-choice scoring speed: one prompt at a time against batched and prefix-cached (C-Eval val, 5-shot, on a
 # random model with a 1024-token context, so the shots fit)
 bench-eval: install
-	$(PYTHON) -m evals.bench --ckpt_path= --n_questions=200
+	$(PYTHON) bench_eval.py --ckpt_path= --n_questions=200
 
 # serving: tokens/s of 1 and 8 concurrent clients and the time to the first token, through a server it starts
 bench-serve: install

@@ -16,13 +16,17 @@ estimate for the same set-up.
 """
 import os
 import statistics
+import sys
 import time
 
 import torch
 
-from configurator import apply_overrides
-from model import ModelArgs, Transformer, training_memory
-import train_utils as tu
+from babyllama import dist, optimize, precision, runlog
+from babyllama.configurator import apply_overrides
+from babyllama.memory import peak_memory_rise, reset_peak_memory, training_memory
+from model import ModelArgs, Transformer
+from babyllama.generate import compile_decode, generate
+from babyllama.optimize import configure_optimizers
 
 # -----------------------------------------------------------------------------------------------------------
 dim = 288
@@ -37,7 +41,7 @@ gradient_accumulation_steps = 1
 tie_embeddings = True
 device = "auto"
 dtype = "auto"
-compile = "auto"  # True, False, or 'auto': the fast path of this device (train_utils.cpu_fast_path)
+compile = "auto"  # True, False, or 'auto': the fast path of this device (babyllama/precision.py)
 num_threads = 2  # CPU threads (the rivals were measured with 2)
 warmup_steps = 3
 steps = 10
@@ -46,7 +50,7 @@ gen_prompt_len = 7
 gen_runs = 3
 skip_train = False
 skip_gen = False
-parallel = "ddp"  # under torchrun: 'ddp' or 'fsdp' (train_utils.parallelize); each process trains batch_size
+parallel = "ddp"  # under torchrun: 'ddp' or 'fsdp' (babyllama.dist.parallelize); each process trains batch_size
 optimizer = "adamw"  # or 'muon'
 activation_checkpointing = False
 estimate = False  # print the memory estimates (model.training_memory) for this shape
@@ -60,26 +64,25 @@ if measure and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536" and "RANK" no
     # glibc keeps freed memory in its heap for reuse, so the resident set would measure the allocator's
     # high-water mark, not the tensors alive at once: a fixed threshold maps every block over 64 KiB on its own
     # and returns it when freed. (Set before the process starts, so start again with it.)
-    import sys
     os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
 
-run = tu.setup_ddp(device, parallel) if "RANK" in os.environ else tu.Run(device=device)
+run = dist.setup_ddp(device, parallel) if "RANK" in os.environ else dist.Run(device=device)
 run.parallel = parallel if run.ddp else "ddp"
 device = "cuda" if run.device == "auto" and torch.cuda.is_available() else \
     ("cpu" if run.device == "auto" else run.device)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cpu":
-    tu.configure_cpu()
+    precision.configure_cpu()
     threads = max(1, (num_threads or torch.get_num_threads()) // run.world_size)
     torch.set_num_threads(threads)
 else:
     torch.backends.cuda.matmul.allow_tf32 = True
-run.dtype = dtype = tu.resolve_dtype(dtype, device_type)
-run.compile = compile = tu.resolve_compile(compile, device_type, dtype)
+run.dtype = dtype = precision.resolve_dtype(dtype, device_type)
+run.compile = compile = precision.resolve_compile(compile, device_type, dtype)
 run.device, run.device_type = device, device_type
 say = print if run.master else (lambda *a, **k: None)
-say(f"path: {tu.describe_path(device_type, dtype, compile)}")
-autocast_ctx, scaler = tu.amp_setup(device_type, dtype)
+say(f"path: {precision.describe_path(device_type, dtype, compile)}")
+autocast_ctx, scaler = precision.amp_setup(device_type, dtype)
 args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or None, vocab_size=vocab_size,
                  multiple_of=multiple_of, max_seq_len=max_seq_len, tie_embeddings=tie_embeddings)
 
@@ -108,13 +111,13 @@ if skip_train and skip_gen:  # the estimate alone (also for a GPU set-up on a ma
     raise SystemExit(0)
 if measure:  # one step of a tiny model first: the kernels' code pages count in the resident set once touched
     tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=vocab_size, max_seq_len=8)).to(device)
-    t_opt = tiny.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type, optimizer)
+    t_opt = configure_optimizers(tiny, 0.1, 3e-4, (0.9, 0.95), device_type, optimizer)
     with autocast_ctx:
         tiny(torch.zeros(1, 8, dtype=torch.long, device=device), torch.zeros(1, 8, dtype=torch.long,
                                                                              device=device), False)[1].backward()
-    tu.optimizer_step(t_opt, scaler, 1.0)
+    optimize.optimizer_step(t_opt, scaler, 1.0)
     del tiny, t_opt
-baseline = tu.reset_peak_memory(device_type)  # the measured peak is the rise from here
+baseline = reset_peak_memory(device_type)  # the measured peak is the rise from here
 torch.manual_seed(0)
 model = Transformer(args).to(device)
 say(f"config: dim {dim}, layers {n_layers}, heads {n_heads}/{n_kv_heads or n_heads}, vocab {vocab_size}, "
@@ -129,19 +132,19 @@ def sync():
 
 
 if not skip_train:
-    train_model = tu.parallelize(model, run, activation_checkpointing)  # compile, DDP or FSDP
-    optim = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device_type, optimizer)
+    train_model = dist.parallelize(model, run, activation_checkpointing)  # compile, DDP or FSDP
+    optim = configure_optimizers(model, 0.1, 3e-4, (0.9, 0.95), device_type, optimizer)
     torch.manual_seed(run.rank)  # each process its own tokens
     x = torch.randint(0, vocab_size, (batch_size, max_seq_len + 1), device=device)
     tokens_per_step = batch_size * max_seq_len * gradient_accumulation_steps * run.world_size
 
     def train_step():
         for micro in range(gradient_accumulation_steps):
-            with tu.gradient_sync(train_model, micro == gradient_accumulation_steps - 1):
+            with dist.gradient_sync(train_model, micro == gradient_accumulation_steps - 1):
                 with autocast_ctx:
                     _, loss = train_model(x[:, :-1], x[:, 1:], return_logits=False)
                 scaler.scale(loss / gradient_accumulation_steps).backward()
-        tu.optimizer_step(optim, scaler, 1.0)
+        optimize.optimizer_step(optim, scaler, 1.0)
 
     for _ in range(warmup_steps):  # includes compilation
         train_step()
@@ -158,8 +161,8 @@ if not skip_train:
         f"min {tokens_per_step / max(times):,.0f}, max {tokens_per_step / min(times):,.0f})"
         + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ", MFU n/a on CPU")
         + f", {model.flops_per_token() * tokens_per_step / dt / 1e9:,.1f} GFLOP/s")
-    rise = tu.all_reduce_sum(tu.peak_memory_rise(device_type, baseline), run) / run.world_size
-    say(f"train: peak memory {tu.peak_memory_mb(device_type):,.0f} MiB; rise during the run {rise / 2 ** 20:,.0f} MiB "
+    rise = dist.all_reduce_sum(peak_memory_rise(device_type, baseline), run) / run.world_size
+    say(f"train: peak memory {runlog.peak_memory_mb(device_type):,.0f} MiB; rise during the run {rise / 2 ** 20:,.0f} MiB "
         f"per process (mean of {run.world_size})")
     if measure:
         est = training_memory(args, batch_size, dtype=dtype, device_type=device_type, optimizer=optimizer,
@@ -178,10 +181,10 @@ if not skip_gen and not run.ddp:
     prompt = torch.randint(0, vocab_size, (1, gen_prompt_len), device=device)
     if compile:
         with gen_ctx:
-            eager_out = model.generate(prompt, n_new, temperature=0.0)
-        model.compile_decode()
+            eager_out = generate(model, prompt, n_new, temperature=0.0)
+        compile_decode(model)
         with gen_ctx:
-            same = model.generate(prompt, n_new, temperature=0.0) == eager_out  # also compiles
+            same = generate(model, prompt, n_new, temperature=0.0) == eager_out  # also compiles
         print(f"generate: compiled decode step gives the eager tokens: {same}")
     for use_cache in (True, False):
         rates = []
@@ -189,12 +192,12 @@ if not skip_gen and not run.ddp:
             sync()
             t0 = time.perf_counter()
             with gen_ctx:
-                out = model.generate(prompt, n_new, temperature=0.0, use_cache=use_cache)
+                out = generate(model, prompt, n_new, temperature=0.0, use_cache=use_cache)
             sync()
             rates.append(len(out[0]) / (time.perf_counter() - t0))
         print(f"generate: {statistics.median(rates):,.1f} tokens/s {'with' if use_cache else 'without'} KV cache "
               f"(greedy, {n_new} new tokens from a {gen_prompt_len}-token prompt, median of {gen_runs})")
-    print(f"peak memory {tu.peak_memory_mb(device_type):,.0f} MiB")
+    print(f"peak memory {runlog.peak_memory_mb(device_type):,.0f} MiB")
 if not skip_train:
-    del train_model  # the DDP/FSDP wrapper goes before the process group (train_utils.cleanup_ddp)
-tu.cleanup_ddp(run)
+    del train_model  # the DDP/FSDP wrapper goes before the process group (babyllama.dist.cleanup_ddp)
+dist.cleanup_ddp(run)

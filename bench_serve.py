@@ -7,14 +7,16 @@ the ratio is what to compare.
     python bench_serve.py --ckpt_path=out/demo/sft/ckpt.pt
     python bench_serve.py --ckpt_path=out/demo/sft/ckpt.pt --quantize=int8
 """
+import json
 import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
-from configurator import run_main
+from babyllama.configurator import run_main
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/demo/sft/ckpt.pt"
@@ -87,8 +89,6 @@ def measure(client, model, n_clients):
 
 
 def main():
-    import json
-    import urllib.request
     from openai import OpenAI
     port = free_port()
     proc = start_server(port)

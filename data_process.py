@@ -5,7 +5,7 @@ Tokenize a corpus into flat uint16 token files for pretraining: out_dir/train.bi
     python data_process.py --input=data/clean/zh.jsonl,data/wiki/ --out_dir=out/data/wiki --num_workers=8
     python data_process.py config/data_wiki.py --min_chars=20
 
-Documents come from clean_data/readers.py (files, directories, globs; jsonl/json/parquet/txt; the
+Documents come from babyllama/readers.py (files, directories, globs; jsonl/json/parquet/txt; the
 chinese-poetry layout). Each kept document is encoded and followed by eos; no bos is added. Documents
 with fewer than min_chars characters (after stripping whitespace) are dropped and counted.
 
@@ -26,18 +26,21 @@ with no file, or one whose documents are all dropped, is an error naming the inp
 files of the last good run stay byte-identical.
 """
 import collections
+from contextlib import ExitStack
 import hashlib
 import itertools
+import multiprocessing as mp
 import os
 import sys
 import time
-from contextlib import ExitStack
 
 import numpy as np
 from tqdm import tqdm
 
-from clean_data.atomic import atomic_path, write_json
-from clean_data.readers import EmptyInputError, ReadErrors, download_poetry, input_files, read_files
+from babyllama.atomic import atomic_path, write_json
+from babyllama.configurator import apply_overrides
+from babyllama.readers import EmptyInputError, ReadErrors, download_poetry, input_files, read_files
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 input = "data/chinese-poetry"  # comma-separated files / directories / globs
@@ -72,7 +75,6 @@ _worker = {}
 
 
 def _init_worker(model_path, val_fraction, seed):
-    from tokenizer import Tokenizer
     tok = Tokenizer(model_path)
     _worker.update(tok=tok, val_fraction=val_fraction, seed=seed)
 
@@ -103,7 +105,6 @@ def _ordered_results(chunks, workers, init_args):
         for chunk in chunks:
             yield _encode_chunk(chunk)
         return
-    import multiprocessing as mp
     spawn = mp.get_context("spawn")  # no fork of a process that may hold pyarrow / tqdm threads
     with spawn.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = collections.deque()
@@ -134,7 +135,6 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
     On any of these out_dir is neither created nor touched: the first encoded chunk is in hand before the
     first file is opened, and existing train.bin / val.bin / meta.json stay byte-identical.
     """
-    from tokenizer import Tokenizer
     t0 = time.time()
     inputs = _inputs(input)
     tok = Tokenizer(tokenizer_model)
@@ -292,7 +292,6 @@ def format_report(meta, out_dir=""):
 
 
 if __name__ == "__main__":
-    from configurator import apply_overrides
     apply_overrides(globals())
     if download:
         if download != "poetry":

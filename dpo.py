@@ -1,6 +1,6 @@
 """
 Direct Preference Optimization (Rafailov et al. 2023) and its common variants, on pairs (prompt, chosen reply,
-rejected reply) that chat_data/preferences.py reads; starts from an SFT checkpoint.
+rejected reply) that babyllama/preferences.py reads; starts from an SFT checkpoint.
 
 One process:   python dpo.py config/dpo_demo.py
 LoRA:          python dpo.py config/dpo_demo.py --lora_rank=8   (the reference is the base, adapters off)
@@ -37,24 +37,25 @@ sampler is stateless, so they are known in advance), saves them in out_dir/ref_l
 model at all: one forward pass less per step and no second copy of the weights. simpo and orpo need none.
 Chosen and rejected go through the model in one forward pass (2B rows: chosen first), right-padded; the
 targets are -1 on the prompt and padding, so only reply tokens (and the <|end|> closing the reply) count.
-The pieces (pair batches, log-probs, the reference, the losses) are in finetune.py; checkpoints in checkpoint.py.
+The pieces (pair batches, log-probs, the reference, the losses) are in babyllama/finetune.py; checkpoints in babyllama/checkpoint.py.
 """
+from contextlib import nullcontext
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 
-import checkpoint as ck
-from clean_data.atomic import write_json
-from chat_data.preferences import load_preferences
-from configurator import configure
-from finetune import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, frozen_copy,
-                      pair_batch_loss, pair_logps, tokenize_pair)
-from lora import adapters_off
+from babyllama import checkpoint as ck, dist, optimize, runlog
+from babyllama.atomic import write_json
+from babyllama.configurator import configure
+from babyllama.finetune import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, frozen_copy,
+                                pair_batch_loss, pair_logps, tokenize_pair)
+from babyllama.lora import adapters_off
+from babyllama.preferences import load_preferences
+from tokenizer import load_tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
-import train_utils as tu
+from babyllama.generate import generate
 
 # -----------------------------------------------------------------------------------------------------------
 # I/O
@@ -102,7 +103,7 @@ save_merged = True  # LoRA: also write merged.pt at the end
 # system
 device = "auto"
 dtype = "auto"
-compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
+compile = "auto"  # True, False, or 'auto': what pays on this device (babyllama/precision.py)
 num_threads = 0
 max_minutes = 0.0
 parallel = "ddp"  # 'ddp', or 'fsdp': weights, gradients and optimizer state sharded over the processes (pretrain.py)
@@ -117,7 +118,7 @@ if reference not in ("model", "cached"):
     raise SystemExit(f"reference must be 'model' or 'cached', not {reference!r}")
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, False, parallel)
+run = dist.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, False, parallel)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's, and with them the
@@ -135,7 +136,7 @@ model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt,
                                                          dropout, lora_rank, lora_alpha, lora_dropout, lora_targets)
 raw_model, max_seq_len = model, model_args["max_seq_len"]
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-module = tu.parallelize(model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
+module = dist.parallelize(model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
 optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2),
                               optimizer)
 if master:
@@ -145,7 +146,7 @@ if master:
           f"trainable {n_trainable:,}" + (f" (LoRA rank {lora_rank}, alpha {lora_alpha})" if lora_rank else ""))
 
 # ---- data -------------------------------------------------------------------------------------------------
-tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"],
+tok = load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"],
                        init.get("tokenizer_sha256", ""))
 del init  # the starting checkpoint: only its tokenizer was still needed
 pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
@@ -213,19 +214,19 @@ del start_state
 # ---- training loop ----------------------------------------------------------------------------------------
 config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
 loss_args = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, sft_weight=sft_weight)
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
+log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optim, log, eval_interval,
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
 del resume_ckpt
 start_eval = ev = None  # the held-out metrics of the first and of the latest evaluation
-timer = tu.StepTimer()
-progress = tu.Progress("dpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x "
+timer = runlog.StepTimer()
+progress = runlog.Progress("dpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x "
                        f"{batch_size * gradient_accumulation_steps} pairs, {loss_type} loss (beta {beta}), held-out "
                        f"evaluation every {eval_interval}", enabled=master)
 while True:
-    lr = tu.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = optimize.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without held-out pairs the checkpoint is still written every eval_interval
@@ -233,7 +234,7 @@ while True:
             ev = evaluate_pairs(raw_model, ref, val_items, val_kinds, batch_size, pad_id, device, run.autocast,
                                 loss_type, **loss_args)
             start_eval = ev if start_eval is None and iter_num == 0 else start_eval
-            val_loss = tu.all_reduce_mean(ev["loss"], run)
+            val_loss = dist.all_reduce_mean(ev["loss"], run)
             log.write(f"iter {iter_num}: held-out loss {val_loss:.4f}, reward acc {ev['rewards/accuracies']:.3f}, "
                       f"margin {ev['rewards/margins']:.3f}; logp acc {ev['logps/accuracy']:.3f}",
                       iter=iter_num, lr=lr, **{f"val/{k}": v for k, v in ev.items()})
@@ -246,11 +247,11 @@ while True:
     # by its pair count, plus sft_weight x the chosen replies' token NLL over their token count: the same gradient
     # however batch x accumulation x processes is split
     micro_idx = [batches.get(iter_num * gradient_accumulation_steps + run.rank * accum + m) for m in range(accum)]
-    n_pairs = tu.all_reduce_sum(sum(len(idx) for idx in micro_idx), run)
-    n_chosen = tu.all_reduce_sum(sum(len(train_items[i][1]) for idx in micro_idx for i in idx), run)
+    n_pairs = dist.all_reduce_sum(sum(len(idx) for idx in micro_idx), run)
+    n_chosen = dist.all_reduce_sum(sum(len(train_items[i][1]) for idx in micro_idx for i in idx), run)
     sums, loss_sum, n_tok = {}, 0.0, 0
     for micro, idx in enumerate(micro_idx):
-        with tu.gradient_sync(module, micro == accum - 1):  # reduce gradients on the last micro-step only
+        with dist.gradient_sync(module, micro == accum - 1):  # reduce gradients on the last micro-step only
             loss, m, nt = pair_batch_loss(module, ref, train_items, idx, "train", pad_id, device, run.autocast,
                                           loss_type, n_pairs, n_chosen, **loss_args)
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
@@ -259,13 +260,13 @@ while True:
         loss_sum += float(loss.detach())
         n_tok += nt
     # pair_metrics' "loss" is a batch mean; the iteration's objective is the normalised sum above
-    metrics = {k: tu.all_reduce_sum(v, run) / n_pairs for k, v in sums.items() if k != "loss"}
-    metrics["loss"] = tu.all_reduce_sum(loss_sum, run)
+    metrics = {k: dist.all_reduce_sum(v, run) / n_pairs for k, v in sums.items() if k != "loss"}
+    metrics["loss"] = dist.all_reduce_sum(loss_sum, run)
     if not run.scaler.is_enabled():
         checkpointer.check_train_loss(iter_num, metrics["loss"])
-    tu.optimizer_step(optim, run.scaler, grad_clip)
+    optimize.optimizer_step(optim, run.scaler, grad_clip)
 
-    n_tok = int(tu.all_reduce_sum(n_tok, run))
+    n_tok = int(dist.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
     progress.step(metrics["loss"], n_tok, dt)
     if iter_num % log_interval == 0:
@@ -283,7 +284,7 @@ if master:
     summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), loss_type=loss_type,
                    beta=beta, reference=ref_mode, lora_rank=lora_rank,
                    trainable_params=n_trainable, reference_cache_seconds=round(cache_seconds, 1),
-                   reference_mb=round(reference_mb, 2), **tu.throughput(timer, device_type))
+                   reference_mb=round(reference_mb, 2), **runlog.throughput(timer, device_type))
     if start_eval is not None and ev is not None:
         summary["held_out"] = {
             "pairs": len(val_items),
@@ -296,12 +297,12 @@ if master:
               f"after {ev['logps/accuracy']:.3f} (mean margin {ev['logps/margin']:.2f}); "
               f"DPO reward accuracy {ev['rewards/accuracies']:.3f}, margin {ev['rewards/margins']:.3f}")
     log.write(summary=summary)
-    tu.plot_log(log.path, os.path.join(out_dir, "loss.png"), (("loss", "train"), ("val/loss", "held-out")),
+    runlog.plot_log(log.path, os.path.join(out_dir, "loss.png"), (("loss", "train"), ("val/loss", "held-out")),
                 title=f"DPO {loss_type} loss")
-    tu.plot_log(log.path, os.path.join(out_dir, "rewards.png"),
+    runlog.plot_log(log.path, os.path.join(out_dir, "rewards.png"),
                 (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"), ("rewards/margins", "margin"),
                  ("val/rewards/margins", "held-out margin")), title="DPO implicit rewards (beta x log-ratio)")
-    tu.plot_log(log.path, os.path.join(out_dir, "accuracy.png"),
+    runlog.plot_log(log.path, os.path.join(out_dir, "accuracy.png"),
                 (("rewards/accuracies", "reward accuracy"), ("val/rewards/accuracies", "held-out reward acc."),
                  ("val/logps/accuracy", "held-out logp acc.")), title="DPO preference accuracy")
     print(f"summary: {summary}")
@@ -322,7 +323,7 @@ if master:
         for i in order:
             ids = torch.tensor([encode_prompt(tok, val_pairs[i]["prompt"], val_pairs[i].get("system"))], device=device)
             ids = ids[:, -(max_seq_len - n_new):]
-            reply = lambda m: decode_reply(tok, m.generate(ids, n_new, stop_ids=stop_ids(tok))[0])
+            reply = lambda m: decode_reply(tok, generate(m, ids, n_new, stop_ids=stop_ids(tok))[0])
             samples.append({"prompt": val_pairs[i]["prompt"][-1]["content"], "chosen": val_pairs[i]["chosen"],
                             "before": reply(before_model), "after": reply(final)})
             print(f"--- {samples[-1]['prompt']}\n  before: {samples[-1]['before']!r}\n  after:  {samples[-1]['after']!r}")
@@ -332,4 +333,4 @@ if master:
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 del module, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
-tu.cleanup_ddp(run)
+dist.cleanup_ddp(run)

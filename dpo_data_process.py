@@ -1,6 +1,6 @@
 """
 Preference data for dpo.py: build the demo preference set from the chinese-poetry corpus, or count what the
-loader makes of preference files (any of the formats chat_data/preferences.py reads).
+loader makes of preference files (any of the formats babyllama/preferences.py reads).
 
     python dpo_data_process.py --demo_poetry=data/chinese-poetry --out_dir=out/demo/dpo_data
     python dpo_data_process.py --count="../shared/data/dpo/dpo_zh_500.jsonl,../shared/data/dpo/dpo_zh_demo.json"
@@ -8,21 +8,21 @@ loader makes of preference files (any of the formats chat_data/preferences.py re
 The demo set: per poem, the poem asked by its title (chosen: the real poem; rejected: its clauses shuffled,
 cut to half, or its first line repeated), its author (rejected: another poet of the set) and the continuation
 of its first line (rejected: a corrupted continuation), with the prompts of sft_data_process.py's demo SFT set.
-Held-out pairs (val.jsonl) come from poems in no training pair; see chat_data.poetry.build_poetry_pairs().
+Held-out pairs (val.jsonl) come from poems in no training pair; see babyllama.poetry.build_poetry_pairs().
 Torch-free.
 """
 import glob
 import json
 import os
 
-from chat_data.poetry import build_poetry_pairs
-from chat_data.preferences import load_preferences, write_pairs
-from clean_data.atomic import write_json
-from clean_data.readers import ReadErrors
-from configurator import run_main
+from babyllama.atomic import write_json
+from babyllama.configurator import run_main
+from babyllama.poetry import build_poetry_pairs
+from babyllama.preferences import load_preferences, write_pairs
+from babyllama.readers import ReadErrors
 
 # -----------------------------------------------------------------------------------------------------------
-demo_poetry = ""  # the chinese-poetry corpus (a directory, file or glob clean_data.readers reads)
+demo_poetry = ""  # the chinese-poetry corpus (a directory, file or glob babyllama.readers reads)
 demo_glob = "dist/quantangshi/poet.tang.*.json"  # which of its files, under demo_poetry ("" = all of it)
 out_dir = "out/dpo_data"
 demo_poems = 2000  # poems used (3 pairs each)

@@ -6,7 +6,7 @@ result file (--results_file; by default beside the checkpoint) and prints a mark
     python eval.py --mode=ppl --val_data=out/data/poetry/val.bin             # loss, perplexity, bits per char
     python eval.py --mode=ppl --val_data=some.txt                            # ... on raw text (.txt/.jsonl/.parquet)
     python eval.py --mode=mc --mc_data=../shared/data/ceval --split=val --k_shot=5     # C-Eval / CMMLU tables
-    python eval.py --mode=mc --mc_data=out/demo/poetry_bench                 # the poetry benchmark (evals/poetry_bench.py)
+    python eval.py --mode=mc --mc_data=out/demo/poetry_bench                 # the poetry benchmark (poetry_bench.py)
     python eval.py --mode=gen --gen_file=qa.jsonl                            # BLEU-1..4, ROUGE-L against references
     python eval.py --mode=contamination --eval_set=out/demo/poetry_bench --train_data=out/demo/data/train.bin
     python eval.py --mode=report --run_dir=out/demo                          # report.md of a whole run
@@ -18,11 +18,11 @@ ppl: every token after a document's start is scored once; a document longer than
   Raw text: each document is eos + its tokens + eos, as data_process.py writes it. Bits per character =
   summed loss / (characters x ln 2), comparable across tokenizers (characters: of the text; for a .bin file, of
   its decoded documents).
-mc: C-Eval / CMMLU layouts (evals/mc.py), 0- or k-shot, plain prompt (base model) or chat template (SFT/DPO
+mc: C-Eval / CMMLU layouts (babyllama/mc.py), 0- or k-shot, plain prompt (base model) or chat template (SFT/DPO
   checkpoints), scored by the letter's next-token likelihood after "答案：" and by each option text's
-  log-likelihood per character (evals/scoring.py).
-gen: JSONL {"prompt" | "messages", "reference"}; greedy answers, scored by evals/text_metrics.py; per-sample JSONL.
-contamination: evaluation items whose shingles a training document contains (evals/contamination.py).
+  log-likelihood per character (babyllama/scoring.py).
+gen: JSONL {"prompt" | "messages", "reference"}; greedy answers, scored by babyllama/text_metrics.py; per-sample JSONL.
+contamination: evaluation items whose shingles a training document contains (babyllama/contamination.py).
 
 Chat mode uses the chat template (tokenizer/chat_template.py), streams the reply token by token through the
 KV-cached generate_stream and stops on <|end|>. A LoRA checkpoint from sft.py is loaded as base + adapter,
@@ -36,22 +36,25 @@ import os
 import sys
 import time
 
+from babyllama import report, text_metrics
 import numpy as np
 import torch
+from tqdm import tqdm
 
-import checkpoint as ck
-from clean_data.atomic import write_json, write_jsonl
-from clean_data.readers import ReadErrors, iter_documents, iter_records, read_txt
-from chat_data.poetry import well_formed_poem
-from configurator import apply_overrides
-from evals import report, text_metrics
-from evals.contamination import find_contamination, flagged
-from evals.mc import MCError, category_table, guess_benchmark, load_exam, load_subjects, subject_table, summarize
-from evals.scoring import bits_per_character, score_mc, sequence_loss
-from model import model_bytes, quantize_int8, right_pad
+from babyllama import checkpoint as ck, precision, token_files
+from babyllama.atomic import write_json, write_jsonl
+from babyllama.configurator import apply_overrides
+from babyllama.contamination import find_contamination, flagged
+from babyllama.generate import right_pad
+from babyllama.int8 import quantize_int8
+from babyllama.mc import MCError, category_table, guess_benchmark, load_exam, load_subjects, subject_table, summarize
+from babyllama.memory import model_bytes
+from babyllama.poetry import well_formed_poem
+from babyllama.readers import ReadErrors, iter_documents, iter_records, read_txt
+from babyllama.scoring import bits_per_character, score_mc, sequence_loss
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
-import train_utils as tu
+from babyllama.generate import compile_decode, generate, generate_stream
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"
@@ -83,7 +86,7 @@ stride = 0  # sliding-window step in tokens; 0 = max_seq_len // 2
 text_field = ""  # ppl on .jsonl/.parquet: the field with the text ("" = auto)
 max_docs = 0  # ppl on raw text: at most this many documents (0 = all)
 # mc
-mc_data = ""  # folder of a multiple-choice set in the C-Eval or CMMLU layout (evals/mc.py)
+mc_data = ""  # folder of a multiple-choice set in the C-Eval or CMMLU layout (babyllama/mc.py)
 split = "val"  # the split scored
 shots_split = "dev"  # where k-shot examples come from (same subject)
 k_shot = 0
@@ -118,14 +121,14 @@ def sample(model, tok, prompt_list, device, autocast_ctx):
                 print(p, end="", flush=True)
                 dec = StreamDecoder(tok)
                 with autocast_ctx:
-                    for t in model.generate_stream(torch.tensor(e, device=device), max_new_tokens, **opts):
+                    for t in generate_stream(model, torch.tensor(e, device=device), max_new_tokens, **opts):
                         if t != tok.eos_id:
                             print(dec.put(t), end="", flush=True)
                 print(dec.flush(), flush=True)
             continue
         t0 = time.time()
         with autocast_ctx:
-            outs = model.generate(idx.to(device), max_new_tokens, prompt_lens=lens, **opts)
+            outs = generate(model, idx.to(device), max_new_tokens, prompt_lens=lens, **opts)
         dt = time.time() - t0
         n_new = sum(len(o) for o in outs)
         for p, o in zip(prompt_list, outs):
@@ -153,8 +156,8 @@ def save_results(name, result, markdown):
 def ppl_bin(model, tok, path):
     """(sequences to score, characters, documents) of the first val_max_tokens tokens of a uint16 token file, read
     as one sequence after an eos (documents separated by eos, which is scored like every token, as in training).
-    The file is checked as training checks it (train_utils.open_bins). Characters: of the decoded documents."""
-    bins, paths, _ = tu.open_bins(path, model.args.vocab_size, like=tokenizer_of_model, min_tokens=2)
+    The file is checked as training checks it (babyllama.token_files.open_bins). Characters: of the decoded documents."""
+    bins, paths, _ = token_files.open_bins(path, model.args.vocab_size, like=tokenizer_of_model, min_tokens=2)
     if len(bins) > 1:
         raise SystemExit(f"--mode=ppl evaluates one token file; {path!r} is {len(paths)}: {', '.join(paths)}")
     # the file's first document follows no eos: put one before it, as before every other, so all are scored
@@ -242,7 +245,7 @@ def chat_interactive(model, tok, device, autocast_ctx):
         dec, reply = StreamDecoder(tok), []
         print("助手> ", end="", flush=True)
         with autocast_ctx:
-            for t in model.generate_stream(torch.tensor(prompt, device=device), max_new_tokens, **_gen_opts(tok)):
+            for t in generate_stream(model, torch.tensor(prompt, device=device), max_new_tokens, **_gen_opts(tok)):
                 if t in stops:
                     break
                 reply.append(t)
@@ -280,7 +283,6 @@ def read_questions(path):
 def generate_replies(model, tok, prompts, device, autocast_ctx, desc):
     """Generate for each prompt (list of ids) in padded batches of batch_size, with a progress bar. Returns
     ([(reply ids, finished)] in order, new tokens, seconds); a reply is finished when it ended on a stop token."""
-    from tqdm import tqdm
     stops = set(stop_ids(tok))
     out, n_new, t0 = [], 0, time.time()
     bar = tqdm(total=len(prompts), desc=desc, unit="answer", dynamic_ncols=True,
@@ -289,7 +291,7 @@ def generate_replies(model, tok, prompts, device, autocast_ctx, desc):
         chunk = prompts[start:start + batch_size]
         idx, lens = right_pad(chunk)
         with autocast_ctx:
-            outs = model.generate(idx.to(device), max_new_tokens, prompt_lens=lens, **_gen_opts(tok))
+            outs = generate(model, idx.to(device), max_new_tokens, prompt_lens=lens, **_gen_opts(tok))
         for o in outs:
             n_new += len(o)
             out.append((o, bool(o) and o[-1] in stops))
@@ -320,7 +322,7 @@ def chat_batch(model, tok, device, autocast_ctx, path, out_path):
         if kind == "author":  # the right name anywhere in the reply
             s["author_named"] = sum(bool(it.get("author")) and it["author"] in it["answer"] for it in group) / len(group)
         m = text_metrics.corpus_scores([it["answer"] for it in group], [it["reference"] for it in group])
-        s.update(bleu4=m["bleu4"], rougeL=m["rougeL"])  # in %, against the reference (evals/text_metrics.py)
+        s.update(bleu4=m["bleu4"], rougeL=m["rougeL"])  # in %, against the reference (babyllama/text_metrics.py)
         scores[kind or "all"] = s
         print(f"{kind or 'all'}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in s.items()))
@@ -401,7 +403,7 @@ def flagged_keys(path):
 
 
 def run_mc(model, tok, exam, scorings, flagged_ids, chat, device, autocast_ctx):
-    """Accuracy on a multiple-choice set (evals.mc.load_exam), per subject, per category and on average, by
+    """Accuracy on a multiple-choice set (babyllama.mc.load_exam), per subject, per category and on average, by
     each scoring; flagged_ids: {subject/id} of the questions flagged by a contamination check (or None)."""
     bench = benchmark or guess_benchmark(mc_data)
     names = load_subjects(bench, mc_data)
@@ -453,7 +455,7 @@ def training_documents(path):
     if not path.endswith(".bin"):
         yield from iter_documents([path], text_field=text_field or None)
         return
-    meta = tu.read_meta(path)
+    meta = token_files.read_meta(path)
     btok = Tokenizer(meta["tokenizer_model"])
     data = np.memmap(path, dtype=np.uint16, mode="r")
     step, start, line = 1 << 24, 0, 0
@@ -472,7 +474,6 @@ def training_documents(path):
 def run_contamination():
     """Flag the items of eval_set that a document of train_data nearly contains; JSON (every flagged item and
     its document) to results_file, or contamination.json in the mc folder / beside the gen file."""
-    from tqdm import tqdm
     items = contamination_items(eval_set)
     bar = tqdm(desc="training documents", unit="doc", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     t0 = time.time()
@@ -533,8 +534,8 @@ if __name__ == "__main__":
     device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cpu":
-        tu.configure_cpu()
-    autocast_ctx, _ = tu.amp_setup(device_type, tu.resolve_dtype(dtype, device_type))
+        precision.configure_cpu()
+    autocast_ctx, _ = precision.amp_setup(device_type, precision.resolve_dtype(dtype, device_type))
     torch.manual_seed(seed)
     model, ckpt = ck.load_model(ckpt_path, device)  # any checkpoint: full, or base + LoRA adapter merged
     model.eval()
@@ -545,7 +546,7 @@ if __name__ == "__main__":
         quantize_int8(model)
         print(f"int8 weights: {full / 2**20:.1f} MiB -> {model_bytes(model) / 2**20:.1f} MiB")
     if compile:
-        model.compile_decode()
+        compile_decode(model)
     print(f"loaded {ckpt_path}: iteration {ckpt['iter_num']}, {model.num_params() / 1e6:.2f}M parameters")
     tok = Tokenizer(tokenizer_model or ckpt.get("tokenizer") or "")
     if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:

@@ -45,11 +45,14 @@ import os
 import shutil
 import time
 
+import numpy as np
 import torch
 
-import checkpoint as ck
-from configurator import run_main
-from model import ModelArgs, Transformer, ffn_hidden_dim, from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from babyllama import checkpoint as ck
+from babyllama.atomic import atomic_path
+from babyllama.configurator import run_main
+from babyllama.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from model import ModelArgs, Transformer, ffn_hidden_dim
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
@@ -172,7 +175,6 @@ def gguf_token_type(tok, i):
 def export_gguf(model, tok, path, dtype_name="float32"):
     """Write model (a Transformer) and tok as one GGUF file at path, tensors in dtype_name (GGUF_DTYPES)."""
     import gguf
-    import numpy as np
     args = model.args
     n_kv = args.n_kv_heads or args.n_heads
     kinds = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
@@ -319,7 +321,6 @@ def main():
     if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:
         raise SystemExit(f"{tok.model_path} is not the tokenizer {ckpt_path} was trained with (sha256 differs)")
     if format == "gguf":
-        from clean_data.atomic import atomic_path
         path = target
         with atomic_path(path) as tmp_file:
             export_gguf(model, tok, tmp_file, dtype)

@@ -2,7 +2,7 @@
 Group Relative Policy Optimization (GRPO, Shao et al. 2024, DeepSeekMath) on verifiable rewards: for each prompt
 the policy samples a group of G replies, each reply's advantage is its reward relative to its group, and the
 policy maximises the clipped surrogate with a KL penalty to the frozen starting model. Starts from an SFT
-checkpoint; the pieces (rollouts, log-probs, advantages, losses) are in rl.py.
+checkpoint; the pieces (rollouts, log-probs, advantages, losses) are in babyllama/rl.py.
 
     python grpo.py --init_ckpt=out/demo/sft/ckpt.pt          # the poetry demo: write the requested form
     torchrun --standalone --nproc_per_node=8 grpo.py ...      # each process samples its own prompts
@@ -17,28 +17,28 @@ token mean ('sequence', the paper's 1/|o|). The sampling RNG is a function of (s
 resumed run samples what an uninterrupted one would. Logged: reward mean/std, the share of replies of the exact
 form (poetry), KL, clip fraction, entropy, reply length; held-out greedy replies every eval_interval.
 
-Rewards (`reward`, rl.reward_function): 'poetry' (chat_data/poetry_rewards.py: the requested form, no repeated
+Rewards (`reward`, rl.reward_function): 'poetry' (babyllama/poetry_rewards.py: the requested form, no repeated
 clauses, optionally the title and the tones), 'model' (a reward model's scalar, reward_model.py), or 'char:X' (the
 share of the reply's characters that are X: a toy objective the tests use to check that the loop optimises).
 """
 import os
+import statistics
 import time
 
 import torch
 
-import checkpoint as ck
-from chat_data.poetry_rewards import exact_form
-from clean_data.atomic import write_json
-from configurator import configure
-from rl import (Requests, check_reward, evaluate_requests, group_advantages, load_reward_model,
-                policy_and_reference, policy_loss, reply_logps, reward_function, rollout)
+from babyllama import checkpoint as ck, dist, optimize, runlog
+from babyllama.atomic import write_json
+from babyllama.configurator import configure
+from babyllama.poetry_rewards import exact_form
+from babyllama.rl import (Requests, check_reward, evaluate_requests, group_advantages, load_reward_model,
+                          policy_and_reference, policy_loss, reply_logps, reward_function, rollout)
 from tokenizer.chat_template import decode_reply, stop_ids
-import train_utils as tu
 
 # -----------------------------------------------------------------------------------------------------------
 # I/O
 out_dir = "out/grpo"
-train_prompts = "out/demo/sft_data/train.jsonl"  # where the requests come from (chat_data.poetry_rewards.requests_from)
+train_prompts = "out/demo/sft_data/train.jsonl"  # where the requests come from (babyllama.poetry_rewards.requests_from)
 val_prompts = "out/demo/sft_data/eval_questions.jsonl"  # held-out requests
 n_val = 100  # held-out requests scored at every evaluation (greedy)
 init_from = "sft"  # 'sft': start from init_ckpt; 'resume': continue out_dir/ckpt.pt
@@ -51,7 +51,7 @@ always_save_checkpoint = True
 reward = "poetry"  # 'poetry', 'model' (reward_ckpt's scalar) or 'char:X'
 reward_ckpt = "out/demo/reward/best.pt"  # reward_model.py's checkpoint, for reward='model'
 w_form, w_repeat, w_title = 1.0, 0.5, 0.0  # the poetry reward's weights
-w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table (python -m chat_data.poetry_rewards builds it)
+w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table (python -m babyllama.poetry_rewards builds it)
 tone_table = "out/demo/tones.json"
 group_size = 8  # G replies per prompt
 prompts_per_iter = 4  # per process
@@ -89,7 +89,7 @@ if aggregation not in ("token", "sequence"):
 check_reward(reward)
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
+run = dist.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
 device, device_type, master = run.device, run.device_type, run.master
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed, ck.FINETUNE_KEYS,
@@ -121,7 +121,6 @@ rewards_of = reward_function(reward, (w_form, w_repeat, w_title, w_tone), tone_t
 def bench_group(repeats=3):
     """Tokens/s of one prompt's G replies generated as one batch against G one-at-a-time generations (same
     prompt, same sampling, same run; after a warm-up, the median of `repeats` timings of each)."""
-    import statistics
     p = train.ids(train.items[0])
     raw_model.eval()
     timings = {"one at a time": [], "one batch": []}
@@ -141,7 +140,7 @@ def bench_group(repeats=3):
 
 # ---- training loop ----------------------------------------------------------------------------------------
 config = {k: globals()[k] for k in config_keys}
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
+log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
@@ -152,13 +151,13 @@ if rollout_bench:
     print(f"rollout: a group of {group_size} as one batch {rollout_bench['one batch']:.0f} tokens/s, one at a time "
           f"{rollout_bench['one at a time']:.0f} tokens/s ({rollout_bench['one batch'] / rollout_bench['one at a time']:.1f}x)")
 first_eval = last_eval = None
-timer = tu.StepTimer()
+timer = runlog.StepTimer()
 rollout_seconds = train_seconds = rollout_tokens = train_tokens = 0.0
-progress = tu.Progress("grpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} prompts "
+progress = runlog.Progress("grpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} prompts "
                        f"x {group_size} replies, {ppo_epochs} pass(es); held-out evaluation every {eval_interval}",
                        enabled=master)
 while True:
-    lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = optimize.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_metric = None
@@ -168,7 +167,7 @@ while True:
                                                 device)
             first_eval = ev if first_eval is None and iter_num == 0 else first_eval
             last_eval = ev
-            val_metric = -tu.all_reduce_mean(ev["reward"], run)  # the Checkpointer keeps the lowest: -reward
+            val_metric = -dist.all_reduce_mean(ev["reward"], run)  # the Checkpointer keeps the lowest: -reward
             log.write(f"iter {iter_num}: held-out reward {ev['reward']:.3f}, exact form {ev['exact_form']:.3f}, "
                       f"length {ev['length']:.1f}; e.g. {val.items[0]} -> {replies[0][:40]!r}",
                       iter=iter_num, **{f"val/{k}": v for k, v in ev.items()})
@@ -205,7 +204,7 @@ while True:
     for epoch in range(ppo_epochs):
         for s in range(0, len(rows), minibatch_size):
             idx = order[s:s + minibatch_size].tolist()
-            n = tu.all_reduce_sum(float(mask[idx].sum()) if aggregation == "token" else float(len(idx)), run)
+            n = dist.all_reduce_sum(float(mask[idx].sum()) if aggregation == "token" else float(len(idx)), run)
             with run.autocast:
                 logp, m, ent = reply_logps(module, [rows[i] for i in idx], [replies[i] for i in idx], pad_id, device,
                                            with_entropy=True)
@@ -214,18 +213,18 @@ while True:
                                        ref_logp[idx, :T], aggregation)
                 loss = loss / n
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
-            tu.optimizer_step(optimizer, run.scaler, grad_clip)
+            optimize.optimizer_step(optimizer, run.scaler, grad_clip)
             for k in ("kl", "clipped", "tokens"):
                 stats[k] += st[k]
             stats["entropy"] += float((ent * m).sum().detach())
             stats["loss"] += float(loss.detach())
     train_seconds += time.time() - t0
     train_tokens += stats["tokens"]
-    tok_total = tu.all_reduce_sum(stats["tokens"], run)
-    metrics = {"reward": tu.all_reduce_mean(float(rewards.mean()), run), "reward_std": float(rewards.std()),
-               "kl": tu.all_reduce_sum(stats["kl"], run) / tok_total,
-               "clip_frac": tu.all_reduce_sum(stats["clipped"], run) / tok_total,
-               "entropy": tu.all_reduce_sum(stats["entropy"], run) / tok_total,
+    tok_total = dist.all_reduce_sum(stats["tokens"], run)
+    metrics = {"reward": dist.all_reduce_mean(float(rewards.mean()), run), "reward_std": float(rewards.std()),
+               "kl": dist.all_reduce_sum(stats["kl"], run) / tok_total,
+               "clip_frac": dist.all_reduce_sum(stats["clipped"], run) / tok_total,
+               "entropy": dist.all_reduce_sum(stats["entropy"], run) / tok_total,
                "length": float(mask.sum(1).mean()), "loss": stats["loss"]}
     if reward == "poetry":
         metrics["exact_form"] = sum(exact_form(requests[i // group_size], texts[i])
@@ -253,12 +252,12 @@ if master:
         print(f"held-out requests ({len(val.items)}): exact form {first_eval['exact_form']:.3f} -> "
               f"{last_eval['exact_form']:.3f}, reward {first_eval['reward']:.3f} -> {last_eval['reward']:.3f}")
     log.write(summary=summary)
-    tu.plot_log(log.path, os.path.join(out_dir, "reward.png"), (("reward", "train (sampled)"),
+    runlog.plot_log(log.path, os.path.join(out_dir, "reward.png"), (("reward", "train (sampled)"),
                 ("val/reward", "held-out (greedy)")), title=f"GRPO reward ({reward})")
-    tu.plot_log(log.path, os.path.join(out_dir, "kl.png"), (("kl", "KL (k3) to the reference"),),
+    runlog.plot_log(log.path, os.path.join(out_dir, "kl.png"), (("kl", "KL (k3) to the reference"),),
                 title="GRPO KL")
     print(f"summary: {summary}")
     log.close()
     write_json(os.path.join(out_dir, "summary.json"), summary)
 del module
-tu.cleanup_ddp(run)
+dist.cleanup_ddp(run)

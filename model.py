@@ -1,23 +1,24 @@
 """
 The Llama 2 model, written out in one file: RMSNorm, rotary embeddings (RoPE), grouped-query attention,
-SwiGLU feed-forward, tied input/output embeddings. Plus generation with a KV cache, optimizer groups and
-an MFU estimate. Depends on torch only.
+SwiGLU feed-forward, tied input/output embeddings. Plus a plain generate with a KV cache, the optimizer's
+parameter groups and an MFU estimate. Depends on torch and, for the training loss, on the fused cross-entropy
+kernel in babyllama/cross_entropy.py.
 
 RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (the first half of each head's
 dimensions pairs with the second half), so exporting to HF is a renaming of tensors, with no permutation
 of wq/wk. tests/test_model_hf_parity.py proves the logits equal.
 """
-import inspect
-import math
-import numbers
 from contextlib import nullcontext
 from dataclasses import dataclass
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from babyllama.cross_entropy import cross_entropy, linear_cross_entropy
 
 
 @dataclass
@@ -196,7 +197,7 @@ class TransformerBlock(nn.Module):
     checkpointing = True (activation checkpointing, Chen et al. 2016): in training, keep only the block's input
     and recompute the rest in the backward pass: the activations of a layer shrink to one (B, T, D) tensor for
     about a third more compute; the gradients are the same (dropout masks are replayed from the saved RNG
-    state). Set per block (train_utils.parallelize) so FSDP gathers the weights once for the recomputation."""
+    state). Set per block (babyllama.dist.parallelize) so FSDP gathers the weights once for the recomputation."""
     checkpointing = False
 
     def __init__(self, args):
@@ -239,7 +240,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._decode_step = None  # set by compile_decode()
+        self._decode_step = None  # a compiled decode step: set by babyllama.generate.compile_decode
         self.apply(self._init_weights)
         # GPT-2 / Llama practice: the projections that write into the residual stream are scaled down by
         # sqrt(2 * n_layers) (two per layer), so the residual's variance does not grow with depth.
@@ -293,194 +294,58 @@ class Transformer(nn.Module):
         h = self.norm(h)
         return self.output(h) if head else h
 
-    def compile_decode(self):
-        """torch.compile the one-token decode step (dynamic shapes: one graph for every cache length).
-        On CPU this removes most of the per-operator overhead that dominates small-model generation;
-        the first generate() call pays the compilation."""
-        self._decode_step = torch.compile(self._forward_positions, dynamic=True)
-        return self
-
-    def _stacked_weights(self):
-        """Per layer ([wq; wk; wv], [w1; w3]) for generation: fewer, larger matrix-vector products. (None, None)
-        for a layer whose projections are not plain nn.Linear (int8, LoRA): they run one by one."""
-        def stack(*mods):
-            return torch.cat([m.weight for m in mods]) if all(type(m) is nn.Linear for m in mods) else None
-        return [(stack(l.attention.wq, l.attention.wk, l.attention.wv), stack(l.feed_forward.w1, l.feed_forward.w3))
-                for l in self.layers]
-
     # ---- generation ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 stop_ids=None, use_cache=True, prompt_lens=None, pad_id=0, generator=None):
-        """Generate for a batch of right-padded prompts idx (B, T) int64 with true lengths prompt_lens (B,)
-        (None = every row has length T; pad_id is not read: prompt_lens says where each row ends).
-        Returns B lists of new token ids; a row ends after it emits a token in stop_ids (kept in the list).
-
-        max_new_tokens: 0 returns B empty lists; must be < max_seq_len (prompts are cropped from the left so
-        prompt + new tokens fit). The sampling parameters, at their boundaries (see sample_next):
-        temperature 0 = greedy; top_k None, 0 or >= vocab_size = off, 1 = greedy; top_p None or 1 = off,
-        0 = greedy (only the top token is kept); repetition_penalty 1 = off. Greedy means the argmax of the
-        (penalised) logits, the same tokens whatever the temperature and generator.
-        Raises ValueError naming the parameter and its value for max_new_tokens < 0 or >= max_seq_len,
-        temperature < 0, top_k < 0, top_p outside [0, 1], repetition_penalty <= 0 (and non-finite or non-integer
-        values where a finite number or an integer is expected)."""
-        out = [[] for _ in range(idx.shape[0])]
-        for step_tokens, alive in self._generate_steps(idx, max_new_tokens, temperature, top_k, top_p,
-                                                       repetition_penalty, stop_ids, use_cache, prompt_lens,
-                                                       generator):
-            for b in range(len(out)):
-                if alive[b]:
-                    out[b].append(step_tokens[b])
-        return out
-
-    def generate_stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                        repetition_penalty=1.0, stop_ids=None, use_cache=True, generator=None):
-        """Generate for one prompt (T,) or (1, T) int64, returning an iterator that yields each new token id
-        (int) as soon as it is chosen and stops after a token in stop_ids (yielded). Parameters and their
-        boundaries as in generate: max_new_tokens 0 yields nothing. The ValueError for an invalid parameter
-        is raised here, at the call, not at the first next()."""
-        check_generation_args(max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p,
-                              repetition_penalty)
-        return self._stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                            use_cache, generator)
-
-    def generate_batch_stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                              repetition_penalty=1.0, stop_ids=None, prompt_lens=None, generator=None):
-        """generate() step by step, for a server that streams every row of a batch: an iterator that yields,
-        once per step, (the B new token ids, which rows were still running at this step) as lists; a row stops
-        running after it emits a token in stop_ids (later tokens of that row are to be ignored), and the
-        iterator ends when every row has stopped or after max_new_tokens steps. Arguments as in generate; the
-        ValueError for an invalid one is raised at the call."""
-        check_generation_args(max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p,
-                              repetition_penalty)
-        return self._batch_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                                  prompt_lens, generator)
-
-    @torch.inference_mode()
-    def _batch_stream(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                      prompt_lens, generator):
-        yield from self._generate_steps(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                        stop_ids, True, prompt_lens, generator)
-
-    @torch.inference_mode()
-    def _stream(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids, use_cache,
-                generator):
-        """generate_stream's generator (a separate function so that generate_stream validates eagerly)."""
-        if idx.dim() == 1:
-            idx = idx.unsqueeze(0)
-        for step_tokens, alive in self._generate_steps(idx, max_new_tokens, temperature, top_k, top_p,
-                                                       repetition_penalty, stop_ids, use_cache, None, generator):
-            yield step_tokens[0]
-
-    def _generate_steps(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                        use_cache, prompt_lens, generator):
-        """Yields (tokens of this step as a list, which rows were still running) once per step.
-
-        Prompts of different lengths are re-laid out left-padded, so every row's next token sits in the same
-        column: row b has `pad[b]` leading pad slots, its positions count from 0 at its first real token, and
-        the mask hides the pad slots (each slot may see itself, so no softmax row is empty)."""
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
+        """nanoGPT's generate, with a KV cache: prompts idx (B, T) int64, all of length T -> (B, T +
+        max_new_tokens), each new token the argmax (temperature 0) or a draw from softmax(logits / temperature)
+        over the top_k most likely tokens. AssertionError unless T + max_new_tokens <= max_seq_len.
+        babyllama/generate.py is the engine for the rest: prompts of different lengths, top-p, repetition
+        penalty, stop tokens, streaming (eval.py, serve.py and RL use it)."""
         B, T = idx.shape
-        device = idx.device
-        lens = torch.full((B,), T, dtype=torch.long) if prompt_lens is None else torch.as_tensor(prompt_lens)
-        max_len = self.args.max_seq_len
-        check_generation_args(max_new_tokens, max_len, temperature, top_k, top_p, repetition_penalty)
-        if max_new_tokens == 0:  # nothing to generate: skip the prompt re-layout and the caches
-            return
-        max_new_tokens = int(max_new_tokens)
-        keep = max_len - max_new_tokens  # crop prompts from the left so prompt + new tokens fit the context
-        tokens = torch.zeros((B, min(int(lens.max()), keep)), dtype=torch.long, device=device)
-        lens = lens.clamp(max=tokens.shape[1])
-        Tp = tokens.shape[1]
-        pad = (Tp - lens).to(device)
-        for b in range(B):
-            n = int(lens[b])
-            row_len = int(prompt_lens[b]) if prompt_lens is not None else T
-            tokens[b, Tp - n:] = idx[b, row_len - n:row_len]
-        total = Tp + max_new_tokens
-        cols = torch.arange(total, device=device)
-        key_valid = cols[None, :] >= pad[:, None]  # (B, total)
-        all_pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, total)
-        # (B, 1, total, total): causal, real keys only, plus the diagonal
-        full_mask = (cols[:, None] >= cols[None, :])[None] & key_valid[:, None, :]
-        full_mask = (full_mask | torch.eye(total, dtype=torch.bool, device=device)[None]).unsqueeze(1)
-        no_pad = bool((pad == 0).all())
-
-        seen = None
-        if repetition_penalty != 1.0:
-            counts = torch.zeros((B, self.args.vocab_size), dtype=torch.long, device=device)
-            seen = counts.scatter_add_(1, tokens, key_valid[:, :Tp].long()) > 0  # pad slots add 0
-        stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
-        alive = torch.ones(B, dtype=torch.bool, device=device)
-
-        caches = None
-        if use_cache:
-            n_kv = self.layers[0].attention.n_kv_heads
-            hd = self.args.dim // self.args.n_heads
-            dtype = self.tok_embeddings.weight.dtype
-            caches = [(torch.empty(B, n_kv, total, hd, device=device, dtype=dtype),
-                       torch.empty(B, n_kv, total, hd, device=device, dtype=dtype)) for _ in self.layers]
-        fused = self._stacked_weights() if use_cache else None
-        seq = tokens
-        for step in range(max_new_tokens):
-            cur = Tp + step  # columns filled so far
-            # step 0 runs the whole prompt (the prefill); later steps only the newest token, reading the cache
-            start = 0 if (step == 0 or not use_cache) else cur - 1
-            # unpadded prompts need no mask: causal prefill, and a decode step may see every key
-            mask = None if no_pad else full_mask[:, :, start:cur, :cur]
-            forward = self._decode_step if (step > 0 and self._decode_step is not None) else self._forward_positions
-            logits = forward(seq[:, start:cur], all_pos[:, start:cur], mask, caches, start, fused)
-            logits = logits[:, -1, :].float()
-            next_tok = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
-            yield next_tok.tolist(), alive.tolist()
-            if seen is not None:
-                seen[torch.arange(B, device=device), next_tok] = True
-            if stop.numel():
-                alive &= ~torch.isin(next_tok, stop)
-                if not bool(alive.any()):
-                    return
-            seq = torch.cat((seq, next_tok[:, None]), dim=1)
+        total = T + max_new_tokens
+        assert total <= self.args.max_seq_len, f"{T} + {max_new_tokens} tokens > max_seq_len {self.args.max_seq_len}"
+        kv_shape = (B, self.layers[0].attention.n_kv_heads, total, self.args.dim // self.args.n_heads)
+        caches = [(idx.new_empty(kv_shape, dtype=self.tok_embeddings.weight.dtype),
+                   idx.new_empty(kv_shape, dtype=self.tok_embeddings.weight.dtype)) for _ in self.layers]
+        pos = torch.arange(total, device=idx.device).expand(B, total)
+        start = 0  # the first step feeds the whole prompt (the prefill), later steps the newest token only
+        for _ in range(max_new_tokens):
+            end = idx.shape[1]
+            logits = self._forward_positions(idx[:, start:], pos[:, start:end], None, caches, start)[:, -1].float()
+            if temperature == 0.0:
+                next_tok = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_tok = torch.multinomial(logits.softmax(dim=-1), 1)
+            idx = torch.cat((idx, next_tok), dim=1)
+            start = end
+        return idx
 
     # ---- training helpers ----------------------------------------------------------------------------
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                             muon_momentum=0.95):
-        """The optimizer of the parameters that require grad. optimizer='adamw': torch.optim.AdamW in two
-        groups: matrices (dim >= 2) get weight_decay; RMSNorm weights and tok_embeddings.weight (with the output
-        when tied; an untied output is decayed) get 0. betas: (beta1, beta2); device_type: "cuda", "cpu", ...
-        The fused implementation is asked for on cuda and cpu when AdamW has it; if that raises RuntimeError or
-        TypeError, plain AdamW.
-        optimizer='muon': torch.optim.Muon (Jordan et al. 2024: Nesterov momentum `muon_momentum`, then the
-        update orthogonalised by 5 Newton-Schulz steps) for the 2-D matrices inside the blocks (wq, wk, wv, wo,
-        w1, w2, w3, and LoRA adapters there), AdamW as above for the embedding, the output layer and the norms,
-        as modded-nanogpt and nanochat split them. Muon's step is scaled to AdamW's update size
-        (adjust_lr_fn='match_rms_adamw', Liu et al. 2025, "Muon is scalable"), so one learning_rate and one
-        schedule serve both. Returns an Optimizers of the two. ValueError for another optimizer name."""
-        if optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+    def optimizer_groups(self, weight_decay, muon=False):
+        """The parameters that require grad, grouped for the optimizer: ([AdamW groups], [Muon matrices]).
+        AdamW: matrices (dim >= 2) get weight_decay; RMSNorm weights and tok_embeddings.weight (with the output
+        when tied; an untied output is decayed) get 0. muon=True: the 2-D matrices inside the blocks (wq, wk, wv,
+        wo, w1, w2, w3, and LoRA adapters there) go to Muon instead, as modded-nanogpt and nanochat split them
+        (then empty AdamW groups are left out). babyllama/optimize.py builds the optimizers."""
         # decay matmul weights only; norms and embeddings (a lookup table, and the tied output) are not decayed
         decay, no_decay, hidden = [], [], []
         for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings.weight
             if not p.requires_grad:
                 continue
-            if optimizer == "muon" and p.dim() == 2 and name.startswith("layers."):
+            if muon and p.dim() == 2 and name.startswith("layers."):
                 hidden.append(p)
                 continue
             (decay if p.dim() >= 2 and "tok_embeddings" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]] if optimizer == "muon" else groups
-        # the fused kernel runs the whole update in one launch per group: on GPUs, and on CPU since torch 2.4
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        try:
-            adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-        except (RuntimeError, TypeError):
-            adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
-        if optimizer == "adamw":
-            return adamw
-        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=muon_momentum,
-                                adjust_lr_fn="match_rms_adamw")
-        return Optimizers([adamw, muon])
+        return ([g for g in groups if g["params"]] if muon else groups), hidden
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward), as in the PaLM appendix: 6N for the matmuls with
@@ -501,147 +366,6 @@ class Transformer(nn.Module):
         return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
 
 
-class Optimizers:
-    """Several optimizers stepped as one (Muon for the blocks' matrices, AdamW for the rest): param_groups are
-    all of theirs (the LR schedule and gradient clipping see every parameter), step, zero_grad, state_dict and
-    load_state_dict go to each in turn. `optimizers` is the list (DCP checkpoints save each)."""
-
-    def __init__(self, optimizers):
-        self.optimizers = list(optimizers)
-
-    @property
-    def param_groups(self):
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self, closure=None):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state):
-        """Raises ValueError when the state is another optimizer's (e.g. an AdamW run resumed with Muon)."""
-        if "optimizers" not in state or len(state["optimizers"]) != len(self.optimizers):
-            raise ValueError("the checkpoint's optimizer state is not this optimizer's (adamw vs muon?): resume "
-                             "with the optimizer the run started with")
-        for o, s in zip(self.optimizers, state["optimizers"]):
-            o.load_state_dict(s)
-
-
-# ---- int8 weight-only quantisation (inference) ---------------------------------------------------------------
-
-class Int8Linear(nn.Module):
-    """A bias-free linear layer for inference whose weight (out, in) is kept as int8 with one scale per output
-    row: W ~ q * scale[:, None], scale = max|W_row| / 127, q = round(W / scale), so each weight is off by at most
-    scale / 2 and y_j = x . W_j is off by at most (scale_j / 2) * sum_i |x_i|. Weights take a quarter of fp32's
-    memory. On CPU under bf16 autocast the product runs in torch's int8 weight kernel (_weight_int8pack_mm);
-    otherwise q is converted to the input's dtype and the scale applied to the output."""
-
-    def __init__(self, linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("q", torch.round(w / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
-
-    def forward(self, x):
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
-                torch.get_autocast_dtype("cpu") == torch.bfloat16:
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-            y = torch._weight_int8pack_mm(x2, self.q, self.scale.to(torch.bfloat16))
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
-
-
-def quantize_int8(model):
-    """Replace every nn.Linear of model (attention, feed-forward, output) by an Int8Linear, in place; the
-    embedding stays as it is (a tied output layer gets its own int8 copy). Returns model."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear(child).to(child.weight.device))
-    return model
-
-
-def model_bytes(model):
-    """Bytes of the model's parameters and buffers (each shared tensor once): its size in memory."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type="cuda", optimizer="adamw",
-                    lora_rank=0, world_size=1, parallel="ddp", activation_checkpointing=False, chunk=512):
-    """Bytes per process of one training step of this model as this project runs it, by part: weights,
-    gradients, optimizer state, activations kept for the backward pass, the output layer's loss chunks, and the
-    peak. args: ModelArgs; batch_size: sequences per micro-step; seq_len: default args.max_seq_len; dtype:
-    'float32' or 'bfloat16' (autocast; FSDP: bf16 parameters in compute); device_type: 'cpu' attends in fp32
-    under autocast (Attention.forward), 'cuda' in bf16; optimizer 'adamw' (2 states per trainable weight) or
-    'muon' (1 for the blocks' matrices); lora_rank > 0: LoRA on the 7 projections of every block (only the
-    adapters train); parallel 'ddp' (a whole copy per process, and when world_size > 1 gradient buckets as big
-    as the gradients, resident from the wrapper's creation) or 'fsdp' (weights, gradients and optimizer state
-    / world_size, plus the unsharded root and two blocks in flight); activation_checkpointing: a block keeps
-    only its input.
-    Activations per token, counted from the tensors autograd saves in model.py's ops: a block in fp32 keeps
-    10 dim + 4 hidden + n_heads + 2 floats (the two RMSNorms 3 dim + 1 each: input, normalised, scaled; q, k, v
-    3 dim; wo's input dim; SwiGLU's gate, silu, up and product 4 hidden; softmax statistics n_heads); under
-    bf16 autocast 44 dim + 8 hidden + 4 n_heads + 8 bytes on a CPU (norms fp32, each projection's input cast
-    to bf16 apiece, attention in fp32), 36 dim + ... on a GPU (attention in bf16); outside the blocks the
-    final norm, the loss's gradient of h (fp32) and the token ids; the fused loss keeps the output layer's
-    weight gradient (vocab x dim fp32) from the forward pass. The peak is weights + optimizer state (+ DDP's
-    buckets) + the larger of (activations + loss chunks + autocast's bf16 weight copies) and the gradients.
-    What it leaves out (CUDA context, allocator caching and fragmentation, framework buffers) is why a
-    measured peak is checked against it (bench.py --measure=True). Returns a dict of bytes (floats): weights,
-    gradients (with DDP's buckets), optimizer, activations, loss_chunks, peak; and the counts params and
-    trainable."""
-    T = seq_len or args.max_seq_len
-    D, L, V, nh = args.dim, args.n_layers, args.vocab_size, args.n_heads
-    H = ffn_hidden_dim(args)
-    kv = (args.n_kv_heads or nh) * (D // nh)
-    block = 2 * D + D * D * 2 + D * kv * 2 + 3 * D * H  # norms, wq wo, wk wv, w1 w2 w3
-    root = V * D * (1 if args.tie_embeddings else 2) + D
-    n_params = L * block + root
-    shapes = [(D, D), (D, kv), (D, kv), (D, D), (D, H), (D, H), (H, D)]  # wq wk wv wo w1 w3 w2: (in, out)
-    lora = L * lora_rank * sum(i + o for i, o in shapes)  # A (r x in) and B (out x r) per projection
-    trainable = lora if lora_rank else n_params
-    muon = L * (block - 2 * D) if optimizer == "muon" and not lora_rank else 0
-    states = 2 * (trainable - muon) + muon  # AdamW: exp_avg, exp_avg_sq; Muon: momentum
-    bf16 = dtype == "bfloat16"
-    shards = world_size if parallel == "fsdp" else 1
-    weights = 4 * (n_params + lora) / shards
-    if parallel == "fsdp" and world_size > 1:  # gathered for compute: the root all along, two blocks in flight
-        weights += (2 if bf16 else 4) * (root + 2 * block)
-    grads = 4 * trainable / shards
-    if parallel == "fsdp" and world_size > 1:
-        grads += 4 * (root + block) if not lora_rank else 0  # unsharded until reduce-scattered
-    buckets = 4 * trainable if parallel == "ddp" and world_size > 1 else 0  # DDP's, allocated with the wrapper
-    opt = 4 * states / shards
-    if bf16:
-        per_block = 44 * D + 8 * H + 4 * nh + 8 - (8 * D if device_type == "cuda" else 0)
-    else:
-        per_block = 4 * (10 * D + 4 * H + nh + 2)
-    per_block += 4 * 7 * lora_rank * (1 if lora_rank else 0)  # each adapter's A x
-    tokens = batch_size * T
-    outside = 4 * (3 * D + 1) + 8
-    kept = L * 4 * D + per_block if activation_checkpointing else L * per_block  # (+ one block recomputed)
-    activations = tokens * (kept + outside) + 4 * V * D
-    if bf16 and parallel != "fsdp":
-        activations += 2 * (L * (block - 2 * D) + V * D)  # autocast's bf16 copies of the matrices
-    loss_chunks = 2 * min(chunk, tokens) * V * 4  # a chunk's logits and their softmax / gradient
-    total = weights + opt + buckets + max(activations + loss_chunks, grads)
-    return dict(params=n_params, trainable=trainable, weights=weights, gradients=grads + buckets, optimizer=opt,
-                activations=activations, loss_chunks=loss_chunks, peak=total)
-
-
 def peak_flops(device=None):
     """Dense bf16 peak FLOP/s of the current CUDA GPU from its name; None on CPU or an unknown GPU."""
     if not torch.cuda.is_available():
@@ -654,225 +378,3 @@ def peak_flops(device=None):
         if key in name:
             return flops
     return None
-
-
-class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over targets != -1, equal to F.cross_entropy(..., ignore_index=-1).
-
-    Written out because with an 8k+ vocabulary the loss is a large share of a small model's step on CPU:
-    the softmax computed in the forward pass is kept and turned into the gradient in place
-    (softmax - one_hot), which halves the time of PyTorch's log_softmax + nll_loss pair."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        """logits (N, V), targets (N,) int64 -> 0-dim fp32 mean loss in nats over targets != -1 (0 when all are
-        -1). Saves the fp32 softmax (N, V) for backward. A target probability below fp32's smallest normal
-        is clamped to it: that row's loss is ~87.3 nats rather than inf."""
-        probs = torch.softmax(logits.float(), dim=-1)
-        valid = targets != -1
-        safe = targets.clamp(min=0)
-        count = valid.sum().clamp(min=1)
-        picked = probs.gather(-1, safe[:, None]).squeeze(-1)
-        # log of the softmax can underflow to -inf only when the target's probability is below ~1e-38
-        loss = -(torch.log(picked.clamp(min=torch.finfo(torch.float32).tiny)) * valid).sum() / count
-        ctx.save_for_backward(probs, safe, valid, count)
-        ctx.logits_dtype = logits.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        """grad (0-dim) -> (dloss/dlogits (N, V) in logits' dtype, None): (softmax - one_hot) * grad / count,
-        zero rows for ignored targets. Overwrites the saved softmax, so a second backward through the same
-        graph (retain_graph=True) raises RuntimeError."""
-        probs, safe, valid, count = ctx.saved_tensors
-        probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0  # softmax - one_hot, in place
-        probs.mul_((grad / count) * valid[:, None])
-        return probs.to(ctx.logits_dtype), None
-
-
-def cross_entropy(logits, targets):
-    """Mean cross-entropy in nats of logits (N, V) against targets (N,) (int64 class ids, -1 = ignored), a 0-dim
-    fp32 tensor; matches F.cross_entropy(logits.float(), targets, ignore_index=-1), except that all-ignored
-    targets give 0 instead of nan. The gradient has logits' dtype; see CrossEntropy (one backward only)."""
-    return CrossEntropy.apply(logits, targets)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """loss = cross_entropy(h @ weight.T, targets), computed chunk by chunk of rows.
-
-    Each chunk's logits live only long enough to give the chunk's loss and its gradients (softmax - one_hot
-    through the two matmuls), which are kept for backward and scaled by the incoming gradient there.
-    The matmuls run in compute_dtype (bf16 under autocast), the softmax in fp32."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, compute_dtype, chunk):
-        """h (N, D), weight (V, D), targets (N,) int64 (-1 = ignored) -> 0-dim fp32 mean loss in nats over the
-        non-ignored rows (0 when none). compute_dtype: dtype of the matmuls; chunk: rows per step, so at most
-        (chunk, V) fp32 logits exist at a time. Also computes and saves the gradients (grad_h (N, D) in h's
-        dtype, grad_w (V, D) fp32), which the forward pays for even under torch.no_grad. Autocast is off here."""
-        with torch.autocast(h.device.type, enabled=False):
-            valid = targets != -1
-            safe = targets.clamp(min=0)
-            count = valid.sum().clamp(min=1)
-            hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
-            grad_h = torch.empty_like(h)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-            loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            for s in range(0, h.shape[0], chunk):
-                e = min(h.shape[0], s + chunk)
-                logits = (hc[s:e] @ wc.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += ((lse - logits.gather(-1, safe[s:e, None]).squeeze(-1)) * valid[s:e]).sum()
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(e - s, device=h.device), safe[s:e]] -= 1.0
-                dlogits = probs.mul_(valid[s:e, None]).to(compute_dtype)
-                grad_h[s:e] = dlogits @ wc
-                grad_w += (dlogits.t() @ hc[s:e]).float()
-            ctx.save_for_backward(grad_h, grad_w, count)
-            ctx.weight_dtype = weight.dtype
-            return loss / count
-
-    @staticmethod
-    def backward(ctx, grad):
-        """grad (0-dim) -> (dloss/dh (N, D) in h's dtype, dloss/dweight (V, D) in weight's dtype, None, None,
-        None): the gradients saved by forward, scaled by grad / count."""
-        grad_h, grad_w, count = ctx.saved_tensors
-        scale = grad / count
-        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
-
-
-def linear_cross_entropy(h, weight, targets, chunk=512):
-    """cross_entropy(h @ weight.T, targets) without holding the (N, V) logits: h (N, D) final hidden states,
-    weight (V, D) output matrix, targets (N,) int64 with -1 = ignored -> 0-dim fp32 mean loss in nats (0 when
-    all are ignored). The matmuls run in the autocast dtype when autocast is on for h's device type, else in
-    h's dtype, the softmax in fp32, `chunk` rows at a time (see LinearCrossEntropy)."""
-    device_type = h.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-    return LinearCrossEntropy.apply(h, weight, targets, dtype, chunk)
-
-
-def _is_count(x):
-    """True for an integer-valued finite number >= 0 (3 or 3.0; not True, nan, inf or "3")."""
-    return (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
-            and int(x) == x)
-
-
-def right_pad(rows, device=None):
-    """B lists of token ids -> (a (B, L) int64 tensor, each row's ids then zeros; their lengths as a list): the
-    batch layout generate() and the scoring passes take (padding after the real tokens is never read)."""
-    lens = [len(r) for r in rows]
-    x = torch.zeros((len(rows), max(lens)), dtype=torch.long)
-    for b, r in enumerate(rows):
-        x[b, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return (x if device is None else x.to(device)), lens
-
-
-def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
-    """Raise ValueError, naming the parameter and its value, unless temperature is a finite number >= 0, top_k
-    is None or an integer >= 0, top_p is None or a number in [0, 1] and repetition_penalty a finite number > 0.
-    The boundaries themselves are valid: see sample_next for what each one means."""
-    # every test is written to fail for nan too (comparisons with nan are False)
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
-    if top_k is not None and not _is_count(top_k):
-        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 0 (None or 0 = off, 1 = greedy)")
-    if top_p is not None and not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p={top_p!r} must be None or in [0, 1] (0 = greedy, None or 1 = off)")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a finite number > 0 (1 = off)")
-
-
-def check_generation_args(max_new_tokens, max_seq_len, temperature, top_k, top_p, repetition_penalty):
-    """check_sampling_args, and max_new_tokens an integer in [0, max_seq_len); else ValueError naming it."""
-    if not _is_count(max_new_tokens):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0 (0 = no new tokens)")
-    if max_new_tokens >= max_seq_len:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be < max_seq_len={max_seq_len}")
-    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-
-
-def sample_next(logits, temperature, top_k, top_p, repetition_penalty=1.0, seen=None, generator=None):
-    """Choose the next token per row: logits (B, V) float -> token ids (B,) int64. Order as in HF: repetition
-    penalty (CTRL's, on the tokens where seen (B, V) bool is True), temperature, top-k, top-p, then one draw
-    per row from the softmax with generator (a torch.Generator or None = the global RNG).
-
-    Boundaries: temperature 0 = greedy; top_k None or 0 = off, >= V = off (every token stays), 1 = greedy;
-    top_p None or 1 = off, 0 = greedy (only the top token stays); repetition_penalty 1 = off. Greedy is the
-    argmax of the (penalised) logits and draws nothing from the generator.
-    Raises ValueError naming the parameter and its value for temperature < 0, top_k < 0 (or not an integer),
-    top_p outside [0, 1], repetition_penalty <= 0, and a non-finite temperature or repetition_penalty."""
-    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-    if seen is not None and repetition_penalty != 1.0:
-        # CTRL's penalty: make already-seen tokens less likely whatever the sign of their logit
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    # every limit that keeps only the top token is argmax itself: exact, whatever ties or temperature
-    if temperature == 0.0 or top_k == 1 or top_p == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):  # top_k >= V keeps every token: nothing to do
-        kth = torch.topk(logits, int(top_k), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens before it already cover top_p; the most likely token always stays
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ---- Hugging Face interop -----------------------------------------------------------------------------
-
-def hf_config_dict(args: ModelArgs):
-    """Keyword arguments for transformers.LlamaConfig describing the same network."""
-    return dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=ffn_hidden_dim(args),
-                num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                num_key_value_heads=args.n_heads if args.n_kv_heads is None else args.n_kv_heads,
-                max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-                tie_word_embeddings=args.tie_embeddings, hidden_act="silu", attention_bias=False,
-                mlp_bias=False, head_dim=args.dim // args.n_heads)
-
-
-HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-            "ffn_norm": "post_attention_layernorm"}
-HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-          "output.weight": "lm_head.weight"}
-
-
-def to_hf_state_dict(model: Transformer):
-    """Our weights under LlamaForCausalLM's names. RoPE is already rotate-half, so no permutation."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("layers."):
-            _, i, rest = k.split(".", 2)
-            module, param = rest.rsplit(".", 1)
-            k = f"model.layers.{i}.{HF_NAMES[module]}.{param}"
-        else:
-            k = HF_TOP[k]
-        sd[k] = v.detach().clone()
-    return sd
-
-
-def from_hf_state_dict(sd):
-    """The inverse of to_hf_state_dict: LlamaForCausalLM's names -> ours (tensors not copied). Raises KeyError
-    naming a tensor we have no place for."""
-    back = {v: k for k, v in HF_NAMES.items()}
-    top = {v: k for k, v in HF_TOP.items()}
-    out = {}
-    for k, v in sd.items():
-        if k in top:
-            out[top[k]] = v
-            continue
-        parts = k.split(".")  # model.layers.{i}.{self_attn|mlp|..}.{name}.weight
-        module = ".".join(parts[3:-1])
-        if parts[:2] != ["model", "layers"] or module not in back:
-            raise KeyError(f"tensor {k!r} has no place in this Llama 2 (a bias, or another architecture?)")
-        out[f"layers.{parts[2]}.{back[module]}.{parts[-1]}"] = v
-    return out

@@ -14,21 +14,20 @@ and returns -> ppo_epochs passes in minibatches, each step minimising
     value:  vf_coef * 0.5 max((V - R)^2, (clip(V, V_old +- cliprange_value) - R)^2) summed / the same count
 with the policy and the value model on one AdamW each. The sampling RNG is a function of (seed, iteration,
 process). Logged: reward, KL, clip fraction, entropy, value loss, reply length; held-out greedy replies.
-The pieces (rollouts, log-probs, GAE, losses, the reward model) are in rl.py.
+The pieces (rollouts, log-probs, GAE, losses, the reward model) are in babyllama/rl.py.
 """
 import os
 import time
 
 import torch
 
-import checkpoint as ck
-from chat_data.poetry_rewards import exact_form
-from clean_data.atomic import write_json
-from configurator import configure
-from rl import (Requests, check_reward, evaluate_requests, gae, load_reward_model, policy_and_reference,
-                policy_loss, reply_logps, reward_function, rollout, value_loss)
+from babyllama import checkpoint as ck, dist, optimize, runlog
+from babyllama.atomic import write_json
+from babyllama.configurator import configure
+from babyllama.poetry_rewards import exact_form
+from babyllama.rl import (Requests, check_reward, evaluate_requests, gae, load_reward_model, policy_and_reference,
+                          policy_loss, reply_logps, reward_function, rollout, value_loss)
 from tokenizer.chat_template import decode_reply, stop_ids
-import train_utils as tu
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = "out/ppo"
@@ -42,7 +41,7 @@ reward = "model"  # 'model' (reward_ckpt's scalar) or 'poetry' (the form rules) 
 reward_ckpt = "out/demo/reward/best.pt"  # the reward model (reward_model.py)
 value_ckpt = ""  # the value model's start: a reward model checkpoint; "" = reward_ckpt
 w_form, w_repeat, w_title = 1.0, 0.5, 0.0
-w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table (python -m chat_data.poetry_rewards builds it)
+w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table (python -m babyllama.poetry_rewards builds it)
 tone_table = "out/demo/tones.json"
 eval_interval = 20
 log_interval = 1
@@ -79,7 +78,7 @@ max_minutes = 0.0
 config_keys, changed = configure(globals())
 check_reward(reward)
 
-run = tu.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
+run = dist.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
 device, device_type, master = run.device, run.device_type, run.master
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed, ck.FINETUNE_KEYS,
@@ -123,7 +122,7 @@ rewards_of = reward_function(reward, (w_form, w_repeat, w_title, w_tone), tone_t
 
 
 config = {k: globals()[k] for k in config_keys}
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
+log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
@@ -137,13 +136,13 @@ def keep_value_model():
 
 del resume_ckpt
 first_eval = last_eval = None
-timer = tu.StepTimer()
+timer = runlog.StepTimer()
 rollout_seconds = train_seconds = rollout_tokens = train_tokens = 0.0
-progress = tu.Progress("ppo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} "
+progress = runlog.Progress("ppo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} "
                        f"replies, {ppo_epochs} passes; held-out evaluation every {eval_interval}", enabled=master)
 while True:
-    lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-    tu.set_lr(value_optimizer, iter_num, value_learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = optimize.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    optimize.set_lr(value_optimizer, iter_num, value_learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_metric = None
@@ -153,7 +152,7 @@ while True:
                                               device)
             first_eval = ev if first_eval is None and iter_num == 0 else first_eval
             last_eval = ev
-            val_metric = -tu.all_reduce_mean(ev["reward"], run)
+            val_metric = -dist.all_reduce_mean(ev["reward"], run)
             log.write(f"iter {iter_num}: held-out reward {ev['reward']:.3f}, exact form {ev['exact_form']:.3f}, "
                       f"length {ev['length']:.1f}; e.g. {val.items[0]} -> {texts[0][:40]!r}",
                       iter=iter_num, **{f"val/{k}": v for k, v in ev.items()})
@@ -184,9 +183,9 @@ while True:
     ends = mask.sum(1).long() - 1
     token_rewards[torch.arange(len(replies)), ends] += seq_r
     advantages, returns = gae(token_rewards, old_values, mask, gamma, lam)
-    n_adv = tu.all_reduce_sum(float(mask.sum()), run)
-    mean = tu.all_reduce_sum(float((advantages * mask).sum()), run) / n_adv
-    var = tu.all_reduce_sum(float((((advantages - mean) * mask) ** 2).sum()), run) / n_adv
+    n_adv = dist.all_reduce_sum(float(mask.sum()), run)
+    mean = dist.all_reduce_sum(float((advantages * mask).sum()), run) / n_adv
+    var = dist.all_reduce_sum(float((((advantages - mean) * mask) ** 2).sum()), run) / n_adv
     advantages = (advantages - mean) / (var ** 0.5 + 1e-8) * mask  # whitened over the batch (all processes)
     rollout_seconds += time.time() - t0
     rollout_tokens += float(mask.sum())
@@ -199,7 +198,7 @@ while True:
         order = torch.randperm(len(replies), generator=g).tolist()
         for s in range(0, len(replies), minibatch_size):
             idx = order[s:s + minibatch_size]
-            n = tu.all_reduce_sum(float(mask[idx].sum()), run)
+            n = dist.all_reduce_sum(float(mask[idx].sum()), run)
             with run.autocast:
                 logp, m, ent = reply_logps(module, [prompts[i] for i in idx], [replies[i] for i in idx], pad_id,
                                            device, with_entropy=True)
@@ -209,7 +208,7 @@ while True:
                 v = value_model.values([prompts[i] for i in idx], [replies[i] for i in idx], device)
                 vl = vf_coef * value_loss(v, old_values[idx, :T], returns[idx, :T], m, cliprange_value)
             run.scaler.scale((pl / n) * run.world_size).backward()
-            tu.optimizer_step(optimizer, run.scaler, grad_clip)
+            optimize.optimizer_step(optimizer, run.scaler, grad_clip)
             ((vl / n) * run.world_size).backward()
             average_value_grads()
             torch.nn.utils.clip_grad_norm_(value_model.parameters(), grad_clip)
@@ -222,12 +221,12 @@ while True:
             stats["loss"] += float((pl / n + vl / n).detach())
     train_seconds += time.time() - t0
     train_tokens += stats["tokens"]
-    tok_total = tu.all_reduce_sum(stats["tokens"], run)
-    metrics = {"reward": tu.all_reduce_mean(float(seq_r.mean()), run),
-               "kl": tu.all_reduce_sum(float(kl.sum()), run) / n_adv,
-               "clip_frac": tu.all_reduce_sum(stats["clipped"], run) / tok_total,
-               "entropy": tu.all_reduce_sum(stats["entropy"], run) / tok_total,
-               "value_loss": tu.all_reduce_sum(stats["vf"], run) / tok_total,
+    tok_total = dist.all_reduce_sum(stats["tokens"], run)
+    metrics = {"reward": dist.all_reduce_mean(float(seq_r.mean()), run),
+               "kl": dist.all_reduce_sum(float(kl.sum()), run) / n_adv,
+               "clip_frac": dist.all_reduce_sum(stats["clipped"], run) / tok_total,
+               "entropy": dist.all_reduce_sum(stats["entropy"], run) / tok_total,
+               "value_loss": dist.all_reduce_sum(stats["vf"], run) / tok_total,
                "length": float(mask.sum(1).mean())}
     metrics["exact_form"] = sum(exact_form(q, a) for q, a in zip(requests, texts)) / len(texts)
     if not run.scaler.is_enabled():  # a diverged run stops and keeps its last good checkpoint
@@ -250,10 +249,10 @@ if master:
         print(f"held-out requests ({len(val.items)}): exact form {first_eval['exact_form']:.3f} -> "
               f"{last_eval['exact_form']:.3f}, reward {first_eval['reward']:.3f} -> {last_eval['reward']:.3f}")
     log.write(summary=summary)
-    tu.plot_log(log.path, os.path.join(out_dir, "reward.png"), (("reward", "train (sampled)"),
+    runlog.plot_log(log.path, os.path.join(out_dir, "reward.png"), (("reward", "train (sampled)"),
                 ("val/reward", "held-out (greedy)")), title=f"PPO reward ({reward})")
-    tu.plot_log(log.path, os.path.join(out_dir, "kl.png"), (("kl", "KL to the reference"),), title="PPO KL")
+    runlog.plot_log(log.path, os.path.join(out_dir, "kl.png"), (("kl", "KL to the reference"),), title="PPO KL")
     log.close()
     write_json(os.path.join(out_dir, "summary.json"), summary)
 del module
-tu.cleanup_ddp(run)
+dist.cleanup_ddp(run)

@@ -13,11 +13,10 @@ import time
 
 import torch
 
-import checkpoint as ck
-from clean_data.atomic import write_json
-from configurator import configure
+from babyllama import checkpoint as ck, dist, optimize, runlog, token_files
+from babyllama.atomic import write_json
+from babyllama.configurator import configure
 from model import ModelArgs, Transformer
-import train_utils as tu
 
 # -----------------------------------------------------------------------------------------------------------
 # I/O
@@ -61,8 +60,8 @@ optimizer = "adamw"  # 'adamw', or 'muon': Muon for the blocks' matrices, AdamW 
 seed = 1337
 # system
 device = "auto"  # 'auto', 'cpu', 'cuda'
-dtype = "auto"  # 'auto' (GPU: bf16; CPU: its fast path, train_utils.cpu_fast_path), 'float32', 'bfloat16', 'float16'
-compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
+dtype = "auto"  # 'auto' (GPU: bf16; CPU: its fast path, babyllama/precision.py), 'float32', 'bfloat16', 'float16'
+compile = "auto"  # True, False, or 'auto': what pays on this device (babyllama/precision.py)
 num_threads = 0  # CPU threads; 0 = torch's default
 max_minutes = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
 parallel = "ddp"  # 'ddp': a whole copy per process; 'fsdp': weights, gradients, optimizer sharded (sharded checkpoints)
@@ -73,7 +72,7 @@ replicas = 1  # fsdp: > 1 = HSDP, shard within world_size / replicas processes (
 config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, True, parallel)
+run = dist.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, True, parallel)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the architecture (dim, ..., max_seq_len, which the batches use too) becomes the checkpoint's
@@ -88,8 +87,8 @@ if ckpt is None and init_ckpt:
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- data -------------------------------------------------------------------------------------------------
-train_bins, train_paths, meta = tu.open_bins(train_data, vocab_size, min_tokens=max_seq_len + 1)  # checked
-val_bins = tu.open_bins(val_data, vocab_size, like=meta, min_tokens=max_seq_len + 1)[0] if val_data else None
+train_bins, train_paths, meta = token_files.open_bins(train_data, vocab_size, min_tokens=max_seq_len + 1)  # checked
+val_bins = token_files.open_bins(val_data, vocab_size, like=meta, min_tokens=max_seq_len + 1)[0] if val_data else None
 if not vocab_size:
     if "vocab_size" not in meta:
         raise SystemExit(f"vocab_size not set and no vocab_size in the meta.json beside {train_paths[0]}")
@@ -127,30 +126,30 @@ model.to(device)
 raw_model = model
 if master:
     print(f"parameters: {raw_model.num_params() / 1e6:.2f}M")
-model = tu.parallelize(model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
+model = dist.parallelize(model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
 optim = ck.training_optimizer(raw_model, ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2), optimizer)
 
 # ---- training loop ----------------------------------------------------------------------------------------
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if ckpt else None, enabled=master)
+log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, ckpt, run, raw_model, optim, log, eval_interval,
                                always_save_checkpoint, ceiling=math.log(vocab_size), model_args=model_args,
                                **ckpt_fields)
 del ckpt
-timer = tu.StepTimer()
-progress = tu.Progress("pretrain", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {tokens_per_iter:,} "
+timer = runlog.StepTimer()
+progress = runlog.Progress("pretrain", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {tokens_per_iter:,} "
                        f"tokens = {(max_iters - iter_num) * tokens_per_iter:,} tokens, validation every "
                        f"{eval_interval} ({eval_iters} sampled batches)", enabled=master)
 running_mfu = -1.0
 while True:
-    lr = tu.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = optimize.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without validation data the checkpoint is still written every eval_interval
         if val_bins is not None:
             # eval_iters fixed batches of random windows: an estimate; eval.py --mode=loss reads the whole file
-            val_loss = tu.estimate_loss(raw_model, val_bins, batch_size, max_seq_len, eval_iters, device,
+            val_loss = token_files.estimate_loss(raw_model, val_bins, batch_size, max_seq_len, eval_iters, device,
                                         run.autocast)
-            val_loss = tu.all_reduce_mean(val_loss, run)
+            val_loss = dist.all_reduce_mean(val_loss, run)
             log.write(f"iter {iter_num}: val loss {val_loss:.4f} (estimate: {eval_iters} x {batch_size} windows)",
                       iter=iter_num, val_loss=val_loss, lr=lr)
         checkpointer.after_eval(iter_num, val_loss)
@@ -161,9 +160,9 @@ while True:
     # gradient accumulation: this process's micro-steps are global micro-steps rank*accum .. rank*accum+accum-1
     loss_sum = 0.0
     for micro in range(accum):
-        x, y = tu.get_batch(train_bins, batch_size, max_seq_len, seed, iter_num, run.rank * accum + micro, device)
+        x, y = token_files.get_batch(train_bins, batch_size, max_seq_len, seed, iter_num, run.rank * accum + micro, device)
         # sync gradients across processes only on the last micro-step: the others just accumulate locally
-        with tu.gradient_sync(model, micro == accum - 1):
+        with dist.gradient_sync(model, micro == accum - 1):
             with run.autocast:
                 _, loss = model(x, y, return_logits=False)
                 # every micro-batch holds batch_size x max_seq_len scored tokens, so this, averaged by DDP over
@@ -171,10 +170,10 @@ while True:
                 loss = loss / accum
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    loss_value = tu.all_reduce_mean(float(loss_sum), run)
+    loss_value = dist.all_reduce_mean(float(loss_sum), run)
     if not run.scaler.is_enabled():
         checkpointer.check_train_loss(iter_num, loss_value)  # before the update, so the weights stay good
-    tu.optimizer_step(optim, run.scaler, grad_clip)
+    optimize.optimizer_step(optim, run.scaler, grad_clip)
 
     dt = timer.lap(tokens_per_iter)
     progress.step(loss_value, tokens_per_iter, dt)
@@ -190,12 +189,12 @@ checkpointer.at_end(iter_num)  # the final state, so init_from=resume can contin
 
 if master:
     summary = dict(iter=iter_num, params=raw_model.num_params(), best_val_loss=checkpointer.best_val_loss,
-                   wall_seconds=round(time.time() - timer.start, 1), **tu.throughput(timer, device_type))
+                   wall_seconds=round(time.time() - timer.start, 1), **runlog.throughput(timer, device_type))
     log.write(summary=summary)
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
-    tu.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="pretraining loss (nats per token)")
+    runlog.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="pretraining loss (nats per token)")
     print(f"summary: {summary}")
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 log.close()
 del model  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
-tu.cleanup_ddp(run)
+dist.cleanup_ddp(run)

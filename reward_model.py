@@ -14,19 +14,19 @@ adapters on the body and the head (the rest frozen).
 
 Use it: rl.load_reward_model(path) and rl.score_conversations(rm, tok, conversations) (batched scalars).
 """
+from contextlib import nullcontext
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 
-import checkpoint as ck
-from chat_data.preferences import load_preferences
-from clean_data.atomic import write_json
-from configurator import configure
-from finetune import PairBatches, tokenize_pair
-from rl import RewardModel, bt_loss
-import train_utils as tu
+from babyllama import checkpoint as ck, dist, optimize, runlog
+from babyllama.atomic import write_json
+from babyllama.configurator import configure
+from babyllama.finetune import PairBatches, tokenize_pair
+from babyllama.preferences import load_preferences
+from babyllama.rl import RewardModel, bt_loss
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = "out/reward"
@@ -65,7 +65,7 @@ lora_targets = "wq,wk,wv,wo,w1,w2,w3"
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())
 
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, False)
+run = dist.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, False)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed, ck.FINETUNE_KEYS,
@@ -84,10 +84,10 @@ max_seq_len = model_args["max_seq_len"]
 # AdamW over the trainable parameters (with LoRA: the adapters and the head); resumed with its RNG and scaler
 trainable = [p for p in model.parameters() if p.requires_grad]
 optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
-module = tu.wrap_ddp(model, run)
+module = dist.wrap_ddp(model, run)
 
 # ---- data -------------------------------------------------------------------------------------------------
-tok = tu.load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
+tok = load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
 del init
 train_pairs, train_counts = load_preferences(train_data)
 val_pairs, val_counts = load_preferences(val_data) if val_data else ([], {})
@@ -127,19 +127,19 @@ def evaluate():
 
 # ---- training loop ----------------------------------------------------------------------------------------
 config = {k: globals()[k] for k in config_keys}
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
+log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, model, optimizer, log, eval_interval,
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
 del resume_ckpt
 first_eval = last_eval = None
-timer = tu.StepTimer()
-progress = tu.Progress("reward model", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x "
+timer = runlog.StepTimer()
+progress = runlog.Progress("reward model", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x "
                        f"{batch_size * gradient_accumulation_steps} pairs, held-out evaluation every {eval_interval}",
                        enabled=master)
 while True:
-    lr = tu.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = optimize.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None
@@ -147,7 +147,7 @@ while True:
             ev = evaluate()
             first_eval = ev if first_eval is None and iter_num == 0 else first_eval
             last_eval = ev
-            val_loss = tu.all_reduce_mean(ev["loss"], run)
+            val_loss = dist.all_reduce_mean(ev["loss"], run)
             log.write(f"iter {iter_num}: held-out loss {val_loss:.4f}, accuracy {ev['accuracy']:.3f}, "
                       f"margin {ev['margin']:.3f}", iter=iter_num, **{f"val/{k}": v for k, v in ev.items()})
         checkpointer.after_eval(iter_num, val_loss)
@@ -155,7 +155,7 @@ while True:
     if last:
         break
     micro_idx = [batches.get(iter_num * gradient_accumulation_steps + run.rank * accum + m) for m in range(accum)]
-    n_pairs = tu.all_reduce_sum(sum(len(idx) for idx in micro_idx), run)
+    n_pairs = dist.all_reduce_sum(sum(len(idx) for idx in micro_idx), run)
     loss_sum, correct, margin_sum, n_tok = 0.0, 0, 0.0, 0
     for micro, idx in enumerate(micro_idx):
         sync = not run.ddp or micro == accum - 1
@@ -167,12 +167,12 @@ while True:
         correct += int((rc > rr).sum())
         margin_sum += float((rc - rr).sum().detach())
         n_tok += sum(len(train_items[i][0]) * 2 + len(train_items[i][1]) + len(train_items[i][2]) for i in idx)
-    metrics = {"loss": tu.all_reduce_sum(loss_sum, run), "accuracy": tu.all_reduce_sum(correct, run) / n_pairs,
-               "margin": tu.all_reduce_sum(margin_sum, run) / n_pairs}
+    metrics = {"loss": dist.all_reduce_sum(loss_sum, run), "accuracy": dist.all_reduce_sum(correct, run) / n_pairs,
+               "margin": dist.all_reduce_sum(margin_sum, run) / n_pairs}
     if not run.scaler.is_enabled():  # fp16's scaler skips an overflowing step by itself
         checkpointer.check_train_loss(iter_num, metrics["loss"])
-    tu.optimizer_step(optimizer, run.scaler, grad_clip)
-    n_tok = int(tu.all_reduce_sum(n_tok, run))
+    optimize.optimizer_step(optimizer, run.scaler, grad_clip)
+    n_tok = int(dist.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
     progress.step(metrics["loss"], n_tok, dt)
     if iter_num % log_interval == 0:
@@ -183,17 +183,17 @@ checkpointer.at_end(iter_num)
 
 if master:
     summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), margin=margin,
-                   **tu.throughput(timer, device_type))
+                   **runlog.throughput(timer, device_type))
     if first_eval and last_eval:
         summary["held_out"] = {"pairs": len(val_items), "before": first_eval, "after": last_eval}
         print(f"held-out accuracy over {len(val_items)} pairs: {first_eval['accuracy']:.3f} -> "
               f"{last_eval['accuracy']:.3f} (margin {first_eval['margin']:.3f} -> {last_eval['margin']:.3f})")
     log.write(summary=summary)
-    tu.plot_log(log.path, os.path.join(out_dir, "loss.png"), (("loss", "train"), ("val/loss", "held-out")),
+    runlog.plot_log(log.path, os.path.join(out_dir, "loss.png"), (("loss", "train"), ("val/loss", "held-out")),
                 title="reward model: Bradley-Terry loss")
-    tu.plot_log(log.path, os.path.join(out_dir, "accuracy.png"), (("accuracy", "train"), ("val/accuracy", "held-out")),
+    runlog.plot_log(log.path, os.path.join(out_dir, "accuracy.png"), (("accuracy", "train"), ("val/accuracy", "held-out")),
                 title="reward model: accuracy (r_chosen > r_rejected)")
     log.close()
     write_json(os.path.join(out_dir, "summary.json"), summary)
 del module
-tu.cleanup_ddp(run)
+dist.cleanup_ddp(run)

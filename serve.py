@@ -35,12 +35,13 @@ import uuid
 
 import torch
 
-import checkpoint as ck
-from model import right_pad
-import train_utils as tu
-from configurator import run_main
+from babyllama import checkpoint as ck, precision
+from babyllama.configurator import run_main
+from babyllama.generate import right_pad
+from babyllama.int8 import quantize_int8
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import encode_prompt, stop_ids
+from babyllama.generate import generate_batch_stream
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"
@@ -59,7 +60,7 @@ device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------------------------------------
 
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html")
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "babyllama", "serve_page.html")
 
 
 class APIError(Exception):
@@ -139,7 +140,7 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
         with self.autocast_ctx:
-            stream = self.model.generate_batch_stream(idx, max(j.max_tokens for j in batch),
+            stream = generate_batch_stream(self.model, idx, max(j.max_tokens for j in batch),
                                                       temperature=temperature, top_p=top_p,
                                                       stop_ids=self.stop_ids, prompt_lens=lens, generator=generator)
             for tokens, _ in stream:
@@ -401,14 +402,13 @@ def main():
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     device_type = "cuda" if dev.startswith("cuda") else "cpu"
     if device_type == "cpu":
-        tu.configure_cpu()
-    autocast_ctx, _ = tu.amp_setup(device_type, tu.resolve_dtype(dtype, device_type))
+        precision.configure_cpu()
+    autocast_ctx, _ = precision.amp_setup(device_type, precision.resolve_dtype(dtype, device_type))
     model, ckpt = ck.load_model(ckpt_path, dev)
     model.eval()
     if quantize:
         if quantize != "int8":
             raise SystemExit(f"quantize must be '' or 'int8', not {quantize!r}")
-        from model import quantize_int8
         quantize_int8(model)
     tok = Tokenizer(ckpt.get("tokenizer") or "")
     name = model_name or os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))

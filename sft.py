@@ -12,22 +12,22 @@ padding. Batches are right-padded to their longest sample, or (pack=True) severa
 max_seq_len tokens with a block-diagonal causal mask and positions restarting at 0, so packed samples neither
 attend to nor are scored across one another. Which samples form which batch depends only on (seed, step,
 micro-step), so a resumed run and a DDP run see the batches of an uninterrupted single-process run.
-With lora_rank > 0 only LoRA adapters train (lora.py); ckpt.pt then holds the adapter only (plus optimizer
+With lora_rank > 0 only LoRA adapters train (babyllama/lora.py); ckpt.pt then holds the adapter only (plus optimizer
 state) and names its base checkpoint, and merged.pt holds the merged model for eval.py and export.
-The pieces (batches, packing, the loss) are in finetune.py; checkpoints in checkpoint.py.
+The pieces (batches, packing, the loss) are in babyllama/finetune.py; checkpoints in babyllama/checkpoint.py.
 """
 import math
 import os
 import time
 
-import checkpoint as ck
-from clean_data.atomic import write_json
-from chat_data.conversations import load_conversations
-from configurator import configure
-from finetune import (ConversationBatches, PackedLM, scored_tokens, sft_loss, sft_validation_loss,
-                      tokenize_conversations)
+from babyllama import checkpoint as ck, dist, optimize, runlog
+from babyllama.atomic import write_json
+from babyllama.configurator import configure
+from babyllama.conversations import load_conversations
+from babyllama.finetune import (ConversationBatches, PackedLM, scored_tokens, sft_loss, sft_validation_loss,
+                                tokenize_conversations)
+from tokenizer import load_tokenizer
 from tokenizer.chat_template import IGNORE
-import train_utils as tu
 
 # -----------------------------------------------------------------------------------------------------------
 # I/O
@@ -69,7 +69,7 @@ save_merged = True  # LoRA: also write merged.pt (base + adapter folded) at the 
 # system
 device = "auto"
 dtype = "auto"
-compile = "auto"  # True, False, or 'auto': what pays on this device (train_utils.cpu_fast_path)
+compile = "auto"  # True, False, or 'auto': what pays on this device (babyllama/precision.py)
 num_threads = 0
 max_minutes = 0.0
 parallel = "ddp"  # 'ddp', or 'fsdp': weights, gradients and optimizer state sharded over the processes (pretrain.py)
@@ -80,7 +80,7 @@ replicas = 1  # fsdp: > 1 = HSDP (shard within world_size / replicas processes, 
 config_keys, changed = configure(globals())  # the hyperparameters' names; those the command line set
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = tu.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, pack, parallel)
+run = dist.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, pack, parallel)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's
@@ -95,7 +95,7 @@ model, model_args, _, init = ck.finetune_model(init_ckpt, resume_ckpt, device, s
 raw_model, max_seq_len = model, model_args["max_seq_len"]
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 module = PackedLM(model) if pack else model  # packed rows need explicit positions and masks
-module = tu.parallelize(model, run, activation_checkpointing, cpu_offload, replicas, outer=module)
+module = dist.parallelize(model, run, activation_checkpointing, cpu_offload, replicas, outer=module)
 optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2),
                               optimizer)
 if master:
@@ -105,7 +105,7 @@ if master:
           + (f" (LoRA rank {lora_rank}, alpha {lora_alpha}, targets {lora_targets})" if lora_rank else ""))
 
 # ---- data -------------------------------------------------------------------------------------------------
-tok = tu.load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"],
+tok = load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"],
                        init.get("tokenizer_sha256", ""))
 del init  # the starting checkpoint: only its tokenizer was still needed
 pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
@@ -122,27 +122,27 @@ if master:
 
 # ---- training loop ----------------------------------------------------------------------------------------
 config = {k: globals()[k] for k in config_keys}  # what this run really uses: the checkpoint records it
-log = tu.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
+log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
 checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optim, log, eval_interval,
                                always_save_checkpoint, ceiling=math.log(model_args["vocab_size"]),
                                model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
 del resume_ckpt
-timer = tu.StepTimer()
+timer = runlog.StepTimer()
 n_val = min(len(val_samples), eval_iters * batch_size) if eval_iters else len(val_samples)
-progress = tu.Progress("sft", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x "
+progress = runlog.Progress("sft", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x "
                        f"{batch_size * gradient_accumulation_steps} conversations, validation every {eval_interval} "
                        f"on {n_val:,} held-out conversations", enabled=master)
 while True:
-    lr = tu.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = optimize.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None  # without validation data the checkpoint is still written every eval_interval
         if val_samples:
             val_loss = sft_validation_loss(raw_model, val_samples, batch_size, eval_iters, pad_id, device,
                                            run.autocast)
-            val_loss = tu.all_reduce_mean(val_loss, run)  # every process decides on the same number
+            val_loss = dist.all_reduce_mean(val_loss, run)  # every process decides on the same number
             log.write(f"iter {iter_num}: val loss {val_loss:.4f}", iter=iter_num, val_loss=val_loss, lr=lr)
         checkpointer.after_eval(iter_num, val_loss)
         timer.skip()  # evaluation and saving are not training time
@@ -153,22 +153,22 @@ while True:
     # divided by its scored-token count, so batch x accumulation x processes can be traded with the same gradient
     micro_batches = [batches.get(iter_num, run.rank * accum + micro, device) for micro in range(accum)]
     scored = [scored_tokens(b) for b, _ in micro_batches]  # counted on the CPU, before the copies to device
-    n_scored = tu.all_reduce_sum(sum(scored), run)
+    n_scored = dist.all_reduce_sum(sum(scored), run)
     loss_sum, n_tok = 0.0, 0
     for micro, (batch, put) in enumerate(micro_batches):
         n_tok += batch.pop("n_tokens")
         batch = {k: put(v) for k, v in batch.items()}
-        with tu.gradient_sync(module, micro == accum - 1):  # reduce gradients on the last micro-step only
+        with dist.gradient_sync(module, micro == accum - 1):  # reduce gradients on the last micro-step only
             with run.autocast:
                 loss = sft_loss(module, batch) * scored[micro] / n_scored  # this micro-batch's share
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
         loss_sum += loss.detach()
-    loss_value = tu.all_reduce_sum(float(loss_sum), run)
+    loss_value = dist.all_reduce_sum(float(loss_sum), run)
     if not run.scaler.is_enabled():
         checkpointer.check_train_loss(iter_num, loss_value)
-    tu.optimizer_step(optim, run.scaler, grad_clip)
+    optimize.optimizer_step(optim, run.scaler, grad_clip)
 
-    n_tok = int(tu.all_reduce_sum(n_tok, run))
+    n_tok = int(dist.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
     progress.step(loss_value, n_tok, dt)
     if iter_num % log_interval == 0:
@@ -181,10 +181,10 @@ checkpointer.at_end(iter_num)  # the final state, so init_from=resume can contin
 final = ck.gathered_model(raw_model, run) if lora_rank and save_merged else None  # (FSDP: gathers the shards)
 if master:
     summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), trainable_params=n_trainable,
-                   best_val_loss=checkpointer.best_val_loss, **tu.throughput(timer, device_type))
+                   best_val_loss=checkpointer.best_val_loss, **runlog.throughput(timer, device_type))
     log.write(summary=summary)
     log.close()
-    tu.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="SFT loss (nats per scored token)")
+    runlog.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="SFT loss (nats per scored token)")
     print(f"summary: {summary}")
     if lora_rank and save_merged:
         ck.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
@@ -192,4 +192,4 @@ if master:
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 del module, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
-tu.cleanup_ddp(run)
+dist.cleanup_ddp(run)

@@ -8,10 +8,10 @@ Instruction data in the formats people download -> one unified conversation file
 Output, in out_dir: train.jsonl and val.jsonl (or .parquet), one conversation per line
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...],
      "system": "..." or null, "source": "<file name>"}
-(chat_data.conversations.load_conversations reads them back) and stats.json with every counter printed.
+(babyllama.conversations.load_conversations reads them back) and stats.json with every counter printed.
 
 Input formats (Alpaca, BELLE, ShareGPT, OpenAI messages) are detected per record, in .json arrays or concatenated
-records, .jsonl and .parquet (.gz too); see chat_data/conversations.py. Malformed records (bad JSON, unknown
+records, .jsonl and .parquet (.gz too); see babyllama/conversations.py. Malformed records (bad JSON, unknown
 format, wrong field types) are skipped, counted by reason and the first ones named as file:line. Filters, each
 counted: empty turns, turns that do not alternate user/assistant (or do not end with the assistant),
 conversations longer than max_seq_len + 1 tokens after the chat template (overlong="drop", or "truncate" to the
@@ -25,18 +25,19 @@ the split, is an error naming the input(s) and how many records were dropped for
 is a path that is not a readable file; nothing is written or replaced then. Every output is written atomically.
 
 --demo_poetry builds a demo set from the chinese-poetry corpus' own metadata (titles, authors, lines) so the
-demo needs no other download; see chat_data.poetry.build_poetry_demo(). Its held-out poems also give
+demo needs no other download; see babyllama.poetry.build_poetry_demo(). Its held-out poems also give
 eval_questions.jsonl.
 """
+from collections import Counter
 import os
 import random
-from collections import Counter
 
-from chat_data.conversations import Filter, mix, nothing_usable, read_raw_conversations, write_conversations
-from chat_data.poetry import build_poetry_demo
-from clean_data.atomic import write_json, write_jsonl
-from clean_data.readers import ReadErrors
-from configurator import run_main
+from babyllama.atomic import write_json, write_jsonl
+from babyllama.configurator import run_main
+from babyllama.conversations import Filter, mix, nothing_usable, read_raw_conversations, write_conversations
+from babyllama.poetry import build_poetry_demo
+from babyllama.readers import ReadErrors
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 inputs = ""  # comma-separated files (.json, .jsonl, .parquet)
@@ -102,7 +103,6 @@ def main():
         raise SystemExit(f"overlong must be 'drop' or 'truncate', not {overlong!r}")
     tok = None
     if tokenizer_model:
-        from tokenizer import Tokenizer
         tok = Tokenizer(tokenizer_model)
     paths = [p for p in inputs.split(",") if p]
     rs = [float(r) for r in ratios.split(",") if r] or [1.0] * len(paths)

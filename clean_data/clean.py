@@ -36,27 +36,30 @@ the corpus (shard_id 0 the first) and exchanges its arrays through Redis (clean_
 set equals the single process's on the whole corpus, whatever the start order. Each shard writes its own
 out_dir; the last to finish adds report_all.json (all shards summed) to its out_dir.
 """
+from collections import deque
+from contextlib import ExitStack, contextmanager
 import itertools
 import json
+from multiprocessing import Pool
 import os
 import resource
 import shutil
 import sys
 import tempfile
 import time
-from collections import deque
-from contextlib import ExitStack, contextmanager
-from multiprocessing import Pool
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from babyllama.atomic import atomic_path
+from babyllama.configurator import config_of
+from babyllama.readers import EmptyInputError, ReadErrors, input_files, parquet_file, read_files
 from clean_data import dedup, filters, shards
-from clean_data.atomic import atomic_path
 from clean_data.normalize import normalize
-from clean_data.readers import EmptyInputError, ReadErrors, input_files, parquet_file, read_files
-from configurator import config_of
 
 # -----------------------------------------------------------------------------
 input = "data/chinese-poetry"  # comma-separated files / directories / globs (jsonl/json/parquet/txt)
@@ -186,8 +189,6 @@ class ParquetSink:
     it a temporary path, renamed over clean.parquet once the whole run has succeeded)."""
 
     def __init__(self, path, row_group_size):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         self.pa = pa
         self.schema = pa.schema([("text", pa.string()), ("source", pa.string()), ("line", pa.int64())] +
                                 [(k, pa.string()) for k in META_COLUMNS[1:]])
@@ -576,7 +577,6 @@ def _write(scratch_parquet, sink, removed_f, code, filt, partner, score, lo, gid
     """Pass 3: rows of the scratch parquet with code 0 to sink, the others (when removed_f) as JSON lines with
     stage, reason, doc id, source, line, text and, for duplicates, dup_of and jaccard / distance. Arrays are
     this shard's slices; lo its first global position. Returns the characters kept."""
-    import pyarrow.compute as pc
     chars_out, at = 0, 0
     for batch in parquet_file(scratch_parquet).iter_batches(batch_size=sink.row_group_size):
         n = batch.num_rows
@@ -660,13 +660,11 @@ def format_report(r):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    from configurator import apply_overrides
-    apply_overrides(globals())
-    from clean_data import clean as module  # workers unpickle clean_data.clean._analyse, not __main__'s
+def main():
+    """python -m clean_data: clean with the globals above, as the command line set them (clean_data/__main__.py)."""
     settings = {k: globals()[k] for k in DEFAULTS}  # the hyperparameters, as overridden
     try:
-        report = module.clean(input, out_dir, **settings)
+        report = clean(input, out_dir, **settings)
     except (OSError, ValueError) as e:  # a missing, empty or unsupported input: say which, no traceback
         sys.exit(f"error: {e}")
-    print(module.format_report(report))
+    print(format_report(report))

@@ -1,7 +1,7 @@
 """
 Merge datasets into one parquet with per-source sampling ratios (data mixing), deterministic with a seed.
 
-    python -m clean_data.merge --inputs="out/clean/med/clean.parquet:1,out/clean/general/clean.parquet:3" \
+    python -m clean_data merge --inputs="out/clean/med/clean.parquet:1,out/clean/general/clean.parquet:3" \
         --out=out/clean/mix.parquet
 
 Each input is "path:weight" (path as iter_documents takes it: file, directory or glob). Output shares
@@ -15,7 +15,10 @@ import json
 import os
 import random
 
-from clean_data.readers import ReadErrors, iter_documents
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from babyllama.readers import ReadErrors, iter_documents
 
 # -----------------------------------------------------------------------------
 inputs = ""  # "path:weight,path:weight"
@@ -58,8 +61,6 @@ def choose(n, k, rng):
 def merge(sources, out, total=0, seed=1337, text_field=""):
     """sources: [(path, weight)]. Writes the parquet (text, source, dataset) and out + '.json' (the plan);
     returns that report."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     errors = ReadErrors()
     sizes = [sum(1 for _ in iter_documents([p], text_field=text_field or None, errors=errors)) for p, _ in sources]
     takes = plan(sizes, [w for _, w in sources], total)
@@ -93,9 +94,8 @@ def merge(sources, out, total=0, seed=1337, text_field=""):
     return report
 
 
-if __name__ == "__main__":
-    from configurator import apply_overrides
-    apply_overrides(globals())
+def main():
+    """python -m clean_data merge: mix with the globals above, as the command line set them."""
     r = merge(parse_inputs(inputs), out, total_docs, seed, text_field)
     for s in r["sources"]:
         print(f"{s['taken']:>10,} of {s['available']:>10,}  weight {s['weight']:g}  {s['path']}")

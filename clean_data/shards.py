@@ -23,6 +23,8 @@ and deletes the run's keys.
 A barrier waits at most `timeout` seconds (a shard that never comes: an error naming the missing shards).
 """
 import json
+import socket
+import subprocess
 import time
 from urllib.parse import urlparse
 
@@ -41,8 +43,6 @@ def redis_params(url):
 def start_server(exe, folder):
     """A private redis-server (no persistence) on a free local port, for tests and benchmarks: (process, url),
     once it answers PING."""
-    import socket
-    import subprocess
     import redis
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

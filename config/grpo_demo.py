@@ -1,5 +1,5 @@
 # GRPO on the demo's SFT model: held-out requests "写一首五言绝句，题为《X》" scored by the form rules
-# (chat_data/poetry_rewards.py). python grpo.py config/grpo_demo.py
+# (babyllama/poetry_rewards.py). python grpo.py config/grpo_demo.py
 out_dir = "out/demo/grpo"
 init_ckpt = "out/demo/sft/ckpt.pt"
 train_prompts = "out/demo/sft_data/train.jsonl"

@@ -1,12 +1,13 @@
 # The CPU demo's chat fine-tuning (make demo): the demo pretrain checkpoint on the poetry SFT set that
 # sft_data_process.py --demo_poetry builds, boxed by iterations (the same model on every machine).
+# 32 conversations per iteration however many processes share it (torchrun: N dividing 32); they are short
+# (about 60 tokens), so padded batches stay small
+import os
+
 out_dir = "out/demo/sft"
 init_ckpt = "out/demo/pretrain/ckpt.pt"
 train_data = "out/demo/sft_data/train.jsonl"
 val_data = "out/demo/sft_data/val.jsonl"
-# 32 conversations per iteration however many processes share it (torchrun: N dividing 32); they are short
-# (about 60 tokens), so padded batches stay small
-import os
 gradient_accumulation_steps = int(os.environ.get("WORLD_SIZE", "1"))
 batch_size = 32 // gradient_accumulation_steps
 learning_rate = 2e-3

@@ -34,6 +34,7 @@ def write_motif_bins(d, vocab_size, top_id, n_motifs, max_len, n_draws, n_val):
     """train.bin, val.bin (its first n_val tokens) and meta.json (vocab_size) in folder d: a token corpus with
     structure to learn, n_draws motifs (5..max_len-1 ids in 4..top_id-1) drawn from n_motifs in random order."""
     import json
+
     import numpy as np
     rng = np.random.default_rng(0)
     motifs = [rng.integers(4, top_id, size=rng.integers(5, max_len)) for _ in range(n_motifs)]

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-import checkpoint as ck
+from babyllama import checkpoint as ck
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train_tokenizer

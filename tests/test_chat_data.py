@@ -1,16 +1,16 @@
-"""chat_data/preferences.py, chat_data/poetry.py and dpo_data_process.py: the preference loader gives the same
+"""babyllama/preferences.py, babyllama/poetry.py and dpo_data_process.py: the preference loader gives the same
 pairs from every format and names every record it skips, the one well-formed-poem rule on hand-written poems,
 and the demo preference set built from poetry documents."""
 import json
 import random
 import re
 
+from conftest import run_script
 import pytest
 
-from chat_data.poetry import build_poetry_pairs, corrupt, poem_clauses, well_formed_poem
-from chat_data.preferences import load_preferences, parse_pair
-from clean_data.readers import ReadErrors
-from conftest import run_script
+from babyllama.poetry import build_poetry_pairs, corrupt, poem_clauses, well_formed_poem
+from babyllama.preferences import load_preferences, parse_pair
+from babyllama.readers import ReadErrors
 
 U = lambda c: {"role": "user", "content": c}
 A = lambda c: {"role": "assistant", "content": c}

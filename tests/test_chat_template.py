@@ -1,8 +1,8 @@
 """The chat template and the assistant-only label mask, checked token by token."""
 import pytest
+from sft_fixtures import tiny_tokenizer
 
 from tokenizer.chat_template import IGNORE, decode_reply, encode_conversation, encode_prompt, render, stop_ids
-from sft_fixtures import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

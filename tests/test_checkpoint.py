@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-import checkpoint as ck
-from clean_data.atomic import atomic_path
-import train_utils as tu
-from lora import apply_lora, lora_state_dict
+from babyllama import checkpoint as ck, dist, runlog
+from babyllama.atomic import atomic_path
+from babyllama.lora import apply_lora, lora_state_dict
+from babyllama.rng import rng_state
 from model import ModelArgs, Transformer
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16)
@@ -39,10 +39,10 @@ def test_training_state_holds_adapters_only_for_lora():
     model = tiny()
     opt = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    full = ck.training_state(model, opt, scaler, [tu.rng_state()], iter_num=3, init_ckpt="base.pt")
+    full = ck.training_state(model, opt, scaler, [rng_state()], iter_num=3, init_ckpt="base.pt")
     assert "model" in full and "lora" not in full and full["iter_num"] == 3
     apply_lora(model, rank=2, alpha=4.0, targets="wq,wv")
-    lora = ck.training_state(model, opt, scaler, [tu.rng_state()], iter_num=3, init_ckpt="base.pt")
+    lora = ck.training_state(model, opt, scaler, [rng_state()], iter_num=3, init_ckpt="base.pt")
     assert "model" not in lora and lora["base_ckpt"] == "base.pt"
     assert set(lora["lora"]) == set(lora_state_dict(model)) and all("lora_" in k for k in lora["lora"])
     assert lora["lora_config"] == {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["wq", "wv"]}
@@ -101,8 +101,8 @@ def test_finetune_model_resumes_the_adapters_on_the_starting_weights(tmp_path):
 
 def checkpointer(tmp_path, ckpt=None, always=True):
     model = tiny()
-    run = tu.setup_run("cpu", "float32", 0, 1, str(tmp_path))
-    log = tu.JsonlLog(str(tmp_path / "log.jsonl"), resume_from=ckpt["iter_num"] if ckpt else None)
+    run = dist.setup_run("cpu", "float32", 0, 1, str(tmp_path))
+    log = runlog.JsonlLog(str(tmp_path / "log.jsonl"), resume_from=ckpt["iter_num"] if ckpt else None)
     optimizer = ck.training_optimizer(model, None, run, 0, 0.0, 1e-3, (0.9, 0.95))
     return ck.Checkpointer(str(tmp_path / "ckpt.pt"), ckpt, run, model, optimizer, log, 2, always,
                            model_args=ARGS, config={})
@@ -120,7 +120,7 @@ def loop(c, iters, losses):
             break
     c.at_end(iters[-1])
     c.log.close()
-    return evaluated, [r["iter"] for r in tu.read_jsonl(c.log.path) if "checkpoint" in r]
+    return evaluated, [r["iter"] for r in runlog.read_jsonl(c.log.path) if "checkpoint" in r]
 
 
 def test_checkpointer_evaluates_and_saves_the_same_way_for_every_script(tmp_path):

@@ -6,6 +6,7 @@ import random
 import shutil
 import time
 
+from conftest import run_script
 import numpy as np
 import pytest
 
@@ -13,7 +14,6 @@ from clean_data import dedup, filters, shards
 from clean_data.clean import STAGES, clean, verdicts
 from clean_data.merge import merge, plan
 from clean_data.normalize import normalize
-from conftest import run_script
 
 rng = random.Random(0)
 COMMON = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 400))  # 400 distinct ideographs

@@ -1,4 +1,4 @@
-"""data_process.py and clean_data/readers.py on a small mixed-format corpus written into tmp_path, with a
+"""data_process.py and babyllama/readers.py on a small mixed-format corpus written into tmp_path, with a
 tiny tokenizer trained once per module."""
 import collections
 import json
@@ -8,9 +8,9 @@ import random
 import numpy as np
 import pytest
 
+from babyllama.readers import ReadErrors, iter_documents, iter_records, record_to_documents
+from babyllama import readers
 import data_process
-from clean_data import readers
-from clean_data.readers import ReadErrors, iter_documents, iter_records, record_to_documents
 
 MIN_CHARS = 5
 
@@ -261,14 +261,12 @@ def test_meta_json_fields(result, tok_model, corpus):
 
 
 def test_refuses_vocab_over_uint16(corpus, tok_model, tmp_path, monkeypatch):
-    import tokenizer
-
-    class Big(tokenizer.Tokenizer):
+    class Big(data_process.Tokenizer):
         def __init__(self, path):
             super().__init__(path)
             self.vocab_size = 70000
 
-    monkeypatch.setattr(tokenizer, "Tokenizer", Big)
+    monkeypatch.setattr(data_process, "Tokenizer", Big)
     with pytest.raises(ValueError, match="uint16"):
         run(corpus, tok_model, tmp_path / "big")
 

@@ -3,12 +3,10 @@ same model whatever the thread count, progress timing leaves the warm-up out, an
 import json
 import os
 
+from conftest import run_script, write_motif_bins
 import pytest
 
-from conftest import run_script, write_motif_bins
-import checkpoint as ck
-import configurator
-import train_utils as tu
+from babyllama import checkpoint as ck, configurator, dist, precision, runlog
 
 AMX_XEON = dict(capability="AVX512", amx=True, avx512_bf16=True)
 ZEN4 = dict(capability="AVX512", amx=False, avx512_bf16=True)
@@ -17,25 +15,25 @@ ZEN4_FORCED_AVX2 = dict(capability="AVX2", amx=False, avx512_bf16=True)  # ATEN_
 
 
 def test_cpu_fast_path_takes_bf16_only_where_the_cpu_multiplies_bf16_in_hardware():
-    assert tu.cpu_fast_path(AMX_XEON)[:2] == ("bfloat16", True)
-    assert tu.cpu_fast_path(ZEN4)[:2] == ("bfloat16", True)
-    assert tu.cpu_fast_path(ZEN4, fixed_shapes=False)[:2] == ("bfloat16", False)  # padded batches: no compile
-    assert tu.cpu_fast_path(AVX2_ONLY)[:2] == ("float32", False)
-    assert tu.cpu_fast_path(ZEN4_FORCED_AVX2)[:2] == ("float32", False)  # the kernels in use decide
-    assert "no bf16 matrix units" in tu.cpu_fast_path(AVX2_ONLY)[2]
+    assert precision.cpu_fast_path(AMX_XEON)[:2] == ("bfloat16", True)
+    assert precision.cpu_fast_path(ZEN4)[:2] == ("bfloat16", True)
+    assert precision.cpu_fast_path(ZEN4, fixed_shapes=False)[:2] == ("bfloat16", False)  # padded batches: no compile
+    assert precision.cpu_fast_path(AVX2_ONLY)[:2] == ("float32", False)
+    assert precision.cpu_fast_path(ZEN4_FORCED_AVX2)[:2] == ("float32", False)  # the kernels in use decide
+    assert "no bf16 matrix units" in precision.cpu_fast_path(AVX2_ONLY)[2]
 
 
 @pytest.mark.parametrize("features, dtype, compiled", [(AMX_XEON, "bfloat16", True), (AVX2_ONLY, "float32", False)])
 def test_auto_settings_follow_the_probed_features(monkeypatch, features, dtype, compiled):
-    monkeypatch.setattr(tu, "cpu_features", lambda: features)
-    assert tu.resolve_dtype("auto", "cpu") == dtype
-    assert tu.resolve_compile("auto", "cpu", dtype) is compiled
-    assert tu.resolve_compile("auto", "cpu", dtype, fixed_shapes=False) is False
-    assert tu.resolve_compile("auto", "cpu", "float16") is False  # another precision: off the measured path
-    assert tu.resolve_dtype("float32", "cpu") == "float32" and tu.resolve_compile(True, "cpu", "float32") is True
-    assert tu.describe_path("cpu", dtype, compiled).endswith(tu.cpu_fast_path(features)[2])
+    monkeypatch.setattr(precision, "cpu_features", lambda: features)
+    assert precision.resolve_dtype("auto", "cpu") == dtype
+    assert precision.resolve_compile("auto", "cpu", dtype) is compiled
+    assert precision.resolve_compile("auto", "cpu", dtype, fixed_shapes=False) is False
+    assert precision.resolve_compile("auto", "cpu", "float16") is False  # another precision: off the measured path
+    assert precision.resolve_dtype("float32", "cpu") == "float32" and precision.resolve_compile(True, "cpu", "float32") is True
+    assert precision.describe_path("cpu", dtype, compiled).endswith(precision.cpu_fast_path(features)[2])
     with pytest.raises(SystemExit, match="compile must be True, False or 'auto'"):
-        tu.resolve_compile("yes", "cpu", dtype)
+        precision.resolve_compile("yes", "cpu", dtype)
 
 
 def test_an_auto_setting_takes_a_bool_override_and_nothing_else():
@@ -48,7 +46,7 @@ def test_an_auto_setting_takes_a_bool_override_and_nothing_else():
 
 def test_step_timer_keeps_the_first_iterations_warm_up_out_of_tokens_per_second():
     now = [0.0]
-    timer = tu.StepTimer(clock=lambda: now[0])
+    timer = runlog.StepTimer(clock=lambda: now[0])
     for dt in (30.0, 0.5, 0.5, 0.5):  # a compile warm-up, then three real iterations
         now[0] += dt
         timer.lap(1000)
@@ -57,11 +55,11 @@ def test_step_timer_keeps_the_first_iterations_warm_up_out_of_tokens_per_second(
     timer.skip()
     now[0] += 0.5
     assert timer.lap(1000) == 0.5
-    assert tu.throughput(timer, "cpu")["tokens_per_sec"] == 2000.0
+    assert runlog.throughput(timer, "cpu")["tokens_per_sec"] == 2000.0
 
 
 def test_a_time_boxed_stop_right_after_an_evaluation_does_not_evaluate_again(tmp_path):
-    run = tu.setup_run("cpu", "float32", 0, 1, str(tmp_path))
+    run = dist.setup_run("cpu", "float32", 0, 1, str(tmp_path))
     c = ck.Checkpointer(str(tmp_path / "ckpt.pt"), None, run, None, None, None, 200, True)
     c.evaluated_at = 400  # what after_eval records
     assert c.eval_due(400, False) and c.eval_due(600, False)
@@ -70,8 +68,8 @@ def test_a_time_boxed_stop_right_after_an_evaluation_does_not_evaluate_again(tmp
 
 
 def test_smoothed_curve_is_a_bias_corrected_moving_average():
-    assert tu.smooth([3.0] * 50) == pytest.approx([3.0] * 50)  # no pull toward 0 at the start
-    out = tu.smooth([0.0, 1.0], beta=0.5)
+    assert runlog.smooth([3.0] * 50) == pytest.approx([3.0] * 50)  # no pull toward 0 at the start
+    out = runlog.smooth([0.0, 1.0], beta=0.5)
     assert out == pytest.approx([0.0, 0.5 * 1.0 / 0.75])  # EMA 0.25 after two steps, / (1 - 0.5^2)
 
 
@@ -88,7 +86,7 @@ def demo_losses(data, out_dir, threads, dtype):
     run_script("pretrain.py", "config/demo_cpu.py", f"--train_data={data / 'train.bin'}",
                f"--val_data={data / 'val.bin'}", f"--out_dir={out_dir}", "--max_iters=4", "--eval_iters=1",
                f"--num_threads={threads}", f"--dtype={dtype}", "--compile=False", "--warmup_iters=1")
-    rows = tu.read_jsonl(os.path.join(out_dir, "log.jsonl"))
+    rows = runlog.read_jsonl(os.path.join(out_dir, "log.jsonl"))
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
@@ -101,7 +99,7 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_demo_recipe_trains_the_same_model_with_one_or_two_threads(demo_tokens, tmp_path, dtype):
-    if dtype == "bfloat16" and tu.cpu_fast_path(tu.cpu_features())[0] != "bfloat16":
+    if dtype == "bfloat16" and precision.cpu_fast_path(precision.cpu_features())[0] != "bfloat16":
         pytest.skip("bf16 is not this CPU's fast path: the demo trains in fp32 here")
     one = demo_losses(demo_tokens, tmp_path / "t1", 1, dtype)
     two = demo_losses(demo_tokens, tmp_path / "t2", 2, dtype)

@@ -2,16 +2,16 @@
 reply tokens only (prompt and padding do not enter), the reference gets no gradient and does not change (frozen
 copy, LoRA adapters-off, cached log-probs), batch losses and held-out metrics, and the stateless pair sampler.
 The loaders of preference files are tested in test_chat_data.py."""
-import math
 from contextlib import nullcontext
+import math
 
 import pytest
 import torch
 
-from finetune import (PairBatches, Reference, collate_pairs, concatenated_logps, dpo_loss, evaluate_pairs,
-                      frozen_copy, hinge_loss, ipo_loss, orpo_loss, pair_batch_loss, pair_logps, pair_metrics,
-                      preference_loss, sequence_logps, simpo_loss, tokenize_pair)
-from lora import adapters_off, apply_lora
+from babyllama.finetune import (PairBatches, Reference, collate_pairs, concatenated_logps, dpo_loss, evaluate_pairs,
+                                frozen_copy, hinge_loss, ipo_loss, orpo_loss, pair_batch_loss, pair_logps, pair_metrics,
+                                preference_loss, sequence_logps, simpo_loss, tokenize_pair)
+from babyllama.lora import adapters_off, apply_lora
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.chat_template import IGNORE, encode_conversation

@@ -6,15 +6,15 @@ import json
 import math
 import os
 
+from conftest import run_script
 import pytest
 import torch
 
-import checkpoint as ck
-import train_utils as tu
-from conftest import run_script
+from babyllama import checkpoint as ck, runlog
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train_tokenizer
+
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
          "请写一首题为《静夜思》的诗。《登鹳雀楼》的作者是谁？李白王之涣", "What is two plus two? It is four."] * 20
 
@@ -50,7 +50,7 @@ def run_dpo(d, out, *extra, plots=False):
                    f"--val_data={d / 'val.json'}", f"--out_dir={out}", "--batch_size=2", "--num_threads=1",
                    "--dtype=float32", "--device=cpu", "--learning_rate=1e-3", "--min_lr=1e-3", "--warmup_iters=0",
                    "--eval_interval=2", "--n_samples=1", *extra, plots=plots)
-    return p.stdout, tu.read_jsonl(os.path.join(out, "log.jsonl"))
+    return p.stdout, runlog.read_jsonl(os.path.join(out, "log.jsonl"))
 
 
 def train_rows(log):

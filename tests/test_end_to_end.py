@@ -22,7 +22,7 @@ def test_tokenizer_data_process_pretrain_eval(tmp_path):
             doc = "\n".join(LINES[(i * k) % len(LINES)] for k in range(1, 2 + i % 3))
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
     prefix = tmp_path / "tok"
-    sh("tokenizer/train_tokenizer.py", f"--input={corpus}", "--vocab_size=400", f"--model_prefix={prefix}")
+    sh("-m", "tokenizer", f"--input={corpus}", "--vocab_size=400", f"--model_prefix={prefix}")
     data = tmp_path / "data"
     sh("data_process.py", f"--input={corpus}", f"--tokenizer_model={prefix}.model", f"--out_dir={data}",
        "--val_fraction=0.1", "--num_workers=1")

@@ -6,18 +6,18 @@ import json
 import math
 import random
 
+from conftest import run_script
+from babyllama import text_metrics
 import numpy as np
 import pytest
+from sft_fixtures import tiny_tokenizer
 import torch
 import torch.nn as nn
 
-from conftest import run_script
-from sft_fixtures import tiny_tokenizer
-from checkpoint import save_merged
-from evals import text_metrics
-from evals.contamination import find_contamination, flagged
-from evals.mc import LETTERS, MCError, encode_pieces, fit_prompt, letter_ids, load_exam, read_questions, summarize
-from evals.scoring import prefix_kv, score_mc, sequence_loss, sliding_windows, token_logprobs
+from babyllama.checkpoint import save_merged
+from babyllama.contamination import find_contamination, flagged
+from babyllama.mc import LETTERS, MCError, encode_pieces, fit_prompt, letter_ids, load_exam, read_questions, summarize
+from babyllama.scoring import prefix_kv, score_mc, sequence_loss, sliding_windows, token_logprobs
 from model import ModelArgs, Transformer
 
 # ---- fixtures -------------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_k_shot_prompts_hold_k_dev_examples_of_the_subject_and_never_the_questio
         assert "authors样例" not in text and text.count(QUESTIONS[0][0]) == 1
     # scoring the dev split itself with its own shots: a question is never its own example
     dev = load_exam(str(tmp_path), "dev", "dev", k_shot=3)
-    from evals.mc import shots_for
+    from babyllama.mc import shots_for
     q = dev["poems"]["questions"][1]
     chosen = shots_for(q, dev["poems"]["shots"], 3)
     assert len(chosen) == 3 and q not in chosen
@@ -210,7 +210,7 @@ def test_cached_scoring_equals_sending_every_prompt_whole(tok, tmp_path):
 
 
 def test_prompts_with_fewer_shots_share_their_subjects_prefix_cache():
-    from evals.scoring import prefix_groups
+    from babyllama.scoring import prefix_groups
     full, other = list(range(100)), list(range(200, 260))
     units = [{"prefix": full}, {"prefix": full[:60]}, {"prefix": full[:10]}, {"prefix": other}, {"prefix": []}]
     groups = prefix_groups(units, True)
@@ -221,7 +221,8 @@ def test_prompts_with_fewer_shots_share_their_subjects_prefix_cache():
 
 def test_mc_accuracy_equals_transformers_llama_on_the_exported_weights(tok, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
-    from model import hf_config_dict, to_hf_state_dict
+
+    from babyllama.hf import hf_config_dict, to_hf_state_dict
     model = tiny_model(tok, seed=1)
     hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(model.args))).float().eval()
     hf.load_state_dict(to_hf_state_dict(model), strict=True)
@@ -458,6 +459,7 @@ def test_mc_mode_refuses_a_bad_file_before_loading_a_model(tmp_path):
 def test_poetry_benchmark_uses_only_held_out_poems(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from data_process import is_val
     rng = random.Random(0)
     chars = "春夏秋冬山水风月花鸟云雨天地江河日夜人心"

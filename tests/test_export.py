@@ -3,16 +3,17 @@ chat-template ids; import of a Hugging Face Llama folder; export then import is 
 import json
 import os
 
+from conftest import run_script
 import numpy as np
 import pytest
+from sft_fixtures import tiny_tokenizer
 import torch
 
-from conftest import run_script
-from sft_fixtures import tiny_tokenizer
-from checkpoint import save_merged
+from babyllama.checkpoint import save_merged
 from export import export_hf, import_hf
 from model import ModelArgs, Transformer
 from tokenizer.chat_template import encode_prompt
+from babyllama.generate import generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,7 +53,7 @@ def test_exported_folder_gives_our_logits_and_greedy_text(tok, tmp_path, shape):
         assert (hf(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4
         theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.0, eos_token_id=None,
                              min_new_tokens=12)[0, ids.shape[1]:].tolist()
-    assert theirs == model.generate(ids, 12, temperature=0.0)[0]
+    assert theirs == generate(model, ids, 12, temperature=0.0)[0]
 
 
 def test_bf16_export_stores_bf16_weights(tok, tmp_path):
@@ -239,7 +240,7 @@ def test_llama_cpp_continues_our_gguf_as_we_do(tok, tmp_path):
     from export import export_gguf
     model = random_model(tok, dim=64, n_kv_heads=2, tie_embeddings=False, max_seq_len=64)
     prompt = [tok.eos_id] + tok.encode("床前明月光，疑是地上霜。")
-    ours = model.generate(torch.tensor([prompt]), 16, temperature=0.0)[0]
+    ours = generate(model, torch.tensor([prompt]), 16, temperature=0.0)[0]
     # q8_0 rounds weights (and llama.cpp its activations) to 8 bits: a random model's near-ties part ways after a
     # few tokens (the trained demo model's 32 greedy tokens matched on 3 prompts: see the README)
     for dtype, n_equal in (("float32", 16), ("q8_0", 2)):
@@ -285,8 +286,8 @@ def test_pretraining_continues_from_an_imported_model(tok, tmp_path):
 
 
 def test_a_lora_checkpoint_is_exported_merged(tok, tmp_path):
-    from checkpoint import save
-    from lora import apply_lora, lora_parameters, lora_state_dict
+    from babyllama.checkpoint import save
+    from babyllama.lora import apply_lora, lora_parameters, lora_state_dict
     base = random_model(tok, n_kv_heads=2)
     save_merged(str(tmp_path / "base.pt"), base, iter_num=0, config={}, tokenizer=tok.model_path,
                 tokenizer_sha256=tok.sha256())
@@ -299,7 +300,7 @@ def test_a_lora_checkpoint_is_exported_merged(tok, tmp_path):
                                      "lora_config": adapted.lora_config, "base_ckpt": str(tmp_path / "base.pt"),
                                      "iter_num": 1, "config": {}, "tokenizer": tok.model_path,
                                      "tokenizer_sha256": tok.sha256()})
-    from checkpoint import load_model
+    from babyllama.checkpoint import load_model
     export_hf(load_model(str(tmp_path / "lora.pt"))[0], tok, str(tmp_path / "hf"))  # what export.py's main does
     hf, _ = load_hf(str(tmp_path / "hf"))
     ids = torch.tensor([tok.encode("春眠不觉晓，处处闻啼鸟。")])

@@ -12,15 +12,14 @@ import subprocess
 import sys
 import time
 
+from conftest import ENV, ROOT, TORCHRUN_2, run_script
 import numpy as np
 import pytest
+from sft_fixtures import write_chat_files
 import torch
 
-import checkpoint as ck
-import train_utils as tu
-from conftest import ENV, ROOT, TORCHRUN_2, run_script
-from finetune import preference_loss
-from sft_fixtures import write_chat_files
+from babyllama import checkpoint as ck, runlog, token_files
+from babyllama.finetune import preference_loss
 
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--batch_size=2", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1", "--dtype=float32",
@@ -135,7 +134,7 @@ def test_empty_sft_data_is_a_clear_error_not_a_hang(chat, tmp_path):
 def test_wrong_token_files_are_refused_with_the_file_named(tmp_path):
     good = str(tmp_path / "good" / "train.bin")
     write_bin(good, np.arange(100) % 200)
-    assert len(tu.open_bins(good)[0][0]) == 100
+    assert len(token_files.open_bins(good)[0][0]) == 100
     cases = {
         "int32": lambda p: write_bin(p, np.arange(100) % 200, dtype=np.int32, train_tokens=100),
         "odd": lambda p: (write_bin(p, np.arange(100) % 200), open(p, "ab").write(b"\0")),
@@ -146,14 +145,14 @@ def test_wrong_token_files_are_refused_with_the_file_named(tmp_path):
         path = str(tmp_path / name / "train.bin")
         make(path)
         with pytest.raises(ValueError, match=os.path.basename(os.path.dirname(path))):
-            tu.open_bins(path)
+            token_files.open_bins(path)
     other = str(tmp_path / "other" / "train.bin")  # another tokenizer's tokens, of the same vocabulary size
     write_bin(other, np.arange(100) % 200, tokenizer_sha256="b" * 64)
     with pytest.raises(ValueError, match="other.*tokenizer"):
-        tu.open_bins(f"{good},{other}")
+        token_files.open_bins(f"{good},{other}")
     os.remove(os.path.join(os.path.dirname(other), "meta.json"))
     with pytest.raises(FileNotFoundError, match="meta.json"):
-        tu.open_bins(other)
+        token_files.open_bins(other)
 
 
 # ---- 6. resume may not change what the checkpoint fixes ------------------------------------------------------
@@ -171,7 +170,7 @@ def test_resume_refuses_lora_on_a_full_checkpoint():
 def test_training_without_validation_data_checkpoints_every_eval_interval(bins, tmp_path):
     run_script("pretrain.py", *TINY, f"--train_data={bins / 'train.bin'}", "--val_data=", f"--out_dir={tmp_path}",
                "--max_iters=5", "--eval_interval=2")
-    saves = [r["iter"] for r in tu.read_jsonl(str(tmp_path / "log.jsonl")) if "checkpoint" in r]
+    saves = [r["iter"] for r in runlog.read_jsonl(str(tmp_path / "log.jsonl")) if "checkpoint" in r]
     assert saves == [2, 4, 5]
 
 
@@ -189,7 +188,7 @@ def test_temp_files_of_killed_writers_are_removed_on_the_next_save(tmp_path):
 
 def test_resumed_log_keeps_no_row_twice(tmp_path):
     path = str(tmp_path / "log.jsonl")
-    log = tu.JsonlLog(path)
+    log = runlog.JsonlLog(path)
     for it in range(7):  # a run killed at iteration 6 whose last checkpoint is iteration 4
         if it % 2 == 0:
             log.write(iter=it, val_loss=5.0 - it)
@@ -198,11 +197,11 @@ def test_resumed_log_keeps_no_row_twice(tmp_path):
     log.close()
     with open(path, "a") as f:
         f.write('{"iter": 7, "lo')  # the kill cut the last line short
-    log = tu.JsonlLog(path, resume_from=4)
+    log = runlog.JsonlLog(path, resume_from=4)
     for it in range(4, 6):
         log.write(iter=it, loss=1.0)
     log.close()
-    rows = tu.read_jsonl(path)
+    rows = runlog.read_jsonl(path)
     train = [r["iter"] for r in rows if "loss" in r]
     assert train == [0, 1, 2, 3, 4, 5]
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4]
@@ -216,8 +215,9 @@ def test_eval_refuses_unknown_modes_token_files_that_are_not_and_another_tokeniz
                    check=False)
     # conversations are not text documents: the file and its first skipped line are named, and what ppl reads
     assert p.returncode != 0 and "train.jsonl:1: no text field" in p.stderr and ".bin" in p.stderr
-    from tokenizer.train_tokenizer import train_tokenizer
     from sft_fixtures import TEXTS
+
+    from tokenizer.train_tokenizer import train_tokenizer
     other = train_tokenizer(iter([t[::-1] for t in TEXTS]), str(tmp_path / "other"), 400, num_threads=1,
                             verbose=False)  # the same characters and size, other merges: another tokenizer
     p = run_script("eval.py", f"--ckpt_path={base}", f"--tokenizer_model={other}", "--max_new_tokens=4",
@@ -231,7 +231,7 @@ def test_chat_batch_skips_records_without_a_question_and_answers_the_rest(chat, 
                  encoding="utf-8")
     p = run_script("eval.py", "--mode=chat", f"--ckpt_path={chat / 'base.pt'}", f"--questions_file={q}",
                    f"--answers_file={tmp_path / 'a.jsonl'}", "--max_new_tokens=4", "--temperature=0.0")
-    answers = tu.read_jsonl(str(tmp_path / "a.jsonl"))
+    answers = runlog.read_jsonl(str(tmp_path / "a.jsonl"))
     assert [a["question"] for a in answers] == ["你好", "《静夜思》的作者是谁？"]
     assert "q.jsonl:2" in p.stdout and "no question" in p.stdout
 
@@ -336,7 +336,7 @@ def test_killed_runs_resume_to_the_weights_of_a_straight_run(bins, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not any(r.get("iter", 0) >= 14 and "loss" in r for r in
-                                             (tu.read_jsonl(str(out2 / "log.jsonl")) if (out2 / "log.jsonl").exists()
+                                             (runlog.read_jsonl(str(out2 / "log.jsonl")) if (out2 / "log.jsonl").exists()
                                               else [])):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -346,7 +346,7 @@ def test_killed_runs_resume_to_the_weights_of_a_straight_run(bins, tmp_path):
     for killed in (out, out2):
         pretrain(bins, killed, *sched, "--init_from=resume")
         assert not any(".tmp." in f for f in os.listdir(killed))  # the dead writer's temp file is gone
-        rows = [r["iter"] for r in tu.read_jsonl(str(killed / "log.jsonl")) if "loss" in r]
+        rows = [r["iter"] for r in runlog.read_jsonl(str(killed / "log.jsonl")) if "loss" in r]
         assert rows == list(range(60))  # every iteration once
         for k, v in weights(killed).items():
             assert torch.allclose(v, straight[k], atol=1e-6, rtol=0), (killed.name, k)

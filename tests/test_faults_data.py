@@ -6,15 +6,15 @@ import json
 import os
 import re
 
-import pytest
-
-import data_process
-from chat_data.conversations import load_conversations
-from chat_data.preferences import load_preferences
-from clean_data.clean import clean
-from clean_data.readers import EmptyInputError, ReadErrors, iter_records
 from conftest import run_script
+import pytest
 from sft_fixtures import tiny_tokenizer
+
+from babyllama.conversations import load_conversations
+from babyllama.preferences import load_preferences
+from babyllama.readers import EmptyInputError, ReadErrors, iter_records
+from clean_data.clean import clean
+import data_process
 
 GOOD_SFT = {"instruction": "请写一首诗。", "output": "床前明月光。"}
 GOOD_PAIR = {"prompt": "《静夜思》的作者是谁？", "chosen": "李白。", "rejected": "王之涣。"}

@@ -14,8 +14,11 @@ import re
 import pytest
 import torch
 
-from lora import apply_lora, lora_parameters, merge_lora
-from model import ModelArgs, Transformer, hf_config_dict, sample_next
+from babyllama.generate import sample_next
+from babyllama.hf import hf_config_dict
+from babyllama.lora import apply_lora, lora_parameters, merge_lora
+from model import ModelArgs, Transformer
+from babyllama.generate import generate, generate_stream
 
 V = 64
 LENGTHS = [3, 7, 5]
@@ -74,12 +77,12 @@ def greedy(model, prompts):
 def gen(model, prompts, seed=None, n=N_NEW, **kw):
     """generate n tokens for the right-padded batch, with a generator seeded `seed` (None: the global RNG)."""
     g = None if seed is None else torch.Generator().manual_seed(seed)
-    return model.generate(right_pad(prompts), n, prompt_lens=LENGTHS, generator=g, **kw)
+    return generate(model, right_pad(prompts), n, prompt_lens=LENGTHS, generator=g, **kw)
 
 
 def stream(model, prompt, seed=None, n=N_NEW, **kw):
     g = None if seed is None else torch.Generator().manual_seed(seed)
-    return list(model.generate_stream(torch.tensor(prompt), n, generator=g, **kw))
+    return list(generate_stream(model, torch.tensor(prompt), n, generator=g, **kw))
 
 
 def assert_greedy(model, prompts, greedy, **kw):
@@ -107,7 +110,7 @@ def assert_rejected(model, prompts, name, value, **kw):
     with pytest.raises(ValueError, match=named):
         gen(model, prompts, n=n, **args)
     with pytest.raises(ValueError, match=named):
-        model.generate_stream(torch.tensor(prompts[0]), n, **args)
+        generate_stream(model, torch.tensor(prompts[0]), n, **args)
     if name != "max_new_tokens":
         with pytest.raises(ValueError, match=named):
             sample_next(torch.zeros(2, V), **args)
@@ -144,13 +147,13 @@ def test_repetition_penalty_one_is_off_and_zero_or_negative_raises(model, prompt
 
 def test_max_new_tokens_zero_gives_no_tokens_and_negative_raises(model, prompts):
     idx = right_pad(prompts)
-    assert model.generate(idx, 0, temperature=1.0, prompt_lens=LENGTHS) == [[], [], []]
-    assert model.generate(idx, 0, prompt_lens=LENGTHS, stop_ids=[1, 2]) == [[], [], []]
-    assert list(model.generate_stream(torch.tensor(prompts[0]), 0, temperature=1.0)) == []
+    assert generate(model, idx, 0, temperature=1.0, prompt_lens=LENGTHS) == [[], [], []]
+    assert generate(model, idx, 0, prompt_lens=LENGTHS, stop_ids=[1, 2]) == [[], [], []]
+    assert list(generate_stream(model, torch.tensor(prompts[0]), 0, temperature=1.0)) == []
     for bad in (-1, 1.5):
         assert_rejected(model, prompts, "max_new_tokens", bad)
     with pytest.raises(ValueError, match="max_new_tokens=32 must be < max_seq_len=32"):
-        model.generate(idx, 32, prompt_lens=LENGTHS)
+        generate(model, idx, 32, prompt_lens=LENGTHS)
 
 
 TIED = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, multiple_of=16, max_seq_len=16,

@@ -6,15 +6,15 @@ import json
 import math
 import os
 
+from conftest import TORCHRUN_2, run_script, write_motif_bins
 import numpy as np
 import pytest
+from sft_fixtures import write_chat_files
 import torch
 
-import checkpoint as ck
-import train_utils as tu
-from conftest import TORCHRUN_2, run_script, write_motif_bins
+from babyllama import checkpoint as ck, dist
 from model import ModelArgs, Transformer
-from sft_fixtures import write_chat_files
+from babyllama.optimize import configure_optimizers
 
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=32", "--batch_size=2",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1",
@@ -113,8 +113,8 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path
     import torch.distributed.checkpoint as dcp
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, max_seq_len=8))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    run, link = tu.Run(), str(tmp_path / "ckpt.dcp")
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    run, link = dist.Run(), str(tmp_path / "ckpt.dcp")
     ck.save_sharded(link, model, opt, {"iter_num": 2, "model_args": {}}, run)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -141,12 +141,12 @@ def test_muon_and_adamw_state_come_back_from_a_sharded_checkpoint(tmp_path):
     def model_and_muon():
         torch.manual_seed(0)
         model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, max_seq_len=8))
-        return model, model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", optimizer="muon")
+        return model, configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), "cpu", optimizer="muon")
     model, opt = model_and_muon()
     x = torch.randint(0, 32, (2, 8))
     model(x, x, return_logits=False)[1].backward()
     opt.step()
-    ck.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 1, "model_args": {}}, tu.Run())
+    ck.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 1, "model_args": {}}, dist.Run())
     fresh, fresh_opt = model_and_muon()
     ck.load_sharded(str(tmp_path / "ckpt.dcp"), fresh, fresh_opt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
@@ -160,8 +160,8 @@ def test_muon_and_adamw_state_come_back_from_a_sharded_checkpoint(tmp_path):
 
 def test_resuming_a_sharded_run_without_parallel_fsdp_names_the_setting(tmp_path):
     model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, max_seq_len=8))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    ck.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 2, "model_args": {}}, tu.Run())
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    ck.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 2, "model_args": {}}, dist.Run())
     with pytest.raises(SystemExit, match="--parallel=fsdp"):
         ck.resume("resume", "scratch", ck.checkpoint_path(str(tmp_path), "ddp"), "cpu", {}, [], set(), ())
 
@@ -212,7 +212,7 @@ def test_muon_update_is_the_orthogonalised_nesterov_momentum_scaled_to_adamw():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=16, max_seq_len=4))
     lr, wd, mu = 0.05, 0.1, 0.95
-    opt = model.configure_optimizers(wd, lr, (0.9, 0.95), "cpu", optimizer="muon")
+    opt = configure_optimizers(model, wd, lr, (0.9, 0.95), "cpu", optimizer="muon")
     adamw, muon = opt.optimizers
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
-
+from babyllama.generate import generate, generate_stream
+from babyllama.optimize import configure_optimizers
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest.py)
 
@@ -100,11 +101,11 @@ def test_kv_cache_greedy_equals_full_recompute_batched_different_lengths():
     idx = right_pad(prompts)
     refs = [reference_greedy(model, p, N_NEW) for p in prompts]
     with torch.no_grad():
-        cached = as_lists(model.generate(idx.clone(), N_NEW, temperature=0.0, use_cache=True,
+        cached = as_lists(generate(model, idx.clone(), N_NEW, temperature=0.0, use_cache=True,
                                          prompt_lens=LENGTHS, pad_id=0))
-        full = as_lists(model.generate(idx.clone(), N_NEW, temperature=0.0, use_cache=False,
+        full = as_lists(generate(model, idx.clone(), N_NEW, temperature=0.0, use_cache=False,
                                        prompt_lens=LENGTHS, pad_id=0))
-        alone = [as_lists(model.generate(torch.tensor([p]), N_NEW, temperature=0.0,
+        alone = [as_lists(generate(model, torch.tensor([p]), N_NEW, temperature=0.0,
                                          use_cache=True))[0] for p in prompts]
     assert full == refs, "use_cache=False batched generation differs from the reference loop"
     assert cached == refs, "use_cache=True batched generation differs from the reference loop"
@@ -143,7 +144,7 @@ def test_stop_token_ends_row_early(use_cache):
     assert len(expected[row]) == k + 1
     assert any(len(e) == N_NEW for e in expected)
     with torch.no_grad():
-        out = as_lists(model.generate(idx, N_NEW, temperature=0.0, stop_ids=[stop],
+        out = as_lists(generate(model, idx, N_NEW, temperature=0.0, stop_ids=[stop],
                                       use_cache=use_cache, prompt_lens=LENGTHS, pad_id=0))
     assert out == expected
     assert out[row][-1] == stop and len(out[row]) == k + 1
@@ -155,9 +156,9 @@ def test_stream_yields_same_tokens_as_generate():
     n = 12
     ref = reference_greedy(model, prompt, n)
     with torch.no_grad():
-        gen = as_lists(model.generate(torch.tensor([prompt]), n, temperature=0.0))[0]
-        s1 = [int(t) for t in model.generate_stream(torch.tensor(prompt), n, temperature=0.0)]
-        s2 = [int(t) for t in model.generate_stream(torch.tensor([prompt]), n, temperature=0.0)]
+        gen = as_lists(generate(model, torch.tensor([prompt]), n, temperature=0.0))[0]
+        s1 = [int(t) for t in generate_stream(model, torch.tensor(prompt), n, temperature=0.0)]
+        s2 = [int(t) for t in generate_stream(model, torch.tensor([prompt]), n, temperature=0.0)]
     assert gen == ref
     assert s1 == ref
     assert s2 == ref
@@ -165,7 +166,7 @@ def test_stream_yields_same_tokens_as_generate():
     stop = ref[4]
     exp = _truncate(ref, stop)
     with torch.no_grad():
-        s3 = [int(t) for t in model.generate_stream(torch.tensor(prompt), n, temperature=0.0,
+        s3 = [int(t) for t in generate_stream(model, torch.tensor(prompt), n, temperature=0.0,
                                                     stop_ids=[stop])]
     assert s3 == exp
 
@@ -177,7 +178,7 @@ def test_top_k_1_equals_greedy():
     refs = [reference_greedy(model, p, N_NEW) for p in prompts]
     torch.manual_seed(123)
     with torch.no_grad():
-        out = as_lists(model.generate(idx, N_NEW, temperature=1.0, top_k=1,
+        out = as_lists(generate(model, idx, N_NEW, temperature=1.0, top_k=1,
                                       prompt_lens=LENGTHS, pad_id=0))
     assert out == refs
 
@@ -189,7 +190,7 @@ def test_top_p_tiny_equals_greedy():
     refs = [reference_greedy(model, p, N_NEW) for p in prompts]
     torch.manual_seed(123)
     with torch.no_grad():
-        out = as_lists(model.generate(idx, N_NEW, temperature=1.0, top_p=1e-6,
+        out = as_lists(generate(model, idx, N_NEW, temperature=1.0, top_p=1e-6,
                                       prompt_lens=LENGTHS, pad_id=0))
     assert out == refs
 
@@ -219,7 +220,7 @@ def test_repetition_penalty_changes_distribution_as_defined(use_cache):
         alt = [reference_greedy(model, p, n, repetition_penalty=pen, _variant=wrong) for p in prompts]
         assert alt != refs, f"test setup: variant {wrong} indistinguishable from the CTRL rule"
     with torch.no_grad():
-        out = as_lists(model.generate(idx, n, temperature=0.0, repetition_penalty=penalty,
+        out = as_lists(generate(model, idx, n, temperature=0.0, repetition_penalty=penalty,
                                       use_cache=use_cache, prompt_lens=LENGTHS, pad_id=0))
     assert out == refs
 
@@ -232,7 +233,7 @@ def test_tiny_model_overfits_fixed_batch():
     model.train()
     data = torch.randint(0, V, (B, T + 1))
     x, y = data[:, :-1], data[:, 1:]
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
     losses = []
     for _ in range(150):
         _, loss = model(x, y)

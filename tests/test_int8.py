@@ -1,10 +1,12 @@
 """Weight-only int8 (model.Int8Linear): each output within its hand-derived bound, the model's logits close to
 full precision, generation and the bf16 kernel path working, a quarter of the linear layers' memory."""
-import pytest
 import torch
 import torch.nn as nn
 
-from model import Int8Linear, ModelArgs, Transformer, model_bytes, quantize_int8
+from babyllama.int8 import Int8Linear, quantize_int8
+from babyllama.memory import model_bytes
+from model import ModelArgs, Transformer
+from babyllama.generate import generate
 
 
 def test_int8_linear_error_is_within_half_a_step_per_weight():
@@ -45,7 +47,7 @@ def test_quantized_model_logits_stay_close_and_it_generates():
     # bound: 1% of their spread), and the most likely token rarely changes
     assert (q - full).abs().max() <= 0.01 * (full.max() - full.min())
     assert (q.argmax(-1) == full.argmax(-1)).float().mean() >= 0.95
-    out = model.generate(idx[:, :5], 6, temperature=0.0)
+    out = generate(model, idx[:, :5], 6, temperature=0.0)
     assert [len(o) for o in out] == [6, 6]
     # every linear weight of the blocks: 4 bytes -> 1, plus a 4-byte scale per row; the (tied) embedding stays
     # fp32 and the output layer gets an int8 copy of it

@@ -4,9 +4,10 @@ import copy
 import pytest
 import torch
 
-from lora import (LoRALinear, apply_lora, base_state_dict, load_lora_state_dict, lora_parameters,
-                  lora_state_dict, merge_lora)
+from babyllama.lora import (LoRALinear, apply_lora, base_state_dict, load_lora_state_dict, lora_parameters,
+                            lora_state_dict, merge_lora)
 from model import ModelArgs, Transformer
+from babyllama.generate import generate
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
 
@@ -62,4 +63,4 @@ def test_training_changes_only_adapter_tensors_and_merge_is_exact(base, tmp_path
         assert (merged(x)[0] - base(x)[0]).abs().max().item() > 1e-3  # the adapter did something
     # generation reads LoRALinear.weight (the effective weight), so it matches the merged model too
     prompt = tokens(4)[:1, :4]
-    assert model.generate(prompt, 6) == merged.generate(prompt, 6)
+    assert generate(model, prompt, 6) == generate(merged, prompt, 6)

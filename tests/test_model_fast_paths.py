@@ -33,7 +33,7 @@ def test_fused_output_and_loss_equal_logits_then_cross_entropy():
 
 def test_chunked_linear_cross_entropy_with_ragged_chunks():
     # a chunk smaller than the rows and not dividing them: several chunks and a ragged last one
-    from model import linear_cross_entropy
+    from babyllama.cross_entropy import linear_cross_entropy
     torch.manual_seed(0)
     h = torch.randn(96, 64, requires_grad=True)
     w = torch.randn(300, 64, requires_grad=True)
@@ -53,7 +53,7 @@ def test_custom_cross_entropy_equals_torch():
     logits = torch.randn(50, 300, requires_grad=True)
     t = torch.randint(0, 300, (50,))
     t[::7] = -1
-    from model import cross_entropy
+    from babyllama.cross_entropy import cross_entropy
     a = cross_entropy(logits, t)
     a.backward()
     ga = logits.grad.clone()

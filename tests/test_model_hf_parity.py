@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-
-from model import ModelArgs, Transformer, hf_config_dict, to_hf_state_dict
-
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from babyllama.hf import hf_config_dict, to_hf_state_dict
+from model import ModelArgs, Transformer
+from babyllama.optimize import configure_optimizers
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest.py)
 
@@ -204,7 +204,7 @@ def _groups_by_param(optimizer):
 def test_weight_decay_groups(tie):
     model = Transformer(make_args(tie_embeddings=tie))
     wd, lr, betas = 0.1, 6e-4, (0.9, 0.95)
-    opt = model.configure_optimizers(wd, lr, betas, "cpu")
+    opt = configure_optimizers(model, wd, lr, betas, "cpu")
     assert isinstance(opt, torch.optim.AdamW)
     for group in opt.param_groups:
         assert group["lr"] == pytest.approx(lr)

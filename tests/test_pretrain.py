@@ -2,10 +2,10 @@
 import json
 import os
 
+from conftest import TORCHRUN_2, run_script, write_motif_bins
 import pytest
 import torch
 
-from conftest import TORCHRUN_2, run_script, write_motif_bins
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=32", "--batch_size=2",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1",
         "--dtype=float32", "--device=cpu"]

@@ -4,17 +4,16 @@ its reference, and resumes to the weights of a straight run."""
 import json
 import math
 
+from conftest import run_script
 import pytest
+from sft_fixtures import tiny_tokenizer
 import torch
 
-from conftest import run_script
-from sft_fixtures import tiny_tokenizer
-from checkpoint import save_merged
-from chat_data.poetry_rewards import (clauses_of, exact_form, form_score, make_request, parse_request,
-                                      poetry_reward, repeat_score, title_score)
+from babyllama.checkpoint import save_merged
+from babyllama.poetry_rewards import (clauses_of, exact_form, form_score, make_request, parse_request, poetry_reward,
+                                      repeat_score, title_score)
+from babyllama.rl import gae, group_advantages, k3_kl, policy_loss, reply_logps, value_loss
 from model import ModelArgs, Transformer
-from rl import gae, group_advantages, k3_kl, policy_loss, reply_logps, value_loss
-
 
 # ---- rl.py against hand-computed values ---------------------------------------------------------------------
 
@@ -158,7 +157,7 @@ def test_grpo_teaches_a_tiny_model_the_rewarded_token_keeps_its_reference_and_re
 # ---- the reward model ---------------------------------------------------------------------------------------------
 
 def test_bradley_terry_loss_and_accuracy_on_a_hand_made_batch():
-    from rl import bt_loss
+    from babyllama.rl import bt_loss
     rc, rr = torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 3.0])
     # -log sigmoid(d) = log(1 + e^-d): d = 1, -1, 0
     assert bt_loss(rc, rr).tolist() == pytest.approx([math.log(1 + math.exp(-1)), math.log(1 + math.exp(1)),
@@ -169,7 +168,7 @@ def test_bradley_terry_loss_and_accuracy_on_a_hand_made_batch():
 
 
 def test_reward_is_read_at_the_last_real_token_whatever_the_padding():
-    from rl import RewardModel
+    from babyllama.rl import RewardModel
     torch.manual_seed(0)
     rm = RewardModel(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=32,
                                            multiple_of=16))).eval()
@@ -199,7 +198,7 @@ def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path, lor
                "--dtype=float32", "--num_threads=1", f"--lora_rank={lora_rank}")
     s = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert s["held_out"]["after"]["accuracy"] == 1.0 and s["held_out"]["after"]["margin"] > 1.0
-    from rl import load_reward_model, score_conversations
+    from babyllama.rl import load_reward_model, score_conversations
     rm, ckpt = load_reward_model(str(tmp_path / "rm" / "ckpt.pt"))
     from tokenizer import Tokenizer
     tok = Tokenizer(ckpt["tokenizer"])
@@ -210,8 +209,8 @@ def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path, lor
 
 
 def test_ppo_teaches_a_tiny_model_the_rewarded_token(tiny_run, tmp_path):
-    import checkpoint as ck
-    from rl import RewardModel
+    from babyllama import checkpoint as ck
+    from babyllama.rl import RewardModel
     d, args = tiny_run
     body, c = ck.load_model(str(d / "sft.pt"))
     torch.manual_seed(0)
@@ -228,7 +227,7 @@ def test_ppo_teaches_a_tiny_model_the_rewarded_token(tiny_run, tmp_path):
 
 
 def test_tone_rules_on_a_hand_made_table():
-    from chat_data.poetry_rewards import tone_score
+    from babyllama.poetry_rewards import tone_score
     ask = parse_request(make_request("题", 5, 4))
     table = {"一": "平", "二": "仄", "三": "平", "四": "仄"}
     # clause 1 "甲一乙二丙": 2nd 一 平, 4th 二 仄: differ (pass); clause 2 "丁二戊二己": 二, 二 same (fail);
@@ -243,7 +242,7 @@ def test_tone_rules_on_a_hand_made_table():
 
 
 def test_tone_table_keeps_characters_read_one_way(tmp_path):
-    from chat_data.poetry_rewards import build_tone_table
+    from babyllama.poetry_rewards import build_tone_table
     (tmp_path / "dist" / "strains" / "json").mkdir(parents=True)
     (tmp_path / "dist" / "quantangshi").mkdir(parents=True)
     poems, strains = [], []

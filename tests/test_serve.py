@@ -8,14 +8,15 @@ import sys
 import threading
 import time
 
+from conftest import ENV, ROOT
 import pytest
+from sft_fixtures import tiny_tokenizer
 import torch
 
-from conftest import ENV, ROOT
-from sft_fixtures import tiny_tokenizer
-from checkpoint import save_merged
+from babyllama.checkpoint import save_merged
 from model import ModelArgs, Transformer
 from tokenizer.chat_template import encode_prompt, stop_ids
+from babyllama.generate import generate
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -63,7 +64,7 @@ def server(tmp_path_factory):
 def our_greedy(server, ids, n):
     """What our generator answers to ids, greedy, as text up to the first stop token."""
     tok, model = server["tok"], server["model"]
-    out = model.generate(torch.tensor([ids]), n, temperature=0.0, stop_ids=stop_ids(tok))[0]
+    out = generate(model, torch.tensor([ids]), n, temperature=0.0, stop_ids=stop_ids(tok))[0]
     return tok.decode([t for t in out if t not in stop_ids(tok)])
 
 
@@ -209,6 +210,7 @@ def test_chat_page_in_a_real_browser_streams_two_turns(server, tmp_path):
             assert "pieces/s" in driver.find_element(By.ID, "status").text  # it streamed, and says how fast
         assert not driver.find_elements(By.CSS_SELECTOR, ".error")
         import os
+
         from conftest import ROOT
         os.makedirs(os.path.join(ROOT, "out"), exist_ok=True)
         driver.save_screenshot(os.path.join(ROOT, "out", "serve_page.png"))

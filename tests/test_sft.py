@@ -4,17 +4,17 @@ batches, and checkpoints are written when always_save_checkpoint says."""
 import json
 import os
 
+from conftest import run_script
 import numpy as np
 import pytest
+from sft_fixtures import tiny_tokenizer
 import torch
 
-import checkpoint as ck
-import finetune
-import train_utils as tu
-from conftest import run_script
+from babyllama import checkpoint as ck, finetune, runlog
 from model import ModelArgs, Transformer
-from sft_fixtures import tiny_tokenizer
 from tokenizer.chat_template import decode_reply, encode_conversation, encode_prompt, stop_ids
+from babyllama.generate import generate
+
 U = lambda c: {"role": "user", "content": c}
 A = lambda c: {"role": "assistant", "content": c}
 CONVS = [
@@ -54,7 +54,7 @@ def answers(model, tok, conv):
     out = []
     for k in range(0, len(conv["messages"]), 2):
         prompt = encode_prompt(tok, conv["messages"][:k + 1], conv["system"])
-        ids = model.generate(torch.tensor([prompt]), 40, temperature=0.0, stop_ids=stop_ids(tok))[0]
+        ids = generate(model, torch.tensor([prompt]), 40, temperature=0.0, stop_ids=stop_ids(tok))[0]
         assert ids[-1] == tok.end_id  # the reply ends with the end-of-turn token
         out.append(decode_reply(tok, ids))
     return out
@@ -92,7 +92,7 @@ def test_tiny_model_learns_conversations_verbatim(setup, tmp_path, mode):
 
 
 def losses(out):
-    return {r["iter"]: r["loss"] for r in tu.read_jsonl(out / "log.jsonl") if "loss" in r}
+    return {r["iter"]: r["loss"] for r in runlog.read_jsonl(out / "log.jsonl") if "loss" in r}
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_resume_matches_uninterrupted_run(setup, tmp_path, mode):
 
 def saves(out):
     """The iterations at which the run wrote its checkpoint (the log records each write)."""
-    return [r["iter"] for r in tu.read_jsonl(out / "log.jsonl") if "checkpoint" in r]
+    return [r["iter"] for r in runlog.read_jsonl(out / "log.jsonl") if "checkpoint" in r]
 
 
 @pytest.mark.parametrize("always", [True, False])

@@ -1,18 +1,19 @@
-"""chat_data/conversations.py and sft_data_process.py: every input format parses to the same conversation,
+"""babyllama/conversations.py and sft_data_process.py: every input format parses to the same conversation,
 malformed records are counted and named, filters count what they drop, mixing is deterministic, the unified
 file reads back, and the poetry demo set holds poems out."""
+from collections import Counter
 import json
 import random
 import re
-from collections import Counter
 
-import pytest
-
-import chat_data.conversations as cv
-from chat_data.conversations import load_conversations
-from clean_data.readers import ReadErrors
 from conftest import run_script
+import pytest
 from sft_fixtures import tiny_tokenizer
+
+from babyllama import conversations as cv
+from babyllama.conversations import load_conversations
+from babyllama.readers import ReadErrors
+
 Q1, A1, Q2, A2 = "请写一首诗。", "床前明月光。", "作者是谁？", "李白。"
 SYSTEM = "你是助手。"
 EXPECTED = {"system": SYSTEM, "messages": [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},
@@ -50,6 +51,7 @@ def write(path, records, kind):
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         # every row gets every column (null where a record lacks it), as real mixed parquet files do
         schema = pa.unify_schemas([pa.Table.from_pylist([r]).schema for r in records])
         pq.write_table(pa.Table.from_pylist(records, schema=schema), path)

@@ -1,1 +1,1 @@
-from tokenizer.tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer
+from tokenizer.tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer, load_tokenizer

@@ -139,3 +139,15 @@ class StreamDecoder:
     def flush(self):
         """End of stream: an unfinished character becomes U+FFFD. The decoder can then be reused."""
         return self._utf8.decode(b"", final=True)
+
+
+def load_tokenizer(path, vocab_size, sha256=""):
+    """The Tokenizer at path, checked against the model: its vocabulary size and, when the checkpoint recorded
+    it, the sha256 of the tokenizer it was trained with (SystemExit naming the file when either differs)."""
+    tok = Tokenizer(path)
+    if tok.vocab_size != vocab_size:
+        raise SystemExit(f"tokenizer {path} has {tok.vocab_size} tokens, the model {vocab_size}")
+    if sha256 and tok.sha256() != sha256:
+        raise SystemExit(f"{path} is not the tokenizer the model was trained with (sha256 {tok.sha256()[:12]}..., "
+                         f"the checkpoint's {sha256[:12]}...)")
+    return tok

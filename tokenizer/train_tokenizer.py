@@ -1,12 +1,11 @@
 """
-Train the project's sentencepiece BPE tokenizer on text files.
+Train the project's sentencepiece BPE tokenizer on text files (the CLI is tokenizer/__main__.py):
 
-    python -m tokenizer.train_tokenizer --input=data/clean/zh.jsonl,data/clean/en/ --vocab_size=8000
-    python tokenizer/train_tokenizer.py config/tok.py --model_prefix=out/tokenizer/tok16k
+    python -m tokenizer --input=data/clean/zh.jsonl,data/clean/en/ --vocab_size=8000
+    python -m tokenizer config/tok.py --model_prefix=out/tokenizer/tok16k
 
 input: comma-separated files, globs (** works) or directories (searched recursively), read through
-clean_data/readers.py (.txt/.jsonl/.json/.parquet, the chinese-poetry layout); without that module,
-.txt only, one document per line.
+babyllama/readers.py (.txt/.jsonl/.json/.parquet, the chinese-poetry layout).
 Text streams into sentencepiece line by line (no giant temp file) and stops after max_chars;
 sentencepiece keeps a random sample of input_sentence_size lines, so memory stays bounded.
 Writes <model_prefix>.model and .vocab atomically.
@@ -14,13 +13,12 @@ Writes <model_prefix>.model and .vocab atomically.
 import glob
 import itertools
 import os
-import sys
-
-if __package__ in (None, ""):  # run as a file: put the repo root first, tokenizer/ itself would shadow the package
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import random
+import time
 
 import sentencepiece as spm
 
+from babyllama import readers
 from tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -40,17 +38,6 @@ verbose = False  # True: sentencepiece's whole training log (~360 lines) and a s
 # token files are uint16, and the fixed head of the vocab: <unk> <s> </s> <pad>, chat/reserved, 256 bytes
 MAX_VOCAB = 65535
 N_FIXED = 4 + len(SPECIAL_TOKENS) + 256
-
-
-def shared_readers():
-    """The clean_data.readers module if it exists (another part of the project), else None."""
-    try:
-        import clean_data.readers as readers
-    except ModuleNotFoundError as e:
-        if e.name not in ("clean_data", "clean_data.readers"):
-            raise  # the module exists but is broken: say so rather than silently read less
-        return None
-    return readers
 
 
 def input_items(spec):
@@ -79,23 +66,13 @@ def expand_paths(items, exts=(".txt",)):
 
 
 def iter_documents(items, text_field="", stats=None):
-    """Yield document strings. Through clean_data.readers when it exists (all its formats, dirs, globs,
-    the chinese-poetry layout); otherwise only .txt, one document per line."""
-    readers = shared_readers()
-    if readers is not None:
-        errors = readers.ReadErrors()
-        if stats is not None:
-            stats["read_errors"] = errors
-        for doc in readers.iter_documents(input_items(items), text_field=text_field or None, errors=errors):
-            yield doc["text"]
-        return
-    files = expand_paths(items)
-    bad = [f for f in files if not f.endswith(".txt")]
-    if bad:
-        raise ValueError(f"cannot read {bad[0]!r}: without clean_data/readers.py only .txt input is supported")
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield from f  # a line is a document
+    """Yield document strings, through babyllama.readers (all its formats, dirs, globs, the chinese-poetry
+    layout); its record errors go to stats["read_errors"]."""
+    errors = readers.ReadErrors()
+    if stats is not None:
+        stats["read_errors"] = errors
+    for doc in readers.iter_documents(input_items(items), text_field=text_field or None, errors=errors):
+        yield doc["text"]
 
 
 def iter_sentences(docs, max_sentence_length=max_sentence_length, max_chars=max_chars, stats=None):
@@ -121,7 +98,6 @@ def sample_sentences(sentences, size, seed):
     stream order, drawn with Python's seeded RNG: the same sample on every run and machine. sentencepiece's
     own sampling (input_sentence_size with shuffle_input_sentence) gave a different vocabulary on each run of
     the demo corpus (73 of 8,000 pieces) despite set_random_generator_seed."""
-    import random
     rng = random.Random(seed)
     sample, order = [], []
     for n, s in enumerate(sentences):
@@ -145,7 +121,6 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
     iterable (a generator, iter(list_of_texts)) is taken as the documents themselves. Prints one summary
     line; verbose: sentencepiece's own log and a sample tokenization too.
     """
-    import time
     t0 = time.time()
     # check everything cheap before reading any data
     if vocab_size > MAX_VOCAB:
@@ -208,9 +183,8 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
     return path
 
 
-if __name__ == "__main__":
-    from configurator import apply_overrides
-    apply_overrides(globals())
+def main():
+    """python -m tokenizer: train with the globals above, as the command line set them."""
     train_tokenizer(input, model_prefix, vocab_size, max_sentence_length=max_sentence_length,
                     input_sentence_size=input_sentence_size, max_chars=max_chars,
                     character_coverage=character_coverage, num_threads=num_threads,

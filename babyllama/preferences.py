@@ -9,7 +9,7 @@ The internal form of one pair:
      "chosen": str, "rejected": str,                                   # the two candidate assistant replies
      "kind": str}                                                      # optional label, e.g. "poem/shuffled"
 
-Accepted records (JSON list, JSONL or parquet, read with clean_data.readers.iter_records; extra keys are
+Accepted records (JSON list, JSONL or parquet, read with babyllama.readers.iter_records; extra keys are
 ignored):
   {"prompt": str | [messages], "chosen": str | [messages] | {turn}, "rejected": ...}
   {"conversations": [{"from", "value"} | {"role", "content"}, ...], "chosen": ..., "rejected": ...}
@@ -18,12 +18,12 @@ A reply given as messages is its last assistant turn; as a single turn, {from, v
 Records that do not fit are skipped ("malformed: <reason>"), as are pairs whose two replies are the same text
 ("identical pair"); load_preferences counts them and names each one file:line in a ReadErrors.
 """
-import os
 from collections import Counter
+import os
 
-from chat_data.conversations import nothing_usable
-from clean_data.atomic import write_jsonl
-from clean_data.readers import ReadErrors, iter_records
+from babyllama.atomic import write_jsonl
+from babyllama.conversations import nothing_usable
+from babyllama.readers import ReadErrors, iter_records
 
 ROLE_MAP = {"user": "user", "human": "user", "question": "user",
             "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant",

@@ -11,7 +11,9 @@ import glob
 import json
 import os
 
-from clean_data.atomic import atomic_open
+from babyllama.atomic import atomic_open
+from babyllama.mc import category_table
+from babyllama import text_metrics
 
 STAGES = (("pretrain", "pretrained"), ("sft", "after SFT"), ("dpo", "after DPO"))
 PLOTS = (("pretrain/loss.png", "pretraining loss"), ("sft/loss.png", "SFT loss"), ("dpo/loss.png", "DPO loss"),
@@ -92,7 +94,7 @@ def scores_table(d):
     if n:
         lines.append("")
         lines.append(f"{n} held-out poems (their titles never seen in SFT) and as many author questions, greedy "
-                     f"decoding. Well-formed: 4 or 8 clauses, all of 5 or all of 7 characters, every line ending with 。？！ (chat_data.poetry.well_formed_poem). "
+                     f"decoding. Well-formed: 4 or 8 clauses, all of 5 or all of 7 characters, every line ending with 。？！ (babyllama.poetry.well_formed_poem). "
                      f"BLEU-4 and ROUGE-L (%, characters) of the poem against the real one: a poem is not expected to match, "
                      f"they measure its closeness in wording.")
     return lines
@@ -101,7 +103,6 @@ def scores_table(d):
 def mc_section(results):
     """Markdown for one multiple-choice set scored on several models: results = [(model label, eval_mc JSON)].
     Few subjects (a benchmark of our own): accuracy per subject; C-Eval/CMMLU: Average and the categories."""
-    from evals.mc import category_table
     first = results[0][1]
     scorings = list(first["scores"])
     subjects = sorted(first["scores"][scorings[0]]["subjects"])
@@ -135,7 +136,6 @@ def mc_section(results):
 def eval_sections(d):
     """The evaluation tables eval.py wrote beside the run's checkpoints (eval_*.json) and its contamination
     checks, as markdown lines."""
-    from evals.text_metrics import scores_table
     found = {}  # kind/tag -> [(model label, result)]
     for stage, label in STAGES:
         for path in sorted(glob.glob(f"{d}/{stage}/eval_*.json")):
@@ -153,7 +153,7 @@ def eval_sections(d):
     gen = found.get("gen", [])
     if gen:
         out += ["### Generation against references (BLEU, ROUGE-L)", "",
-                scores_table([(label, r["scores"]) for label, r in gen]), ""]
+                text_metrics.scores_table([(label, r["scores"]) for label, r in gen]), ""]
     for path in sorted(glob.glob(f"{d}/**/contamination.json", recursive=True)):
         r = read_json(path)
         out += [f"### Contamination of {r['eval_set']}", "", r["markdown"], ""]

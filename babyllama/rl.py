@@ -18,12 +18,22 @@ reply's tokens (its closing stop token included) and 0 on padding.
   RewardModel       a Transformer whose last real token's final hidden state goes through one linear layer to a
                     scalar (Ouyang et al. 2022); bt_loss, its pairwise Bradley-Terry loss (optional margin)
 """
+import json
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import right_pad
-
+from babyllama import checkpoint as ck, dist
+from babyllama.checkpoint import load
+from babyllama.finetune import frozen_copy
+from babyllama.generate import right_pad
+from babyllama.lora import apply_lora, merge_lora
+from babyllama.poetry_rewards import exact_form, poetry_reward, requests_from
+from model import ModelArgs, Transformer
+from tokenizer import load_tokenizer
+from tokenizer.chat_template import decode_reply, encode_conversation, encode_prompt
+from babyllama.generate import generate
 
 # ---- rollouts and log-probabilities -------------------------------------------------------------------------
 
@@ -33,7 +43,7 @@ def rollout(model, prompts, group_size, max_new_tokens, stop_ids, device, temper
     """group_size replies to each prompt (lists of ids), generated as one batch: returns the replies, in prompt
     order (prompt 0's group first), each a list of ids ending with its stop token when it stopped."""
     idx, lens = right_pad([p for p in prompts for _ in range(group_size)], device)
-    return model.generate(idx, max_new_tokens, temperature=temperature, top_p=top_p,
+    return generate(model, idx, max_new_tokens, temperature=temperature, top_p=top_p,
                           stop_ids=stop_ids, prompt_lens=lens, generator=generator)
 
 
@@ -155,13 +165,12 @@ class RewardModel(nn.Module):
     def args(self):
         return self.body.args
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
-        """The body's AdamW grouping (Transformer.configure_optimizers), the head included. optimizer must be
-        'adamw' (Muon would find no block matrix under the body's names: ValueError rather than a silent AdamW)."""
-        from model import Transformer
-        if optimizer != "adamw":
-            raise ValueError(f"the reward model trains with AdamW, not {optimizer!r}")
-        return Transformer.configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
+    def optimizer_groups(self, weight_decay, muon=False):
+        """The body's AdamW grouping (Transformer.optimizer_groups), the head included. AdamW only (Muon would
+        find no block matrix under the body's names: ValueError rather than a silent AdamW)."""
+        if muon:
+            raise ValueError("the reward model trains with AdamW, not 'muon'")
+        return Transformer.optimizer_groups(self, weight_decay)
 
     def hidden(self, seqs, device):
         """The body's final normalised hidden states (B, L, D) of right-padded seqs (B lists of ids)."""
@@ -192,15 +201,12 @@ def bt_loss(r_chosen, r_rejected, margin=0.0):
 
 def load_reward_model(path, device="cpu"):
     """A RewardModel saved by reward_model.py (its "model": body.* and head.* weights; "model_args": the body's)."""
-    from checkpoint import load
-    from model import ModelArgs, Transformer
     ckpt = load(path, "cpu")
     if not any(k.startswith("head.") for k in ckpt.get("model", {})):
         raise ValueError(f"{path} is not a reward model checkpoint (no head.* weights): train one with reward_model.py")
     rm = RewardModel(Transformer(ModelArgs(**ckpt["model_args"])))
     lora = any("lora_" in k for k in ckpt["model"])
     if lora:  # a LoRA reward model: the adapters as trained, then folded into the weights
-        from lora import apply_lora, merge_lora
         cfg = ckpt["config"]
         apply_lora(rm.body, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["lora_targets"])
     rm.load_state_dict(ckpt["model"])
@@ -214,7 +220,6 @@ def score_conversations(rm, tok, conversations, device, batch_size=16):
     """Rewards (list of floats) of conversations {"messages": [...ending with an assistant turn], "system"},
     batched; the sequences are the chat template's ids (tokenizer/chat_template.encode_conversation), cut to the
     model's context from the left."""
-    from tokenizer.chat_template import encode_conversation
     seqs = [encode_conversation(tok, c["messages"], c.get("system"))[0][-rm.args.max_seq_len:] for c in conversations]
     out = []
     for i in range(0, len(seqs), batch_size):
@@ -225,14 +230,12 @@ def score_conversations(rm, tok, conversations, device, batch_size=16):
 # ---- what an RL run asks and how it scores ----------------------------------------------------------------------
 
 class Requests:
-    """The prompts of an RL run: poem requests (chat_data.poetry_rewards.requests_from) from a file, their
+    """The prompts of an RL run: poem requests (babyllama.poetry_rewards.requests_from) from a file, their
     chat-template ids (cut from the left so max_new_tokens fit the context), and each iteration's prompts and
     sampling RNG, functions of (seed, iteration, rank) only, so a resumed run samples what a straight one would.
     Raises SystemExit naming the file when it holds no request, or when no room is left for a prompt."""
 
     def __init__(self, tok, path, max_seq_len, max_new_tokens, seed, rank, limit=0):
-        from chat_data.poetry_rewards import requests_from
-        from tokenizer.chat_template import encode_prompt
         self.items = requests_from(path, limit)
         if not self.items:
             raise SystemExit(f"{path}: no poem requests (want SFT conversations or the demo's held-out questions)")
@@ -267,12 +270,10 @@ def reward_function(kind, weights=(1.0, 0.5, 0.0, 0.0), tone_table="", rm=None, 
     """fn(requests, replies) -> list of float rewards. kind: 'poetry' (poetry_reward with weights = (form,
     repeats, title, tones); tone_table: the JSON of build_tone_table, read when the tone weight is > 0),
     'model' (rm's scalar of the conversation), 'char:X' (the share of the reply's characters that are X)."""
-    from chat_data.poetry_rewards import poetry_reward
     check_reward(kind)
     if kind == "poetry":
         tones = None
         if weights[3]:
-            import json
             with open(tone_table, encoding="utf-8") as f:
                 tones = json.load(f)
         return lambda qs, rs: [poetry_reward(q, r, *weights, tones) for q, r in zip(qs, rs)]
@@ -288,8 +289,6 @@ def reward_function(kind, weights=(1.0, 0.5, 0.0, 0.0), tone_table="", rm=None, 
 def evaluate_requests(net, tok, requests, items, rewards, max_new_tokens, stop, device):
     """Greedy replies of net to the requests items (a Requests encodes them): mean reward, share of the exact
     requested form, mean reply length in tokens; and the replies."""
-    from chat_data.poetry_rewards import exact_form
-    from tokenizer.chat_template import decode_reply
     was_training = net.training
     net.eval()
     out = rollout(net, [requests.ids(r) for r in items], 1, max_new_tokens, stop, device, temperature=0.0)
@@ -304,12 +303,9 @@ def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learni
     """An RL script's start: the policy (init_ckpt's weights, or the resumed run's), its AdamW and DDP wrapper,
     the frozen reference (the starting weights, never trained) and the tokenizer, checked against the model.
     Returns (policy, model_args, optimizer, module, reference, tokenizer)."""
-    import checkpoint as ck
-    import train_utils as tu
-    from finetune import frozen_copy
     model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt, run.device, seed)
     optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, betas)
-    module = tu.wrap_ddp(model, run)
+    module = dist.wrap_ddp(model, run)
     ref = frozen_copy(model_args, start_state, run.device)
-    tok = tu.load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
+    tok = load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
     return model, model_args, optimizer, module, ref, tok

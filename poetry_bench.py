@@ -12,16 +12,20 @@ the val_fraction and seed recorded in the token data's meta.json), so no questio
 document; the answer letters are drawn uniformly, so chance is 25%. `dev` holds the shots for k-shot prompts,
 from other held-out poems than `val`.
 
-    python -m evals.poetry_bench --corpus=out/demo/clean/clean.parquet --token_meta=out/demo/data/meta.json \\
+    python poetry_bench.py --corpus=out/demo/clean/clean.parquet --token_meta=out/demo/data/meta.json \\
         --out_dir=out/demo/poetry_bench
 """
+import csv
 import json
 import os
 import random
 
-from chat_data.poetry import poem_lines
-from clean_data.atomic import atomic_open, write_json
-from configurator import run_main
+import pyarrow.parquet as pq
+
+from babyllama.atomic import atomic_open, write_json
+from babyllama.configurator import run_main
+from babyllama.poetry import poem_lines
+from data_process import is_val
 
 # -----------------------------------------------------------------------------------------------------------
 corpus = "out/demo/clean/clean.parquet"  # clean_data's parquet that data_process.py read (text, title, author)
@@ -34,14 +38,13 @@ seed = 0
 # -----------------------------------------------------------------------------------------------------------
 
 SUBJECTS = {"next_line": {"name": "古诗下一句", "categories": ["poetry"]},
-            "author": {"name": "古诗作者", "categories": ["poetry"]}}  # evals/mc.py's subject map, per benchmark
+            "author": {"name": "古诗作者", "categories": ["poetry"]}}  # babyllama/mc.py's subject map, per benchmark
 ASK_NEXT = "《{title}》\n{lines}"
 ASK_AUTHOR = "《{title}》\n{lines}\n这首诗的作者是谁？"
 
 
 def parquet_documents(path):
     """The documents of a cleaned parquet (clean_data's output) with their title and author columns."""
-    import pyarrow.parquet as pq
     f = pq.ParquetFile(path)
     missing = {"text", "title", "author"} - set(f.schema_arrow.names)
     if missing:
@@ -54,7 +57,6 @@ def parquet_documents(path):
 def held_out_poems(docs, val_fraction, split_seed, max_chars):
     """The documents data_process.py puts in val (data_process.is_val on their text) that have a title, an
     author and 2 or more lines of at most max_chars characters: [{"title", "author", "lines"}]."""
-    from data_process import is_val  # the one split rule (data_process imports no torch)
     out = []
     for d in docs:
         if not is_val(d["text"], val_fraction, split_seed) or not d.get("title") or not d.get("author"):
@@ -127,7 +129,6 @@ def build(poems, n_val, n_dev, rng):
 
 def write_csv(path, questions):
     """The C-Eval layout: id,question,A,B,C,D,answer (csv quoting for the newlines inside questions)."""
-    import csv
     with atomic_open(path) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["id", "question", "A", "B", "C", "D", "answer"])

@@ -5,15 +5,16 @@ token loss of long sequences with a sliding window (perplexity, bits per charact
 
 Right padding needs no mask: a causal model's logits at a row's real positions never see the pad after them.
 """
+from contextlib import nullcontext
 import math
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from model import right_pad
-from evals.mc import LETTERS, encode_pieces, fit_prompt, letter_ids, shots_for
+from babyllama.generate import right_pad
+from babyllama.mc import LETTERS, encode_pieces, fit_prompt, letter_ids, shots_for
 
 MIN_PREFIX = 32  # a shared prefix shorter than this is recomputed with every prompt: the copy costs as much
 
@@ -104,7 +105,6 @@ def progress(desc, total, unit):
     """A tqdm bar (refreshing every 30 s when stderr is a log file, not a terminal), or None without desc."""
     if not desc:
         return None
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
@@ -195,7 +195,7 @@ def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
     "letter": one row, the prompt; targets: the first token of A, B, C, D after the cue.
     "option": the cloze prompt (no options listed) shared by four rows, each option's text; targets: the
               option's tokens.
-    Prompts that do not fit drop shots, then keep their last tokens (evals.mc.fit_prompt); for "option"
+    Prompts that do not fit drop shots, then keep their last tokens (babyllama.mc.fit_prompt); for "option"
     the room of the longest option is kept free. Returns (units, stats) with stats[scoring] = counts of
     prompts with fewer shots than asked and of truncated prompts."""
     letters = letter_ids(tok)
@@ -248,7 +248,7 @@ def mc_choice(unit):
 
 def score_mc(model, tok, exam, names, chat, k_shot, scorings, batch_size, device, autocast_ctx=nullcontext(),
              use_prefix_cache=True, desc=None):
-    """Score every question of exam (evals.mc.load_exam) by each scoring ("letter", "option"); batch_size counts
+    """Score every question of exam (babyllama.mc.load_exam) by each scoring ("letter", "option"); batch_size counts
     prompts (rows: a question is one by letter, four by option); desc: the progress bar's label (None = no bar).
     Returns (correct, predictions, stats): correct[scoring][subject] = [bool per question]; predictions: one
     dict per (question, scoring) with the chosen letter and the scores."""

@@ -1,7 +1,7 @@
 """
 LoRA (Hu et al. 2021) for the Transformer of model.py, written out: W x + (alpha / r) * B A dropout(x).
 
-    from lora import apply_lora, lora_state_dict, merge_lora
+    from babyllama.lora import apply_lora, lora_state_dict, merge_lora
     apply_lora(model, rank=8, alpha=16, dropout=0.05)      # freezes everything else
     ... train ...
     torch.save(lora_state_dict(model), "adapter.pt")        # adapter tensors only
@@ -11,9 +11,9 @@ A is initialised like nn.Linear (Kaiming uniform) and B with zeros, so a fresh a
 outputs unchanged. LoRALinear.weight is the effective (merged) weight, so code that reads .weight
 directly, such as Transformer's stacked generation weights, sees the adapted layer.
 """
+from contextlib import contextmanager
 import dataclasses
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn

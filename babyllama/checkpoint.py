@@ -33,11 +33,17 @@ import sys
 import warnings
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-from clean_data.atomic import atomic_path
-from lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from babyllama.atomic import atomic_path
+from babyllama.lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from babyllama.rng import gather_rng_states, set_rng_state
 from model import ModelArgs, Transformer
-import train_utils as tu
+from babyllama.optimize import configure_optimizers
 
 # what a resumed run takes from its checkpoint and may not change: the model's shape (pretraining) and, for
 # fine-tuning, the starting weights, the context length and the adapters' shape
@@ -116,7 +122,6 @@ def sharded_state(model, optimizer):
     """The DCP state of a run: the trainable parameters (all of them, or a LoRA run's adapters; DTensor
     shards under FSDP) and the optimizer state keyed by parameter name (get_optimizer_state_dict), so
     another number of processes can re-cut both."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     weights = {k: v for k, v in get_model_state_dict(model).items() if k in names}
     return {"model": weights, "optim": get_optimizer_state_dict(model, _optimizers(optimizer))}
@@ -128,8 +133,6 @@ def save_sharded(link, model, optimizer, extra, run, best_link=None):
     symlink swap and removes the folders no link points to. Until the swap the previous checkpoint stays what
     the links name: a kill at any moment leaves a loadable one. Assumes a folder every process can write
     (one machine, or a shared file system across nodes)."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     root = os.path.join(os.path.dirname(os.path.abspath(link)), "dcp")
     name = f"iter_{extra['iter_num']:08d}"
     folder = os.path.join(root, name)
@@ -172,9 +175,6 @@ def load_sharded(folder, model, optimizer):
     """Load a DCP checkpoint's weights and optimizer state into a sharded (or plain) model and its optimizer,
     whatever number of processes wrote it (a collective). Raises ValueError naming the folder when its
     optimizer state is not this optimizer's."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
     state = sharded_state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=folder)
@@ -190,7 +190,6 @@ def consolidate(folder, device="cpu"):
     process without a process group: extra.pt's fields, and the gathered weights as "model" (or, for a LoRA
     run, as "lora" beside lora_config and base_ckpt). The optimizer state is left out: resuming reads the
     folder itself."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
     ckpt = load_resume(folder)
     del ckpt["dcp"]
     with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want
@@ -315,15 +314,15 @@ def resume_config(ckpt, config, changed, keys):
 
 
 def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, betas, optimizer="adamw"):
-    """The optimizer of the model's trainable parameters (model.configure_optimizers: 'adamw' or 'muon'), and
-    the RNG. Under FSDP the model must be sharded already (train_utils.parallelize). Resuming (ckpt a checkpoint
+    """The optimizer of the model's trainable parameters (babyllama.optimize.configure_optimizers: 'adamw' or 'muon'), and
+    the RNG. Under FSDP the model must be sharded already (babyllama.dist.parallelize). Resuming (ckpt a checkpoint
     dict, or load_resume's fields of a DCP folder, whose weights and optimizer state load here): the optimizer,
     the loss scaler (run.scaler) and this process's RNG state come back. Starting (ckpt None): each process is
     seeded differently (dropout masks must differ across processes). A checkpoint from another number of
     processes cannot give each its own state, so the RNG is then reseeded deterministically. Returns the
     optimizer. SystemExit when the checkpoint's optimizer state is another optimizer's."""
     name = optimizer
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type, name)
+    optimizer = configure_optimizers(model, weight_decay, learning_rate, betas, run.device_type, name)
     if ckpt is None:
         torch.manual_seed(seed + run.rank)
         return optimizer
@@ -340,7 +339,7 @@ def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, beta
         run.scaler.load_state_dict(ckpt["scaler"])
     states = ckpt["rng"]
     if len(states) == run.world_size:
-        tu.set_rng_state(states[run.rank])
+        set_rng_state(states[run.rank])
     else:
         torch.manual_seed(seed + run.rank + iter_num)
         if run.master:
@@ -462,7 +461,7 @@ class Checkpointer:
         when best; nothing at the iteration the run started from."""
         if iter_num <= self.start_iter:
             return
-        rngs = tu.gather_rng_states(self.run)  # a collective: every process takes part
+        rngs = gather_rng_states(self.run)  # a collective: every process takes part
         fields = dict(iter_num=iter_num, best_val_loss=self.best_val_loss, **self.fields)
         if self.sharded:  # every process writes its shards; the weights and optimizer state go there
             extra = training_state(self.model, None, self.run.scaler, rngs, **fields)
@@ -481,7 +480,6 @@ def gathered_model(model, run):
     the shards into a new CPU model (LoRA layers rebuilt); otherwise the model itself."""
     if run.parallel != "fsdp":
         return model if run.master else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not run.master:
         return None

@@ -3,14 +3,19 @@ Speed of multiple-choice scoring: questions per second one prompt at a time agai
 the shared-prefix KV cache, on the same questions in one run (so the ratios hold on a noisy machine). The
 predictions of every variant are compared with the one-at-a-time ones.
 
-    python -m evals.bench                                   # the demo model on C-Eval val (../shared/data)
-    python -m evals.bench --ckpt_path= --max_seq_len=1024   # a random model with a long context (5-shot fits)
+    python bench_eval.py                                   # the demo model on C-Eval val (../shared/data)
+    python bench_eval.py --ckpt_path= --max_seq_len=1024   # a random model with a long context (5-shot fits)
 """
 import time
 
 import torch
 
-from configurator import run_main
+from babyllama import checkpoint as ck, precision
+from babyllama.configurator import run_main
+from babyllama.mc import guess_benchmark, load_exam, load_subjects
+from babyllama.scoring import score_mc
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/demo/pretrain/ckpt.pt"  # "" = a random model of the shape below, with tokenizer_model
@@ -40,13 +45,7 @@ def subset(exam, n):
 
 
 def main():
-    import checkpoint as ck
-    import train_utils as tu
-    from evals.mc import guess_benchmark, load_exam, load_subjects
-    from evals.scoring import score_mc
-    from model import ModelArgs, Transformer
-    from tokenizer import Tokenizer
-    tu.configure_cpu()
+    precision.configure_cpu()
     torch.set_num_threads(num_threads)
     if ckpt_path:
         model, ckpt = ck.load_model(ckpt_path, "cpu")
@@ -57,7 +56,7 @@ def main():
         model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=tok.vocab_size,
                                       max_seq_len=max_seq_len))
     model.eval()
-    autocast_ctx, _ = tu.amp_setup("cpu", tu.resolve_dtype(dtype, "cpu"))
+    autocast_ctx, _ = precision.amp_setup("cpu", precision.resolve_dtype(dtype, "cpu"))
     exam = subset(load_exam(mc_data, split, "dev", k_shot), n_questions)
     names = load_subjects(guess_benchmark(mc_data), mc_data)
     n = sum(len(p["questions"]) for p in exam.values())

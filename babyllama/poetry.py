@@ -11,11 +11,11 @@ eval.py scores the model's poems by. Torch-free.
 Both sets ask with the same prompts (ASK_POEM, ASK_AUTHOR, ASK_CONTINUE), so a model tuned on one is asked
 the questions it knows by the other.
 """
+from collections import Counter
 import random
 import re
-from collections import Counter
 
-from clean_data.readers import ReadErrors, iter_documents
+from babyllama.readers import ReadErrors, iter_documents
 
 CLAUSE_MARKS = "，。？！；、,.?!;"  # what ends a clause
 LINE_END = "。？！"  # what ends a line of a well-formed poem
@@ -53,7 +53,7 @@ def poem_clauses(text):
 
 
 def poem_lines(doc):
-    """The body lines of a chinese-poetry document from clean_data.readers (its title and author lines,
+    """The body lines of a chinese-poetry document from babyllama.readers (its title and author lines,
     which the readers put first, removed; empty lines dropped)."""
     lines = doc["text"].split("\n")
     if doc.get("title") and lines and lines[0] == doc["title"]:
@@ -79,7 +79,7 @@ def build_poetry_demo(path, max_poems, eval_poems, seed, errors):
     """Conversations from the corpus' metadata, train and held-out, plus evaluation questions:
       请写一首题为《X》的诗。 -> the poem;  《X》的作者是谁？ -> 《X》的作者是Y。 (titles with one author only);
       续写：first line -> the other lines;  two-turn: write the poem, then 这首诗的作者是谁？
-    path: anything clean_data.readers.iter_documents reads; errors: the ReadErrors its skips go to. Of the
+    path: anything babyllama.readers.iter_documents reads; errors: the ReadErrors its skips go to. Of the
     well-formed poems with a title of at most 12 characters and an author, one per title, max_poems are
     picked with seed and the first eval_poems of them held out: they appear in no training conversation.
     Returns (train conversations, held-out conversations, questions, stats)."""
@@ -159,7 +159,7 @@ def corrupt(clauses, kind, rng, skip=0):
 
 
 def build_poetry_pairs(paths, n_poems=2000, n_val=100, seed=0, max_docs=0, errors=None):
-    """(train pairs, held-out pairs, stats) from chinese-poetry files (any path clean_data.readers reads).
+    """(train pairs, held-out pairs, stats) from chinese-poetry files (any path babyllama.readers reads).
     Per poem: the poem asked by title (chosen the real one, rejected a corrupted one), its author (rejected
     a wrong author), and the continuation of its first line (rejected a corrupted continuation). The first
     well-formed poem of each title is used; n_poems of them picked with seed, the first n_val held out: the

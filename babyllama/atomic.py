@@ -14,9 +14,10 @@ Several files that belong together (clean.parquet, removed.jsonl, report.json) a
 contextlib.ExitStack: an error anywhere in the block removes every temporary file and replaces no target.
 Torch-free.
 """
+from contextlib import contextmanager, suppress
+import glob
 import json
 import os
-from contextlib import contextmanager, suppress
 
 
 def temp_path(path):
@@ -28,7 +29,6 @@ def temp_path(path):
 def remove_stale_temps(path):
     """Remove the temporary files (path.tmp.<pid>) that writers killed mid-write left behind: those whose process
     is gone. A live writer's temporary file (another process writing now) is left alone."""
-    import glob
     for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
         pid = tmp.rsplit(".", 1)[1]
         if pid.isdigit() and not pid_alive(int(pid)):

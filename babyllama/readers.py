@@ -1,7 +1,7 @@
 """
 Streaming corpus readers: files, directories or globs in, one dict per document out.
 
-    from clean_data.readers import iter_documents, ReadErrors
+    from babyllama.readers import iter_documents, ReadErrors
     errors = ReadErrors()
     for doc in iter_documents(["data/chinese-poetry", "data/extra/*.jsonl"], errors=errors):
         doc["text"], doc["source"]          # plus a little metadata: "line", "title", "author", "id" ...
@@ -52,6 +52,9 @@ import re
 import shutil
 import subprocess
 import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 TEXT_FIELDS = ("text", "content", "completion", "output", "body", "response", "answer", "article",
                "document", "passage", "story", "contents", "raw_content", "markdown", "txt")
@@ -353,8 +356,6 @@ def parquet_file(path):
     """pyarrow's ParquetFile of path; a file pyarrow cannot open (corrupt, not parquet at all) raises ValueError
     naming it (pyarrow's own message does not). pre_buffer=False: by default iter_batches reads ahead every
     column chunk of the file, memory O(file) instead of O(batch)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     try:
         return pq.ParquetFile(path, pre_buffer=False)
     except pa.ArrowException as e:

@@ -11,7 +11,12 @@ wrong setting.
 Torch-free on purpose: data scripts use it too.
 """
 import ast
+import inspect
+import json
+import os
+import re
 import sys
+import time
 
 
 def _parse_value(key, text, old):
@@ -67,8 +72,6 @@ def apply_overrides(g, argv=None, verbose=True):
 def usage(g):
     """--help: the script's docstring, then each hyperparameter with its default and the comment beside it in
     the script's source (the globals block at its top)."""
-    import inspect
-    import re
     try:
         source = inspect.getsource(sys.modules[g["__name__"]]) if g.get("__name__") in sys.modules else ""
     except (OSError, TypeError):
@@ -93,7 +96,6 @@ def configure(g):
     """A script's configuration step, on its globals g: the names of its hyperparameters (config_of, taken
     before anything can add to them), then the command line's config files and --key=value overrides applied
     when the script runs as __main__ (not when a test imports it). Returns (config_keys, changed keys)."""
-    import os
     config_keys = list(config_of(g))
     try:  # under torchrun only rank 0 echoes the config files and overrides
         verbose = int(os.environ.get("RANK", "0")) == 0
@@ -108,9 +110,6 @@ def exit_error(message):
     the same configuration error, so rank 0 prints it (and puts it in torchrun's error file, where torchrun's
     failure report shows it as the root cause) while the other ranks wait a moment and leave silently, so
     that rank 0 fails first instead of being stopped by torchrun before it could print."""
-    import json
-    import os
-    import time
     if int(os.environ.get("RANK", "0")) != 0:
         time.sleep(5)
         raise SystemExit(1)

@@ -17,13 +17,20 @@ the reply is scored by rules, no reward model. Torch-free.
                           per poem line, keyed by poem id), for characters read one way >= 90% of the time
   poetry_reward           the weighted sum (weights: the form, no repeats, the title, the tones)
 
-A poem of the right form is also well_formed_poem (chat_data/poetry.py), the rule the demo's chat scores use.
+A poem of the right form is also well_formed_poem (babyllama/poetry.py), the rule the demo's chat scores use.
 
-    python -m chat_data.poetry_rewards --poetry=data/chinese-poetry --tone_table=out/demo/tones.json
+    python -m babyllama.poetry_rewards --poetry=data/chinese-poetry --tone_table=out/demo/tones.json
 """
+from collections import Counter
+import glob
+import json
+import os
 import re
 
-from chat_data.poetry import CLAUSE_MARKS, LINE_END
+from babyllama.atomic import write_json
+from babyllama.configurator import run_main
+from babyllama.poetry import CLAUSE_MARKS, LINE_END, poem_clauses
+from babyllama.readers import ReadErrors, iter_records
 
 CHARS = {"五言": 5, "七言": 7}
 CLAUSES = {"绝句": 4, "律诗": 8}
@@ -116,10 +123,6 @@ def build_tone_table(poetry_root, min_share=0.9):
     """{char: "平" | "仄"} from the chinese-poetry package at poetry_root: every poem of dist/quantangshi with a
     tone pattern in dist/strains/json (same id), line by line where the line and its pattern have one length;
     a character enters with the tone it has in at least min_share of its occurrences."""
-    import glob
-    import json
-    import os
-    from collections import Counter
     patterns = {}
     for path in glob.glob(os.path.join(poetry_root, "dist", "strains", "json", "*.json")):
         with open(path, encoding="utf-8") as f:
@@ -166,8 +169,6 @@ def requests_from(path, limit=0):
     answered by a poem) or the demo's held-out questions ({"kind": "poem", "question", "reference"}). The form
     asked for is the real poem's (5 or 7 characters a clause, 4 or 8 clauses); poems of another form are left out.
     One request per title, in file order; at most limit (0 = all). Lines that are not JSON objects are skipped."""
-    from chat_data.poetry import poem_clauses
-    from clean_data.readers import ReadErrors, iter_records
     title_of = re.compile(r"请写一首题为《([^》]+)》的诗。")
     out, seen = [], set()
     for _, rec in iter_records(path, ReadErrors()):
@@ -193,8 +194,6 @@ def requests_from(path, limit=0):
 
 
 if __name__ == "__main__":
-    from configurator import run_main
-    from clean_data.atomic import write_json
     poetry = "data/chinese-poetry"
     tone_table = "out/demo/tones.json"
 

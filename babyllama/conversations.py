@@ -12,16 +12,20 @@ Input formats, detected per record (parse_record):
   BELLE    {"instruction", "output"}                       (Alpaca without input)
   ShareGPT {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...], optional "system"}
   OpenAI   {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (the unified form is one)
-Files are read with clean_data.readers.iter_records (.json, .jsonl, .parquet; .gz too), so every record that
+Files are read with babyllama.readers.iter_records (.json, .jsonl, .parquet; .gz too), so every record that
 is skipped, here or by the reader, is counted by reason and named file:line in a ReadErrors.
 """
+from collections import Counter
 import hashlib
 import json
 import os
-from collections import Counter
 
-from clean_data.atomic import atomic_path, write_jsonl
-from clean_data.readers import ReadErrors, iter_records
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from babyllama.atomic import atomic_path, write_jsonl
+from babyllama.readers import ReadErrors, iter_records
+from tokenizer.chat_template import encode_conversation
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
@@ -182,7 +186,6 @@ def nothing_usable(path, what, errors, skipped):
 
 def conversation_length(tok, conv):
     """Tokens of the conversation after the chat template (tok: a tokenizer.Tokenizer)."""
-    from tokenizer.chat_template import encode_conversation
     return len(encode_conversation(tok, conv["messages"], conv["system"])[0])
 
 
@@ -261,7 +264,5 @@ def write_conversations(path, convs, fmt):
     if fmt != "parquet":
         write_jsonl(path, rows)
         return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)

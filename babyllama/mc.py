@@ -22,6 +22,8 @@ import csv
 import json
 import os
 
+from tokenizer.chat_template import encode_conversation
+
 LETTERS = "ABCD"
 CUE = "答案："
 SUBJECTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "subjects.json")
@@ -132,8 +134,8 @@ def load_exam(folder, split, shots_split="dev", k_shot=0, subjects=""):
 
 def load_subjects(benchmark, folder=""):
     """{subject: {"name": Chinese name, "categories": [...], "hard": bool}}: a benchmark's own map
-    (<folder>/subjects.json, as evals/poetry_bench.py writes), else for "ceval" or "cmmlu" the maps this project
-    keeps in evals/subjects.json; {} for any other benchmark (subjects go by their file names)."""
+    (<folder>/subjects.json, as poetry_bench.py writes), else for "ceval" or "cmmlu" the maps this project
+    keeps in babyllama/subjects.json; {} for any other benchmark (subjects go by their file names)."""
     own = os.path.join(folder, "subjects.json") if folder else ""
     if own and os.path.exists(own):
         with open(own, encoding="utf-8") as f:
@@ -186,7 +188,6 @@ def encode_pieces(tok, subject_name, shots, q, chat, cloze=False):
     by letter); cloze=True shows the question alone and a shot's answer is the right option's text (the cloze
     formulation, scored by option text; OLMES, Gu et al. 2024, uses both)."""
     if chat:
-        from tokenizer.chat_template import encode_conversation
         head = encode_conversation(tok, [], system=instruction(subject_name))[0]
         shot_ids = [encode_conversation(tok, [{"role": "user", "content": question_block(s, cloze)},
                                               {"role": "assistant", "content": CUE + answer_text(s, cloze)}])[0]

@@ -8,16 +8,17 @@ Shapes: B sequences (or pairs) per micro-batch, T positions, V the vocabulary. E
 ids and y (B, T) targets, y = the next token, -1 (IGNORE) where nothing is scored: prompts, role markers,
 padding. Log-probs are natural-log (nats), summed over a reply's scored tokens.
 """
-import math
 from contextlib import nullcontext
+import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import adapters_off
-from model import ModelArgs, Transformer, cross_entropy
+from babyllama.cross_entropy import cross_entropy
+from babyllama.lora import adapters_off
+from model import ModelArgs, Transformer
 from tokenizer.chat_template import IGNORE, encode_conversation, encode_prompt
 
 REFERENCE_FREE = ("simpo", "orpo")

@@ -1,9 +1,9 @@
 """
 Benchmark clean_data/ on the chinese-poetry corpus. Two modes:
 
-    python -m clean_data.bench                       # 100k poems: MinHash stage docs/s, accuracy, rival ratio
-    python -m clean_data.bench --scale=1000000       # a 1M-document corpus with known duplicates, whole pipeline
-    python -m clean_data.bench --scale=1000000 --redis_workers=1,2,4   # + Redis shards against one process
+    python bench_clean.py                       # 100k poems: MinHash stage docs/s, accuracy, rival ratio
+    python bench_clean.py --scale=1000000       # a 1M-document corpus with known duplicates, whole pipeline
+    python bench_clean.py --scale=1000000 --redis_workers=1,2,4   # + Redis shards against one process
 
 Run from the repository root (it reads data/chinese-poetry, from `make download`).
 
@@ -41,11 +41,14 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from babyllama.configurator import apply_overrides
+from babyllama.readers import iter_documents
 from clean_data import dedup, shards
 from clean_data.clean import verdicts
 from clean_data.normalize import normalize
-from clean_data.readers import iter_documents
 
 # -----------------------------------------------------------------------------
 input = "data/chinese-poetry"
@@ -198,8 +201,6 @@ def document(k, base, order):
 
 def build_corpus(n, d, parts=8):
     """Write the corpus (parts parquet files, columns text, id) and clusters.npy; reuses a finished one."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     if os.path.exists(os.path.join(d, "clusters.npy")):
         return np.load(os.path.join(d, "clusters.npy")), len(glob.glob(os.path.join(d, "part*.parquet")))
     texts = poems()
@@ -237,7 +238,6 @@ def run_clean(inputs, out_dir, extra=()):
 def kept_ids(out_dir):
     """The kept documents as (source, line): the corpus' own identity (the parquet reader's fast path reads only
     the text column, so the id column is empty)."""
-    import pyarrow.parquet as pq
     t = pq.read_table(os.path.join(out_dir, "clean.parquet"), columns=["source", "line"])
     return set(zip(t.column("source").to_pylist(), t.column("line").to_pylist()))
 
@@ -283,7 +283,6 @@ def bench_scale():
     picked = set(rng.choice(clusters.max() + 1, sample_clusters, replace=False).tolist())
     docs = np.nonzero(np.isin(clusters, list(picked)))[0]
     texts = {}
-    import pyarrow.parquet as pq
     for p, path in enumerate(inputs):
         lo = p * scale // parts
         col = pq.read_table(path, columns=["text"]).column("text")
@@ -360,6 +359,5 @@ def bench_redis(inputs, want, d):
 
 
 if __name__ == "__main__":
-    from configurator import apply_overrides
     apply_overrides(globals())
     bench_scale() if scale else bench_100k()

@@ -1,0 +1,118 @@
+"""Token files: open and check the uint16 .bin files data_process.py writes, sample batches, estimate a loss."""
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+
+def open_bins(spec, vocab_size=None, like=None, min_tokens=1):
+    """Memory-map one or many uint16 token files (spec: comma-separated paths or globs) after checking each, so
+    that wrong token data is refused by name instead of training silently:
+    - its meta.json (data_process.py writes it beside the .bin files) exists and says dtype uint16;
+    - the byte length is even, not zero, and matches the token count meta.json gives for the file (an int32
+      file has twice the bytes);
+    - every file (and `like`, another file's meta dict, e.g. train's for val) comes from one tokenizer: the same
+      tokenizer_sha256 and vocab_size;
+    - the largest id is below vocab_size (default: meta.json's), one pass over each file;
+    - it holds at least min_tokens tokens (max_seq_len + 1 for training windows).
+    Returns (list of 1-D np.memmap uint16, their paths, the first file's meta dict). Raises FileNotFoundError
+    for a part that matches no file or a missing meta.json, ValueError naming the file for everything else."""
+    paths = []
+    for part in [p for p in spec.split(",") if p]:
+        matches = sorted(glob.glob(part))
+        if not matches:
+            raise FileNotFoundError(f"token file {part!r} not found (run data_process.py first)")
+        paths += matches
+    if not paths:
+        raise FileNotFoundError(f"no token file given ({spec!r})")
+    bins, metas = [], []
+    for p in paths:
+        metas.append(read_meta(p))
+        check_bin(p, metas[-1], like or metas[0])
+        bins.append(np.memmap(p, dtype=np.uint16, mode="r"))
+    first = like or metas[0]
+    vocab_size = vocab_size or first.get("vocab_size")
+    for p, b in zip(paths, bins):
+        if len(b) < min_tokens:
+            raise ValueError(f"{p}: {len(b):,} tokens, fewer than the {min_tokens:,} of one window (max_seq_len + 1)")
+        top = max_token(b)
+        if vocab_size and top >= vocab_size:
+            raise ValueError(f"{p}: token id {top} >= vocab_size {vocab_size}: not tokens of this model's "
+                             f"tokenizer (or not uint16 token ids at all)")
+    return bins, paths, metas[0]
+
+
+def check_bin(path, meta, like=None):
+    """The checks of open_bins that need no pass over the data (ValueError naming path)."""
+    if meta.get("dtype", "uint16") != "uint16":
+        raise ValueError(f"{path}: meta.json says dtype {meta['dtype']!r}; token files are uint16")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise ValueError(f"{path}: {size} bytes, an odd number: not a file of uint16 tokens")
+    if size == 0:
+        raise ValueError(f"{path}: no tokens (data_process.py writes an empty val.bin when the corpus is too small "
+                         f"for val_fraction: raise it, or train without validation: --val_data='')")
+    name = os.path.basename(path)  # tokens_per_file by file name; older meta.json: train_tokens, val_tokens
+    expected = meta.get("tokens_per_file", {}).get(name, meta.get(f"{os.path.splitext(name)[0]}_tokens"))
+    if expected is not None and expected * 2 != size:
+        raise ValueError(f"{path}: {size} bytes but meta.json counts {expected:,} uint16 tokens ({expected * 2:,} "
+                         f"bytes): another dtype, or a file from another run of data_process.py")
+    for key in ("tokenizer_sha256", "vocab_size"):
+        if like is not None and like.get(key) and meta.get(key) and like[key] != meta[key]:
+            raise ValueError(f"{path}: {key} {meta[key]} differs from the other token files' {like[key]}: "
+                             f"files tokenized with different tokenizers cannot be mixed")
+
+
+def max_token(tokens, chunk=1 << 26):
+    """The largest id in a 1-D token array, read in chunks (a memmap is not loaded whole)."""
+    return max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
+
+
+def read_meta(bin_path):
+    """The meta.json that data_process.py writes beside a .bin file. Raises FileNotFoundError naming it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(bin_path)), "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: every token file needs the meta.json data_process.py writes "
+                                f"beside it (its tokenizer, vocab_size and token counts)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, stream=0):
+    """A batch of random windows from the token files: x (batch_size, max_seq_len) int64 token ids and
+    y = x shifted by one (the next token at every position), on device.
+
+    The windows depend only on (seed, stream, step, micro_step), not on what was drawn before: a resumed
+    run and a run split over processes (rank r takes micro-steps r*A..r*A+A-1) see exactly the batches an
+    uninterrupted single-process run sees. Files are picked in proportion to their length. stream 0 is
+    training, 1 validation. Raises ValueError when a file is shorter than max_seq_len + 1 tokens."""
+    rng = np.random.default_rng([seed, stream, step, micro_step])  # stream 0 = training, 1 = validation
+    sizes = np.array([len(b) - max_seq_len - 1 for b in bins])
+    if (sizes <= 0).any():
+        raise ValueError(f"a token file is shorter than max_seq_len + 1 = {max_seq_len + 1} tokens")
+    which = rng.choice(len(bins), size=batch_size, p=sizes / sizes.sum())
+    starts = rng.integers(0, sizes[which])
+    rows = np.stack([bins[w][s:s + max_seq_len + 1] for w, s in zip(which, starts)]).astype(np.int64)
+    xy = torch.from_numpy(rows)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous(), y.contiguous()
+
+
+@torch.no_grad()
+def estimate_loss(model, bins, batch_size, max_seq_len, eval_iters, device, autocast_ctx, seed=0):
+    """Mean next-token loss (nats per token) over eval_iters fixed batches of the token files: the same
+    batches at every evaluation, so the points of a run compare."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for k in range(eval_iters):
+        x, y = get_batch(bins, batch_size, max_seq_len, seed, 0, k, device, stream=1)
+        with autocast_ctx:
+            _, loss = model(x, y, return_logits=False)
+        losses.append(loss.item())
+    model.train(was_training)
+    return float(np.mean(losses))
