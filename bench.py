@@ -23,10 +23,10 @@ import torch
 
 from babyllama import dist, optimize, precision, runlog
 from babyllama.configurator import apply_overrides
-from babyllama.memory import peak_memory_rise, reset_peak_memory, training_memory
-from model import ModelArgs, Transformer
 from babyllama.generate import compile_decode, generate
+from babyllama.memory import peak_memory_rise, reset_peak_memory, training_memory
 from babyllama.optimize import configure_optimizers
+from model import ModelArgs, Transformer
 
 # -----------------------------------------------------------------------------------------------------------
 dim = 288

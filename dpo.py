@@ -46,16 +46,16 @@ import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, optimize, runlog
+from babyllama import checkpoint as ck, dist, finetune, optimize, runlog, sharded
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
-from babyllama.finetune import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, frozen_copy,
-                                pair_batch_loss, pair_logps, tokenize_pair)
+from babyllama.generate import generate
 from babyllama.lora import adapters_off
+from babyllama.pairs import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, frozen_copy,
+                             pair_batch_loss, pair_logps, tokenize_pair)
 from babyllama.preferences import load_preferences
 from tokenizer import load_tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
-from babyllama.generate import generate
 
 # -----------------------------------------------------------------------------------------------------------
 # I/O
@@ -123,8 +123,9 @@ device, device_type, master, accum = run.device, run.device_type, run.master, ru
 ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's, and with them the
 # reference (a LoRA policy is its own reference, adapters off)
-resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed,
-                        ck.FINETUNE_KEYS, overwrite)
+resume_ckpt, fixed = ck.resume(init_from, "sft", ckpt_path, device, {k: globals()[k] for k in config_keys},
+                               changed, ck.FINETUNE_KEYS, overwrite)
+globals().update(fixed)
 ref_mode = "none" if loss_type in REFERENCE_FREE else reference
 if ref_mode == "model" and lora_rank:
     ref_mode = "adapters_off"
@@ -132,11 +133,11 @@ iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model: the policy --------------------------------------------------------------------------------------
-model, model_args, start_state, init = ck.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len,
-                                                         dropout, lora_rank, lora_alpha, lora_dropout, lora_targets)
-raw_model, max_seq_len = model, model_args["max_seq_len"]
-n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-module = dist.parallelize(model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
+raw_model, model_args, start_state, init = finetune.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len,
+                                                             dropout, lora_rank, lora_alpha, lora_dropout, lora_targets)
+max_seq_len = model_args["max_seq_len"]
+n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+model = dist.parallelize(raw_model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
 optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2),
                               optimizer)
 if master:
@@ -251,8 +252,8 @@ while True:
     n_chosen = dist.all_reduce_sum(sum(len(train_items[i][1]) for idx in micro_idx for i in idx), run)
     sums, loss_sum, n_tok = {}, 0.0, 0
     for micro, idx in enumerate(micro_idx):
-        with dist.gradient_sync(module, micro == accum - 1):  # reduce gradients on the last micro-step only
-            loss, m, nt = pair_batch_loss(module, ref, train_items, idx, "train", pad_id, device, run.autocast,
+        with dist.gradient_sync(model, micro == accum - 1):  # reduce gradients on the last micro-step only
+            loss, m, nt = pair_batch_loss(model, ref, train_items, idx, "train", pad_id, device, run.autocast,
                                           loss_type, n_pairs, n_chosen, **loss_args)
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
         for k, v in m.items():
@@ -276,7 +277,7 @@ progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary, plots, generations before/after --------------------------------------------------------------
-final = ck.gathered_model(raw_model, run)  # the trained model whole, on the master (FSDP: gathers the shards)
+final = sharded.gathered_model(raw_model, run)  # the trained model whole, on the master (FSDP: gathers the shards)
 if master:
     # what the reference costs in memory: a frozen copy of the weights, or the cached numbers
     reference_mb = (sum(p.numel() * p.element_size() for p in ref_net.parameters()) if ref_mode == "model" else
@@ -329,8 +330,8 @@ if master:
             print(f"--- {samples[-1]['prompt']}\n  before: {samples[-1]['before']!r}\n  after:  {samples[-1]['after']!r}")
         write_json(os.path.join(out_dir, "samples.json"), samples)
     if lora_rank and save_merged:
-        ck.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
+        finetune.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
-del module, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
+del model, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
 dist.cleanup_ddp(run)

@@ -36,16 +36,15 @@ import os
 import sys
 import time
 
-from babyllama import report, text_metrics
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from babyllama import checkpoint as ck, precision, token_files
+from babyllama import checkpoint as ck, precision, report, text_metrics, token_files
 from babyllama.atomic import write_json, write_jsonl
 from babyllama.configurator import apply_overrides
 from babyllama.contamination import find_contamination, flagged
-from babyllama.generate import right_pad
+from babyllama.generate import compile_decode, generate, generate_stream, right_pad
 from babyllama.int8 import quantize_int8
 from babyllama.mc import MCError, category_table, guess_benchmark, load_exam, load_subjects, subject_table, summarize
 from babyllama.memory import model_bytes
@@ -54,7 +53,6 @@ from babyllama.readers import ReadErrors, iter_documents, iter_records, read_txt
 from babyllama.scoring import bits_per_character, score_mc, sequence_loss
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
-from babyllama.generate import compile_decode, generate, generate_stream
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"

@@ -48,7 +48,7 @@ import time
 import numpy as np
 import torch
 
-from babyllama import checkpoint as ck
+from babyllama import checkpoint as ck, finetune
 from babyllama.atomic import atomic_path
 from babyllama.configurator import run_main
 from babyllama.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
@@ -306,7 +306,7 @@ def main():
     if import_from:
         model, tok = import_hf(import_from, out_dir)
         path = os.path.join(out_dir, "ckpt.pt")
-        ck.save_merged(path, model, iter_num=0, config={"import_from": os.path.abspath(import_from)},
+        finetune.save_merged(path, model, iter_num=0, config={"import_from": os.path.abspath(import_from)},
                        tokenizer=tok.model_path, tokenizer_sha256=tok.sha256())
         print(f"{import_from} -> {path} ({model.num_params() / 1e6:.2f}M parameters) and {tok.model_path} in "
               f"{time.time() - t0:.1f} s")

@@ -76,12 +76,13 @@ run = dist.setup_run(device, dtype, num_threads, gradient_accumulation_steps, ou
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the architecture (dim, ..., max_seq_len, which the batches use too) becomes the checkpoint's
-ckpt = ck.resume(init_from, "scratch", ckpt_path, device, globals(), config_keys, changed, ck.ARCHITECTURE_KEYS,
-                 overwrite)
-iter_num = ckpt["iter_num"] if ckpt else 0
+resume_ckpt, fixed = ck.resume(init_from, "scratch", ckpt_path, device, {k: globals()[k] for k in config_keys},
+                               changed, ck.ARCHITECTURE_KEYS, overwrite)
+globals().update(fixed)
+iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 # continued pretraining: the architecture is the starting checkpoint's (asking for another one is an error)
 init_model = None
-if ckpt is None and init_ckpt:
+if resume_ckpt is None and init_ckpt:
     init_model, init = ck.load_model(init_ckpt, "cpu")
     globals().update(ck.init_architecture(init_model.args, changed, init_ckpt))
 lr_decay_iters = lr_decay_iters or max_iters
@@ -118,23 +119,23 @@ if init_model is not None:
     del init_model
     if master:
         print(f"continued pretraining from the weights of {init_ckpt}")
-if ckpt is not None and "model" in ckpt:  # (a sharded checkpoint loads once the model is sharded)
-    model.load_state_dict(ckpt["model"])
-if ckpt is not None and master:
+if resume_ckpt is not None and "model" in resume_ckpt:  # (a sharded checkpoint loads once the model is sharded)
+    model.load_state_dict(resume_ckpt["model"])
+if resume_ckpt is not None and master:
     print(f"resumed from {ckpt_path} at iteration {iter_num}")
 model.to(device)
 raw_model = model
 if master:
     print(f"parameters: {raw_model.num_params() / 1e6:.2f}M")
 model = dist.parallelize(model, run, activation_checkpointing, cpu_offload, replicas)  # compile, DDP or FSDP
-optim = ck.training_optimizer(raw_model, ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2), optimizer)
+optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2), optimizer)
 
 # ---- training loop ----------------------------------------------------------------------------------------
-log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if ckpt else None, enabled=master)
-checkpointer = ck.Checkpointer(ckpt_path, ckpt, run, raw_model, optim, log, eval_interval,
+log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
+checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optim, log, eval_interval,
                                always_save_checkpoint, ceiling=math.log(vocab_size), model_args=model_args,
                                **ckpt_fields)
-del ckpt
+del resume_ckpt
 timer = runlog.StepTimer()
 progress = runlog.Progress("pretrain", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {tokens_per_iter:,} "
                        f"tokens = {(max_iters - iter_num) * tokens_per_iter:,} tokens, validation every "

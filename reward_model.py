@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, optimize, runlog
+from babyllama import checkpoint as ck, dist, finetune, optimize, runlog
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
-from babyllama.finetune import PairBatches, tokenize_pair
+from babyllama.pairs import PairBatches, tokenize_pair
 from babyllama.preferences import load_preferences
 from babyllama.rl import RewardModel, bt_loss
 from tokenizer import load_tokenizer
@@ -74,7 +74,7 @@ iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model: the SFT body and a scalar head ---------------------------------------------------------------------
-body, model_args, _, init = ck.finetune_model(init_ckpt, None, device, seed, max_seq_len, 0.0, lora_rank, lora_alpha,
+body, model_args, _, init = finetune.finetune_model(init_ckpt, None, device, seed, max_seq_len, 0.0, lora_rank, lora_alpha,
                                               lora_dropout, lora_targets)
 torch.manual_seed(seed)  # the same head on every process
 model = RewardModel(body).to(device)

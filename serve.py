@@ -37,11 +37,10 @@ import torch
 
 from babyllama import checkpoint as ck, precision
 from babyllama.configurator import run_main
-from babyllama.generate import right_pad
+from babyllama.generate import generate_batch_stream, right_pad
 from babyllama.int8 import quantize_int8
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import encode_prompt, stop_ids
-from babyllama.generate import generate_batch_stream
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"

@@ -20,12 +20,12 @@ import math
 import os
 import time
 
-from babyllama import checkpoint as ck, dist, optimize, runlog
+from babyllama import checkpoint as ck, dist, finetune, optimize, runlog, sharded
 from babyllama.atomic import write_json
+from babyllama.chat_batches import (ConversationBatches, PackedLM, scored_tokens, sft_loss, sft_validation_loss,
+                                    tokenize_conversations)
 from babyllama.configurator import configure
 from babyllama.conversations import load_conversations
-from babyllama.finetune import (ConversationBatches, PackedLM, scored_tokens, sft_loss, sft_validation_loss,
-                                tokenize_conversations)
 from tokenizer import load_tokenizer
 from tokenizer.chat_template import IGNORE
 
@@ -84,18 +84,19 @@ run = dist.setup_run(device, dtype, num_threads, gradient_accumulation_steps, ou
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
 ckpt_path = ck.checkpoint_path(out_dir, parallel)  # ckpt.pt, or the sharded ckpt.dcp
 # resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's
-resume_ckpt = ck.resume(init_from, "pretrain", ckpt_path, device, globals(), config_keys, changed,
-                        ck.FINETUNE_KEYS, overwrite)
+resume_ckpt, fixed = ck.resume(init_from, "pretrain", ckpt_path, device, {k: globals()[k] for k in config_keys},
+                               changed, ck.FINETUNE_KEYS, overwrite)
+globals().update(fixed)
 iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model ------------------------------------------------------------------------------------------------
-model, model_args, _, init = ck.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len, dropout,
-                                               lora_rank, lora_alpha, lora_dropout, lora_targets)
-raw_model, max_seq_len = model, model_args["max_seq_len"]
-n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-module = PackedLM(model) if pack else model  # packed rows need explicit positions and masks
-module = dist.parallelize(model, run, activation_checkpointing, cpu_offload, replicas, outer=module)
+raw_model, model_args, _, init = finetune.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len, dropout,
+                                                   lora_rank, lora_alpha, lora_dropout, lora_targets)
+max_seq_len = model_args["max_seq_len"]
+n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+model = PackedLM(raw_model) if pack else raw_model  # packed rows need explicit positions and masks
+model = dist.parallelize(raw_model, run, activation_checkpointing, cpu_offload, replicas, outer=model)
 optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2),
                               optimizer)
 if master:
@@ -158,9 +159,9 @@ while True:
     for micro, (batch, put) in enumerate(micro_batches):
         n_tok += batch.pop("n_tokens")
         batch = {k: put(v) for k, v in batch.items()}
-        with dist.gradient_sync(module, micro == accum - 1):  # reduce gradients on the last micro-step only
+        with dist.gradient_sync(model, micro == accum - 1):  # reduce gradients on the last micro-step only
             with run.autocast:
-                loss = sft_loss(module, batch) * scored[micro] / n_scored  # this micro-batch's share
+                loss = sft_loss(model, batch) * scored[micro] / n_scored  # this micro-batch's share
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
         loss_sum += loss.detach()
     loss_value = dist.all_reduce_sum(float(loss_sum), run)
@@ -178,7 +179,7 @@ progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary and the merged model -------------------------------------------------------------------------
-final = ck.gathered_model(raw_model, run) if lora_rank and save_merged else None  # (FSDP: gathers the shards)
+final = sharded.gathered_model(raw_model, run) if lora_rank and save_merged else None  # (FSDP: gathers the shards)
 if master:
     summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), trainable_params=n_trainable,
                    best_val_loss=checkpointer.best_val_loss, **runlog.throughput(timer, device_type))
@@ -187,9 +188,9 @@ if master:
     runlog.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="SFT loss (nats per scored token)")
     print(f"summary: {summary}")
     if lora_rank and save_merged:
-        ck.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
+        finetune.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
         print(f"merged model: {os.path.join(out_dir, 'merged.pt')}")
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
-del module, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
+del model, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)
 dist.cleanup_ddp(run)

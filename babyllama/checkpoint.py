@@ -21,29 +21,22 @@ Runs with parallel='fsdp' write sharded checkpoints instead (torch.distributed.c
 trainable weights and of the optimizer state, and extra.pt with every other field above. The link is swapped
 atomically once a save is complete, so a run killed during a save keeps its previous checkpoint. A DCP folder
 loads on any number of processes (the shards are re-cut), and `load` reads one as a single-file checkpoint
-dict (weights gathered, no optimizer), so eval.py, export.py and fine-tuning take a .dcp path like a .pt;
-`python checkpoint.py out/x/ckpt.dcp out/x/model.pt` writes that single file.
+dict (weights gathered, no optimizer), so eval.py, export.py and fine-tuning take a .dcp path like a .pt.
+The sharded format itself is in babyllama/sharded.py.
 """
 import contextlib
-import dataclasses
 import math
 import os
 import shutil
-import sys
-import warnings
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from babyllama.atomic import atomic_path
 from babyllama.lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from babyllama.rng import gather_rng_states, set_rng_state
-from model import ModelArgs, Transformer
 from babyllama.optimize import configure_optimizers
+from babyllama.rng import gather_rng_states, set_rng_state
+from babyllama.sharded import consolidate, load_extra, load_sharded, save_sharded
+from model import ModelArgs, Transformer
 
 # what a resumed run takes from its checkpoint and may not change: the model's shape (pretraining) and, for
 # fine-tuning, the starting weights, the context length and the adapters' shape
@@ -80,12 +73,7 @@ def load_resume(path, device="cpu"):
     """What resuming reads first: the whole checkpoint dict of a .pt file; of a DCP folder only extra.pt (the
     fields, iter_num, RNG states...) with "dcp": the folder, whose shards load_sharded reads once the model is
     sharded. FileNotFoundError naming the path."""
-    if not os.path.isdir(path):
-        return load(path, device)
-    extra = os.path.join(path, "extra.pt")
-    if not os.path.exists(extra):
-        raise FileNotFoundError(f"{extra} not found: {path} is not a complete sharded checkpoint")
-    return dict(torch.load(extra, map_location="cpu", weights_only=True), dcp=os.path.realpath(path))
+    return load_extra(path) if os.path.isdir(path) else load(path, device)
 
 
 def training_state(model, optimizer, scaler, rngs, **fields):
@@ -102,102 +90,6 @@ def training_state(model, optimizer, scaler, rngs, **fields):
     state["lora" if "lora_config" in state else "model"] = \
         lora_state_dict(model) if "lora_config" in state else model.state_dict()
     return state
-
-
-def save_merged(path, model, **fields):
-    """LoRA: fold the adapters into the weights (in place: the model is plain afterwards) and save a plain
-    checkpoint {"model", **fields} that eval.py, export and serving read like any pretraining checkpoint."""
-    merge_lora(model)
-    # the merged architecture is the model's own (an adapted output layer unties tied embeddings)
-    save(path, {"model": model.state_dict(), **fields, "model_args": dataclasses.asdict(model.args)})
-
-
-# ---- sharded checkpoints (FSDP): torch.distributed.checkpoint --------------------------------------------
-
-def _optimizers(optimizer):
-    return getattr(optimizer, "optimizers", [optimizer])  # model.Optimizers holds several
-
-
-def sharded_state(model, optimizer):
-    """The DCP state of a run: the trainable parameters (all of them, or a LoRA run's adapters; DTensor
-    shards under FSDP) and the optimizer state keyed by parameter name (get_optimizer_state_dict), so
-    another number of processes can re-cut both."""
-    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-    weights = {k: v for k, v in get_model_state_dict(model).items() if k in names}
-    return {"model": weights, "optim": get_optimizer_state_dict(model, _optimizers(optimizer))}
-
-
-def save_sharded(link, model, optimizer, extra, run, best_link=None):
-    """Write a DCP checkpoint (a collective: every process writes its shards) into out_dir/dcp/iter_N, the
-    master adds extra.pt (the other fields), then points `link` (and best_link, when given) at it by an atomic
-    symlink swap and removes the folders no link points to. Until the swap the previous checkpoint stays what
-    the links name: a kill at any moment leaves a loadable one. Assumes a folder every process can write
-    (one machine, or a shared file system across nodes)."""
-    root = os.path.join(os.path.dirname(os.path.abspath(link)), "dcp")
-    name = f"iter_{extra['iter_num']:08d}"
-    folder = os.path.join(root, name)
-    if run.master and os.path.exists(folder):
-        # half written by a killed run (a linked folder is never written again: a run saves only after the
-        # iteration it resumed from)
-        shutil.rmtree(folder)
-    if run.ddp:
-        dist.barrier()
-    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
-    if run.master:
-        with atomic_path(os.path.join(folder, "extra.pt")) as tmp:
-            torch.save(extra, tmp)
-        for l in (link, best_link):
-            if l:
-                _point(l, os.path.relpath(folder, os.path.dirname(os.path.abspath(l))))
-        for old in set(os.listdir(root)) - _linked(root):
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    if run.ddp:
-        dist.barrier()
-
-
-def _point(link, target):
-    """Make `link` a symbolic link to target, atomically (a new link renamed over the old one)."""
-    tmp = link + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def _linked(root):
-    """Names of the folders in root that ckpt.dcp or best.dcp beside it point to."""
-    out_dir = os.path.dirname(root)
-    return {os.path.basename(os.path.realpath(os.path.join(out_dir, l))) for l in ("ckpt.dcp", "best.dcp")
-            if os.path.islink(os.path.join(out_dir, l))}
-
-
-def load_sharded(folder, model, optimizer):
-    """Load a DCP checkpoint's weights and optimizer state into a sharded (or plain) model and its optimizer,
-    whatever number of processes wrote it (a collective). Raises ValueError naming the folder when its
-    optimizer state is not this optimizer's."""
-    state = sharded_state(model, optimizer)
-    try:
-        dcp.load(state, checkpoint_id=folder)
-    except Exception as e:  # DCP says which key it lacks; say which checkpoint and the likely cause
-        raise ValueError(f"{folder}: cannot load into this run's model and optimizer (another optimizer, or "
-                         f"another LoRA set-up?): {e}") from e
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, _optimizers(optimizer), state["optim"])
-
-
-def consolidate(folder, device="cpu"):
-    """A DCP checkpoint as the single-file checkpoint dict eval.py, export.py and fine-tuning read, in one
-    process without a process group: extra.pt's fields, and the gathered weights as "model" (or, for a LoRA
-    run, as "lora" beside lora_config and base_ckpt). The optimizer state is left out: resuming reads the
-    folder itself."""
-    ckpt = load_resume(folder)
-    del ckpt["dcp"]
-    with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want
-        warnings.simplefilter("ignore", UserWarning)
-        weights = _load_state_dict_from_keys({"model"}, checkpoint_id=os.path.realpath(folder))["model"]
-    weights = {k: v.to(device) for k, v in weights.items()}
-    ckpt["lora" if "lora_config" in ckpt else "model"] = weights
-    return ckpt
 
 
 # ---- models from checkpoints ------------------------------------------------------------------------------
@@ -230,44 +122,22 @@ def load_model(path, device="cpu", merge=True):
     return model.to(device), ckpt
 
 
-def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=0.0, lora_rank=0,
-                   lora_alpha=16.0, lora_dropout=0.0, lora_targets="wq,wk,wv,wo,w1,w2,w3"):
-    """The model a fine-tuning run (sft.py, dpo.py) trains: the weights of init_ckpt (a LoRA checkpoint comes
-    back merged) in its architecture with this run's context length (max_seq_len; 0 = the checkpoint's) and
-    dropout, LoRA adapters when lora_rank > 0 (seeded: the same initial adapters on every process), and a
-    resumed run's weights or adapters (resume_ckpt, a checkpoint dict, or None) on top.
-    Returns (model on device, model_args, the starting weights' state dict, the init checkpoint dict)."""
-    base, init = load_model(init_ckpt, device)
-    base_args = dataclasses.asdict(base.args)  # (a merged LoRA checkpoint may have untied its embeddings)
-    model_args = dict(base_args, max_seq_len=max_seq_len or base_args["max_seq_len"], dropout=dropout)
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**model_args))
-    start_state = base.state_dict()
-    model.load_state_dict(start_state)
-    del base
-    if resume_ckpt is not None and "model" in resume_ckpt:
-        model.load_state_dict(resume_ckpt["model"])
-    if lora_rank:
-        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        if resume_ckpt is not None and "lora" in resume_ckpt:  # (a DCP checkpoint loads in training_optimizer)
-            load_lora_state_dict(model, resume_ckpt["lora"])
-    return model.to(device), model_args, start_state, init
-
-
 # ---- resuming ---------------------------------------------------------------------------------------------
 
-def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys, overwrite=False):
-    """A script's resume step. init_from must be `start` (a new run: returns None) or 'resume': then the
-    checkpoint at ckpt_path is loaded and returned, and the script's globals g take the settings named in keys
-    from it (resume_config). Raises SystemExit for any other init_from, and for a new run whose ckpt_path
-    exists already unless overwrite (forgetting --init_from=resume must not wipe a run; with overwrite the
-    Checkpointer removes the old run's checkpoints before this run writes anything)."""
+def resume(init_from, start, ckpt_path, device, config, changed, keys, overwrite=False):
+    """A script's resume step: (the checkpoint, the settings it fixes). init_from must be `start` (a new run:
+    returns (None, {})) or 'resume': then the checkpoint at ckpt_path is loaded and returned with its values of
+    the settings named in keys (resume_config checks them against config, the script's settings, and changed,
+    those the command line set); the script applies them to its globals. Raises SystemExit for any other
+    init_from, and for a new run whose ckpt_path exists already unless overwrite (forgetting
+    --init_from=resume must not wipe a run; with overwrite the Checkpointer removes the old run's checkpoints
+    before this run writes anything)."""
     if init_from == start:
         if os.path.exists(ckpt_path) and not overwrite:
             raise SystemExit(f"{ckpt_path} exists (a run of {load_resume(ckpt_path)['iter_num']} iterations): "
                              f"continue it with --init_from=resume, or start over with --overwrite=True (or another "
                              f"out_dir)")
-        return None
+        return None, {}
     if init_from != "resume":
         raise SystemExit(f"init_from must be {start!r} or 'resume', not {init_from!r}")
     other = os.path.splitext(ckpt_path)[0] + (".pt" if ckpt_path.endswith(".dcp") else ".dcp")
@@ -276,8 +146,7 @@ def resume(init_from, start, ckpt_path, device, g, config_keys, changed, keys, o
                          f"{'fsdp' if other.endswith('.dcp') else 'ddp'}; resume it with that setting (a sharded "
                          f"checkpoint resumes on any number of processes)")
     ckpt = load_resume(ckpt_path, device)
-    g.update(resume_config(ckpt, {k: g[k] for k in config_keys}, changed, keys))
-    return ckpt
+    return ckpt, resume_config(ckpt, config, changed, keys)
 
 
 def init_architecture(args, changed, path):
@@ -298,9 +167,9 @@ def init_architecture(args, changed, path):
 
 
 def resume_config(ckpt, config, changed, keys):
-    """The config of a resumed run: the settings named in keys come from the checkpoint's config (the run
-    continues with the model, adapters and context it has), the others from this run (learning rate, batch
-    size, max_iters... may change). changed: the keys the command line or a config file set (what
+    """The settings named in keys as a resumed run's checkpoint has them (the run continues with the model,
+    adapters and context it has); the other settings stay this run's (learning rate, batch size, max_iters...
+    may change). config: this run's settings; changed: the keys the command line or a config file set (what
     configurator.apply_overrides returns). Raises SystemExit when one of them asks for another value of a key
     the checkpoint decides, rather than ignoring the request silently."""
     saved = ckpt["config"]
@@ -310,7 +179,7 @@ def resume_config(ckpt, config, changed, keys):
         raise SystemExit("a resumed run keeps its checkpoint's " + ", ".join(k for k in keys if k in saved) +
                          "; cannot change " + "; ".join(conflicts) +
                          ". Start a new run (another out_dir) to change them.")
-    return dict(config, **{k: saved[k] for k in keys if k in saved})
+    return {k: saved[k] for k in keys if k in saved}
 
 
 def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, betas, optimizer="adamw"):
@@ -474,26 +343,3 @@ class Checkpointer:
         self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))  # (master only)
         self.saved_at = iter_num
 
-def gathered_model(model, run):
-    """The trained model as a plain Transformer with all its weights on the master (for generation and the
-    merged LoRA file at the end of a run), None on the other processes. Under FSDP a collective that gathers
-    the shards into a new CPU model (LoRA layers rebuilt); otherwise the model itself."""
-    if run.parallel != "fsdp":
-        return model if run.master else None
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not run.master:
-        return None
-    plain = Transformer(model.args)
-    if getattr(model, "lora_config", None):
-        cfg = model.lora_config
-        apply_lora(plain, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"])
-    plain.load_state_dict(state)
-    return plain
-
-
-if __name__ == "__main__":
-    # python checkpoint.py out/x/ckpt.dcp out/x/model.pt: a sharded checkpoint as one file for eval.py and export
-    if len(sys.argv) != 3 or not os.path.isdir(sys.argv[1]):
-        raise SystemExit("usage: python checkpoint.py SHARDED_CHECKPOINT.dcp OUT.pt (the .dcp folder of an FSDP run)")
-    save(sys.argv[2], consolidate(sys.argv[1]))
-    print(f"wrote {sys.argv[2]} from {sys.argv[1]}")

@@ -11,9 +11,9 @@ import glob
 import json
 import os
 
+from babyllama import text_metrics
 from babyllama.atomic import atomic_open
 from babyllama.mc import category_table
-from babyllama import text_metrics
 
 STAGES = (("pretrain", "pretrained"), ("sft", "after SFT"), ("dpo", "after DPO"))
 PLOTS = (("pretrain/loss.png", "pretraining loss"), ("sft/loss.png", "SFT loss"), ("dpo/loss.png", "DPO loss"),

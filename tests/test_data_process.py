@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from babyllama.readers import ReadErrors, iter_documents, iter_records, record_to_documents
 from babyllama import readers
+from babyllama.readers import ReadErrors, iter_documents, iter_records, record_to_documents
 import data_process
 
 MIN_CHARS = 5

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from babyllama.finetune import (PairBatches, Reference, collate_pairs, concatenated_logps, dpo_loss, evaluate_pairs,
-                                frozen_copy, hinge_loss, ipo_loss, orpo_loss, pair_batch_loss, pair_logps, pair_metrics,
-                                preference_loss, sequence_logps, simpo_loss, tokenize_pair)
 from babyllama.lora import adapters_off, apply_lora
+from babyllama.pairs import (PairBatches, Reference, collate_pairs, concatenated_logps, dpo_loss, evaluate_pairs,
+                             frozen_copy, hinge_loss, ipo_loss, orpo_loss, pair_batch_loss, pair_logps, pair_metrics,
+                             preference_loss, sequence_logps, simpo_loss, tokenize_pair)
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.chat_template import IGNORE, encode_conversation

@@ -7,13 +7,13 @@ import math
 import random
 
 from conftest import run_script
-from babyllama import text_metrics
 import numpy as np
 import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
 import torch.nn as nn
 
+from babyllama import text_metrics
 from babyllama.checkpoint import save_merged
 from babyllama.contamination import find_contamination, flagged
 from babyllama.mc import LETTERS, MCError, encode_pieces, fit_prompt, letter_ids, load_exam, read_questions, summarize

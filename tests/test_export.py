@@ -10,10 +10,10 @@ from sft_fixtures import tiny_tokenizer
 import torch
 
 from babyllama.checkpoint import save_merged
+from babyllama.generate import generate
 from export import export_hf, import_hf
 from model import ModelArgs, Transformer
 from tokenizer.chat_template import encode_prompt
-from babyllama.generate import generate
 
 transformers = pytest.importorskip("transformers")
 

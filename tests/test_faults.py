@@ -19,7 +19,7 @@ from sft_fixtures import write_chat_files
 import torch
 
 from babyllama import checkpoint as ck, runlog, token_files
-from babyllama.finetune import preference_loss
+from babyllama.pairs import preference_loss
 
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--batch_size=2", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1", "--dtype=float32",
@@ -101,8 +101,8 @@ def test_resume_step_refuses_a_new_run_over_a_checkpoint_unless_told(tmp_path):
     ck.save(path, {"iter_num": 7})
     ck.save(str(tmp_path / "best.pt"), {"iter_num": 5})
     with pytest.raises(SystemExit, match=r"a run of 7 iterations.*--init_from=resume.*--overwrite=True"):
-        ck.resume("scratch", "scratch", path, "cpu", {}, [], [], (), overwrite=False)
-    assert ck.resume("scratch", "scratch", path, "cpu", {}, [], [], (), overwrite=True) is None
+        ck.resume("scratch", "scratch", path, "cpu", {}, [], (), overwrite=False)
+    assert ck.resume("scratch", "scratch", path, "cpu", {}, [], (), overwrite=True) == (None, {})
     # (the Checkpointer of the new run then removes ckpt.pt and best.pt: test_checkpoint.py)
 
 

@@ -14,11 +14,10 @@ import re
 import pytest
 import torch
 
-from babyllama.generate import sample_next
+from babyllama.generate import generate, generate_stream, sample_next
 from babyllama.hf import hf_config_dict
 from babyllama.lora import apply_lora, lora_parameters, merge_lora
 from model import ModelArgs, Transformer
-from babyllama.generate import generate, generate_stream
 
 V = 64
 LENGTHS = [3, 7, 5]

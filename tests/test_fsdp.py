@@ -12,9 +12,9 @@ import pytest
 from sft_fixtures import write_chat_files
 import torch
 
-from babyllama import checkpoint as ck, dist
-from model import ModelArgs, Transformer
+from babyllama import checkpoint as ck, dist, sharded
 from babyllama.optimize import configure_optimizers
+from model import ModelArgs, Transformer
 
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=32", "--batch_size=2",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--num_threads=1",
@@ -71,7 +71,7 @@ def test_fsdp_equals_one_process_and_resumes_from_two_processes_on_one_and_back(
     # only the folders the links name are kept; the converter (python checkpoint.py X.dcp Y.pt: these two
     # calls) writes what eval.py and export read
     assert sorted(os.listdir(tmp_path / "fsdp" / "dcp")) == ["iter_00000006"]
-    ck.save(str(tmp_path / "model.pt"), ck.consolidate(str(tmp_path / "fsdp" / "ckpt.dcp")))
+    ck.save(str(tmp_path / "model.pt"), sharded.consolidate(str(tmp_path / "fsdp" / "ckpt.dcp")))
     one = torch.load(tmp_path / "model.pt", weights_only=True)
     assert one["iter_num"] == 6 and one["model_args"]["tie_embeddings"] is False
     model, _ = ck.load_model(str(tmp_path / "model.pt"))
@@ -115,7 +115,7 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path
     model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, max_seq_len=8))
     opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     run, link = dist.Run(), str(tmp_path / "ckpt.dcp")
-    ck.save_sharded(link, model, opt, {"iter_num": 2, "model_args": {}}, run)
+    sharded.save_sharded(link, model, opt, {"iter_num": 2, "model_args": {}}, run)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -127,13 +127,13 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path
         raise KeyboardInterrupt
     monkeypatch.setattr(dcp, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_sharded(link, model, opt, {"iter_num": 4, "model_args": {}}, run)
+        sharded.save_sharded(link, model, opt, {"iter_num": 4, "model_args": {}}, run)
     back = ck.load(link)
     assert back["iter_num"] == 2
     for k, v in saved.items():
         assert torch.equal(back["model"][k], v), k
     monkeypatch.setattr(dcp, "save", real_save)
-    ck.save_sharded(link, model, opt, {"iter_num": 4, "model_args": {}}, run)  # the next save tidies up
+    sharded.save_sharded(link, model, opt, {"iter_num": 4, "model_args": {}}, run)  # the next save tidies up
     assert ck.load(link)["iter_num"] == 4 and os.listdir(tmp_path / "dcp") == ["iter_00000004"]
 
 
@@ -146,9 +146,9 @@ def test_muon_and_adamw_state_come_back_from_a_sharded_checkpoint(tmp_path):
     x = torch.randint(0, 32, (2, 8))
     model(x, x, return_logits=False)[1].backward()
     opt.step()
-    ck.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 1, "model_args": {}}, dist.Run())
+    sharded.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 1, "model_args": {}}, dist.Run())
     fresh, fresh_opt = model_and_muon()
-    ck.load_sharded(str(tmp_path / "ckpt.dcp"), fresh, fresh_opt)
+    sharded.load_sharded(str(tmp_path / "ckpt.dcp"), fresh, fresh_opt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     for o, f in zip(opt.optimizers, fresh_opt.optimizers):  # AdamW's moments and step, Muon's momentum
         for p, q in zip([p for g in o.param_groups for p in g["params"]],
@@ -161,9 +161,9 @@ def test_muon_and_adamw_state_come_back_from_a_sharded_checkpoint(tmp_path):
 def test_resuming_a_sharded_run_without_parallel_fsdp_names_the_setting(tmp_path):
     model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, max_seq_len=8))
     opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
-    ck.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 2, "model_args": {}}, dist.Run())
+    sharded.save_sharded(str(tmp_path / "ckpt.dcp"), model, opt, {"iter_num": 2, "model_args": {}}, dist.Run())
     with pytest.raises(SystemExit, match="--parallel=fsdp"):
-        ck.resume("resume", "scratch", ck.checkpoint_path(str(tmp_path), "ddp"), "cpu", {}, [], set(), ())
+        ck.resume("resume", "scratch", ck.checkpoint_path(str(tmp_path), "ddp"), "cpu", {}, set(), ())
 
 
 def saved_bytes(model, x, y):

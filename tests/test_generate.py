@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from model import ModelArgs, Transformer
 from babyllama.generate import generate, generate_stream
 from babyllama.optimize import configure_optimizers
+from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest.py)
 

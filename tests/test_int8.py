@@ -3,10 +3,10 @@ full precision, generation and the bf16 kernel path working, a quarter of the li
 import torch
 import torch.nn as nn
 
+from babyllama.generate import generate
 from babyllama.int8 import Int8Linear, quantize_int8
 from babyllama.memory import model_bytes
 from model import ModelArgs, Transformer
-from babyllama.generate import generate
 
 
 def test_int8_linear_error_is_within_half_a_step_per_weight():

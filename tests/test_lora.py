@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
+from babyllama.generate import generate
 from babyllama.lora import (LoRALinear, apply_lora, base_state_dict, load_lora_state_dict, lora_parameters,
                             lora_state_dict, merge_lora)
 from model import ModelArgs, Transformer
-from babyllama.generate import generate
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
 

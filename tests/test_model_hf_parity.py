@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from babyllama.hf import hf_config_dict, to_hf_state_dict
-from model import ModelArgs, Transformer
 from babyllama.optimize import configure_optimizers
+from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest.py)
 

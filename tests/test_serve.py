@@ -14,9 +14,9 @@ from sft_fixtures import tiny_tokenizer
 import torch
 
 from babyllama.checkpoint import save_merged
+from babyllama.generate import generate
 from model import ModelArgs, Transformer
 from tokenizer.chat_template import encode_prompt, stop_ids
-from babyllama.generate import generate
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")

@@ -10,10 +10,10 @@ import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
 
-from babyllama import checkpoint as ck, finetune, runlog
+from babyllama import chat_batches, checkpoint as ck, runlog
+from babyllama.generate import generate
 from model import ModelArgs, Transformer
 from tokenizer.chat_template import decode_reply, encode_conversation, encode_prompt, stop_ids
-from babyllama.generate import generate
 
 U = lambda c: {"role": "user", "content": c}
 A = lambda c: {"role": "assistant", "content": c}
@@ -151,17 +151,17 @@ def test_packed_rows_give_the_loss_of_padded_batches(setup):
     samples = [tuple(np.array(v) for v in encode_conversation(tok, c["messages"], c["system"])) for c in CONVS]
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=128)).eval()
-    padded = finetune.collate_padded(samples, 0)
+    padded = chat_batches.collate_padded(samples, 0)
     loss_pad = model(padded["x"], padded["y"])[1]
     max_seq_len = sum(len(s[0]) for s in samples) + 4  # one row holding all four, plus padding
-    packed = finetune.collate_packed([samples], max_seq_len, 0)
+    packed = chat_batches.collate_packed([samples], max_seq_len, 0)
     assert packed["n_tokens"] == padded["n_tokens"]
-    loss_packed = finetune.PackedLM(model)(packed["x"], packed["y"], packed["pos"], packed["mask"])[1]
+    loss_packed = chat_batches.PackedLM(model)(packed["x"], packed["y"], packed["pos"], packed["mask"])[1]
     assert abs(loss_pad.item() - loss_packed.item()) <= 1e-5
     # without the block-diagonal mask and restarted positions the samples would see each other
     leaky = model(packed["x"], packed["y"])[1]
     assert abs(leaky.item() - loss_pad.item()) > 1e-4
     # greedy packing never splits a sample and respects the row length
-    rows = finetune.pack_rows(range(len(samples)), [len(s[0]) for s in samples], 39)  # rows of <= 40 tokens
+    rows = chat_batches.pack_rows(range(len(samples)), [len(s[0]) for s in samples], 39)  # rows of <= 40 tokens
     assert sorted(i for r in rows for i in r) == [0, 1, 2, 3]
     assert all(sum(len(samples[i][0]) for i in r) <= 40 or len(r) == 1 for r in rows)

@@ -1,0 +1,133 @@
+"""Sharded checkpoints of FSDP runs (torch.distributed.checkpoint, DCP): save and load every process's shards,
+swap the ckpt.dcp / best.dcp links atomically, and read a sharded checkpoint back as one file's dict.
+
+Layout: out_dir/ckpt.dcp (and best.dcp) is a symbolic link to out_dir/dcp/iter_NNNNNNNN, a folder holding every
+process's shards of the trainable weights and of the optimizer state, plus extra.pt with every other field of a
+checkpoint (babyllama/checkpoint.py lists them). A folder loads on any number of processes (DCP re-cuts)."""
+import contextlib
+import os
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+from babyllama.atomic import atomic_path
+from babyllama.lora import apply_lora
+from model import Transformer
+
+
+def load_extra(folder):
+    """A sharded checkpoint's extra.pt (the fields, iter_num, RNG states...) with "dcp": the folder, whose shards
+    load_sharded reads once the model is sharded. FileNotFoundError naming the file when it is missing."""
+    extra = os.path.join(folder, "extra.pt")
+    if not os.path.exists(extra):
+        raise FileNotFoundError(f"{extra} not found: {folder} is not a complete sharded checkpoint")
+    return dict(torch.load(extra, map_location="cpu", weights_only=True), dcp=os.path.realpath(folder))
+
+
+def _optimizers(optimizer):
+    return getattr(optimizer, "optimizers", [optimizer])  # model.Optimizers holds several
+
+
+def sharded_state(model, optimizer):
+    """The DCP state of a run: the trainable parameters (all of them, or a LoRA run's adapters; DTensor
+    shards under FSDP) and the optimizer state keyed by parameter name (get_optimizer_state_dict), so
+    another number of processes can re-cut both."""
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k in names}
+    return {"model": weights, "optim": get_optimizer_state_dict(model, _optimizers(optimizer))}
+
+
+def save_sharded(link, model, optimizer, extra, run, best_link=None):
+    """Write a DCP checkpoint (a collective: every process writes its shards) into out_dir/dcp/iter_N, the
+    master adds extra.pt (the other fields), then points `link` (and best_link, when given) at it by an atomic
+    symlink swap and removes the folders no link points to. Until the swap the previous checkpoint stays what
+    the links name: a kill at any moment leaves a loadable one. Assumes a folder every process can write
+    (one machine, or a shared file system across nodes)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(link)), "dcp")
+    name = f"iter_{extra['iter_num']:08d}"
+    folder = os.path.join(root, name)
+    if run.master and os.path.exists(folder):
+        # half written by a killed run (a linked folder is never written again: a run saves only after the
+        # iteration it resumed from)
+        shutil.rmtree(folder)
+    if run.ddp:
+        dist.barrier()
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
+    if run.master:
+        with atomic_path(os.path.join(folder, "extra.pt")) as tmp:
+            torch.save(extra, tmp)
+        for l in (link, best_link):
+            if l:
+                _point(l, os.path.relpath(folder, os.path.dirname(os.path.abspath(l))))
+        for old in set(os.listdir(root)) - _linked(root):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    if run.ddp:
+        dist.barrier()
+
+
+def _point(link, target):
+    """Make `link` a symbolic link to target, atomically (a new link renamed over the old one)."""
+    tmp = link + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _linked(root):
+    """Names of the folders in root that ckpt.dcp or best.dcp beside it point to."""
+    out_dir = os.path.dirname(root)
+    return {os.path.basename(os.path.realpath(os.path.join(out_dir, l))) for l in ("ckpt.dcp", "best.dcp")
+            if os.path.islink(os.path.join(out_dir, l))}
+
+
+def load_sharded(folder, model, optimizer):
+    """Load a DCP checkpoint's weights and optimizer state into a sharded (or plain) model and its optimizer,
+    whatever number of processes wrote it (a collective). Raises ValueError naming the folder when its
+    optimizer state is not this optimizer's."""
+    state = sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=folder)
+    except Exception as e:  # DCP says which key it lacks; say which checkpoint and the likely cause
+        raise ValueError(f"{folder}: cannot load into this run's model and optimizer (another optimizer, or "
+                         f"another LoRA set-up?): {e}") from e
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, _optimizers(optimizer), state["optim"])
+
+
+def consolidate(folder, device="cpu"):
+    """A DCP checkpoint as the single-file checkpoint dict eval.py, export.py and fine-tuning read, in one
+    process without a process group: extra.pt's fields, and the gathered weights as "model" (or, for a LoRA
+    run, as "lora" beside lora_config and base_ckpt). The optimizer state is left out: resuming reads the
+    folder itself."""
+    ckpt = load_extra(folder)
+    del ckpt["dcp"]
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want
+        warnings.simplefilter("ignore", UserWarning)
+        weights = _load_state_dict_from_keys({"model"}, checkpoint_id=os.path.realpath(folder))["model"]
+    weights = {k: v.to(device) for k, v in weights.items()}
+    ckpt["lora" if "lora_config" in ckpt else "model"] = weights
+    return ckpt
+
+
+def gathered_model(model, run):
+    """The trained model as a plain Transformer with all its weights on the master (for generation and the
+    merged LoRA file at the end of a run), None on the other processes. Under FSDP a collective that gathers
+    the shards into a new CPU model (LoRA layers rebuilt); otherwise the model itself."""
+    if run.parallel != "fsdp":
+        return model if run.master else None
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.master:
+        return None
+    plain = Transformer(model.args)
+    if getattr(model, "lora_config", None):
+        cfg = model.lora_config
+        apply_lora(plain, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+    plain.load_state_dict(state)
+    return plain
