@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from babyllama import checkpoint as ck, precision
+from babyllama import models, precision
 from babyllama.configurator import run_main
 from babyllama.mc import guess_benchmark, load_exam, load_subjects
 from babyllama.scoring import score_mc
@@ -48,7 +48,7 @@ def main():
     precision.configure_cpu()
     torch.set_num_threads(num_threads)
     if ckpt_path:
-        model, ckpt = ck.load_model(ckpt_path, "cpu")
+        model, ckpt = models.load_model(ckpt_path, "cpu")
         tok = Tokenizer(ckpt["tokenizer"])
     else:
         tok = Tokenizer(tokenizer_model)

@@ -37,7 +37,8 @@ sampler is stateless, so they are known in advance), saves them in out_dir/ref_l
 model at all: one forward pass less per step and no second copy of the weights. simpo and orpo need none.
 Chosen and rejected go through the model in one forward pass (2B rows: chosen first), right-padded; the
 targets are -1 on the prompt and padding, so only reply tokens (and the <|end|> closing the reply) count.
-The pieces (pair batches, log-probs, the reference, the losses) are in babyllama/finetune.py; checkpoints in babyllama/checkpoint.py.
+The pieces (pair batches, log-probs, the reference, the losses) are in babyllama/pairs.py; checkpoints in
+babyllama/checkpoint.py, the starting model in babyllama/models.py.
 """
 from contextlib import nullcontext
 import math
@@ -46,7 +47,7 @@ import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, finetune, optimize, runlog, sharded
+from babyllama import checkpoint as ck, dist, models, optimize, runlog
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
 from babyllama.generate import generate
@@ -133,7 +134,7 @@ iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model: the policy --------------------------------------------------------------------------------------
-raw_model, model_args, start_state, init = finetune.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len,
+raw_model, model_args, start_state, init = models.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len,
                                                              dropout, lora_rank, lora_alpha, lora_dropout, lora_targets)
 max_seq_len = model_args["max_seq_len"]
 n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
@@ -277,7 +278,7 @@ progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary, plots, generations before/after --------------------------------------------------------------
-final = sharded.gathered_model(raw_model, run)  # the trained model whole, on the master (FSDP: gathers the shards)
+final = models.gathered_model(raw_model, run)  # the trained model whole, on the master (FSDP: gathers the shards)
 if master:
     # what the reference costs in memory: a frozen copy of the weights, or the cached numbers
     reference_mb = (sum(p.numel() * p.element_size() for p in ref_net.parameters()) if ref_mode == "model" else
@@ -317,7 +318,7 @@ if master:
                 seen.add(p.get("kind", i))
                 order.append(i)
         order = (order + [i for i in range(len(val_pairs)) if i not in order])[:n_samples]
-        before_model = ck.load_model(init_ckpt, device)[0].eval()
+        before_model = models.load_model(init_ckpt, device)[0].eval()
         final.eval()
         n_new = min(96, max_seq_len - 1)
         samples = []
@@ -330,7 +331,7 @@ if master:
             print(f"--- {samples[-1]['prompt']}\n  before: {samples[-1]['before']!r}\n  after:  {samples[-1]['after']!r}")
         write_json(os.path.join(out_dir, "samples.json"), samples)
     if lora_rank and save_merged:
-        finetune.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
+        models.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")
 del model, final  # the DDP/FSDP wrapper goes before the process group (see cleanup_ddp)

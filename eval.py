@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from babyllama import checkpoint as ck, precision, report, text_metrics, token_files
+from babyllama import models, precision, report, text_metrics, token_files
 from babyllama.atomic import write_json, write_jsonl
 from babyllama.configurator import apply_overrides
 from babyllama.contamination import find_contamination, flagged
@@ -535,7 +535,7 @@ if __name__ == "__main__":
         precision.configure_cpu()
     autocast_ctx, _ = precision.amp_setup(device_type, precision.resolve_dtype(dtype, device_type))
     torch.manual_seed(seed)
-    model, ckpt = ck.load_model(ckpt_path, device)  # any checkpoint: full, or base + LoRA adapter merged
+    model, ckpt = models.load_model(ckpt_path, device)  # any checkpoint: full, or base + LoRA adapter merged
     model.eval()
     if quantize:
         if quantize != "int8":

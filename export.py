@@ -48,7 +48,7 @@ import time
 import numpy as np
 import torch
 
-from babyllama import checkpoint as ck, finetune
+from babyllama import models
 from babyllama.atomic import atomic_path
 from babyllama.configurator import run_main
 from babyllama.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
@@ -306,7 +306,7 @@ def main():
     if import_from:
         model, tok = import_hf(import_from, out_dir)
         path = os.path.join(out_dir, "ckpt.pt")
-        finetune.save_merged(path, model, iter_num=0, config={"import_from": os.path.abspath(import_from)},
+        models.save_merged(path, model, iter_num=0, config={"import_from": os.path.abspath(import_from)},
                        tokenizer=tok.model_path, tokenizer_sha256=tok.sha256())
         print(f"{import_from} -> {path} ({model.num_params() / 1e6:.2f}M parameters) and {tok.model_path} in "
               f"{time.time() - t0:.1f} s")
@@ -316,7 +316,7 @@ def main():
     allowed = DTYPES if format == "hf" else GGUF_DTYPES
     if dtype not in allowed:
         raise SystemExit(f"dtype must be one of {', '.join(allowed)} for {format}, not {dtype!r}")
-    model, ckpt = ck.load_model(ckpt_path, "cpu")  # LoRA adapters come back merged
+    model, ckpt = models.load_model(ckpt_path, "cpu")  # LoRA adapters come back merged
     tok = Tokenizer(ckpt.get("tokenizer") or "")
     if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:
         raise SystemExit(f"{tok.model_path} is not the tokenizer {ckpt_path} was trained with (sha256 differs)")

@@ -81,10 +81,12 @@ resume_ckpt, fixed = ck.resume(init_from, "scratch", ckpt_path, device, {k: glob
 globals().update(fixed)
 iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 # continued pretraining: the architecture is the starting checkpoint's (asking for another one is an error)
-init_model = None
-if resume_ckpt is None and init_ckpt:
-    init_model, init = ck.load_model(init_ckpt, "cpu")
-    globals().update(ck.init_architecture(init_model.args, changed, init_ckpt))
+init = ck.load(init_ckpt) if resume_ckpt is None and init_ckpt else None
+if init is not None:
+    if "model" not in init:
+        raise SystemExit(f"{init_ckpt} holds LoRA adapters, not whole weights: continue pretraining from the merged "
+                         f"model its run wrote (merged.pt)")
+    globals().update(ck.init_architecture(ModelArgs(**init["model_args"]), changed, init_ckpt))
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -109,14 +111,14 @@ model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_h
                   norm_eps=norm_eps, max_seq_len=max_seq_len, dropout=dropout, tie_embeddings=tie_embeddings,
                   rope_theta=rope_theta)
 torch.manual_seed(seed)  # the same initial weights on every process
-if init_model is not None:
-    model_args = dict(model_args, hidden_dim=init_model.args.hidden_dim)
+if init is not None:
+    model_args = dict(model_args, hidden_dim=init["model_args"].get("hidden_dim"))
     if init.get("tokenizer_sha256") and meta.get("tokenizer_sha256") and init["tokenizer_sha256"] != meta["tokenizer_sha256"]:
         raise SystemExit(f"{init_ckpt} was trained with another tokenizer than {train_paths[0]}'s (sha256 differs)")
 model = Transformer(ModelArgs(**model_args))
-if init_model is not None:
-    model.load_state_dict(init_model.state_dict())
-    del init_model
+if init is not None:
+    model.load_state_dict(init["model"])
+    del init
     if master:
         print(f"continued pretraining from the weights of {init_ckpt}")
 if resume_ckpt is not None and "model" in resume_ckpt:  # (a sharded checkpoint loads once the model is sharded)

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, finetune, optimize, runlog
+from babyllama import checkpoint as ck, dist, models, optimize, runlog
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
 from babyllama.pairs import PairBatches, tokenize_pair
@@ -74,7 +74,7 @@ iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model: the SFT body and a scalar head ---------------------------------------------------------------------
-body, model_args, _, init = finetune.finetune_model(init_ckpt, None, device, seed, max_seq_len, 0.0, lora_rank, lora_alpha,
+body, model_args, _, init = models.finetune_model(init_ckpt, None, device, seed, max_seq_len, 0.0, lora_rank, lora_alpha,
                                               lora_dropout, lora_targets)
 torch.manual_seed(seed)  # the same head on every process
 model = RewardModel(body).to(device)

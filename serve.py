@@ -35,7 +35,7 @@ import uuid
 
 import torch
 
-from babyllama import checkpoint as ck, precision
+from babyllama import models, precision
 from babyllama.configurator import run_main
 from babyllama.generate import generate_batch_stream, right_pad
 from babyllama.int8 import quantize_int8
@@ -403,7 +403,7 @@ def main():
     if device_type == "cpu":
         precision.configure_cpu()
     autocast_ctx, _ = precision.amp_setup(device_type, precision.resolve_dtype(dtype, device_type))
-    model, ckpt = ck.load_model(ckpt_path, dev)
+    model, ckpt = models.load_model(ckpt_path, dev)
     model.eval()
     if quantize:
         if quantize != "int8":

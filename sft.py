@@ -14,13 +14,14 @@ attend to nor are scored across one another. Which samples form which batch depe
 micro-step), so a resumed run and a DDP run see the batches of an uninterrupted single-process run.
 With lora_rank > 0 only LoRA adapters train (babyllama/lora.py); ckpt.pt then holds the adapter only (plus optimizer
 state) and names its base checkpoint, and merged.pt holds the merged model for eval.py and export.
-The pieces (batches, packing, the loss) are in babyllama/finetune.py; checkpoints in babyllama/checkpoint.py.
+The pieces (batches, packing, the loss) are in babyllama/chat_batches.py; checkpoints in babyllama/checkpoint.py,
+the starting model in babyllama/models.py.
 """
 import math
 import os
 import time
 
-from babyllama import checkpoint as ck, dist, finetune, optimize, runlog, sharded
+from babyllama import checkpoint as ck, dist, models, optimize, runlog
 from babyllama.atomic import write_json
 from babyllama.chat_batches import (ConversationBatches, PackedLM, scored_tokens, sft_loss, sft_validation_loss,
                                     tokenize_conversations)
@@ -91,7 +92,7 @@ iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model ------------------------------------------------------------------------------------------------
-raw_model, model_args, _, init = finetune.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len, dropout,
+raw_model, model_args, _, init = models.finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len, dropout,
                                                    lora_rank, lora_alpha, lora_dropout, lora_targets)
 max_seq_len = model_args["max_seq_len"]
 n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
@@ -179,7 +180,7 @@ progress.close()
 checkpointer.at_end(iter_num)  # the final state, so init_from=resume can continue it
 
 # ---- summary and the merged model -------------------------------------------------------------------------
-final = sharded.gathered_model(raw_model, run) if lora_rank and save_merged else None  # (FSDP: gathers the shards)
+final = models.gathered_model(raw_model, run) if lora_rank and save_merged else None  # (FSDP: gathers the shards)
 if master:
     summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), trainable_params=n_trainable,
                    best_val_loss=checkpointer.best_val_loss, **runlog.throughput(timer, device_type))
@@ -188,7 +189,7 @@ if master:
     runlog.plot_log(log.path, os.path.join(out_dir, "loss.png"), title="SFT loss (nats per scored token)")
     print(f"summary: {summary}")
     if lora_rank and save_merged:
-        finetune.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
+        models.save_merged(os.path.join(out_dir, "merged.pt"), final, iter_num=iter_num, **checkpointer.fields)
         print(f"merged model: {os.path.join(out_dir, 'merged.pt')}")
     write_json(os.path.join(out_dir, "summary.json"), summary)  # written last: the run finished
     print(f"done: {iter_num} iterations in {(time.time() - timer.start) / 60:.1f} min; checkpoint {ckpt_path}")

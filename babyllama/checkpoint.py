@@ -32,11 +32,9 @@ import shutil
 import torch
 
 from babyllama.atomic import atomic_path
-from babyllama.lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from babyllama.optimize import configure_optimizers
 from babyllama.rng import gather_rng_states, set_rng_state
 from babyllama.sharded import consolidate, load_extra, load_sharded, save_sharded
-from model import ModelArgs, Transformer
 
 # what a resumed run takes from its checkpoint and may not change: the model's shape (pretraining) and, for
 # fine-tuning, the starting weights, the context length and the adapters' shape
@@ -88,38 +86,8 @@ def training_state(model, optimizer, scaler, rngs, **fields):
         return state
     state["optimizer"] = optimizer.state_dict()
     state["lora" if "lora_config" in state else "model"] = \
-        lora_state_dict(model) if "lora_config" in state else model.state_dict()
+        {k: v for k, v in model.state_dict().items() if "lora_" in k} if "lora_config" in state else model.state_dict()
     return state
-
-
-# ---- models from checkpoints ------------------------------------------------------------------------------
-
-def base_path(ckpt, path):
-    """Where a LoRA checkpoint's base weights are: the path it names, or the file of that name beside it (a
-    run folder moved or copied elsewhere keeps working)."""
-    base = ckpt["base_ckpt"]
-    if not os.path.exists(base):
-        base = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(base))
-    return base
-
-
-def load_model(path, device="cpu", merge=True):
-    """A Transformer from any checkpoint this project writes: a full one ("model") or a LoRA one (adapters on
-    top of the base checkpoint it names, itself full or LoRA). With merge the adapters are folded into the
-    weights, so the model is a plain Transformer; without, it keeps LoRALinear layers. Returns (model on
-    device, the checkpoint dict). Raises FileNotFoundError naming a missing file."""
-    ckpt = load(path, "cpu")  # the model goes to device; the rest (optimizer state...) stays off the GPU
-    if "lora" not in ckpt:
-        model = Transformer(ModelArgs(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-        return model.to(device), ckpt
-    model, _ = load_model(base_path(ckpt, path), device)
-    cfg = ckpt["lora_config"]
-    apply_lora(model, cfg["rank"], cfg["alpha"], 0.0, cfg["targets"])
-    load_lora_state_dict(model, ckpt["lora"])
-    if merge:
-        merge_lora(model)
-    return model.to(device), ckpt
 
 
 # ---- resuming ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from babyllama import checkpoint as ck, dist, finetune
+from babyllama import checkpoint as ck, dist, models
 from babyllama.checkpoint import load
 from babyllama.generate import generate, right_pad
 from babyllama.lora import apply_lora, merge_lora
@@ -302,7 +302,7 @@ def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learni
     """An RL script's start: the policy (init_ckpt's weights, or the resumed run's), its AdamW and DDP wrapper,
     the frozen reference (the starting weights, never trained) and the tokenizer, checked against the model.
     Returns (policy, model_args, optimizer, module, reference, tokenizer)."""
-    model, model_args, start_state, init = finetune.finetune_model(init_ckpt, resume_ckpt, run.device, seed)
+    model, model_args, start_state, init = models.finetune_model(init_ckpt, resume_ckpt, run.device, seed)
     optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, betas)
     module = dist.wrap_ddp(model, run)
     ref = frozen_copy(model_args, start_state, run.device)

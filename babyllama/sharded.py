@@ -17,8 +17,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from babyllama.atomic import atomic_path
-from babyllama.lora import apply_lora
-from model import Transformer
 
 
 def load_extra(folder):
@@ -116,18 +114,3 @@ def consolidate(folder, device="cpu"):
     return ckpt
 
 
-def gathered_model(model, run):
-    """The trained model as a plain Transformer with all its weights on the master (for generation and the
-    merged LoRA file at the end of a run), None on the other processes. Under FSDP a collective that gathers
-    the shards into a new CPU model (LoRA layers rebuilt); otherwise the model itself."""
-    if run.parallel != "fsdp":
-        return model if run.master else None
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not run.master:
-        return None
-    plain = Transformer(model.args)
-    if getattr(model, "lora_config", None):
-        cfg = model.lora_config
-        apply_lora(plain, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"])
-    plain.load_state_dict(state)
-    return plain

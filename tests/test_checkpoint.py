@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from babyllama import checkpoint as ck, dist, finetune, runlog
+from babyllama import checkpoint as ck, dist, models, runlog
 from babyllama.atomic import atomic_path
 from babyllama.lora import apply_lora, lora_state_dict
 from babyllama.rng import rng_state
@@ -59,7 +59,7 @@ def test_load_model_merges_a_lora_checkpoint_whose_folder_moved(tmp_path):
                                                 "lora_config": adapted.lora_config,
                                                 "base_ckpt": str(tmp_path / "run" / "base.pt")})
     shutil.move(tmp_path / "run", tmp_path / "moved")  # base_ckpt now names a path that is gone
-    model, ckpt = ck.load_model(str(tmp_path / "moved" / "ckpt.pt"))
+    model, ckpt = models.load_model(str(tmp_path / "moved" / "ckpt.pt"))
     assert not any("lora_" in k for k in model.state_dict())  # merged: a plain Transformer
     x = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
@@ -86,14 +86,14 @@ def test_resume_config_takes_locked_keys_from_the_checkpoint_and_refuses_changes
 
 def test_finetune_model_resumes_the_adapters_on_the_starting_weights(tmp_path):
     ck.save(str(tmp_path / "base.pt"), {"model": tiny().state_dict(), "model_args": ARGS})
-    model, args, start, _ = finetune.finetune_model(str(tmp_path / "base.pt"), None, "cpu", seed=1, max_seq_len=12,
+    model, args, start, _ = models.finetune_model(str(tmp_path / "base.pt"), None, "cpu", seed=1, max_seq_len=12,
                                               lora_rank=2, lora_alpha=4.0, lora_targets="wq")
     assert args["max_seq_len"] == 12 and model.lora_config["alpha"] == 4.0
     for name, p in model.named_parameters():
         if "lora_" in name:
             torch.nn.init.normal_(p)
     saved = {"lora": lora_state_dict(model)}
-    again, _, _, _ = finetune.finetune_model(str(tmp_path / "base.pt"), saved, "cpu", seed=2, max_seq_len=12,
+    again, _, _, _ = models.finetune_model(str(tmp_path / "base.pt"), saved, "cpu", seed=2, max_seq_len=12,
                                        lora_rank=2, lora_alpha=4.0, lora_targets="wq")
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
     assert set(start) == set(tiny().state_dict())  # the starting weights, plain names (the DPO reference)

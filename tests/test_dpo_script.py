@@ -10,7 +10,7 @@ from conftest import run_script
 import pytest
 import torch
 
-from babyllama import checkpoint as ck, runlog
+from babyllama import checkpoint as ck, models, runlog
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train_tokenizer
@@ -114,5 +114,5 @@ def test_lora_reference_adapters_off(setup):
     out, log = run_dpo(setup, setup / "lora", "--max_iters=2", "--lora_rank=4", "--lora_alpha=8.0")
     assert "reference: adapters_off" in out
     assert train_rows(log)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    model, ckpt = ck.load_model(str(setup / "lora" / "ckpt.pt"))
+    model, ckpt = models.load_model(str(setup / "lora" / "ckpt.pt"))
     assert "lora" in ckpt and ckpt["lora_config"]["alpha"] == 8.0 and os.path.exists(setup / "lora" / "merged.pt")

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from babyllama import text_metrics
-from babyllama.checkpoint import save_merged
+from babyllama.models import save_merged
 from babyllama.contamination import find_contamination, flagged
 from babyllama.mc import LETTERS, MCError, encode_pieces, fit_prompt, letter_ids, load_exam, read_questions, summarize
 from babyllama.scoring import prefix_kv, score_mc, sequence_loss, sliding_windows, token_logprobs

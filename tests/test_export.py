@@ -9,7 +9,7 @@ import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
 
-from babyllama.checkpoint import save_merged
+from babyllama.models import save_merged
 from babyllama.generate import generate
 from export import export_hf, import_hf
 from model import ModelArgs, Transformer
@@ -300,7 +300,7 @@ def test_a_lora_checkpoint_is_exported_merged(tok, tmp_path):
                                      "lora_config": adapted.lora_config, "base_ckpt": str(tmp_path / "base.pt"),
                                      "iter_num": 1, "config": {}, "tokenizer": tok.model_path,
                                      "tokenizer_sha256": tok.sha256()})
-    from babyllama.checkpoint import load_model
+    from babyllama.models import load_model
     export_hf(load_model(str(tmp_path / "lora.pt"))[0], tok, str(tmp_path / "hf"))  # what export.py's main does
     hf, _ = load_hf(str(tmp_path / "hf"))
     ids = torch.tensor([tok.encode("春眠不觉晓，处处闻啼鸟。")])

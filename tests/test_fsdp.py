@@ -12,7 +12,7 @@ import pytest
 from sft_fixtures import write_chat_files
 import torch
 
-from babyllama import checkpoint as ck, dist, sharded
+from babyllama import checkpoint as ck, dist, models, sharded
 from babyllama.optimize import configure_optimizers
 from model import ModelArgs, Transformer
 
@@ -74,7 +74,7 @@ def test_fsdp_equals_one_process_and_resumes_from_two_processes_on_one_and_back(
     ck.save(str(tmp_path / "model.pt"), sharded.consolidate(str(tmp_path / "fsdp" / "ckpt.dcp")))
     one = torch.load(tmp_path / "model.pt", weights_only=True)
     assert one["iter_num"] == 6 and one["model_args"]["tie_embeddings"] is False
-    model, _ = ck.load_model(str(tmp_path / "model.pt"))
+    model, _ = models.load_model(str(tmp_path / "model.pt"))
     straight = ck.load(str(tmp_path / "straight" / "ckpt.pt"))["model"]
     for k, v in model.state_dict().items():
         assert torch.allclose(v, straight[k], atol=1e-5, rtol=0), k

@@ -9,7 +9,8 @@ import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
 
-from babyllama.checkpoint import save_merged
+from babyllama import models
+from babyllama.models import save_merged
 from babyllama.poetry_rewards import (clauses_of, exact_form, form_score, make_request, parse_request, poetry_reward,
                                       repeat_score, title_score)
 from babyllama.rl import gae, group_advantages, k3_kl, policy_loss, reply_logps, value_loss
@@ -212,7 +213,7 @@ def test_ppo_teaches_a_tiny_model_the_rewarded_token(tiny_run, tmp_path):
     from babyllama import checkpoint as ck
     from babyllama.rl import RewardModel
     d, args = tiny_run
-    body, c = ck.load_model(str(d / "sft.pt"))
+    body, c = models.load_model(str(d / "sft.pt"))
     torch.manual_seed(0)
     ck.save(str(tmp_path / "value.pt"), {"model": RewardModel(body).state_dict(), "model_args": c["model_args"]})
     keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size", "--beta",

@@ -13,7 +13,7 @@ import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
 
-from babyllama.checkpoint import save_merged
+from babyllama.models import save_merged
 from babyllama.generate import generate
 from model import ModelArgs, Transformer
 from tokenizer.chat_template import encode_prompt, stop_ids

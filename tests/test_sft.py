@@ -10,7 +10,7 @@ import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
 
-from babyllama import chat_batches, checkpoint as ck, runlog
+from babyllama import chat_batches, checkpoint as ck, models, runlog
 from babyllama.generate import generate
 from model import ModelArgs, Transformer
 from tokenizer.chat_template import decode_reply, encode_conversation, encode_prompt, stop_ids
@@ -71,7 +71,7 @@ def test_tiny_model_learns_conversations_verbatim(setup, tmp_path, mode):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     if mode == "lora":
         assert "model" not in ckpt and ckpt["lora"] and all("lora_" in k for k in ckpt["lora"])
-    model, _ = ck.load_model(str(tmp_path / "ckpt.pt"))  # base + adapter, merged
+    model, _ = models.load_model(str(tmp_path / "ckpt.pt"))  # base + adapter, merged
     model.eval()
     for conv in CONVS:
         assert answers(model, tok, conv) == [m["content"] for m in conv["messages"][1::2]]
@@ -86,7 +86,7 @@ def test_tiny_model_learns_conversations_verbatim(setup, tmp_path, mode):
                        "--max_new_tokens=30", input="《静夜思》的作者是谁？\n/reset\n/quit\n")
         assert "助手> 《静夜思》的作者是李白。" in p.stdout and "conversation cleared" in p.stdout
     if mode == "lora":  # merged.pt is a plain checkpoint with the same weights
-        merged, _ = ck.load_model(str(tmp_path / "merged.pt"))
+        merged, _ = models.load_model(str(tmp_path / "merged.pt"))
         x = torch.tensor([encode_conversation(tok, CONVS[3]["messages"])[0]])
         assert (merged(x)[0] - model(x)[0]).abs().max().item() <= 1e-5
 

@@ -1,0 +1,93 @@
+"""Models from checkpoints: any checkpoint this project writes back as a Transformer (full weights, or LoRA adapters
+on the base they name), the model a fine-tuning run starts from, and the whole model at its end (gathered from
+FSDP shards; LoRA adapters merged and saved)."""
+import dataclasses
+import os
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from babyllama.checkpoint import load, save
+from babyllama.lora import apply_lora, load_lora_state_dict, merge_lora
+from model import ModelArgs, Transformer
+
+
+def load_model(path, device="cpu", merge=True):
+    """A Transformer from any checkpoint this project writes: a full one ("model") or a LoRA one (adapters on
+    top of the base checkpoint it names, itself full or LoRA). With merge the adapters are folded into the
+    weights, so the model is a plain Transformer; without, it keeps LoRALinear layers. Returns (model on
+    device, the checkpoint dict). Raises FileNotFoundError naming a missing file."""
+    ckpt = load(path, "cpu")  # the model goes to device; the rest (optimizer state...) stays off the GPU
+    if "lora" not in ckpt:
+        model = Transformer(ModelArgs(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device), ckpt
+    model, _ = load_model(base_path(ckpt, path), device)
+    cfg = ckpt["lora_config"]
+    apply_lora(model, cfg["rank"], cfg["alpha"], 0.0, cfg["targets"])
+    load_lora_state_dict(model, ckpt["lora"])
+    if merge:
+        merge_lora(model)
+    return model.to(device), ckpt
+
+
+
+def base_path(ckpt, path):
+    """Where a LoRA checkpoint's base weights are: the path it names, or the file of that name beside it (a
+    run folder moved or copied elsewhere keeps working)."""
+    base = ckpt["base_ckpt"]
+    if not os.path.exists(base):
+        base = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(base))
+    return base
+
+
+
+def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=0.0, lora_rank=0,
+                   lora_alpha=16.0, lora_dropout=0.0, lora_targets="wq,wk,wv,wo,w1,w2,w3"):
+    """The model a fine-tuning run (sft.py, dpo.py) trains: the weights of init_ckpt (a LoRA checkpoint comes
+    back merged) in its architecture with this run's context length (max_seq_len; 0 = the checkpoint's) and
+    dropout, LoRA adapters when lora_rank > 0 (seeded: the same initial adapters on every process), and a
+    resumed run's weights or adapters (resume_ckpt, a checkpoint dict, or None) on top.
+    Returns (model on device, model_args, the starting weights' state dict, the init checkpoint dict)."""
+    base, init = load_model(init_ckpt, device)
+    base_args = dataclasses.asdict(base.args)  # (a merged LoRA checkpoint may have untied its embeddings)
+    model_args = dict(base_args, max_seq_len=max_seq_len or base_args["max_seq_len"], dropout=dropout)
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**model_args))
+    start_state = base.state_dict()
+    model.load_state_dict(start_state)
+    del base
+    if resume_ckpt is not None and "model" in resume_ckpt:
+        model.load_state_dict(resume_ckpt["model"])
+    if lora_rank:
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        if resume_ckpt is not None and "lora" in resume_ckpt:  # (a DCP checkpoint loads in training_optimizer)
+            load_lora_state_dict(model, resume_ckpt["lora"])
+    return model.to(device), model_args, start_state, init
+
+
+
+def save_merged(path, model, **fields):
+    """LoRA: fold the adapters into the weights (in place: the model is plain afterwards) and save a plain
+    checkpoint {"model", **fields} that eval.py, export and serving read like any pretraining checkpoint."""
+    merge_lora(model)
+    # the merged architecture is the model's own (an adapted output layer unties tied embeddings)
+    save(path, {"model": model.state_dict(), **fields, "model_args": dataclasses.asdict(model.args)})
+
+
+
+def gathered_model(model, run):
+    """The trained model as a plain Transformer with all its weights on the master (for generation and the
+    merged LoRA file at the end of a run), None on the other processes. Under FSDP a collective that gathers
+    the shards into a new CPU model (LoRA layers rebuilt); otherwise the model itself."""
+    if run.parallel != "fsdp":
+        return model if run.master else None
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.master:
+        return None
+    plain = Transformer(model.args)
+    if getattr(model, "lora_config", None):
+        cfg = model.lora_config
+        apply_lora(plain, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+    plain.load_state_dict(state)
+    return plain

@@ -1,0 +1,104 @@
+"""The layout rules of ARCHITECTURE.md, checked on the tree: the library never imports a runnable script (model.py
+aside), imports sit at the top of their module (a function-level import only for an optional heavy dependency),
+the library has no import cycle, no module is over 500 lines, and a library module has no command line of its own.
+Also the read-set counter itself (tests/read_set.py), on a tree made here."""
+import ast
+import os
+
+import pytest
+
+from read_set import ROOT, n_lines, project_imports, read_set
+
+LIBRARY = ("babyllama", "clean_data", "tokenizer")
+# the only imports allowed inside a function: optional, heavy, or needed by one command only
+HEAVY = {"transformers", "gguf", "matplotlib", "redis", "fastapi", "uvicorn", "safetensors", "openai", "selenium",
+         "opencc"}
+
+
+def project_files():
+    skip = {".git", "out", "data", "__pycache__", ".venv"}
+    for root, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith("."))
+        yield from (os.path.join(root, f) for f in sorted(files) if f.endswith(".py"))
+
+
+def library_files():
+    return [f for f in project_files() if os.path.relpath(f, ROOT).split(os.sep)[0] in LIBRARY]
+
+
+def rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+def test_the_library_never_imports_a_root_script():
+    bad = [(rel(f), rel(g)) for f in library_files() for g in project_imports(f)
+           if os.path.dirname(g) == ROOT and os.path.basename(g) != "model.py"]
+    assert not bad, f"library modules importing root scripts: {bad}"
+
+
+def test_imports_are_at_the_top_of_every_module():
+    late = []
+    for f in project_files():
+        if rel(f).startswith("tests" + os.sep):
+            continue
+        for node in ast.walk(ast.parse(open(f, encoding="utf-8").read())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset > 0:
+                name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if (name or "").split(".")[0] not in HEAVY:
+                    late.append(f"{rel(f)}:{node.lineno}")
+    assert not late, f"imports inside functions or blocks (allowed only for {sorted(HEAVY)}): {late}"
+
+
+def test_the_library_has_no_import_cycle():
+    graph = {f: {g for g in project_imports(f) if g in set(library_files())} for f in library_files()}
+    state = {}  # 1: on the current path, 2: done
+
+    def visit(f, path):
+        state[f] = 1
+        for g in graph[f]:
+            if state.get(g) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(rel(p) for p in path[path.index(g):] + [g]))
+            if g not in state:
+                visit(g, path + [g])
+        state[f] = 2
+
+    for f in graph:
+        if f not in state:
+            visit(f, [f])
+
+
+def test_no_module_is_over_500_lines():
+    long = {rel(f): n_lines(f) for f in project_files() if n_lines(f) > 500}
+    assert not long, f"modules over 500 lines: {long}"
+
+
+def test_every_library_module_says_its_concern_and_has_no_command_line():
+    for f in library_files():
+        tree = ast.parse(open(f, encoding="utf-8").read())
+        if os.path.basename(f) == "__init__.py" and not tree.body:
+            continue
+        assert ast.get_docstring(tree), f"{rel(f)}: no module docstring saying its concern"
+        if os.path.basename(f) != "__main__.py":  # a package's command line is its __main__.py
+            mains = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+            assert not mains, f"{rel(f)} is a library module with its own command line"
+
+
+def test_read_set_counts_every_module_a_script_imports_transitively(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text('"""pkg"""\n')
+    (tmp_path / "pkg" / "a.py").write_text("import os\nfrom pkg import b\n\n\ndef f():\n    from pkg.c import g\n")
+    (tmp_path / "pkg" / "b.py").write_text("x = 1\ny = 2\nz = 3\n")
+    (tmp_path / "pkg" / "c.py").write_text("from . import b\n\n\ndef g():\n    pass\n")
+    (tmp_path / "pkg" / "unused.py").write_text("q = 1\n")
+    (tmp_path / "run.py").write_text("import numpy\nfrom pkg.a import f\n\nf()\n")
+    files = {os.path.relpath(f, tmp_path) for f in read_set("run.py", str(tmp_path))}
+    # the function-level import of c counts, c's relative import of b too; numpy and os are not ours
+    assert files == {"run.py", "pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/c.py"}
+    assert sum(n_lines(os.path.join(tmp_path, f)) for f in files) == 4 + 1 + 6 + 3 + 5
+
+
+@pytest.mark.parametrize("script, most", [("pretrain.py", 1800), ("sft.py", 3000), ("dpo.py", 3000),
+                                          ("grpo.py", 3300), ("ppo.py", 3300), ("eval.py", 3800)])
+def test_read_set_of_each_training_and_eval_script_is_an_afternoon(script, most):
+    lines = sum(map(n_lines, read_set(script)))
+    assert lines <= most, f"{script} needs {lines} lines read (target {most}): python tests/read_set.py {script}"
