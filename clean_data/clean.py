@@ -57,7 +57,8 @@ from tqdm import tqdm
 
 from babyllama.atomic import atomic_path
 from babyllama.configurator import config_of
-from babyllama.readers import EmptyInputError, ReadErrors, input_files, parquet_file, read_files
+from babyllama.readers import EmptyInputError, input_files, read_files
+from babyllama.records import ReadErrors, parquet_file
 from clean_data import dedup, filters, shards
 from clean_data.normalize import normalize
 

@@ -4,12 +4,17 @@ import collections
 import json
 import os
 import random
+import subprocess
+import sys
 
+from conftest import ENV, ROOT
 import numpy as np
 import pytest
 
-from babyllama.readers import ReadErrors, iter_documents, iter_records, record_to_documents
-from babyllama import readers
+from babyllama import records
+from babyllama.poetry_corpus import poetry_document_files
+from babyllama.readers import iter_documents, record_to_documents
+from babyllama.records import ReadErrors, iter_records
 import data_process
 
 MIN_CHARS = 5
@@ -219,8 +224,25 @@ def test_poetry_layout_reader(corpus, tmp_path):
     assert errors.count == 0 and errors.skipped_file_count == 3 and errors.files_read == 1
     docs = list(iter_documents(str(tmp_path), errors=ReadErrors()))  # a folder holding the package: same rules
     assert [d["source"] for d in docs] == ["chinese-poetry/dist/quantangshi/poet.tang.0.json"]
-    files, skipped = readers.poetry_document_files(str(pkg), include_error=True)
+    files, skipped = poetry_document_files(str(pkg), include_error=True)
     assert len(files) == 2 and len(skipped) == 2
+
+
+def test_download_fetches_the_corpus_and_stops(tmp_path):
+    """--download=poetry is the corpus step alone (make download): nothing tokenized, no tokenizer needed. The
+    package already extracted under ./data is kept without npm."""
+    pkg = tmp_path / "data" / "chinese-poetry"
+    pkg.mkdir(parents=True)
+    (pkg / "package.json").write_text('{"name": "chinese-poetry", "version": "2.0.1"}')
+    script = os.path.join(ROOT, "data_process.py")
+    p = subprocess.run([sys.executable, script, "--download=poetry"], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == f"chinese-poetry package at {os.path.join('data', 'chinese-poetry')}"
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+    p = subprocess.run([sys.executable, script, "--download=wiki"], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "only 'poetry'" in p.stderr
 
 
 def test_val_split_does_not_depend_on_worker_count(corpus, tok_model, tmp_path):
@@ -280,7 +302,7 @@ def test_json_stream_and_txt_paragraphs(tmp_path, monkeypatch):
     one.write_text('{"a": 1}', encoding="utf-8")
     two.write_text('{"a": 1}\n{"a": 2}\n', encoding="utf-8")
     for chunk in (1, 3, 7, 64, 1 << 20):
-        monkeypatch.setattr(readers, "_JSON_CHUNK", chunk)
+        monkeypatch.setattr(records, "_JSON_CHUNK", chunk)
         assert [v for _, v in iter_records(path, ReadErrors())] == recs
         # one object, and concatenated objects
         assert [v for _, v in iter_records(one, ReadErrors())] == [{"a": 1}]

@@ -1,11 +1,11 @@
-"""babyllama.readers.iter_records: the one record reader behind the document readers and the chat-data loaders,
+"""babyllama.records.iter_records: the one record reader behind the document readers and the chat-data loaders,
 and its one error convention (every skipped record named file:line in a ReadErrors)."""
 import gzip
 import json
 
 import pytest
 
-from babyllama.readers import ReadErrors, iter_records
+from babyllama.records import ReadErrors, iter_records
 
 RECS = [{"text": "床前明月光"}, {"text": "疑是地上霜", "n": 2}, [1, 2], "a bare string"]
 

@@ -8,7 +8,8 @@ import pytest
 
 from tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer
 import tokenizer.train_tokenizer as tt
-from tokenizer.train_tokenizer import MAX_VOCAB, expand_paths, iter_sentences, train_tokenizer
+from babyllama.readers import expand_paths
+from tokenizer.train_tokenizer import MAX_VOCAB, input_items, iter_sentences, train_tokenizer
 
 VOCAB = 600
 
@@ -224,11 +225,14 @@ def test_long_lines_are_chunked_under_max_sentence_length_and_max_chars_stops():
 
 def test_input_spec_accepts_files_globs_and_dirs(corpus_dir):
     both = [str(corpus_dir / "mixed.txt"), str(corpus_dir / "poems.txt")]
-    assert expand_paths(str(corpus_dir)) == both
-    assert expand_paths(str(corpus_dir / "*.txt")) == both
-    assert expand_paths(",".join(both)) == both
+
+    def files(spec):  # what the tokenizer reads: its checked items, expanded by the readers
+        return [path for path, _ in expand_paths(input_items(spec))]
+    assert files(str(corpus_dir)) == both
+    assert files(str(corpus_dir / "*.txt")) == both
+    assert files(",".join(both)) == both
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        expand_paths(f"{both[0]},{corpus_dir / 'missing.txt'}")
+        input_items(f"{both[0]},{corpus_dir / 'missing.txt'}")
 
 
 def test_txt_training_from_a_glob_round_trips(corpus_dir, tmp_path):
