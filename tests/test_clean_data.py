@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from clean_data import dedup, filters, shards
-from clean_data.clean import STAGES, clean, verdicts
+from clean_data.clean import clean, verdicts
+from clean_data.decide import STAGES
 from clean_data.merge import merge, plan
 from clean_data.normalize import normalize
 
