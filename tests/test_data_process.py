@@ -9,6 +9,8 @@ import sys
 
 from conftest import ENV, ROOT
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from babyllama import records
@@ -16,6 +18,8 @@ from babyllama.poetry_corpus import poetry_document_files
 from babyllama.readers import iter_documents, record_to_documents
 from babyllama.records import ReadErrors, iter_records
 import data_process
+from tokenizer import Tokenizer
+from tokenizer.train_tokenizer import train_tokenizer
 
 MIN_CHARS = 5
 
@@ -47,8 +51,6 @@ def write_corpus(d):
         f.write(json.dumps({"text": JSONL_DOCS[2]}) + "\n")
     with open(d / "b.json", "w", encoding="utf-8") as f:
         json.dump([{"content": t} for t in JSON_DOCS] + [{"content": SHORT_DOCS[1]}], f, ensure_ascii=False, indent=1)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     sub = d / "sub"
     sub.mkdir(exist_ok=True)
     pq.write_table(pa.table({"completion": PARQUET_DOCS, "n": [1, 2]}), sub / "c.parquet")
@@ -59,23 +61,6 @@ def write_corpus(d):
     return d
 
 
-def train_tiny_tokenizer(texts, prefix, vocab_size=400):
-    """tokenizer.train_tokenizer when it exists, else sentencepiece directly with the same settings."""
-    try:
-        from tokenizer.train_tokenizer import train_tokenizer
-    except ImportError:
-        train_tokenizer = None
-    if train_tokenizer is not None:
-        return train_tokenizer(iter(texts), str(prefix), vocab_size, verbose=False)
-    import sentencepiece as spm
-    lines = [line for t in texts for line in t.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, normalization_rule_name="identity",
-        add_dummy_prefix=False, remove_extra_whitespaces=False, minloglevel=2)
-    return str(prefix) + ".model"
-
-
 @pytest.fixture(scope="module")
 def tok_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
@@ -84,7 +69,7 @@ def tok_model(tmp_path_factory):
     words = "the quick brown fox jumps over lazy dog model poem text line parquet row".split()
     filler = ["".join(rng.choice(chars) for _ in range(rng.randint(5, 30))) for _ in range(300)]
     filler += [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(300)]
-    return train_tiny_tokenizer(EXPECTED * 20 + filler, d / "tiny")
+    return train_tokenizer(iter(EXPECTED * 20 + filler), str(d / "tiny"), 400, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +107,6 @@ def split_docs(ids, eos):
 
 
 def test_bin_decodes_back_to_documents_separated_by_eos(result, tok_model):
-    from tokenizer import Tokenizer
     tok = Tokenizer(tok_model)
     out, meta = result
     toks = load_tokens(out)
@@ -260,7 +244,6 @@ def test_val_split_does_not_depend_on_worker_count(corpus, tok_model, tmp_path):
 
 
 def test_meta_json_fields(result, tok_model, corpus):
-    from tokenizer import Tokenizer
     tok = Tokenizer(tok_model)
     out, meta = result
     with open(out / "meta.json", encoding="utf-8") as f:
