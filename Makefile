@@ -45,7 +45,7 @@ timed = @printf '%s\n' "$(2)"; mkdir -p $(DEMO); t0=$$(date +%s%N); $(2) && \
 	echo "{\"stage\": \"$(1)\", \"seconds\": $$(( ($$(date +%s%N) - t0) / 1000000 ))e-3}" >> $(DEMO)/stages.jsonl
 
 $(CORPUS):
-	$(PYTHON) -c "from babyllama.readers import download_poetry; print(download_poetry('data'))"
+	$(PYTHON) data_process.py --download=poetry
 
 $(TOK): $(CORPUS)
 	$(call timed,tokenizer,$(PYTHON) -m tokenizer --input=data/chinese-poetry --vocab_size=8000 --model_prefix=$(DEMO)/tok8k)

@@ -100,31 +100,44 @@ def share_band(b, i, j):
     return bool((b[i] == b[j]).any())
 
 
+# the rival's timing run, written beside its functions.py (its folder is then the script's, first on sys.path);
+# jieba, pandas and ujson are imported at the top of functions.py for other functions: stubbed when missing
+RIVAL_RUNNER = """\
+import importlib
+import importlib.util
+import json
+import sys
+import time
+import types
+
+for name in ("jieba", "pandas", "ujson"):
+    if importlib.util.find_spec(name) is None:
+        sys.modules[name] = types.ModuleType(name)
+DropDatasetDuplicate = importlib.import_module("functions").DropDatasetDuplicate
+with open("texts.json", encoding="utf-8") as f:
+    texts = json.load(f)
+d = DropDatasetDuplicate(threshold=0.85, num_perm=256)
+t = time.perf_counter()
+for i, x in enumerate(texts):
+    d.add_doc(index=i, doc=x)
+s = time.perf_counter() - t
+print(json.dumps({"seconds": s, "removed": len(d.get_duplicate_indexs())}))
+"""
+
+
 def rival_speed(texts):
-    """baby-llama2-chinese's DropDatasetDuplicate on texts, from its snapshot, in a subprocess: docs/s. Its module
-    imports jieba, pandas and ujson at the top for other functions; missing ones are stubbed (not used here)."""
+    """baby-llama2-chinese's DropDatasetDuplicate on texts, from its snapshot, in a subprocess (RIVAL_RUNNER):
+    (docs/s, documents it removed)."""
     work = os.path.join(out, "rival")
     os.makedirs(work, exist_ok=True)
-    src = subprocess.run(["git", "--git-dir", os.path.join(rival_dir, ".git") if os.path.isdir(
-        os.path.join(rival_dir, ".git")) else rival_dir, "show", "HEAD:data_clean/functions.py"],
-        capture_output=True, text=True, check=True).stdout
-    with open(os.path.join(work, "functions.py"), "w", encoding="utf-8") as f:
-        f.write(src)
-    with open(os.path.join(work, "texts.json"), "w", encoding="utf-8") as f:
-        json.dump(texts, f, ensure_ascii=False)
-    script = (
-        "import importlib.util, json, sys, time, types\n"
-        "for m in ('jieba', 'pandas', 'ujson'):\n"
-        "    if importlib.util.find_spec(m) is None: sys.modules[m] = types.ModuleType(m)\n"
-        f"sys.path.insert(0, {work!r})\n"
-        "from functions import DropDatasetDuplicate\n"
-        f"texts = json.load(open({os.path.join(work, 'texts.json')!r}, encoding='utf-8'))\n"
-        "d = DropDatasetDuplicate(threshold=0.85, num_perm=256)\n"
-        "t = time.perf_counter()\n"
-        "for i, x in enumerate(texts): d.add_doc(index=i, doc=x)\n"
-        "s = time.perf_counter() - t\n"
-        "print(json.dumps({'seconds': s, 'removed': len(d.get_duplicate_indexs())}))\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    git_dir = os.path.join(rival_dir, ".git") if os.path.isdir(os.path.join(rival_dir, ".git")) else rival_dir
+    src = subprocess.run(["git", "--git-dir", git_dir, "show", "HEAD:data_clean/functions.py"],
+                         capture_output=True, text=True, check=True).stdout
+    for name, text in (("functions.py", src), ("texts.json", json.dumps(texts, ensure_ascii=False)),
+                       ("run_rival.py", RIVAL_RUNNER)):
+        with open(os.path.join(work, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    res = subprocess.run([sys.executable, "run_rival.py"], cwd=work, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"rival run failed: {res.stderr[-2000:]}")
     r = json.loads(res.stdout.strip().splitlines()[-1])

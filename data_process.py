@@ -1,7 +1,7 @@
 """
 Tokenize a corpus into flat uint16 token files for pretraining: out_dir/train.bin, val.bin, meta.json.
 
-    python data_process.py --download=poetry                        # fetch chinese-poetry into data/, then run
+    python data_process.py --download=poetry                        # only fetch chinese-poetry into data/
     python data_process.py --input=data/clean/zh.jsonl,data/wiki/ --out_dir=out/data/wiki --num_workers=8
     python data_process.py config/data_wiki.py --min_chars=20
 
@@ -39,7 +39,9 @@ from tqdm import tqdm
 
 from babyllama.atomic import atomic_path, write_json
 from babyllama.configurator import apply_overrides
-from babyllama.readers import EmptyInputError, ReadErrors, download_poetry, input_files, read_files
+from babyllama.poetry_corpus import download_poetry
+from babyllama.readers import EmptyInputError, input_files, read_files
+from babyllama.records import ReadErrors
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -53,7 +55,7 @@ num_workers = 2  # encoding processes; <= 1 encodes in this process
 chunk_docs = 1000  # documents per task sent to a worker
 seed = 1337  # keys the split hash
 txt_mode = "line"  # .txt files: "line" = a document per line, "paragraph" = per blank-line-separated block
-download = ""  # "poetry": fetch the chinese-poetry npm package into data/ first
+download = ""  # "poetry": fetch the chinese-poetry npm package into data/chinese-poetry/ and stop (make download)
 # -----------------------------------------------------------------------------
 
 DTYPE = np.uint16
@@ -293,10 +295,11 @@ def format_report(meta, out_dir=""):
 
 if __name__ == "__main__":
     apply_overrides(globals())
-    if download:
+    if download:  # the corpus comes before the tokenizer trained on it: fetching it is a step of its own
         if download != "poetry":
             sys.exit(f"--download={download!r}: only 'poetry' (the chinese-poetry npm package) is known")
         print(f"chinese-poetry package at {download_poetry('data')}")
+        sys.exit(0)
     try:
         process(input, tokenizer_model, out_dir, text_field=text_field, val_fraction=val_fraction,
                 min_chars=min_chars, num_workers=num_workers, chunk_docs=chunk_docs, seed=seed,

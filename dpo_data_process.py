@@ -19,7 +19,7 @@ from babyllama.atomic import write_json
 from babyllama.configurator import run_main
 from babyllama.poetry import build_poetry_pairs
 from babyllama.preferences import load_preferences, write_pairs
-from babyllama.readers import ReadErrors
+from babyllama.records import ReadErrors
 
 # -----------------------------------------------------------------------------------------------------------
 demo_poetry = ""  # the chinese-poetry corpus (a directory, file or glob babyllama.readers reads)

@@ -49,7 +49,8 @@ from babyllama.int8 import quantize_int8
 from babyllama.mc import MCError, category_table, guess_benchmark, load_exam, load_subjects, subject_table, summarize
 from babyllama.memory import model_bytes
 from babyllama.poetry import well_formed_poem
-from babyllama.readers import ReadErrors, iter_documents, iter_records, read_txt
+from babyllama.readers import iter_documents, read_txt
+from babyllama.records import ReadErrors, iter_records
 from babyllama.scoring import bits_per_character, score_mc, sequence_loss
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids

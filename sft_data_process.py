@@ -36,7 +36,7 @@ from babyllama.atomic import write_json, write_jsonl
 from babyllama.configurator import run_main
 from babyllama.conversations import Filter, mix, nothing_usable, read_raw_conversations, write_conversations
 from babyllama.poetry import build_poetry_demo
-from babyllama.readers import ReadErrors
+from babyllama.records import ReadErrors
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------------------

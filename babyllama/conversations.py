@@ -12,7 +12,7 @@ Input formats, detected per record (parse_record):
   BELLE    {"instruction", "output"}                       (Alpaca without input)
   ShareGPT {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...], optional "system"}
   OpenAI   {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (the unified form is one)
-Files are read with babyllama.readers.iter_records (.json, .jsonl, .parquet; .gz too), so every record that
+Files are read with babyllama.records.iter_records (.json, .jsonl, .parquet; .gz too), so every record that
 is skipped, here or by the reader, is counted by reason and named file:line in a ReadErrors.
 """
 from collections import Counter
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from babyllama.atomic import atomic_path, write_jsonl
-from babyllama.readers import ReadErrors, iter_records
+from babyllama.records import ReadErrors, iter_records
 from tokenizer.chat_template import encode_conversation
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -15,7 +15,8 @@ from collections import Counter
 import random
 import re
 
-from babyllama.readers import ReadErrors, iter_documents
+from babyllama.readers import iter_documents
+from babyllama.records import ReadErrors
 
 CLAUSE_MARKS = "，。？！；、,.?!;"  # what ends a clause
 LINE_END = "。？！"  # what ends a line of a well-formed poem

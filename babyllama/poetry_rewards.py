@@ -30,7 +30,7 @@ import re
 from babyllama.atomic import write_json
 from babyllama.configurator import run_main
 from babyllama.poetry import CLAUSE_MARKS, LINE_END, poem_clauses
-from babyllama.readers import ReadErrors, iter_records
+from babyllama.records import ReadErrors, iter_records
 
 CHARS = {"五言": 5, "七言": 7}
 CLAUSES = {"绝句": 4, "律诗": 8}

@@ -9,7 +9,7 @@ The internal form of one pair:
      "chosen": str, "rejected": str,                                   # the two candidate assistant replies
      "kind": str}                                                      # optional label, e.g. "poem/shuffled"
 
-Accepted records (JSON list, JSONL or parquet, read with babyllama.readers.iter_records; extra keys are
+Accepted records (JSON list, JSONL or parquet, read with babyllama.records.iter_records; extra keys are
 ignored):
   {"prompt": str | [messages], "chosen": str | [messages] | {turn}, "rejected": ...}
   {"conversations": [{"from", "value"} | {"role", "content"}, ...], "chosen": ..., "rejected": ...}
@@ -23,7 +23,7 @@ import os
 
 from babyllama.atomic import write_jsonl
 from babyllama.conversations import nothing_usable
-from babyllama.readers import ReadErrors, iter_records
+from babyllama.records import ReadErrors, iter_records
 
 ROLE_MAP = {"user": "user", "human": "user", "question": "user",
             "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant",

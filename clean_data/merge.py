@@ -18,7 +18,8 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from babyllama.readers import ReadErrors, iter_documents
+from babyllama.readers import iter_documents
+from babyllama.records import ReadErrors
 
 # -----------------------------------------------------------------------------
 inputs = ""  # "path:weight,path:weight"

@@ -139,3 +139,39 @@ def finish(r, prefix, shard_id, num_shards, report):
     for key in r.scan_iter(match=f"{prefix}:*"):
         r.delete(key)
     return reports
+
+
+class RedisHub:
+    """The Redis side of decide.decide for this process' shard of a multi-shard run (the phases above)."""
+
+    def __init__(self, r, c, starts, local_texts):
+        self.r, self.c, self.starts, self.local_texts = r, c, starts, local_texts
+        self.lo, self.hi = starts[c.shard_id], starts[c.shard_id + 1]
+
+    def is_mine(self, positions):
+        return (positions >= self.lo) & (positions < self.hi)
+
+    def share_texts(self, members, bounds):
+        """Publish my documents' texts in components that span shards; wait for every shard to have done so."""
+        shard = np.searchsorted(self.starts, members, side="right") - 1
+        sizes = np.diff(bounds)
+        first = np.minimum.reduceat(shard, bounds[:-1]) if len(members) else shard
+        last = np.maximum.reduceat(shard, bounds[:-1]) if len(members) else shard
+        spans = np.repeat(first != last, sizes)
+        out = members[spans & self.is_mine(members)]
+        publish_texts(self.r, self.c.redis_prefix, out, self.local_texts(out - self.lo))
+        barrier(self.r, self.c.redis_prefix, "texts", self.c.shard_id, self.c.num_shards, self.c.redis_timeout)
+
+    def texts_at(self, positions):
+        mine = self.is_mine(positions)
+        out = np.empty(len(positions), object)
+        out[mine] = self.local_texts(positions[mine] - self.lo)
+        out[~mine] = fetch_texts(self.r, self.c.redis_prefix, positions[~mine])
+        return out.tolist()
+
+    def merge(self, code):
+        """Every shard's verdicts for its own documents, after MinHash."""
+        p = self.c.redis_prefix
+        publish(self.r, p, "minhash", self.c.shard_id, {"code": code[self.lo:self.hi]})
+        barrier(self.r, p, "minhash", self.c.shard_id, self.c.num_shards, self.c.redis_timeout)
+        return fetch_all(self.r, p, "minhash", self.c.num_shards, ["code"])["code"].copy()

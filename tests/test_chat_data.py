@@ -10,7 +10,7 @@ import pytest
 
 from babyllama.poetry import build_poetry_pairs, corrupt, poem_clauses, well_formed_poem
 from babyllama.preferences import load_preferences, parse_pair
-from babyllama.readers import ReadErrors
+from babyllama.records import ReadErrors
 
 U = lambda c: {"role": "user", "content": c}
 A = lambda c: {"role": "assistant", "content": c}

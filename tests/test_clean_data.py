@@ -4,16 +4,23 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
 
 from conftest import run_script
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from simhash import Simhash
 
 from clean_data import dedup, filters, shards
-from clean_data.clean import STAGES, clean, verdicts
+from clean_data.clean import clean, verdicts
+from clean_data.decide import STAGES
 from clean_data.merge import merge, plan
 from clean_data.normalize import normalize
+import data_process
+from tokenizer.train_tokenizer import train_tokenizer
 
 rng = random.Random(0)
 COMMON = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 400))  # 400 distinct ideographs
@@ -76,7 +83,6 @@ def test_traditional_to_simplified_when_opencc_present():
 # ---- dedup primitives ---------------------------------------------------------------------------------------
 
 def test_vectorised_simhash_equals_the_simhash_package():
-    from simhash import Simhash
     text = long_doc(5, 80)
     feats = [text[i:i + 5] for i in range(len(text) - 4)]
     hashes, counts = dedup.shingle_hashes([text], 5)
@@ -227,7 +233,6 @@ def test_pipeline_counts_stages_and_reasons(cleaned):
 
 
 def test_output_parquet_schema_and_text_unchanged(cleaned):
-    import pyarrow.parquet as pq
     d, docs, r = cleaned
     t = pq.read_table(d / "out" / "clean.parquet")
     assert t.schema.names == ["text", "source", "line", "title", "author", "collection", "id"]
@@ -268,8 +273,6 @@ def test_command_line_overrides_reach_the_pipeline(tmp_path):
 
 
 def test_data_process_reads_cleaned_parquet(cleaned, tmp_path):
-    import data_process
-    from tokenizer.train_tokenizer import train_tokenizer
     d, docs, r = cleaned
     texts = docs * 5 + [COMMON] * 5 + ["the quick brown fox jumps over the lazy dog, a b"] * 50
     model = train_tokenizer(iter(texts), str(tmp_path / "tiny"), 1000, character_coverage=1.0,
@@ -284,8 +287,6 @@ def test_data_process_reads_cleaned_parquet(cleaned, tmp_path):
 # ---- merging --------------------------------------------------------------------------------------------
 
 def test_merge_ratios_hold_and_are_deterministic(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": [f"医学{i}" for i in range(300)]}), tmp_path / "med.parquet")
     pq.write_table(pa.table({"text": [f"通用{i}" for i in range(2000)]}), tmp_path / "gen.parquet")
     src = [(str(tmp_path / "med.parquet"), 1), (str(tmp_path / "gen.parquet"), 3)]
@@ -336,7 +337,6 @@ def planted_corpus(d, parts=3):
 
 
 def kept_ids(out_dir):
-    import pyarrow.parquet as pq
     return sorted(pq.read_table(os.path.join(out_dir, "clean.parquet"), columns=["id"]).column("id").to_pylist())
 
 
@@ -368,7 +368,6 @@ def test_kept_set_independent_of_chunks_and_workers(tmp_path, chunk_docs, num_wo
 
 def run_shards(files_per_shard, out, redis_url, prefix, order):
     """clean() on each shard at once (threads, started in `order`); returns each shard's out_dir."""
-    import threading
     outs, errors = [str(out / f"shard{s}") for s in range(len(files_per_shard))], []
 
     def one(s):

@@ -4,13 +4,22 @@ import collections
 import json
 import os
 import random
+import subprocess
+import sys
 
+from conftest import ENV, ROOT
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from babyllama import readers
-from babyllama.readers import ReadErrors, iter_documents, iter_records, record_to_documents
+from babyllama import records
+from babyllama.poetry_corpus import poetry_document_files
+from babyllama.readers import iter_documents, record_to_documents
+from babyllama.records import ReadErrors, iter_records
 import data_process
+from tokenizer import Tokenizer
+from tokenizer.train_tokenizer import train_tokenizer
 
 MIN_CHARS = 5
 
@@ -42,8 +51,6 @@ def write_corpus(d):
         f.write(json.dumps({"text": JSONL_DOCS[2]}) + "\n")
     with open(d / "b.json", "w", encoding="utf-8") as f:
         json.dump([{"content": t} for t in JSON_DOCS] + [{"content": SHORT_DOCS[1]}], f, ensure_ascii=False, indent=1)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     sub = d / "sub"
     sub.mkdir(exist_ok=True)
     pq.write_table(pa.table({"completion": PARQUET_DOCS, "n": [1, 2]}), sub / "c.parquet")
@@ -54,23 +61,6 @@ def write_corpus(d):
     return d
 
 
-def train_tiny_tokenizer(texts, prefix, vocab_size=400):
-    """tokenizer.train_tokenizer when it exists, else sentencepiece directly with the same settings."""
-    try:
-        from tokenizer.train_tokenizer import train_tokenizer
-    except ImportError:
-        train_tokenizer = None
-    if train_tokenizer is not None:
-        return train_tokenizer(iter(texts), str(prefix), vocab_size, verbose=False)
-    import sentencepiece as spm
-    lines = [line for t in texts for line in t.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, normalization_rule_name="identity",
-        add_dummy_prefix=False, remove_extra_whitespaces=False, minloglevel=2)
-    return str(prefix) + ".model"
-
-
 @pytest.fixture(scope="module")
 def tok_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
@@ -79,7 +69,7 @@ def tok_model(tmp_path_factory):
     words = "the quick brown fox jumps over lazy dog model poem text line parquet row".split()
     filler = ["".join(rng.choice(chars) for _ in range(rng.randint(5, 30))) for _ in range(300)]
     filler += [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(300)]
-    return train_tiny_tokenizer(EXPECTED * 20 + filler, d / "tiny")
+    return train_tokenizer(iter(EXPECTED * 20 + filler), str(d / "tiny"), 400, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +107,6 @@ def split_docs(ids, eos):
 
 
 def test_bin_decodes_back_to_documents_separated_by_eos(result, tok_model):
-    from tokenizer import Tokenizer
     tok = Tokenizer(tok_model)
     out, meta = result
     toks = load_tokens(out)
@@ -219,8 +208,25 @@ def test_poetry_layout_reader(corpus, tmp_path):
     assert errors.count == 0 and errors.skipped_file_count == 3 and errors.files_read == 1
     docs = list(iter_documents(str(tmp_path), errors=ReadErrors()))  # a folder holding the package: same rules
     assert [d["source"] for d in docs] == ["chinese-poetry/dist/quantangshi/poet.tang.0.json"]
-    files, skipped = readers.poetry_document_files(str(pkg), include_error=True)
+    files, skipped = poetry_document_files(str(pkg), include_error=True)
     assert len(files) == 2 and len(skipped) == 2
+
+
+def test_download_fetches_the_corpus_and_stops(tmp_path):
+    """--download=poetry is the corpus step alone (make download): nothing tokenized, no tokenizer needed. The
+    package already extracted under ./data is kept without npm."""
+    pkg = tmp_path / "data" / "chinese-poetry"
+    pkg.mkdir(parents=True)
+    (pkg / "package.json").write_text('{"name": "chinese-poetry", "version": "2.0.1"}')
+    script = os.path.join(ROOT, "data_process.py")
+    p = subprocess.run([sys.executable, script, "--download=poetry"], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == f"chinese-poetry package at {os.path.join('data', 'chinese-poetry')}"
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+    p = subprocess.run([sys.executable, script, "--download=wiki"], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "only 'poetry'" in p.stderr
 
 
 def test_val_split_does_not_depend_on_worker_count(corpus, tok_model, tmp_path):
@@ -238,7 +244,6 @@ def test_val_split_does_not_depend_on_worker_count(corpus, tok_model, tmp_path):
 
 
 def test_meta_json_fields(result, tok_model, corpus):
-    from tokenizer import Tokenizer
     tok = Tokenizer(tok_model)
     out, meta = result
     with open(out / "meta.json", encoding="utf-8") as f:
@@ -280,7 +285,7 @@ def test_json_stream_and_txt_paragraphs(tmp_path, monkeypatch):
     one.write_text('{"a": 1}', encoding="utf-8")
     two.write_text('{"a": 1}\n{"a": 2}\n', encoding="utf-8")
     for chunk in (1, 3, 7, 64, 1 << 20):
-        monkeypatch.setattr(readers, "_JSON_CHUNK", chunk)
+        monkeypatch.setattr(records, "_JSON_CHUNK", chunk)
         assert [v for _, v in iter_records(path, ReadErrors())] == recs
         # one object, and concatenated objects
         assert [v for _, v in iter_records(one, ReadErrors())] == [{"a": 1}]

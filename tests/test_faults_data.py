@@ -12,7 +12,8 @@ from sft_fixtures import tiny_tokenizer
 
 from babyllama.conversations import load_conversations
 from babyllama.preferences import load_preferences
-from babyllama.readers import EmptyInputError, ReadErrors, iter_records
+from babyllama.readers import EmptyInputError
+from babyllama.records import ReadErrors, iter_records
 from clean_data.clean import clean
 import data_process
 

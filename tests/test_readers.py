@@ -1,11 +1,13 @@
-"""babyllama.readers.iter_records: the one record reader behind the document readers and the chat-data loaders,
+"""babyllama.records.iter_records: the one record reader behind the document readers and the chat-data loaders,
 and its one error convention (every skipped record named file:line in a ReadErrors)."""
 import gzip
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from babyllama.readers import ReadErrors, iter_records
+from babyllama.records import ReadErrors, iter_records
 
 RECS = [{"text": "床前明月光"}, {"text": "疑是地上霜", "n": 2}, [1, 2], "a bare string"]
 
@@ -61,8 +63,6 @@ def test_json_with_invalid_utf8_stops_and_names_its_line(tmp_path):
 
 
 def test_parquet_gives_whole_rows_numbered_from_one(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     path = tmp_path / "t.parquet"
     pq.write_table(pa.Table.from_pylist([{"q": "问", "n": 1}, {"q": None, "n": 2}]), path)
     records, errors = read(path)

@@ -12,7 +12,7 @@ from sft_fixtures import tiny_tokenizer
 
 from babyllama import conversations as cv
 from babyllama.conversations import load_conversations
-from babyllama.readers import ReadErrors
+from babyllama.records import ReadErrors
 
 Q1, A1, Q2, A2 = "请写一首诗。", "床前明月光。", "作者是谁？", "李白。"
 SYSTEM = "你是助手。"

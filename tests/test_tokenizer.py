@@ -1,14 +1,18 @@
 """Tokenizer tests: one tiny BPE model is trained once per module on a corpus written into tmp_path."""
+import hashlib
+import json
 import os
 import pickle
 import random
 
 from conftest import run_script
 import pytest
+import sentencepiece as spm
 
+from babyllama.readers import expand_paths
 from tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer
 import tokenizer.train_tokenizer as tt
-from tokenizer.train_tokenizer import MAX_VOCAB, expand_paths, iter_sentences, train_tokenizer
+from tokenizer.train_tokenizer import MAX_VOCAB, input_items, iter_sentences, train_tokenizer
 
 VOCAB = 600
 
@@ -197,7 +201,6 @@ def test_missing_model_file_is_clear_error(tmp_path):
 
 
 def test_model_that_cannot_round_trip_is_refused(corpus_dir, tmp_path):
-    import sentencepiece as spm
     spm.SentencePieceTrainer.train(input=str(corpus_dir / "poems.txt"), model_prefix=str(tmp_path / "nfkc"),
                                    vocab_size=200, model_type="bpe", minloglevel=2)  # defaults: NFKC, dummy prefix
     with pytest.raises(ValueError, match="round-trip"):
@@ -205,7 +208,6 @@ def test_model_that_cannot_round_trip_is_refused(corpus_dir, tmp_path):
 
 
 def test_sha256_and_pickle(tok):
-    import hashlib
     with open(tok.model_path, "rb") as f:
         assert tok.sha256() == hashlib.sha256(f.read()).hexdigest()
     tok2 = pickle.loads(pickle.dumps(tok))  # DataLoader / multiprocessing workers
@@ -224,11 +226,14 @@ def test_long_lines_are_chunked_under_max_sentence_length_and_max_chars_stops():
 
 def test_input_spec_accepts_files_globs_and_dirs(corpus_dir):
     both = [str(corpus_dir / "mixed.txt"), str(corpus_dir / "poems.txt")]
-    assert expand_paths(str(corpus_dir)) == both
-    assert expand_paths(str(corpus_dir / "*.txt")) == both
-    assert expand_paths(",".join(both)) == both
+
+    def files(spec):  # what the tokenizer reads: its checked items, expanded by the readers
+        return [path for path, _ in expand_paths(input_items(spec))]
+    assert files(str(corpus_dir)) == both
+    assert files(str(corpus_dir / "*.txt")) == both
+    assert files(",".join(both)) == both
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        expand_paths(f"{both[0]},{corpus_dir / 'missing.txt'}")
+        input_items(f"{both[0]},{corpus_dir / 'missing.txt'}")
 
 
 def test_txt_training_from_a_glob_round_trips(corpus_dir, tmp_path):
@@ -237,7 +242,6 @@ def test_txt_training_from_a_glob_round_trips(corpus_dir, tmp_path):
 
 
 def test_jsonl_training_through_shared_readers(corpus_dir, tmp_path):
-    import json
     with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
         for line in (corpus_dir / "poems.txt").read_text(encoding="utf-8").splitlines()[:50]:
             f.write(json.dumps({"text": line + "\nHello world 42"}, ensure_ascii=False) + "\n")

@@ -19,6 +19,7 @@ import time
 import sentencepiece as spm
 
 from babyllama import readers
+from babyllama.records import ReadErrors
 from tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -53,22 +54,10 @@ def input_items(spec):
     return items
 
 
-def expand_paths(items, exts=(".txt",)):
-    """Files / globs / directories (searched recursively for exts) -> sorted list of files."""
-    files = []
-    for item in input_items(items):
-        if os.path.isdir(item):
-            files += sorted(os.path.join(root, f) for root, _, names in os.walk(item)
-                            for f in names if f.endswith(exts))
-        else:
-            files += sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
-    return files
-
-
 def iter_documents(items, text_field="", stats=None):
     """Yield document strings, through babyllama.readers (all its formats, dirs, globs, the chinese-poetry
     layout); its record errors go to stats["read_errors"]."""
-    errors = readers.ReadErrors()
+    errors = ReadErrors()
     if stats is not None:
         stats["read_errors"] = errors
     for doc in readers.iter_documents(input_items(items), text_field=text_field or None, errors=errors):
