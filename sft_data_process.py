@@ -29,15 +29,21 @@ demo needs no other download; see babyllama.poetry.build_poetry_demo(). Its held
 eval_questions.jsonl.
 """
 from collections import Counter
+import hashlib
+import json
 import os
 import random
 
-from babyllama.atomic import write_json, write_jsonl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from babyllama.atomic import atomic_path, write_json, write_jsonl
 from babyllama.configurator import run_main
-from babyllama.conversations import Filter, mix, nothing_usable, read_raw_conversations, write_conversations
+from babyllama.conversations import check_conversation, read_raw_conversations
 from babyllama.poetry import build_poetry_demo
-from babyllama.records import ReadErrors
+from babyllama.records import ReadErrors, nothing_usable
 from tokenizer import Tokenizer
+from tokenizer.chat_template import encode_conversation
 
 # -----------------------------------------------------------------------------------------------------------
 inputs = ""  # comma-separated files (.json, .jsonl, .parquet)
@@ -92,6 +98,89 @@ def read_demo(path, tok, limit, seed):
           f"(filters: {', '.join(f'{k} {v:,}' for k, v in demo_filter.counts.most_common())}; "
           f"{corpus_errors.count:,} corpus records the reader skipped)")
     return dtrain, dval, questions, demo_stats
+
+
+
+def conversation_length(tok, conv):
+    """Tokens of the conversation after the chat template (tok: a tokenizer.Tokenizer)."""
+    return len(encode_conversation(tok, conv["messages"], conv["system"])[0])
+
+
+def fit_length(tok, conv, limit, mode):
+    """conv if it fits limit tokens; with mode 'truncate' the longest prefix of whole user/assistant
+    exchanges that fits; None if nothing fits (or mode is 'drop'). Returns (conv or None, truncated)."""
+    if conversation_length(tok, conv) <= limit:
+        return conv, False
+    if mode != "truncate":
+        return None, False
+    msgs = conv["messages"]
+    for n in range(len(msgs) - 2, 0, -2):
+        cut = dict(conv, messages=msgs[:n])
+        if conversation_length(tok, cut) <= limit:
+            return cut, True
+    return None, False
+
+
+def conversation_key(conv):
+    """Hex digest of the system prompt and turns: equal for exact duplicates whatever their source."""
+    blob = json.dumps([conv["system"], conv["messages"]], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+class Filter:
+    """Applies the filters in order (usable turns, exact duplicates, length in tokens when tok and limit are
+    given), counting each reason in .counts; calling it returns the conversation kept (maybe truncated) or
+    None."""
+
+    def __init__(self, tok=None, limit=0, mode="drop", dedup=True):
+        self.tok, self.limit, self.mode, self.dedup = tok, limit, mode, dedup
+        self.counts = Counter()
+        self.seen = set()
+
+    def __call__(self, conv):
+        reason = check_conversation(conv)
+        if reason:
+            self.counts[reason] += 1
+            return None
+        if self.dedup:
+            key = conversation_key(conv)
+            if key in self.seen:
+                self.counts["exact duplicate"] += 1
+                return None
+            self.seen.add(key)
+        if self.tok is not None and self.limit:
+            conv, truncated = fit_length(self.tok, conv, self.limit, self.mode)
+            if conv is None:
+                self.counts[f"longer than {self.limit} tokens (dropped)"] += 1
+                return None
+            if truncated:
+                self.counts[f"longer than {self.limit} tokens (truncated, kept)"] += 1
+        self.counts["kept"] += 1
+        return conv
+
+
+def mix(sources, ratios, rng):
+    """sources: list of lists. ratio r keeps floor(r) copies of each list plus a random (r - floor r) part."""
+    out = []
+    for convs, r in zip(sources, ratios):
+        whole = int(r)
+        out += convs * whole
+        frac = r - whole
+        if frac > 0:
+            out += rng.sample(convs, round(frac * len(convs)))
+    return out
+
+
+def write_conversations(path, convs, fmt):
+    """The conversations in the unified form, as JSONL (fmt 'jsonl') or parquet ('parquet'), written to a
+    temporary file first and renamed, so a reader never sees half a file (and a failed write leaves none)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows = [{"messages": c["messages"], "system": c.get("system"), "source": c.get("source", "")} for c in convs]
+    if fmt != "parquet":
+        write_jsonl(path, rows)
+        return
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 def main():

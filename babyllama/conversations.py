@@ -1,6 +1,6 @@
 """
-SFT conversations: the formats people download parsed into one unified form, the filters, source mixing, and
-the unified file that sft_data_process.py writes and sft.py reads back (load_conversations). Torch-free.
+SFT conversations: the formats people download parsed into one unified form, and the unified file read back
+(load_conversations: what sft.py trains on). The filters, mixing and writing are sft_data_process.py's. Torch-free.
 
 The unified form of one conversation:
 
@@ -16,16 +16,9 @@ Files are read with babyllama.records.iter_records (.json, .jsonl, .parquet; .gz
 is skipped, here or by the reader, is counted by reason and named file:line in a ReadErrors.
 """
 from collections import Counter
-import hashlib
-import json
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from babyllama.atomic import atomic_path, write_jsonl
-from babyllama.records import ReadErrors, iter_records
-from tokenizer.chat_template import encode_conversation
+from babyllama.records import ReadErrors, iter_records, nothing_usable
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
@@ -167,102 +160,3 @@ def load_conversations(path, errors=None):
     if not convs:
         raise nothing_usable(path, "conversation", errors, Counter(errors.by_reason) - skipped_before)
     return convs
-
-
-def nothing_usable(path, what, errors, skipped):
-    """The ValueError for a file that gave no usable `what`: it names the file, how many of its records were
-    skipped and why (skipped: a mapping reason -> count), and the first of them (file:line: reason) that errors
-    (a ReadErrors) still holds."""
-    total = sum(skipped.values())
-    if not total:
-        return ValueError(f"{path}: no {what} in it (the file holds no records)")
-    examples = [e for e in errors.examples if e.startswith(f"{path}:")][:3]
-    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
-    return ValueError(f"{path}: no usable {what}: {total} records skipped" +
-                      (", e.g. " + "; ".join(examples) if examples else "") + f"; skipped by reason: {reasons}")
-
-
-# ---- filters ----------------------------------------------------------------------------------------------
-
-def conversation_length(tok, conv):
-    """Tokens of the conversation after the chat template (tok: a tokenizer.Tokenizer)."""
-    return len(encode_conversation(tok, conv["messages"], conv["system"])[0])
-
-
-def fit_length(tok, conv, limit, mode):
-    """conv if it fits limit tokens; with mode 'truncate' the longest prefix of whole user/assistant
-    exchanges that fits; None if nothing fits (or mode is 'drop'). Returns (conv or None, truncated)."""
-    if conversation_length(tok, conv) <= limit:
-        return conv, False
-    if mode != "truncate":
-        return None, False
-    msgs = conv["messages"]
-    for n in range(len(msgs) - 2, 0, -2):
-        cut = dict(conv, messages=msgs[:n])
-        if conversation_length(tok, cut) <= limit:
-            return cut, True
-    return None, False
-
-
-def conversation_key(conv):
-    """Hex digest of the system prompt and turns: equal for exact duplicates whatever their source."""
-    blob = json.dumps([conv["system"], conv["messages"]], ensure_ascii=False, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()
-
-
-class Filter:
-    """Applies the filters in order (usable turns, exact duplicates, length in tokens when tok and limit are
-    given), counting each reason in .counts; calling it returns the conversation kept (maybe truncated) or
-    None."""
-
-    def __init__(self, tok=None, limit=0, mode="drop", dedup=True):
-        self.tok, self.limit, self.mode, self.dedup = tok, limit, mode, dedup
-        self.counts = Counter()
-        self.seen = set()
-
-    def __call__(self, conv):
-        reason = check_conversation(conv)
-        if reason:
-            self.counts[reason] += 1
-            return None
-        if self.dedup:
-            key = conversation_key(conv)
-            if key in self.seen:
-                self.counts["exact duplicate"] += 1
-                return None
-            self.seen.add(key)
-        if self.tok is not None and self.limit:
-            conv, truncated = fit_length(self.tok, conv, self.limit, self.mode)
-            if conv is None:
-                self.counts[f"longer than {self.limit} tokens (dropped)"] += 1
-                return None
-            if truncated:
-                self.counts[f"longer than {self.limit} tokens (truncated, kept)"] += 1
-        self.counts["kept"] += 1
-        return conv
-
-
-def mix(sources, ratios, rng):
-    """sources: list of lists. ratio r keeps floor(r) copies of each list plus a random (r - floor r) part."""
-    out = []
-    for convs, r in zip(sources, ratios):
-        whole = int(r)
-        out += convs * whole
-        frac = r - whole
-        if frac > 0:
-            out += rng.sample(convs, round(frac * len(convs)))
-    return out
-
-
-# ---- writing ----------------------------------------------------------------------------------------------
-
-def write_conversations(path, convs, fmt):
-    """The conversations in the unified form, as JSONL (fmt 'jsonl') or parquet ('parquet'), written to a
-    temporary file first and renamed, so a reader never sees half a file (and a failed write leaves none)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    rows = [{"messages": c["messages"], "system": c.get("system"), "source": c.get("source", "")} for c in convs]
-    if fmt != "parquet":
-        write_jsonl(path, rows)
-        return
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)

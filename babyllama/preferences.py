@@ -22,8 +22,7 @@ from collections import Counter
 import os
 
 from babyllama.atomic import write_jsonl
-from babyllama.conversations import nothing_usable
-from babyllama.records import ReadErrors, iter_records
+from babyllama.records import ReadErrors, iter_records, nothing_usable
 
 ROLE_MAP = {"user": "user", "human": "user", "question": "user",
             "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant",

@@ -320,3 +320,16 @@ class _JsonStream:
             line = self.line
             yield line, self.value()
             c = self.peek()
+
+
+def nothing_usable(path, what, errors, skipped):
+    """The ValueError for a file that gave no usable `what`: it names the file, how many of its records were
+    skipped and why (skipped: a mapping reason -> count), and the first of them (file:line: reason) that errors
+    (a ReadErrors) still holds."""
+    total = sum(skipped.values())
+    if not total:
+        return ValueError(f"{path}: no {what} in it (the file holds no records)")
+    examples = [e for e in errors.examples if e.startswith(f"{path}:")][:3]
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return ValueError(f"{path}: no usable {what}: {total} records skipped" +
+                      (", e.g. " + "; ".join(examples) if examples else "") + f"; skipped by reason: {reasons}")

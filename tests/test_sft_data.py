@@ -13,6 +13,7 @@ from sft_fixtures import tiny_tokenizer
 from babyllama import conversations as cv
 from babyllama.conversations import load_conversations
 from babyllama.records import ReadErrors
+import sft_data_process as sdp
 
 Q1, A1, Q2, A2 = "请写一首诗。", "床前明月光。", "作者是谁？", "李白。"
 SYSTEM = "你是助手。"
@@ -101,22 +102,22 @@ def test_filters_count_each_reason(tmp_path):
     convs = [good, dict(good), {"system": None, "messages": [u("你好"), a("  ")]},
              {"system": None, "messages": [u("a"), u("b"), a("c")]}, {"system": None, "messages": [u("a")]},
              {"system": None, "messages": [a("a"), u("b")]}, long_two]
-    f = cv.Filter(tok, 40, "drop", True)
+    f = sdp.Filter(tok, 40, "drop", True)
     kept = [c for c in map(f, convs) if c is not None]
     assert kept == [good]
     assert f.counts == {"kept": 1, "exact duplicate": 1, "empty turn": 1,
                         "turns do not alternate user/assistant": 2, "does not end with an assistant turn": 1,
                         "longer than 40 tokens (dropped)": 1}
-    f = cv.Filter(tok, 40, "truncate", True)
+    f = sdp.Filter(tok, 40, "truncate", True)
     cut = f(long_two)
     assert cut["messages"] == long_two["messages"][:2] and f.counts["longer than 40 tokens (truncated, kept)"] == 1
-    assert cv.conversation_length(tok, cut) <= 40
+    assert sdp.conversation_length(tok, cut) <= 40
 
 
 def test_mix_ratios_are_deterministic():
     a, b = [f"a{i}" for i in range(10)], [f"b{i}" for i in range(10)]
-    m1 = cv.mix([a, b], [0.5, 1.5], random.Random(3))
-    assert m1 == cv.mix([a, b], [0.5, 1.5], random.Random(3))
+    m1 = sdp.mix([a, b], [0.5, 1.5], random.Random(3))
+    assert m1 == sdp.mix([a, b], [0.5, 1.5], random.Random(3))
     assert sum(x.startswith("a") for x in m1) == 5 and sum(x.startswith("b") for x in m1) == 15
 
 
@@ -125,7 +126,7 @@ def test_load_conversations_reads_back_what_is_written(tmp_path, kind):
     convs = [dict(EXPECTED, source="a.json"),
              {"system": None, "messages": EXPECTED["messages"][:2], "source": "b.jsonl"}]
     path = tmp_path / f"train.{kind}"
-    cv.write_conversations(str(path), convs, kind)
+    sdp.write_conversations(str(path), convs, kind)
     assert load_conversations(path) == [{"messages": c["messages"], "system": c["system"], "source": c["source"]}
                                         for c in convs]
 
