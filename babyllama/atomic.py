@@ -1,5 +1,5 @@
 """
-Atomic output files for the data scripts: a file is written under a temporary name beside its target and renamed
+Atomic output files (checkpoints, logs, data, reports): a file is written under a temporary name beside its target and renamed
 over the target only once it is complete; on any error the temporary file is removed and the target is left
 byte-identical. A reader (or the next pipeline step) sees the old file or the new one, never half of one.
 

@@ -1,9 +1,6 @@
-"""
-What every training script (pretrain.py, sft.py, dpo.py) repeats, written once: DDP set-up, mixed
-precision, the LR schedule, the optimizer step, token-file batches, step timing, JSONL logs and loss plots.
-Checkpoints live in checkpoint.py. Each function is small and independent; the training loops themselves
-stay in the scripts.
-"""
+"""Processes: a training run's set-up (one process or torchrun's, device, precision, threads) as a Run, the model
+wrapped for DDP or sharded with FSDP2 (compile and activation checkpointing on the way), gradient sync on the last
+micro-step only, and the all-reduces of logged numbers. The training loops themselves stay in the scripts."""
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 import gc

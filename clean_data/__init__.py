@@ -1,1 +1,1 @@
-"""Corpus reading and cleaning, shared by the cleaning pipeline and data_process.py. Torch-free."""
+"""Corpus cleaning: quality filters, exact / MinHash / SimHash dedup, dataset mixing (python -m clean_data). Torch-free."""
