@@ -1,4 +1,5 @@
-"""Int8 weight-only quantisation for inference: Int8Linear and quantize_int8 (serve.py --int8, bench.py)."""
+"""Int8 weight-only quantisation for inference: Int8Linear, quantize_int8 (eval.py and serve.py --quantize=int8) and
+model_bytes, the memory it saves."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,3 +37,13 @@ def quantize_int8(model):
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear(child).to(child.weight.device))
     return model
+
+
+def model_bytes(model):
+    """Bytes of the model's parameters and buffers (each shared tensor once): its size in memory."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

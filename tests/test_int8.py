@@ -3,8 +3,7 @@ full precision, generation and the bf16 kernel path working, a quarter of the li
 import torch
 import torch.nn as nn
 
-from babyllama.int8 import Int8Linear, quantize_int8
-from babyllama.memory import model_bytes
+from babyllama.int8 import Int8Linear, model_bytes, quantize_int8
 from model import ModelArgs, Transformer
 from babyllama.generate import generate
 
