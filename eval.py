@@ -21,14 +21,16 @@ ppl: every token after a document's start is scored once; a document longer than
 mc: C-Eval / CMMLU layouts (babyllama/mc.py), 0- or k-shot, plain prompt (base model) or chat template (SFT/DPO
   checkpoints), scored by the letter's next-token likelihood after "答案：" and by each option text's
   log-likelihood per character (babyllama/scoring.py).
-gen: JSONL {"prompt" | "messages", "reference"}; greedy answers, scored by babyllama/text_metrics.py; per-sample JSONL.
+gen: JSONL {"prompt" | "messages", "reference"} (babyllama/qa_files.py); answers in batches (babyllama/answering.py),
+  scored by babyllama/text_metrics.py; per-sample JSONL.
 contamination: evaluation items whose shingles a training document contains (babyllama/contamination.py).
 
 Chat mode uses the chat template (tokenizer/chat_template.py), streams the reply token by token through the
 KV-cached generate_stream and stops on <|end|>. A LoRA checkpoint from sft.py is loaded as base + adapter,
 merged. Batch chat: questions_file is .txt (one question per line) or .jsonl ({"question", optional
 "system", "reference", "kind"}); answers go to answers_file as JSONL, and when references are given the
-exact-match rate is printed per kind (for kind "poem", also the rate of well-formed 5/7-character poems).
+exact-match rate is printed per kind (for kind "poem", also the rate of well-formed 5/7-character poems:
+babyllama/poem_form.py). Every mode that needs a model loads it through babyllama/inference.py.
 """
 import math
 import os
@@ -43,7 +45,8 @@ from babyllama.atomic import write_json, write_jsonl
 from babyllama.configurator import apply_overrides
 from babyllama.contamination import evaluation_items, find_contamination, flagged, flagged_keys, training_documents
 from babyllama.generate import compile_decode, generate, generate_stream, right_pad
-from babyllama.inference import load_for_inference, quantize_model
+from babyllama.inference import load_for_inference
+from babyllama.int8 import quantize_model
 from babyllama.mc import MCError, guess_benchmark, load_exam, load_subjects, results_tables, summarize
 from babyllama.ppl_data import ppl_bin, ppl_text
 from babyllama.qa_files import read_gen_items, read_questions

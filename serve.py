@@ -37,7 +37,8 @@ import torch
 
 from babyllama.configurator import run_main
 from babyllama.generate import generate_batch_stream, right_pad
-from babyllama.inference import load_for_inference, quantize_model
+from babyllama.inference import load_for_inference
+from babyllama.int8 import quantize_model
 from tokenizer import StreamDecoder
 from tokenizer.chat_template import encode_prompt, stop_ids
 

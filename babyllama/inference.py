@@ -1,7 +1,6 @@
 """Inference: a checkpoint's model and its tokenizer, ready to generate or score on a device (eval.py, serve.py,
 export.py, bench_eval.py)."""
 from babyllama import checkpoint as ck
-from babyllama.int8 import model_bytes, quantize_int8
 from babyllama.precision import amp_setup, configure_cpu, resolve_device, resolve_dtype
 from tokenizer import load_tokenizer
 
@@ -31,13 +30,3 @@ def load_for_inference(ckpt_path, device="auto", dtype="auto", tokenizer_model="
                          ckpt.get("tokenizer_sha256") or "")
     return model, tok, ckpt, device, autocast_ctx
 
-
-def quantize_model(model, kind):
-    """Quantize model's weights in place: kind '' (leave them) or 'int8' (quantize_int8). Returns (bytes
-    before, bytes after) of its parameters and buffers. SystemExit for any other kind."""
-    if kind not in ("", "int8"):
-        raise SystemExit(f"quantize must be '' or 'int8', not {kind!r}")
-    before = model_bytes(model)
-    if kind == "int8":
-        quantize_int8(model)
-    return before, model_bytes(model)

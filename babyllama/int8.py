@@ -1,5 +1,5 @@
-"""Int8 weight-only quantisation for inference: Int8Linear, quantize_int8 (eval.py and serve.py --quantize=int8) and
-model_bytes, the memory it saves."""
+"""Int8 weight-only quantisation for inference: Int8Linear, quantize_int8, quantize_model (eval.py and serve.py
+--quantize=int8) and model_bytes, the memory it saves."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,3 +47,14 @@ def model_bytes(model):
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def quantize_model(model, kind):
+    """Quantize model's weights in place: kind '' (leave them) or 'int8' (quantize_int8). Returns (bytes
+    before, bytes after) of its parameters and buffers (model_bytes). SystemExit for any other kind."""
+    if kind not in ("", "int8"):
+        raise SystemExit(f"quantize must be '' or 'int8', not {kind!r}")
+    before = model_bytes(model)
+    if kind == "int8":
+        quantize_int8(model)
+    return before, model_bytes(model)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
+import torch.distributed.checkpoint as dcp
 
 from babyllama.checkpoint import save_merged
 from export import export_hf, import_hf
@@ -312,7 +313,6 @@ def test_a_lora_checkpoint_is_exported_merged(tok, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as intended
 def test_a_sharded_checkpoint_becomes_one_file(tok, tmp_path):
-    import torch.distributed.checkpoint as dcp
     model = random_model(tok, tie_embeddings=False)
     folder = tmp_path / "run" / "dcp" / "iter_00000003"  # the layout of an FSDP run (checkpoint.save_sharded)
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
