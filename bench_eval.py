@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from babyllama import models, precision
 from babyllama.configurator import run_main
+from babyllama.inference import inference_precision, load_for_inference
 from babyllama.mc import guess_benchmark, load_exam, load_subjects
 from babyllama.scoring import score_mc
 from model import ModelArgs, Transformer
@@ -45,18 +45,15 @@ def subset(exam, n):
 
 
 def main():
-    precision.configure_cpu()
     torch.set_num_threads(num_threads)
     if ckpt_path:
-        model, ckpt = models.load_model(ckpt_path, "cpu")
-        tok = Tokenizer(ckpt["tokenizer"])
+        model, tok, _, _, autocast_ctx = load_for_inference(ckpt_path, "cpu", dtype)
     else:
+        _, autocast_ctx = inference_precision("cpu", dtype)
         tok = Tokenizer(tokenizer_model)
         torch.manual_seed(0)
         model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=tok.vocab_size,
-                                      max_seq_len=max_seq_len))
-    model.eval()
-    autocast_ctx, _ = precision.amp_setup("cpu", precision.resolve_dtype(dtype, "cpu"))
+                                      max_seq_len=max_seq_len)).eval()
     exam = subset(load_exam(mc_data, split, "dev", k_shot), n_questions)
     names = load_subjects(guess_benchmark(mc_data), mc_data)
     n = sum(len(p["questions"]) for p in exam.values())

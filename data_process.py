@@ -27,7 +27,6 @@ files of the last good run stay byte-identical.
 """
 import collections
 from contextlib import ExitStack
-import hashlib
 import itertools
 import multiprocessing as mp
 import os
@@ -42,6 +41,7 @@ from babyllama.configurator import apply_overrides
 from babyllama.poetry_corpus import download_poetry
 from babyllama.readers import EmptyInputError, input_files, read_files
 from babyllama.records import ReadErrors
+from babyllama.split import is_val
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -61,14 +61,6 @@ download = ""  # "poetry": fetch the chinese-poetry npm package into data/chines
 DTYPE = np.uint16
 MAX_VOCAB = 65535  # uint16 token files
 TOP_SOURCES = 50
-
-
-def is_val(text, val_fraction, seed):
-    """Deterministic per-document split: True when the text's keyed hash falls below val_fraction."""
-    if val_fraction <= 0:
-        return False
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode())
-    return int.from_bytes(h.digest(), "little") / 2.0 ** 64 < val_fraction
 
 
 # ---- encoding, in worker processes (or in this one) ----------------------------------------------------

@@ -1,10 +1,12 @@
 """
-Take a model out of this project as a Hugging Face folder, or bring a Hugging Face Llama folder in.
+Take a model out of this project as a Hugging Face folder, a GGUF file or one checkpoint file, or bring a Hugging
+Face Llama folder in.
 
     python export.py --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/hf                 # fp32
     python export.py --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/hf_bf16 --dtype=bfloat16
     python export.py --import_from=path/to/llama_folder --out_dir=out/imported             # -> out/imported/ckpt.pt
     python export.py --format=gguf --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/gguf --dtype=q8_0
+    python export.py --format=pt --ckpt_path=out/x/ckpt.dcp --out_dir=out/x                # -> out/x/model.pt
 
 The folder (any checkpoint this project writes: pretrained, SFT, DPO; LoRA adapters merged first) holds
   config.json             LlamaConfig of the same network (model.hf_config_dict), architectures LlamaForCausalLM
@@ -34,6 +36,10 @@ against each other, so the rows of wq and wk are reordered per head (gguf_rope_r
 change. Norm weights stay float32; q8_0 (blocks of 32 weights, one fp16 scale each) applies to matrices whose
 rows are a multiple of 32 long, the others stay float32.
 
+One file (--format=pt): the sharded checkpoint of an FSDP run (its ckpt.dcp folder) as the single-file
+checkpoint dict (<out_dir>/model.pt) a one-process run writes, without the optimizer state
+(checkpoint.consolidate); eval.py, export.py and --init_ckpt read the folder too, this is for a file to copy.
+
 Import: config.json + model.safetensors (or sharded *.safetensors with an index) + tokenizer.model of a
 LlamaForCausalLM becomes out_dir/ckpt.pt and out_dir/tokenizer.model, which eval.py reads and sft.py / dpo.py
 start from (--init_ckpt). What this Llama 2 cannot represent is refused with the field named: biases, RoPE
@@ -48,17 +54,18 @@ import time
 import numpy as np
 import torch
 
-from babyllama import models
+from babyllama import checkpoint as ck, models
 from babyllama.atomic import atomic_path
 from babyllama.configurator import run_main
 from babyllama.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from babyllama.inference import load_for_inference
 from model import ModelArgs, Transformer, ffn_hidden_dim
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"  # export: the checkpoint (full or LoRA)
-out_dir = "out/hf"  # export: the Hugging Face folder; import: where ckpt.pt and tokenizer.model go
-format = "hf"  # export format: 'hf' (a Hugging Face folder) or 'gguf' (a llama.cpp file)
+out_dir = "out/hf"  # export: the Hugging Face folder (gguf, pt: the file's folder); import: where ckpt.pt goes
+format = "hf"  # export format: 'hf' (a Hugging Face folder), 'gguf' (a llama.cpp file) or 'pt' (one checkpoint file)
 dtype = "float32"  # export: weights in float32, bfloat16 or float16 (hf); float32, float16 or q8_0 (gguf)
 import_from = ""  # a Hugging Face Llama folder to import instead of exporting
 overwrite = False  # replace an existing out_dir
@@ -300,7 +307,11 @@ def import_hf(folder, out):
 
 def main():
     t0 = time.time()
-    target = os.path.join(out_dir, f"model-{dtype}.gguf") if format == "gguf" and not import_from else out_dir
+    target = out_dir  # what must not exist yet: the folder (hf, import) or the file in it (gguf, pt)
+    if format == "gguf" and not import_from:
+        target = os.path.join(out_dir, f"model-{dtype}.gguf")
+    elif format == "pt" and not import_from:
+        target = os.path.join(out_dir, "model.pt")
     if os.path.exists(target) and (os.path.isfile(target) or os.listdir(target)) and not overwrite:
         raise SystemExit(f"{target} exists: pass --overwrite=True or another --out_dir")
     if import_from:
@@ -311,15 +322,21 @@ def main():
         print(f"{import_from} -> {path} ({model.num_params() / 1e6:.2f}M parameters) and {tok.model_path} in "
               f"{time.time() - t0:.1f} s")
         return
-    if format not in ("hf", "gguf"):
-        raise SystemExit(f"format must be 'hf' or 'gguf', not {format!r}")
+    if format not in ("hf", "gguf", "pt"):
+        raise SystemExit(f"format must be 'hf', 'gguf' or 'pt', not {format!r}")
+    if format == "pt":
+        if not os.path.isdir(ckpt_path):
+            raise SystemExit(f"--format=pt writes the sharded checkpoint of an FSDP run (its .dcp folder) as one file; "
+                             f"{ckpt_path} is not one")
+        os.makedirs(out_dir, exist_ok=True)
+        ck.save(target, ck.load(ckpt_path))  # a .dcp folder loads as the one-file dict (sharded.consolidate)
+        print(f"{ckpt_path} -> {target} (one checkpoint file; {os.path.getsize(target) / 2**20:.1f} MiB) in "
+              f"{time.time() - t0:.1f} s")
+        return
     allowed = DTYPES if format == "hf" else GGUF_DTYPES
     if dtype not in allowed:
         raise SystemExit(f"dtype must be one of {', '.join(allowed)} for {format}, not {dtype!r}")
-    model, ckpt = models.load_model(ckpt_path, "cpu")  # LoRA adapters come back merged
-    tok = Tokenizer(ckpt.get("tokenizer") or "")
-    if ckpt.get("tokenizer_sha256") and tok.sha256() != ckpt["tokenizer_sha256"]:
-        raise SystemExit(f"{tok.model_path} is not the tokenizer {ckpt_path} was trained with (sha256 differs)")
+    model, tok, _, _, _ = load_for_inference(ckpt_path, "cpu", "float32")  # LoRA adapters come back merged
     if format == "gguf":
         path = target
         with atomic_path(path) as tmp_file:

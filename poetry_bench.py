@@ -7,7 +7,7 @@ documents of a poetry corpus, so `eval.py --mode=mc` scores it like C-Eval. C-Ev
              three lines with the same number of characters taken from other held-out poems.
   author     a poem (title and lines) and four poets: its author and three authors of other held-out poems.
 
-Only documents in data_process.py's validation split are used (its per-document rule, data_process.is_val, with
+Only documents in data_process.py's validation split are used (its per-document rule, babyllama.split.is_val, with
 the val_fraction and seed recorded in the token data's meta.json), so no question's poem was a training
 document; the answer letters are drawn uniformly, so chance is 25%. `dev` holds the shots for k-shot prompts,
 from other held-out poems than `val`.
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from babyllama.atomic import atomic_open, write_json
 from babyllama.configurator import run_main
 from babyllama.poetry import poem_lines
-from data_process import is_val
+from babyllama.split import is_val
 
 # -----------------------------------------------------------------------------------------------------------
 corpus = "out/demo/clean/clean.parquet"  # clean_data's parquet that data_process.py read (text, title, author)
@@ -55,7 +55,7 @@ def parquet_documents(path):
 
 
 def held_out_poems(docs, val_fraction, split_seed, max_chars):
-    """The documents data_process.py puts in val (data_process.is_val on their text) that have a title, an
+    """The documents data_process.py puts in val (babyllama.split.is_val on their text) that have a title, an
     author and 2 or more lines of at most max_chars characters: [{"title", "author", "lines"}]."""
     out = []
     for d in docs:

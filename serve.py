@@ -35,11 +35,11 @@ import uuid
 
 import torch
 
-from babyllama import models, precision
 from babyllama.configurator import run_main
 from babyllama.generate import generate_batch_stream, right_pad
-from babyllama.int8 import quantize_int8
-from tokenizer import StreamDecoder, Tokenizer
+from babyllama.inference import load_for_inference
+from babyllama.int8 import quantize_model
+from tokenizer import StreamDecoder
 from tokenizer.chat_template import encode_prompt, stop_ids
 
 # -----------------------------------------------------------------------------------------------------------
@@ -398,18 +398,8 @@ def create_app(engine, name):
 
 def main():
     import uvicorn
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    device_type = "cuda" if dev.startswith("cuda") else "cpu"
-    if device_type == "cpu":
-        precision.configure_cpu()
-    autocast_ctx, _ = precision.amp_setup(device_type, precision.resolve_dtype(dtype, device_type))
-    model, ckpt = models.load_model(ckpt_path, dev)
-    model.eval()
-    if quantize:
-        if quantize != "int8":
-            raise SystemExit(f"quantize must be '' or 'int8', not {quantize!r}")
-        quantize_int8(model)
-    tok = Tokenizer(ckpt.get("tokenizer") or "")
+    model, tok, _, dev, autocast_ctx = load_for_inference(ckpt_path, device, dtype)  # the tokenizer it records
+    quantize_model(model, quantize)
     name = model_name or os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))
     engine = Engine(model, tok, dev, autocast_ctx)
     print(f"serving {ckpt_path} as {name!r} on http://{host}:{port} (max_batch {max_batch})", flush=True)

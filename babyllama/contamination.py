@@ -1,5 +1,6 @@
 """
-Contamination: which items of an evaluation set have a near-duplicate in the training data. Torch-free.
+Contamination: which items of an evaluation set have a near-duplicate in the training data, and the files both
+are read from (eval.py --mode=contamination).
 
 The texts are compared as clean_data's dedup compares documents: normalised (clean_data.normalize: NFKC, lower
 case, whitespace and punctuation removed) and cut into the same hashed character 5-gram shingles
@@ -14,10 +15,18 @@ set's shingles in one sorted array, costs one vectorised lookup per training chu
 document is reported beside it. Reordered characters share no 5-gram, so a text with the same characters in
 another order is not flagged.
 """
+import json
+import os
+
 import numpy as np
 
+from babyllama.mc import load_exam
+from babyllama.qa_files import read_gen_items
+from babyllama.readers import iter_documents
+from babyllama.token_files import read_meta
 from clean_data.dedup import shingle_hashes
 from clean_data.normalize import normalize
+from tokenizer import Tokenizer
 
 SHINGLE = 5
 
@@ -79,3 +88,47 @@ def find_contamination(items, documents, chunk=4096, on_chunk=None):
 def flagged(items, best, threshold):
     """The items whose best training document reaches the containment threshold, with that document."""
     return [dict(key=it["key"], text=it["text"][:200], **b) for it, b in zip(items, best) if b["containment"] >= threshold]
+
+
+# ---- the files ------------------------------------------------------------------------------------------------
+
+def evaluation_items(path, split):
+    """[{"key", "text"}] of an evaluation set: an mc folder (its split; key subject/id, text question + options)
+    or a gen JSONL file (key line number, text the reference)."""
+    if os.path.isdir(path):
+        exam = load_exam(path, split)
+        return [{"key": f"{s}/{q['id']}", "text": q["question"] + "\n" + "\n".join(q["options"])}
+                for s, p in exam.items() for q in p["questions"]]
+    return [{"key": str(it["line"]), "text": it["reference"]} for it in read_gen_items(path)]
+
+
+def training_documents(path, text_field=""):
+    """The training documents, streamed as {"text", "source", "line"}: a .bin of data_process.py decoded
+    document by document (its meta.json names the tokenizer), or anything babyllama/readers.py reads
+    (text_field: the field of .jsonl/.parquet records, "" = auto)."""
+    if not path.endswith(".bin"):
+        yield from iter_documents([path], text_field=text_field or None)
+        return
+    meta = read_meta(path)
+    btok = Tokenizer(meta["tokenizer_model"])
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    step, start, line = 1 << 24, 0, 0
+    while start < len(data):
+        block = np.asarray(data[start:start + step])
+        ends = np.flatnonzero(block == btok.eos_id)
+        if len(ends) == 0 and start + step < len(data):
+            raise SystemExit(f"{path}: a document longer than {step} tokens")
+        last = ends[-1] + 1 if len(ends) and start + step < len(data) else len(block)
+        for part in np.split(block[:last], ends[ends < last - 1] + 1 if len(ends) else []):
+            line += 1
+            yield {"text": btok.decode(part[part != btok.eos_id].tolist()), "source": path, "line": line}
+        start += last
+
+
+def flagged_keys(path):
+    """{subject/id} of the items a result file of eval.py --mode=contamination flagged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {r["key"] for r in json.load(f)["flagged_items"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a result of --mode=contamination ({type(e).__name__}: {e})") from None

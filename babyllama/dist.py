@@ -15,7 +15,8 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, Offl
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from babyllama.configurator import exit_error
-from babyllama.precision import DTYPES, amp_setup, configure_cpu, describe_path, resolve_compile, resolve_dtype
+from babyllama.precision import (DTYPES, amp_setup, configure_cpu, describe_path, resolve_compile, resolve_device,
+                                 resolve_dtype)
 
 # ---- distributed ------------------------------------------------------------------------------------------
 
@@ -52,8 +53,7 @@ def setup_ddp(device="auto", parallel="ddp"):
     on CPUs. parallel='fsdp' without torchrun starts a group of one process (fully_shard needs a group; one
     process then trains as it would alone, and its checkpoints are the same sharded format). Returns a Run with
     ddp (a process group is up), rank, local_rank, world_size and the device this process uses."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
         exit_error(f"error: device must be one of auto, cpu, cuda, cuda:N, not {device!r}")
     if int(os.environ.get("RANK", -1)) == -1:

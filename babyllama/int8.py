@@ -1,4 +1,5 @@
-"""Int8 weight-only quantisation for inference: Int8Linear and quantize_int8 (serve.py --int8, bench.py)."""
+"""Int8 weight-only quantisation for inference: Int8Linear, quantize_int8, quantize_model (eval.py and serve.py
+--quantize=int8) and model_bytes, the memory it saves."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,3 +37,24 @@ def quantize_int8(model):
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear(child).to(child.weight.device))
     return model
+
+
+def model_bytes(model):
+    """Bytes of the model's parameters and buffers (each shared tensor once): its size in memory."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quantize_model(model, kind):
+    """Quantize model's weights in place: kind '' (leave them) or 'int8' (quantize_int8). Returns (bytes
+    before, bytes after) of its parameters and buffers (model_bytes). SystemExit for any other kind."""
+    if kind not in ("", "int8"):
+        raise SystemExit(f"quantize must be '' or 'int8', not {kind!r}")
+    before = model_bytes(model)
+    if kind == "int8":
+        quantize_int8(model)
+    return before, model_bytes(model)

@@ -276,3 +276,14 @@ def subject_table(summary, subjects):
         lines.append(f"| {name} | {', '.join(meta.get('categories', ['Other']))} | " +
                      " | ".join(f"{100 * summary[k]['subjects'][s]:.1f}" for k in scorings) + " |")
     return "\n".join(lines)
+
+
+def results_tables(summaries, subjects, label, k_shot):
+    """The markdown of one run ({scoring: summary}): for a set with categories, the model cards' table (a row
+    per scoring, labelled with label and k_shot) above the table per subject; otherwise the table per subject
+    with an average row."""
+    md = subject_table(summaries, subjects)
+    if len({c for v in subjects.values() for c in v.get("categories", [])}) > 1:
+        return category_table([(f"{label}, {k_shot}-shot, by {sc}", s) for sc, s in summaries.items()]) + "\n\n" + md
+    return md + "\n| **average** | | " + " | ".join(f"**{100 * s['average']:.1f}**" for s in summaries.values()) + \
+        " |\n\n(accuracy in %; chance is 25%)"

@@ -28,16 +28,6 @@ def _proc_status_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def model_bytes(model):
-    """Bytes of the model's parameters and buffers (each shared tensor once): its size in memory."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type="cuda", optimizer="adamw",
                     lora_rank=0, world_size=1, parallel="ddp", activation_checkpointing=False, chunk=512):
     """Bytes per process of one training step of this model as this project runs it, by part: weights,

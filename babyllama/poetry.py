@@ -1,27 +1,20 @@
 """
 The demo chat data built from the chinese-poetry corpus' own metadata (titles, authors, lines), so the demo
-needs no other download, and the one rule for a well-formed regular poem that picks their poems and that
-eval.py scores the model's poems by. Torch-free.
+needs no other download. Its poems are the well-formed ones (babyllama/poem_form.py: 4 or 8 clauses of 5 or 7
+characters, as the corpus writes 绝句 and 律诗). Torch-free.
 
-  well_formed_poem / poem_clauses  the rule: 4 or 8 clauses of 5 or 7 characters, all of one length, every
-                                   line ending with 。？！ (绝句 and 律诗 as the corpus writes them)
-  build_poetry_demo                SFT conversations and held-out questions (sft_data_process.py --demo_poetry)
-  build_poetry_pairs, corrupt      DPO pairs: the real poem against a corrupted one, the right author against
-                                   a wrong one (dpo_data_process.py --demo_poetry)
+  build_poetry_demo            SFT conversations and held-out questions (sft_data_process.py --demo_poetry)
+  build_poetry_pairs, corrupt  DPO pairs: the real poem against a corrupted one, the right author against
+                               a wrong one (dpo_data_process.py --demo_poetry)
 Both sets ask with the same prompts (ASK_POEM, ASK_AUTHOR, ASK_CONTINUE), so a model tuned on one is asked
 the questions it knows by the other.
 """
 from collections import Counter
 import random
-import re
 
+from babyllama.poem_form import poem_clauses, well_formed_poem
 from babyllama.readers import iter_documents
 from babyllama.records import ReadErrors
-
-CLAUSE_MARKS = "，。？！；、,.?!;"  # what ends a clause
-LINE_END = "。？！"  # what ends a line of a well-formed poem
-CLAUSE_SPLIT = re.compile(f"[{CLAUSE_MARKS}]")
-CLAUSE = re.compile(f"[^{CLAUSE_MARKS}]+[{CLAUSE_MARKS}]")  # a clause and the mark that ends it
 
 DEMO_SYSTEM = "你是一位熟读古典诗词的助手。"
 ASK_POEM = "请写一首题为《{title}》的诗。"
@@ -29,28 +22,6 @@ ASK_AUTHOR = "《{title}》的作者是谁？"
 TELL_AUTHOR = "《{title}》的作者是{author}。"
 ASK_CONTINUE = "续写：{line}"
 ASK_AUTHOR_AFTER = "这首诗的作者是谁？"  # the second turn, after the poem
-
-
-# ---- the rule -----------------------------------------------------------------------------------------------
-
-def well_formed_poem(text):
-    """True for a regular 5- or 7-character poem: 4 or 8 clauses (text between the marks of CLAUSE_MARKS) all
-    of one length, 5 or 7 characters, and every non-empty line ending with 。？！. text: the poem's lines
-    joined with "\\n" (no title or author line)."""
-    lines = [line for line in text.split("\n") if line.strip()]
-    if not lines or any(line[-1] not in LINE_END for line in lines):
-        return False
-    clauses = [c for c in CLAUSE_SPLIT.split("".join(lines)) if c]
-    return len(clauses) in (4, 8) and len({len(c) for c in clauses}) == 1 and len(clauses[0]) in (5, 7)
-
-
-def poem_clauses(text):
-    """The clauses of a well-formed poem (well_formed_poem), each with the mark that ends it, in order, e.g.
-    ["床前明月光，", "疑是地上霜。", ...]; None when the poem is not well-formed. A stray mark the rule passes
-    over (a doubled "？。", a line that is only "。") is left out, so the clauses rebuild a clean poem."""
-    if not well_formed_poem(text):
-        return None
-    return CLAUSE.findall("".join(line for line in text.split("\n") if line.strip()))
 
 
 def poem_lines(doc):

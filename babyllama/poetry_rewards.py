@@ -17,7 +17,7 @@ the reply is scored by rules, no reward model. Torch-free.
                           per poem line, keyed by poem id), for characters read one way >= 90% of the time
   poetry_reward           the weighted sum (weights: the form, no repeats, the title, the tones)
 
-A poem of the right form is also well_formed_poem (babyllama/poetry.py), the rule the demo's chat scores use.
+A poem of the right form is also well_formed_poem (babyllama/poem_form.py), the rule the demo's chat scores use.
 
     python -m babyllama.poetry_rewards --poetry=data/chinese-poetry --tone_table=out/demo/tones.json
 """
@@ -29,7 +29,7 @@ import re
 
 from babyllama.atomic import write_json
 from babyllama.configurator import run_main
-from babyllama.poetry import CLAUSE_MARKS, LINE_END, poem_clauses
+from babyllama.poem_form import CLAUSE_MARKS, LINE_END, poem_clauses
 from babyllama.records import ReadErrors, iter_records
 
 CHARS = {"五言": 5, "七言": 7}

@@ -1,4 +1,4 @@
-"""Precision: which dtype and whether to compile on this device (the CPU fast path), autocast and the loss scaler."""
+"""Precision: the device, its dtype and whether to compile there (the CPU fast path), autocast and the loss scaler."""
 from contextlib import nullcontext
 
 import torch
@@ -31,6 +31,13 @@ def cpu_fast_path(features, fixed_shapes=True):
                                           + (" + torch.compile" if fixed_shapes else ""))
     why = "no bf16 matrix units" if not units else f"{'/'.join(units)} present but ATen is limited to {vector}"
     return "float32", False, f"{why} ({vector} kernels): bf16 would be emulated, many times slower; fp32"
+
+
+def resolve_device(device):
+    """'auto' = 'cuda' when torch sees a GPU, else 'cpu'; any other device name is returned as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def resolve_dtype(dtype, device_type, features=None):

@@ -94,7 +94,7 @@ def scores_table(d):
     if n:
         lines.append("")
         lines.append(f"{n} held-out poems (their titles never seen in SFT) and as many author questions, greedy "
-                     f"decoding. Well-formed: 4 or 8 clauses, all of 5 or all of 7 characters, every line ending with 。？！ (babyllama.poetry.well_formed_poem). "
+                     f"decoding. Well-formed: 4 or 8 clauses, all of 5 or all of 7 characters, every line ending with 。？！ (babyllama.poem_form.well_formed_poem). "
                      f"BLEU-4 and ROUGE-L (%, characters) of the poem against the real one: a poem is not expected to match, "
                      f"they measure its closeness in wording.")
     return lines

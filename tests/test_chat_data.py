@@ -8,7 +8,8 @@ import re
 from conftest import run_script
 import pytest
 
-from babyllama.poetry import build_poetry_pairs, corrupt, poem_clauses, well_formed_poem
+from babyllama.poem_form import poem_clauses, well_formed_poem
+from babyllama.poetry import build_poetry_pairs, corrupt
 from babyllama.preferences import load_preferences, parse_pair
 from babyllama.records import ReadErrors
 

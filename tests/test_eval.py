@@ -18,6 +18,7 @@ from babyllama.models import save_merged
 from babyllama.contamination import find_contamination, flagged
 from babyllama.mc import LETTERS, MCError, encode_pieces, fit_prompt, letter_ids, load_exam, read_questions, summarize
 from babyllama.scoring import prefix_kv, score_mc, sequence_loss, sliding_windows, token_logprobs
+from babyllama.split import is_val
 from model import ModelArgs, Transformer
 
 # ---- fixtures -------------------------------------------------------------------------------------------------
@@ -460,7 +461,6 @@ def test_poetry_benchmark_uses_only_held_out_poems(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_process import is_val
     rng = random.Random(0)
     chars = "春夏秋冬山水风月花鸟云雨天地江河日夜人心"
     rows = []
@@ -471,7 +471,7 @@ def test_poetry_benchmark_uses_only_held_out_poems(tmp_path):
         rows.append({"text": "\n".join([title, author] + lines), "title": title, "author": author})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "clean.parquet")
     (tmp_path / "meta.json").write_text(json.dumps({"val_fraction": 0.3, "seed": 7}))
-    run_script("-m", "evals.poetry_bench", f"--corpus={tmp_path / 'clean.parquet'}",
+    run_script("poetry_bench.py", f"--corpus={tmp_path / 'clean.parquet'}",
                f"--token_meta={tmp_path / 'meta.json'}", f"--out_dir={tmp_path / 'b'}", "--n_val=20", "--n_dev=3")
     held = {r["title"]: r for r in rows if is_val(r["text"], 0.3, 7)}
     assert 60 < len(held) < 180

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
+import torch.distributed.checkpoint as dcp
 
 from babyllama.models import save_merged
 from babyllama.generate import generate
@@ -308,3 +309,25 @@ def test_a_lora_checkpoint_is_exported_merged(tok, tmp_path):
         want = adapted(ids)[0]  # base + adapters, unmerged
         assert (hf(ids).logits - want).abs().max().item() <= 1e-4
         assert (base(ids)[0] - want).abs().max().item() > 1e-2  # the adapters did change the model
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as intended
+def test_a_sharded_checkpoint_becomes_one_file(tok, tmp_path):
+    model = random_model(tok, tie_embeddings=False)
+    folder = tmp_path / "run" / "dcp" / "iter_00000003"  # the layout of an FSDP run (checkpoint.save_sharded)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
+    torch.save({"iter_num": 3, "model_args": model.args.__dict__, "config": {}, "tokenizer": tok.model_path,
+                "tokenizer_sha256": tok.sha256()}, folder / "extra.pt")
+    os.symlink(os.path.relpath(folder, tmp_path / "run"), tmp_path / "run" / "ckpt.dcp")
+    dcp_path = tmp_path / "run" / "ckpt.dcp"
+    p = run_script("export.py", "--format=pt", f"--ckpt_path={dcp_path}", f"--out_dir={tmp_path / 'run'}")
+    assert "model.pt" in p.stdout
+    one = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert one["iter_num"] == 3 and "optim" not in one and one["model_args"]["tie_embeddings"] is False
+    assert all(torch.equal(one["model"][k], v) for k, v in model.state_dict().items())
+    p = run_script("export.py", "--format=pt", f"--ckpt_path={dcp_path}", f"--out_dir={tmp_path / 'run'}",
+                   check=False)
+    assert p.returncode != 0 and "exists" in p.stderr  # an existing model.pt is kept
+    p = run_script("export.py", "--format=pt", f"--ckpt_path={tmp_path / 'run' / 'model.pt'}",
+                   f"--out_dir={tmp_path / 'other'}", check=False)
+    assert p.returncode != 0 and "not one" in p.stderr  # a single file is one already

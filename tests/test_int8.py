@@ -4,8 +4,7 @@ import torch
 import torch.nn as nn
 
 from babyllama.generate import generate
-from babyllama.int8 import Int8Linear, quantize_int8
-from babyllama.memory import model_bytes
+from babyllama.int8 import Int8Linear, model_bytes, quantize_int8
 from model import ModelArgs, Transformer
 
 

@@ -251,3 +251,11 @@ def test_a_full_queue_is_answered_429(server):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused(server, tmp_path):
+    ckpt = torch.load(server["ckpt"], weights_only=True)
+    torch.save(dict(ckpt, tokenizer_sha256="0" * 64), tmp_path / "ckpt.pt")  # trained with another tokenizer
+    p = subprocess.run([sys.executable, "serve.py", f"--ckpt_path={tmp_path / 'ckpt.pt'}", f"--port={free_port()}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "is not the tokenizer the model was trained with" in p.stderr

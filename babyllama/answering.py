@@ -1,0 +1,60 @@
+"""Answering many prompts: chat prompts fitted to the context, replies generated in padded batches, and the
+replies scored against reference answers (eval.py --mode=chat with a questions file, --mode=gen)."""
+import time
+
+from babyllama import text_metrics
+from babyllama.generate import generate, right_pad
+from babyllama.poem_form import well_formed_poem
+from babyllama.scoring import progress
+from tokenizer.chat_template import encode_prompt, stop_ids
+
+
+def fit_history(tok, history, max_prompt_tokens, system=None):
+    """The chat prompt, dropping the oldest exchanges until it fits max_prompt_tokens tokens. Returns (prompt
+    ids, the history kept)."""
+    while True:
+        prompt = encode_prompt(tok, history, system or None)
+        if len(prompt) <= max_prompt_tokens or len(history) <= 1:
+            return prompt[-max_prompt_tokens:], history
+        history = history[2:]
+
+
+def generate_replies(model, tok, prompts, max_new_tokens, sampling, batch_size, device, autocast_ctx, desc):
+    """Generate for each prompt (list of ids) in padded batches of batch_size, with a progress bar named desc;
+    sampling: generate()'s temperature, top_k, top_p and repetition_penalty; a reply stops at the chat
+    template's stop tokens. Returns ([(reply ids, finished)] in order, new tokens, seconds); a reply is
+    finished when it ended on a stop token."""
+    stops = set(stop_ids(tok))
+    out, n_new, t0 = [], 0, time.time()
+    bar = progress(desc, len(prompts), "answer")
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        idx, lens = right_pad(chunk)
+        with autocast_ctx:
+            outs = generate(model, idx.to(device), max_new_tokens, prompt_lens=lens, **sampling,
+                            stop_ids=stop_ids(tok))
+        for o in outs:
+            n_new += len(o)
+            out.append((o, bool(o) and o[-1] in stops))
+        bar.update(len(chunk))
+    bar.close()
+    return out, n_new, time.time() - t0
+
+
+def answer_scores(items):
+    """Scores per kind of the items with a "reference" ({"answer", "finished", "reference", optional "kind",
+    "author"}): {kind or "all": {"n", "exact_match", "finished", ["well_formed" for kind "poem"],
+    ["author_named" for kind "author"], "bleu4", "rougeL"}}; rates in [0, 1], BLEU and ROUGE in %."""
+    scores = {}
+    for kind in sorted({it.get("kind", "") for it in items if "reference" in it}):
+        group = [it for it in items if "reference" in it and it.get("kind", "") == kind]
+        s = {"n": len(group), "exact_match": sum(it["answer"] == it["reference"] for it in group) / len(group),
+             "finished": sum(it["finished"] for it in group) / len(group)}
+        if kind == "poem":
+            s["well_formed"] = sum(it["finished"] and well_formed_poem(it["answer"]) for it in group) / len(group)
+        if kind == "author":  # the right name anywhere in the reply
+            s["author_named"] = sum(bool(it.get("author")) and it["author"] in it["answer"] for it in group) / len(group)
+        m = text_metrics.corpus_scores([it["answer"] for it in group], [it["reference"] for it in group])
+        s.update(bleu4=m["bleu4"], rougeL=m["rougeL"])  # in %, against the reference (babyllama/text_metrics.py)
+        scores[kind or "all"] = s
+    return scores
