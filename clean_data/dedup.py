@@ -5,13 +5,7 @@ for the whole corpus is numbers in numpy arrays (an 8-byte exact key, `bands` 8-
 fingerprint, a filter code and an empty flag: 178 bytes at 20 bands); texts are read back from a scratch
 file only for the documents that have a candidate.
 
-Shingles are character n-grams (default n=5) of the normalised text, so "明月光照" and "照光明月" share no
-shingle although they share every character (single-character shingles call them duplicates). A text
-shorter than n is one shingle, itself.
-
-Shingle hash: a polynomial over the n code points (uint64, wrapping) followed by the splitmix64 finaliser,
-so every bit of the 64-bit value depends on every character; computed for all positions of all documents
-of a chunk in n vectorised numpy steps.
+Shingles and their 64-bit hashes are in shingles.py.
 
 MinHash: for each of num_perm permutations, h_i(x) = (a_i * x + b_i) mod 2^32 on the top 32 bits x of the
 well-mixed shingle hash (a_i odd: a bijection of the 32-bit values; uint32 arithmetic runs twice as many
@@ -38,47 +32,13 @@ from itertools import combinations
 
 import numpy as np
 
-_P = np.uint64(0x100000001B3)  # polynomial base (the FNV prime): odd, so no information is shifted out
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+from clean_data.shingles import P, mix64
+
 _BLOCK = 8192  # shingles per (num_perm x block) uint32 matrix: 8192 * 120 * 4 bytes = 4 MB
 _POP8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 
 
-def _mix64(x):
-    """splitmix64 finaliser, vectorised (uint64 arithmetic wraps, which is what we want)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
-
-
 # ---- per chunk: hashes, signatures, fingerprints (in worker processes) ------------------------------------
-
-def shingle_hashes(texts, n=5):
-    """64-bit hashes of the character n-grams of each text, every position (duplicates kept).
-    Returns (hashes, counts): hashes concatenated text after text, counts[j] = shingles of text j."""
-    # a text shorter than n is padded with NULs to n characters: one shingle, the whole text
-    texts = [t + "\0" * (n - len(t)) if 0 < len(t) < n else t for t in texts]
-    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-    counts = np.maximum(lengths - n + 1, 0)
-    if counts.sum() == 0:
-        return np.zeros(0, np.uint64), counts
-    cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    m = len(cp) - n + 1
-    h = np.zeros(m, np.uint64)
-    for i in range(n):  # rolling polynomial over every window of the concatenation
-        h = h * _P + cp[i:i + m]
-    # keep the windows that stay inside one text: text j's windows start at starts[j] .. +counts[j]-1
-    starts = np.cumsum(lengths) - lengths
-    first = np.cumsum(counts) - counts  # index of text j's first shingle in the output
-    idx = np.arange(counts.sum()) + np.repeat(starts - first, counts)
-    return _mix64(h[idx]), counts
-
-
-def shingle_hashes_of(text, n=5):
-    """Shingle hashes of one text (for tests and the benchmark's exact Jaccard)."""
-    return shingle_hashes([text], n)[0]
 
 
 def permutations(num_perm, seed=1):
@@ -121,7 +81,7 @@ def band_hashes(sig, bands):
     cols = sig.reshape(n, bands, rows).astype(np.uint64)
     h = np.zeros((n, bands), np.uint64)
     for r in range(rows):
-        h = _mix64(h * _P + cols[:, :, r])
+        h = mix64(h * P + cols[:, :, r])
     return h
 
 

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from clean_data import dedup, filters
+from clean_data import dedup, filters, shingles
 from clean_data.normalize import normalize
 
 _cfg = {}  # this process' settings, from start_pool
@@ -57,7 +57,7 @@ def analyse(texts):
     near = [s for s in ("minhash", "simhash") if s in c["stages"]]
     if near:
         with timed(secs, "shingles"):
-            hashes, counts = dedup.shingle_hashes(norms, c["ngram"])
+            hashes, counts = shingles.shingle_hashes(norms, c["ngram"])
         if "minhash" in near:
             with timed(secs, "minhash"):
                 sig = dedup.minhash_signatures(hashes, counts, dedup.permutations(c["num_perm"], c["minhash_seed"]))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from simhash import Simhash
 
-from clean_data import dedup, filters, shards
+from clean_data import dedup, filters, shards, shingles
 from clean_data.clean import clean, verdicts
 from clean_data.decide import STAGES
 from clean_data.merge import merge, plan
@@ -85,9 +85,9 @@ def test_traditional_to_simplified_when_opencc_present():
 def test_vectorised_simhash_equals_the_simhash_package():
     text = long_doc(5, 80)
     feats = [text[i:i + 5] for i in range(len(text) - 4)]
-    hashes, counts = dedup.shingle_hashes([text], 5)
+    hashes, counts = shingles.shingle_hashes([text], 5)
     ours = int(dedup.simhash_fingerprints(hashes, counts)[0])
-    table = {f: int(dedup.shingle_hashes_of(f)[0]) for f in feats}
+    table = {f: int(shingles.shingle_hashes_of(f)[0]) for f in feats}
     ref = Simhash(feats, f=64, hashfunc=lambda b: table.get(b.decode(), 0))
     assert ours == ref.value
 
@@ -97,7 +97,7 @@ def test_minhash_estimates_jaccard():
     base = long_doc(7)
     for k in (5, 20, 60):
         other = edit(base, k)
-        h, c = dedup.shingle_hashes([normalize(base), normalize(other)])
+        h, c = shingles.shingle_hashes([normalize(base), normalize(other)])
         sig = dedup.minhash_signatures(h, c, perms)
         assert abs(np.mean(sig[0] == sig[1]) - jaccard(base, other)) < 0.08
 
