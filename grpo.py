@@ -20,6 +20,7 @@ form (poetry), KL, clip fraction, entropy, reply length; held-out greedy replies
 The reward (`reward`) is one of REWARDS in babyllama/rewards.py: the poetry form rules, a reward model's scalar, or
 a toy; `--reward=?` lists them. What the run does around the loop is in babyllama/rl_run.py.
 """
+import os
 import time
 
 import torch
@@ -83,7 +84,8 @@ if aggregation not in ("token", "sequence"):
 check_reward(reward)
 
 # ---- set-up: the policy, its optimizer and pi_ref (the starting weights, frozen); the requests; the reward ------
-run = dist.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
+# one micro-step per process (setup_run counts those of all the processes together)
+run = dist.setup_run(device, dtype, num_threads, int(os.environ.get("WORLD_SIZE", "1")), out_dir, compile, False)
 device, master = run.device, run.master
 ckpt_path = ck.checkpoint_path(out_dir, "ddp")  # ckpt.pt: the RL scripts have no FSDP (no `parallel` setting)
 resume_ckpt, fixed = ck.resume(init_from, "sft", ckpt_path, device, {k: globals()[k] for k in config_keys},

@@ -18,6 +18,7 @@ The pieces (rollouts, log-probs, GAE, losses) are in babyllama/rl.py, the reward
 the rewards by name (`reward`: REWARDS) in babyllama/rewards.py, what the run does around its loop in
 babyllama/rl_run.py.
 """
+import os
 import time
 
 import torch
@@ -79,7 +80,8 @@ config_keys, changed = configure(globals())
 check_reward(reward)
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-run = dist.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
+# one micro-step per process (setup_run counts those of all the processes together)
+run = dist.setup_run(device, dtype, num_threads, int(os.environ.get("WORLD_SIZE", "1")), out_dir, compile, False)
 device, master = run.device, run.master
 ckpt_path = ck.checkpoint_path(out_dir, "ddp")  # ckpt.pt: the RL scripts have no FSDP (no `parallel` setting)
 resume_ckpt, fixed = ck.resume(init_from, "sft", ckpt_path, device, {k: globals()[k] for k in config_keys},

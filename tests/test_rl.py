@@ -5,7 +5,7 @@ import json
 import math
 import re
 
-from conftest import run_script
+from conftest import TORCHRUN_2, run_script
 import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
@@ -161,6 +161,28 @@ def test_grpo_teaches_a_tiny_model_the_rewarded_token_and_resumes_exactly(tiny_r
     assert all(torch.equal(end[k], halves[k]) for k in end)
 
 
+@pytest.mark.slow
+def test_grpo_and_ppo_run_on_two_processes(tiny_run, tmp_path):
+    # one micro-step per process: setup_run is told the world size (it once refused any torchrun launch)
+    d, args = tiny_run
+    keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size"))]
+    run_script("grpo.py", *keep, "--group_size=4", "--prompts_per_iter=1", "--minibatch_size=4", "--max_iters=2",
+               "--eval_interval=2", f"--out_dir={tmp_path / 'grpo'}", launcher=TORCHRUN_2)
+    run_script("ppo.py", *[a for a in keep if not a.startswith("--beta")],
+               f"--value_ckpt={value_checkpoint(d, tmp_path / 'v.pt')}", "--prompts_per_iter=2", "--minibatch_size=2",
+               "--max_iters=2", "--eval_interval=2", f"--out_dir={tmp_path / 'ppo'}", launcher=TORCHRUN_2)
+    for name in ("grpo", "ppo"):
+        assert json.loads((tmp_path / name / "summary.json").read_text())["iter"] == 2
+
+
+def value_checkpoint(d, path):
+    """A value model for ppo.py: a reward model (a fresh head) on the tiny SFT model at d."""
+    body, c = ck.load_model(str(d / "sft.pt"))
+    torch.manual_seed(0)
+    ck.save(str(path), {"model": RewardModel(body).state_dict(), "model_args": c["model_args"]})
+    return path
+
+
 def test_the_reference_keeps_the_starting_weights_while_the_policy_trains(tiny_run):
     # the RL scripts' start and optimizer steps on the clipped loss with the KL term: the policy moves, pi_ref
     # (a frozen copy, no storage shared with the policy, outside the optimizer) stays the starting checkpoint's
@@ -268,11 +290,9 @@ def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path, lor
 
 def test_ppo_teaches_a_tiny_model_the_rewarded_token(tiny_run, tmp_path):
     d, args = tiny_run
-    body, c = ck.load_model(str(d / "sft.pt"))
-    torch.manual_seed(0)
-    ck.save(str(tmp_path / "value.pt"), {"model": RewardModel(body).state_dict(), "model_args": c["model_args"]})
     keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size", "--beta"))]
-    run_script("ppo.py", *keep, f"--value_ckpt={tmp_path / 'value.pt'}", f"--out_dir={tmp_path / 'ppo'}",
+    run_script("ppo.py", *keep, f"--value_ckpt={value_checkpoint(d, tmp_path / 'value.pt')}",
+               f"--out_dir={tmp_path / 'ppo'}",
                "--prompts_per_iter=16", "--minibatch_size=8", "--max_iters=20", "--eval_interval=20",
                "--value_learning_rate=1e-2", "--kl_coef=0.0")
     s = json.loads((tmp_path / "ppo" / "summary.json").read_text())
