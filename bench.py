@@ -2,7 +2,7 @@
 Speed and memory of model.py for a named config, on random tokens (no data needed):
 training tokens/s and MFU for a full step (forward + backward + AdamW), peak memory, and generation tokens/s
 with and without the KV cache; with --rollout=True also GRPO's rollout: a group of G sampled replies to one prompt
-generated as one batch (babyllama.rl.rollout, what grpo.py does) against G one-at-a-time generations.
+generated as one batch (what babyllama.rl.rollout does for grpo.py) against G one-at-a-time generations.
 
     python bench.py config/bench_rival.py            # the shared CPU config the rivals were measured at
     python bench.py config/baby_92m.py --compile=True --dtype=bfloat16
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from babyllama import dist, optimize, precision, rl, runlog
+from babyllama import dist, optimize, precision, runlog
 from babyllama.configurator import apply_overrides
 from babyllama.generate import compile_decode, generate
 from babyllama.memory import peak_memory_rise, reset_peak_memory, training_memory
@@ -113,7 +113,7 @@ if estimate:
                     f"{m['gradients'] / GiB:.2f} | {m['optimizer'] / GiB:.2f} | {m['activations'] / GiB:.2f} | "
                     f"{m['peak'] / GiB:.2f} | {lo} |")
 
-if skip_train and skip_gen and not rollout:  # the estimate alone (also for a GPU set-up on a machine without one: --device=cuda)
+if skip_train and skip_gen and not rollout:  # the estimate alone (also of a GPU set-up on a CPU: --device=cuda)
     raise SystemExit(0)
 if measure:  # one step of a tiny model first: the kernels' code pages count in the resident set once touched
     tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=vocab_size, max_seq_len=8)).to(device)
@@ -206,18 +206,19 @@ if not skip_gen and not run.ddp:
     print(f"peak memory {runlog.peak_memory_mb(device_type):,.0f} MiB")
 if rollout and not run.ddp:
     model.eval()
-    prompt = torch.randint(0, vocab_size, (gen_prompt_len,)).tolist()
+    prompt = torch.randint(0, vocab_size, (1, gen_prompt_len), device=device)
     n_new = min(rollout_new_tokens, max_seq_len - gen_prompt_len - 1)
     rates = {"one batch": [], "one at a time": []}
     with gen_ctx:
-        rl.rollout(model, [prompt], rollout_group, n_new, [], device)  # warm-up
+        generate(model, prompt.repeat(rollout_group, 1), n_new, temperature=1.0)  # warm-up
         for r in range(rollout_runs):
             for name, groups in (("one at a time", [1] * rollout_group), ("one batch", [rollout_group])):
                 sync()
                 t0, n = time.perf_counter(), 0
-                for k, g in enumerate(groups):  # the same sampling (temperature 1) with a fresh RNG per call
+                for k, g in enumerate(groups):  # g rows of the one prompt: a group as rl.rollout batches it
                     rng = torch.Generator(device=device).manual_seed(10_000 + 100 * r + k)
-                    n += sum(len(x) for x in rl.rollout(model, [prompt], g, n_new, [], device, generator=rng))
+                    n += sum(len(x) for x in generate(model, prompt.repeat(g, 1), n_new, temperature=1.0,
+                                                      generator=rng))
                 sync()
                 rates[name].append(n / (time.perf_counter() - t0))
     batch, single = statistics.median(rates["one batch"]), statistics.median(rates["one at a time"])

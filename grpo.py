@@ -109,9 +109,9 @@ del resume_ckpt
 evals = {}  # iteration -> held-out scores (None without val_prompts)
 timer = runlog.StepTimer()
 seconds, tokens = {"rollout": 0.0, "train": 0.0}, {"rollout": 0.0, "train": 0.0}
-progress = runlog.Progress("grpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} prompts "
-                       f"x {group_size} replies, {ppo_epochs} pass(es); held-out evaluation every {eval_interval}",
-                       enabled=master)
+progress = runlog.Progress("grpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} "
+                           f"prompts x {group_size} replies, {ppo_epochs} pass(es); held-out evaluation every "
+                           f"{eval_interval}", enabled=master)
 while True:
     lr = optimize.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)

@@ -133,7 +133,7 @@ evals = {}  # iteration -> held-out scores (None without val_prompts)
 timer = runlog.StepTimer()
 seconds, tokens = {"rollout": 0.0, "train": 0.0}, {"rollout": 0.0, "train": 0.0}
 progress = runlog.Progress("ppo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} "
-                       f"replies, {ppo_epochs} passes; held-out evaluation every {eval_interval}", enabled=master)
+                           f"replies, {ppo_epochs} passes; held-out evaluation every {eval_interval}", enabled=master)
 while True:
     lr = optimize.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     optimize.set_lr(value_optim, iter_num, value_learning_rate, warmup_iters, lr_decay_iters, min_lr)

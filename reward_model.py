@@ -100,8 +100,8 @@ if not train_items:
 batches = PairBatches(len(train_items), batch_size, seed)
 if master:
     print(f"reward model on {init_ckpt}: {raw_model.body.num_params() / 1e6:.2f}M + head, trainable "
-          f"{sum(p.numel() for p in trainable):,}" + (f" (LoRA rank {lora_rank})" if lora_rank else "") + "; train pairs "
-          f"{dict(train_counts)}; held-out pairs {dict(val_counts)}")
+          f"{sum(p.numel() for p in trainable):,}" + (f" (LoRA rank {lora_rank})" if lora_rank else "") +
+          f"; train pairs {dict(train_counts)}; held-out pairs {dict(val_counts)}")
 
 
 def pair_rewards(net, idx, items):
@@ -191,9 +191,9 @@ if master:
               f"{last_eval['accuracy']:.3f} (margin {first_eval['margin']:.3f} -> {last_eval['margin']:.3f})")
     log.write(summary=summary)
     runlog.plot_log(log.path, os.path.join(out_dir, "loss.png"), (("loss", "train"), ("val/loss", "held-out")),
-                title="reward model: Bradley-Terry loss")
-    runlog.plot_log(log.path, os.path.join(out_dir, "accuracy.png"), (("accuracy", "train"), ("val/accuracy", "held-out")),
-                title="reward model: accuracy (r_chosen > r_rejected)")
+                    title="reward model: Bradley-Terry loss")
+    runlog.plot_log(log.path, os.path.join(out_dir, "accuracy.png"), (("accuracy", "train"),
+                    ("val/accuracy", "held-out")), title="reward model: accuracy (r_chosen > r_rejected)")
     log.close()
     write_json(os.path.join(out_dir, "summary.json"), summary)
 del model
