@@ -1,11 +1,13 @@
 """
 Speed and memory of model.py for a named config, on random tokens (no data needed):
 training tokens/s and MFU for a full step (forward + backward + AdamW), peak memory, and generation tokens/s
-with and without the KV cache.
+with and without the KV cache; with --rollout=True also GRPO's rollout: a group of G sampled replies to one prompt
+generated as one batch (what babyllama.rl.rollout does for grpo.py) against G one-at-a-time generations.
 
     python bench.py config/bench_rival.py            # the shared CPU config the rivals were measured at
     python bench.py config/baby_92m.py --compile=True --dtype=bfloat16
     torchrun --standalone --nproc_per_node=2 bench.py config/baby_92m.py --parallel=fsdp --skip_gen=True
+    python bench.py --rollout=True --skip_train=True --skip_gen=True --rollout_group=8 --rollout_new_tokens=64
 
 Memory: --estimate=True prints model.training_memory's bytes per process (weights, gradients, optimizer
 state, activations, peak) for full / LoRA training, DDP / FSDP over world_size processes, activation
@@ -58,6 +60,10 @@ measure = False  # measure this run's peak memory and print it beside model.trai
 memory_gb = 80.0  # the memory per GPU the estimate's largest micro-batch must fit
 world_size = 8  # the processes the estimate's DDP / FSDP rows assume
 lora_rank = 8  # the estimate's LoRA rows
+rollout = False  # also time GRPO's rollout: a group as one batch against one reply at a time (one process)
+rollout_group = 8  # G: replies to the one prompt
+rollout_new_tokens = 64  # sampled tokens per reply (no stop token: every reply runs to the end)
+rollout_runs = 3
 # -----------------------------------------------------------------------------------------------------------
 apply_overrides(globals())
 if measure and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536" and "RANK" not in os.environ:
@@ -107,7 +113,7 @@ if estimate:
                     f"{m['gradients'] / GiB:.2f} | {m['optimizer'] / GiB:.2f} | {m['activations'] / GiB:.2f} | "
                     f"{m['peak'] / GiB:.2f} | {lo} |")
 
-if skip_train and skip_gen:  # the estimate alone (also for a GPU set-up on a machine without one: --device=cuda)
+if skip_train and skip_gen and not rollout:  # the estimate alone (also of a GPU set-up on a CPU: --device=cuda)
     raise SystemExit(0)
 if measure:  # one step of a tiny model first: the kernels' code pages count in the resident set once touched
     tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=vocab_size, max_seq_len=8)).to(device)
@@ -173,10 +179,10 @@ if not skip_train:
     del optim
     model.zero_grad(set_to_none=True)
 
+# bf16 only pays on GPUs here: a CPU's bf16 matrix-vector products are slower than fp32's
+gen_ctx = autocast_ctx if device_type == "cuda" else torch.autocast("cpu", enabled=False)
 if not skip_gen and not run.ddp:
     model.eval()
-    # bf16 only pays on GPUs here: a CPU's bf16 matrix-vector products are slower than fp32's
-    gen_ctx = autocast_ctx if device_type == "cuda" else torch.autocast("cpu", enabled=False)
     n_new = min(gen_tokens, max_seq_len - gen_prompt_len - 1)
     prompt = torch.randint(0, vocab_size, (1, gen_prompt_len), device=device)
     if compile:
@@ -198,6 +204,27 @@ if not skip_gen and not run.ddp:
         print(f"generate: {statistics.median(rates):,.1f} tokens/s {'with' if use_cache else 'without'} KV cache "
               f"(greedy, {n_new} new tokens from a {gen_prompt_len}-token prompt, median of {gen_runs})")
     print(f"peak memory {runlog.peak_memory_mb(device_type):,.0f} MiB")
+if rollout and not run.ddp:
+    model.eval()
+    prompt = torch.randint(0, vocab_size, (1, gen_prompt_len), device=device)
+    n_new = min(rollout_new_tokens, max_seq_len - gen_prompt_len - 1)
+    rates = {"one batch": [], "one at a time": []}
+    with gen_ctx:
+        generate(model, prompt.repeat(rollout_group, 1), n_new, temperature=1.0)  # warm-up
+        for r in range(rollout_runs):
+            for name, groups in (("one at a time", [1] * rollout_group), ("one batch", [rollout_group])):
+                sync()
+                t0, n = time.perf_counter(), 0
+                for k, g in enumerate(groups):  # g rows of the one prompt: a group as rl.rollout batches it
+                    rng = torch.Generator(device=device).manual_seed(10_000 + 100 * r + k)
+                    n += sum(len(x) for x in generate(model, prompt.repeat(g, 1), n_new, temperature=1.0,
+                                                      generator=rng))
+                sync()
+                rates[name].append(n / (time.perf_counter() - t0))
+    batch, single = statistics.median(rates["one batch"]), statistics.median(rates["one at a time"])
+    print(f"rollout: a group of {rollout_group} as one batch {batch:,.0f} tokens/s, one at a time {single:,.0f} "
+          f"tokens/s ({batch / single:.1f}x; {n_new} sampled tokens per reply from a {gen_prompt_len}-token prompt, "
+          f"median of {rollout_runs})")
 if not skip_train:
     del train_model  # the DDP/FSDP wrapper goes before the process group (babyllama.dist.cleanup_ddp)
 dist.cleanup_ddp(run)

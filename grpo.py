@@ -17,23 +17,18 @@ token mean ('sequence', the paper's 1/|o|). The sampling RNG is a function of (s
 resumed run samples what an uninterrupted one would. Logged: reward mean/std, the share of replies of the exact
 form (poetry), KL, clip fraction, entropy, reply length; held-out greedy replies every eval_interval.
 
-Rewards (`reward`, rl.reward_function): 'poetry' (babyllama/poetry_rewards.py: the requested form, no repeated
-clauses, optionally the title and the tones), 'model' (a reward model's scalar, reward_model.py), or 'char:X' (the
-share of the reply's characters that are X: a toy objective the tests use to check that the loop optimises).
+The reward (`reward`) is one of REWARDS in babyllama/rewards.py: the poetry form rules, a reward model's scalar, or
+a toy; `--reward=?` lists them. What the run does around the loop is in babyllama/rl_run.py.
 """
 import os
-import statistics
 import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, optimize, runlog
-from babyllama.atomic import write_json
+from babyllama import checkpoint as ck, dist, optimize, rl, rl_run, runlog
 from babyllama.configurator import configure
-from babyllama.poetry_rewards import exact_form
-from babyllama.rl import (Requests, check_reward, evaluate_requests, group_advantages, load_reward_model,
-                          policy_and_reference, policy_loss, reply_logps, reward_function, rollout)
-from tokenizer.chat_template import decode_reply, stop_ids
+from babyllama.poetry_rewards import exact_form_share
+from babyllama.rewards import check_reward, reward_function
 
 # -----------------------------------------------------------------------------------------------------------
 # I/O
@@ -48,11 +43,12 @@ eval_interval = 20
 log_interval = 1
 always_save_checkpoint = True
 # GRPO
-reward = "poetry"  # 'poetry', 'model' (reward_ckpt's scalar) or 'char:X'
+reward = "poetry"  # a name in REWARDS (babyllama/rewards.py; --reward=? lists them)
 reward_ckpt = "out/demo/reward/best.pt"  # reward_model.py's checkpoint, for reward='model'
 w_form, w_repeat, w_title = 1.0, 0.5, 0.0  # the poetry reward's weights
-w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table (python -m babyllama.poetry_rewards builds it)
-tone_table = "out/demo/tones.json"
+w_tone = 0.0  # > 0: also reward the 平仄 rules, with tone_table
+tone_table = "out/demo/tones.json"  # char -> 平/仄; built from the poetry corpus when the file does not exist yet
+poetry = "data/chinese-poetry"  # the chinese-poetry package a missing tone_table is built from
 group_size = 8  # G replies per prompt
 prompts_per_iter = 4  # per process
 max_new_tokens = 64
@@ -81,120 +77,64 @@ dtype = "auto"
 compile = False  # rollouts vary in length: no fixed shapes
 num_threads = 0
 max_minutes = 0.0
-bench_rollout = True  # measure a batched group against one-at-a-time generation at the start
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())
 if aggregation not in ("token", "sequence"):
     raise SystemExit(f"aggregation must be 'token' or 'sequence', not {aggregation!r}")
 check_reward(reward)
 
-# ---- set-up -----------------------------------------------------------------------------------------------
-run = dist.setup_run(device, dtype, num_threads, 1, out_dir, compile, False)
-device, device_type, master = run.device, run.device_type, run.master
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed, ck.FINETUNE_KEYS,
-                        overwrite)
+# ---- set-up: the policy, its optimizer and pi_ref (the starting weights, frozen); the requests; the reward ------
+# one micro-step per process (setup_run counts those of all the processes together)
+run = dist.setup_run(device, dtype, num_threads, int(os.environ.get("WORLD_SIZE", "1")), out_dir, compile, False)
+device, master = run.device, run.master
+ckpt_path = ck.checkpoint_path(out_dir, "ddp")  # ckpt.pt: the RL scripts have no FSDP (no `parallel` setting)
+resume_ckpt, fixed = ck.resume(init_from, "sft", ckpt_path, device, {k: globals()[k] for k in config_keys},
+                               changed, ck.FINETUNE_KEYS, overwrite)
+globals().update(fixed)  # resuming: the run's starting checkpoint (init_ckpt) is the checkpoint's
 iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
-# the policy, its optimizer, and pi_ref: the starting weights, frozen
-model, model_args, optimizer, module, ref, tok = policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay,
-                                                                      learning_rate, (beta1, beta2))
-raw_model = model
-stops = stop_ids(tok)
+raw_model, model_args, optim, model, ref, tok = rl_run.policy_and_reference(init_ckpt, resume_ckpt, run, seed,
+                                                                            weight_decay, learning_rate, (beta1, beta2))
 pad_id = max(tok.pad_id, 0)
-
-
-def checksum(net):
-    return float(sum(p.double().sum() for p in net.parameters()))
-
-
-ref_checksum = checksum(ref)
-
-# ---- prompts and rewards --------------------------------------------------------------------------------------
-train = Requests(tok, train_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank)
-val = Requests(tok, val_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank, n_val) if val_prompts \
-    else None
-rm = load_reward_model(reward_ckpt, device)[0] if reward == "model" else None
-rewards_of = reward_function(reward, (w_form, w_repeat, w_title, w_tone), tone_table, rm, tok, device)
-
-
-def bench_group(repeats=3):
-    """Tokens/s of one prompt's G replies generated as one batch against G one-at-a-time generations (same
-    prompt, same sampling, same run; after a warm-up, the median of `repeats` timings of each)."""
-    p = train.ids(train.items[0])
-    raw_model.eval()
-    timings = {"one at a time": [], "one batch": []}
-    with run.autocast:
-        rollout(raw_model, [p], group_size, max_new_tokens, [], device, temperature, top_p,
-                train.sampler(9_999, device))
-        for r in range(repeats):
-            for name, groups in (("one at a time", [1] * group_size), ("one batch", [group_size])):
-                t0, n = time.perf_counter(), 0
-                for k, g in enumerate(groups):
-                    n += sum(len(x) for x in rollout(raw_model, [p], g, max_new_tokens, [], device, temperature,
-                                                     top_p, train.sampler(10_000 + 100 * r + k, device)))
-                timings[name].append(n / (time.perf_counter() - t0))
-    raw_model.train()
-    return {name: statistics.median(v) for name, v in timings.items()}
-
+train = rl_run.Requests(tok, train_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank)
+val = rl_run.Requests(tok, val_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank, n_val) \
+    if val_prompts else None
+rewards_of = reward_function(reward, weights=(w_form, w_repeat, w_title, w_tone), tone_table=tone_table,
+                             poetry=poetry, reward_ckpt=reward_ckpt, tok=tok, device=device)
 
 # ---- training loop ----------------------------------------------------------------------------------------
-config = {k: globals()[k] for k in config_keys}
-log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
-checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optimizer, log, eval_interval,
-                               always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
-                               tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
-                               data={"sampler": "stateless", "seed": seed, "train": train_prompts})
+log, checkpointer = rl_run.log_and_checkpointer({k: globals()[k] for k in config_keys}, ckpt_path, resume_ckpt, run,
+                                                raw_model, optim, model_args, tok)
 del resume_ckpt
-rollout_bench = bench_group() if bench_rollout and master and iter_num == 0 else None
-if rollout_bench:
-    print(f"rollout: a group of {group_size} as one batch {rollout_bench['one batch']:.0f} tokens/s, one at a time "
-          f"{rollout_bench['one at a time']:.0f} tokens/s ({rollout_bench['one batch'] / rollout_bench['one at a time']:.1f}x)")
-first_eval = last_eval = None
+evals = {}  # iteration -> held-out scores (None without val_prompts)
 timer = runlog.StepTimer()
-rollout_seconds = train_seconds = rollout_tokens = train_tokens = 0.0
-progress = runlog.Progress("grpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} prompts "
-                       f"x {group_size} replies, {ppo_epochs} pass(es); held-out evaluation every {eval_interval}",
-                       enabled=master)
+seconds, tokens = {"rollout": 0.0, "train": 0.0}, {"rollout": 0.0, "train": 0.0}
+progress = runlog.Progress("grpo", iter_num, max_iters, f"{max_iters - iter_num:,} iterations x {prompts_per_iter} "
+                           f"prompts x {group_size} replies, {ppo_epochs} pass(es); held-out evaluation every "
+                           f"{eval_interval}", enabled=master)
 while True:
-    lr = optimize.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = optimize.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
-        val_metric = None
-        if val is not None:
-            with run.autocast:
-                ev, replies = evaluate_requests(raw_model, tok, val, val.items, rewards_of, max_new_tokens, stops,
-                                                device)
-            first_eval = ev if first_eval is None and iter_num == 0 else first_eval
-            last_eval = ev
-            val_metric = -dist.all_reduce_mean(ev["reward"], run)  # the Checkpointer keeps the lowest: -reward
-            log.write(f"iter {iter_num}: held-out reward {ev['reward']:.3f}, exact form {ev['exact_form']:.3f}, "
-                      f"length {ev['length']:.1f}; e.g. {val.items[0]} -> {replies[0][:40]!r}",
-                      iter=iter_num, **{f"val/{k}": v for k, v in ev.items()})
-        checkpointer.after_eval(iter_num, val_metric)
+        evals[iter_num] = rl_run.evaluate(checkpointer, raw_model, tok, val, rewards_of, max_new_tokens, run, log,
+                                          iter_num)
         timer.skip()
     if last:
         break
 
-    # ---- rollout: G replies per prompt, one batch, sampled with this iteration's RNG ----
+    # ---- rollout: G replies per prompt, one batch, sampled with this iteration's RNG; rewards; advantages ----
     t0 = time.time()
-    requests = train.of_iteration(iter_num, prompts_per_iter)
-    prompts = [train.ids(r) for r in requests]
     raw_model.eval()
-    with run.autocast:
-        replies = rollout(raw_model, prompts, group_size, max_new_tokens, stops, device, temperature, top_p,
-                          train.sampler(iter_num, device))
-    replies = [r if r else [tok.end_id] for r in replies]  # an empty reply still scores its stop
-    texts = [decode_reply(tok, r) for r in replies]
-    rows = [p for p in prompts for _ in range(group_size)]
-    rewards = torch.tensor(rewards_of([requests[i // group_size] for i in range(len(texts))], texts))
-    advantages = group_advantages(rewards, group_size, normalize_advantages).to(device)
+    asked, rows, replies, texts = rl_run.sample(raw_model, tok, train, iter_num, prompts_per_iter, group_size,
+                                                max_new_tokens, temperature, top_p, run)
+    rewards = torch.tensor(rewards_of(asked, texts))
+    advantages = rl.group_advantages(rewards, group_size, normalize_advantages).to(device)
     with torch.no_grad(), run.autocast:
-        old_logp, mask, _ = reply_logps(raw_model, rows, replies, pad_id, device)
-        ref_logp, _, _ = reply_logps(ref, rows, replies, pad_id, device)
+        old_logp, mask, _ = rl.reply_logps(raw_model, rows, replies, pad_id, device)
+        ref_logp, _, _ = rl.reply_logps(ref, rows, replies, pad_id, device)
     raw_model.train()
-    rollout_seconds += time.time() - t0
-    rollout_tokens += float(mask.sum())
+    seconds["rollout"] += time.time() - t0
+    tokens["rollout"] += float(mask.sum())
 
     # ---- optimisation: ppo_epochs passes in minibatches; each loss is a sum over this minibatch's tokens (or
     # replies) divided by their count over all processes, so the step does not depend on how replies are split
@@ -206,20 +146,16 @@ while True:
             idx = order[s:s + minibatch_size].tolist()
             n = dist.all_reduce_sum(float(mask[idx].sum()) if aggregation == "token" else float(len(idx)), run)
             with run.autocast:
-                logp, m, ent = reply_logps(module, [rows[i] for i in idx], [replies[i] for i in idx], pad_id, device,
-                                           with_entropy=True)
-                T = logp.shape[1]
-                loss, st = policy_loss(logp, old_logp[idx, :T], advantages[idx], m, clip_eps, beta,
-                                       ref_logp[idx, :T], aggregation)
+                loss, st = rl.minibatch_policy_loss(model, rows, replies, idx, old_logp, ref_logp, advantages, pad_id,
+                                                    device, clip_eps, beta, aggregation)
                 loss = loss / n
             run.scaler.scale(loss * run.world_size).backward()  # DDP averages the processes' gradients
-            optimize.optimizer_step(optimizer, run.scaler, grad_clip)
-            for k in ("kl", "clipped", "tokens"):
-                stats[k] += st[k]
-            stats["entropy"] += float((ent * m).sum().detach())
+            optimize.optimizer_step(optim, run.scaler, grad_clip)
+            for k, v in st.items():
+                stats[k] += v
             stats["loss"] += float(loss.detach())
-    train_seconds += time.time() - t0
-    train_tokens += stats["tokens"]
+    seconds["train"] += time.time() - t0
+    tokens["train"] += stats["tokens"]
     tok_total = dist.all_reduce_sum(stats["tokens"], run)
     metrics = {"reward": dist.all_reduce_mean(float(rewards.mean()), run), "reward_std": float(rewards.std()),
                "kl": dist.all_reduce_sum(stats["kl"], run) / tok_total,
@@ -227,8 +163,7 @@ while True:
                "entropy": dist.all_reduce_sum(stats["entropy"], run) / tok_total,
                "length": float(mask.sum(1).mean()), "loss": stats["loss"]}
     if reward == "poetry":
-        metrics["exact_form"] = sum(exact_form(requests[i // group_size], texts[i])
-                                    for i in range(len(texts))) / len(texts)
+        metrics["exact_form"] = exact_form_share(asked, texts)
     if not run.scaler.is_enabled():  # a diverged run stops and keeps its last good checkpoint
         checkpointer.check_train_loss(iter_num, metrics["loss"])
     dt = timer.lap(int(tok_total))
@@ -241,23 +176,9 @@ checkpointer.at_end(iter_num)
 
 # ---- summary ----------------------------------------------------------------------------------------------------
 if master:
-    summary = dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1), group_size=group_size,
-                   beta=beta, reward=reward, ref_unchanged=checksum(ref) == ref_checksum,
-                   rollout_tokens_per_sec=round(rollout_tokens / max(rollout_seconds, 1e-9), 1),
-                   train_tokens_per_sec=round(train_tokens / max(train_seconds, 1e-9), 1))
-    if rollout_bench:
-        summary["rollout_bench"] = {k: round(v, 1) for k, v in rollout_bench.items()}
-    if first_eval and last_eval:
-        summary["held_out"] = {"requests": len(val.items), "before": first_eval, "after": last_eval}
-        print(f"held-out requests ({len(val.items)}): exact form {first_eval['exact_form']:.3f} -> "
-              f"{last_eval['exact_form']:.3f}, reward {first_eval['reward']:.3f} -> {last_eval['reward']:.3f}")
-    log.write(summary=summary)
-    runlog.plot_log(log.path, os.path.join(out_dir, "reward.png"), (("reward", "train (sampled)"),
-                ("val/reward", "held-out (greedy)")), title=f"GRPO reward ({reward})")
-    runlog.plot_log(log.path, os.path.join(out_dir, "kl.png"), (("kl", "KL (k3) to the reference"),),
-                title="GRPO KL")
-    print(f"summary: {summary}")
-    log.close()
-    write_json(os.path.join(out_dir, "summary.json"), summary)
-del module
+    rl_run.write_summary(out_dir, log, dict(iter=iter_num, wall_seconds=round(time.time() - timer.start, 1),
+                                            group_size=group_size, beta=beta, reward=reward,
+                                            **rl_run.tokens_per_sec(tokens, seconds)),
+                         evals, val, "GRPO", "KL (k3) to the reference")
+del model
 dist.cleanup_ddp(run)

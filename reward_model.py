@@ -12,9 +12,9 @@ adapters on the body and the head (the rest frozen).
         --val_data=out/demo/dpo_data/val.jsonl --out_dir=out/demo/reward
     torchrun --standalone --nproc_per_node=8 reward_model.py ...
 
-Use it: rl.load_reward_model(path) and rl.score_conversations(rm, tok, conversations) (batched scalars).
+Use it: babyllama.reward_model.load_reward_model(path) and score_conversations(rm, tok, conversations)
+(batched scalars); grpo.py and ppo.py with --reward=model.
 """
-from contextlib import nullcontext
 import os
 import time
 
@@ -25,7 +25,7 @@ from babyllama.atomic import write_json
 from babyllama.configurator import configure
 from babyllama.pairs import PairBatches, tokenize_pair
 from babyllama.preferences import load_preferences
-from babyllama.rl import RewardModel, bt_loss
+from babyllama.reward_model import RewardModel, bt_loss
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
@@ -67,24 +67,26 @@ config_keys, changed = configure(globals())
 
 run = dist.setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile, False)
 device, device_type, master, accum = run.device, run.device_type, run.master, run.accum
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-resume_ckpt = ck.resume(init_from, "sft", ckpt_path, device, globals(), config_keys, changed, ck.FINETUNE_KEYS,
-                        overwrite)
+ckpt_path = ck.checkpoint_path(out_dir, "ddp")  # ckpt.pt: no FSDP here (no `parallel` setting)
+# resuming: the starting checkpoint, context length and LoRA shape become the checkpoint's
+resume_ckpt, fixed = ck.resume(init_from, "sft", ckpt_path, device, {k: globals()[k] for k in config_keys},
+                               changed, ck.FINETUNE_KEYS, overwrite)
+globals().update(fixed)
 iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- model: the SFT body and a scalar head ---------------------------------------------------------------------
-body, model_args, _, init = models.finetune_model(init_ckpt, None, device, seed, max_seq_len, 0.0, lora_rank, lora_alpha,
-                                              lora_dropout, lora_targets)
+body, model_args, _, init = models.finetune_model(init_ckpt, None, device, seed, max_seq_len, 0.0, lora_rank,
+                                                  lora_alpha, lora_dropout, lora_targets)
 torch.manual_seed(seed)  # the same head on every process
-model = RewardModel(body).to(device)
+raw_model = RewardModel(body).to(device)
 if resume_ckpt is not None:
-    model.load_state_dict(resume_ckpt["model"])
+    raw_model.load_state_dict(resume_ckpt["model"])
 max_seq_len = model_args["max_seq_len"]
 # AdamW over the trainable parameters (with LoRA: the adapters and the head); resumed with its RNG and scaler
-trainable = [p for p in model.parameters() if p.requires_grad]
-optimizer = ck.training_optimizer(model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
-module = dist.wrap_ddp(model, run)
+trainable = [p for p in raw_model.parameters() if p.requires_grad]
+optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, (beta1, beta2))
+model = dist.wrap_ddp(raw_model, run)
 
 # ---- data -------------------------------------------------------------------------------------------------
 tok = load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
@@ -97,9 +99,9 @@ if not train_items:
     raise SystemExit(f"no usable pairs in {train_data}: {dict(train_counts)}")
 batches = PairBatches(len(train_items), batch_size, seed)
 if master:
-    print(f"reward model on {init_ckpt}: {model.body.num_params() / 1e6:.2f}M + head, trainable "
-          f"{sum(p.numel() for p in trainable):,}" + (f" (LoRA rank {lora_rank})" if lora_rank else "") + "; train pairs "
-          f"{dict(train_counts)}; held-out pairs {dict(val_counts)}")
+    print(f"reward model on {init_ckpt}: {raw_model.body.num_params() / 1e6:.2f}M + head, trainable "
+          f"{sum(p.numel() for p in trainable):,}" + (f" (LoRA rank {lora_rank})" if lora_rank else "") +
+          f"; train pairs {dict(train_counts)}; held-out pairs {dict(val_counts)}")
 
 
 def pair_rewards(net, idx, items):
@@ -112,15 +114,15 @@ def pair_rewards(net, idx, items):
 
 @torch.no_grad()
 def evaluate():
-    model.eval()
+    raw_model.eval()
     losses, correct, margins = [], [], []
     for s in range(0, len(val_items), batch_size):
         idx = list(range(s, min(s + batch_size, len(val_items))))
-        rc, rr = pair_rewards(model, idx, val_items)
+        rc, rr = pair_rewards(raw_model, idx, val_items)
         losses += bt_loss(rc, rr, margin).tolist()
         correct += (rc > rr).tolist()
         margins += (rc - rr).tolist()
-    model.train()
+    raw_model.train()
     n = len(losses)
     return {"loss": sum(losses) / n, "accuracy": sum(correct) / n, "margin": sum(margins) / n}
 
@@ -128,7 +130,7 @@ def evaluate():
 # ---- training loop ----------------------------------------------------------------------------------------
 config = {k: globals()[k] for k in config_keys}
 log = runlog.JsonlLog(os.path.join(out_dir, "log.jsonl"), iter_num if resume_ckpt else None, enabled=master)
-checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, model, optimizer, log, eval_interval,
+checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optim, log, eval_interval,
                                always_save_checkpoint, model_args=model_args, config=config, init_ckpt=init_ckpt,
                                tokenizer=tok.model_path, tokenizer_sha256=tok.sha256(),
                                data={"sampler": "stateless", "seed": seed, "train": train_data})
@@ -139,7 +141,7 @@ progress = runlog.Progress("reward model", iter_num, max_iters, f"{max_iters - i
                        f"{batch_size * gradient_accumulation_steps} pairs, held-out evaluation every {eval_interval}",
                        enabled=master)
 while True:
-    lr = optimize.set_lr(optimizer, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    lr = optimize.set_lr(optim, iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     last = iter_num >= max_iters or timer.out_of_time(max_minutes, run)
     if checkpointer.eval_due(iter_num, last):
         val_loss = None
@@ -158,9 +160,8 @@ while True:
     n_pairs = dist.all_reduce_sum(sum(len(idx) for idx in micro_idx), run)
     loss_sum, correct, margin_sum, n_tok = 0.0, 0, 0.0, 0
     for micro, idx in enumerate(micro_idx):
-        sync = not run.ddp or micro == accum - 1
-        with (nullcontext() if sync else module.no_sync()):
-            rc, rr = pair_rewards(module, idx, train_items)
+        with dist.gradient_sync(model, micro == accum - 1):  # reduce gradients on the last micro-step only
+            rc, rr = pair_rewards(model, idx, train_items)
             loss = bt_loss(rc, rr, margin).sum() / n_pairs
             run.scaler.scale(loss * run.world_size).backward()
         loss_sum += float(loss.detach())
@@ -171,7 +172,7 @@ while True:
                "margin": dist.all_reduce_sum(margin_sum, run) / n_pairs}
     if not run.scaler.is_enabled():  # fp16's scaler skips an overflowing step by itself
         checkpointer.check_train_loss(iter_num, metrics["loss"])
-    optimize.optimizer_step(optimizer, run.scaler, grad_clip)
+    optimize.optimizer_step(optim, run.scaler, grad_clip)
     n_tok = int(dist.all_reduce_sum(n_tok, run))
     dt = timer.lap(n_tok)
     progress.step(metrics["loss"], n_tok, dt)
@@ -190,10 +191,10 @@ if master:
               f"{last_eval['accuracy']:.3f} (margin {first_eval['margin']:.3f} -> {last_eval['margin']:.3f})")
     log.write(summary=summary)
     runlog.plot_log(log.path, os.path.join(out_dir, "loss.png"), (("loss", "train"), ("val/loss", "held-out")),
-                title="reward model: Bradley-Terry loss")
-    runlog.plot_log(log.path, os.path.join(out_dir, "accuracy.png"), (("accuracy", "train"), ("val/accuracy", "held-out")),
-                title="reward model: accuracy (r_chosen > r_rejected)")
+                    title="reward model: Bradley-Terry loss")
+    runlog.plot_log(log.path, os.path.join(out_dir, "accuracy.png"), (("accuracy", "train"),
+                    ("val/accuracy", "held-out")), title="reward model: accuracy (r_chosen > r_rejected)")
     log.close()
     write_json(os.path.join(out_dir, "summary.json"), summary)
-del module
+del model
 dist.cleanup_ddp(run)

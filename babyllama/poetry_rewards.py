@@ -15,11 +15,11 @@ the reply is scored by rules, no reward model. Torch-free.
                           (对); the share of the checks that pass, 0 when none can be checked
   build_tone_table        character -> 平 or 仄 from the corpus' own tone annotations (dist/strains: one pattern
                           per poem line, keyed by poem id), for characters read one way >= 90% of the time
+  load_tone_table         the table of a JSON file, built from the corpus and written there first when the file
+                          does not exist yet (grpo.py and ppo.py with w_tone > 0: their poetry and tone_table)
   poetry_reward           the weighted sum (weights: the form, no repeats, the title, the tones)
 
 A poem of the right form is also well_formed_poem (babyllama/poem_form.py), the rule the demo's chat scores use.
-
-    python -m babyllama.poetry_rewards --poetry=data/chinese-poetry --tone_table=out/demo/tones.json
 """
 from collections import Counter
 import glob
@@ -28,7 +28,6 @@ import os
 import re
 
 from babyllama.atomic import write_json
-from babyllama.configurator import run_main
 from babyllama.poem_form import CLAUSE_MARKS, LINE_END, poem_clauses
 from babyllama.records import ReadErrors, iter_records
 
@@ -145,6 +144,23 @@ def build_tone_table(poetry_root, min_share=0.9):
     return table
 
 
+def load_tone_table(path, poetry_root):
+    """The tone table (build_tone_table's dict) in the JSON file at path; when there is none yet, built from the
+    chinese-poetry package at poetry_root and written to path first (atomically: processes that build it at once
+    write the same table). Raises ValueError naming poetry_root when it holds no tone patterns."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    table = build_tone_table(poetry_root)
+    if not table:
+        raise ValueError(f"{poetry_root}: no tone patterns found to build {path} from (want the chinese-poetry "
+                         f"package with dist/strains)")
+    write_json(path, table)
+    print(f"tone table: {len(table):,} characters ({sum(t == '平' for t in table.values()):,} 平) from "
+          f"{poetry_root} -> {path}")
+    return table
+
+
 def poetry_reward(prompt, reply, w_form=1.0, w_repeat=0.5, w_title=0.0, w_tone=0.0, tones=None):
     """The reward of a reply to a poetry request: w_form * form + w_repeat * no-repeats + w_title * title +
     w_tone * tones (tones: the table of build_tone_table; needed when w_tone > 0). A prompt that asks for no known
@@ -162,6 +178,11 @@ def exact_form(prompt, reply):
     """True when the reply is exactly the requested form (what the demo reports as "correct form")."""
     ask = parse_request(prompt)
     return ask is not None and form_score(reply, ask) == 1.0
+
+
+def exact_form_share(prompts, replies):
+    """The share of the replies (each to the prompt beside it) of exactly the requested form."""
+    return sum(exact_form(q, a) for q, a in zip(prompts, replies)) / len(replies)
 
 
 def requests_from(path, limit=0):
@@ -192,16 +213,3 @@ def requests_from(path, limit=0):
                 return out
     return out
 
-
-if __name__ == "__main__":
-    poetry = "data/chinese-poetry"
-    tone_table = "out/demo/tones.json"
-
-    def main():
-        table = build_tone_table(poetry)
-        if not table:
-            raise ValueError(f"{poetry}: no tone patterns found (want the chinese-poetry package with dist/strains)")
-        write_json(tone_table, table)
-        print(f"{len(table):,} characters ({sum(t == '平' for t in table.values()):,} 平) -> {tone_table}")
-
-    run_main(globals(), main)

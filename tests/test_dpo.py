@@ -1,4 +1,4 @@
-"""DPO's pieces (finetune.py) checked by hand: each loss formula on a hand-made example, sequence log-probs over
+"""DPO's pieces (babyllama/pairs.py) checked by hand: each loss formula on a hand-made example, sequence log-probs over
 reply tokens only (prompt and padding do not enter), the reference gets no gradient and does not change (frozen
 copy, LoRA adapters-off, cached log-probs), batch losses and held-out metrics, and the stateless pair sampler.
 The loaders of preference files are tested in test_chat_data.py."""

@@ -1,20 +1,27 @@
 """The RL stage: rl.py's losses against hand-computed values, reply log-probs against the plain forward, the
-poetry rewards on hand-written poems (malformed ones too), and grpo.py: it optimises a toy reward, never moves
-its reference, and resumes to the weights of a straight run."""
+poetry rewards on hand-written poems (malformed ones too), the rewards by name, and grpo.py: it optimises a toy
+reward, never moves its reference, and resumes to the weights of a straight run."""
 import json
 import math
+import re
 
-from conftest import run_script
+from conftest import TORCHRUN_2, run_script
 import pytest
 from sft_fixtures import tiny_tokenizer
 import torch
 
-from babyllama import models
-from babyllama.models import save_merged
-from babyllama.poetry_rewards import (clauses_of, exact_form, form_score, make_request, parse_request, poetry_reward,
-                                      repeat_score, title_score)
-from babyllama.rl import gae, group_advantages, k3_kl, policy_loss, reply_logps, value_loss
+from babyllama import checkpoint as ck, optimize, rl_run
+from babyllama.dist import Run
+from babyllama.models import load_model, save_merged
+from babyllama.poetry_rewards import (build_tone_table, clauses_of, exact_form, form_score, load_tone_table,
+                                      make_request, parse_request, poetry_reward, repeat_score, title_score,
+                                      tone_score)
+from babyllama.precision import amp_setup
+from babyllama.reward_model import RewardModel, bt_loss, load_reward_model, score_conversations
+from babyllama.rewards import REWARDS, check_reward, reward_function
+from babyllama.rl import gae, group_advantages, k3_kl, minibatch_policy_loss, policy_loss, reply_logps, value_loss
 from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 # ---- rl.py against hand-computed values ---------------------------------------------------------------------
 
@@ -131,18 +138,17 @@ def tiny_run(tmp_path_factory):
                                ensure_ascii=False) + "\n")
     args = [f"--init_ckpt={d / 'sft.pt'}", f"--train_prompts={d / 'q.jsonl'}", f"--val_prompts={d / 'q.jsonl'}",
             "--reward=char:月", "--max_new_tokens=8", "--group_size=8", "--prompts_per_iter=2", "--minibatch_size=16",
-            "--learning_rate=1e-2", "--min_lr=1e-2", "--warmup_iters=0", "--beta=0.0", "--bench_rollout=False",
-            "--dtype=float32", "--num_threads=1"]
+            "--learning_rate=1e-2", "--min_lr=1e-2", "--warmup_iters=0", "--beta=0.0", "--dtype=float32",
+            "--num_threads=1"]
     return d, args
 
 
-def test_grpo_teaches_a_tiny_model_the_rewarded_token_keeps_its_reference_and_resumes_exactly(tiny_run):
+def test_grpo_teaches_a_tiny_model_the_rewarded_token_and_resumes_exactly(tiny_run):
     d, args = tiny_run
     run_script("grpo.py", *args, f"--out_dir={d / 'learn'}", "--max_iters=20", "--eval_interval=20")
     s = json.loads((d / "learn" / "summary.json").read_text())
     before, after = s["held_out"]["before"]["reward"], s["held_out"]["after"]["reward"]
     assert after - before >= 0.3  # the share of "月" in the greedy replies
-    assert s["ref_unchanged"] is True
     start = torch.load(d / "sft.pt", weights_only=True)["model"]
     end = torch.load(d / "learn" / "ckpt.pt", weights_only=True)["model"]
     assert any(not torch.equal(start[k], end[k]) for k in start)  # the policy did move
@@ -155,10 +161,86 @@ def test_grpo_teaches_a_tiny_model_the_rewarded_token_keeps_its_reference_and_re
     assert all(torch.equal(end[k], halves[k]) for k in end)
 
 
+@pytest.mark.slow
+def test_grpo_and_ppo_run_on_two_processes(tiny_run, tmp_path):
+    # one micro-step per process: setup_run is told the world size (it once refused any torchrun launch)
+    d, args = tiny_run
+    keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size"))]
+    run_script("grpo.py", *keep, "--group_size=4", "--prompts_per_iter=1", "--minibatch_size=4", "--max_iters=2",
+               "--eval_interval=2", f"--out_dir={tmp_path / 'grpo'}", launcher=TORCHRUN_2)
+    run_script("ppo.py", *[a for a in keep if not a.startswith("--beta")],
+               f"--value_ckpt={value_checkpoint(d, tmp_path / 'v.pt')}", "--prompts_per_iter=2", "--minibatch_size=2",
+               "--max_iters=2", "--eval_interval=2", f"--out_dir={tmp_path / 'ppo'}", launcher=TORCHRUN_2)
+    for name in ("grpo", "ppo"):
+        assert json.loads((tmp_path / name / "summary.json").read_text())["iter"] == 2
+
+
+def value_checkpoint(d, path):
+    """A value model for ppo.py: a reward model (a fresh head) on the tiny SFT model at d."""
+    body, c = load_model(str(d / "sft.pt"))
+    torch.manual_seed(0)
+    ck.save(str(path), {"model": RewardModel(body).state_dict(), "model_args": c["model_args"]})
+    return path
+
+
+def test_the_reference_keeps_the_starting_weights_while_the_policy_trains(tiny_run):
+    # the RL scripts' start and optimizer steps on the clipped loss with the KL term: the policy moves, pi_ref
+    # (a frozen copy, no storage shared with the policy, outside the optimizer) stays the starting checkpoint's
+    d, _ = tiny_run
+    autocast, scaler = amp_setup("cpu", "float32")
+    run = Run(autocast=autocast, scaler=scaler)
+    raw_model, _, optim, model, ref, _ = rl_run.policy_and_reference(str(d / "sft.pt"), None, run, 0, 0.0, 1e-2,
+                                                                     (0.9, 0.95))
+    prompts, replies = [[1, 5, 6], [1, 7]], [[8, 9], [10, 11, 12]]
+    with torch.no_grad():
+        old, _, _ = reply_logps(raw_model, prompts, replies, 0, "cpu")
+        ref_logp, _, _ = reply_logps(ref, prompts, replies, 0, "cpu")
+    for _ in range(3):
+        loss, _ = minibatch_policy_loss(model, prompts, replies, [0, 1], old, ref_logp, torch.tensor([1.0, -1.0]), 0,
+                                        "cpu", beta=0.5)
+        loss.backward()
+        optimize.optimizer_step(optim, scaler, 1.0)
+    start = ck.load(str(d / "sft.pt"))["model"]
+    assert all(torch.equal(start[k], v) for k, v in ref.state_dict().items())
+    assert any(not torch.equal(start[k], v) for k, v in raw_model.state_dict().items())
+    assert not any(p.requires_grad for p in ref.parameters())
+
+
+def test_rewards_come_from_one_registry():
+    assert reward_function("char:月")(["q", "q"], ["明月", "x"]) == [0.5, 0.0]
+    ask, poem = make_request("静夜思", 5, 4), JING_YE_SI
+    assert reward_function("poetry", weights=(1.0, 0.5, 0.0, 0.0), tone_table="", poetry="")([ask], [poem]) == [1.5]
+    for bad in ("char:", "char:ab", "Poetry", "char:X:Y", "model:x"):
+        with pytest.raises(SystemExit, match="reward must be one of") as e:
+            check_reward(bad)
+        assert all(name in str(e.value) for name in REWARDS)  # the message lists every reward
+
+
+def test_a_missing_tone_table_is_built_from_the_corpus_once(tmp_path):
+    (tmp_path / "dist" / "strains" / "json").mkdir(parents=True)
+    (tmp_path / "dist" / "quantangshi").mkdir(parents=True)
+    (tmp_path / "dist" / "strains" / "json" / "a.json").write_text(json.dumps([{"id": "0", "strains": ["平仄"]}],
+                                                                               ensure_ascii=False))
+    (tmp_path / "dist" / "quantangshi" / "poet.tang.0.json").write_text(
+        json.dumps([{"id": "0", "paragraphs": ["甲乙"]}], ensure_ascii=False))
+    table = tmp_path / "out" / "tones.json"
+    assert load_tone_table(str(table), str(tmp_path)) == {"甲": "平", "乙": "仄"} == json.loads(table.read_text())
+    assert load_tone_table(str(table), str(tmp_path / "gone")) == {"甲": "平", "乙": "仄"}  # read, not rebuilt
+    with pytest.raises(ValueError, match="no tone patterns"):
+        load_tone_table(str(tmp_path / "other.json"), str(tmp_path / "gone"))
+
+
+def test_bench_times_a_group_as_one_batch_against_one_reply_at_a_time():
+    out = run_script("bench.py", "--rollout=True", "--skip_train=True", "--skip_gen=True", "--dim=32", "--n_layers=1",
+                     "--n_heads=2", "--vocab_size=64", "--max_seq_len=32", "--rollout_group=2",
+                     "--rollout_new_tokens=4", "--rollout_runs=1", "--num_threads=1", "--compile=False",
+                     "--dtype=float32").stdout
+    assert re.search(r"rollout: a group of 2 as one batch [\d,]+ tokens/s, one at a time [\d,]+ tokens/s", out)
+
+
 # ---- the reward model ---------------------------------------------------------------------------------------------
 
 def test_bradley_terry_loss_and_accuracy_on_a_hand_made_batch():
-    from babyllama.rl import bt_loss
     rc, rr = torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 3.0])
     # -log sigmoid(d) = log(1 + e^-d): d = 1, -1, 0
     assert bt_loss(rc, rr).tolist() == pytest.approx([math.log(1 + math.exp(-1)), math.log(1 + math.exp(1)),
@@ -169,7 +251,6 @@ def test_bradley_terry_loss_and_accuracy_on_a_hand_made_batch():
 
 
 def test_reward_is_read_at_the_last_real_token_whatever_the_padding():
-    from babyllama.rl import RewardModel
     torch.manual_seed(0)
     rm = RewardModel(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=32,
                                            multiple_of=16))).eval()
@@ -199,9 +280,7 @@ def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path, lor
                "--dtype=float32", "--num_threads=1", f"--lora_rank={lora_rank}")
     s = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert s["held_out"]["after"]["accuracy"] == 1.0 and s["held_out"]["after"]["margin"] > 1.0
-    from babyllama.rl import load_reward_model, score_conversations
     rm, ckpt = load_reward_model(str(tmp_path / "rm" / "ckpt.pt"))
-    from tokenizer import Tokenizer
     tok = Tokenizer(ckpt["tokenizer"])
     good, bad = score_conversations(rm, tok, [
         {"messages": [{"role": "user", "content": "请写一首题为《春》的诗。"}, {"role": "assistant", "content": m}]}
@@ -210,15 +289,10 @@ def test_reward_model_script_learns_held_out_preferences(tiny_run, tmp_path, lor
 
 
 def test_ppo_teaches_a_tiny_model_the_rewarded_token(tiny_run, tmp_path):
-    from babyllama import checkpoint as ck
-    from babyllama.rl import RewardModel
     d, args = tiny_run
-    body, c = models.load_model(str(d / "sft.pt"))
-    torch.manual_seed(0)
-    ck.save(str(tmp_path / "value.pt"), {"model": RewardModel(body).state_dict(), "model_args": c["model_args"]})
-    keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size", "--beta",
-                                                 "--bench_rollout"))]
-    run_script("ppo.py", *keep, f"--value_ckpt={tmp_path / 'value.pt'}", f"--out_dir={tmp_path / 'ppo'}",
+    keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size", "--beta"))]
+    run_script("ppo.py", *keep, f"--value_ckpt={value_checkpoint(d, tmp_path / 'value.pt')}",
+               f"--out_dir={tmp_path / 'ppo'}",
                "--prompts_per_iter=16", "--minibatch_size=8", "--max_iters=20", "--eval_interval=20",
                "--value_learning_rate=1e-2", "--kl_coef=0.0")
     s = json.loads((tmp_path / "ppo" / "summary.json").read_text())
@@ -228,7 +302,6 @@ def test_ppo_teaches_a_tiny_model_the_rewarded_token(tiny_run, tmp_path):
 
 
 def test_tone_rules_on_a_hand_made_table():
-    from babyllama.poetry_rewards import tone_score
     ask = parse_request(make_request("题", 5, 4))
     table = {"一": "平", "二": "仄", "三": "平", "四": "仄"}
     # clause 1 "甲一乙二丙": 2nd 一 平, 4th 二 仄: differ (pass); clause 2 "丁二戊二己": 二, 二 same (fail);
@@ -243,7 +316,6 @@ def test_tone_rules_on_a_hand_made_table():
 
 
 def test_tone_table_keeps_characters_read_one_way(tmp_path):
-    from babyllama.poetry_rewards import build_tone_table
     (tmp_path / "dist" / "strains" / "json").mkdir(parents=True)
     (tmp_path / "dist" / "quantangshi").mkdir(parents=True)
     poems, strains = [], []
