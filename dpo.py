@@ -52,8 +52,9 @@ from babyllama.atomic import write_json
 from babyllama.configurator import configure
 from babyllama.generate import generate
 from babyllama.lora import adapters_off
-from babyllama.pairs import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, frozen_copy,
-                             pair_batch_loss, pair_logps, tokenize_pair)
+from babyllama.models import frozen_copy
+from babyllama.pairs import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, pair_batch_loss,
+                             pair_logps, tokenize_pair)
 from babyllama.preferences import load_preferences
 from tokenizer import load_tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids

@@ -67,6 +67,17 @@ def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=
 
 
 
+def frozen_copy(model_args, state_dict, device):
+    """The reference: a Transformer with the given weights, in eval mode, requiring no gradient. Built without
+    touching the RNG (its random init is overwritten anyway), so a resumed run's dropout masks stay those of an
+    uninterrupted run."""
+    with torch.random.fork_rng(devices=[]):
+        ref = Transformer(ModelArgs(**dict(model_args, dropout=0.0)))
+    ref.load_state_dict(state_dict)
+    ref.requires_grad_(False)
+    return ref.eval().to(device)
+
+
 def save_merged(path, model, **fields):
     """LoRA: fold the adapters into the weights (in place: the model is plain afterwards) and save a plain
     checkpoint {"model", **fields} that eval.py, export and serving read like any pretraining checkpoint."""

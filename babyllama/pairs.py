@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from babyllama.lora import adapters_off
-from model import ModelArgs, Transformer
 from tokenizer.chat_template import IGNORE, encode_prompt
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -89,17 +88,6 @@ def concatenated_logps(module, x, y):
     logps, counts = sequence_logps(logits, y)
     B = x.shape[0] // 2
     return logps[:B], logps[B:], counts[:B], counts[B:]
-
-
-def frozen_copy(model_args, state_dict, device):
-    """The reference: a Transformer with the given weights, in eval mode, requiring no gradient. Built without
-    touching the RNG (its random init is overwritten anyway), so a resumed run's dropout masks stay those of an
-    uninterrupted run."""
-    with torch.random.fork_rng(devices=[]):
-        ref = Transformer(ModelArgs(**dict(model_args, dropout=0.0)))
-    ref.load_state_dict(state_dict)
-    ref.requires_grad_(False)
-    return ref.eval().to(device)
 
 
 class Reference:

@@ -9,7 +9,6 @@ import torch
 
 from babyllama import checkpoint as ck, dist, models, runlog
 from babyllama.atomic import write_json
-from babyllama.pairs import frozen_copy
 from babyllama.poetry_rewards import exact_form_share, requests_from
 from babyllama.rl import rollout
 from tokenizer import load_tokenizer
@@ -53,7 +52,7 @@ def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learni
     raw_model, model_args, start_state, init = models.finetune_model(init_ckpt, resume_ckpt, run.device, seed)
     optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, betas)
     model = dist.wrap_ddp(raw_model, run)
-    ref = frozen_copy(model_args, start_state, run.device)
+    ref = models.frozen_copy(model_args, start_state, run.device)
     tok = load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
     return raw_model, model_args, optim, model, ref, tok
 

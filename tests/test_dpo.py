@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from babyllama.lora import adapters_off, apply_lora
+from babyllama.models import frozen_copy
 from babyllama.pairs import (PairBatches, Reference, collate_pairs, concatenated_logps, dpo_loss, evaluate_pairs,
-                             frozen_copy, hinge_loss, ipo_loss, orpo_loss, pair_batch_loss, pair_logps, pair_metrics,
+                             hinge_loss, ipo_loss, orpo_loss, pair_batch_loss, pair_logps, pair_metrics,
                              preference_loss, sequence_logps, simpo_loss, tokenize_pair)
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
