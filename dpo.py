@@ -47,7 +47,7 @@ import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, models, optimize, runlog
+from babyllama import checkpoint as ck, checkpoint_io, dist, models, optimize, runlog
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
 from babyllama.generate import generate
@@ -177,7 +177,7 @@ if ref_mode == "cached":
     cache_path = os.path.join(out_dir, "ref_logps.pt")
     key = {"init_ckpt": init_ckpt, "train": train_data, "val": val_data, "n": [len(train_items), len(val_items)],
            "max_seq_len": max_seq_len, "dtype": run.dtype}
-    cached = ck.load(cache_path) if os.path.exists(cache_path) else None
+    cached = checkpoint_io.load(cache_path) if os.path.exists(cache_path) else None
     if cached is not None and cached["key"] == key:
         ref_cache = cached["logps"]
     else:  # NaN marks pairs not computed yet
@@ -205,7 +205,7 @@ if ref_mode == "cached":
         raw_model.train()
         del net
         if master:
-            ck.save(cache_path, {"key": key, "logps": ref_cache})
+            checkpoint_io.save(cache_path, {"key": key, "logps": ref_cache})
     if master:
         print(f"reference log-probs: {n_todo:,} pairs computed in {cache_seconds:.1f} s, "
               f"{len(visit) + len(val_items) - n_todo:,} read from {cache_path}")

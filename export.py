@@ -54,7 +54,7 @@ import time
 import numpy as np
 import torch
 
-from babyllama import checkpoint as ck, models
+from babyllama import checkpoint_io, models
 from babyllama.atomic import atomic_path
 from babyllama.configurator import run_main
 from babyllama.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
@@ -329,7 +329,7 @@ def main():
             raise SystemExit(f"--format=pt writes the sharded checkpoint of an FSDP run (its .dcp folder) as one file; "
                              f"{ckpt_path} is not one")
         os.makedirs(out_dir, exist_ok=True)
-        ck.save(target, ck.load(ckpt_path))  # a .dcp folder loads as the one-file dict (sharded.consolidate)
+        checkpoint_io.save(target, checkpoint_io.load(ckpt_path))  # a .dcp folder loads as the one-file dict (sharded.consolidate)
         print(f"{ckpt_path} -> {target} (one checkpoint file; {os.path.getsize(target) / 2**20:.1f} MiB) in "
               f"{time.time() - t0:.1f} s")
         return

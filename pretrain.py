@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, optimize, runlog, token_files
+from babyllama import checkpoint as ck, checkpoint_io, dist, optimize, runlog, token_files
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
 from model import ModelArgs, Transformer
@@ -81,7 +81,7 @@ resume_ckpt, fixed = ck.resume(init_from, "scratch", ckpt_path, device, {k: glob
 globals().update(fixed)
 iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
 # continued pretraining: the architecture is the starting checkpoint's (asking for another one is an error)
-init = ck.load(init_ckpt) if resume_ckpt is None and init_ckpt else None
+init = checkpoint_io.load(init_ckpt) if resume_ckpt is None and init_ckpt else None
 if init is not None:
     if "model" not in init:
         raise SystemExit(f"{init_ckpt} holds LoRA adapters, not whole weights: continue pretraining from the merged "

@@ -1,28 +1,6 @@
-"""
-Checkpoints, for every training script (pretrain.py, sft.py, dpo.py and those to come), in one place: what a
-checkpoint holds, how it is written (atomically) and read (weights only, never code), how a model comes back
-from any of them, how a run resumes, and what a resumed run may change.
-
-A checkpoint is one dict saved with torch.save:
-
-    model_args        ModelArgs as a dict: the architecture, including max_seq_len
-    model             the full state_dict                 } one or the other: a LoRA run saves only its
-    lora, lora_config the adapter tensors; rank, alpha,   } adapters, on top of the weights of base_ckpt
-    base_ckpt         dropout, targets; the base's path   }
-    iter_num, best_val_loss, optimizer, scaler, rng     what resuming needs (rng: one state per process)
-    config            the hyperparameters as the run used them (derived values such as lr_decay_iters filled in)
-    init_ckpt         fine-tuning: the checkpoint the run started from
-    tokenizer, tokenizer_sha256, data                   where the tokens came from
-
-merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
-
-Runs with parallel='fsdp' write sharded checkpoints instead (torch.distributed.checkpoint, DCP): out_dir/ckpt.dcp
-(and best.dcp) is a symbolic link to a folder out_dir/dcp/iter_NNNNNNNN holding every process's shards of the
-trainable weights and of the optimizer state, and extra.pt with every other field above. The link is swapped
-atomically once a save is complete, so a run killed during a save keeps its previous checkpoint. A DCP folder
-loads on any number of processes (the shards are re-cut), and `load` reads one as a single-file checkpoint
-dict (weights gathered, no optimizer), so eval.py, export.py and fine-tuning take a .dcp path like a .pt.
-The sharded format itself is in babyllama/sharded.py.
+"""A training run's checkpoints: where a run keeps them, how it resumes (what a resumed run takes from its
+checkpoint and may not change, the optimizer and every process's RNG state back), and the Checkpointer policy
+(when a loop evaluates and saves, what it refuses to overwrite). The file format is babyllama/checkpoint_io.py's.
 """
 import contextlib
 import math
@@ -32,34 +10,16 @@ import shutil
 import torch
 
 from babyllama.atomic import atomic_path
+from babyllama.checkpoint_io import load, save
 from babyllama.optimize import configure_optimizers
 from babyllama.rng import gather_rng_states, set_rng_state
-from babyllama.sharded import consolidate, load_extra, load_sharded, save_sharded
+from babyllama.sharded import load_extra, load_sharded, save_sharded
 
 # what a resumed run takes from its checkpoint and may not change: the model's shape (pretraining) and, for
 # fine-tuning, the starting weights, the context length and the adapters' shape
 ARCHITECTURE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                      "norm_eps", "max_seq_len", "tie_embeddings", "rope_theta")
 FINETUNE_KEYS = ("init_ckpt", "max_seq_len", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-
-
-# ---- files ------------------------------------------------------------------------------------------------
-
-def save(path, state):
-    """torch.save(state) through a temp file and a rename: a killed save never leaves half a checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load(path, device="cpu"):
-    """The checkpoint dict at path, tensors on device; a DCP folder (FSDP runs) comes back as the single-file
-    dict of consolidate (no optimizer state). Raises FileNotFoundError naming the path.
-    weights_only: a checkpoint is data, never code."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if os.path.isdir(path):
-        return consolidate(path, device)
-    return torch.load(path, map_location=device, weights_only=True)
 
 
 def checkpoint_path(out_dir, parallel):

@@ -7,7 +7,7 @@ import os
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from babyllama.checkpoint import load, save
+from babyllama.checkpoint_io import load, save
 from babyllama.lora import apply_lora, load_lora_state_dict, merge_lora
 from model import ModelArgs, Transformer
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from babyllama.checkpoint import load
+from babyllama.checkpoint_io import load
 from babyllama.generate import right_pad
 from babyllama.lora import apply_lora, merge_lora
 from model import ModelArgs, Transformer

@@ -1,0 +1,46 @@
+"""Checkpoint files: what a checkpoint holds, written atomically, read as data (weights only, never code).
+
+A checkpoint is one dict saved with torch.save:
+
+    model_args        ModelArgs as a dict: the architecture, including max_seq_len
+    model             the full state_dict                 } one or the other: a LoRA run saves only its
+    lora, lora_config the adapter tensors; rank, alpha,   } adapters, on top of the weights of base_ckpt
+    base_ckpt         dropout, targets; the base's path   }
+    iter_num, best_val_loss, optimizer, scaler, rng     what resuming needs (rng: one state per process)
+    config            the hyperparameters as the run used them (derived values such as lr_decay_iters filled in)
+    init_ckpt         fine-tuning: the checkpoint the run started from
+    tokenizer, tokenizer_sha256, data                   where the tokens came from
+
+merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
+
+Runs with parallel='fsdp' write sharded checkpoints instead (torch.distributed.checkpoint, DCP): out_dir/ckpt.dcp
+(and best.dcp) is a symbolic link to a folder out_dir/dcp/iter_NNNNNNNN holding every process's shards of the
+trainable weights and of the optimizer state, and extra.pt with every other field above. The link is swapped
+atomically once a save is complete, so a run killed during a save keeps its previous checkpoint. A DCP folder
+loads on any number of processes (the shards are re-cut), and `load` reads one as a single-file checkpoint
+dict (weights gathered, no optimizer), so eval.py, export.py and fine-tuning take a .dcp path like a .pt.
+The sharded format itself is in babyllama/sharded.py.
+"""
+import os
+
+import torch
+
+from babyllama.atomic import atomic_path
+from babyllama.sharded import consolidate
+
+
+def save(path, state):
+    """torch.save(state) through a temp file and a rename: a killed save never leaves half a checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path, device="cpu"):
+    """The checkpoint dict at path, tensors on device; a DCP folder (FSDP runs) comes back as the single-file
+    dict of consolidate (no optimizer state). Raises FileNotFoundError naming the path.
+    weights_only: a checkpoint is data, never code."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if os.path.isdir(path):
+        return consolidate(path, device)
+    return torch.load(path, map_location=device, weights_only=True)
