@@ -94,7 +94,7 @@ BENCH := $(DEMO)/poetry_bench
 $(BENCH)/about.json: $(TOKENS)
 	$(call timed,poetry-bench,$(PYTHON) poetry_bench.py --corpus=$(CLEAN) --token_meta=$(TOKENS) --out_dir=$(BENCH))
 $(BENCH)/contamination.json: $(BENCH)/about.json
-	$(call timed,contamination,$(PYTHON) eval.py --mode=contamination --eval_set=$(BENCH) --train_data=$(DEMO)/data/train.bin)
+	$(call timed,contamination,$(PYTHON) contamination.py --eval_set=$(BENCH) --train_data=$(DEMO)/data/train.bin)
 MC = $(PYTHON) eval.py --mode=mc --mc_data=$(BENCH) --contamination_file=$(BENCH)/contamination.json --batch_size=64
 MC_JSON := eval_mc_poetry_bench_val_0shot.json
 $(DEMO)/pretrain/$(MC_JSON): $(DEMO)/pretrain/summary.json $(BENCH)/contamination.json
@@ -108,7 +108,7 @@ DEMO_OUTPUTS := $(DEMO)/pretrain/eval.json $(DEMO)/pretrain/chat.json $(DEMO)/sf
 	$(DEMO)/pretrain/$(MC_JSON) $(DEMO)/sft/$(MC_JSON) $(DEMO)/dpo/$(MC_JSON)
 # the report card: every stage's numbers, curves and evaluation tables (always rewritten)
 $(DEMO)/report.md: $(DEMO_OUTPUTS) FORCE
-	$(PYTHON) eval.py --mode=report --run_dir=$(DEMO)
+	$(PYTHON) report.py --run_dir=$(DEMO)
 FORCE:
 
 # the stages by name (each runs what it needs first, and nothing already done)

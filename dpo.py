@@ -50,14 +50,13 @@ import torch
 from babyllama import checkpoint as ck, checkpoint_io, dist, models, optimize, runlog
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
-from babyllama.generate import generate
 from babyllama.lora import adapters_off
 from babyllama.models import frozen_copy
 from babyllama.pairs import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, pair_batch_loss,
                              pair_logps, tokenize_pair)
 from babyllama.preferences import load_preferences
 from tokenizer import load_tokenizer
-from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
+from tokenizer.chat_template import decode_reply, encode_prompt
 
 # -----------------------------------------------------------------------------------------------------------
 # I/O
@@ -326,7 +325,8 @@ if master:
         for i in order:
             ids = torch.tensor([encode_prompt(tok, val_pairs[i]["prompt"], val_pairs[i].get("system"))], device=device)
             ids = ids[:, -(max_seq_len - n_new):]
-            reply = lambda m: decode_reply(tok, generate(m, ids, n_new, stop_ids=stop_ids(tok))[0])
+            # greedy, n_new tokens; the reply is what comes before the first stop token
+            reply = lambda m: decode_reply(tok, m.generate(ids, n_new)[0, ids.shape[1]:].tolist())
             samples.append({"prompt": val_pairs[i]["prompt"][-1]["content"], "chosen": val_pairs[i]["chosen"],
                             "before": reply(before_model), "after": reply(final)})
             print(f"--- {samples[-1]['prompt']}\n  before: {samples[-1]['before']!r}\n  after:  {samples[-1]['after']!r}")

@@ -8,8 +8,6 @@ result file (--results_file; by default beside the checkpoint) and prints a mark
     python eval.py --mode=mc --mc_data=../shared/data/ceval --split=val --k_shot=5     # C-Eval / CMMLU tables
     python eval.py --mode=mc --mc_data=out/demo/poetry_bench                 # the poetry benchmark (poetry_bench.py)
     python eval.py --mode=gen --gen_file=qa.jsonl                            # BLEU-1..4, ROUGE-L against references
-    python eval.py --mode=contamination --eval_set=out/demo/poetry_bench --train_data=out/demo/data/train.bin
-    python eval.py --mode=report --run_dir=out/demo                          # report.md of a whole run
     python eval.py --mode=chat --ckpt_path=out/sft/ckpt.pt                  # interactive: /reset, /quit
     python eval.py --mode=chat --ckpt_path=out/sft/ckpt.pt --questions_file=q.jsonl --answers_file=a.jsonl
 
@@ -23,7 +21,6 @@ mc: C-Eval / CMMLU layouts (babyllama/mc.py), 0- or k-shot, plain prompt (base m
   log-likelihood per character (babyllama/scoring.py).
 gen: JSONL {"prompt" | "messages", "reference"} (babyllama/qa_files.py); answers in batches (babyllama/answering.py),
   scored by babyllama/text_metrics.py; per-sample JSONL.
-contamination: evaluation items whose shingles a training document contains (babyllama/contamination.py).
 
 Chat mode uses the chat template (tokenizer/chat_template.py), streams the reply token by token through the
 KV-cached generate_stream and stops on <|end|>. A LoRA checkpoint from sft.py is loaded as base + adapter,
@@ -34,30 +31,28 @@ babyllama/poem_form.py). Every mode that needs a model loads it through babyllam
 """
 import math
 import os
-import sys
 import time
 
 import torch
 
-from babyllama import report, text_metrics
+from babyllama import text_metrics
 from babyllama.answering import answer_scores, fit_history, generate_replies
 from babyllama.atomic import write_json, write_jsonl
 from babyllama.configurator import apply_overrides
-from babyllama.contamination import evaluation_items, find_contamination, flagged, flagged_keys, training_documents
 from babyllama.generate import compile_decode, generate, generate_stream, right_pad
 from babyllama.inference import load_for_inference
 from babyllama.int8 import quantize_model
-from babyllama.mc import MCError, guess_benchmark, load_exam, load_subjects, results_tables, summarize
+from babyllama.mc import MCError, flagged_keys, guess_benchmark, load_exam, load_subjects, results_tables, summarize
 from babyllama.ppl_data import ppl_bin, ppl_text
 from babyllama.qa_files import read_gen_items, read_questions
-from babyllama.scoring import bits_per_character, progress, score_mc, sequence_loss
+from babyllama.scoring import bits_per_character, score_mc, sequence_loss
 from tokenizer import StreamDecoder
 from tokenizer.chat_template import decode_reply, stop_ids
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"
 tokenizer_model = ""  # "" = the tokenizer recorded in the checkpoint
-mode = "sample"  # sample, ppl (or loss), all (sample + ppl), chat, mc, gen, contamination, report
+mode = "sample"  # sample, ppl (or loss), all (sample + ppl), chat, mc, gen
 prompts = ["床前明月光，疑是地上霜。举头望明月，", "白日依山尽，", "春眠不觉晓，", "明月几时有？"]
 prompt_file = ""  # one prompt per line; replaces `prompts`
 max_new_tokens = 64
@@ -93,15 +88,9 @@ benchmark = ""  # 'ceval', 'cmmlu' (subject names and categories) or anything el
 scoring = "letter,option"  # letter: next-token likelihood of A-D after the cue; option: per-character option LL
 prompt_format = "auto"  # 'plain', 'chat'; auto = chat for SFT/DPO checkpoints, plain for pretrained ones
 prefix_cache = True  # compute a prefix shared by a subject's prompts (instruction + shots) once, as a KV cache
-contamination_file = ""  # mc: JSON from --mode=contamination; flagged items are counted in the table
+contamination_file = ""  # mc: JSON from contamination.py; flagged items are counted in the table
 # gen
 gen_file = ""  # JSONL {"prompt" | "messages", "reference"}
-# contamination
-eval_set = ""  # an mc folder (its --split) or a gen JSONL file
-train_data = ""  # the training data: a .bin of data_process.py (decoded) or any corpus clean_data reads
-threshold = 0.5  # an item is flagged when one training document contains this share of its 5-gram shingles
-# report
-run_dir = "out/demo"  # report: the run folder (pretrain/, sft/, dpo/, eval results)
 # -----------------------------------------------------------------------------------------------------------
 
 
@@ -278,61 +267,26 @@ def run_mc(model, tok, exam, names, chat, scorings, k_shot, batch_size, prefix_c
     return {sc: summarize(correct[sc], names) for sc in scorings}, preds, stats, notes, dt
 
 
-def run_contamination(eval_set, train_data, split, text_field, threshold):
-    """Flag the items of eval_set (an mc folder's split or a gen JSONL file) that a document of train_data nearly
-    contains (babyllama/contamination.py). Returns (result: every flagged item and its document, markdown)."""
-    items = evaluation_items(eval_set, split)
-    bar = progress("training documents", None, "doc")
-    t0 = time.time()
-    best, n_docs = find_contamination(items, training_documents(train_data, text_field), on_chunk=bar.update)
-    bar.close()
-    hits = flagged(items, best, threshold)
-    share = len(hits) / len(items)
-    md = ("| evaluation set | items | training documents | flagged | share |\n|---|---:|---:|---:|---:|\n"
-          f"| {eval_set} | {len(items):,} | {n_docs:,} | {len(hits):,} | {100 * share:.1f}% |\n\n"
-          f"(flagged: one training document holds >= {threshold:.0%} of the item's character 5-grams; "
-          f"{time.time() - t0:.0f} s)")
-    if hits:
-        md += "\n\n| item | containment | Jaccard | training document |\n|---|---:|---:|---|\n" + "\n".join(
-            f"| {h['key']} | {h['containment']:.2f} | {h['jaccard']:.2f} | {h['source']}:{h['line']}: "
-            f"{h['excerpt'][:40].replace(chr(10), ' / ').replace('|', '/')} |"
-            for h in sorted(hits, key=lambda h: -h["containment"])[:10])
-        md += f"\n\n(the {min(10, len(hits))} highest of {len(hits)}; all in the JSON file)"
-    return dict(eval_set=eval_set, train_data=train_data, threshold=threshold, items=len(items),
-                training_documents=n_docs, flagged=len(hits), share=share, flagged_items=hits), md
-
-
-MODES = ("sample", "loss", "ppl", "all", "chat", "mc", "gen", "contamination", "report")
+MODES = ("sample", "loss", "ppl", "all", "chat", "mc", "gen")
 
 if __name__ == "__main__":
     apply_overrides(globals())
+    if mode in ("contamination", "report"):  # they read files, not a model: scripts of their own
+        raise SystemExit(f"--mode={mode} is now `python {mode}.py` (same settings)")
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if mode == "report":
-        report.main(run_dir)
-        sys.exit(0)
     if prompt_format not in ("auto", "plain", "chat"):
         raise SystemExit(f"prompt_format must be auto, plain or chat, not {prompt_format!r}")
     scorings = [x.strip() for x in scoring.split(",") if x.strip()]
     if not scorings or set(scorings) - {"letter", "option"}:
         raise SystemExit(f"scoring must be letter, option or both (letter,option), not {scoring!r}")
-    if not (stride >= 0 and 0 < threshold <= 1 and val_max_tokens >= 0 and k_shot >= 0):
-        raise SystemExit(f"want stride >= 0, 0 < threshold <= 1, val_max_tokens >= 0 and k_shot >= 0; got stride "
-                         f"{stride}, threshold {threshold}, val_max_tokens {val_max_tokens}, k_shot {k_shot}")
-    for name, path in (("mc_data", mc_data if mode == "mc" else None), ("gen_file", gen_file if mode == "gen" else None),
-                       ("eval_set", eval_set if mode == "contamination" else None),
-                       ("train_data", train_data if mode == "contamination" else None)):
+    if not (stride >= 0 and val_max_tokens >= 0 and k_shot >= 0):
+        raise SystemExit(f"want stride >= 0, val_max_tokens >= 0 and k_shot >= 0; got stride {stride}, "
+                         f"val_max_tokens {val_max_tokens}, k_shot {k_shot}")
+    for name, path in (("mc_data", mc_data if mode == "mc" else None), ("gen_file", gen_file if mode == "gen" else None)):
         if path is not None and not os.path.exists(path):
             raise SystemExit(f"--mode={mode} needs --{name}: {path!r} does not exist")
     try:  # the inputs are read and checked before a model is loaded
-        if mode == "contamination":
-            r, md = run_contamination(eval_set, train_data, split, text_field, threshold)
-            path = results_file or os.path.join(eval_set if os.path.isdir(eval_set) else os.path.dirname(eval_set),
-                                                "contamination.json")
-            print(md)
-            write_json(path, dict(r, markdown=md))
-            print(f"results -> {path}")
-            sys.exit(0)
         exam = load_exam(mc_data, split, shots_split, k_shot, subjects) if mode == "mc" else None
         flagged_ids = flagged_keys(contamination_file) if mode == "mc" and contamination_file else None
         gen_items = read_gen_items(gen_file) if mode == "gen" else None

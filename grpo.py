@@ -20,12 +20,11 @@ form (poetry), KL, clip fraction, entropy, reply length; held-out greedy replies
 The reward (`reward`) is one of REWARDS in babyllama/rewards.py: the poetry form rules, a reward model's scalar, or
 a toy; `--reward=?` lists them. What the run does around the loop is in babyllama/rl_run.py.
 """
-import os
 import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, optimize, rl, rl_run, runlog
+from babyllama import dist, optimize, rl, rl_run, runlog
 from babyllama.configurator import configure
 from babyllama.poetry_rewards import exact_form_share
 from babyllama.rewards import check_reward, reward_function
@@ -82,17 +81,14 @@ config_keys, changed = configure(globals())
 if aggregation not in ("token", "sequence"):
     raise SystemExit(f"aggregation must be 'token' or 'sequence', not {aggregation!r}")
 check_reward(reward)
+lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- set-up: the policy, its optimizer and pi_ref (the starting weights, frozen); the requests; the reward ------
-# one micro-step per process (setup_run counts those of all the processes together)
-run = dist.setup_run(device, dtype, num_threads, int(os.environ.get("WORLD_SIZE", "1")), out_dir, compile, False)
-device, master = run.device, run.master
-ckpt_path = ck.checkpoint_path(out_dir, "ddp")  # ckpt.pt: the RL scripts have no FSDP (no `parallel` setting)
-resume_ckpt, fixed = ck.resume(init_from, "sft", ckpt_path, device, {k: globals()[k] for k in config_keys},
-                               changed, ck.FINETUNE_KEYS, overwrite)
+run, ckpt_path, resume_ckpt, iter_num, fixed = rl_run.setup(out_dir, init_from, overwrite,
+                                                           {k: globals()[k] for k in config_keys}, changed,
+                                                           device, dtype, num_threads, compile)
 globals().update(fixed)  # resuming: the run's starting checkpoint (init_ckpt) is the checkpoint's
-iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
-lr_decay_iters = lr_decay_iters or max_iters
+device, master = run.device, run.master
 raw_model, model_args, optim, model, ref, tok = rl_run.policy_and_reference(init_ckpt, resume_ckpt, run, seed,
                                                                             weight_decay, learning_rate, (beta1, beta2))
 pad_id = max(tok.pad_id, 0)

@@ -18,12 +18,11 @@ The pieces (rollouts, log-probs, GAE, losses) are in babyllama/rl.py, the reward
 the rewards by name (`reward`: REWARDS) in babyllama/rewards.py, what the run does around its loop in
 babyllama/rl_run.py.
 """
-import os
 import time
 
 import torch
 
-from babyllama import checkpoint as ck, dist, optimize, rl, rl_run, runlog
+from babyllama import dist, optimize, rl, rl_run, runlog
 from babyllama.configurator import configure
 from babyllama.poetry_rewards import exact_form_share
 from babyllama.reward_model import load_reward_model
@@ -78,17 +77,14 @@ max_minutes = 0.0
 # -----------------------------------------------------------------------------------------------------------
 config_keys, changed = configure(globals())
 check_reward(reward)
+lr_decay_iters = lr_decay_iters or max_iters
 
 # ---- set-up -----------------------------------------------------------------------------------------------
-# one micro-step per process (setup_run counts those of all the processes together)
-run = dist.setup_run(device, dtype, num_threads, int(os.environ.get("WORLD_SIZE", "1")), out_dir, compile, False)
-device, master = run.device, run.master
-ckpt_path = ck.checkpoint_path(out_dir, "ddp")  # ckpt.pt: the RL scripts have no FSDP (no `parallel` setting)
-resume_ckpt, fixed = ck.resume(init_from, "sft", ckpt_path, device, {k: globals()[k] for k in config_keys},
-                               changed, ck.FINETUNE_KEYS, overwrite)
+run, ckpt_path, resume_ckpt, iter_num, fixed = rl_run.setup(out_dir, init_from, overwrite,
+                                                           {k: globals()[k] for k in config_keys}, changed,
+                                                           device, dtype, num_threads, compile)
 globals().update(fixed)  # resuming: the run's starting checkpoint (init_ckpt) is the checkpoint's
-iter_num = resume_ckpt["iter_num"] if resume_ckpt else 0
-lr_decay_iters = lr_decay_iters or max_iters
+device, master = run.device, run.master
 
 # ---- the four models: the policy (and its optimizer), pi_ref (the starting weights, frozen), the reward (a model
 # or rules) and the value model (a reward model, trained here with its own AdamW) ----------------------------------

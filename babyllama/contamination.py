@@ -1,6 +1,6 @@
 """
 Contamination: which items of an evaluation set have a near-duplicate in the training data, and the files both
-are read from (eval.py --mode=contamination).
+are read from (contamination.py).
 
 The texts are compared as clean_data's dedup compares documents: normalised (clean_data.normalize: NFKC, lower
 case, whitespace and punctuation removed) and cut into the same hashed character 5-gram shingles
@@ -15,7 +15,6 @@ set's shingles in one sorted array, costs one vectorised lookup per training chu
 document is reported beside it. Reordered characters share no 5-gram, so a text with the same characters in
 another order is not flagged.
 """
-import json
 import os
 
 import numpy as np
@@ -123,12 +122,3 @@ def training_documents(path, text_field=""):
             line += 1
             yield {"text": btok.decode(part[part != btok.eos_id].tolist()), "source": path, "line": line}
         start += last
-
-
-def flagged_keys(path):
-    """{subject/id} of the items a result file of eval.py --mode=contamination flagged."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return {r["key"] for r in json.load(f)["flagged_items"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"{path}: not a result of --mode=contamination ({type(e).__name__}: {e})") from None

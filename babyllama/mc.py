@@ -287,3 +287,12 @@ def results_tables(summaries, subjects, label, k_shot):
         return category_table([(f"{label}, {k_shot}-shot, by {sc}", s) for sc, s in summaries.items()]) + "\n\n" + md
     return md + "\n| **average** | | " + " | ".join(f"**{100 * s['average']:.1f}**" for s in summaries.values()) + \
         " |\n\n(accuracy in %; chance is 25%)"
+
+
+def flagged_keys(path):
+    """{subject/id} of the items a result file of contamination.py flagged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {r["key"] for r in json.load(f)["flagged_items"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a result of contamination.py ({type(e).__name__}: {e})") from None

@@ -29,7 +29,6 @@ import re
 
 from babyllama.atomic import write_json
 from babyllama.poem_form import CLAUSE_MARKS, LINE_END, poem_clauses
-from babyllama.records import ReadErrors, iter_records
 
 CHARS = {"五言": 5, "七言": 7}
 CLAUSES = {"绝句": 4, "律诗": 8}
@@ -189,11 +188,13 @@ def requests_from(path, limit=0):
     """Form requests (make_request) for the poems of a file: SFT conversations (a user turn "请写一首题为《X》的诗。"
     answered by a poem) or the demo's held-out questions ({"kind": "poem", "question", "reference"}). The form
     asked for is the real poem's (5 or 7 characters a clause, 4 or 8 clauses); poems of another form are left out.
-    One request per title, in file order; at most limit (0 = all). Lines that are not JSON objects are skipped."""
+    path: JSONL, one JSON object per line. One request per title, in file order; at most limit (0 = all).
+    Returns (requests, skipped: the number of lines that are not JSON objects)."""
     title_of = re.compile(r"请写一首题为《([^》]+)》的诗。")
-    out, seen = [], set()
-    for _, rec in iter_records(path, ReadErrors()):
-        if not isinstance(rec, dict):
+    out, seen, skipped = [], set(), 0
+    for rec in _json_lines(path):
+        if rec is None:
+            skipped += 1
             continue
         pairs = []
         if rec.get("kind") == "poem" and isinstance(rec.get("question"), str):
@@ -210,6 +211,20 @@ def requests_from(path, limit=0):
             seen.add(m.group(1))
             out.append(make_request(m.group(1), len(clauses[0]) - 1, len(clauses)))
             if limit and len(out) >= limit:
-                return out
-    return out
+                return out, skipped
+    return out, skipped
+
+
+def _json_lines(path):
+    """Each non-blank line of a JSONL file as its JSON object, or None when it is not one (bad JSON or UTF-8,
+    a list...)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)  # bytes: decoded as UTF-8 (a BOM allowed); UnicodeDecodeError is a ValueError
+            except ValueError:
+                rec = None
+            yield rec if isinstance(rec, dict) else None
 

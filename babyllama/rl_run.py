@@ -15,6 +15,17 @@ from tokenizer import load_tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
 
 
+def setup(out_dir, init_from, overwrite, config, changed, device, dtype, num_threads, compile):
+    """An RL run's start: the processes (one micro-step each: setup_run counts those of all of them together),
+    its checkpoint path (ckpt.pt: no FSDP for RL) and what resuming reads (ck.resume; the script applies
+    `fixed`, the settings the checkpoint decides). Returns (run, ckpt_path, resume_ckpt, iter_num, fixed)."""
+    run = dist.setup_run(device, dtype, num_threads, int(os.environ.get("WORLD_SIZE", "1")), out_dir, compile, False)
+    ckpt_path = ck.checkpoint_path(out_dir, "ddp")
+    resume_ckpt, fixed = ck.resume(init_from, "sft", ckpt_path, run.device, config, changed, ck.FINETUNE_KEYS,
+                                   overwrite)
+    return run, ckpt_path, resume_ckpt, resume_ckpt["iter_num"] if resume_ckpt else 0, fixed
+
+
 class Requests:
     """The prompts of an RL run: poem requests (babyllama.poetry_rewards.requests_from) from a file, their
     chat-template ids (cut from the left so max_new_tokens fit the context), and each iteration's prompts and
@@ -22,7 +33,9 @@ class Requests:
     Raises SystemExit naming the file when it holds no request, or when no room is left for a prompt."""
 
     def __init__(self, tok, path, max_seq_len, max_new_tokens, seed, rank, limit=0):
-        self.items = requests_from(path, limit)
+        self.items, skipped = requests_from(path, limit)
+        if skipped and rank == 0:
+            print(f"{path}: {skipped} line(s) skipped, not JSON objects")
         if not self.items:
             raise SystemExit(f"{path}: no poem requests (want SFT conversations or the demo's held-out questions)")
         self.room = max_seq_len - max_new_tokens

@@ -148,7 +148,7 @@ def test_report_has_the_losses_curves_evaluations_scores_samples_and_files(tmp_p
                                               bits_per_char=3.21))
     write(f"{d}/bench/contamination.json", dict(eval_set="bench", markdown="| flagged table |"))
     (d / "pretrain" / "loss.png").write_bytes(b"png")
-    run_script("eval.py", "--mode=report", f"--run_dir={d}")
+    run_script("report.py", f"--run_dir={d}")
     text = (d / "report.md").read_text(encoding="utf-8")
     for section in ("## Wall time per stage", "## Training", "## Curves", "## Evaluations", "## Held-out scores",
                     "## Continuations", "## Chat answers after SFT", "## Files"):

@@ -432,13 +432,13 @@ def test_contamination_mode_flags_items_and_mc_counts_them(tok, tmp_path):
     d = write_exam(tmp_path / "exam", subjects=("poems",))
     corpus = tmp_path / "train.txt"
     corpus.write_text("白日依山尽的下一句\n疑是地上霜\n黄河入海流\n处处闻啼鸟\n花落知多少\n无关的一行字\n", encoding="utf-8")
-    run_script("eval.py", "--mode=contamination", f"--eval_set={d}", f"--train_data={corpus}", "--threshold=0.3")
+    run_script("contamination.py", f"--eval_set={d}", f"--train_data={corpus}", "--threshold=0.3")
     r = json.loads((d / "contamination.json").read_text(encoding="utf-8"))
     assert r["items"] == 5 and r["training_documents"] == 6
     # a one-line document holds at most the question's 5 shingles of an item's 25: none flagged
     assert r["flagged"] == 0
     corpus.write_text("白日依山尽的下一句：疑是地上霜，黄河入海流，处处闻啼鸟，花落知多少\n", encoding="utf-8")
-    run_script("eval.py", "--mode=contamination", f"--eval_set={d}", f"--train_data={corpus}", "--threshold=0.9")
+    run_script("contamination.py", f"--eval_set={d}", f"--train_data={corpus}", "--threshold=0.9")
     r = json.loads((d / "contamination.json").read_text(encoding="utf-8"))
     assert [h["key"] for h in r["flagged_items"]] == ["poems/1"]
     save_tiny_ckpt(tok, tmp_path / "ckpt.pt")

@@ -5,7 +5,7 @@ stages wrote, linked from beside the report), every evaluation table eval.py wro
 samples, and where every file is. Written as <run_dir>/report.md and printed; `make demo` ends with it. It only
 reads what the stages wrote (summary.json, log plots, eval_*.json, answers), so it can be re-run at any time.
 
-    python eval.py --mode=report --run_dir=out/demo
+    python report.py --run_dir=out/demo
 """
 import glob
 import json
@@ -13,7 +13,12 @@ import os
 
 from babyllama import text_metrics
 from babyllama.atomic import atomic_open
+from babyllama.configurator import configure
 from babyllama.mc import category_table
+
+# -----------------------------------------------------------------------------------------------------------
+run_dir = "out/demo"  # the run folder (pretrain/, sft/, dpo/, the eval results)
+# -----------------------------------------------------------------------------------------------------------
 
 STAGES = (("pretrain", "pretrained"), ("sft", "after SFT"), ("dpo", "after DPO"))
 PLOTS = (("pretrain/loss.png", "pretraining loss"), ("sft/loss.png", "SFT loss"), ("dpo/loss.png", "DPO loss"),
@@ -129,7 +134,7 @@ def mc_section(results):
     flagged = [f"{label}: {r['contaminated']}" for label, r in results if r.get("contaminated") is not None]
     if flagged:
         lines += ["", f"Questions with a near-duplicate in the training data: {flagged[0].split(': ')[1]} of "
-                      f"{first['questions']} (eval.py --mode=contamination)."]
+                      f"{first['questions']} (contamination.py)."]
     return lines + [""]
 
 
@@ -225,3 +230,8 @@ def main(run_dir):
         f.write(text)
     print(text)
     print(f"report -> {path}")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    main(run_dir)
