@@ -6,9 +6,9 @@ from tokenizer import load_tokenizer
 
 
 def inference_precision(device="auto", dtype="auto"):
-    """(device, autocast context) for forward passes without gradients: device 'auto' = a GPU when there is one
-    (precision.resolve_device), dtype 'auto' = what pays on that device (precision.resolve_dtype); on CPU
-    the CPU settings every script uses. SystemExit naming the allowed dtypes for any other."""
+    """(device, autocast context) for forward passes without gradients: device and dtype 'auto' as
+    precision.resolve_device / resolve_dtype decide; on CPU the CPU settings every script uses. SystemExit naming the
+    allowed dtypes for any other."""
     device = resolve_device(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cpu":
@@ -18,11 +18,10 @@ def inference_precision(device="auto", dtype="auto"):
 
 
 def load_for_inference(ckpt_path, device="auto", dtype="auto", tokenizer_model=""):
-    """Any checkpoint this project writes (full, or base + LoRA adapters merged: models.load_model) in eval
-    mode on device, and its tokenizer: tokenizer_model, or "" for the one the checkpoint records, checked
-    against the model (tokenizer.load_tokenizer: the vocabulary size and the recorded sha256; SystemExit naming
-    the file when either differs). Building the model draws from torch's random generator: seed it before
-    this call for samples that repeat. Returns (model, tok, checkpoint dict, device, autocast context)."""
+    """Any checkpoint this project writes (models.load_model) in eval mode on device, and its tokenizer
+    (tokenizer_model, or "" for the recorded one; checked as tokenizer.load_tokenizer checks, SystemExit on a mismatch).
+    Building the model draws from torch's RNG: seed it first for samples that repeat. Returns (model, tok, checkpoint
+    dict, device, autocast context)."""
     device, autocast_ctx = inference_precision(device, dtype)
     model, ckpt = load_model(ckpt_path, device)
     model.eval()
