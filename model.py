@@ -1,12 +1,10 @@
-"""
-The Llama 2 model, written out in one file: RMSNorm, rotary embeddings (RoPE), grouped-query attention,
-SwiGLU feed-forward, tied input/output embeddings. Plus a plain generate with a KV cache, the optimizer's
-parameter groups and an MFU estimate. Depends on torch and, for the training loss, on the fused cross-entropy
-kernel in babyllama/cross_entropy.py.
+"""The Llama 2 model, written out in one file: RMSNorm, rotary embeddings (RoPE), grouped-query attention, SwiGLU
+feed-forward, tied input/output embeddings; plus a plain generate with a KV cache, the optimizer's parameter groups and
+an MFU estimate. The training loss uses the fused cross-entropy of babyllama/cross_entropy.py.
 
-RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (the first half of each head's
-dimensions pairs with the second half), so exporting to HF is a renaming of tensors, with no permutation
-of wq/wk. tests/test_model_hf_parity.py proves the logits equal.
+RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (each head's first half of dimensions pairs with
+its second half), so exporting to HF renames tensors with no permutation of wq/wk (tests/test_model_hf_parity.py proves
+the logits equal).
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -58,10 +56,9 @@ class ModelArgs:
 
 
 def ffn_hidden_dim(args):
-    """Hidden width (int) of FeedForward for args (ModelArgs): int(8 * dim / 3), scaled by ffn_dim_multiplier
-    if set, rounded up to a multiple of multiple_of (768 for the defaults); LlamaConfig's intermediate_size."""
-    # Llama 2: 2/3 of 4*dim (so SwiGLU's three matrices cost what a 4*dim GELU MLP's two do), optionally
-    # scaled, rounded up to multiple_of for efficient kernels.
+    """Hidden width (int) of FeedForward for args (ModelArgs), LlamaConfig's intermediate_size: int(8 * dim / 3), 2/3 of
+    4*dim so SwiGLU's three matrices cost what a 4*dim MLP's two do, scaled by ffn_dim_multiplier if set, rounded up to
+    a multiple of multiple_of (768 for the defaults)."""
     if args.hidden_dim is not None:
         return args.hidden_dim
     hidden = int(2 * 4 * args.dim / 3)
@@ -99,7 +96,7 @@ def apply_rope(x, cos, sin):
     """Rotary position embedding (RoPE, Su et al. 2021) in rotate-half layout. x (B, H, T, hd) with hd even;
     cos, sin from rope_cos_sin indexed by position, (T, hd) or (B, 1, T, hd). Returns x's shape, in the dtype
     promoted with cos/sin's (the fp32 tables turn bf16 x into fp32)."""
-    # x: (B, H, T, hd); cos/sin broadcast to it. Rotating the pair (x_i, x_{i+hd/2}) by angle pos*freq_i.
+    # rotates each pair (x_i, x_{i+hd/2}) by angle pos * freq_i
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -194,10 +191,10 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """One pre-norm Llama 2 block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
-    checkpointing = True (activation checkpointing, Chen et al. 2016): in training, keep only the block's input
-    and recompute the rest in the backward pass: the activations of a layer shrink to one (B, T, D) tensor for
-    about a third more compute; the gradients are the same (dropout masks are replayed from the saved RNG
-    state). Set per block (babyllama.dist.parallelize) so FSDP gathers the weights once for the recomputation."""
+    checkpointing = True (activation checkpointing, Chen et al. 2016): in training only the block's input is kept and
+    the rest recomputed in the backward pass, one (B, T, D) tensor per layer for about a third more compute; same
+    gradients (dropout masks replay from the saved RNG state). Set per block (dist.parallelize) so FSDP gathers the
+    weights once for the recomputation."""
     checkpointing = False
 
     def __init__(self, args):
@@ -242,8 +239,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._decode_step = None  # a compiled decode step: set by babyllama.generate.compile_decode
         self.apply(self._init_weights)
-        # GPT-2 / Llama practice: the projections that write into the residual stream are scaled down by
-        # sqrt(2 * n_layers) (two per layer), so the residual's variance does not grow with depth.
+        # the 2 residual projections a layer start at 1/sqrt(2 n_layers) scale (GPT-2): depth does not grow the variance
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
@@ -298,11 +294,10 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
-        """nanoGPT's generate, with a KV cache: prompts idx (B, T) int64, all of length T -> (B, T +
-        max_new_tokens), each new token the argmax (temperature 0) or a draw from softmax(logits / temperature)
-        over the top_k most likely tokens. AssertionError unless T + max_new_tokens <= max_seq_len.
-        babyllama/generate.py is the engine for the rest: prompts of different lengths, top-p, repetition
-        penalty, stop tokens, streaming (eval.py, serve.py and RL use it)."""
+        """nanoGPT's generate, with a KV cache: prompts idx (B, T) int64, all of length T -> (B, T + max_new_tokens),
+        each new token the argmax (temperature 0) or a draw from softmax(logits / temperature) over the top_k.
+        AssertionError unless T + max_new_tokens <= max_seq_len. babyllama/generate.py does the rest (ragged prompts,
+        top-p, stop tokens...)."""
         B, T = idx.shape
         total = T + max_new_tokens
         assert total <= self.args.max_seq_len, f"{T} + {max_new_tokens} tokens > max_seq_len {self.args.max_seq_len}"
@@ -334,7 +329,6 @@ class Transformer(nn.Module):
         when tied; an untied output is decayed) get 0. muon=True: the 2-D matrices inside the blocks (wq, wk, wv,
         wo, w1, w2, w3, and LoRA adapters there) go to Muon instead, as modded-nanogpt and nanochat split them
         (then empty AdamW groups are left out). babyllama/optimize.py builds the optimizers."""
-        # decay matmul weights only; norms and embeddings (a lookup table, and the tied output) are not decayed
         decay, no_decay, hidden = [], [], []
         for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings.weight
             if not p.requires_grad:
