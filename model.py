@@ -277,10 +277,9 @@ class Transformer(nn.Module):
         return logits, loss
 
     def _forward_positions(self, tokens, pos, mask, caches=None, cache_pos=0, fused=None, head=True):
-        """Inference forward with explicit per-row positions (B, T) and a boolean attention mask
-        (B, 1, T, S), optionally reading/writing KV caches. Returns logits (B, T, V), or with head=False the
-        final normalised hidden states (B, T, D), for callers that need the logits of a few positions only
-        (self.output of those rows)."""
+        """Inference forward with explicit per-row positions (B, T) and a boolean attention mask (B, 1, T, S),
+        optionally reading/writing KV caches. Returns logits (B, T, V), or with head=False the final normalised hidden
+        states (B, T, D), for callers that need the logits of a few positions only."""
         cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hd)
         sin = self.rope_sin[pos].unsqueeze(1)
         h = self.tok_embeddings(tokens)
@@ -296,8 +295,8 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
         """nanoGPT's generate, with a KV cache: prompts idx (B, T) int64, all of length T -> (B, T + max_new_tokens),
         each new token the argmax (temperature 0) or a draw from softmax(logits / temperature) over the top_k.
-        AssertionError unless T + max_new_tokens <= max_seq_len. babyllama/generate.py does the rest (ragged prompts,
-        top-p, stop tokens...)."""
+        AssertionError unless T + max_new_tokens <= max_seq_len. generate.py has ragged prompts, top-p, stop tokens...
+        """
         B, T = idx.shape
         total = T + max_new_tokens
         assert total <= self.args.max_seq_len, f"{T} + {max_new_tokens} tokens > max_seq_len {self.args.max_seq_len}"

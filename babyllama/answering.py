@@ -10,8 +10,7 @@ from tokenizer.chat_template import encode_prompt, stop_ids
 
 
 def fit_history(tok, history, max_prompt_tokens, system=None):
-    """The chat prompt, dropping the oldest exchanges until it fits max_prompt_tokens. Returns (prompt ids, the history
-    kept)."""
+    """The chat prompt, oldest exchanges dropped until it fits max_prompt_tokens: (prompt ids, the history kept)."""
     while True:
         prompt = encode_prompt(tok, history, system or None)
         if len(prompt) <= max_prompt_tokens or len(history) <= 1:
@@ -20,9 +19,8 @@ def fit_history(tok, history, max_prompt_tokens, system=None):
 
 
 def generate_replies(model, tok, prompts, max_new_tokens, sampling, batch_size, device, autocast_ctx, desc):
-    """Generate for each prompt (list of ids) in padded batches, with a progress bar named desc; sampling: generate()'s
-    temperature, top_k, top_p, repetition_penalty. Returns ([(reply ids, finished: ended on a stop token)] in order, new
-    tokens, seconds)."""
+    """Generate for each prompt (list of ids) in padded batches, progress bar desc; sampling: generate()'s temperature,
+    top_k, top_p, repetition_penalty. Returns ([(reply ids, finished: ended on a stop token)], new tokens, seconds)."""
     stops = set(stop_ids(tok))
     out, n_new, t0 = [], 0, time.time()
     bar = progress(desc, len(prompts), "answer")

@@ -21,8 +21,7 @@ def temp_path(path):
 
 
 def remove_stale_temps(path):
-    """Remove the temporary files (path.tmp.<pid>) of writers killed mid-write, whose process is gone; a live writer's
-    is left alone."""
+    """Remove path's temporary files (path.tmp.<pid>) whose writer process is gone; a live writer's stays."""
     for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
         pid = tmp.rsplit(".", 1)[1]
         if pid.isdigit() and not pid_alive(int(pid)):

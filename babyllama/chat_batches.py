@@ -27,8 +27,7 @@ def tokenize_conversations(convs, tok, max_seq_len):
 
 
 def pack_rows(order, lengths, max_seq_len):
-    """Greedy packing of samples (lengths in tokens), in order, into rows of at most max_seq_len + 1 tokens. Returns the
-    rows as lists of sample indices."""
+    """Greedy packing of samples (lengths in tokens), in order, into rows of <= max_seq_len + 1 tokens: index lists."""
     row_tokens = max_seq_len + 1
     rows, cur, used = [], [], 0
     for i in order:
@@ -109,9 +108,9 @@ def collate_padded(samples, pad_id):
 
 
 def collate_packed(rows, max_seq_len, pad_id):
-    """Rows of several samples -> {"x", "y": (B, T = max_seq_len) as collate_padded per sample, "pos": (B, T) restarting
-    at 0 per sample, "mask": (B, 1, T, T) bool, a token sees only earlier tokens of its sample (padding sees padding, so
-    no softmax row is empty), "n_tokens"}."""
+    """Rows of several samples -> {"x", "y": (B, T = max_seq_len) as collate_padded, "pos": (B, T) from 0 per sample,
+    "mask": (B, 1, T, T) bool, a token sees earlier tokens of its sample only (padding sees padding, so no softmax row
+    is empty), "n_tokens"}."""
     T = max_seq_len
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
@@ -135,8 +134,7 @@ def collate_packed(rows, max_seq_len, pad_id):
 
 
 class PackedLM(nn.Module):
-    """The model's forward with explicit positions and mask (packed rows), as a module so DDP and torch.compile wrap it
-    like the model."""
+    """The model's forward with positions and mask (packed rows), as a module DDP and torch.compile can wrap."""
 
     def __init__(self, model):
         super().__init__()
@@ -162,8 +160,7 @@ def sft_loss(module, batch):
 
 @torch.no_grad()
 def sft_validation_loss(model, samples, batch_size, eval_iters, pad_id, device, autocast):
-    """Mean loss per scored token (nats) over the held-out samples in padded batches, the first eval_iters of them (0 =
-    all)."""
+    """Mean loss per scored token (nats) of the held-out samples, padded batches, the first eval_iters (0 = all)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0

@@ -1,6 +1,5 @@
-"""A training run's checkpoints: where they live, how a run resumes (what it may not change; the optimizer and every
-process's RNG state come back), and the Checkpointer policy (when to evaluate and save). The file format is
-babyllama/checkpoint_io.py's."""
+"""A training run's checkpoints: where they live, how a run resumes (what it may not change; optimizer and RNG states
+come back), and the Checkpointer policy (when to evaluate and save). File format: checkpoint_io.py."""
 import contextlib
 import math
 import os
@@ -198,8 +197,7 @@ class Checkpointer:
 
     def check_train_loss(self, iter_num, loss):
         """Stop (FloatingPointError) before the update on a non-finite training loss, or one back at the ceiling after
-        being below 90% of it: a model that learned something and lost it all has diverged; a hard batch does not do
-        that."""
+        being below 90% of it: a model that learned something and lost it all has diverged; a hard batch does not."""
         if not math.isfinite(loss):
             self.stop(f"training loss {loss} at iteration {iter_num}")
         if self.ceiling is not None and self.best_train_loss < 0.9 * self.ceiling and loss >= self.ceiling:
@@ -232,8 +230,8 @@ class Checkpointer:
                                  f"check the data, or use bfloat16 instead of float16.")
 
     def save(self, iter_num, best=False):
-        """Write ckpt.pt (ckpt.dcp) for iter_num atomically, and best.pt (best.dcp) too when best; nothing at the start
-        iteration."""
+        """Write ckpt.pt (.dcp) atomically, and best.pt (.dcp) when best; nothing at the iteration the run started from.
+        """
         if iter_num <= self.start_iter:
             return
         rngs = gather_rng_states(self.run)  # a collective: every process takes part

@@ -37,8 +37,8 @@ def _parse_value(key, text, old):
 
 
 def apply_overrides(g, argv=None, verbose=True):
-    """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to the dict g; returns the keys
-    changed."""
+    """Apply the config files and --key=value overrides of argv (default sys.argv[1:]) to dict g; returns changed keys.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(usage(g))
@@ -67,8 +67,7 @@ def apply_overrides(g, argv=None, verbose=True):
 
 
 def usage(g):
-    """--help: the script's docstring, then each hyperparameter with its default and the comment beside it in the
-    source."""
+    """--help: the script's docstring, then every hyperparameter with its default and its comment in the source."""
     try:
         source = inspect.getsource(sys.modules[g["__name__"]]) if g.get("__name__") in sys.modules else ""
     except (OSError, TypeError):

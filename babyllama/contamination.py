@@ -98,9 +98,8 @@ def evaluation_items(path, split):
 
 
 def training_documents(path, text_field=""):
-    """The training documents, streamed as {"text", "source", "line"}: a data_process.py .bin decoded document by
-    document (its meta.json names the tokenizer), or anything readers.py reads (text_field: the records' field, "" =
-    auto)."""
+    """The training documents, streamed as {"text", "source", "line"}: a data_process.py .bin decoded per document (its
+    meta.json names the tokenizer), or anything readers.py reads (text_field: the records' field, "" = auto)."""
     if not path.endswith(".bin"):
         yield from iter_documents([path], text_field=text_field or None)
         return

@@ -10,9 +10,8 @@ class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets):
-        """logits (N, V), targets (N,) int64 -> 0-dim fp32 mean loss in nats over targets != -1 (0 when all are -1).
-        Saves the fp32 softmax (N, V). A target probability below fp32's smallest normal is clamped: ~87.3 nats, not
-        inf."""
+        """logits (N, V), targets (N,) int64 -> 0-dim fp32 mean loss in nats over targets != -1 (0 if none). Saves the
+        fp32 softmax (N, V). A target probability below fp32's smallest normal is clamped: ~87.3 nats, not inf."""
         probs = torch.softmax(logits.float(), dim=-1)
         valid = targets != -1
         safe = targets.clamp(min=0)

@@ -154,14 +154,14 @@ PARALLEL = ("ddp", "fsdp")
 
 def parallelize(model, run, activation_checkpointing=False, cpu_offload=False, replicas=1, outer=None):
     """Make a Transformer ready to train on this run's processes; returns the module the loop calls.
-    - activation_checkpointing (any parallel): each block recomputes its activations in the backward pass.
-    - parallel='ddp': torch.compile (run.compile) of `outer` (a module wrapping the model, e.g. sft's PackedLM; default
-      the model), then DDP under torchrun.
-    - parallel='fsdp' (FSDP2, fully_shard; Zhao et al. 2023): each block compiled (run.compile) and sharded, then the
-      root (tied weights stay one parameter); blocks are gathered one at a time. bfloat16: bf16 parameters in compute,
-      gradients reduced in fp32. cpu_offload: shards and optimizer work in CPU memory. replicas > 1: HSDP, a 2-D mesh
-      (replicas, world_size / replicas): shard within a node, replicate across. The parameters become DTensor shards in
-      place: create the optimizer after this."""
+    - activation_checkpointing: each block recomputes its activations in the backward pass.
+    - parallel='ddp': torch.compile (run.compile) of `outer` (a wrapper of the model, e.g. sft's PackedLM; default the
+      model), then DDP under torchrun.
+    - parallel='fsdp' (FSDP2, fully_shard; Zhao et al. 2023): each block compiled and sharded, then the root (tied
+      weights stay one parameter); blocks are gathered one at a time. bfloat16: bf16 parameters in compute, fp32
+      gradient reduction. cpu_offload: shards and optimizer work in CPU memory. replicas > 1: HSDP, a (replicas,
+      world_size / replicas) mesh: shard within a node, replicate across. Parameters become DTensor shards in place:
+      create the optimizer after this."""
     for layer in model.layers:
         layer.checkpointing = activation_checkpointing
     if run.parallel != "fsdp":

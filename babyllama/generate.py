@@ -160,8 +160,8 @@ def _is_count(x):
 
 
 def right_pad(rows, device=None):
-    """B lists of token ids -> ((B, L) int64, each row's ids then zeros; their lengths as a list): the batch layout of
-    generate() and the scoring passes."""
+    """B lists of ids -> ((B, L) int64 padded with zeros on the right, the lengths): the layout of generate() and
+    scoring."""
     lens = [len(r) for r in rows]
     x = torch.zeros((len(rows), max(lens)), dtype=torch.long)
     for b, r in enumerate(rows):

@@ -38,8 +38,8 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self):
-        """The effective weight W + scaling * B A, (out_features, in_features) in base.weight's dtype, recomputed on
-        each access, differentiable in A and B."""
+        """Effective weight W + scaling * B A (out, in) in base.weight's dtype, recomputed per access (differentiable).
+        """
         return self.base.weight + self.scaling * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
     @property
@@ -115,8 +115,7 @@ def base_state_dict(model):
 
 
 def load_lora_state_dict(model, sd):
-    """Load adapter tensors (lora_state_dict's output) into an adapted model. KeyError when the names do not fit
-    exactly."""
+    """Load adapter tensors (lora_state_dict's) into an adapted model; KeyError unless the names fit exactly."""
     missing = {k for k in model.state_dict() if "lora_" in k} - set(sd)
     unexpected = set(sd) - set(model.state_dict())
     if missing or unexpected:

@@ -31,8 +31,8 @@ def load_model(path, device="cpu", merge=True):
 
 
 def base_path(ckpt, path):
-    """Where a LoRA checkpoint's base weights are: the path it names, or that file name beside it (a moved run folder
-    keeps working)."""
+    """A LoRA checkpoint's base weights: the path it names, or that file name beside it (so a moved run folder works).
+    """
     base = ckpt["base_ckpt"]
     if not os.path.exists(base):
         base = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(base))
@@ -84,8 +84,7 @@ def save_merged(path, model, **fields):
 
 def gathered_model(model, run):
     """The trained model as a plain Transformer with all its weights on the master (for generation and the merged LoRA
-    file), None on the other processes. Under FSDP a collective gathering the shards into a new CPU model; otherwise the
-    model itself."""
+    file), None elsewhere. Under FSDP a collective gathering the shards into a new CPU model; else the model itself."""
     if run.parallel != "fsdp":
         return model if run.master else None
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -61,8 +61,7 @@ def optimizer_step(optimizer, scaler, grad_clip):
 
 class Optimizers:
     """Several optimizers stepped as one (Muon for the blocks' matrices, AdamW for the rest): param_groups are all of
-    theirs (the LR schedule and clipping see every parameter); the other methods go to each in turn. `optimizers` is the
-    list (DCP checkpoints save each)."""
+    theirs (for the LR schedule and clipping), the other methods go to each; `optimizers` lists them (for DCP)."""
 
     def __init__(self, optimizers):
         self.optimizers = list(optimizers)

@@ -22,8 +22,8 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge") + REFERENCE_FREE
 
 def tokenize_pair(tok, pair, max_seq_len):
     """(prompt ids, chosen ids, rejected ids, truncated?): the prompt ends with <|assistant|>, each reply with <|end|>
-    (as encode_conversation's final assistant turn). Over max_seq_len + 1 tokens the prompt keeps at most its last half
-    of that, then the replies are cut."""
+    (as encode_conversation). Past max_seq_len + 1 tokens the prompt keeps at most its last half, then replies are cut.
+    """
     n_max = max_seq_len + 1  # tokens of prompt + reply
     prompt = encode_prompt(tok, pair["prompt"], pair.get("system"))
     replies = [tok.encode(pair[k]) + [tok.end_id] for k in ("chosen", "rejected")]
@@ -149,8 +149,7 @@ def simpo_loss(avg_c, avg_r, beta, gamma, label_smoothing=0.0):
 
 
 def log1m_exp(x):
-    """log(1 - exp(x)) for x <= 0, stably (Maechler 2012). x is clamped to -1e-6 first: at x = 0 (a reply of probability
-    1) the log is -inf."""
+    """log(1 - exp(x)) for x <= 0, stably (Maechler 2012); x is clamped to -1e-6 first (at x = 0 the log is -inf)."""
     x = x.clamp(max=-1e-6)
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 

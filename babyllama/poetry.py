@@ -18,8 +18,7 @@ ASK_AUTHOR_AFTER = "这首诗的作者是谁？"  # the second turn, after the p
 
 
 def poem_lines(doc):
-    """The body lines of a chinese-poetry document from readers.py (its leading title and author lines and empty lines
-    removed)."""
+    """A chinese-poetry document's body lines: its leading title and author lines and empty lines removed."""
     lines = doc["text"].split("\n")
     if doc.get("title") and lines and lines[0] == doc["title"]:
         lines = lines[1:]

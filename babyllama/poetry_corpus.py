@@ -1,7 +1,6 @@
-"""The chinese-poetry corpus: its record layout (poems, ci, books of chapters -> documents, see poetry_text and
-poetry_documents) and which files of its npm package are documents (poetry_document_files; data_process.py
---download=poetry fetches the package). Notes, prologues, biographies, strains, tags and comments are not part of a
-document. No torch here, on purpose."""
+"""The chinese-poetry corpus: its record layout (poems, ci, books of chapters -> documents; notes, prologues,
+biographies, strains, tags and comments left out) and which files of its npm package are documents (data_process.py
+--download=poetry fetches it). No torch here, on purpose."""
 import fnmatch
 import json
 import os
@@ -47,9 +46,8 @@ def _body_lines(body, depth=0):
 
 
 def poetry_text(rec):
-    """Document text of one chinese-poetry record: title line (the first non-empty of title / rhythmic / chapter),
-    author line, then the paragraphs (see _body_lines), one per line, empty parts skipped. "" when no paragraph is
-    non-empty."""
+    """Document text of one chinese-poetry record: title line (first non-empty of title / rhythmic / chapter), author
+    line, the paragraphs (_body_lines) one per line, empty parts skipped; "" without a non-empty paragraph."""
     body = next((rec[k] for k in POETRY_BODY_FIELDS if k in rec), None)
     lines = _body_lines(body)
     if not lines:

@@ -25,8 +25,8 @@ def make_request(title, n_chars, n_clauses):
 
 
 def parse_request(prompt):
-    """{"chars": 5|7, "clauses": 4|8, "title": str} from a prompt like make_request's; None when it asks for no known
-    form."""
+    """{"chars": 5|7, "clauses": 4|8, "title": str} from a prompt like make_request's; None when it asks no known form.
+    """
     m = REQUEST.search(prompt)
     if not m:
         return None

@@ -214,10 +214,9 @@ def _dir_files(directory, errors, include_error):
 
 
 def expand_paths(paths, errors=None, poetry_include_error=False):
-    """Resolve files / directories / globs to a list of (file, source), source relative to the directory given (a glob's
-    non-wildcard leading folder); a file given by name keeps its path. Directories are walked recursively (sorted,
-    hidden entries skipped; a chinese-poetry package: _dir_files). FileNotFoundError for a missing path; a glob that
-    matches nothing gives no files."""
+    """Resolve files / directories / globs to [(file, source)], source relative to the directory given (a glob's leading
+    non-wildcard folder); a file named alone keeps its path. Directories are walked recursively (sorted, hidden entries
+    skipped; chinese-poetry packages: _dir_files). FileNotFoundError for a missing path; an empty glob gives none."""
     errors = ReadErrors() if errors is None else errors
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -244,9 +243,8 @@ def expand_paths(paths, errors=None, poetry_include_error=False):
 
 
 def input_files(paths, errors=None, poetry_include_error=False):
-    """expand_paths, checked before anything is read or written: at least one (file, source), each of a known type.
-    FileNotFoundError for a missing path, ValueError naming a file of an unsupported type, EmptyInputError naming the
-    paths when they hold no file."""
+    """expand_paths checked before anything is read or written: at least one (file, source), all of known types.
+    FileNotFoundError for a missing path, ValueError naming an unsupported file, EmptyInputError for no file at all."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files = expand_paths(paths, errors, poetry_include_error)

@@ -131,8 +131,7 @@ def mc_section(results):
 
 
 def eval_sections(d):
-    """The evaluation tables eval.py wrote beside the run's checkpoints (eval_*.json) and its contamination checks, as
-    markdown lines."""
+    """eval.py's tables beside the run's checkpoints (eval_*.json) and its contamination checks, as markdown lines."""
     found = {}  # kind/tag -> [(model label, result)]
     for stage, label in STAGES:
         for path in sorted(glob.glob(f"{d}/{stage}/eval_*.json")):

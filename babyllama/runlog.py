@@ -66,8 +66,7 @@ class Progress:
                         mininterval=0.5 if _stderr_is_tty() else 30)
 
     def step(self, loss, n_tokens, dt):
-        """After one training iteration of dt seconds on n_tokens: advance the bar; after `measure` iterations say how
-        long the rest will take."""
+        """Per iteration (dt seconds, n_tokens): advance the bar; after `measure` of them, print the time left."""
         if not self.enabled:
             return
         self.bar.update(1)

@@ -74,9 +74,8 @@ def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None, row_pref
 
 
 def prefix_groups(units, use_prefix_cache):
-    """{cached prefix (tuple, () = none): units}. A prefix of at least MIN_PREFIX tokens is cached, joining the group of
-    a longer prefix starting with it (a prompt that dropped shots reads its subject's full prefix): one cache per
-    subject."""
+    """{cached prefix (tuple, () = none): units}. Prefixes of >= MIN_PREFIX tokens are cached, each in the group of a
+    longer one it starts (a prompt that dropped shots reads its subject's full prefix): one cache per subject."""
     groups = {(): []}
     if not use_prefix_cache:
         groups[()] = list(units)
@@ -220,9 +219,8 @@ def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
 
 
 def mc_choice(unit):
-    """(index of the chosen option, its four scores) of a scored unit: the letters' log-probabilities, or the options'
-    summed log-probabilities per character (so long options are not penalised; lm-evaluation-harness's acc_norm divides
-    by bytes)."""
+    """(index of the chosen option, its four scores): the letters' log-probabilities, or the options' summed
+    log-probabilities per character (long options not penalised; lm-evaluation-harness's acc_norm divides by bytes)."""
     if unit["scoring"] == "letter":
         scores = unit["logprobs"]
     else:
@@ -258,10 +256,9 @@ def score_mc(model, tok, exam, names, chat, k_shot, scorings, batch_size, device
 # ---- perplexity -----------------------------------------------------------------------------------------
 
 def sliding_windows(n, max_seq_len, stride):
-    """Windows over n tokens predicting tokens 1..n-1 once each: (start, length, skip), reading
-    tokens[start:start+length] and scoring all but the first `skip` predictions (an earlier window's). After the first
-    window every scored token sees at least max_seq_len - stride tokens of context. ValueError unless 1 <= stride <=
-    max_seq_len."""
+    """Windows over n tokens predicting tokens 1..n-1 once each: (start, length, skip) reads tokens[start:start+length]
+    and scores all but its first `skip` predictions (an earlier window's). After the first window each scored token has
+    >= max_seq_len - stride tokens of context. ValueError unless 1 <= stride <= max_seq_len."""
     if not 1 <= stride <= max_seq_len:
         raise ValueError(f"stride must be in [1, max_seq_len={max_seq_len}], not {stride}")
     out, done, start = [], 0, 0  # done: the last target index already scored

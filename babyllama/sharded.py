@@ -1,9 +1,7 @@
 """Sharded checkpoints of FSDP runs (torch.distributed.checkpoint, DCP): save and load every process's shards, swap the
-ckpt.dcp / best.dcp links atomically, and read one back as a single file's dict.
-
-Layout: out_dir/ckpt.dcp (and best.dcp) links to out_dir/dcp/iter_NNNNNNNN, holding every process's shards of the
-trainable weights and optimizer state, plus extra.pt with the checkpoint's other fields. A folder loads on any number of
-processes (DCP re-cuts)."""
+ckpt.dcp / best.dcp links atomically, and read one back as a single file's dict. out_dir/ckpt.dcp (and best.dcp) links
+to out_dir/dcp/iter_NNNNNNNN: every process's shards of the trainable weights and optimizer state, and extra.pt with the
+other fields; it loads on any number of processes (DCP re-cuts)."""
 import contextlib
 import os
 import shutil

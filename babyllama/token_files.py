@@ -99,8 +99,7 @@ def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, str
 
 @torch.no_grad()
 def estimate_loss(model, bins, batch_size, max_seq_len, eval_iters, device, autocast_ctx, seed=0):
-    """Mean next-token loss (nats per token) over eval_iters fixed batches: the same batches at every evaluation, so a
-    run's points compare."""
+    """Mean next-token loss (nats/token) over eval_iters batches, the same at every evaluation so points compare."""
     was_training = model.training
     model.eval()
     losses = []

@@ -92,8 +92,7 @@ class Tokenizer:
         return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
 
     def decode(self, ids):
-        """ids -> text; control ids are dropped. Bytes that are not valid UTF-8 (sampled ids only, never encode's)
-        become U+FFFD."""
+        """ids -> text, control ids dropped; invalid UTF-8 bytes (sampled ids only, never encode's) become U+FFFD."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, torch tensors
         if ids and min(ids) < 0:  # a list would happily index from the end (e.g. an ignore_index of -100)
             raise IndexError(f"token id {min(ids)} out of range [0, {self.vocab_size})")
