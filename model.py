@@ -295,8 +295,7 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
         """nanoGPT's generate, with a KV cache: prompts idx (B, T) int64, all of length T -> (B, T + max_new_tokens),
         each new token the argmax (temperature 0) or a draw from softmax(logits / temperature) over the top_k.
-        AssertionError unless T + max_new_tokens <= max_seq_len. generate.py has ragged prompts, top-p, stop tokens...
-        """
+        AssertionError unless T + max_new_tokens <= max_seq_len. generate.py has ragged prompts, top-p, stop tokens."""
         B, T = idx.shape
         total = T + max_new_tokens
         assert total <= self.args.max_seq_len, f"{T} + {max_new_tokens} tokens > max_seq_len {self.args.max_seq_len}"

@@ -230,8 +230,7 @@ class Checkpointer:
                                  f"check the data, or use bfloat16 instead of float16.")
 
     def save(self, iter_num, best=False):
-        """Write ckpt.pt (.dcp) atomically, and best.pt (.dcp) when best; nothing at the iteration the run started from.
-        """
+        """Write ckpt.pt (.dcp) atomically, and best.pt (.dcp) when best; nothing at the run's starting iteration."""
         if iter_num <= self.start_iter:
             return
         rngs = gather_rng_states(self.run)  # a collective: every process takes part

@@ -37,8 +37,7 @@ def _parse_value(key, text, old):
 
 
 def apply_overrides(g, argv=None, verbose=True):
-    """Apply the config files and --key=value overrides of argv (default sys.argv[1:]) to dict g; returns changed keys.
-    """
+    """Apply argv's config files and --key=value overrides (default sys.argv[1:]) to dict g; returns changed keys."""
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(usage(g))

@@ -34,8 +34,7 @@ class CrossEntropy(torch.autograd.Function):
 
 def cross_entropy(logits, targets):
     """Mean cross-entropy in nats, 0-dim fp32, of logits (N, V) against targets (N,) int64 (-1 = ignored): as
-    F.cross_entropy(logits.float(), targets, ignore_index=-1) but 0, not nan, when all are ignored. One backward only.
-    """
+    F.cross_entropy(logits.float(), targets, ignore_index=-1), but 0, not nan, if all are ignored. One backward."""
     return CrossEntropy.apply(logits, targets)
 
 

@@ -171,8 +171,7 @@ def right_pad(rows, device=None):
 
 def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
     """Raise ValueError, naming the parameter and its value, unless temperature is a finite number >= 0, top_k None or
-    an integer >= 0, top_p None or in [0, 1], and repetition_penalty a finite number > 0. Boundaries: see sample_next.
-    """
+    an integer >= 0, top_p None or in [0, 1], repetition_penalty a finite number > 0. Boundaries: sample_next."""
     # every test is written to fail for nan too (comparisons with nan are False)
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")

@@ -6,8 +6,7 @@ from tokenizer import load_tokenizer
 
 def inference_precision(device="auto", dtype="auto"):
     """(device, autocast context) for gradient-free forward passes: 'auto' device and dtype as precision.resolve_device
-    / resolve_dtype decide; on CPU the CPU settings every script uses. SystemExit naming the allowed dtypes otherwise.
-    """
+    / resolve_dtype decide; on CPU the CPU settings every script uses. SystemExit naming the allowed dtypes."""
     device = resolve_device(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cpu":

@@ -38,8 +38,7 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self):
-        """Effective weight W + scaling * B A (out, in) in base.weight's dtype, recomputed per access (differentiable).
-        """
+        """Effective weight W + scaling * B A (out, in), base.weight's dtype, recomputed per access (differentiable)."""
         return self.base.weight + self.scaling * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
     @property

@@ -217,8 +217,7 @@ def letter_ids(tok):
 def summarize(correct, subjects):
     """Accuracies from {subject: [bool per question]}: per subject, per category (the mean over its subjects, as the
     C-Eval and CMMLU papers average; a CMMLU "China specific" subject counts in its second category too, as CMMLU's code
-    does), Average over subjects and, when the map marks hard subjects, Average (Hard). Unmapped subjects go to "Other".
-    """
+    does), Average over subjects and, when the map marks hard ones, Average (Hard). Unmapped: "Other"."""
     per_subject = {s: sum(c) / len(c) for s, c in correct.items()}
     by_cat = {}
     for s, acc in per_subject.items():

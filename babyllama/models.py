@@ -31,8 +31,7 @@ def load_model(path, device="cpu", merge=True):
 
 
 def base_path(ckpt, path):
-    """A LoRA checkpoint's base weights: the path it names, or that file name beside it (so a moved run folder works).
-    """
+    """A LoRA checkpoint's base weights: the path it names, or that file name beside it (a moved run folder works)."""
     base = ckpt["base_ckpt"]
     if not os.path.exists(base):
         base = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(base))

@@ -22,8 +22,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge") + REFERENCE_FREE
 
 def tokenize_pair(tok, pair, max_seq_len):
     """(prompt ids, chosen ids, rejected ids, truncated?): the prompt ends with <|assistant|>, each reply with <|end|>
-    (as encode_conversation). Past max_seq_len + 1 tokens the prompt keeps at most its last half, then replies are cut.
-    """
+    (as encode_conversation). Past max_seq_len + 1 tokens the prompt keeps at most its last half; replies are cut."""
     n_max = max_seq_len + 1  # tokens of prompt + reply
     prompt = encode_prompt(tok, pair["prompt"], pair.get("system"))
     replies = [tok.encode(pair[k]) + [tok.end_id] for k in ("chosen", "rejected")]

@@ -25,8 +25,7 @@ def make_request(title, n_chars, n_clauses):
 
 
 def parse_request(prompt):
-    """{"chars": 5|7, "clauses": 4|8, "title": str} from a prompt like make_request's; None when it asks no known form.
-    """
+    """{"chars": 5|7, "clauses": 4|8, "title": str} from a prompt like make_request's; None if it asks no known form."""
     m = REQUEST.search(prompt)
     if not m:
         return None
@@ -128,8 +127,7 @@ def build_tone_table(poetry_root, min_share=0.9):
 
 def load_tone_table(path, poetry_root):
     """The tone table in the JSON file at path; if missing, built from poetry_root and written there first (atomically:
-    processes building it at once write the same table). ValueError naming poetry_root when it holds no tone patterns.
-    """
+    processes building it at once write the same table). ValueError naming a poetry_root without tone patterns."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)

@@ -182,8 +182,7 @@ def _unsupported(path):
 # paths -> files
 
 class EmptyInputError(ValueError):
-    """No document to work on: the inputs name no file (an empty folder, an unmatched glob), or their files hold none.
-    """
+    """No document to work on: the inputs name no file (an empty folder, an unmatched glob) or hold no document."""
 
 
 def _dir_files(directory, errors, include_error):

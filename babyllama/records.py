@@ -68,8 +68,7 @@ class ReadErrors:
         }
 
     def brief(self):
-        """One line for an error message: files read, records skipped and the first of them, files skipped on purpose.
-        """
+        """One line for errors: files read, records skipped and the first of them, files skipped on purpose."""
         out = f"{self.files_read} files read, {self.count} malformed records skipped" + \
             (f" (e.g. {self.examples[0]})" if self.examples else "")
         return out + (f", {self.skipped_file_count} files skipped on purpose" if self.skipped_files else "")

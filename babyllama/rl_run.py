@@ -56,8 +56,7 @@ def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learni
 
 
 def log_and_checkpointer(config, ckpt_path, resume_ckpt, run, raw_model, optim, model_args, tok):
-    """The run's JSONL log (out_dir/log.jsonl, continued on resume) and Checkpointer, from config (the run's settings).
-    """
+    """The run's JSONL log (out_dir/log.jsonl, continued on resume) and Checkpointer, from config (its settings)."""
     log = runlog.JsonlLog(os.path.join(config["out_dir"], "log.jsonl"), resume_ckpt["iter_num"] if resume_ckpt
                           else None, enabled=run.master)
     checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optim, log, config["eval_interval"],

@@ -52,8 +52,7 @@ def encode_conversation(tok, messages, system=None):
 
 
 def encode_prompt(tok, messages, system=None):
-    """Ids to generate the next assistant reply from: the conversation so far (ending with a user turn) + <|assistant|>.
-    """
+    """Ids to prompt the next assistant reply: the conversation so far (ending with a user turn), then <|assistant|>."""
     ids, _ = encode_conversation(tok, messages, system)
     return ids + [tok.assistant_id]
 
