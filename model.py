@@ -25,20 +25,16 @@ class ModelArgs:
 
     dim: width D of the embeddings and the residual stream. n_layers: number of TransformerBlocks.
     n_heads: query heads H; head_dim = dim // n_heads (Attention asserts dim % n_heads == 0).
-    n_kv_heads: key/value heads of grouped-query attention; None = n_heads (plain multi-head attention),
-        1 = multi-query attention; must divide n_heads (asserted).
+    n_kv_heads: grouped-query key/value heads, dividing n_heads (asserted); None = n_heads, 1 = multi-query.
     vocab_size: V, the rows of the embedding and output matrices.
-    multiple_of, ffn_dim_multiplier: the SwiGLU hidden width is int(8 * dim / 3), scaled by ffn_dim_multiplier
-        when it is not None, rounded up to a multiple of multiple_of (see ffn_hidden_dim).
+    multiple_of, ffn_dim_multiplier, hidden_dim: the SwiGLU hidden width (ffn_hidden_dim); hidden_dim (None = computed)
+        sets it outright, for a model from elsewhere (export.py --import_from) that the rule cannot give.
     norm_eps: epsilon added to the mean square in every RMSNorm.
-    max_seq_len: longest sequence T the model takes (forward asserts T <= max_seq_len) and the length of the
-        RoPE tables; generation keeps prompt + new tokens within it.
-    dropout: probability used on the embedding output (in forward), the attention weights and the output of
-        every attention and feed-forward branch; active in train mode only.
+    max_seq_len: longest sequence T the model takes (forward asserts T <= max_seq_len; generation keeps prompt + new
+        tokens within it), the length of the RoPE tables.
+    dropout: probability on the embedding output, the attention weights and every branch's output; training only.
     tie_embeddings: the output layer shares tok_embeddings' (V, D) weight.
     rope_theta: RoPE base; head dims i and i + head_dim/2 rotate by pos * rope_theta ** (-2i / head_dim) radians.
-    hidden_dim: the SwiGLU hidden width itself, overriding multiple_of and ffn_dim_multiplier (None = computed;
-        set when a model comes from elsewhere, e.g. export.py --import_from, with a width the rule cannot give).
     """
     dim: int = 288
     n_layers: int = 6
@@ -122,13 +118,12 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(args.dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0, wqkv=None):
-        """x (B, T, D) -> (B, T, D). cos, sin: RoPE tables of the T positions, (T, hd) or (B, 1, T, hd).
-        mask: None = causal (the queries must then start at position 0, or T == 1), else a boolean mask
-        broadcastable to (B, H, T, S), True = may attend, S the keys (T, or cache_pos + T with a cache).
-        cache: (k, v) buffers (B, n_kv_heads, L, hd), written in place at columns [cache_pos, cache_pos + T);
-        the queries then attend to columns [0, cache_pos + T). wqkv: optional stacked [wq; wk; wv] weight
-        ((n_heads + 2 * n_kv_heads) * hd, D), used instead of the three projections.
-        Raises AssertionError when mask is None, T > 1 and cache_pos != 0."""
+        """x (B, T, D) -> (B, T, D). cos, sin: RoPE tables of the T positions, (T, hd) or (B, 1, T, hd). mask: None =
+        causal (the queries must then start at position 0, or T == 1), else a boolean mask broadcastable to (B, H, T,
+        S), True = may attend, S the keys (T, or cache_pos + T with a cache). cache: (k, v) buffers (B, n_kv_heads, L,
+        hd), written in place at columns [cache_pos, cache_pos + T); the queries attend to columns [0, cache_pos + T).
+        wqkv: optional stacked [wq; wk; wv] weight ((n_heads + 2 * n_kv_heads) * hd, D) replacing the three projections.
+        AssertionError when mask is None, T > 1 and cache_pos != 0."""
         B, T, _ = x.shape
         if wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -192,9 +187,8 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """One pre-norm Llama 2 block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
     checkpointing = True (activation checkpointing, Chen et al. 2016): in training only the block's input is kept and
-    the rest recomputed in the backward pass, one (B, T, D) tensor per layer for about a third more compute; same
-    gradients (dropout masks replay from the saved RNG state). Set per block (dist.parallelize) so FSDP gathers the
-    weights once for the recomputation."""
+    the rest recomputed in backward, one (B, T, D) tensor per layer for ~1/3 more compute, same gradients (dropout masks
+    replay from the saved RNG state). Set per block (dist.parallelize): FSDP gathers the weights once for it."""
     checkpointing = False
 
     def __init__(self, args):
@@ -218,11 +212,10 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The Llama 2 decoder-only language model: token embedding (V, D), n_layers TransformerBlocks, a final
-    RMSNorm and a bias-free output projection to V logits, tied to the embedding when args.tie_embeddings.
-    The RoPE cos/sin tables (max_seq_len, head_dim) are non-persistent buffers (not in the state_dict).
-    Linear and embedding weights start N(0, 0.02), the residual projections wo and w2 N(0, 0.02 / sqrt(2 * n_layers)).
-    Raises AssertionError for args that Attention rejects."""
+    """The Llama 2 decoder-only language model: token embedding (V, D), n_layers TransformerBlocks, a final RMSNorm and
+    a bias-free output projection to V logits, tied to the embedding when args.tie_embeddings. The RoPE tables
+    (max_seq_len, head_dim) are non-persistent buffers. Linear and embedding weights start N(0, 0.02), the residual
+    projections wo and w2 N(0, 0.02 / sqrt(2 * n_layers)). AssertionError for args that Attention rejects."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -322,11 +315,11 @@ class Transformer(nn.Module):
     # ---- training helpers ----------------------------------------------------------------------------
 
     def optimizer_groups(self, weight_decay, muon=False):
-        """The parameters that require grad, grouped for the optimizer: ([AdamW groups], [Muon matrices]).
-        AdamW: matrices (dim >= 2) get weight_decay; RMSNorm weights and tok_embeddings.weight (with the output
-        when tied; an untied output is decayed) get 0. muon=True: the 2-D matrices inside the blocks (wq, wk, wv,
-        wo, w1, w2, w3, and LoRA adapters there) go to Muon instead, as modded-nanogpt and nanochat split them
-        (then empty AdamW groups are left out). babyllama/optimize.py builds the optimizers."""
+        """The parameters that require grad, grouped for the optimizer: ([AdamW groups], [Muon matrices]). AdamW:
+        matrices get weight_decay; RMSNorm weights and tok_embeddings.weight (with a tied output; an untied one is
+        decayed) get 0. muon=True: the blocks' 2-D matrices (wq ... w3, LoRA adapters there too) go to Muon, as
+        modded-nanogpt and nanochat split them (empty AdamW groups then left out). babyllama/optimize.py builds the
+        optimizers."""
         decay, no_decay, hidden = [], [], []
         for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings.weight
             if not p.requires_grad:

@@ -133,20 +133,17 @@ def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, beta
 
 class Checkpointer:
     """A training run's checkpoints, the same in every script: when they are written and what they hold (training_state
-    plus the fields given here: model_args, config, init_ckpt, tokenizer...).
-
-    Two files: `path` (out_dir/ckpt.pt), the latest state, which init_from=resume continues; best.pt beside it, the best
-    validation loss so far (what to evaluate, export or fine-tune).
-
+    plus the fields given here: model_args, config, init_ckpt, tokenizer...). Two files: `path` (out_dir/ckpt.pt), the
+    latest state, which init_from=resume continues, and best.pt beside it, the best validation loss so far (to evaluate,
+    export or fine-tune).
     - Evaluate every eval_interval iterations and at the last one (exceptions: eval_due).
     - After an evaluation, first the divergence check: a non-finite loss, or one at or above `ceiling` after being below
-      it, raises FloatingPointError before anything is written, so a diverged model never replaces a good one. (No ratio
-      to the best loss: a preference loss near 0 or a small fine-tuning loss can triple from noise without diverging.)
-      Then best.pt is written if the loss improved, and ckpt.pt too, or at every evaluation with always_save_checkpoint.
-    - Without validation data (val_loss None) ckpt.pt is written every eval_interval iterations, so a killed run can
-      resume.
+      it, raises FloatingPointError before anything is written, so a diverged model never replaces a good one (no ratio
+      to the best loss: a preference loss near 0 or a small fine-tuning loss can triple from noise). Then best.pt is
+      written if the loss improved, and ckpt.pt too, or at every evaluation with always_save_checkpoint.
+    - Without validation data (val_loss None) ckpt.pt is written every eval_interval iterations (a killed run resumes).
     - At the end ckpt.pt is written unless it holds the last iteration already.
-    Nothing is written at the iteration the run started from, so a run that never improves on its start has no best.pt.
+    Nothing is written at the iteration the run started from (a run that never improves on its start has no best.pt).
     Every process makes the same calls (saving gathers RNG states); the master logs {"iter", "checkpoint"}."""
 
     def __init__(self, path, ckpt, run, model, optimizer, log, eval_interval, always_save_checkpoint,
