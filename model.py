@@ -4,8 +4,7 @@ an MFU estimate. The training loss uses the fused cross-entropy of babyllama/cro
 
 RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (each head's first half of dimensions pairs with
 its second half), so exporting to HF renames tensors with no permutation of wq/wk (tests/test_model_hf_parity.py proves
-the logits equal).
-"""
+the logits equal)."""
 from contextlib import nullcontext
 from dataclasses import dataclass
 import math

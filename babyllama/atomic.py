@@ -6,8 +6,7 @@ error the temporary file is removed and the target left as it was. A reader sees
     with atomic_open("out/report.txt") as f:          # or get an open text file
         f.write("...")
 
-Files that belong together go on one contextlib.ExitStack: an error anywhere replaces no target. Torch-free.
-"""
+Files that belong together go on one contextlib.ExitStack: an error anywhere replaces no target. Torch-free."""
 from contextlib import contextmanager, suppress
 import glob
 import json

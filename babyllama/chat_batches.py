@@ -2,8 +2,7 @@
 scored (assistant) tokens, summed so a batch's split into micro-steps and processes does not change it.
 
 Shapes: B sequences per micro-batch, T positions; x (B, T) input ids, y (B, T) the next token, -1 (IGNORE) where nothing
-is scored (prompts, role markers, padding).
-"""
+is scored (prompts, role markers, padding)."""
 import numpy as np
 import torch
 import torch.nn as nn

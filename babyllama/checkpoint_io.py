@@ -13,8 +13,7 @@ A checkpoint is one dict saved with torch.save:
 
 merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config. FSDP runs
 write sharded checkpoints (babyllama/sharded.py); `load` reads one as a single-file dict, so eval.py, export.py and
-fine-tuning take a .dcp path like a .pt.
-"""
+fine-tuning take a .dcp path like a .pt."""
 import os
 
 import torch

@@ -4,9 +4,7 @@
 
 A bare argument is a config file of Python assignments executed into the script's globals. `--key=value` sets one
 global, parsed as a Python literal when it can be; it must have the type of the default it replaces (a float default
-takes an int, an 'auto' default a bool, a None default anything), so a typo fails loudly. Torch-free on purpose: data
-scripts use it too.
-"""
+takes an int, 'auto' a bool, None anything), so a typo fails loudly. Torch-free (data scripts use it)."""
 import ast
 import inspect
 import json

@@ -9,8 +9,7 @@ Not the dedup stage's MinHash/LSH Jaccard: a 60-character question inside a 2,00
 about 0.03, so an LSH tuned for near-duplicates would never return the pair; containment is what contamination means
 (the n-gram overlap of GPT-3's and Llama 2's studies) and, with the eval set's shingles in one sorted array, costs one
 vectorised lookup per training chunk. The best document's Jaccard is reported beside it. Reordered characters share no
-5-gram, so are not flagged.
-"""
+5-gram, so are not flagged."""
 import json
 import os
 

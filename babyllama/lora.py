@@ -5,9 +5,7 @@
     torch.save(lora_state_dict(model), "adapter.pt")        # adapter tensors only
     merge_lora(model)                                       # plain nn.Linear again, W + (alpha/r) B A
 
-LoRALinear.weight is the effective (merged) weight, so code that reads .weight (the stacked generation weights) sees the
-adapted layer.
-"""
+LoRALinear.weight is the effective (merged) weight, so code reading .weight (generation's stacked weights) sees it."""
 from contextlib import contextmanager
 import dataclasses
 import math

@@ -10,8 +10,7 @@ Prompt (C-Eval's published format, the answer cue "答案："), for a base model
     以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\\n\\n
     {shot question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\n答案：{letter}\\n\\n      (k times)
     {question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\n答案：
-For a chat model and for the cloze form (scoring by option text), see encode_pieces.
-"""
+For a chat model and for the cloze form (scoring by option text), see encode_pieces."""
 import csv
 import json
 import os

@@ -2,8 +2,7 @@
 reference, the DPO-family losses (sigmoid, IPO, hinge, SimPO, ORPO) with their metrics, and held-out evaluation.
 
 Shapes: B pairs per micro-batch; chosen and rejected go through the model together (2B rows, chosen first); x, y (2B,
-T), y the next token or -1 (IGNORE) where nothing is scored. Log-probs in nats, summed over a reply's tokens.
-"""
+T), y the next token or -1 (IGNORE) where nothing is scored. Log-probs in nats, summed over a reply's tokens."""
 from contextlib import nullcontext
 import math
 

@@ -11,8 +11,7 @@ Accepted records (extra keys ignored):
   {"conversations": [{"from", "value"} | {"role", "content"}, ...], "chosen": ..., "rejected": ...}
   {"chosen": [messages], "rejected": [messages]}   (the prompt is the turns both lists share before the reply)
 A reply given as messages is its last assistant turn. Records that do not fit ("malformed: <reason>") and pairs of two
-identical replies ("identical pair") are skipped and counted (load_preferences).
-"""
+identical replies ("identical pair") are skipped and counted (load_preferences)."""
 from collections import Counter
 import os
 

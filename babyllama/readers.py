@@ -6,10 +6,8 @@
     print(errors.report())
 
 Formats by extension (.gz read through gzip): .jsonl / .ndjson, .json and .parquet are read as records (records.py) and
-each turned into documents (record_to_documents); .txt gives one document per line or paragraph (read_txt). Nothing is
-dropped silently: what is skipped is counted and named in a ReadErrors; only an unreadable file raises. No torch here,
-on purpose.
-"""
+turned into documents (record_to_documents); .txt gives a document per line or paragraph (read_txt). Nothing is dropped
+silently: skips are counted and named in a ReadErrors; only an unreadable file raises. No torch, on purpose."""
 import glob
 import os
 

@@ -6,9 +6,7 @@
     print(errors.report())
 
 Nothing is dropped silently: a malformed line... is skipped, counted and named ("file:line: reason"); only an unreadable
-file raises. The SFT and preference loaders read their files this way, readers.py turns the records into documents. No
-torch here, on purpose.
-"""
+file raises. SFT and preference loaders read files this way; readers.py makes records documents. Torch-free."""
 import gzip
 import json
 import os

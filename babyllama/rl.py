@@ -3,8 +3,7 @@ log-probabilities, advantages (GRPO's, GAE) and the losses (clipped policy, PPO'
 hand-computed values in tests/test_rl.py. The run around a loop is babyllama/rl_run.py's.
 
 Shapes: B replies, T = the longest reply in tokens; per-token tensors are (B, T), mask (B, T) = 1 on a reply's tokens
-(its stop token included), 0 on padding.
-"""
+(its stop token included), 0 on padding."""
 import torch
 import torch.nn.functional as F
 

@@ -6,8 +6,7 @@ Torch-free.
 BLEU-n: geometric mean of the modified 1..n-gram precisions times the brevity penalty, in percent; corpus level with
 counts summed over samples, no smoothing (0 when some order has no match); per sample sacrebleu's sentence BLEU
 (effective order, "exp" smoothing), as a reading aid. ROUGE-L: F1 of LCS precision and recall per sample, in percent;
-the corpus figure is the mean over samples.
-"""
+the corpus figure is the mean over samples."""
 import re
 
 from rouge_score import rouge_scorer

@@ -2,8 +2,7 @@
 
 NFKC folds width and compatibility forms (Ａ→A, ①→1), lower() folds case, then every run of whitespace, punctuation and
 symbols is removed, so "床前明月光，疑是地上霜。" and "床前明月光 疑是地上霜!" compare equal. t2s=True folds traditional characters to
-simplified through OpenCC when installed (牀前明月光 matches 床前明月光).
-"""
+simplified through OpenCC when installed (牀前明月光 matches 床前明月光)."""
 import re
 import unicodedata
 import warnings

@@ -3,8 +3,7 @@ here counts (MinHash, SimHash in dedup.py; eval.py's contamination check). "æ˜Žæ
 characters would call them duplicates). A text shorter than n is one shingle, itself.
 
 Hash: a polynomial over the n code points (uint64, wrapping), then the splitmix64 finaliser, so every bit depends on
-every character; computed for all positions of a chunk's documents in n vectorised numpy steps.
-"""
+every character; computed for all positions of a chunk's documents in n vectorised numpy steps."""
 import numpy as np
 
 P = np.uint64(0x100000001B3)  # polynomial base (the FNV prime): odd, so no information is shifted out

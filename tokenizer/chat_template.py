@@ -5,8 +5,7 @@
 The role markers and <|end|> are control tokens (tokenizer.SPECIAL_TOKENS); content is encoded on its own, as
 Tokenizer.encode does. Generation is prompted with the conversation so far plus <|assistant|> and stops on <|end|>. SFT
 labels (encode_conversation) are -1 except on every assistant turn's content and closing <|end|>; the trainer pairs x =
-ids[:-1] with y = labels[1:].
-"""
+ids[:-1] with y = labels[1:]."""
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -1

@@ -5,8 +5,7 @@ and byte fallback nearly give it; the hole is U+2581 "▁", sentencepiece's inte
 So a literal "▁" is encoded as its three UTF-8 byte-fallback tokens.
 
 Decoding goes through a per-id bytes table rather than sp.decode, so decode() and StreamDecoder are the same function by
-construction (even for the broken byte sequences a badly trained model may sample).
-"""
+construction (even for the broken byte sequences a badly trained model may sample)."""
 import codecs
 import hashlib
 import os

@@ -5,8 +5,7 @@
 
 input: comma-separated files, globs (** works) or directories (recursive), read through babyllama/readers.py. Text
 streams into sentencepiece line by line up to max_chars, sampled to input_sentence_size lines, so memory stays bounded.
-Writes <model_prefix>.model and .vocab atomically.
-"""
+Writes <model_prefix>.model and .vocab atomically."""
 import glob
 import itertools
 import os
