@@ -77,6 +77,7 @@ def save_merged(path, model, **fields):
     """LoRA: fold the adapters into the weights (in place) and save a plain checkpoint {"model", **fields} that eval.py,
     export and serving read like a pretraining one."""
     merge_lora(model)
+    # the merged architecture is the model's own (an adapted output layer unties tied embeddings)
     save(path, {"model": model.state_dict(), **fields, "model_args": dataclasses.asdict(model.args)})
 
 
