@@ -80,6 +80,7 @@ def _batch_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetit
 
 def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids, use_cache,
             generator):
+    """generate_stream's generator (a separate function so that generate_stream validates eagerly)."""
     if idx.dim() == 1:
         idx = idx.unsqueeze(0)
     for step_tokens, alive in _generate_steps(model, idx, max_new_tokens, temperature, top_k, top_p,
