@@ -1,13 +1,10 @@
-"""
-The Llama 2 model, written out in one file: RMSNorm, rotary embeddings (RoPE), grouped-query attention,
-SwiGLU feed-forward, tied input/output embeddings. Plus a plain generate with a KV cache, the optimizer's
-parameter groups and an MFU estimate. Depends on torch and, for the training loss, on the fused cross-entropy
-kernel in babyllama/cross_entropy.py.
+"""The Llama 2 model, written out in one file: RMSNorm, rotary embeddings (RoPE), grouped-query attention, SwiGLU
+feed-forward, tied input/output embeddings; plus a plain generate with a KV cache, the optimizer's parameter groups and
+an MFU estimate. The training loss uses the fused cross-entropy of babyllama/cross_entropy.py.
 
-RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (the first half of each head's
-dimensions pairs with the second half), so exporting to HF is a renaming of tensors, with no permutation
-of wq/wk. tests/test_model_hf_parity.py proves the logits equal.
-"""
+RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (each head's first half of dimensions pairs with
+its second half), so exporting to HF renames tensors with no permutation of wq/wk (tests/test_model_hf_parity.py proves
+the logits equal)."""
 from contextlib import nullcontext
 from dataclasses import dataclass
 import math
@@ -27,20 +24,16 @@ class ModelArgs:
 
     dim: width D of the embeddings and the residual stream. n_layers: number of TransformerBlocks.
     n_heads: query heads H; head_dim = dim // n_heads (Attention asserts dim % n_heads == 0).
-    n_kv_heads: key/value heads of grouped-query attention; None = n_heads (plain multi-head attention),
-        1 = multi-query attention; must divide n_heads (asserted).
+    n_kv_heads: grouped-query key/value heads, dividing n_heads (asserted); None = n_heads, 1 = multi-query.
     vocab_size: V, the rows of the embedding and output matrices.
-    multiple_of, ffn_dim_multiplier: the SwiGLU hidden width is int(8 * dim / 3), scaled by ffn_dim_multiplier
-        when it is not None, rounded up to a multiple of multiple_of (see ffn_hidden_dim).
+    multiple_of, ffn_dim_multiplier, hidden_dim: the SwiGLU hidden width (ffn_hidden_dim); hidden_dim (None = computed)
+        sets it outright, for a model from elsewhere (export.py --import_from) that the rule cannot give.
     norm_eps: epsilon added to the mean square in every RMSNorm.
-    max_seq_len: longest sequence T the model takes (forward asserts T <= max_seq_len) and the length of the
-        RoPE tables; generation keeps prompt + new tokens within it.
-    dropout: probability used on the embedding output (in forward), the attention weights and the output of
-        every attention and feed-forward branch; active in train mode only.
+    max_seq_len: longest sequence T the model takes (forward asserts T <= max_seq_len; generation keeps prompt + new
+        tokens within it), the length of the RoPE tables.
+    dropout: probability on the embedding output, the attention weights and every branch's output; training only.
     tie_embeddings: the output layer shares tok_embeddings' (V, D) weight.
     rope_theta: RoPE base; head dims i and i + head_dim/2 rotate by pos * rope_theta ** (-2i / head_dim) radians.
-    hidden_dim: the SwiGLU hidden width itself, overriding multiple_of and ffn_dim_multiplier (None = computed;
-        set when a model comes from elsewhere, e.g. export.py --import_from, with a width the rule cannot give).
     """
     dim: int = 288
     n_layers: int = 6
@@ -58,10 +51,9 @@ class ModelArgs:
 
 
 def ffn_hidden_dim(args):
-    """Hidden width (int) of FeedForward for args (ModelArgs): int(8 * dim / 3), scaled by ffn_dim_multiplier
-    if set, rounded up to a multiple of multiple_of (768 for the defaults); LlamaConfig's intermediate_size."""
-    # Llama 2: 2/3 of 4*dim (so SwiGLU's three matrices cost what a 4*dim GELU MLP's two do), optionally
-    # scaled, rounded up to multiple_of for efficient kernels.
+    """Hidden width (int) of FeedForward for args (ModelArgs), LlamaConfig's intermediate_size: int(8 * dim / 3), 2/3 of
+    4*dim so SwiGLU's three matrices cost what a 4*dim MLP's two do, scaled by ffn_dim_multiplier if set, rounded up to
+    a multiple of multiple_of (768 for the defaults)."""
     if args.hidden_dim is not None:
         return args.hidden_dim
     hidden = int(2 * 4 * args.dim / 3)
@@ -99,7 +91,7 @@ def apply_rope(x, cos, sin):
     """Rotary position embedding (RoPE, Su et al. 2021) in rotate-half layout. x (B, H, T, hd) with hd even;
     cos, sin from rope_cos_sin indexed by position, (T, hd) or (B, 1, T, hd). Returns x's shape, in the dtype
     promoted with cos/sin's (the fp32 tables turn bf16 x into fp32)."""
-    # x: (B, H, T, hd); cos/sin broadcast to it. Rotating the pair (x_i, x_{i+hd/2}) by angle pos*freq_i.
+    # rotates each pair (x_i, x_{i+hd/2}) by angle pos * freq_i
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -125,13 +117,12 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(args.dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0, wqkv=None):
-        """x (B, T, D) -> (B, T, D). cos, sin: RoPE tables of the T positions, (T, hd) or (B, 1, T, hd).
-        mask: None = causal (the queries must then start at position 0, or T == 1), else a boolean mask
-        broadcastable to (B, H, T, S), True = may attend, S the keys (T, or cache_pos + T with a cache).
-        cache: (k, v) buffers (B, n_kv_heads, L, hd), written in place at columns [cache_pos, cache_pos + T);
-        the queries then attend to columns [0, cache_pos + T). wqkv: optional stacked [wq; wk; wv] weight
-        ((n_heads + 2 * n_kv_heads) * hd, D), used instead of the three projections.
-        Raises AssertionError when mask is None, T > 1 and cache_pos != 0."""
+        """x (B, T, D) -> (B, T, D). cos, sin: RoPE tables of the T positions, (T, hd) or (B, 1, T, hd). mask: None =
+        causal (the queries must then start at position 0, or T == 1), else a boolean mask broadcastable to (B, H, T,
+        S), True = may attend, S the keys (T, or cache_pos + T with a cache). cache: (k, v) buffers (B, n_kv_heads, L,
+        hd), written in place at columns [cache_pos, cache_pos + T); the queries attend to columns [0, cache_pos + T).
+        wqkv: optional stacked [wq; wk; wv] weight ((n_heads + 2 * n_kv_heads) * hd, D) replacing the three projections.
+        AssertionError when mask is None, T > 1 and cache_pos != 0."""
         B, T, _ = x.shape
         if wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -194,10 +185,9 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """One pre-norm Llama 2 block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
-    checkpointing = True (activation checkpointing, Chen et al. 2016): in training, keep only the block's input
-    and recompute the rest in the backward pass: the activations of a layer shrink to one (B, T, D) tensor for
-    about a third more compute; the gradients are the same (dropout masks are replayed from the saved RNG
-    state). Set per block (babyllama.dist.parallelize) so FSDP gathers the weights once for the recomputation."""
+    checkpointing = True (activation checkpointing, Chen et al. 2016): in training only the block's input is kept and
+    the rest recomputed in backward, one (B, T, D) tensor per layer for ~1/3 more compute, same gradients (dropout masks
+    replay from the saved RNG state). Set per block (dist.parallelize): FSDP gathers the weights once for it."""
     checkpointing = False
 
     def __init__(self, args):
@@ -221,11 +211,10 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The Llama 2 decoder-only language model: token embedding (V, D), n_layers TransformerBlocks, a final
-    RMSNorm and a bias-free output projection to V logits, tied to the embedding when args.tie_embeddings.
-    The RoPE cos/sin tables (max_seq_len, head_dim) are non-persistent buffers (not in the state_dict).
-    Linear and embedding weights start N(0, 0.02), the residual projections wo and w2 N(0, 0.02 / sqrt(2 * n_layers)).
-    Raises AssertionError for args that Attention rejects."""
+    """The Llama 2 decoder-only language model: token embedding (V, D), n_layers TransformerBlocks, a final RMSNorm and
+    a bias-free output projection to V logits, tied to the embedding when args.tie_embeddings. The RoPE tables
+    (max_seq_len, head_dim) are non-persistent buffers. Linear and embedding weights start N(0, 0.02), the residual
+    projections wo and w2 N(0, 0.02 / sqrt(2 * n_layers)). AssertionError for args that Attention rejects."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -242,8 +231,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._decode_step = None  # a compiled decode step: set by babyllama.generate.compile_decode
         self.apply(self._init_weights)
-        # GPT-2 / Llama practice: the projections that write into the residual stream are scaled down by
-        # sqrt(2 * n_layers) (two per layer), so the residual's variance does not grow with depth.
+        # the 2 residual projections a layer start at 1/sqrt(2 n_layers) scale (GPT-2): depth does not grow the variance
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
@@ -281,10 +269,9 @@ class Transformer(nn.Module):
         return logits, loss
 
     def _forward_positions(self, tokens, pos, mask, caches=None, cache_pos=0, fused=None, head=True):
-        """Inference forward with explicit per-row positions (B, T) and a boolean attention mask
-        (B, 1, T, S), optionally reading/writing KV caches. Returns logits (B, T, V), or with head=False the
-        final normalised hidden states (B, T, D), for callers that need the logits of a few positions only
-        (self.output of those rows)."""
+        """Inference forward with explicit per-row positions (B, T) and a boolean attention mask (B, 1, T, S),
+        optionally reading/writing KV caches. Returns logits (B, T, V), or with head=False the final normalised hidden
+        states (B, T, D), for callers that need the logits of a few positions only."""
         cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hd)
         sin = self.rope_sin[pos].unsqueeze(1)
         h = self.tok_embeddings(tokens)
@@ -298,11 +285,9 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
-        """nanoGPT's generate, with a KV cache: prompts idx (B, T) int64, all of length T -> (B, T +
-        max_new_tokens), each new token the argmax (temperature 0) or a draw from softmax(logits / temperature)
-        over the top_k most likely tokens. AssertionError unless T + max_new_tokens <= max_seq_len.
-        babyllama/generate.py is the engine for the rest: prompts of different lengths, top-p, repetition
-        penalty, stop tokens, streaming (eval.py, serve.py and RL use it)."""
+        """nanoGPT's generate, with a KV cache: prompts idx (B, T) int64, all of length T -> (B, T + max_new_tokens),
+        each new token the argmax (temperature 0) or a draw from softmax(logits / temperature) over the top_k.
+        AssertionError unless T + max_new_tokens <= max_seq_len. generate.py has ragged prompts, top-p, stop tokens."""
         B, T = idx.shape
         total = T + max_new_tokens
         assert total <= self.args.max_seq_len, f"{T} + {max_new_tokens} tokens > max_seq_len {self.args.max_seq_len}"
@@ -329,12 +314,11 @@ class Transformer(nn.Module):
     # ---- training helpers ----------------------------------------------------------------------------
 
     def optimizer_groups(self, weight_decay, muon=False):
-        """The parameters that require grad, grouped for the optimizer: ([AdamW groups], [Muon matrices]).
-        AdamW: matrices (dim >= 2) get weight_decay; RMSNorm weights and tok_embeddings.weight (with the output
-        when tied; an untied output is decayed) get 0. muon=True: the 2-D matrices inside the blocks (wq, wk, wv,
-        wo, w1, w2, w3, and LoRA adapters there) go to Muon instead, as modded-nanogpt and nanochat split them
-        (then empty AdamW groups are left out). babyllama/optimize.py builds the optimizers."""
-        # decay matmul weights only; norms and embeddings (a lookup table, and the tied output) are not decayed
+        """The parameters that require grad, grouped for the optimizer: ([AdamW groups], [Muon matrices]). AdamW:
+        matrices get weight_decay; RMSNorm weights and tok_embeddings.weight (with a tied output; an untied one is
+        decayed) get 0. muon=True: the blocks' 2-D matrices (wq ... w3, LoRA adapters there too) go to Muon, as
+        modded-nanogpt and nanochat split them (empty AdamW groups then left out). babyllama/optimize.py builds the
+        optimizers."""
         decay, no_decay, hidden = [], [], []
         for name, p in self.named_parameters():  # a tied weight appears once, as tok_embeddings.weight
             if not p.requires_grad:

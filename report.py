@@ -1,9 +1,6 @@
-"""
-The report card of a run: what was trained, how long each stage took, the loss and reward curves (the PNGs the
-stages wrote, linked from beside the report), every evaluation table eval.py wrote for the run's models
-(perplexity, multiple choice, BLEU/ROUGE, contamination), the held-out chat scores before and after SFT and DPO,
-samples, and where every file is. Written as <run_dir>/report.md and printed; `make demo` ends with it. It only
-reads what the stages wrote (summary.json, log plots, eval_*.json, answers), so it can be re-run at any time.
+"""The report card of a run, written as <run_dir>/report.md and printed (`make demo` ends with it): what was trained,
+each stage's time, the loss and reward curves, eval.py's tables for the run's models, the held-out chat scores, samples,
+and where every file is. It only reads what the stages wrote, so it can be re-run at any time.
 
     python report.py --run_dir=out/demo
 """
@@ -139,8 +136,7 @@ def mc_section(results):
 
 
 def eval_sections(d):
-    """The evaluation tables eval.py wrote beside the run's checkpoints (eval_*.json) and its contamination
-    checks, as markdown lines."""
+    """eval.py's tables beside the run's checkpoints (eval_*.json) and its contamination checks, as markdown lines."""
     found = {}  # kind/tag -> [(model label, result)]
     for stage, label in STAGES:
         for path in sorted(glob.glob(f"{d}/{stage}/eval_*.json")):

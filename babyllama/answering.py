@@ -10,8 +10,7 @@ from tokenizer.chat_template import encode_prompt, stop_ids
 
 
 def fit_history(tok, history, max_prompt_tokens, system=None):
-    """The chat prompt, dropping the oldest exchanges until it fits max_prompt_tokens tokens. Returns (prompt
-    ids, the history kept)."""
+    """The chat prompt, oldest exchanges dropped until it fits max_prompt_tokens: (prompt ids, the history kept)."""
     while True:
         prompt = encode_prompt(tok, history, system or None)
         if len(prompt) <= max_prompt_tokens or len(history) <= 1:
@@ -20,10 +19,8 @@ def fit_history(tok, history, max_prompt_tokens, system=None):
 
 
 def generate_replies(model, tok, prompts, max_new_tokens, sampling, batch_size, device, autocast_ctx, desc):
-    """Generate for each prompt (list of ids) in padded batches of batch_size, with a progress bar named desc;
-    sampling: generate()'s temperature, top_k, top_p and repetition_penalty; a reply stops at the chat
-    template's stop tokens. Returns ([(reply ids, finished)] in order, new tokens, seconds); a reply is
-    finished when it ended on a stop token."""
+    """Generate for each prompt (list of ids) in padded batches, progress bar desc; sampling: generate()'s temperature,
+    top_k, top_p, repetition_penalty. Returns ([(reply ids, finished: ended on a stop token)], new tokens, seconds)."""
     stops = set(stop_ids(tok))
     out, n_new, t0 = [], 0, time.time()
     bar = progress(desc, len(prompts), "answer")
@@ -42,9 +39,9 @@ def generate_replies(model, tok, prompts, max_new_tokens, sampling, batch_size, 
 
 
 def answer_scores(items):
-    """Scores per kind of the items with a "reference" ({"answer", "finished", "reference", optional "kind",
-    "author"}): {kind or "all": {"n", "exact_match", "finished", ["well_formed" for kind "poem"],
-    ["author_named" for kind "author"], "bleu4", "rougeL"}}; rates in [0, 1], BLEU and ROUGE in %."""
+    """Scores per kind of the items with a "reference" ({"answer", "finished", "reference", optional "kind", "author"}):
+    {kind or "all": {"n", "exact_match", "finished", ["well_formed": poems], ["author_named": authors], "bleu4",
+    "rougeL"}}; rates in [0, 1], BLEU and ROUGE in %."""
     scores = {}
     for kind in sorted({it.get("kind", "") for it in items if "reference" in it}):
         group = [it for it in items if "reference" in it and it.get("kind", "") == kind]

@@ -1,9 +1,8 @@
 """SFT's batches: conversations tokenized with the chat template, padded or packed into rows, and the loss over the
-scored (assistant) tokens, summed so that a batch's split into micro-steps and processes does not change it.
+scored (assistant) tokens, summed so a batch's split into micro-steps and processes does not change it.
 
-Shapes: B sequences per micro-batch, T positions. Every batch has x (B, T) input ids and y (B, T) targets, y = the
-next token, -1 (IGNORE) where nothing is scored: prompts, role markers, padding.
-"""
+Shapes: B sequences per micro-batch, T positions; x (B, T) input ids, y (B, T) the next token, -1 (IGNORE) where nothing
+is scored (prompts, role markers, padding)."""
 import numpy as np
 import torch
 import torch.nn as nn
@@ -13,8 +12,8 @@ from tokenizer.chat_template import IGNORE, encode_conversation
 
 
 def tokenize_conversations(convs, tok, max_seq_len):
-    """(ids, labels) int64 arrays per conversation through the chat template, cut to max_seq_len + 1 tokens
-    (max_seq_len targets); conversations left with no scored token are dropped. Returns (samples, dropped)."""
+    """(ids, labels) int64 arrays per conversation, cut to max_seq_len + 1 tokens; conversations left with no scored
+    token are dropped. Returns (samples, dropped)."""
     samples, dropped = [], 0
     for conv in convs:
         ids, labels = encode_conversation(tok, conv["messages"], conv.get("system"))
@@ -27,8 +26,7 @@ def tokenize_conversations(convs, tok, max_seq_len):
 
 
 def pack_rows(order, lengths, max_seq_len):
-    """Greedy packing of samples (lengths in tokens), in the given order, into rows of at most max_seq_len + 1
-    tokens (max_seq_len positions once shifted). Returns a list of rows, each a list of sample indices."""
+    """Greedy packing of samples (lengths in tokens), in order, into rows of <= max_seq_len + 1 tokens: index lists."""
     row_tokens = max_seq_len + 1
     rows, cur, used = [], [], 0
     for i in order:
@@ -44,11 +42,10 @@ def pack_rows(order, lengths, max_seq_len):
 
 
 class ConversationBatches:
-    """SFT micro-batches, stateless: the batch of (step, micro-step) depends on nothing drawn before, so a
-    resumed run and a DDP run see the batches of an uninterrupted single-process run. A unit is a sample, or
-    with pack a row of samples; epoch e is a permutation of the samples drawn from (seed, e), and global
-    micro-step m takes units m*B .. m*B+B-1 of the concatenated epochs. micro_per_step: the micro-steps of all
-    processes together (gradient_accumulation_steps)."""
+    """SFT micro-batches, stateless: the batch of (step, micro-step) depends on nothing drawn before, so a resumed or
+    DDP run sees the batches of an uninterrupted single-process run. A unit is a sample, or with pack a row of samples;
+    epoch e is a permutation drawn from (seed, e); global micro-step m takes units m*B .. m*B+B-1 of the concatenated
+    epochs. micro_per_step: all processes' micro-steps together (gradient_accumulation_steps)."""
 
     def __init__(self, samples, batch_size, micro_per_step, seed, pack, max_seq_len, pad_id):
         if not samples:
@@ -59,7 +56,7 @@ class ConversationBatches:
         self._epochs, self._n_units = {}, {}
 
     def units(self, epoch):
-        """The units of epoch (lists of sample indices), computed once and kept while that epoch is read."""
+        """The units of epoch (lists of sample indices), kept while that epoch is read."""
         if epoch not in self._epochs:
             order = np.random.default_rng([self.seed, 7, epoch]).permutation(len(self.samples))
             self._epochs = {epoch: pack_rows(order, self.lengths, self.max_seq_len) if self.pack
@@ -68,14 +65,13 @@ class ConversationBatches:
         return self._epochs[epoch]
 
     def n_units(self, epoch):
-        """How many units epoch has (remembered: finding a late epoch does not pack the earlier ones again)."""
+        """How many units epoch has (remembered, so a late epoch does not repack the earlier ones)."""
         if epoch not in self._n_units:
             self.units(epoch)
         return self._n_units[epoch]
 
     def get(self, step, micro, device):
-        """(batch dict, put): the collated micro-batch (collate_padded / collate_packed) and a function moving
-        a tensor to device (pinned and non-blocking on GPUs)."""
+        """(batch dict, put): the collated micro-batch and a function moving a tensor to device (to_device_fn)."""
         picked, g = [], (step * self.M + micro) * self.B
         epoch, k = 0, g
         while len(picked) < self.B:
@@ -98,8 +94,8 @@ def to_device_fn(device):
 
 
 def collate_padded(samples, pad_id):
-    """samples: (ids, labels) arrays -> {"x", "y": (B, T) with x = ids[:-1], y = labels[1:], right-padded to
-    the longest (padding targets are -1), "n_tokens": the unpadded input positions}."""
+    """samples: (ids, labels) arrays -> {"x", "y": (B, T), x = ids[:-1], y = labels[1:], right-padded (targets -1),
+    "n_tokens": the unpadded input positions}."""
     T = max(len(ids) for ids, _ in samples) - 1
     x = torch.full((len(samples), T), pad_id, dtype=torch.long)
     y = torch.full((len(samples), T), IGNORE, dtype=torch.long)
@@ -111,9 +107,9 @@ def collate_padded(samples, pad_id):
 
 
 def collate_packed(rows, max_seq_len, pad_id):
-    """Rows of several samples each -> {"x", "y": (B, T = max_seq_len) as in collate_padded per sample, "pos":
-    (B, T) positions restarting at 0 per sample, "mask": (B, 1, T, T) bool letting a token see only earlier
-    tokens of its own sample (padding sees padding, so no softmax row is empty), "n_tokens"}."""
+    """Rows of several samples -> {"x", "y": (B, T = max_seq_len) as collate_padded, "pos": (B, T) from 0 per sample,
+    "mask": (B, 1, T, T) bool, a token sees earlier tokens of its sample only (padding sees padding, so no softmax row
+    is empty), "n_tokens"}."""
     T = max_seq_len
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
@@ -137,8 +133,7 @@ def collate_packed(rows, max_seq_len, pad_id):
 
 
 class PackedLM(nn.Module):
-    """The model's forward with explicit positions and attention mask (packed rows), as a module so that DDP
-    and torch.compile wrap it like the model. forward(x, y, pos, mask) -> (logits (B, T, V), mean loss)."""
+    """The model's forward with positions and mask (packed rows), as a module DDP and torch.compile can wrap."""
 
     def __init__(self, model):
         super().__init__()
@@ -164,8 +159,7 @@ def sft_loss(module, batch):
 
 @torch.no_grad()
 def sft_validation_loss(model, samples, batch_size, eval_iters, pad_id, device, autocast):
-    """Mean loss per scored token (nats) over the held-out samples in padded batches of batch_size, or over the
-    first eval_iters batches (0 = all)."""
+    """Mean loss per scored token (nats) of the held-out samples, padded batches, the first eval_iters (0 = all)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0

@@ -1,7 +1,5 @@
-"""A training run's checkpoints: where a run keeps them, how it resumes (what a resumed run takes from its
-checkpoint and may not change, the optimizer and every process's RNG state back), and the Checkpointer policy
-(when a loop evaluates and saves, what it refuses to overwrite). The file format is babyllama/checkpoint_io.py's.
-"""
+"""A training run's checkpoints: where they live, how a run resumes (what it may not change; optimizer and RNG states
+come back), and the Checkpointer policy (when to evaluate and save). File format: checkpoint_io.py."""
 import contextlib
 import math
 import os
@@ -15,8 +13,7 @@ from babyllama.optimize import configure_optimizers
 from babyllama.rng import gather_rng_states, set_rng_state
 from babyllama.sharded import load_extra, load_sharded, save_sharded
 
-# what a resumed run takes from its checkpoint and may not change: the model's shape (pretraining) and, for
-# fine-tuning, the starting weights, the context length and the adapters' shape
+# what a resumed run may not change: the model's shape (pretraining); start weights, context, adapters (fine-tuning)
 ARCHITECTURE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                      "norm_eps", "max_seq_len", "tie_embeddings", "rope_theta")
 FINETUNE_KEYS = ("init_ckpt", "max_seq_len", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
@@ -28,17 +25,15 @@ def checkpoint_path(out_dir, parallel):
 
 
 def load_resume(path, device="cpu"):
-    """What resuming reads first: the whole checkpoint dict of a .pt file; of a DCP folder only extra.pt (the
-    fields, iter_num, RNG states...) with "dcp": the folder, whose shards load_sharded reads once the model is
-    sharded. FileNotFoundError naming the path."""
+    """What resuming reads first: a .pt file's whole checkpoint dict; of a DCP folder only extra.pt, plus "dcp": the
+    folder (load_sharded reads its shards once the model is sharded). FileNotFoundError naming the path."""
     return load_extra(path) if os.path.isdir(path) else load(path, device)
 
 
 def training_state(model, optimizer, scaler, rngs, **fields):
-    """The dict a training run saves: the adapters only when the model carries LoRA (apply_lora sets
-    model.lora_config; base_ckpt = fields["init_ckpt"]), else the full weights; plus the optimizer, the loss
-    scaler, every process's RNG state and the given fields (model_args, iter_num, best_val_loss, config, ...).
-    optimizer None: a sharded checkpoint's extra.pt (weights and optimizer state go to the DCP shards)."""
+    """The dict a training run saves: the adapters if the model has LoRA (model.lora_config; base_ckpt =
+    fields["init_ckpt"]), else the full weights; the optimizer, loss scaler, every process's RNG state and the fields.
+    optimizer None: a DCP checkpoint's extra.pt (weights and optimizer go to the shards)."""
     state = {"scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rngs, **fields}
     if getattr(model, "lora_config", None):
         state.update(lora_config=dict(model.lora_config), base_ckpt=fields["init_ckpt"])
@@ -53,13 +48,10 @@ def training_state(model, optimizer, scaler, rngs, **fields):
 # ---- resuming ---------------------------------------------------------------------------------------------
 
 def resume(init_from, start, ckpt_path, device, config, changed, keys, overwrite=False):
-    """A script's resume step: (the checkpoint, the settings it fixes). init_from must be `start` (a new run:
-    returns (None, {})) or 'resume': then the checkpoint at ckpt_path is loaded and returned with its values of
-    the settings named in keys (resume_config checks them against config, the script's settings, and changed,
-    those the command line set); the script applies them to its globals. Raises SystemExit for any other
-    init_from, and for a new run whose ckpt_path exists already unless overwrite (forgetting
-    --init_from=resume must not wipe a run; with overwrite the Checkpointer removes the old run's checkpoints
-    before this run writes anything)."""
+    """A script's resume step: (the checkpoint, the settings it fixes). init_from == start: a new run, (None, {});
+    'resume': ckpt_path is loaded and returned with its values of keys (resume_config checks them against config and
+    changed). SystemExit for any other init_from, and for a new run whose ckpt_path exists unless overwrite (forgetting
+    --init_from=resume must not wipe a run; the Checkpointer then removes the old files)."""
     if init_from == start:
         if os.path.exists(ckpt_path) and not overwrite:
             raise SystemExit(f"{ckpt_path} exists (a run of {load_resume(ckpt_path)['iter_num']} iterations): "
@@ -78,9 +70,8 @@ def resume(init_from, start, ckpt_path, device, config, changed, keys, overwrite
 
 
 def init_architecture(args, changed, path):
-    """The pretraining globals of a starting checkpoint's architecture (args: its ModelArgs), for a run that
-    continues pretraining it. Raises SystemExit when the command line or a config file asked for another value
-    of one of them."""
+    """The pretraining globals of a starting checkpoint's architecture (args: its ModelArgs), for continued pretraining.
+    SystemExit when the command line or a config file sets one of them."""
     arch = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads or 0,
             "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
             "ffn_dim_multiplier": args.ffn_dim_multiplier or 0.0, "norm_eps": args.norm_eps,
@@ -95,11 +86,9 @@ def init_architecture(args, changed, path):
 
 
 def resume_config(ckpt, config, changed, keys):
-    """The settings named in keys as a resumed run's checkpoint has them (the run continues with the model,
-    adapters and context it has); the other settings stay this run's (learning rate, batch size, max_iters...
-    may change). config: this run's settings; changed: the keys the command line or a config file set (what
-    configurator.apply_overrides returns). Raises SystemExit when one of them asks for another value of a key
-    the checkpoint decides, rather than ignoring the request silently."""
+    """The values of keys a resumed run takes from its checkpoint; other settings (learning rate, batch size,
+    max_iters...) stay this run's. config: this run's settings; changed: the keys the command line or a config file set
+    (configurator.apply_overrides). SystemExit when changed asks for another value of a key the checkpoint decides."""
     saved = ckpt["config"]
     conflicts = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in keys
                  if k in changed and k in saved and config[k] != saved[k]]
@@ -111,13 +100,11 @@ def resume_config(ckpt, config, changed, keys):
 
 
 def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, betas, optimizer="adamw"):
-    """The optimizer of the model's trainable parameters (babyllama.optimize.configure_optimizers: 'adamw' or 'muon'), and
-    the RNG. Under FSDP the model must be sharded already (babyllama.dist.parallelize). Resuming (ckpt a checkpoint
-    dict, or load_resume's fields of a DCP folder, whose weights and optimizer state load here): the optimizer,
-    the loss scaler (run.scaler) and this process's RNG state come back. Starting (ckpt None): each process is
-    seeded differently (dropout masks must differ across processes). A checkpoint from another number of
-    processes cannot give each its own state, so the RNG is then reseeded deterministically. Returns the
-    optimizer. SystemExit when the checkpoint's optimizer state is another optimizer's."""
+    """The optimizer of the model's trainable parameters (optimize.configure_optimizers: 'adamw' or 'muon'), RNG set.
+    Under FSDP the model must be sharded already (dist.parallelize). Resuming (ckpt: a checkpoint dict, or load_resume's
+    of a DCP folder): the optimizer state, the loss scaler (run.scaler) and this process's RNG state come back; from
+    another number of processes the RNG is reseeded deterministically. Starting (ckpt None): each process is seeded
+    differently (dropout masks must differ). SystemExit when the checkpoint holds another optimizer's state."""
     name = optimizer
     optimizer = configure_optimizers(model, weight_decay, learning_rate, betas, run.device_type, name)
     if ckpt is None:
@@ -145,38 +132,25 @@ def training_optimizer(model, ckpt, run, seed, weight_decay, learning_rate, beta
 
 
 class Checkpointer:
-    """A training run's checkpoints, the same way in every script: where they are written, what goes in them
-    (training_state: the model or its adapters, the optimizer, the loss scaler, every process's RNG state, and
-    the fields given at construction, such as model_args, config, init_ckpt, tokenizer), and when.
-
-    Two files, kept apart: `path` (out_dir/ckpt.pt), the latest state, which init_from=resume continues; and
-    best.pt beside it, the state of the best validation loss so far (what to evaluate, export or fine-tune).
-
-    - Evaluate every eval_interval iterations and at the last one, but not again at the iteration a resumed run
-      starts from (the run it continues evaluated there), nor at a last iteration that comes right after an
-      evaluation (see eval_due).
-    - After an evaluation, first the divergence check: a NaN or infinite loss, or a loss at or above `ceiling`
-      (ln V for a language model's loss: it predicts no better than a uniform guess) after having been below
-      it, stops the run (FloatingPointError naming the iteration and what each file holds) before anything is
-      written, so a diverged model never replaces a good one. (No ratio to the best loss: a preference loss
-      near 0, or a small fine-tuning loss, can triple from noise or overfitting without diverging.) Then
-      best.pt is written when the loss improved, and ckpt.pt at every evaluation (always_save_checkpoint) or
-      when it improved. The evaluation at the iteration a run starts from is never saved, so a run that never
-      improves on its start has no best.pt.
-    - Without validation data (val_loss None) ckpt.pt is written every eval_interval iterations, so a killed
-      run can still resume.
-    - check_train_loss stops on a NaN or infinite training loss, or one back at the ceiling, before the update
-      that would spread it.
-    - At the end ckpt.pt is written unless it already holds the last iteration.
-    Never at the iteration the run started from (nothing new). Every process makes the same calls (saving
-    gathers each process's RNG state); the master writes. Each write is noted in the log as
-    {"iter", "checkpoint": path}."""
+    """A training run's checkpoints, the same in every script: when they are written and what they hold (training_state
+    plus the fields given here: model_args, config, init_ckpt, tokenizer...). Two files: `path` (out_dir/ckpt.pt), the
+    latest state, which init_from=resume continues, and best.pt beside it, the best validation loss so far (to evaluate,
+    export or fine-tune).
+    - Evaluate every eval_interval iterations and at the last one (exceptions: eval_due).
+    - After an evaluation, first the divergence check: a non-finite loss, or one at or above `ceiling` after being below
+      it, raises FloatingPointError before anything is written, so a diverged model never replaces a good one (no ratio
+      to the best loss: a preference loss near 0 or a small fine-tuning loss can triple from noise). Then best.pt is
+      written if the loss improved, and ckpt.pt too, or at every evaluation with always_save_checkpoint.
+    - Without validation data (val_loss None) ckpt.pt is written every eval_interval iterations (a killed run resumes).
+    - At the end ckpt.pt is written unless it holds the last iteration already.
+    Nothing is written at the iteration the run started from (a run that never improves on its start has no best.pt).
+    Every process makes the same calls (saving gathers RNG states); the master logs {"iter", "checkpoint"}."""
 
     def __init__(self, path, ckpt, run, model, optimizer, log, eval_interval, always_save_checkpoint,
                  ceiling=None, **fields):
-        """ckpt: the checkpoint a resumed run continues (its iteration and best validation loss), None for a new
-        run. model: the plain Transformer (not a DDP or compile wrapper). ceiling: the loss of a model that has
-        learned nothing (ln vocab_size for next-token losses), None when there is none (preference losses)."""
+        """ckpt: the checkpoint a resumed run continues, None for a new run. model: the plain Transformer (not a DDP or
+        compile wrapper). ceiling: the loss of a model that learned nothing (ln vocab_size for next-token losses), None
+        when there is none (preference losses)."""
         self.path, self.run, self.model, self.optimizer, self.log, self.fields = path, run, model, optimizer, log, fields
         self.sharded = path.endswith(".dcp")  # parallel='fsdp': DCP folders behind ckpt.dcp and best.dcp
         self.best_path = os.path.join(os.path.dirname(os.path.abspath(path)), "best.dcp" if self.sharded else "best.pt")
@@ -194,9 +168,9 @@ class Checkpointer:
             shutil.rmtree(os.path.join(os.path.dirname(self.best_path), "dcp"), ignore_errors=True)
 
     def eval_due(self, iter_num, last):
-        """True when iteration iter_num (the last one when last) should evaluate. The last iteration does not
-        evaluate when the one before it did (a run whose max_minutes ran out during an evaluation stops one
-        step later): one step changes little, and at_end still saves its state."""
+        """True when iteration iter_num (the last one when last) should evaluate: not at a resumed run's first iteration
+        (the run it continues evaluated there), nor at a last iteration right after an evaluation (a max_minutes stop
+        during one): one step changes little, and at_end still saves."""
         if self.resumed and iter_num == self.start_iter:
             return False
         if iter_num % self.eval_interval == 0:
@@ -219,9 +193,8 @@ class Checkpointer:
             self.save(iter_num, best=improved)
 
     def check_train_loss(self, iter_num, loss):
-        """Stop (FloatingPointError) before the update on a NaN or infinite training loss, or one back at the
-        ceiling (a uniform guess) after the run had got below 90% of it: a language model that knew something
-        and lost it all has diverged; a batch of hard examples does not do that."""
+        """Stop (FloatingPointError) before the update on a non-finite training loss, or one back at the ceiling after
+        being below 90% of it: a model that learned something and lost it all has diverged; a hard batch does not."""
         if not math.isfinite(loss):
             self.stop(f"training loss {loss} at iteration {iter_num}")
         if self.ceiling is not None and self.best_train_loss < 0.9 * self.ceiling and loss >= self.ceiling:
@@ -254,8 +227,7 @@ class Checkpointer:
                                  f"check the data, or use bfloat16 instead of float16.")
 
     def save(self, iter_num, best=False):
-        """Write ckpt.pt (or the sharded ckpt.dcp) for iteration iter_num atomically, and best.pt (best.dcp) too
-        when best; nothing at the iteration the run started from."""
+        """Write ckpt.pt (.dcp) atomically, and best.pt (.dcp) when best; nothing at the run's starting iteration."""
         if iter_num <= self.start_iter:
             return
         rngs = gather_rng_states(self.run)  # a collective: every process takes part

@@ -11,16 +11,9 @@ A checkpoint is one dict saved with torch.save:
     init_ckpt         fine-tuning: the checkpoint the run started from
     tokenizer, tokenizer_sha256, data                   where the tokens came from
 
-merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
-
-Runs with parallel='fsdp' write sharded checkpoints instead (torch.distributed.checkpoint, DCP): out_dir/ckpt.dcp
-(and best.dcp) is a symbolic link to a folder out_dir/dcp/iter_NNNNNNNN holding every process's shards of the
-trainable weights and of the optimizer state, and extra.pt with every other field above. The link is swapped
-atomically once a save is complete, so a run killed during a save keeps its previous checkpoint. A DCP folder
-loads on any number of processes (the shards are re-cut), and `load` reads one as a single-file checkpoint
-dict (weights gathered, no optimizer), so eval.py, export.py and fine-tuning take a .dcp path like a .pt.
-The sharded format itself is in babyllama/sharded.py.
-"""
+merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config. FSDP runs
+write sharded checkpoints (babyllama/sharded.py); `load` reads one as a single-file dict, so eval.py, export.py and
+fine-tuning take a .dcp path like a .pt."""
 import os
 
 import torch
@@ -36,9 +29,8 @@ def save(path, state):
 
 
 def load(path, device="cpu"):
-    """The checkpoint dict at path, tensors on device; a DCP folder (FSDP runs) comes back as the single-file
-    dict of consolidate (no optimizer state). Raises FileNotFoundError naming the path.
-    weights_only: a checkpoint is data, never code."""
+    """The checkpoint dict at path, tensors on device (weights_only: data, never code); a DCP folder comes back as
+    consolidate's single-file dict (no optimizer state). FileNotFoundError naming the path."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     if os.path.isdir(path):

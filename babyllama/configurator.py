@@ -1,15 +1,10 @@
-"""
-Overrides for the plain globals at the top of a script, as in nanoGPT:
+"""Overrides for the plain globals at the top of a script, as in nanoGPT:
 
     python pretrain.py config/demo_cpu.py --batch_size=16 --compile=False
 
-A bare argument is a config file: plain Python assignments executed into the script's globals.
-`--key=value` sets one global; the value is parsed as a Python literal when it can be, and must have
-the type of the default it replaces (an int default accepts an int, a float default an int or float,
-an 'auto' default a bool too, a None default anything), so a typo fails loudly instead of training with the
-wrong setting.
-Torch-free on purpose: data scripts use it too.
-"""
+A bare argument is a config file of Python assignments executed into the script's globals. `--key=value` sets one
+global, parsed as a Python literal when it can be; it must have the type of the default it replaces (a float default
+takes an int, 'auto' a bool, None anything), so a typo fails loudly. Torch-free (data scripts use it)."""
 import ast
 import inspect
 import json
@@ -40,8 +35,7 @@ def _parse_value(key, text, old):
 
 
 def apply_overrides(g, argv=None, verbose=True):
-    """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to the dict g.
-    Returns the list of keys that were changed."""
+    """Apply argv's config files and --key=value overrides (default sys.argv[1:]) to dict g; returns changed keys."""
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(usage(g))
@@ -70,8 +64,7 @@ def apply_overrides(g, argv=None, verbose=True):
 
 
 def usage(g):
-    """--help: the script's docstring, then each hyperparameter with its default and the comment beside it in
-    the script's source (the globals block at its top)."""
+    """--help: the script's docstring, then every hyperparameter with its default and its comment in the source."""
     try:
         source = inspect.getsource(sys.modules[g["__name__"]]) if g.get("__name__") in sys.modules else ""
     except (OSError, TypeError):
@@ -93,9 +86,8 @@ def config_of(g):
 
 
 def configure(g):
-    """A script's configuration step, on its globals g: the names of its hyperparameters (config_of, taken
-    before anything can add to them), then the command line's config files and --key=value overrides applied
-    when the script runs as __main__ (not when a test imports it). Returns (config_keys, changed keys)."""
+    """A script's configuration step on its globals g: its hyperparameter names (config_of, taken first), then the
+    command line applied when run as __main__ (not when a test imports it). Returns (config_keys, changed keys)."""
     config_keys = list(config_of(g))
     try:  # under torchrun only rank 0 echoes the config files and overrides
         verbose = int(os.environ.get("RANK", "0")) == 0
@@ -106,10 +98,9 @@ def configure(g):
 
 
 def exit_error(message):
-    """End the program with exit status 1 and message on stderr, said once: under torchrun every rank reaches
-    the same configuration error, so rank 0 prints it (and puts it in torchrun's error file, where torchrun's
-    failure report shows it as the root cause) while the other ranks wait a moment and leave silently, so
-    that rank 0 fails first instead of being stopped by torchrun before it could print."""
+    """End with exit status 1 and message on stderr, said once: under torchrun rank 0 prints it (and writes torchrun's
+    error file, which its failure report shows as the root cause); the other ranks wait a moment and leave silently, so
+    rank 0 fails first rather than being stopped by torchrun before it could print."""
     if int(os.environ.get("RANK", "0")) != 0:
         time.sleep(5)
         raise SystemExit(1)
@@ -121,9 +112,8 @@ def exit_error(message):
 
 
 def run_main(g, main):
-    """A data script's entry point: the command line applied to its globals g, then main(). A missing, empty or
-    unusable input (OSError, ValueError, whose messages name the file) ends with a one-line `error: ...` and
-    exit status 1 instead of a traceback."""
+    """A data script's entry point: the command line applied to its globals g, then main(). OSError or ValueError (whose
+    messages name the file) ends with a one-line `error: ...` and exit status 1, not a traceback."""
     try:
         apply_overrides(g)
         main()

@@ -1,20 +1,15 @@
-"""
-Contamination: which items of an evaluation set have a near-duplicate in the training data, and the files both
-are read from (contamination.py).
+"""Contamination: which items of an evaluation set have a near-duplicate in the training data, and reading both
+(contamination.py).
 
-The texts are compared as clean_data's dedup compares documents: normalised (clean_data.normalize: NFKC, lower
-case, whitespace and punctuation removed) and cut into the same hashed character 5-gram shingles
-(clean_data.shingles.shingle_hashes). An item counts as contaminated when one training document contains at least
-`threshold` of the item's shingles (containment |I ∩ D| / |I|, computed exactly, no sampling).
+Texts are compared as clean_data's dedup compares documents: normalised (clean_data.normalize) and cut into hashed
+character 5-gram shingles (clean_data.shingles). An item is contaminated when one training document contains at least
+`threshold` of its shingles (containment |I ∩ D| / |I|, exact, no sampling).
 
-Why containment and not the MinHash/LSH Jaccard the dedup stage uses: a 60-character exam question inside a
-2,000-character training document has a Jaccard of about 0.03 with it, so an LSH tuned for near-duplicate
-documents would never return the pair; containment is what contamination means (the item, or most of it,
-was seen in training: the n-gram overlap of GPT-3's and Llama 2's contamination studies) and, with the eval
-set's shingles in one sorted array, costs one vectorised lookup per training chunk. The Jaccard of the best
-document is reported beside it. Reordered characters share no 5-gram, so a text with the same characters in
-another order is not flagged.
-"""
+Not the dedup stage's MinHash/LSH Jaccard: a 60-character question inside a 2,000-character document has a Jaccard of
+about 0.03, so an LSH tuned for near-duplicates would never return the pair; containment is what contamination means
+(the n-gram overlap of GPT-3's and Llama 2's studies) and, with the eval set's shingles in one sorted array, costs one
+vectorised lookup per training chunk. The best document's Jaccard is reported beside it. Reordered characters share no
+5-gram, so are not flagged."""
 import os
 
 import numpy as np
@@ -38,11 +33,10 @@ def item_shingles(texts):
 
 
 def find_contamination(items, documents, chunk=4096, on_chunk=None):
-    """items: [{"key", "text"}] (the evaluation set); documents: an iterable of {"text", optional "source",
-    "line"} (the training data, streamed). For each item, the training document holding most of its
-    shingles. Returns a list parallel to items of {"containment", "jaccard", "source", "line", "excerpt"}
-    (containment 0 and source None when no shingle is shared) and the number of documents read.
-    on_chunk(n_docs) is called after each chunk of documents (a progress bar)."""
+    """items: [{"key", "text"}] (the evaluation set); documents: an iterable of {"text", optional "source", "line"} (the
+    training data, streamed). For each item, the training document holding most of its shingles: a list parallel to
+    items of {"containment", "jaccard", "source", "line", "excerpt"} (containment 0, source None when nothing is
+    shared), and the number of documents read. on_chunk(n_docs) is called after each chunk of documents."""
     sets = item_shingles([it["text"] for it in items])
     all_h = np.concatenate(sets) if sets else np.zeros(0, np.uint64)
     owner = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
@@ -102,9 +96,8 @@ def evaluation_items(path, split):
 
 
 def training_documents(path, text_field=""):
-    """The training documents, streamed as {"text", "source", "line"}: a .bin of data_process.py decoded
-    document by document (its meta.json names the tokenizer), or anything babyllama/readers.py reads
-    (text_field: the field of .jsonl/.parquet records, "" = auto)."""
+    """The training documents, streamed as {"text", "source", "line"}: a data_process.py .bin decoded per document (its
+    meta.json names the tokenizer), or anything readers.py reads (text_field: the records' field, "" = auto)."""
     if not path.endswith(".bin"):
         yield from iter_documents([path], text_field=text_field or None)
         return

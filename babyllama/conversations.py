@@ -1,8 +1,5 @@
-"""
-SFT conversations: the formats people download parsed into one unified form, and the unified file read back
-(load_conversations: what sft.py trains on). The filters, mixing and writing are sft_data_process.py's. Torch-free.
-
-The unified form of one conversation:
+"""SFT conversations: downloaded formats parsed into one unified form, and the unified file read back
+(load_conversations, what sft.py trains on). Filters, mixing and writing are sft_data_process.py's. Torch-free.
 
     {"messages": [{"role": "user"|"assistant", "content": str}, ...],   # alternating, user first, assistant last
      "system": str | None, "source": str}                                # source: the file it came from
@@ -12,8 +9,6 @@ Input formats, detected per record (parse_record):
   BELLE    {"instruction", "output"}                       (Alpaca without input)
   ShareGPT {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...], optional "system"}
   OpenAI   {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (the unified form is one)
-Files are read with babyllama.records.iter_records (.json, .jsonl, .parquet; .gz too), so every record that
-is skipped, here or by the reader, is counted by reason and named file:line in a ReadErrors.
 """
 from collections import Counter
 import os
@@ -58,9 +53,8 @@ def _turns(items, role_key, content_key, role_map, what):
 
 
 def parse_record(rec):
-    """One downloaded record -> (format name, {"system": str|None, "messages": [...]}), the format one of
-    'alpaca', 'belle', 'sharegpt', 'openai'. System turns at the start become the system prompt. Raises
-    BadRecord for a record that fits no format."""
+    """One downloaded record -> (format: 'alpaca', 'belle', 'sharegpt' or 'openai', {"system": str|None, "messages":
+    [...]}); leading system turns become the system prompt. BadRecord for a record that fits no format."""
     if not isinstance(rec, dict):
         raise BadRecord("not an object", type(rec).__name__)
     rec = {k: v for k, v in rec.items() if v is not None}  # parquet gives every row every column, null if absent
@@ -117,8 +111,7 @@ def check_conversation(conv):
 # ---- reading ----------------------------------------------------------------------------------------------
 
 def _parsed_records(path, errors):
-    """(line, record, format, conversation) for every record of the file that parse_record takes; the others
-    are reported to errors as file:line."""
+    """(line, record, format, conversation) for every record parse_record takes; the others go to errors."""
     for line, rec in iter_records(path, errors):
         try:
             fmt, conv = parse_record(rec)
@@ -129,9 +122,8 @@ def _parsed_records(path, errors):
 
 
 def read_raw_conversations(path, errors, formats):
-    """Unified conversations of one downloaded file, unfiltered, each with "source" (the file's name) and
-    "line". Records that fit no format are reported to errors (a ReadErrors) as file:line; the formats found
-    are counted in the Counter `formats`."""
+    """Unified conversations of one downloaded file, unfiltered, with "source" (file name) and "line". Records fitting
+    no format go to errors (a ReadErrors) as file:line; formats found are counted in the Counter `formats`."""
     source = os.path.basename(str(path))
     for line, _, fmt, conv in _parsed_records(path, errors):
         formats[fmt] += 1
@@ -141,12 +133,10 @@ def read_raw_conversations(path, errors, formats):
 
 
 def load_conversations(path, errors=None):
-    """The conversations of a unified file (what sft_data_process.py writes: .jsonl or .parquet; a file in any
-    format parse_record knows reads too): a list of {"messages": [...], "system": str | None, "source": str}.
-    A record that is not a usable conversation (malformed, empty turn, turns that do not alternate ...) is
-    skipped and reported to errors (a ReadErrors, created if None) as file:line. Raises ValueError naming the
-    file when it holds no usable conversation; FileNotFoundError, IsADirectoryError or ValueError for a path
-    that is not a readable file of a supported type."""
+    """The conversations of a unified file (sft_data_process.py's .jsonl or .parquet; any parse_record format reads
+    too): a list of {"messages", "system", "source"}. Unusable records (malformed, empty turn, not alternating...) are
+    skipped and reported to errors (a ReadErrors, created if None) as file:line. ValueError naming a file with no usable
+    conversation; FileNotFoundError, IsADirectoryError or ValueError for an unreadable or unsupported path."""
     errors = ReadErrors() if errors is None else errors
     skipped_before = Counter(errors.by_reason)
     convs = []

@@ -4,23 +4,19 @@ import torch
 
 
 class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over targets != -1, equal to F.cross_entropy(..., ignore_index=-1).
-
-    Written out because with an 8k+ vocabulary the loss is a large share of a small model's step on CPU:
-    the softmax computed in the forward pass is kept and turned into the gradient in place
-    (softmax - one_hot), which halves the time of PyTorch's log_softmax + nll_loss pair."""
+    """Mean cross-entropy over targets != -1, equal to F.cross_entropy(..., ignore_index=-1). Written out because with
+    an 8k+ vocabulary the loss is a large share of a small model's CPU step: the forward's softmax is kept and turned
+    into the gradient in place (softmax - one_hot), half the time of PyTorch's log_softmax + nll_loss."""
 
     @staticmethod
     def forward(ctx, logits, targets):
-        """logits (N, V), targets (N,) int64 -> 0-dim fp32 mean loss in nats over targets != -1 (0 when all are
-        -1). Saves the fp32 softmax (N, V) for backward. A target probability below fp32's smallest normal
-        is clamped to it: that row's loss is ~87.3 nats rather than inf."""
+        """logits (N, V), targets (N,) int64 -> 0-dim fp32 mean loss in nats over targets != -1 (0 if none). Saves the
+        fp32 softmax (N, V). A target probability below fp32's smallest normal is clamped: ~87.3 nats, not inf."""
         probs = torch.softmax(logits.float(), dim=-1)
         valid = targets != -1
         safe = targets.clamp(min=0)
         count = valid.sum().clamp(min=1)
         picked = probs.gather(-1, safe[:, None]).squeeze(-1)
-        # log of the softmax can underflow to -inf only when the target's probability is below ~1e-38
         loss = -(torch.log(picked.clamp(min=torch.finfo(torch.float32).tiny)) * valid).sum() / count
         ctx.save_for_backward(probs, safe, valid, count)
         ctx.logits_dtype = logits.dtype
@@ -28,9 +24,8 @@ class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        """grad (0-dim) -> (dloss/dlogits (N, V) in logits' dtype, None): (softmax - one_hot) * grad / count,
-        zero rows for ignored targets. Overwrites the saved softmax, so a second backward through the same
-        graph (retain_graph=True) raises RuntimeError."""
+        """grad (0-dim) -> (dloss/dlogits (N, V) in logits' dtype, None), zero rows for ignored targets. Overwrites the
+        saved softmax: a second backward (retain_graph=True) raises RuntimeError."""
         probs, safe, valid, count = ctx.saved_tensors
         probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0  # softmax - one_hot, in place
         probs.mul_((grad / count) * valid[:, None])
@@ -38,25 +33,20 @@ class CrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(logits, targets):
-    """Mean cross-entropy in nats of logits (N, V) against targets (N,) (int64 class ids, -1 = ignored), a 0-dim
-    fp32 tensor; matches F.cross_entropy(logits.float(), targets, ignore_index=-1), except that all-ignored
-    targets give 0 instead of nan. The gradient has logits' dtype; see CrossEntropy (one backward only)."""
+    """Mean cross-entropy in nats, 0-dim fp32, of logits (N, V) against targets (N,) int64 (-1 = ignored): as
+    F.cross_entropy(logits.float(), targets, ignore_index=-1), but 0, not nan, if all are ignored. One backward."""
     return CrossEntropy.apply(logits, targets)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """loss = cross_entropy(h @ weight.T, targets), computed chunk by chunk of rows.
-
-    Each chunk's logits live only long enough to give the chunk's loss and its gradients (softmax - one_hot
-    through the two matmuls), which are kept for backward and scaled by the incoming gradient there.
-    The matmuls run in compute_dtype (bf16 under autocast), the softmax in fp32."""
+    """loss = cross_entropy(h @ weight.T, targets), chunk by chunk of rows: each chunk's logits live only long enough to
+    give its loss and gradients, kept for backward. Matmuls in compute_dtype (bf16 under autocast), softmax in fp32."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, compute_dtype, chunk):
-        """h (N, D), weight (V, D), targets (N,) int64 (-1 = ignored) -> 0-dim fp32 mean loss in nats over the
-        non-ignored rows (0 when none). compute_dtype: dtype of the matmuls; chunk: rows per step, so at most
-        (chunk, V) fp32 logits exist at a time. Also computes and saves the gradients (grad_h (N, D) in h's
-        dtype, grad_w (V, D) fp32), which the forward pays for even under torch.no_grad. Autocast is off here."""
+        """h (N, D), weight (V, D), targets (N,) int64 (-1 = ignored) -> 0-dim fp32 mean loss in nats (0 when all
+        ignored). chunk: rows per step, so at most (chunk, V) fp32 logits at a time. Also computes the gradients (grad_h
+        (N, D) in h's dtype, grad_w (V, D) fp32), paid for even under torch.no_grad. Autocast is off here."""
         with torch.autocast(h.device.type, enabled=False):
             valid = targets != -1
             safe = targets.clamp(min=0)
@@ -81,18 +71,16 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        """grad (0-dim) -> (dloss/dh (N, D) in h's dtype, dloss/dweight (V, D) in weight's dtype, None, None,
-        None): the gradients saved by forward, scaled by grad / count."""
+        """grad (0-dim) -> (dloss/dh (N, D) in h's dtype, dloss/dweight (V, D) in weight's dtype, None, None, None)."""
         grad_h, grad_w, count = ctx.saved_tensors
         scale = grad / count
         return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
 def linear_cross_entropy(h, weight, targets, chunk=512):
-    """cross_entropy(h @ weight.T, targets) without holding the (N, V) logits: h (N, D) final hidden states,
-    weight (V, D) output matrix, targets (N,) int64 with -1 = ignored -> 0-dim fp32 mean loss in nats (0 when
-    all are ignored). The matmuls run in the autocast dtype when autocast is on for h's device type, else in
-    h's dtype, the softmax in fp32, `chunk` rows at a time (see LinearCrossEntropy)."""
+    """cross_entropy(h @ weight.T, targets) without holding the (N, V) logits: h (N, D), weight (V, D), targets (N,)
+    int64 (-1 = ignored) -> 0-dim fp32 mean loss in nats (0 when all ignored). Matmuls in the autocast dtype when
+    autocast is on for h's device, else h's dtype; `chunk` rows at a time."""
     device_type = h.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     return LinearCrossEntropy.apply(h, weight, targets, dtype, chunk)

@@ -1,6 +1,5 @@
-"""Processes: a training run's set-up (one process or torchrun's, device, precision, threads) as a Run, the model
-wrapped for DDP or sharded with FSDP2 (compile and activation checkpointing on the way), gradient sync on the last
-micro-step only, and the all-reduces of logged numbers. The training loops themselves stay in the scripts."""
+"""Processes: a training run's set-up as a Run, the model wrapped for DDP or sharded with FSDP2, gradient sync on the
+last micro-step only, and all-reduces of logged numbers. The training loops stay in the scripts."""
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 import gc
@@ -22,13 +21,11 @@ from babyllama.precision import (DTYPES, amp_setup, configure_cpu, describe_path
 
 @dataclass
 class Run:
-    """Where and how this process trains: set up once by setup_run, read by the loop.
-    ddp: launched by torchrun; rank / local_rank / world_size: this process among world_size; master: rank 0
-    (the one that prints, logs and writes); device: 'cpu' or 'cuda:N'; device_type: 'cpu' or 'cuda';
-    accum: micro-steps per process per iteration; dtype: 'float32' / 'bfloat16' / 'float16'; autocast: the
-    context for forward passes; scaler: the GradScaler (enabled only for float16); compile: whether the
-    script compiles its model (setup_run's resolution of compile='auto'); parallel: 'ddp' (every process holds
-    the whole model) or 'fsdp' (parameters, gradients and optimizer state sharded over the processes)."""
+    """Where and how this process trains: set up once by setup_run, read by the loop. ddp: launched by torchrun; rank /
+    local_rank / world_size: this process among world_size; device: 'cpu' or 'cuda:N'; device_type: 'cpu' or 'cuda';
+    accum: micro-steps per process per iteration; dtype: 'float32' / 'bfloat16' / 'float16'; autocast: the forward-pass
+    context; scaler: the GradScaler (enabled for float16 only); compile: the resolved choice; parallel: 'ddp' (whole
+    model per process) or 'fsdp' (parameters, gradients, optimizer sharded)."""
     ddp: bool = False
     rank: int = 0
     local_rank: int = 0
@@ -49,10 +46,9 @@ class Run:
 
 
 def setup_ddp(device="auto", parallel="ddp"):
-    """Initialise torch.distributed when launched by torchrun (RANK in the environment): nccl on GPUs, gloo
-    on CPUs. parallel='fsdp' without torchrun starts a group of one process (fully_shard needs a group; one
-    process then trains as it would alone, and its checkpoints are the same sharded format). Returns a Run with
-    ddp (a process group is up), rank, local_rank, world_size and the device this process uses."""
+    """Initialise torch.distributed under torchrun (RANK set): nccl on GPUs, gloo on CPUs. parallel='fsdp' without
+    torchrun starts a group of one (fully_shard needs a group; checkpoints are then the same sharded format). Returns a
+    Run with ddp, rank, local_rank, world_size and the device."""
     device = resolve_device(device)
     if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
         exit_error(f"error: device must be one of auto, cpu, cuda, cuda:N, not {device!r}")
@@ -81,14 +77,12 @@ def free_port():
 
 def setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, compile=False, fixed_shapes=True,
               parallel="ddp"):
-    """What every training script sets up before its data and model: DDP, the device and its precision (dtype
-    and compile may be 'auto': the fast path of this device, see cpu_fast_path), CPU threads, the output
-    folder. gradient_accumulation_steps counts the micro-steps of all processes together, so it must divide
-    by the number of processes. A configuration error ends the run with one line from rank 0. num_threads
-    (0 = torch's default, all cores) is shared among the processes of one machine: 2 processes on 2 cores
-    get 1 thread each, not 2 that fight for the same cores. parallel: 'ddp' or 'fsdp' (see parallelize; fsdp
-    refuses float16, whose loss scaler FSDP's sharded gradients do not support: use bfloat16). Returns a Run
-    (run.compile: the choice made)."""
+    """What every training script sets up before its data and model: DDP, the device and precision (dtype and compile
+    may be 'auto': this device's fast path, see cpu_fast_path), CPU threads, the output folder. Returns a Run.
+    gradient_accumulation_steps counts the micro-steps of all processes, so must divide by their number. num_threads (0
+    = torch's default, all cores) is shared by one machine's processes: 2 processes on 2 cores get 1 thread each.
+    parallel: 'ddp' or 'fsdp' (see parallelize; fsdp refuses float16, whose loss scaler FSDP's sharded gradients do not
+    support). A configuration error ends the run with one line from rank 0."""
     if gradient_accumulation_steps < 1 or gradient_accumulation_steps % int(os.environ.get("WORLD_SIZE", "1")):
         exit_error(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a positive multiple "
                    f"of the {os.environ.get('WORLD_SIZE', '1')} processes (it counts the micro-steps of all of them "
@@ -126,9 +120,8 @@ def setup_run(device, dtype, num_threads, gradient_accumulation_steps, out_dir, 
 
 
 def cleanup_ddp(run):
-    """Leave the process group at the end of a torchrun run (nothing to do in a single process). Delete the
-    DistributedDataParallel wrapper first: with its reducer still alive when the group goes, gloo aborted about
-    one CPU run in 15 at exit ("terminate called without an active exception"; none in 80 once deleted)."""
+    """Leave the process group at the end of a torchrun run. Delete the DDP wrapper first: with its reducer alive when
+    the group goes, gloo aborted about one CPU run in 15 at exit (none in 80 once deleted)."""
     if run.ddp and dist.is_initialized():
         gc.collect()  # the wrapper's reference cycles, so its reducer is really gone
         dist.barrier()
@@ -145,7 +138,7 @@ def all_reduce_sum(value, run):
 
 
 def all_reduce_mean(value, run):
-    """The mean of a Python float over all processes (so every process logs and decides on the same number)."""
+    """The mean of a Python float over all processes (so every process decides on the same number)."""
     return all_reduce_sum(value, run) / run.world_size
 
 
@@ -161,18 +154,14 @@ PARALLEL = ("ddp", "fsdp")
 
 def parallelize(model, run, activation_checkpointing=False, cpu_offload=False, replicas=1, outer=None):
     """Make a Transformer ready to train on this run's processes; returns the module the loop calls.
-    - Activation checkpointing (any parallel): each block's activations are recomputed in the backward pass
-      instead of kept (model.activation_checkpointing; the gradients are the same).
-    - parallel='ddp': torch.compile (run.compile) of `outer` (a module wrapping the model, e.g. sft's PackedLM;
-      default the model), then DistributedDataParallel under torchrun.
-    - parallel='fsdp' (FSDP2, torch.distributed.fsdp.fully_shard; Zhao et al. 2023): each block compiled on its
-      own (run.compile), then sharded, then the root (embedding, final norm, output: tied weights stay one
-      parameter); parameters, gradients and optimizer state are split over the processes and gathered one
-      block at a time. Mixed precision when run.dtype is bfloat16: bf16 parameters in compute, gradients
-      reduced in fp32. cpu_offload keeps the shards (and the optimizer's work) in CPU memory. replicas > 1:
-      HSDP, a 2-D mesh (replicas, world_size / replicas): shard within a group (a node), replicate across.
-      The model is changed in place (its parameters become DTensor shards): create the optimizer after this.
-    Gradient accumulation skips the gradient reduction of all but the last micro-step: see gradient_sync."""
+    - activation_checkpointing: each block recomputes its activations in the backward pass.
+    - parallel='ddp': torch.compile (run.compile) of `outer` (a wrapper of the model, e.g. sft's PackedLM; default the
+      model), then DDP under torchrun.
+    - parallel='fsdp' (FSDP2, fully_shard; Zhao et al. 2023): each block compiled and sharded, then the root (tied
+      weights stay one parameter); blocks are gathered one at a time. bfloat16: bf16 parameters in compute, fp32
+      gradient reduction. cpu_offload: shards and optimizer work in CPU memory. replicas > 1: HSDP, a (replicas,
+      world_size / replicas) mesh: shard within a node, replicate across. Parameters become DTensor shards in place:
+      create the optimizer after this."""
     for layer in model.layers:
         layer.checkpointing = activation_checkpointing
     if run.parallel != "fsdp":
@@ -202,9 +191,8 @@ def parallelize(model, run, activation_checkpointing=False, cpu_offload=False, r
 
 
 def gradient_sync(module, sync):
-    """Context for one micro-step's backward: with sync False the processes' gradients are not reduced yet
-    (DDP's no_sync; FSDP2's set_requires_gradient_sync(False): they accumulate unsharded), so only the last
-    micro-step of an iteration communicates. A single process ignores it."""
+    """Context for one micro-step's backward: with sync False gradients are not reduced yet (DDP's no_sync; FSDP2's
+    set_requires_gradient_sync(False)), so only an iteration's last micro-step communicates."""
     if sync:
         return nullcontext()
     if hasattr(module, "no_sync"):

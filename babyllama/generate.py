@@ -1,6 +1,6 @@
 """Generation: batched prompts of different lengths, top-k/top-p/repetition penalty, stop tokens and streaming, over
-model.py's KV-cache forward (what eval.py, serve.py and the RL rollouts use; model.generate is the plain one).
-Parameters are checked once per call, not per token; ValueError names the parameter and its value."""
+model.py's KV-cache forward (for eval.py, serve.py and the RL rollouts; model.generate is the plain one). Parameters are
+checked once per call, not per token; ValueError names the parameter and its value."""
 import math
 import numbers
 
@@ -9,16 +9,15 @@ import torch.nn as nn
 
 
 def compile_decode(model):
-    """torch.compile the one-token decode step (dynamic shapes: one graph for every cache length).
-    On CPU this removes most of the per-operator overhead that dominates small-model generation;
-    the first generate() call pays the compilation."""
+    """torch.compile the one-token decode step (dynamic shapes: one graph for every cache length). On CPU this removes
+    most of the per-operator overhead of small-model generation; the first generate() call pays the compilation."""
     model._decode_step = torch.compile(model._forward_positions, dynamic=True)
     return model
 
 
 def _stacked_weights(model):
-    """Per layer ([wq; wk; wv], [w1; w3]) for generation: fewer, larger matrix-vector products. (None, None)
-    for a layer whose projections are not plain nn.Linear (int8, LoRA): they run one by one."""
+    """Per layer ([wq; wk; wv], [w1; w3]): fewer, larger matrix-vector products. (None, None) for a layer whose
+    projections are not plain nn.Linear (int8, LoRA)."""
     def stack(*mods):
         return torch.cat([m.weight for m in mods]) if all(type(m) is nn.Linear for m in mods) else None
     return [(stack(l.attention.wq, l.attention.wk, l.attention.wv), stack(l.feed_forward.w1, l.feed_forward.w3))
@@ -30,18 +29,11 @@ def _stacked_weights(model):
 
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
              stop_ids=None, use_cache=True, prompt_lens=None, pad_id=0, generator=None):
-    """Generate for a batch of right-padded prompts idx (B, T) int64 with true lengths prompt_lens (B,)
-    (None = every row has length T; pad_id is not read: prompt_lens says where each row ends).
-    Returns B lists of new token ids; a row ends after it emits a token in stop_ids (kept in the list).
-
-    max_new_tokens: 0 returns B empty lists; must be < max_seq_len (prompts are cropped from the left so
-    prompt + new tokens fit). The sampling parameters, at their boundaries (see sample_next):
-    temperature 0 = greedy; top_k None, 0 or >= vocab_size = off, 1 = greedy; top_p None or 1 = off,
-    0 = greedy (only the top token is kept); repetition_penalty 1 = off. Greedy means the argmax of the
-    (penalised) logits, the same tokens whatever the temperature and generator.
-    Raises ValueError naming the parameter and its value for max_new_tokens < 0 or >= max_seq_len,
-    temperature < 0, top_k < 0, top_p outside [0, 1], repetition_penalty <= 0 (and non-finite or non-integer
-    values where a finite number or an integer is expected)."""
+    """Generate for a batch of right-padded prompts idx (B, T) int64 with true lengths prompt_lens (B,) (None = all T;
+    pad_id is not read). Returns B lists of new token ids; a row ends after a token in stop_ids (kept). max_new_tokens:
+    0 returns B empty lists; must be < max_seq_len (prompts are cropped from the left to fit). The sampling parameters
+    and their boundaries: see sample_next. ValueError naming the parameter and its value for max_new_tokens < 0 or >=
+    max_seq_len and the invalid sampling values check_sampling_args lists."""
     check_generation_args(max_new_tokens, model.args.max_seq_len, temperature, top_k, top_p, repetition_penalty)
     out = [[] for _ in range(idx.shape[0])]
     for step_tokens, alive in _generate_steps(model, idx, max_new_tokens, temperature, top_k, top_p,
@@ -54,10 +46,9 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
 
 def generate_stream(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                     repetition_penalty=1.0, stop_ids=None, use_cache=True, generator=None):
-    """Generate for one prompt (T,) or (1, T) int64, returning an iterator that yields each new token id
-    (int) as soon as it is chosen and stops after a token in stop_ids (yielded). Parameters and their
-    boundaries as in generate: max_new_tokens 0 yields nothing. The ValueError for an invalid parameter
-    is raised here, at the call, not at the first next()."""
+    """Generate for one prompt (T,) or (1, T) int64: an iterator yielding each new token id (int) as soon as it is
+    chosen, ending after a token in stop_ids (yielded). Parameters as in generate. An invalid one raises ValueError
+    here, at the call, not at the first next()."""
     check_generation_args(max_new_tokens, model.args.max_seq_len, temperature, top_k, top_p,
                           repetition_penalty)
     return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
@@ -66,11 +57,9 @@ def generate_stream(model, idx, max_new_tokens, temperature=0.0, top_k=None, top
 
 def generate_batch_stream(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                           repetition_penalty=1.0, stop_ids=None, prompt_lens=None, generator=None):
-    """generate() step by step, for a server that streams every row of a batch: an iterator that yields,
-    once per step, (the B new token ids, which rows were still running at this step) as lists; a row stops
-    running after it emits a token in stop_ids (later tokens of that row are to be ignored), and the
-    iterator ends when every row has stopped or after max_new_tokens steps. Arguments as in generate; the
-    ValueError for an invalid one is raised at the call."""
+    """generate() step by step, for a server streaming every row of a batch: yields per step (the B new token ids, which
+    rows were still running) as lists; a row stops after a token in stop_ids (ignore its later tokens); ends when all
+    rows stopped or after max_new_tokens steps. Arguments as in generate; ValueError raised at the call."""
     check_generation_args(max_new_tokens, model.args.max_seq_len, temperature, top_k, top_p,
                           repetition_penalty)
     return _batch_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
@@ -101,11 +90,9 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_pe
 
 def _generate_steps(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
                     use_cache, prompt_lens, generator):
-    """Yields (tokens of this step as a list, which rows were still running) once per step.
-
-    Prompts of different lengths are re-laid out left-padded, so every row's next token sits in the same
-    column: row b has `pad[b]` leading pad slots, its positions count from 0 at its first real token, and
-    the mask hides the pad slots (each slot may see itself, so no softmax row is empty)."""
+    """Yields (tokens of this step as a list, which rows were still running) once per step. Prompts are re-laid out
+    left-padded so every row's next token sits in one column: row b has `pad[b]` leading pad slots, positions from 0 at
+    its first real token, and the mask hides the pad slots (each slot sees itself, so no softmax row is empty)."""
     B, T = idx.shape
     device = idx.device
     lens = torch.full((B,), T, dtype=torch.long) if prompt_lens is None else torch.as_tensor(prompt_lens)
@@ -174,8 +161,8 @@ def _is_count(x):
 
 
 def right_pad(rows, device=None):
-    """B lists of token ids -> (a (B, L) int64 tensor, each row's ids then zeros; their lengths as a list): the
-    batch layout generate() and the scoring passes take (padding after the real tokens is never read)."""
+    """B lists of ids -> ((B, L) int64 padded with zeros on the right, the lengths): the layout of generate() and
+    scoring."""
     lens = [len(r) for r in rows]
     x = torch.zeros((len(rows), max(lens)), dtype=torch.long)
     for b, r in enumerate(rows):
@@ -184,9 +171,8 @@ def right_pad(rows, device=None):
 
 
 def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
-    """Raise ValueError, naming the parameter and its value, unless temperature is a finite number >= 0, top_k
-    is None or an integer >= 0, top_p is None or a number in [0, 1] and repetition_penalty a finite number > 0.
-    The boundaries themselves are valid: see sample_next for what each one means."""
+    """Raise ValueError, naming the parameter and its value, unless temperature is a finite number >= 0, top_k None or
+    an integer >= 0, top_p None or in [0, 1], repetition_penalty a finite number > 0. Boundaries: sample_next."""
     # every test is written to fail for nan too (comparisons with nan are False)
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
@@ -208,21 +194,17 @@ def check_generation_args(max_new_tokens, max_seq_len, temperature, top_k, top_p
 
 
 def sample_next(logits, temperature, top_k, top_p, repetition_penalty=1.0, seen=None, generator=None):
-    """Choose the next token per row: logits (B, V) float -> token ids (B,) int64. Order as in HF: repetition
-    penalty (CTRL's, on the tokens where seen (B, V) bool is True), temperature, top-k, top-p, then one draw
-    per row from the softmax with generator (a torch.Generator or None = the global RNG).
-
-    Boundaries: temperature 0 = greedy; top_k None or 0 = off, >= V = off (every token stays), 1 = greedy;
-    top_p None or 1 = off, 0 = greedy (only the top token stays); repetition_penalty 1 = off. Greedy is the
-    argmax of the (penalised) logits and draws nothing from the generator.
-    Raises ValueError naming the parameter and its value for temperature < 0, top_k < 0 (or not an integer),
-    top_p outside [0, 1], repetition_penalty <= 0, and a non-finite temperature or repetition_penalty."""
+    """Choose the next token per row: logits (B, V) float -> token ids (B,) int64. Order as in HF: repetition penalty
+    (CTRL's, on the tokens where seen (B, V) bool is True), temperature, top-k, top-p, then one draw per row with
+    generator (None = the global RNG). Boundaries: temperature 0 = greedy; top_k None, 0 or >= V = off, 1 = greedy;
+    top_p None or 1 = off, 0 = greedy; repetition_penalty 1 = off. Greedy is the argmax of the (penalised) logits and
+    draws nothing from the generator. ValueError as check_sampling_args."""
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     return _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
 
 
 def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator):
-    """sample_next without the argument checks (the generation loop checked them once, before its first step)."""
+    """sample_next without the checks (the generation loop checked them once)."""
     if seen is not None and repetition_penalty != 1.0:
         # CTRL's penalty: make already-seen tokens less likely whatever the sign of their logit
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)

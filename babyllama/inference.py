@@ -1,14 +1,12 @@
-"""Inference: a checkpoint's model and its tokenizer, ready to generate or score on a device (eval.py, serve.py,
-export.py, bench_eval.py)."""
+"""Inference: a checkpoint's model and tokenizer on a device, ready to generate or score (eval.py, serve.py...)."""
 from babyllama.models import load_model
 from babyllama.precision import amp_setup, configure_cpu, resolve_device, resolve_dtype
 from tokenizer import load_tokenizer
 
 
 def inference_precision(device="auto", dtype="auto"):
-    """(device, autocast context) for forward passes without gradients: device 'auto' = a GPU when there is one
-    (precision.resolve_device), dtype 'auto' = what pays on that device (precision.resolve_dtype); on CPU
-    the CPU settings every script uses. SystemExit naming the allowed dtypes for any other."""
+    """(device, autocast context) for gradient-free forward passes: 'auto' device and dtype as precision.resolve_device
+    / resolve_dtype decide; on CPU the CPU settings every script uses. SystemExit naming the allowed dtypes."""
     device = resolve_device(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cpu":
@@ -18,11 +16,9 @@ def inference_precision(device="auto", dtype="auto"):
 
 
 def load_for_inference(ckpt_path, device="auto", dtype="auto", tokenizer_model=""):
-    """Any checkpoint this project writes (full, or base + LoRA adapters merged: models.load_model) in eval
-    mode on device, and its tokenizer: tokenizer_model, or "" for the one the checkpoint records, checked
-    against the model (tokenizer.load_tokenizer: the vocabulary size and the recorded sha256; SystemExit naming
-    the file when either differs). Building the model draws from torch's random generator: seed it before
-    this call for samples that repeat. Returns (model, tok, checkpoint dict, device, autocast context)."""
+    """Any checkpoint this project writes (models.load_model) in eval mode on device, and its tokenizer
+    (tokenizer_model, or "" for the recorded one; load_tokenizer's checks). Building the model draws from torch's RNG:
+    seed it first for samples that repeat. Returns (model, tok, checkpoint, device, autocast context)."""
     device, autocast_ctx = inference_precision(device, dtype)
     model, ckpt = load_model(ckpt_path, device)
     model.eval()

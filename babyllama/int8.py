@@ -6,11 +6,10 @@ import torch.nn.functional as F
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer for inference whose weight (out, in) is kept as int8 with one scale per output
-    row: W ~ q * scale[:, None], scale = max|W_row| / 127, q = round(W / scale), so each weight is off by at most
-    scale / 2 and y_j = x . W_j is off by at most (scale_j / 2) * sum_i |x_i|. Weights take a quarter of fp32's
-    memory. On CPU under bf16 autocast the product runs in torch's int8 weight kernel (_weight_int8pack_mm);
-    otherwise q is converted to the input's dtype and the scale applied to the output."""
+    """A bias-free inference linear layer whose weight (out, in) is int8 with one scale per output row: W ~ q * scale[:,
+    None], scale = max|W_row| / 127, so each weight is off by at most scale / 2 and y_j by at most (scale_j / 2) * sum_i
+    |x_i|; a quarter of fp32's memory. On CPU under bf16 autocast torch's int8 weight kernel (_weight_int8pack_mm) runs
+    it; otherwise q is cast to the input's dtype and the scale applied to the output."""
 
     def __init__(self, linear):
         super().__init__()
@@ -30,8 +29,8 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model):
-    """Replace every nn.Linear of model (attention, feed-forward, output) by an Int8Linear, in place; the
-    embedding stays as it is (a tied output layer gets its own int8 copy). Returns model."""
+    """Replace every nn.Linear of model by an Int8Linear, in place; the embedding stays (a tied output layer gets its
+    own int8 copy). Returns model."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
@@ -50,8 +49,8 @@ def model_bytes(model):
 
 
 def quantize_model(model, kind):
-    """Quantize model's weights in place: kind '' (leave them) or 'int8' (quantize_int8). Returns (bytes
-    before, bytes after) of its parameters and buffers (model_bytes). SystemExit for any other kind."""
+    """Quantize model's weights in place: kind '' (leave them) or 'int8'. Returns (bytes before, bytes after)
+    (model_bytes). SystemExit for any other kind."""
     if kind not in ("", "int8"):
         raise SystemExit(f"quantize must be '' or 'int8', not {kind!r}")
     before = model_bytes(model)

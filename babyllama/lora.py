@@ -1,16 +1,11 @@
-"""
-LoRA (Hu et al. 2021) for the Transformer of model.py, written out: W x + (alpha / r) * B A dropout(x).
+"""LoRA (Hu et al. 2021) for model.py's Transformer, written out: W x + (alpha / r) * B A dropout(x).
 
-    from babyllama.lora import apply_lora, lora_state_dict, merge_lora
     apply_lora(model, rank=8, alpha=16, dropout=0.05)      # freezes everything else
     ... train ...
     torch.save(lora_state_dict(model), "adapter.pt")        # adapter tensors only
     merge_lora(model)                                       # plain nn.Linear again, W + (alpha/r) B A
 
-A is initialised like nn.Linear (Kaiming uniform) and B with zeros, so a fresh adapter leaves the model's
-outputs unchanged. LoRALinear.weight is the effective (merged) weight, so code that reads .weight
-directly, such as Transformer's stacked generation weights, sees the adapted layer.
-"""
+LoRALinear.weight is the effective (merged) weight, so code reading .weight (generation's stacked weights) sees it."""
 from contextlib import contextmanager
 import dataclasses
 import math
@@ -23,11 +18,9 @@ DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and Sw
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear `base` plus a trainable low-rank adapter (LoRA, Hu et al. 2021):
-    y = base(x) + (alpha / rank) * B A dropout(x), with A (rank, in_features) Kaiming-uniform and B
-    (out_features, rank) zeros, both on base.weight's device and dtype, so a fresh adapter changes nothing.
-    base is kept as given (apply_lora is what freezes it). rank must be positive: 0 raises ZeroDivisionError,
-    a negative rank RuntimeError."""
+    """An nn.Linear `base` plus a trainable low-rank adapter: y = base(x) + (alpha / rank) * B A dropout(x); A (rank,
+    in_features) Kaiming-uniform, B (out_features, rank) zeros, on base.weight's device and dtype, so a fresh adapter
+    changes nothing. apply_lora freezes base. rank 0 raises ZeroDivisionError, a negative rank RuntimeError."""
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
         super().__init__()
@@ -43,8 +36,7 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self):
-        """The effective weight W + scaling * B A, (out_features, in_features) in base.weight's dtype, recomputed
-        on each access and differentiable in A and B (W itself within adapters_off, where scaling is 0)."""
+        """Effective weight W + scaling * B A (out, in), base.weight's dtype, recomputed per access (differentiable)."""
         return self.base.weight + self.scaling * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
     @property
@@ -58,13 +50,12 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x):
-        """x (..., in_features) -> (..., out_features): base(x) + scaling * B A dropout(x), without forming
-        B A; the dropout is on the adapter path only."""
+        """x (..., in_features) -> (..., out_features), without forming B A; dropout on the adapter path only."""
         return self.base(x) + self.scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
     def merged(self):
-        """A new bias-free nn.Linear on base's device and dtype holding the merged weight (self.weight); self
-        is unchanged. A bias of base is not carried over (model.py's projections have none)."""
+        """A new bias-free nn.Linear (base's device and dtype) holding self.weight; self unchanged. base's bias is
+        dropped (model.py's projections have none)."""
         lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False,
                         device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
@@ -83,12 +74,10 @@ def _targets(targets):
 
 
 def apply_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, freeze=True):
-    """Replace the nn.Linear submodules whose attribute name is in targets (a list, or a comma-separated
-    string such as "wq,wv") by LoRALinear, in place; with freeze every other parameter stops requiring grad.
-    Sets model.lora_config = {rank, alpha, dropout, targets} (what a checkpoint records). Returns the model.
-    targets may name "output": on a model with tied embeddings its adapter changes the output layer only (the
-    embedding lookup keeps W), and merge_lora then unties the two (see there).
-    Raises ValueError for rank <= 0 or when no layer matches."""
+    """Replace the nn.Linear submodules named in targets (a list, or a string such as "wq,wv") by LoRALinear, in place;
+    with freeze every other parameter stops requiring grad. Sets model.lora_config = {rank, alpha, dropout, targets}
+    (what a checkpoint records); returns the model. "output" on a tied model adapts the output layer only (see
+    merge_lora). ValueError for rank <= 0 or when no layer matches."""
     targets = _targets(targets)
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -123,8 +112,7 @@ def base_state_dict(model):
 
 
 def load_lora_state_dict(model, sd):
-    """Load adapter tensors (lora_state_dict's output) into an adapted model. Raises KeyError when they do not
-    fit its adapters exactly (missing or unexpected names)."""
+    """Load adapter tensors (lora_state_dict's) into an adapted model; KeyError unless the names fit exactly."""
     missing = {k for k in model.state_dict() if "lora_" in k} - set(sd)
     unexpected = set(sd) - set(model.state_dict())
     if missing or unexpected:
@@ -135,15 +123,12 @@ def load_lora_state_dict(model, sd):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its base weight and put plain nn.Linear layers back, in place: the model
-    then has exactly the state_dict keys of the un-adapted Transformer (for eval, export, serving).
+    """Fold every adapter into its base weight and put plain nn.Linear layers back, in place: the state_dict keys of the
+    un-adapted Transformer (for eval, export, serving). Returns the model.
 
-    An adapter on the output layer of a model with tied embeddings (model.args.tie_embeddings) gives an
-    output matrix W + (alpha/r) B A that is no longer the embedding W: the merged model is untied, and
-    model.args becomes a copy with tie_embeddings=False (a copy: the args object may be shared with other
-    models), so Transformer(model.args) loads the merged state_dict and computes the same logits. When the
-    merged output equals the embedding exactly (an adapter that never moved), the tie is restored instead
-    and model.args is left as it was. model.args is the merged model's architecture. Returns the model."""
+    An output adapter on a tied model (model.args.tie_embeddings) makes the output W + (alpha/r) B A differ from the
+    embedding W: model.args becomes a copy (it may be shared) with tie_embeddings=False, so Transformer(model.args)
+    loads the merged state_dict and gives the same logits. If they are still equal, the tie is restored instead."""
     embedding = getattr(model, "tok_embeddings", None)
     tied = [(module, name) for module in model.modules() for name, child in module.named_children()
             if isinstance(child, LoRALinear) and embedding is not None and child.base.weight is embedding.weight]
@@ -156,8 +141,7 @@ def merge_lora(model):
         if torch.equal(layer.weight, embedding.weight):
             layer.weight = embedding.weight  # nothing learned: share the tensor again, as before apply_lora
         elif getattr(getattr(model, "args", None), "tie_embeddings", False):
-            # loading into a tied Transformer would write the merged output over the embedding (they share
-            # one tensor there), so the architecture itself must say "untied"
+            # tied, loading would write the merged output over the embedding (one tensor): the args must say untied
             model.args = dataclasses.replace(model.args, tie_embeddings=False)
     model.__dict__.pop("lora_config", None)
     return model
@@ -165,8 +149,8 @@ def merge_lora(model):
 
 @contextmanager
 def adapters_off(model):
-    """Within the block the LoRA model computes its base model's function: every adapter's scaling is 0. The
-    reference policy of a LoRA DPO/RL run, with no second copy of the weights."""
+    """Within the block the LoRA model computes its base model's function (every adapter's scaling 0): the reference
+    policy of a LoRA DPO/RL run, with no second copy of the weights."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     saved = [m.scaling for m in layers]
     for m in layers:

@@ -1,23 +1,16 @@
-"""
-Multiple-choice exams in the C-Eval and CMMLU layouts: reading the CSV files, building 0-shot and k-shot prompts
-(plain text for base models, the chat template for chat models), and the tables of accuracy per subject and per
-category that the C-Eval and CMMLU model cards publish. The scoring itself (one forward per batch of prompts)
-is in eval.py. Torch-free.
+"""Multiple-choice exams in the C-Eval and CMMLU layouts: reading the CSV files, building 0-shot and k-shot prompts
+(plain text for base models, the chat template for chat models), and the accuracy tables per subject and category that
+the C-Eval and CMMLU model cards publish. The scoring is babyllama/scoring.py's. Torch-free.
 
-Layouts (one CSV per subject):
+Layouts (one CSV per subject; column names case-insensitive; files may also sit in <dir> as <subject>_<split>.csv):
   C-Eval  <dir>/<split>/<subject>_<split>.csv   columns id,question,A,B,C,D,answer[,explanation]
   CMMLU   <dir>/<split>/<subject>.csv           columns ,Question,A,B,C,D,Answer (first column: a row index)
-Column names are matched case-insensitively; files may also sit directly in <dir> as <subject>_<split>.csv.
 
 Prompt (C-Eval's published format, the answer cue "答案："), for a base model:
     以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\\n\\n
     {shot question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\n答案：{letter}\\n\\n      (k times)
     {question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\n答案：
-For a chat model every shot is a user turn (the question block) and an assistant turn ("答案：{letter}"), the
-instruction opens the first user turn, and the scored reply starts "答案：" after <|assistant|>.
-Scoring by option text uses the cloze form of the same prompt: no options listed, and a shot's answer is the
-text of its right option, so each option is read as the continuation of the question.
-"""
+For a chat model and for the cloze form (scoring by option text), see encode_pieces."""
 import csv
 import json
 import os
@@ -37,7 +30,7 @@ class MCError(ValueError):
 
 def subject_files(folder, split):
     """{subject: path} of the split's CSV files: <folder>/<split>/<subject>[_<split>].csv, or else
-    <folder>/<subject>_<split>.csv. Raises MCError naming the folder when there is none."""
+    <folder>/<subject>_<split>.csv. MCError naming the folder when there is none."""
     where = os.path.join(folder, split)
     found = {}
     if os.path.isdir(where):
@@ -58,10 +51,9 @@ def subject_files(folder, split):
 
 
 def read_questions(path):
-    """The questions of one subject CSV: [{"id", "question", "options": [A, B, C, D], "answer": "A".."D"}].
-    Raises MCError naming the file and row (the CSV record; its first file line too when a question spans
-    lines) for a missing column, an empty question or option, an answer that is not one letter A-D, and for a
-    file with no question (an empty subject must not become a 0% row)."""
+    """The questions of one subject CSV: [{"id", "question", "options": [A, B, C, D], "answer": "A".."D"}]. MCError
+    naming the file and row (and first line, for a question spanning lines) for a missing column, an empty question or
+    option, an answer not one letter A-D, and a file with no question (an empty subject must not become a 0% row)."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
@@ -107,9 +99,8 @@ def read_questions(path):
 
 
 def load_exam(folder, split, shots_split="dev", k_shot=0, subjects=""):
-    """{subject: {"questions": [...], "shots": [...]}} for every subject of the split (or the comma-separated
-    `subjects`). Shots are the first k_shot questions of the same subject in shots_split; a missing or short
-    shots file is an MCError naming it."""
+    """{subject: {"questions", "shots", "path"}} for every subject of the split (or the comma-separated `subjects`).
+    Shots are the first k_shot questions of the subject in shots_split; a missing or short shots file is an MCError."""
     files = subject_files(folder, split)
     if subjects:
         wanted = [s.strip() for s in subjects.split(",") if s.strip()]
@@ -133,9 +124,8 @@ def load_exam(folder, split, shots_split="dev", k_shot=0, subjects=""):
 
 
 def load_subjects(benchmark, folder=""):
-    """{subject: {"name": Chinese name, "categories": [...], "hard": bool}}: a benchmark's own map
-    (<folder>/subjects.json, as poetry_bench.py writes), else for "ceval" or "cmmlu" the maps this project
-    keeps in babyllama/subjects.json; {} for any other benchmark (subjects go by their file names)."""
+    """{subject: {"name": Chinese name, "categories": [...], "hard": bool}}: <folder>/subjects.json (as poetry_bench.py
+    writes), else for "ceval" or "cmmlu" babyllama/subjects.json's maps; {} otherwise (subjects go by file name)."""
     own = os.path.join(folder, "subjects.json") if folder else ""
     if own and os.path.exists(own):
         with open(own, encoding="utf-8") as f:
@@ -176,17 +166,15 @@ def shots_for(q, shots, k):
 
 
 def encode_pieces(tok, subject_name, shots, q, chat, cloze=False):
-    """The prompt in token pieces (head, [one per shot], question); the prompt is their concatenation and ends
-    right after the answer cue. Each piece is encoded on its own, so a prompt with fewer shots is the same
-    pieces with some left out, and head + shots (the prefix) is the same for every question of a subject:
-    a scorer computes it once (a KV cache).
-      base model: head = eos (every pretraining document follows one) + the instruction; a shot = its question
-                  block, the cue and its answer; the question = its block and the cue.
-      chat model: head = the instruction as the system prompt; a shot = a user turn (its block) and an
-                  assistant turn (cue + answer); the question = a user turn, <|assistant|>, the cue.
-    cloze=False lists the options and a shot's answer is its letter (the multiple-choice formulation, scored
-    by letter); cloze=True shows the question alone and a shot's answer is the right option's text (the cloze
-    formulation, scored by option text; OLMES, Gu et al. 2024, uses both)."""
+    """The prompt in token pieces (head, [one per shot], question), ending right after the answer cue. Each piece is
+    encoded on its own, so fewer shots are the same pieces with some left out, and head + shots (the prefix) is one KV
+    cache for every question of a subject.
+      base model: head = eos (every pretraining document follows one) + the instruction; a shot = its question block,
+                  the cue and its answer; the question = its block and the cue.
+      chat model: head = the instruction as the system prompt; a shot = a user turn (its block) and an assistant turn
+                  (cue + answer); the question = a user turn, <|assistant|>, the cue.
+    cloze=False lists the options and a shot's answer is its letter (scored by letter); cloze=True shows the question
+    alone and a shot's answer is the right option's text (scored by option text; OLMES, Gu et al. 2024, uses both)."""
     if chat:
         head = encode_conversation(tok, [], system=instruction(subject_name))[0]
         shot_ids = [encode_conversation(tok, [{"role": "user", "content": question_block(s, cloze)},
@@ -200,9 +188,8 @@ def encode_pieces(tok, subject_name, shots, q, chat, cloze=False):
 
 
 def fit_prompt(head, shot_ids, question, max_len):
-    """(prefix, suffix, n_shots, truncated) of the prompt head + shots + question with as many shots as fit
-    max_len tokens, dropping shots from the last; with none left and still too long, the prompt keeps its last
-    max_len tokens (all in suffix)."""
+    """(prefix, suffix, n_shots, truncated) of head + shots + question with as many shots as fit max_len tokens (dropped
+    from the last); with none left and still too long, the last max_len tokens (all in suffix)."""
     k = len(shot_ids)
     while k and len(head) + sum(len(x) for x in shot_ids[:k]) + len(question) > max_len:
         k -= 1
@@ -213,8 +200,7 @@ def fit_prompt(head, shot_ids, question, max_len):
 
 
 def letter_ids(tok):
-    """The token each option letter starts with after the cue (the tokens scored by letter). Raises ValueError
-    when two letters share a first token (the tokenizer cannot tell them apart)."""
+    """The token each option letter starts with after the cue. ValueError when two letters share a first token."""
     cue = tok.encode(CUE)
     ids = []
     for L in LETTERS:
@@ -228,10 +214,9 @@ def letter_ids(tok):
 # ---- tables ---------------------------------------------------------------------------------------------
 
 def summarize(correct, subjects):
-    """Accuracies from {subject: [bool per question]}: per subject, per category (the mean over the
-    category's subjects, as the C-Eval and CMMLU papers average; a CMMLU "China specific" subject counts in
-    its second category too, as CMMLU's own code does), Average (the mean over subjects) and, when the map
-    marks hard subjects, Average (Hard). Subjects missing from the map go to category "Other"."""
+    """Accuracies from {subject: [bool per question]}: per subject, per category (the mean over its subjects, as the
+    C-Eval and CMMLU papers average; a CMMLU "China specific" subject counts in its second category too, as CMMLU's code
+    does), Average over subjects and, when the map marks hard ones, Average (Hard). Unmapped: "Other"."""
     per_subject = {s: sum(c) / len(c) for s, c in correct.items()}
     by_cat = {}
     for s, acc in per_subject.items():
@@ -247,8 +232,8 @@ def summarize(correct, subjects):
 
 
 def category_table(summaries, chance=0.25):
-    """Markdown table like the model cards': one row per (label, summary), columns Average, Average (Hard)
-    when any summary has it, then the categories; accuracies in percent."""
+    """Markdown table like the model cards': a row per (label, summary); columns Average, Average (Hard) when any has
+    it, then the categories; accuracies in percent."""
     order = ["STEM", "Social Science", "Humanities", "Other", "China specific"]  # the model cards' order
     cats = sorted({c for _, s in summaries for c in s["categories"]},
                   key=lambda c: (order.index(c) if c in order else len(order), c))
@@ -279,9 +264,8 @@ def subject_table(summary, subjects):
 
 
 def results_tables(summaries, subjects, label, k_shot):
-    """The markdown of one run ({scoring: summary}): for a set with categories, the model cards' table (a row
-    per scoring, labelled with label and k_shot) above the table per subject; otherwise the table per subject
-    with an average row."""
+    """The markdown of one run ({scoring: summary}): with categories, the model cards' table (a row per scoring) above
+    the table per subject; otherwise the table per subject with an average row."""
     md = subject_table(summaries, subjects)
     if len({c for v in subjects.values() for c in v.get("categories", [])}) > 1:
         return category_table([(f"{label}, {k_shot}-shot, by {sc}", s) for sc, s in summaries.items()]) + "\n\n" + md

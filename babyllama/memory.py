@@ -5,9 +5,8 @@ from model import ffn_hidden_dim
 
 
 def reset_peak_memory(device_type):
-    """Start a peak-memory measurement; returns the baseline in bytes. CPU (Linux): the resident set now, after
-    resetting the kernel's high-water mark (writing 5 to /proc/self/clear_refs); GPU: the allocated bytes now,
-    after torch.cuda.reset_peak_memory_stats."""
+    """Start a peak-memory measurement; returns the baseline in bytes. CPU (Linux): the resident set after resetting the
+    kernel's high-water mark (5 to /proc/self/clear_refs); GPU: the allocated bytes after reset_peak_memory_stats."""
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
@@ -30,28 +29,23 @@ def _proc_status_kib(field):
 
 def training_memory(args, batch_size, seq_len=None, dtype="float32", device_type="cuda", optimizer="adamw",
                     lora_rank=0, world_size=1, parallel="ddp", activation_checkpointing=False, chunk=512):
-    """Bytes per process of one training step of this model as this project runs it, by part: weights,
-    gradients, optimizer state, activations kept for the backward pass, the output layer's loss chunks, and the
-    peak. args: ModelArgs; batch_size: sequences per micro-step; seq_len: default args.max_seq_len; dtype:
-    'float32' or 'bfloat16' (autocast; FSDP: bf16 parameters in compute); device_type: 'cpu' attends in fp32
-    under autocast (Attention.forward), 'cuda' in bf16; optimizer 'adamw' (2 states per trainable weight) or
-    'muon' (1 for the blocks' matrices); lora_rank > 0: LoRA on the 7 projections of every block (only the
-    adapters train); parallel 'ddp' (a whole copy per process, and when world_size > 1 gradient buckets as big
-    as the gradients, resident from the wrapper's creation) or 'fsdp' (weights, gradients and optimizer state
-    / world_size, plus the unsharded root and two blocks in flight); activation_checkpointing: a block keeps
-    only its input.
-    Activations per token, counted from the tensors autograd saves in model.py's ops: a block in fp32 keeps
-    10 dim + 4 hidden + n_heads + 2 floats (the two RMSNorms 3 dim + 1 each: input, normalised, scaled; q, k, v
-    3 dim; wo's input dim; SwiGLU's gate, silu, up and product 4 hidden; softmax statistics n_heads); under
-    bf16 autocast 44 dim + 8 hidden + 4 n_heads + 8 bytes on a CPU (norms fp32, each projection's input cast
-    to bf16 apiece, attention in fp32), 36 dim + ... on a GPU (attention in bf16); outside the blocks the
-    final norm, the loss's gradient of h (fp32) and the token ids; the fused loss keeps the output layer's
-    weight gradient (vocab x dim fp32) from the forward pass. The peak is weights + optimizer state (+ DDP's
-    buckets) + the larger of (activations + loss chunks + autocast's bf16 weight copies) and the gradients.
-    What it leaves out (CUDA context, allocator caching and fragmentation, framework buffers) is why a
-    measured peak is checked against it (bench.py --measure=True). Returns a dict of bytes (floats): weights,
-    gradients (with DDP's buckets), optimizer, activations, loss_chunks, peak; and the counts params and
-    trainable."""
+    """Bytes per process of one training step as this project runs it, by part: weights, gradients, optimizer state,
+    activations kept for backward, the loss chunks, and the peak. args: ModelArgs; batch_size: sequences per micro-step;
+    seq_len: default args.max_seq_len; dtype 'float32' or 'bfloat16' (autocast; FSDP: bf16 parameters in compute);
+    device_type: 'cpu' attends in fp32 under autocast (Attention.forward), 'cuda' in bf16; optimizer 'adamw' (2 states
+    per trainable weight) or 'muon' (1 for the blocks' matrices); lora_rank > 0: LoRA on every block's 7 projections
+    (only adapters train); parallel 'ddp' (a whole copy per process; with world_size > 1 gradient buckets as big as the
+    gradients, resident from the wrapper's creation) or 'fsdp' (weights, gradients, optimizer state / world_size, plus
+    the unsharded root and two blocks in flight); activation_checkpointing: a block keeps its input only. Activations
+    per token, from the tensors autograd saves in model.py's ops: an fp32 block keeps 10 dim + 4 hidden + n_heads + 2
+    floats (two RMSNorms 3 dim + 1 each: input, normalised, scaled; q, k, v 3 dim; wo's input dim; SwiGLU's gate, silu,
+    up, product 4 hidden; softmax statistics n_heads); under bf16 autocast 44 dim + 8 hidden + 4 n_heads + 8 bytes on
+    CPU (norms fp32, each projection's input cast to bf16 apiece, attention fp32), 36 dim + ... on GPU (attention bf16);
+    outside the blocks the final norm, the loss's fp32 gradient of h and the token ids; the fused loss keeps the output
+    weight's gradient (vocab x dim fp32) from the forward. Peak = weights + optimizer (+ DDP's buckets) + the larger of
+    (activations + loss chunks + autocast's bf16 weight copies) and the gradients. It leaves out the CUDA context,
+    allocator caching and framework buffers, hence bench.py --measure=True. Returns a dict of bytes (floats): weights,
+    gradients (with DDP's buckets), optimizer, activations, loss_chunks, peak; and the counts params and trainable."""
     T = seq_len or args.max_seq_len
     D, L, V, nh = args.dim, args.n_layers, args.vocab_size, args.n_heads
     H = ffn_hidden_dim(args)

@@ -1,6 +1,5 @@
-"""Models from checkpoints: any checkpoint this project writes back as a Transformer (full weights, or LoRA adapters
-on the base they name), the model a fine-tuning run starts from, and the whole model at its end (gathered from
-FSDP shards; LoRA adapters merged and saved)."""
+"""Models from checkpoints: any checkpoint this project writes back as a Transformer, the model a fine-tuning run starts
+from, and the whole model at its end (gathered from FSDP shards; LoRA adapters merged and saved)."""
 import dataclasses
 import os
 
@@ -13,10 +12,9 @@ from model import ModelArgs, Transformer
 
 
 def load_model(path, device="cpu", merge=True):
-    """A Transformer from any checkpoint this project writes: a full one ("model") or a LoRA one (adapters on
-    top of the base checkpoint it names, itself full or LoRA). With merge the adapters are folded into the
-    weights, so the model is a plain Transformer; without, it keeps LoRALinear layers. Returns (model on
-    device, the checkpoint dict). Raises FileNotFoundError naming a missing file."""
+    """A Transformer from any checkpoint this project writes: full ("model") or LoRA (adapters on the base checkpoint it
+    names, itself full or LoRA; merged into the weights with merge, else kept as LoRALinear layers). Returns (model on
+    device, the checkpoint dict). FileNotFoundError naming a missing file."""
     ckpt = load(path, "cpu")  # the model goes to device; the rest (optimizer state...) stays off the GPU
     if "lora" not in ckpt:
         model = Transformer(ModelArgs(**ckpt["model_args"]))
@@ -33,8 +31,7 @@ def load_model(path, device="cpu", merge=True):
 
 
 def base_path(ckpt, path):
-    """Where a LoRA checkpoint's base weights are: the path it names, or the file of that name beside it (a
-    run folder moved or copied elsewhere keeps working)."""
+    """A LoRA checkpoint's base weights: the path it names, or that file name beside it (a moved run folder works)."""
     base = ckpt["base_ckpt"]
     if not os.path.exists(base):
         base = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(base))
@@ -44,11 +41,10 @@ def base_path(ckpt, path):
 
 def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=0.0, lora_rank=0,
                    lora_alpha=16.0, lora_dropout=0.0, lora_targets="wq,wk,wv,wo,w1,w2,w3"):
-    """The model a fine-tuning run (sft.py, dpo.py) trains: the weights of init_ckpt (a LoRA checkpoint comes
-    back merged) in its architecture with this run's context length (max_seq_len; 0 = the checkpoint's) and
-    dropout, LoRA adapters when lora_rank > 0 (seeded: the same initial adapters on every process), and a
-    resumed run's weights or adapters (resume_ckpt, a checkpoint dict, or None) on top.
-    Returns (model on device, model_args, the starting weights' state dict, the init checkpoint dict)."""
+    """The model a fine-tuning run (sft.py, dpo.py) trains: init_ckpt's weights (LoRA merged) and architecture with this
+    run's context length (max_seq_len; 0 = the checkpoint's) and dropout, LoRA adapters when lora_rank > 0 (seeded: the
+    same on every process), and resume_ckpt's weights or adapters (a checkpoint dict, or None) on top. Returns (model on
+    device, model_args, the starting weights' state dict, the init checkpoint dict)."""
     base, init = load_model(init_ckpt, device)
     base_args = dataclasses.asdict(base.args)  # (a merged LoRA checkpoint may have untied its embeddings)
     model_args = dict(base_args, max_seq_len=max_seq_len or base_args["max_seq_len"], dropout=dropout)
@@ -68,9 +64,8 @@ def finetune_model(init_ckpt, resume_ckpt, device, seed, max_seq_len=0, dropout=
 
 
 def frozen_copy(model_args, state_dict, device):
-    """The reference: a Transformer with the given weights, in eval mode, requiring no gradient. Built without
-    touching the RNG (its random init is overwritten anyway), so a resumed run's dropout masks stay those of an
-    uninterrupted run."""
+    """The reference: a Transformer with the given weights, in eval mode, requiring no gradient. Built without touching
+    the RNG, so a resumed run's dropout masks stay those of an uninterrupted run."""
     with torch.random.fork_rng(devices=[]):
         ref = Transformer(ModelArgs(**dict(model_args, dropout=0.0)))
     ref.load_state_dict(state_dict)
@@ -79,8 +74,8 @@ def frozen_copy(model_args, state_dict, device):
 
 
 def save_merged(path, model, **fields):
-    """LoRA: fold the adapters into the weights (in place: the model is plain afterwards) and save a plain
-    checkpoint {"model", **fields} that eval.py, export and serving read like any pretraining checkpoint."""
+    """LoRA: fold the adapters into the weights (in place) and save a plain checkpoint {"model", **fields} that eval.py,
+    export and serving read like a pretraining one."""
     merge_lora(model)
     # the merged architecture is the model's own (an adapted output layer unties tied embeddings)
     save(path, {"model": model.state_dict(), **fields, "model_args": dataclasses.asdict(model.args)})
@@ -88,9 +83,8 @@ def save_merged(path, model, **fields):
 
 
 def gathered_model(model, run):
-    """The trained model as a plain Transformer with all its weights on the master (for generation and the
-    merged LoRA file at the end of a run), None on the other processes. Under FSDP a collective that gathers
-    the shards into a new CPU model (LoRA layers rebuilt); otherwise the model itself."""
+    """The trained model as a plain Transformer with all its weights on the master (for generation and the merged LoRA
+    file), None elsewhere. Under FSDP a collective gathering the shards into a new CPU model; else the model itself."""
     if run.parallel != "fsdp":
         return model if run.master else None
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

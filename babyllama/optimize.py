@@ -7,15 +7,13 @@ import torch
 
 def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                          muon_momentum=0.95):
-    """The optimizer of model's parameters that require grad (groups from model.optimizer_groups).
-    optimizer='adamw': torch.optim.AdamW; betas: (beta1, beta2); device_type: "cuda", "cpu", ... The fused
-    implementation is asked for on cuda and cpu when AdamW has it; if that raises RuntimeError or TypeError,
-    plain AdamW.
-    optimizer='muon': torch.optim.Muon (Jordan et al. 2024: Nesterov momentum `muon_momentum`, then the
-    update orthogonalised by 5 Newton-Schulz steps) for the 2-D matrices inside the blocks, AdamW as above for
-    the embedding, the output layer and the norms. Muon's step is scaled to AdamW's update size
-    (adjust_lr_fn='match_rms_adamw', Liu et al. 2025, "Muon is scalable"), so one learning_rate and one
-    schedule serve both. Returns an Optimizers of the two. ValueError for another optimizer name."""
+    """The optimizer of model's parameters that require grad (groups from model.optimizer_groups). optimizer='adamw':
+    torch.optim.AdamW, betas (beta1, beta2); fused on cuda and cpu when AdamW has it, plain AdamW if that raises
+    RuntimeError or TypeError. optimizer='muon': torch.optim.Muon (Jordan et al. 2024: Nesterov momentum
+    `muon_momentum`, then 5 Newton-Schulz orthogonalisation steps) for the blocks' 2-D matrices, AdamW for the
+    embedding, output layer and norms. Muon's step is scaled to AdamW's update size (adjust_lr_fn='match_rms_adamw', Liu
+    et al. 2025, "Muon is scalable"), so one learning_rate and schedule serve both; returns an Optimizers of the two.
+    ValueError for another optimizer name."""
     if optimizer not in ("adamw", "muon"):
         raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     groups, hidden = model.optimizer_groups(weight_decay, muon=optimizer == "muon")
@@ -51,8 +49,8 @@ def set_lr(optimizer, it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
 
 
 def optimizer_step(optimizer, scaler, grad_clip):
-    """One update from the accumulated gradients: unscale (fp16), clip the global norm of the optimizer's
-    parameters' gradients to grad_clip (0 = no clipping), step, update the loss scale, clear the gradients."""
+    """One update from the accumulated gradients: unscale (fp16), clip the gradients' global norm to grad_clip (0 = no
+    clipping), step, update the loss scale, clear the gradients."""
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
@@ -62,9 +60,8 @@ def optimizer_step(optimizer, scaler, grad_clip):
 
 
 class Optimizers:
-    """Several optimizers stepped as one (Muon for the blocks' matrices, AdamW for the rest): param_groups are
-    all of theirs (the LR schedule and gradient clipping see every parameter), step, zero_grad, state_dict and
-    load_state_dict go to each in turn. `optimizers` is the list (DCP checkpoints save each)."""
+    """Several optimizers stepped as one (Muon for the blocks' matrices, AdamW for the rest): param_groups are all of
+    theirs (for the LR schedule and clipping), the other methods go to each; `optimizers` lists them (for DCP)."""
 
     def __init__(self, optimizers):
         self.optimizers = list(optimizers)

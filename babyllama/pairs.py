@@ -1,10 +1,8 @@
 """Preference pairs in training (dpo.py, reward_model.py): pair batches, per-reply log-probabilities, the frozen
 reference, the DPO-family losses (sigmoid, IPO, hinge, SimPO, ORPO) with their metrics, and held-out evaluation.
 
-Shapes: B pairs per micro-batch; chosen and rejected go through the model together (2B rows, chosen first), x and
-y (2B, T), y = the next token, -1 (IGNORE) where nothing is scored. Log-probs are natural-log (nats), summed over a
-reply's scored tokens.
-"""
+Shapes: B pairs per micro-batch; chosen and rejected go through the model together (2B rows, chosen first); x, y (2B,
+T), y the next token or -1 (IGNORE) where nothing is scored. Log-probs in nats, summed over a reply's tokens."""
 from contextlib import nullcontext
 import math
 
@@ -22,9 +20,8 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge") + REFERENCE_FREE
 
 
 def tokenize_pair(tok, pair, max_seq_len):
-    """(prompt ids, chosen ids, rejected ids, truncated?) with prompt = the conversation so far + <|assistant|>
-    and each reply = its content + <|end|> (exactly what encode_conversation gives the final assistant turn).
-    Over max_seq_len + 1 tokens the prompt keeps its last half of that, then the replies are cut."""
+    """(prompt ids, chosen ids, rejected ids, truncated?): the prompt ends with <|assistant|>, each reply with <|end|>
+    (as encode_conversation). Past max_seq_len + 1 tokens the prompt keeps at most its last half; replies are cut."""
     n_max = max_seq_len + 1  # tokens of prompt + reply
     prompt = encode_prompt(tok, pair["prompt"], pair.get("system"))
     replies = [tok.encode(pair[k]) + [tok.end_id] for k in ("chosen", "rejected")]
@@ -37,9 +34,8 @@ def tokenize_pair(tok, pair, max_seq_len):
 
 
 def collate_pairs(items, pad_id):
-    """items: B (prompt, chosen, rejected) id lists -> x, y (2B, T): rows 0..B-1 the prompt + chosen reply,
-    rows B..2B-1 prompt + rejected, right-padded; y is x shifted by one with -1 on prompt and padding, so a
-    row's scored targets are exactly its reply tokens."""
+    """items: B (prompt, chosen, rejected) id lists -> x, y (2B, T): rows 0..B-1 prompt + chosen, B..2B-1 prompt +
+    rejected, right-padded; y is x shifted by one, -1 on prompt and padding, so only reply tokens are scored."""
     seqs = [p + c for p, c, _ in items] + [p + r for p, _, r in items]
     labels = [[IGNORE] * len(p) + c for p, c, _ in items] + [[IGNORE] * len(p) + r for p, _, r in items]
     T = max(map(len, seqs)) - 1
@@ -52,9 +48,8 @@ def collate_pairs(items, pad_id):
 
 
 class PairBatches:
-    """Micro-batches of pair indices, stateless as ConversationBatches: epoch e is a permutation drawn from
-    (seed, e) and global micro-step m (get(m): a list of B indices) takes positions m*B .. m*B+B-1 of the
-    concatenated epochs."""
+    """Micro-batches of pair indices, stateless as ConversationBatches: epoch e is a permutation drawn from (seed, e);
+    global micro-step m (get(m): B indices) takes positions m*B .. m*B+B-1 of the concatenated epochs."""
 
     def __init__(self, n, batch_size, seed):
         if n <= 0:
@@ -74,8 +69,8 @@ class PairBatches:
 
 
 def sequence_logps(logits, y):
-    """Per row: the sum of log p(y_t) over targets y_t != -1, and how many there are. Float32 whatever the
-    logits' dtype; log-softmax as gather - logsumexp so no second (B, T, V) tensor is kept for backward."""
+    """Per row: the sum of log p(y_t) over targets y_t != -1, and their count; float32 whatever the logits' dtype
+    (gather - logsumexp: no second (B, T, V) tensor kept for backward)."""
     mask = y != IGNORE
     logits = logits.float()
     picked = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -91,11 +86,9 @@ def concatenated_logps(module, x, y):
 
 
 class Reference:
-    """The reference policy pi_ref of preference tuning: the summed reply log-probs (ref_c, ref_r) of a batch of
-    pairs under the starting model, with one method. mode 'model': net is a frozen copy of the starting weights;
-    'adapters_off': net is the LoRA policy itself, evaluated with its adapters switched off (no copy);
-    'cached': read from cache = {split: (chosen (N,), rejected (N,))} computed once before training;
-    'none': reference-free losses (simpo, orpo) get (None, None)."""
+    """The reference policy pi_ref: the summed reply log-probs (ref_c, ref_r) of a batch of pairs under the starting
+    model. mode 'model': net is a frozen copy; 'adapters_off': the LoRA policy with adapters off (no copy); 'cached':
+    cache = {split: (chosen (N,), rejected (N,))} computed before training; 'none' (simpo, orpo): (None, None)."""
 
     def __init__(self, mode, net=None, cache=None, autocast=nullcontext()):
         self.mode, self.net, self.cache, self.autocast = mode, net, cache, autocast
@@ -118,8 +111,8 @@ class Reference:
 
 @torch.no_grad()
 def pair_logps(net, items, idx, pad_id, device, autocast):
-    """(logp_c, logp_r) float32 on the CPU of the pairs items[i] for i in idx under net (as it is: eval mode and
-    adapters are the caller's choice); used to fill the cached reference."""
+    """(logp_c, logp_r) float32 on the CPU of items[i], i in idx, under net as it is (eval mode and adapters are the
+    caller's); fills the cached reference."""
     x, y = collate_pairs([items[i] for i in idx], pad_id)
     with autocast:
         c, r, _, _ = concatenated_logps(net, x.to(device), y.to(device))
@@ -127,7 +120,7 @@ def pair_logps(net, items, idx, pad_id, device, autocast):
 
 
 def dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, label_smoothing=0.0):
-    """DPO's sigmoid loss per pair; with label_smoothing eps the preference label is trusted with prob 1-eps
+    """DPO's sigmoid loss per pair (Rafailov et al. 2023); label_smoothing eps trusts the label with prob 1-eps
     (conservative DPO). Returns (loss, reward_chosen, reward_rejected)."""
     h = (pol_c - ref_c) - (pol_r - ref_r)
     loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -154,15 +147,14 @@ def simpo_loss(avg_c, avg_r, beta, gamma, label_smoothing=0.0):
 
 
 def log1m_exp(x):
-    """log(1 - exp(x)) for x <= 0, computed stably (log(-expm1(x)) near 0, log1p(-exp(x)) far from it; Maechler
-    2012). x is clamped to -1e-6 first: at x = 0 (a reply of probability 1) 1 - exp(x) is 0 and the log -inf."""
+    """log(1 - exp(x)) for x <= 0, stably (Maechler 2012); x is clamped to -1e-6 first (at x = 0 the log is -inf)."""
     x = x.clamp(max=-1e-6)
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def orpo_loss(avg_c, avg_r, beta):
-    """ORPO: the chosen reply's per-token NLL plus beta times the odds-ratio term, no reference.
-    log odds(p) = log p - log(1 - p) with log p = avg (a mean token log-prob, so p <= 1)."""
+    """ORPO: the chosen reply's per-token NLL plus beta times the odds-ratio term, no reference; log odds(p) = log p -
+    log(1 - p), log p = avg (a mean token log-prob)."""
     log_odds = (avg_c - avg_r) - (log1m_exp(avg_c) - log1m_exp(avg_r))
     loss = -avg_c - beta * F.logsigmoid(log_odds)
     return loss, beta * avg_c.detach(), beta * avg_r.detach()
@@ -170,11 +162,10 @@ def orpo_loss(avg_c, avg_r, beta):
 
 def preference_loss(loss_type, pol_c, pol_r, ref_c, ref_r, n_c, n_r, beta, label_smoothing=0.0,
                     simpo_gamma=0.5, sft_weight=0.0, n_pairs=None, n_chosen_tokens=None):
-    """The loss (a scalar) and per-pair rewards (rc, rr), each (B,). pol_*/ref_*: summed reply log-probs (B,) of
-    policy and reference (ref_* unused by simpo/orpo); n_*: reply token counts (B,).
-    loss = sum of the pair losses / n_pairs + sft_weight * (the chosen replies' summed token NLL) / n_chosen_tokens.
-    In training the two counts are those of the whole optimizer step (every micro-batch of every process), so the
-    gradient does not depend on how the step is split; None = this batch's own (the batch mean)."""
+    """The loss (a scalar) and per-pair rewards (rc, rr), each (B,). pol_*/ref_*: summed reply log-probs (B,) of policy
+    and reference (unused by simpo/orpo); n_*: reply token counts (B,). loss = sum of pair losses / n_pairs + sft_weight
+    * chosen replies' summed NLL / n_chosen_tokens; in training both counts are the whole optimizer step's, so the
+    gradient does not depend on how the step is split; None = this batch's own."""
     if loss_type == "sigmoid":
         losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, label_smoothing)
     elif loss_type == "ipo":
@@ -204,9 +195,8 @@ def pair_metrics(loss, pol_c, pol_r, rc, rr):
 
 def pair_batch_loss(module, reference, items, idx, split, pad_id, device, autocast, loss_type, n_pairs=None,
                     n_chosen_tokens=None, **loss_args):
-    """The preference loss of the pairs items[i], i in idx (their positions in split, for the cached
-    reference), in one forward pass of module, normalised by n_pairs and n_chosen_tokens (preference_loss):
-    (loss, pair_metrics sums, input tokens without padding)."""
+    """The preference loss of items[i], i in idx (their positions in split, for the cached reference), in one forward
+    pass, normalised as preference_loss: (loss, pair_metrics sums, input tokens without padding)."""
     x, y = collate_pairs([items[i] for i in idx], pad_id)
     x, y = x.to(device), y.to(device)
     ref_c, ref_r = reference.logps(x, y, split, torch.tensor(idx))
@@ -219,8 +209,8 @@ def pair_batch_loss(module, reference, items, idx, split, pad_id, device, autoca
 
 @torch.no_grad()
 def evaluate_pairs(model, reference, items, kinds, batch_size, pad_id, device, autocast, loss_type, **loss_args):
-    """Mean pair_metrics over the held-out pairs items (every pair weighted equally), and with kinds (a label
-    per pair such as "poem/shuffled", or None) "logps/accuracy_by_kind": the accuracy per label before "/"."""
+    """Mean pair_metrics over the held-out pairs (each weighted equally); with kinds (a label per pair such as
+    "poem/shuffled", or None) also "logps/accuracy_by_kind", the accuracy per label before "/"."""
     was = model.training
     model.eval()
     sums, by_kind = {}, {}

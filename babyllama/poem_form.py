@@ -1,6 +1,5 @@
-"""The form of a regular poem (绝句, 律诗): 4 or 8 clauses of 5 or 7 characters. One rule, used to pick the demo's
-poems (babyllama/poetry.py), to score the model's (eval.py's chat scores) and to reward them (poetry_rewards.py).
-Torch-free."""
+"""The form of a regular poem (绝句, 律诗): 4 or 8 clauses of 5 or 7 characters. One rule for picking the demo's poems
+(poetry.py), scoring the model's (eval.py) and rewarding them (poetry_rewards.py). Torch-free."""
 import re
 
 CLAUSE_MARKS = "，。？！；、,.?!;"  # what ends a clause
@@ -21,9 +20,8 @@ def well_formed_poem(text):
 
 
 def poem_clauses(text):
-    """The clauses of a well-formed poem (well_formed_poem), each with the mark that ends it, in order, e.g.
-    ["床前明月光，", "疑是地上霜。", ...]; None when the poem is not well-formed. A stray mark the rule passes
-    over (a doubled "？。", a line that is only "。") is left out, so the clauses rebuild a clean poem."""
+    """The clauses of a well-formed poem, each with its ending mark, e.g. ["床前明月光，", "疑是地上霜。", ...]; None when not
+    well-formed. Stray marks the rule passes over (a doubled "？。") are left out, so the clauses rebuild a clean poem."""
     if not well_formed_poem(text):
         return None
     return CLAUSE.findall("".join(line for line in text.split("\n") if line.strip()))

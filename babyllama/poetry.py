@@ -1,14 +1,7 @@
-"""
-The demo chat data built from the chinese-poetry corpus' own metadata (titles, authors, lines), so the demo
-needs no other download. Its poems are the well-formed ones (babyllama/poem_form.py: 4 or 8 clauses of 5 or 7
-characters, as the corpus writes 绝句 and 律诗). Torch-free.
-
-  build_poetry_demo            SFT conversations and held-out questions (sft_data_process.py --demo_poetry)
-  build_poetry_pairs, corrupt  DPO pairs: the real poem against a corrupted one, the right author against
-                               a wrong one (dpo_data_process.py --demo_poetry)
-Both sets ask with the same prompts (ASK_POEM, ASK_AUTHOR, ASK_CONTINUE), so a model tuned on one is asked
-the questions it knows by the other.
-"""
+"""The demo chat data built from the chinese-poetry corpus' own metadata (titles, authors, lines), so the demo needs no
+other download: SFT conversations and held-out questions (build_poetry_demo) and DPO pairs (build_poetry_pairs). Its
+poems are the well-formed ones (poem_form.py). Both sets ask with the same prompts (ASK_POEM, ASK_AUTHOR, ASK_CONTINUE),
+so a model tuned on one is asked what it knows by the other. Torch-free."""
 from collections import Counter
 import random
 
@@ -25,8 +18,7 @@ ASK_AUTHOR_AFTER = "这首诗的作者是谁？"  # the second turn, after the p
 
 
 def poem_lines(doc):
-    """The body lines of a chinese-poetry document from babyllama.readers (its title and author lines,
-    which the readers put first, removed; empty lines dropped)."""
+    """A chinese-poetry document's body lines: its leading title and author lines and empty lines removed."""
     lines = doc["text"].split("\n")
     if doc.get("title") and lines and lines[0] == doc["title"]:
         lines = lines[1:]
@@ -51,10 +43,9 @@ def build_poetry_demo(path, max_poems, eval_poems, seed, errors):
     """Conversations from the corpus' metadata, train and held-out, plus evaluation questions:
       请写一首题为《X》的诗。 -> the poem;  《X》的作者是谁？ -> 《X》的作者是Y。 (titles with one author only);
       续写：first line -> the other lines;  two-turn: write the poem, then 这首诗的作者是谁？
-    path: anything babyllama.readers.iter_documents reads; errors: the ReadErrors its skips go to. Of the
-    well-formed poems with a title of at most 12 characters and an author, one per title, max_poems are
-    picked with seed and the first eval_poems of them held out: they appear in no training conversation.
-    Returns (train conversations, held-out conversations, questions, stats)."""
+    path: anything readers.iter_documents reads; errors: the ReadErrors for its skips. Of the well-formed poems with an
+    author and a title of at most 12 characters, one per title, max_poems are picked with seed and the first eval_poems
+    held out of every training conversation. Returns (train conversations, held-out conversations, questions, stats)."""
     docs, title_authors = [], {}
     for doc in iter_documents([path], errors=errors):
         title, author = doc.get("title"), doc.get("author")
@@ -106,10 +97,10 @@ def build_poetry_demo(path, max_poems, eval_poems, seed, errors):
 # ---- the DPO demo set -----------------------------------------------------------------------------------------
 
 def corrupt(clauses, kind, rng, skip=0):
-    """A plausible-looking but wrong poem: 'shuffled' clause order, 'truncated' to half, or the first
-    line 'repeated'. Punctuation is re-set so only the content gives it away. With skip=2 (a continuation
-    after the first line): the rest shuffled, cut to half, or the first line repeated in its place.
-    clauses: poem_clauses() of a poem; rng: a random.Random. Returns the text, lines joined with "\\n"."""
+    """A plausible but wrong poem: 'shuffled' clause order, 'truncated' to half, or the first line 'repeated', with the
+    punctuation re-set so only the content gives it away. skip=2 (a continuation after the first line): the rest
+    shuffled, halved, or the first line repeated in its place. clauses: poem_clauses() of a poem; rng: a random.Random.
+    Returns the text, one line per two clauses."""
     if skip:
         rest = clauses[skip:]
         if kind == "repeated":
@@ -131,14 +122,12 @@ def corrupt(clauses, kind, rng, skip=0):
 
 
 def build_poetry_pairs(paths, n_poems=2000, n_val=100, seed=0, max_docs=0, errors=None):
-    """(train pairs, held-out pairs, stats) from chinese-poetry files (any path babyllama.readers reads).
-    Per poem: the poem asked by title (chosen the real one, rejected a corrupted one), its author (rejected
-    a wrong author), and the continuation of its first line (rejected a corrupted continuation). The first
-    well-formed poem of each title is used; n_poems of them picked with seed, the first n_val held out: the
-    held-out pairs come from poems that appear in no training pair. max_docs > 0 stops reading after that
-    many documents. Records the corpus reader skips go to errors (a ReadErrors, created if None; their count
-    is in stats). Raises ValueError naming the paths and the counts when the poems are by fewer than two
-    authors (no poem at all included)."""
+    """(train pairs, held-out pairs, stats) from chinese-poetry files (any path readers.py reads). Per poem: asked by
+    title (rejected: a corrupted poem), its author (rejected: a wrong author), the continuation of its first line
+    (rejected: a corrupted one). The first well-formed poem of each title; n_poems picked with seed, the first n_val
+    held out of every training pair. max_docs > 0 stops reading after that many documents. The reader's skipped records
+    go to errors (a ReadErrors, created if None; counted in stats). ValueError naming the paths and counts when the
+    poems are by fewer than two authors."""
     errors = ReadErrors() if errors is None else errors
     poems, seen, n_docs = [], set(), 0
     for doc in iter_documents(paths, errors=errors):

@@ -1,19 +1,6 @@
-"""
-The chinese-poetry corpus: its record layout (poems, ci, books of chapters -> documents) and which files of its
-npm package are documents (data_process.py --download=poetry fetches the package).
-
-Record layout, detected when a record has "paragraphs" (or "para", or a list "content"): text = title line +
-author line + the paragraphs, joined with "\n", empty parts skipped. The title is the first non-empty of
-title / rhythmic / chapter. Notes, prologues, biographies, strains, tags and comments are not part of the
-document. A "content" list of records (mengxue books such as 弟子規, 千家詩, 古文觀止) is walked recursively
-and every leaf poem/chapter is its own document, with the book's title kept as metadata "collection".
-
-The npm package holds non-document JSON too: poetry_document_files() picks the files and
-names every file it leaves out with the reason (author lists, 平仄 strains, rankings, the quantangshi/error/
-folder, ...). See POETRY_SKIP_RULES. readers.py applies both to any folder that is or holds the package.
-
-No torch here, on purpose.
-"""
+"""The chinese-poetry corpus: its record layout (poems, ci, books of chapters -> documents; notes, prologues,
+biographies, strains, tags and comments left out) and which files of its npm package are documents (data_process.py
+--download=poetry fetches it). No torch here, on purpose."""
 import fnmatch
 import json
 import os
@@ -33,14 +20,13 @@ def _clean_part(value):
 
 
 def is_poetry_record(rec):
-    """chinese-poetry layout: a record with paragraphs/para, or with a list under content."""
+    """chinese-poetry layout: a record with paragraphs/para, or a list under content."""
     return isinstance(rec, dict) and ("paragraphs" in rec or "para" in rec or isinstance(rec.get("content"), list))
 
 
 def _body_lines(body, depth=0):
-    """Non-empty stripped lines of a paragraphs list. An item may itself be a part with a heading
-    ({"subchapter": "其二", "paragraphs": [...]}, as in 千家詩 multi-part poems): heading line, then its
-    lines."""
+    """Non-empty stripped lines of a paragraphs list; an item that is a part with a heading ({"subchapter": "其二",
+    "paragraphs": [...]}, 千家詩) gives its heading line, then its lines."""
     if isinstance(body, str):
         body = [body]
     if not isinstance(body, list) or depth > 4:
@@ -60,10 +46,8 @@ def _body_lines(body, depth=0):
 
 
 def poetry_text(rec):
-    """Document text of one chinese-poetry record: title line, author line, then the paragraphs, joined
-    with "\n", empty parts skipped. Title = first non-empty of title / rhythmic / chapter. A paragraphs
-    item that is itself a part ({"subchapter": "其一", "paragraphs": [...]}) contributes its heading
-    line and its lines. Returns "" when there is no non-empty paragraph (a title alone is no document)."""
+    """Document text of one chinese-poetry record: title line (first non-empty of title / rhythmic / chapter), author
+    line, the paragraphs (_body_lines) one per line, empty parts skipped; "" without a non-empty paragraph."""
     body = next((rec[k] for k in POETRY_BODY_FIELDS if k in rec), None)
     lines = _body_lines(body)
     if not lines:
@@ -103,8 +87,8 @@ def _poetry_docs(rec, collection, out, problems, depth):
 
 
 def poetry_documents(rec):
-    """(docs, problems) of one chinese-poetry record, as record_to_documents returns them: a book (a list of
-    records under "content") gives one document per leaf poem/chapter, its title kept as "collection"."""
+    """(docs, problems) of one chinese-poetry record, as record_to_documents returns them: a book (records under
+    "content": 弟子規, 千家詩, 古文觀止...) gives a document per leaf poem/chapter, its title kept as "collection"."""
     out, problems = [], []
     _poetry_docs(rec, "", out, problems, 0)
     return out, problems
@@ -113,8 +97,7 @@ def poetry_documents(rec):
 # ------------------------------------------------------------------------------------------------------
 # the chinese-poetry npm package
 
-# (glob on the path relative to dist/, reason). First match wins. The error/ folder rule applies only
-# when include_error is False.
+# (glob on the path relative to dist/, reason); first match wins. The error/ rule applies unless include_error.
 POETRY_SKIP_RULES = (
     ("strains/*", "strains: 平仄 tone patterns keyed by poem id, not text"),
     ("rank/*", "rank: search-engine hit counts per poem, not text"),
@@ -130,8 +113,8 @@ POETRY_ERROR_RULE = ("quantangshi/error/*",
 
 
 def find_poetry_package(path):
-    """The chinese-poetry package root (folder with package.json named chinese-poetry) that `path` is or
-    is inside of (looking up to 4 folders up), else None."""
+    """The chinese-poetry package root (a folder whose package.json is named chinese-poetry) that `path` is or is inside
+    of (up to 4 folders up), else None."""
     d = os.path.abspath(path)
     for _ in range(5):
         pj = os.path.join(d, "package.json")
@@ -160,12 +143,10 @@ def _walk(directory):
 
 
 def poetry_document_files(root, include_error=False):
-    """The document files of an extracted chinese-poetry package: every .json under root/dist (or
-    root itself when it has no dist/) except POETRY_SKIP_RULES and, unless include_error, the
-    quantangshi/error/ folder, which copies flagged records of quantangshi/ (cross-file dedup is a later
-    stage, but these are exact id duplicates, so they stay out by default). yudingquantangshi (another
-    edition of 全唐詩, mostly in different variant characters) is kept. package.json, README and LICENSE
-    sit outside dist/ and are never read. Returns (files, skipped) with skipped = [(path, reason)]."""
+    """The document files of an extracted chinese-poetry package: every .json under root/dist (or root without dist/)
+    except POETRY_SKIP_RULES and, unless include_error, quantangshi/error/ (exact id duplicates of flagged quantangshi/
+    records). yudingquantangshi (another 全唐詩 edition, other variant characters) is kept. Returns (files, skipped),
+    skipped = [(path, reason)]."""
     dist = os.path.join(root, "dist")
     dist = dist if os.path.isdir(dist) else root
     rules = POETRY_SKIP_RULES + (() if include_error else (POETRY_ERROR_RULE,))
@@ -180,8 +161,3 @@ def poetry_document_files(root, include_error=False):
         else:
             files.append(path)
     return files, skipped
-
-
-            # symlinks, hard links, devices: not extracted
-
-

@@ -1,26 +1,6 @@
-"""
-Verifiable rewards for the poetry demo's RL stage: a prompt asks for a form ("写一首五言绝句，题为《春晓》"), and
-the reply is scored by rules, no reward model. Torch-free.
-
-  parse_request(prompt)   the form asked for: characters per clause (五言 5, 七言 7), clauses (绝句 4, 律诗 8), title
-  form_score(reply, ask)  1.0 for exactly that form as the corpus writes it (two clauses a line, "，" after the
-                          first and 。？！ after the second, the right number of clauses of the right length);
-                          partial credit otherwise: the mean of (clause count right, share of clauses of the right
-                          length, share of punctuation marks right), 0 for an empty reply
-  repeat_score(reply)     1 - the share of clauses that repeat an earlier one
-  title_score(reply, ask) 1.0 when the reply names the requested title (《X》 or a first line that is X)
-  tone_score(reply, ask, table)  the level/oblique (平仄) rules a regular poem keeps, checked where the tone of
-                          the character is known: in a clause the 2nd and 4th characters differ in tone (and the
-                          4th and 6th in a 七言 clause), and the 2nd characters of a couplet's two clauses differ
-                          (对); the share of the checks that pass, 0 when none can be checked
-  build_tone_table        character -> 平 or 仄 from the corpus' own tone annotations (dist/strains: one pattern
-                          per poem line, keyed by poem id), for characters read one way >= 90% of the time
-  load_tone_table         the table of a JSON file, built from the corpus and written there first when the file
-                          does not exist yet (grpo.py and ppo.py with w_tone > 0: their poetry and tone_table)
-  poetry_reward           the weighted sum (weights: the form, no repeats, the title, the tones)
-
-A poem of the right form is also well_formed_poem (babyllama/poem_form.py), the rule the demo's chat scores use.
-"""
+"""Verifiable rewards for the poetry demo's RL stage: a prompt asks for a form ("写一首五言绝句，题为《春晓》") and the reply is
+scored by rules, no reward model: its form, no repeated clauses, the title, the 平仄 tones (poetry_reward weighs them). A
+poem of the right form is also well_formed_poem (poem_form.py). Torch-free."""
 from collections import Counter
 import glob
 import json
@@ -44,8 +24,7 @@ def make_request(title, n_chars, n_clauses):
 
 
 def parse_request(prompt):
-    """{"chars": 5|7, "clauses": 4|8, "title": str} from a prompt like make_request's; None when it asks for no
-    form these rules know."""
+    """{"chars": 5|7, "clauses": 4|8, "title": str} from a prompt like make_request's; None if it asks no known form."""
     m = REQUEST.search(prompt)
     if not m:
         return None
@@ -53,9 +32,8 @@ def parse_request(prompt):
 
 
 def clauses_of(reply):
-    """[(text, mark)] of the reply's body: each run of characters and the punctuation mark that ends it ("" for
-    trailing text without one). Newlines separate lines and are not clauses; a first line naming the title
-    (《X》 or X alone, without marks) is not part of the body."""
+    """[(text, mark)] of the reply's body: each run of characters and the mark ending it ("" for trailing text).
+    Newlines are not clauses; a first line naming the title (《X》 or X alone, without marks) is not body."""
     lines = [line.strip() for line in reply.split("\n") if line.strip()]
     if lines and not any(c in CLAUSE_MARKS for c in lines[0]) and len(lines) > 1:
         lines = lines[1:]  # a title line
@@ -65,7 +43,9 @@ def clauses_of(reply):
 
 
 def form_score(reply, ask):
-    """How close the reply is to the requested form, in [0, 1] (1 exactly that form)."""
+    """How close the reply is to the requested form, in [0, 1]: 1.0 for exactly that form as the corpus writes it (two
+    clauses a line, "，" then 。？！, the right number of clauses of the right length); else the mean of (clause count
+    right, share of clauses of the right length, share of marks right); 0 for an empty reply."""
     clauses = clauses_of(reply)
     if not clauses:
         return 0.0
@@ -79,7 +59,7 @@ def form_score(reply, ask):
 
 
 def repeat_score(reply):
-    """1 - the share of clauses that repeat an earlier clause (1.0 for none, or for an empty reply)."""
+    """1 - the share of clauses that repeat an earlier one (1.0 for an empty reply)."""
     texts = [t for t, _ in clauses_of(reply) if t]
     if not texts:
         return 1.0
@@ -93,8 +73,9 @@ def title_score(reply, ask):
 
 
 def tone_score(reply, ask, table):
-    """The share of the 平仄 checks the reply passes (see the module docstring); table: char -> "平" | "仄".
-    Only clauses of the requested length count, and a check with a character of unknown tone is skipped."""
+    """The share of the 平仄 checks of a regular poem the reply passes (0 when none can be checked); table: char -> "平" |
+    "仄". In a clause the 2nd and 4th characters differ in tone (and the 4th and 6th in 七言), and the 2nd characters of a
+    couplet's two clauses differ (对). Only clauses of the requested length count; unknown tones are skipped."""
     clauses = [t for t, _ in clauses_of(reply)][:ask["clauses"]]
     clauses = [c if len(c) == ask["chars"] else None for c in clauses]
     passed = checked = 0
@@ -118,9 +99,9 @@ def tone_score(reply, ask, table):
 
 
 def build_tone_table(poetry_root, min_share=0.9):
-    """{char: "平" | "仄"} from the chinese-poetry package at poetry_root: every poem of dist/quantangshi with a
-    tone pattern in dist/strains/json (same id), line by line where the line and its pattern have one length;
-    a character enters with the tone it has in at least min_share of its occurrences."""
+    """{char: "平" | "仄"} from the chinese-poetry package: each dist/quantangshi poem with a tone pattern in
+    dist/strains/json (same id), line by line where line and pattern have one length; a character enters with the tone
+    it has in at least min_share of its occurrences."""
     patterns = {}
     for path in glob.glob(os.path.join(poetry_root, "dist", "strains", "json", "*.json")):
         with open(path, encoding="utf-8") as f:
@@ -144,9 +125,8 @@ def build_tone_table(poetry_root, min_share=0.9):
 
 
 def load_tone_table(path, poetry_root):
-    """The tone table (build_tone_table's dict) in the JSON file at path; when there is none yet, built from the
-    chinese-poetry package at poetry_root and written to path first (atomically: processes that build it at once
-    write the same table). Raises ValueError naming poetry_root when it holds no tone patterns."""
+    """The tone table in the JSON file at path; if missing, built from poetry_root and written there first (atomically:
+    processes building it at once write the same table). ValueError naming a poetry_root without tone patterns."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -161,9 +141,8 @@ def load_tone_table(path, poetry_root):
 
 
 def poetry_reward(prompt, reply, w_form=1.0, w_repeat=0.5, w_title=0.0, w_tone=0.0, tones=None):
-    """The reward of a reply to a poetry request: w_form * form + w_repeat * no-repeats + w_title * title +
-    w_tone * tones (tones: the table of build_tone_table; needed when w_tone > 0). A prompt that asks for no known
-    form scores 0."""
+    """The reward of a reply to a poetry request: w_form * form + w_repeat * no-repeats + w_title * title + w_tone *
+    tones (tones: build_tone_table's, needed when w_tone > 0). 0 for a prompt asking no known form."""
     ask = parse_request(prompt)
     if ask is None:
         return 0.0
@@ -185,10 +164,9 @@ def exact_form_share(prompts, replies):
 
 
 def requests_from(path, limit=0):
-    """Form requests (make_request) for the poems of a file: SFT conversations (a user turn "请写一首题为《X》的诗。"
-    answered by a poem) or the demo's held-out questions ({"kind": "poem", "question", "reference"}). The form
-    asked for is the real poem's (5 or 7 characters a clause, 4 or 8 clauses); poems of another form are left out.
-    path: JSONL, one JSON object per line. One request per title, in file order; at most limit (0 = all).
+    """Form requests (make_request) for the poems of a JSONL file: SFT conversations (user "请写一首题为《X》的诗。"
+    answered by a poem) or the demo's held-out questions ({"kind": "poem", "question", "reference"}), asking the real
+    poem's form (others left out). One per title, in file order; at most limit (0 = all).
     Returns (requests, skipped: the number of lines that are not JSON objects)."""
     title_of = re.compile(r"请写一首题为《([^》]+)》的诗。")
     out, seen, skipped = [], set(), 0

@@ -8,10 +8,9 @@ from babyllama.token_files import open_bins
 
 
 def ppl_bin(tok, path, vocab_size, tokenizer_sha256, max_tokens):
-    """(sequences to score, characters, documents) of the first max_tokens tokens (0 = all) of a uint16 token
-    file, read as one sequence after an eos (documents separated by eos, which is scored like every token, as in
-    training). The file is checked as training checks it (token_files.open_bins), against the model's vocab_size
-    and its tokenizer's sha256. Characters: of the decoded documents."""
+    """(sequences to score, characters, documents) of the first max_tokens tokens (0 = all) of a uint16 token file, one
+    sequence after an eos (documents are separated by eos, scored like every token, as in training). Checked as training
+    checks it (token_files.open_bins) against the model's vocab_size and tokenizer sha256."""
     bins, paths, _ = open_bins(path, vocab_size, like={"tokenizer_sha256": tokenizer_sha256}, min_tokens=2)
     if len(bins) > 1:
         raise SystemExit(f"--mode=ppl evaluates one token file; {path!r} is {len(paths)}: {', '.join(paths)}")
@@ -24,9 +23,8 @@ def ppl_bin(tok, path, vocab_size, tokenizer_sha256, max_tokens):
 
 
 def ppl_text(tok, path, text_field="", max_docs=0):
-    """(sequences to score, characters, documents) of raw text (any file or folder babyllama/readers.py reads;
-    text_field: the field of .jsonl/.parquet records, "" = auto), at most max_docs documents (0 = all): each
-    document as eos + tokens + eos (data_process.py's layout); characters: of the texts."""
+    """(sequences to score, characters, documents) of raw text (anything readers.py reads; text_field: the records'
+    field, "" = auto), at most max_docs documents (0 = all), each as eos + tokens + eos (data_process.py's layout)."""
     errors = ReadErrors()
     seqs, n_chars = [], 0
     for doc in iter_documents([path], text_field=text_field or None, errors=errors):

@@ -7,23 +7,20 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def cpu_features():
-    """What this CPU offers the kernels torch will run: ATen's vector capability ('AVX2', 'AVX512', ...; it
-    honours ATEN_CPU_CAPABILITY, so a machine told to use AVX2 only reports AVX2), and whether the CPU has
-    AMX tiles or AVX512-BF16 instructions, the two ways a CPU multiplies bf16 matrices in hardware."""
+    """What this CPU offers torch's kernels: ATen's vector capability ('AVX2', 'AVX512', ...; honours
+    ATEN_CPU_CAPABILITY), and whether it has AMX tiles or AVX512-BF16, the two hardware paths for bf16 matrices."""
     return dict(capability=torch.backends.cpu.get_cpu_capability(), amx=torch.cpu._is_amx_tile_supported(),
                 avx512_bf16=torch.cpu._is_avx512_bf16_supported())
 
 
 def cpu_fast_path(features, fixed_shapes=True):
-    """The fastest training precision and compile choice for a CPU with these features (cpu_features()), by
-    what this project measured (bench.py config/bench_rival.py, 2 threads, training tokens/s):
-    - bf16 matrix units (AMX, or AVX512-BF16 with AVX-512 kernels in use): bf16 autocast. On an AMD EPYC with
-      AVX512-BF16, bf16 ran 1.9x fp32 eager and 2.2x with compile; on Intel Xeons with AMX ~2.5x.
-    - none (AVX2 only): fp32. bf16 there has no matrix units and emulates them: 16x slower than fp32 eager.
-    compile: on CPU torch.compile gained 4-22% per step (fp32 / bf16) but costs a warm-up of tens of
-    seconds, so it is chosen only where it pays most (bf16 units) and only for fixed shapes (pretraining's
-    windows; padded chat batches change shape every step and recompile).
-    Returns (dtype, compile, reason), reason a sentence for the log."""
+    """The fastest training precision and compile choice for a CPU with these features (cpu_features()), as measured
+    (bench.py config/bench_rival.py, 2 threads, training tokens/s):
+    - bf16 matrix units (AMX, or AVX512-BF16 with AVX-512 kernels): bf16 autocast; 1.9x fp32 eager on an AMD EPYC (2.2x
+      compiled), ~2.5x on Intel Xeons with AMX.
+    - none (AVX2 only): fp32; emulated bf16 is 16x slower.
+    compile gained 4-22% per step on CPU but costs tens of seconds of warm-up: chosen only with bf16 units and fixed
+    shapes (padded chat batches change shape and recompile). Returns (dtype, compile, reason), reason a log sentence."""
     units = [name for name, key in (("AMX", "amx"), ("AVX512-BF16", "avx512_bf16")) if features.get(key)]
     vector = features.get("capability", "")
     if units and "AVX512" in vector:
@@ -41,8 +38,8 @@ def resolve_device(device):
 
 
 def resolve_dtype(dtype, device_type, features=None):
-    """'auto' = bf16 on GPUs that support it, fp16 on older GPUs; on CPU, cpu_fast_path's choice (features:
-    cpu_features(), probed when None). Raises SystemExit naming the allowed values for anything else."""
+    """'auto' = bf16 on GPUs that support it, else fp16; on CPU, cpu_fast_path's choice (features: cpu_features(),
+    probed when None). SystemExit naming the allowed values for anything else."""
     if dtype not in DTYPES:
         raise SystemExit(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if dtype != "auto":
@@ -53,9 +50,8 @@ def resolve_dtype(dtype, device_type, features=None):
 
 
 def resolve_compile(compile, device_type, dtype, fixed_shapes=True, features=None):
-    """compile = True / False, or 'auto': on GPUs, compile models trained on fixed shapes; on CPU, what
-    cpu_fast_path chooses when dtype (resolved) is its dtype, else False (a run told to use another precision
-    is off the measured path). SystemExit for any other value."""
+    """compile = True / False, or 'auto': on GPUs, compile for fixed shapes; on CPU, cpu_fast_path's choice when dtype
+    is its dtype, else False (off the measured path). SystemExit for any other value."""
     if isinstance(compile, bool):
         return compile
     if compile != "auto":
@@ -78,8 +74,7 @@ def describe_path(device_type, dtype, compile, fixed_shapes=True):
 
 
 def amp_setup(device_type, dtype):
-    """The autocast context for forward passes and a GradScaler (enabled only for fp16, whose small range
-    needs loss scaling; bf16 has fp32's range)."""
+    """The autocast context for forward passes and a GradScaler (enabled for fp16 only: bf16 has fp32's range)."""
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))

@@ -1,23 +1,17 @@
-"""
-Preference pairs for DPO, read from the common formats into one internal form. Torch-free (dpo.py and
+"""Preference pairs for DPO, read from the common formats into one internal form. Torch-free (dpo.py and
 dpo_data_process.py import it).
-
-The internal form of one pair:
 
     {"system": str | None,
      "prompt": [{"role": "user"|"assistant", "content": str}, ...],   # alternating, ends with a user turn
      "chosen": str, "rejected": str,                                   # the two candidate assistant replies
      "kind": str}                                                      # optional label, e.g. "poem/shuffled"
 
-Accepted records (JSON list, JSONL or parquet, read with babyllama.records.iter_records; extra keys are
-ignored):
+Accepted records (extra keys ignored):
   {"prompt": str | [messages], "chosen": str | [messages] | {turn}, "rejected": ...}
   {"conversations": [{"from", "value"} | {"role", "content"}, ...], "chosen": ..., "rejected": ...}
   {"chosen": [messages], "rejected": [messages]}   (the prompt is the turns both lists share before the reply)
-A reply given as messages is its last assistant turn; as a single turn, {from, value} or {role, content}.
-Records that do not fit are skipped ("malformed: <reason>"), as are pairs whose two replies are the same text
-("identical pair"); load_preferences counts them and names each one file:line in a ReadErrors.
-"""
+A reply given as messages is its last assistant turn. Records that do not fit ("malformed: <reason>") and pairs of two
+identical replies ("identical pair") are skipped and counted (load_preferences)."""
 from collections import Counter
 import os
 
@@ -68,7 +62,7 @@ def _reply(value, what):
 
 
 def parse_pair(rec):
-    """One record -> the internal pair. Raises BadPair (reason = the message) for records that do not fit."""
+    """One record -> the internal pair. BadPair (reason = the message) for a record that does not fit."""
     if not isinstance(rec, dict):
         raise BadPair("record not an object")
     rec = {k: v for k, v in rec.items() if v is not None}  # parquet rows carry every column, null if absent
@@ -110,12 +104,10 @@ def parse_pair(rec):
 
 
 def load_preferences(paths, errors=None):
-    """Pairs from one path, a comma-separated string of them or a list, and a Counter: 'records', 'kept',
-    'identical pair' and 'malformed: <reason>' for each reason (a line that is not JSON is 'malformed: bad
-    json'). Every record skipped is also reported to errors (a ReadErrors, created if None) as file:line.
-    Raises ValueError naming the file when a file gives no usable pair (empty, or every record skipped), and
-    FileNotFoundError, IsADirectoryError or ValueError for a path that is not a readable .json, .jsonl or
-    .parquet file."""
+    """Pairs from one path, a comma-separated string of them or a list, and a Counter: 'records', 'kept', 'identical
+    pair' and 'malformed: <reason>' per reason. Every skipped record also goes to errors (a ReadErrors, created if None)
+    as file:line. ValueError naming a file that gives no usable pair; FileNotFoundError, IsADirectoryError or ValueError
+    for a path that is not a readable .json, .jsonl or .parquet file."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [p for p in str(paths).split(",") if p]
     errors = ReadErrors() if errors is None else errors
@@ -145,7 +137,6 @@ def load_preferences(paths, errors=None):
 
 
 def write_pairs(path, pairs):
-    """Pairs as JSONL in the internal form (which load_preferences reads back unchanged), written to a
-    temporary file first and renamed."""
+    """Pairs as JSONL in the internal form (load_preferences reads it back unchanged), atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_jsonl(path, pairs)

@@ -14,9 +14,8 @@ def kept(path, items, errors, none_left):
 
 
 def read_questions(path):
-    """The questions of a .txt file (one per line) or a .jsonl file ({"question", optional "system",
-    "reference", "kind"}). Lines that are not UTF-8, not JSON, or have no "question" string are skipped, counted
-    and named (file:line); no question at all is an error naming the file."""
+    """The questions of a .txt file (one per line) or a .jsonl file ({"question", optional "system", "reference",
+    "kind"}). Lines not UTF-8, not JSON or without a "question" string are skipped and named (file:line)."""
     errors = ReadErrors()
     if path.endswith(".jsonl"):
         items = []
@@ -31,8 +30,8 @@ def read_questions(path):
 
 
 def messages_ok(msgs):
-    """True for a conversation to answer: an optional system message, then user/assistant turns alternating
-    from a user turn to a final user turn, every content a string."""
+    """True for a conversation to answer: an optional system message, then user/assistant turns alternating from a user
+    turn to a final user turn, all contents strings."""
     if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
         return False
     roles = [m.get("role") for m in msgs]
@@ -43,9 +42,8 @@ def messages_ok(msgs):
 
 
 def read_gen_items(path):
-    """The items of a gen file: JSONL {"prompt": str | "messages": [{"role", "content"}], "reference": str},
-    each with its "line". Lines without a prompt or a reference string are skipped, counted and named
-    (file:line)."""
+    """The items of a gen file: JSONL {"prompt": str | "messages": [{"role", "content"}], "reference": str}, each with
+    its "line". Lines without a prompt or a reference string are skipped and named (file:line)."""
     errors, items = ReadErrors(), []
     for line, rec in iter_records(path, errors):
         ok = isinstance(rec, dict) and isinstance(rec.get("reference"), str) and (

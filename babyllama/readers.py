@@ -1,33 +1,13 @@
-"""
-Streaming corpus readers: files, directories or globs in, one dict per document out.
+"""Streaming corpus readers: files, directories or globs in, one dict per document out.
 
-    from babyllama.readers import iter_documents
-    from babyllama.records import ReadErrors
     errors = ReadErrors()
     for doc in iter_documents(["data/chinese-poetry", "data/extra/*.jsonl"], errors=errors):
         doc["text"], doc["source"]          # plus a little metadata: "line", "title", "author", "id" ...
     print(errors.report())
 
-Formats, chosen by file extension (a trailing .gz is read through gzip): .jsonl / .ndjson, .json and .parquet
-are read as records (records.py: iter_records) and each record turned into documents; .parquet with a text
-column reads only that column. .txt: one document per line (txt_mode="line"), or one per blank-line-separated
-paragraph (txt_mode="paragraph"). A .txt document is the line/paragraph with its line end removed, otherwise
-verbatim.
-
-The text of a record (see record_to_documents):
-  * text_field given: that field (a list of strings is joined with "\n").
-  * chinese-poetry layout, detected when a record has "paragraphs" (or "para", or a list "content"): title
-    line + author line + the paragraphs, a book's chapters each their own document (poetry_corpus.py).
-  * otherwise the first of TEXT_FIELDS present in the record.
-Nothing is dropped silently: a malformed line, a record without text, a bad UTF-8 line... is skipped,
-counted and named ("file:line: reason") in a ReadErrors collector. Only an unreadable file raises.
-
-When a directory given to iter_documents is, is inside, or contains an extracted chinese-poetry npm package,
-only its document files are read, and every file it leaves out is counted in ReadErrors.skipped_files with
-the reason (author lists, 平仄 strains, rankings, the quantangshi/error/ folder, ...; poetry_corpus.py).
-
-No torch here, on purpose.
-"""
+Formats by extension (.gz read through gzip): .jsonl / .ndjson, .json and .parquet are read as records (records.py) and
+turned into documents (record_to_documents); .txt gives a document per line or paragraph (read_txt). Nothing is dropped
+silently: skips are counted and named in a ReadErrors; only an unreadable file raises. No torch, on purpose."""
 import glob
 import os
 
@@ -53,9 +33,10 @@ def _as_text(value):
 
 
 def record_to_documents(rec, text_field=None):
-    """Turn one parsed record into documents. Returns (docs, problems): docs a list of
-    {"text": ..., maybe "title"/"author"/"collection"/"id"}, problems a list of (reason, detail) for the
-    parts that gave no document. Usually one doc, or one problem."""
+    """One parsed record -> (docs, problems): docs [{"text", maybe "title"/"author"/"collection"/"id"}], problems
+    [(reason, detail)] for the parts that gave no document. The text: with text_field, that field (a list of strings
+    joined with newlines); a chinese-poetry record ("paragraphs", "para" or a list "content"): title + author lines +
+    the paragraphs, a book's chapters each a document (poetry_corpus.py); else the first of TEXT_FIELDS present."""
     if isinstance(rec, str):
         return [{"text": rec}], []
     if not isinstance(rec, dict):
@@ -99,8 +80,7 @@ def _with_id(doc, rec):
 
 
 # ------------------------------------------------------------------------------------------------------
-# per-format readers: each yields documents, counts the file it reads (errors.files_read) and reports
-# problems to `errors`
+# per-format readers: each yields documents, counts its file (errors.files_read) and reports problems to `errors`
 
 def _emit(rec, text_field, source, line, errors):
     """The documents of one record, each with its source and line; the parts that gave none go to errors."""
@@ -114,16 +94,15 @@ def _emit(rec, text_field, source, line, errors):
 
 
 def read_records(path, source, text_field=None, errors=None):
-    """Documents of a .jsonl, .json or .parquet file, record by record (see iter_records for what is skipped and
-    reported: in .json a malformed spot stops the file there, the documents before it are kept)."""
+    """Documents of a .jsonl, .json or .parquet file, record by record (what is skipped: iter_records)."""
     errors = ReadErrors() if errors is None else errors
     for line, rec in iter_records(path, errors, source):
         yield from _emit(rec, text_field, source, line, errors)
 
 
 def read_txt(path, source, errors=None, txt_mode="line"):
-    """One document per line, or per blank-line-separated paragraph (txt_mode="paragraph"). Lines
-    that are blank are not documents. "line" of a paragraph is the line it starts on."""
+    """One document per non-blank line, or per blank-line-separated paragraph (txt_mode="paragraph"), line ends removed,
+    otherwise verbatim. A paragraph's "line" is the line it starts on."""
     if txt_mode not in ("line", "paragraph"):
         raise ValueError(f"txt_mode must be 'line' or 'paragraph', not {txt_mode!r}")
     errors = ReadErrors() if errors is None else errors
@@ -151,9 +130,8 @@ def read_txt(path, source, errors=None, txt_mode="line"):
 
 
 def read_parquet(path, source, text_field=None, errors=None, batch_size=1024):
-    """Parquet via pyarrow iter_batches. With a text column (text_field or one of TEXT_FIELDS) only that
-    column is read (the fast path: no other column is decoded); otherwise whole rows from iter_records go
-    through record_to_documents. line = row number (from 1)."""
+    """Parquet via pyarrow iter_batches. With a text column (text_field or one of TEXT_FIELDS) only that column is
+    decoded; otherwise whole rows go through record_to_documents. line = row number (from 1)."""
     errors = ReadErrors() if errors is None else errors
     pf = parquet_file(path)
     names = pf.schema_arrow.names
@@ -202,16 +180,14 @@ def _unsupported(path):
 # paths -> files
 
 class EmptyInputError(ValueError):
-    """No document to work on: the inputs name no file (an empty folder, a glob that matches nothing), or
-    their files hold no document."""
+    """No document to work on: the inputs name no file (an empty folder, an unmatched glob) or hold no document."""
 
 
 def _dir_files(directory, errors, include_error):
-    """Supported files under a directory. Where the directory is, is inside, or contains an extracted
-    chinese-poetry package, that package contributes poetry_document_files() and the files those leave
-    out go to errors.skipped_files (named relative to `directory`)."""
+    """Supported files under a directory. Where the directory is, is inside, or contains an extracted chinese-poetry
+    package, that package gives only poetry_document_files() and the files it leaves out (author lists, 平仄 strains...)
+    go to errors.skipped_files, named relative to `directory`."""
     def poetry(pkg, under):
-        """Document files of package pkg lying under `under`; its skipped files there go to errors."""
         files, skipped = poetry_document_files(pkg, include_error=include_error)
         under = os.path.abspath(under) + os.sep
         for f, reason in skipped:
@@ -235,11 +211,9 @@ def _dir_files(directory, errors, include_error):
 
 
 def expand_paths(paths, errors=None, poetry_include_error=False):
-    """Resolve files / directories / globs to a list of (file, source). source is the path relative to
-    the directory given (for a glob: to its non-wildcard leading folder); a file given by name keeps the
-    path as given. Directories are walked recursively (sorted, hidden entries skipped); a chinese-poetry
-    package met on the way contributes only its document files (see _dir_files). A path that does not
-    exist raises FileNotFoundError; a glob that matches nothing gives no files."""
+    """Resolve files / directories / globs to [(file, source)], source relative to the directory given (a glob's leading
+    non-wildcard folder); a file named alone keeps its path. Directories are walked recursively (sorted, hidden entries
+    skipped; chinese-poetry packages: _dir_files). FileNotFoundError for a missing path; an empty glob gives none."""
     errors = ReadErrors() if errors is None else errors
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -266,10 +240,8 @@ def expand_paths(paths, errors=None, poetry_include_error=False):
 
 
 def input_files(paths, errors=None, poetry_include_error=False):
-    """expand_paths, checked before anything is read or written: the list of (file, source), at least one,
-    every file of a type a reader knows. Raises FileNotFoundError for a path that does not exist, ValueError
-    naming a file given by name whose type is not supported, EmptyInputError naming the paths when they hold
-    no file at all (an empty folder, a glob that matches nothing)."""
+    """expand_paths checked before anything is read or written: at least one (file, source), all of known types.
+    FileNotFoundError for a missing path, ValueError naming an unsupported file, EmptyInputError for no file at all."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files = expand_paths(paths, errors, poetry_include_error)
@@ -283,19 +255,16 @@ def input_files(paths, errors=None, poetry_include_error=False):
 
 
 def read_files(files, text_field=None, errors=None, txt_mode="line"):
-    """Documents of the (file, source) pairs that expand_paths / input_files give, in order (see
-    iter_documents)."""
+    """Documents of the (file, source) pairs of expand_paths / input_files, in order."""
     errors = ReadErrors() if errors is None else errors
     for path, source in files:
         yield from read_file(path, source, text_field or None, errors, txt_mode)
 
 
 def iter_documents(paths, text_field=None, errors=None, txt_mode="line", poetry_include_error=False):
-    """Stream documents from files, directories (recursive) and globs: yields dicts
-    {"text": str, "source": relative file path, "line": line/row number, ...metadata}. text_field: the
-    field holding the text (None/"" = auto-detect, see record_to_documents). Skipped records and files
-    are reported to `errors` (a ReadErrors). Memory stays bounded by the largest single record. The paths
-    are resolved when iteration starts: to find a missing path before writing anything, call input_files
-    first and read its list with read_files."""
+    """Stream documents from files, directories (recursive) and globs: {"text", "source": relative file path, "line":
+    line/row number, ...metadata}. text_field: the field holding the text (None/"" = auto-detect). Skipped records and
+    files go to `errors` (a ReadErrors). Memory is bounded by the largest record. Paths resolve when iteration starts:
+    to catch a missing path before writing anything, call input_files first and read its list with read_files."""
     errors = ReadErrors() if errors is None else errors
     yield from read_files(expand_paths(paths, errors, poetry_include_error), text_field, errors, txt_mode)

@@ -1,27 +1,12 @@
-"""
-Raw records from .jsonl / .json / .parquet files, and the one convention for what is skipped (ReadErrors).
+"""Raw records from .jsonl / .json / .parquet files, and the one convention for what is skipped (ReadErrors).
 
-    from babyllama.records import ReadErrors, iter_records
     errors = ReadErrors()
     for line, record in iter_records("data/sft/alpaca.json", errors):
         ...                                  # record: the parsed JSON value or the parquet row as a dict
     print(errors.report())
 
-The SFT and preference loaders (conversations.py, preferences.py) read their files this way; the document
-layer (readers.py) turns the same records into documents.
-
-Formats, chosen by file extension (a trailing .gz is read through gzip):
-  .jsonl / .ndjson  one JSON value per line; read line by line.
-  .json             a top-level array of records, a single record, or concatenated records. Read with a
-                    small incremental parser (_JsonStream), one array element at a time, so a big array never
-                    sits in memory as a whole list (a single top-level object, e.g. a whole book, is one value
-                    and is loaded at once; that is unavoidable and fine for real files).
-  .parquet          pyarrow iter_batches, a row as a dict.
-Nothing is dropped silently: a malformed line, a bad UTF-8 line... is skipped, counted and named
-("file:line: reason") in a ReadErrors collector. Only an unreadable file raises.
-
-No torch here, on purpose.
-"""
+Nothing is dropped silently: a malformed line... is skipped, counted and named ("file:line: reason"); only an unreadable
+file raises. SFT and preference loaders read files this way; readers.py makes records documents. Torch-free."""
 import gzip
 import json
 import os
@@ -32,17 +17,15 @@ import pyarrow.parquet as pq
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
 RECORD_FORMATS = ("jsonl", "json", "parquet")
-_JSON_CHUNK = 1 << 20  # characters a .json file is read by (tests shrink it to hit every buffer boundary)
+_JSON_CHUNK = 1 << 20  # characters per .json read (tests shrink it to hit every buffer boundary)
 
 
 # ------------------------------------------------------------------------------------------------------
 # error collection
 
 class ReadErrors:
-    """Counts and names everything the readers skipped. `count` / `by_reason` / `examples` are skipped
-    records (malformed line, no text field, ...); `skipped_files` are whole files left out on purpose (the
-    non-document files of the chinese-poetry package), reason -> list of paths; `files_read` counts the
-    files actually read."""
+    """Counts and names everything the readers skipped: `count` / `by_reason` / `examples` are skipped records;
+    `skipped_files` whole files left out on purpose (reason -> paths); `files_read` the files read."""
 
     def __init__(self, max_examples=20):
         self.max_examples = max_examples
@@ -53,8 +36,8 @@ class ReadErrors:
         self.files_read = 0
 
     def add(self, source, line, reason, detail=""):
-        """Record one skipped record. `reason` is a short category (it keys by_reason), `detail` the
-        specifics; `line` the line number (or row/record number) in the file, None if unknown."""
+        """Record one skipped record: `reason` a short category (keys by_reason), `detail` the specifics, `line` its
+        line (or row) number, None if unknown."""
         self.count += 1
         self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
         if len(self.examples) < self.max_examples:
@@ -62,7 +45,7 @@ class ReadErrors:
             self.examples.append(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
 
     def skip_file(self, path, reason):
-        """Record a whole file left out on purpose: str(path) is appended to skipped_files[reason]."""
+        """Record a whole file left out on purpose, under skipped_files[reason]."""
         self.skipped_files.setdefault(reason, []).append(str(path))
 
     @property
@@ -71,9 +54,8 @@ class ReadErrors:
         return sum(len(v) for v in self.skipped_files.values())
 
     def to_dict(self, max_paths=10):
-        """A JSON-serialisable summary: files_read, malformed_records (= count), malformed_by_reason (most
-        frequent first), malformed_examples, and skipped_files as reason -> {count, examples: first max_paths
-        paths}."""
+        """A JSON-serialisable summary: files_read, malformed_records, malformed_by_reason (most frequent first),
+        malformed_examples, and skipped_files as reason -> {count, examples: the first max_paths paths}."""
         return {
             "files_read": self.files_read,
             "malformed_records": self.count,
@@ -84,16 +66,14 @@ class ReadErrors:
         }
 
     def brief(self):
-        """One line for an error message: files read, records skipped and the first of them, files skipped on
-        purpose."""
+        """One line for errors: files read, records skipped and the first of them, files skipped on purpose."""
         out = f"{self.files_read} files read, {self.count} malformed records skipped" + \
             (f" (e.g. {self.examples[0]})" if self.examples else "")
         return out + (f", {self.skipped_file_count} files skipped on purpose" if self.skipped_files else "")
 
     def report(self):
-        """Human-readable multi-line summary (no trailing newline): files read, files skipped on purpose per
-        reason with one example path, skipped records per reason (most frequent first), the kept examples
-        and how many more there were."""
+        """Multi-line summary (no trailing newline): files read and skipped on purpose, skipped records per reason, the
+        kept examples and how many more there were."""
         lines = [f"files read: {self.files_read}"]
         if self.skipped_files:
             lines.append(f"files skipped on purpose: {self.skipped_file_count}")
@@ -113,17 +93,15 @@ class ReadErrors:
 # raw records: one reader for every JSON-like file
 
 def iter_records(path, errors, source=None):
-    """Iterator of (line, record) over one .jsonl / .ndjson, .json or .parquet file (a trailing .gz is read
-    through gzip, except for parquet). line: the line the record starts on (from 1), or the row number (from 1)
-    for parquet; record: the parsed JSON value, or the parquet row as a dict (every column, None where null).
-    .json: a top-level array, a single value, or concatenated values (see _JsonStream).
+    """Iterator of (line, record) over one .jsonl / .ndjson, .json or .parquet file (.gz read through gzip, parquet
+    aside). line: where the record starts (from 1), the row number for parquet; record: the parsed JSON value, or the
+    parquet row as a dict (None where null). .json: a top-level array, one value, or concatenated values, parsed one
+    element at a time (_JsonStream), so a big array never sits in memory whole.
 
-    Every record skipped is reported to errors (a ReadErrors) as source:line with a reason: in .jsonl a line
-    that is not JSON ("bad json") or not UTF-8 ("invalid utf-8") is skipped and the rest is read; in .json a
-    malformed spot or invalid UTF-8 stops the file there (JSON cannot be resynchronised reliably), the records
-    before it are kept. errors.files_read counts the file. source names the file in errors (default: path).
-    Raises FileNotFoundError for a missing path, IsADirectoryError for a folder and ValueError for any other
-    file type or a path that is not a regular file (a pipe, a device), when called (not when iterated)."""
+    Skipped records go to errors (a ReadErrors) as source:line with a reason: in .jsonl a line not JSON ("bad json") or
+    not UTF-8 ("invalid utf-8") is skipped; in .json either stops the file there (JSON cannot be resynchronised), the
+    records before it kept. source names the file in errors (default: path). Raises, when called, not iterated:
+    FileNotFoundError, IsADirectoryError for a folder, ValueError for another file type or a non-regular file."""
     source = str(path) if source is None else source
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -171,8 +149,7 @@ def _json_records(path, source, errors):
 
 
 def _first_line_not_utf8(path):
-    """Number of the first line of the file that is not valid UTF-8, else None. (A line can be decoded alone:
-    UTF-8 never puts a newline byte inside a character.)"""
+    """Number of the first line that is not UTF-8, else None (a newline byte is never inside a UTF-8 character)."""
     with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -183,9 +160,8 @@ def _first_line_not_utf8(path):
 
 
 def parquet_file(path):
-    """pyarrow's ParquetFile of path; a file pyarrow cannot open (corrupt, not parquet at all) raises ValueError
-    naming it (pyarrow's own message does not). pre_buffer=False: by default iter_batches reads ahead every
-    column chunk of the file, memory O(file) instead of O(batch)."""
+    """pyarrow's ParquetFile of path; ValueError naming a file pyarrow cannot open. pre_buffer=False: by default
+    iter_batches reads ahead every column chunk, memory O(file) instead of O(batch)."""
     try:
         return pq.ParquetFile(path, pre_buffer=False)
     except pa.ArrowException as e:
@@ -214,8 +190,7 @@ def open_binary(path):
 
 
 def decode_line(raw, source, lineno, errors):
-    """One line's bytes as text (a leading BOM on line 1 dropped); None, reported to errors as "invalid utf-8",
-    when they are not UTF-8."""
+    """One line's bytes as text (a BOM on line 1 dropped); None, reported as "invalid utf-8", when not UTF-8."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -239,9 +214,8 @@ _WS = re.compile(r"[ \t\r\n]*")
 
 
 class _JsonStream:
-    """Incremental reader of a text file holding JSON: a top-level array is read one element at a time;
-    anything else as a sequence of top-level values. Keeps only the current element (plus one chunk) in
-    memory. Tracks line numbers for error messages."""
+    """Incremental JSON reader: a top-level array one element at a time, anything else as a sequence of top-level
+    values. Holds the current element plus one chunk; tracks line numbers for error messages."""
 
     def __init__(self, f, chunk=1 << 20):
         self.f, self.chunk = f, chunk
@@ -323,9 +297,8 @@ class _JsonStream:
 
 
 def nothing_usable(path, what, errors, skipped):
-    """The ValueError for a file that gave no usable `what`: it names the file, how many of its records were
-    skipped and why (skipped: a mapping reason -> count), and the first of them (file:line: reason) that errors
-    (a ReadErrors) still holds."""
+    """The ValueError for a file that gave no usable `what`, naming the file, how many records were skipped and why
+    (skipped: reason -> count), and the first of them errors still holds."""
     total = sum(skipped.values())
     if not total:
         return ValueError(f"{path}: no {what} in it (the file holds no records)")

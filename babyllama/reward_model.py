@@ -1,8 +1,6 @@
-"""
-The reward model (Ouyang et al. 2022, InstructGPT's RM): a Transformer whose last real token's final hidden state
-goes through one linear layer to a scalar; its pairwise Bradley-Terry loss (optional margin); loading one that
-reward_model.py trained; scoring conversations with it, batched. PPO's value model is one too (RewardModel.values).
-"""
+"""The reward model (InstructGPT's RM, Ouyang et al. 2022): a Transformer whose last real token's final hidden state
+goes through one linear layer to a scalar; its pairwise Bradley-Terry loss; loading one; batched scoring of
+conversations. PPO's value model is one too (RewardModel.values)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,9 +13,8 @@ from tokenizer.chat_template import encode_conversation
 
 
 class RewardModel(nn.Module):
-    """A scalar reward for a whole sequence: body (a Transformer, usually the SFT model) reads prompt + reply; the
-    final normalised hidden state at the sequence's last real token goes through head (dim -> 1). Padding is on
-    the right and never read: the result does not depend on how much of it there is."""
+    """A scalar reward for a whole sequence: body (a Transformer, usually the SFT model) reads prompt + reply; its final
+    normalised hidden state at the last real token goes through head (dim -> 1). Right padding is never read."""
 
     def __init__(self, body):
         super().__init__()
@@ -31,8 +28,8 @@ class RewardModel(nn.Module):
         return self.body.args
 
     def optimizer_groups(self, weight_decay, muon=False):
-        """The body's AdamW grouping (Transformer.optimizer_groups), the head included. AdamW only (Muon would
-        find no block matrix under the body's names: ValueError rather than a silent AdamW)."""
+        """The body's AdamW grouping (Transformer.optimizer_groups), head included. ValueError for muon (it would find
+        no block matrix under the body's names)."""
         if muon:
             raise ValueError("the reward model trains with AdamW, not 'muon'")
         return Transformer.optimizer_groups(self, weight_decay)
@@ -50,8 +47,8 @@ class RewardModel(nn.Module):
         return self.head(h[torch.arange(len(seqs), device=device), last]).squeeze(-1).float()
 
     def values(self, prompts, replies, device):
-        """PPO's value of every reply token's state: (B, T) float32, column t = the head read at the position
-        just before reply token t (the prompt's last token for t = 0), T = the longest reply."""
+        """PPO's value of every reply token's state: (B, T) float32, column t = the head at the position just before
+        reply token t, T = the longest reply."""
         v = self.head(self.hidden([p + r[:-1] for p, r in zip(prompts, replies)], device)).squeeze(-1).float()
         out = torch.zeros((len(replies), max(len(r) for r in replies)), device=v.device)
         for b, (p, r) in enumerate(zip(prompts, replies)):
@@ -82,9 +79,8 @@ def load_reward_model(path, device="cpu"):
 
 @torch.no_grad()
 def score_conversations(rm, tok, conversations, device, batch_size=16):
-    """Rewards (list of floats) of conversations {"messages": [...ending with an assistant turn], "system"},
-    batched; the sequences are the chat template's ids (tokenizer/chat_template.encode_conversation), cut to the
-    model's context from the left."""
+    """Rewards (floats) of conversations {"messages": [... ending with an assistant turn], "system"}, batched; the chat
+    template's ids, cut to the model's context from the left."""
     seqs = [encode_conversation(tok, c["messages"], c.get("system"))[0][-rm.args.max_seq_len:] for c in conversations]
     out = []
     for i in range(0, len(seqs), batch_size):

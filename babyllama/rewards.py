@@ -1,15 +1,12 @@
-"""
-The rewards an RL run (grpo.py, ppo.py) can optimise, by name: REWARDS is the one list of them, which the check of
-the `reward` setting, the message listing the choices and the construction all read. A reward is a function
-fn(requests, replies) -> list of floats, one per reply (requests: the poem requests, replies: the decoded texts).
-"""
+"""The rewards an RL run (grpo.py, ppo.py) can optimise, by name: REWARDS is the one list, read by the check of the
+`reward` setting, its message and the construction. A reward is fn(requests, replies) -> one float per reply."""
 from babyllama.poetry_rewards import load_tone_table, poetry_reward
 from babyllama.reward_model import load_reward_model, score_conversations
 
 
 def form_rules(_, weights, tone_table, poetry, **unused):
-    """'poetry': poetry_reward with weights = (form, repeats, title, tones); the tone table (tone_table, built from
-    the corpus at poetry when the file does not exist yet) is read only when the tones' weight is > 0."""
+    """'poetry': poetry_reward with weights = (form, repeats, title, tones); the tone table (built from the corpus at
+    poetry if missing) is read only when the tones' weight is > 0."""
     try:
         tones = load_tone_table(tone_table, poetry) if weights[3] else None
     except (OSError, ValueError) as e:
@@ -18,8 +15,7 @@ def form_rules(_, weights, tone_table, poetry, **unused):
 
 
 def model_scalar(_, reward_ckpt, tok, device, **unused):
-    """'model': the scalar of the reward model at reward_ckpt (reward_model.py) for each request and reply as a
-    one-turn conversation."""
+    """'model': the reward model's scalar (reward_ckpt) for each request and reply as a one-turn conversation."""
     rm = load_reward_model(reward_ckpt, device)[0]
     rm.requires_grad_(False)
     return lambda qs, rs: score_conversations(rm, tok, [{"messages": [{"role": "user", "content": q},
@@ -51,16 +47,15 @@ def registry_name(kind):
 
 
 def check_reward(kind):
-    """SystemExit, listing REWARDS, unless kind names one of them. (The scripts call it before loading a model.)"""
+    """SystemExit, listing REWARDS, unless kind names one (the scripts call it before loading a model)."""
     if registry_name(kind) is None:
         choices = "\n".join(f"  {name}: {what}" for name, (_, what) in REWARDS.items())
         raise SystemExit(f"reward must be one of these (X: one character), not {kind!r}:\n{choices}")
 
 
 def reward_function(kind, **settings):
-    """The reward fn(requests, replies) -> list of floats that the `reward` setting kind names. settings, what the
-    builders read: weights = (form, repeats, title, tones) and tone_table, poetry ('poetry'); reward_ckpt, tok,
-    device ('model'). SystemExit for an unknown kind."""
+    """The reward fn(requests, replies) -> list of floats named by kind. settings, what the builders read: weights,
+    tone_table, poetry ('poetry'); reward_ckpt, tok, device ('model'). SystemExit for an unknown kind."""
     check_reward(kind)
     build, _ = REWARDS[registry_name(kind)]
     return build(kind.partition(":")[2], **settings)

@@ -1,24 +1,9 @@
-"""
-The RL algorithms' pieces as functions of tensors (grpo.py, ppo.py): rollouts of groups of replies with the
-KV-cache generator, log-probabilities of reply tokens under a model, advantages and the losses, each checked
-against hand-computed values in tests/test_rl.py.
+"""The RL algorithms' pieces as functions of tensors (grpo.py, ppo.py): rollouts of reply groups, reply-token
+log-probabilities, advantages (GRPO's, GAE) and the losses (clipped policy, PPO's value), each checked against
+hand-computed values in tests/test_rl.py. The run around a loop is babyllama/rl_run.py's.
 
-Shapes: B replies, T = the longest reply in tokens; per-token tensors are (B, T) with mask (B, T) = 1 on a
-reply's tokens (its closing stop token included) and 0 on padding.
-
-  group_advantages  GRPO (Shao et al. 2024): a reply's reward minus its group's mean, divided by the group's std
-                    (normalize=False: the mean only, "Dr. GRPO", Liu et al. 2025); 0 for a group of equal rewards
-  k3_kl             per-token KL(pi || pi_ref) estimate exp(q) - q - 1 with q = log pi_ref - log pi (Schulman's
-                    k3): unbiased, always >= 0
-  policy_loss       the clipped surrogate (PPO, Schulman et al. 2017) -min(rho A, clip(rho, 1-eps, 1+eps) A) plus
-                    beta * k3, per token; summed over tokens ("token" aggregation) or over each reply's token mean
-                    ("sequence", the GRPO paper's 1/|o|); the caller divides by the global token or reply count
-  minibatch_policy_loss  policy_loss of a minibatch of a rollout, its replies re-scored by the model in training
-  gae               generalised advantage estimation (Schulman et al. 2016) over per-token rewards and values
-  value_loss        PPO's clipped value loss, summed over tokens
-The reward model is in babyllama/reward_model.py, the rewards by name in babyllama/rewards.py, and what a run
-does around its loop (requests, start, evaluation, summary) in babyllama/rl_run.py.
-"""
+Shapes: B replies, T = the longest reply in tokens; per-token tensors are (B, T), mask (B, T) = 1 on a reply's tokens
+(its stop token included), 0 on padding."""
 import torch
 import torch.nn.functional as F
 
@@ -29,16 +14,16 @@ from babyllama.generate import generate, right_pad
 @torch.no_grad()
 def rollout(model, prompts, group_size, max_new_tokens, stop_ids, device, temperature=1.0, top_p=1.0,
             generator=None):
-    """group_size replies to each prompt (lists of ids), generated as one batch: returns the replies, in prompt
-    order (prompt 0's group first), each a list of ids ending with its stop token when it stopped."""
+    """group_size replies to each prompt (lists of ids), generated as one batch, prompt 0's group first; each a list of
+    ids ending with its stop token when it stopped."""
     idx, lens = right_pad([p for p in prompts for _ in range(group_size)], device)
     return generate(model, idx, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
                     prompt_lens=lens, generator=generator)
 
 
 def reply_batch(prompts, replies, pad_id, device):
-    """(x, y) for scoring replies after their prompts: x (B, L) the right-padded prompt + reply without its last
-    token, y (B, L) the next tokens, -1 outside the replies; a reply's first token is y's column len(prompt) - 1."""
+    """(x, y) for scoring replies after their prompts: x (B, L) right-padded prompt + reply minus its last token, y (B,
+    L) the next tokens, -1 outside the replies (a reply starts at y's column len(prompt) - 1)."""
     seqs = [p + r for p, r in zip(prompts, replies)]
     L = max(len(s) for s in seqs) - 1
     x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -50,9 +35,8 @@ def reply_batch(prompts, replies, pad_id, device):
 
 
 def reply_logps(model, prompts, replies, pad_id, device, with_entropy=False):
-    """Per-token log-probabilities (B, T) of each reply under model, the mask (B, T), and (with_entropy) the
-    per-token entropy of the model's distribution (B, T), all float32, T = the longest reply. Gradients flow
-    when called with grad enabled."""
+    """Per-token log-probabilities (B, T) of each reply under model, the mask (B, T), and (with_entropy) the per-token
+    entropy (B, T), all float32. Gradients flow when grad is enabled."""
     x, y = reply_batch(prompts, replies, pad_id, device)
     logits, _ = model(x)
     logp_all = F.log_softmax(logits.float(), dim=-1)
@@ -73,9 +57,8 @@ def reply_logps(model, prompts, replies, pad_id, device, with_entropy=False):
 # ---- GRPO's advantages, the clipped policy loss (both algorithms) ------------------------------------------
 
 def group_advantages(rewards, group_size, normalize=True, eps=1e-4):
-    """rewards (N * group_size,), each group consecutive -> advantages of the same shape: reward - group mean,
-    divided by (group std + eps) when normalize (GRPO), not divided otherwise (Dr. GRPO). The std is the
-    population std (divide by G)."""
+    """rewards (N * group_size,), groups consecutive -> advantages, same shape: reward - group mean, divided by (the
+    group's population std + eps) when normalize (GRPO, Shao et al. 2024), else not ("Dr. GRPO", Liu et al. 2025)."""
     r = rewards.view(-1, group_size).float()
     a = r - r.mean(dim=1, keepdim=True)
     if normalize:
@@ -84,17 +67,17 @@ def group_advantages(rewards, group_size, normalize=True, eps=1e-4):
 
 
 def k3_kl(logp, ref_logp):
-    """Per-token k3 estimate of KL(pi || pi_ref): exp(q) - q - 1, q = ref_logp - logp (>= 0, 0 when equal)."""
+    """Per-token k3 estimate (Schulman) of KL(pi || pi_ref): exp(q) - q - 1, q = ref_logp - logp; unbiased, >= 0."""
     q = ref_logp - logp
     return torch.exp(q) - q - 1
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, beta=0.0, ref_logp=None, aggregation="token"):
-    """The clipped policy-gradient loss of a batch, as a sum (the caller divides by the global count) and its
-    metrics. logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) (one per reply, GRPO) or (B, T).
-    per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3_kl(logp, ref_logp), rho = exp(logp - old_logp)
-    aggregation 'token': the sum over all reply tokens; 'sequence': the sum over replies of their token mean.
-    Returns (loss sum, {"kl": sum of k3 over tokens, "clipped": tokens whose ratio was clipped, "tokens": count})."""
+    """The clipped surrogate loss (PPO, Schulman et al. 2017) of a batch as a sum (the caller divides by the global
+    count). logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) (GRPO) or (B, T). Per token: -min(rho A, clip(rho,
+    1 - eps, 1 + eps) A) + beta * k3_kl, rho = exp(logp - old_logp). aggregation 'token': summed over reply tokens;
+    'sequence': over replies of their token mean (the GRPO paper's 1/|o|). Returns (loss sum, {"kl": k3 summed over
+    tokens, "clipped": tokens clipped, "tokens": count})."""
     adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logp)
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -115,10 +98,9 @@ def policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, beta=0.0, ref_lo
 
 def minibatch_policy_loss(model, prompts, replies, idx, old_logp, ref_logp, advantages, pad_id, device,
                           clip_eps=0.2, beta=0.0, aggregation="token"):
-    """policy_loss of the minibatch idx (a list of row numbers) of a rollout: its replies re-scored by model
-    (grad enabled: the training forward), against the rollout's old_logp, ref_logp (B, T) and advantages (B,) or
-    (B, T), cut to the minibatch's longest reply. Returns (loss sum, policy_loss's stats plus "entropy": the
-    policy's entropy summed over the minibatch's reply tokens)."""
+    """policy_loss of the rollout rows idx, re-scored by model with grad (the training forward), against the rollout's
+    old_logp, ref_logp (B, T) and advantages (B,) or (B, T), cut to the minibatch's longest reply. Returns (loss sum,
+    policy_loss's stats plus "entropy" summed over the reply tokens)."""
     logp, mask, ent = reply_logps(model, [prompts[i] for i in idx], [replies[i] for i in idx], pad_id, device,
                                   with_entropy=True)
     T = logp.shape[1]
@@ -131,9 +113,9 @@ def minibatch_policy_loss(model, prompts, replies, idx, old_logp, ref_logp, adva
 # ---- PPO --------------------------------------------------------------------------------------------------------
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Advantages and returns (B, T) from per-token rewards and values (B, T) over the masked steps:
-    delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last step), A_t = delta_t + gamma lam A_{t+1},
-    returns = A + V."""
+    """Generalised advantage estimation (Schulman et al. 2016): advantages and returns (B, T) from per-token rewards and
+    values (B, T) over the masked steps: delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last step), A_t = delta_t
+    + gamma lam A_{t+1}, returns = A + V."""
     B, T = rewards.shape
     adv = torch.zeros_like(rewards)
     last = torch.zeros(B, device=rewards.device)

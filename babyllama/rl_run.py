@@ -1,8 +1,6 @@
-"""
-An RL run around its loop (grpo.py, ppo.py): its start (the policy, its optimizer, the frozen reference, the
-tokenizer), the requests it samples, its log and checkpoints, each iteration's rollout, the held-out evaluation and
-the summary. The loops, and all that differs between the algorithms, stay in the scripts.
-"""
+"""An RL run around its loop (grpo.py, ppo.py): its start (policy, optimizer, frozen reference, tokenizer), the requests
+it samples, log and checkpoints, each iteration's rollout, held-out evaluation and summary. The loops, and all that
+differs between the algorithms, stay in the scripts."""
 import os
 
 import torch
@@ -27,10 +25,10 @@ def setup(out_dir, init_from, overwrite, config, changed, device, dtype, num_thr
 
 
 class Requests:
-    """The prompts of an RL run: poem requests (babyllama.poetry_rewards.requests_from) from a file, their
-    chat-template ids (cut from the left so max_new_tokens fit the context), and each iteration's prompts and
-    sampling RNG, functions of (seed, iteration, rank) only, so a resumed run samples what a straight one would.
-    Raises SystemExit naming the file when it holds no request, or when no room is left for a prompt."""
+    """The prompts of an RL run: poem requests (poetry_rewards.requests_from) from a file, their chat-template ids (cut
+    from the left so max_new_tokens fit the context), and each iteration's prompts and sampling RNG, functions of (seed,
+    iteration, rank) only, so a resumed run samples what a straight one would. SystemExit naming the file when it holds
+    no request, or when no room is left for a prompt."""
 
     def __init__(self, tok, path, max_seq_len, max_new_tokens, seed, rank, limit=0):
         self.items, skipped = requests_from(path, limit)
@@ -59,9 +57,9 @@ class Requests:
 
 
 def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learning_rate, betas):
-    """An RL script's start: the policy (init_ckpt's weights, or the resumed run's), its AdamW and its DDP wrapper
-    (the module the training forward calls), the frozen reference (the starting weights, never trained) and the
-    tokenizer, checked against the model. Returns (raw_model, model_args, optim, model, reference, tokenizer)."""
+    """An RL script's start: the policy (init_ckpt's weights, or the resumed run's), its AdamW and DDP wrapper, the
+    frozen reference (the starting weights) and the tokenizer, checked against the model. Returns (raw_model,
+    model_args, optim, model, reference, tokenizer)."""
     raw_model, model_args, start_state, init = models.finetune_model(init_ckpt, resume_ckpt, run.device, seed)
     optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, betas)
     model = dist.wrap_ddp(raw_model, run)
@@ -71,8 +69,7 @@ def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learni
 
 
 def log_and_checkpointer(config, ckpt_path, resume_ckpt, run, raw_model, optim, model_args, tok):
-    """The run's JSONL log (out_dir/log.jsonl, continued when resuming) and its Checkpointer (ckpt_path, saving at
-    every eval_interval), from config, the run's settings as the checkpoint records them."""
+    """The run's JSONL log (out_dir/log.jsonl, continued on resume) and Checkpointer, from config (its settings)."""
     log = runlog.JsonlLog(os.path.join(config["out_dir"], "log.jsonl"), resume_ckpt["iter_num"] if resume_ckpt
                           else None, enabled=run.master)
     checkpointer = ck.Checkpointer(ckpt_path, resume_ckpt, run, raw_model, optim, log, config["eval_interval"],
@@ -85,10 +82,9 @@ def log_and_checkpointer(config, ckpt_path, resume_ckpt, run, raw_model, optim, 
 
 
 def sample(raw_model, tok, requests, it, n_prompts, group_size, max_new_tokens, temperature, top_p, run):
-    """Iteration it's rollout on this process: n_prompts requests (requests.of_iteration) and group_size replies
-    to each, sampled as one batch with the iteration's RNG under run.autocast (the model in the mode the caller
-    set). Returns four lists with an entry per reply, a prompt's group consecutive: its request, its prompt's ids,
-    its ids (an empty reply becomes the end token alone: it still scores its stop) and its text."""
+    """Iteration it's rollout on this process: n_prompts requests and group_size replies to each, one batch with the
+    iteration's RNG under run.autocast. Returns four lists, an entry per reply, groups consecutive: request, prompt ids,
+    reply ids (an empty reply becomes the end token alone: it still scores its stop), reply text."""
     asked = requests.of_iteration(it, n_prompts)
     prompts = [requests.ids(r) for r in asked]
     with run.autocast:
@@ -100,9 +96,8 @@ def sample(raw_model, tok, requests, it, n_prompts, group_size, max_new_tokens, 
 
 
 def evaluate(checkpointer, net, tok, val, rewards_of, max_new_tokens, run, log, it):
-    """An evaluation of iteration it: held_out's scores of net on the held-out requests val (None: none), then the
-    checkpoints (checkpointer.after_eval with minus the mean held-out reward over all processes: it keeps the
-    lowest). Returns the scores on this process, or None without val."""
+    """An evaluation at iteration it: held_out's scores on val (None: none), then checkpointer.after_eval with minus the
+    mean held-out reward over all processes (it keeps the lowest). Returns this process's scores, or None."""
     ev = held_out(net, tok, val, rewards_of, max_new_tokens, run, log, it) if val is not None else None
     checkpointer.after_eval(it, -dist.all_reduce_mean(ev["reward"], run) if ev is not None else None)
     return ev
@@ -110,9 +105,8 @@ def evaluate(checkpointer, net, tok, val, rewards_of, max_new_tokens, run, log, 
 
 @torch.no_grad()
 def held_out(net, tok, val, rewards_of, max_new_tokens, run, log, it):
-    """Greedy replies of net to all the held-out requests val.items, scored (rewards_of) and logged at iteration
-    it with the first reply: {"reward": the mean reward, "exact_form": the share of the exact requested form,
-    "length": the mean reply length in tokens}, on this process."""
+    """Greedy replies of net to the held-out requests val.items, scored (rewards_of) and logged with the first reply:
+    {"reward": mean reward, "exact_form": share in the exact requested form, "length": mean reply tokens}."""
     was_training = net.training
     net.eval()
     with run.autocast:
@@ -130,15 +124,14 @@ def held_out(net, tok, val, rewards_of, max_new_tokens, run, log, it):
 
 
 def tokens_per_sec(tokens, seconds):
-    """{"<part>_tokens_per_sec": ...} of the reply tokens each part of the loop ("rollout", "train") handled over
-    the seconds it took."""
+    """{"<part>_tokens_per_sec": ...} of each part of the loop ("rollout", "train")."""
     return {f"{k}_tokens_per_sec": round(tokens[k] / max(seconds[k], 1e-9), 1) for k in tokens}
 
 
 def write_summary(out_dir, log, summary, evals, val, algorithm, kl_label):
-    """The end of an RL run (the master only): summary (a dict of the run's numbers) gets the held-out scores
-    before and after (evals: iteration -> evaluate's scores; only when this run scored its start) and is printed,
-    logged and written to out_dir/summary.json (last: the run finished), beside the reward and KL PNGs."""
+    """The end of an RL run (master only): summary gets the held-out scores before and after (evals: iteration ->
+    scores; only when the run scored its start), is printed, logged and written to out_dir/summary.json (last: the run
+    finished), beside the reward and KL PNGs."""
     if evals.get(0):
         before, after = evals[0], evals[max(evals)]
         summary["held_out"] = {"requests": len(val.items), "before": before, "after": after}

@@ -14,13 +14,10 @@ from babyllama.dist import all_reduce_sum
 
 
 class StepTimer:
-    """Wall time of the training iterations alone, and the tokens they trained on. lap(n_tokens) ends an
-    iteration and returns its seconds (since the previous lap, or the start); skip() after an evaluation or
-    a checkpoint write makes that time count toward no iteration. The first lap is the warm-up (memory
-    allocation, torch.compile's compilation: tens of seconds): kept apart in warmup_seconds, so seconds and
-    tokens, the totals of the other laps, give tokens per second the same way in every script.
-    out_of_time(max_minutes): the wall time since the start, everything included, has reached max_minutes
-    (0 = no limit)."""
+    """Wall time of the training iterations alone, and the tokens they trained on. lap(n_tokens) ends an iteration and
+    returns its seconds; skip() after an evaluation or checkpoint write counts that time toward no iteration. The first
+    lap is the warm-up (allocation, torch.compile: tens of seconds), kept apart in warmup_seconds, so seconds and tokens
+    give tokens per second the same way in every script."""
 
     def __init__(self, clock=time.time):
         self.clock = clock
@@ -44,9 +41,8 @@ class StepTimer:
         self.t0 = self.clock()
 
     def out_of_time(self, max_minutes, run=None):
-        """True once the wall time since the start has reached max_minutes (0 = never). With a DDP run, True on
-        every process as soon as it is on one: processes that disagree on the last iteration would call
-        different collectives and hang."""
+        """True once the wall time since the start, everything included, has reached max_minutes (0 = never). With a DDP
+        run, True on every process as soon as on one: processes that disagree on the last iteration would hang."""
         if not max_minutes:
             return False
         late = (self.clock() - self.start) / 60 >= max_minutes
@@ -54,12 +50,9 @@ class StepTimer:
 
 
 class Progress:
-    """What a person sees of a training loop (the master only; the JSONL log keeps every number): a first line
-    saying what the stage will do, one tqdm bar with the ETA, loss and tokens/s, and, once `measure` iterations
-    have run, the expected training time on this machine: the median iteration of the second half of those
-    (the first few iterations are slow: memory allocation, kernel selection, compilation; 3 iterations of ~5 s
-    before settling at 0.18 s in one CPU run). Lines printed meanwhile (the evaluations, through
-    JsonlLog.write) appear above the bar."""
+    """What a person sees of a training loop (master only; the JSONL log keeps every number): a first line saying what
+    the stage will do, a tqdm bar (ETA, loss, tokens/s), and after `measure` iterations the expected training time: the
+    median of the second half of them (the first few are slow: 3 iterations of ~5 s before 0.18 s in one CPU run)."""
 
     def __init__(self, stage, start, total, what, enabled=True, measure=24):
         """stage: its name ('pretrain'); start, total: the first and the end iteration; what: the plan (e.g.
@@ -73,8 +66,7 @@ class Progress:
                         mininterval=0.5 if _stderr_is_tty() else 30)
 
     def step(self, loss, n_tokens, dt):
-        """After one training iteration of dt seconds on n_tokens: advance the bar; once `measure` iterations
-        have run, say how long the rest will take."""
+        """Per iteration (dt seconds, n_tokens): advance the bar; after `measure` of them, print the time left."""
         if not self.enabled:
             return
         self.bar.update(1)
@@ -99,11 +91,9 @@ def _stderr_is_tty():
 
 
 class JsonlLog:
-    """A run's log: one JSON object per line, flushed at once so a killed run keeps its log. Only the master
-    process logs (enabled=False elsewhere: every call does nothing). write(line, **record) also prints line to
-    the terminal, when given. resume_from: the iteration a resumed run starts from; the log of the run it
-    continues is kept up to there (the rows a killed run wrote after its last checkpoint are dropped, so no
-    iteration appears twice); None starts a new log."""
+    """A run's log: one JSON object per line, flushed at once so a killed run keeps its log. Master only (enabled=False
+    elsewhere: every call does nothing). resume_from: the iteration a resumed run starts from; the rows a killed run
+    wrote after its last checkpoint are dropped, so no iteration appears twice; None starts a new log."""
 
     def __init__(self, path, resume_from=None, enabled=True):
         self.path, self.enabled, self.f = path, enabled, None
@@ -147,11 +137,9 @@ def read_jsonl(path):
 
 
 def plot_log(log_path, png_path, series=(("loss", "train"), ("val_loss", "val")), title="loss", ylabel=None):
-    """Plot chosen fields of a JSONL log against 'iter' into a PNG (written atomically), titled. A series of
-    many points (a training loss logged every iteration) is drawn faint, with its smoothed curve (an
-    exponential moving average, bias-corrected like Adam's, so its start is not pulled toward 0) over it.
-    With BABYLLAMA_PLOTS=0 in the environment nothing is drawn (the test suite's setting: matplotlib's start-up
-    is ~1 s of CPU in each of its ~100 training runs; the tests of the plots turn it back on)."""
+    """Plot chosen fields of a JSONL log against 'iter' into a PNG (written atomically). A series of many points is
+    drawn faint under its smoothed curve (see smooth). BABYLLAMA_PLOTS=0 draws nothing (the test suite's setting:
+    matplotlib's start-up is ~1 s of CPU in each of its ~100 training runs)."""
     if os.environ.get("BABYLLAMA_PLOTS", "1") == "0":
         return
     import matplotlib
@@ -197,9 +185,8 @@ def peak_memory_mb(device_type):
 
 
 def throughput(timer, device_type):
-    """The end-of-run figures every script reports the same way: tokens trained on, training seconds (a
-    StepTimer's: evaluation, saving and the first iteration's warm-up excluded), the warm-up's seconds, tokens
-    per second, and peak memory in MiB."""
+    """The end-of-run figures every script reports: tokens trained on, training seconds (StepTimer's: evaluation, saving
+    and warm-up excluded), warm-up seconds, tokens per second, and peak memory in MiB."""
     return dict(train_tokens=timer.tokens, train_seconds=round(timer.seconds, 1),
                 warmup_seconds=round(timer.warmup_seconds, 1),
                 tokens_per_sec=round(timer.tokens / max(timer.seconds, 1e-9), 1),

@@ -1,10 +1,7 @@
-"""
-The model-facing half of eval.py: log-probabilities of chosen next tokens for batches of prompts (with one KV
-cache for a prefix many prompts share), multiple-choice scoring by answer letter and by option text, and the
-token loss of long sequences with a sliding window (perplexity, bits per character).
-
-Right padding needs no mask: a causal model's logits at a row's real positions never see the pad after them.
-"""
+"""The model-facing half of eval.py: log-probabilities of chosen next tokens for batches of prompts (one KV cache for a
+prefix many prompts share), multiple-choice scoring by answer letter and by option text, and the token loss of long
+sequences with a sliding window (perplexity, bits per character). Right padding needs no mask: a causal model's logits
+at real positions never see the pad after them."""
 from contextlib import nullcontext
 import math
 import sys
@@ -16,21 +13,19 @@ from tqdm import tqdm
 from babyllama.generate import right_pad
 from babyllama.mc import LETTERS, encode_pieces, fit_prompt, letter_ids, shots_for
 
-MIN_PREFIX = 32  # a shared prefix shorter than this is recomputed with every prompt: the copy costs as much
+MIN_PREFIX = 32  # shorter shared prefixes are recomputed per prompt: the copy costs as much
 
 
 # ---- log-probabilities of chosen tokens -----------------------------------------------------------------
 
 @torch.inference_mode()
 def forward_rows(model, rows, device, kv=None, P=0, starts=None, M=0, mids=None):
-    """Final hidden states (B, S, D) of right-padded rows (B lists of ids) that continue context held in a KV
-    cache, and the caches with the rows' keys and values written after it.
-
-    kv: None, or per layer (k, v), each (1 or B, n_kv_heads, P + M, hd): columns [0, P) a prefix shared by all
-    rows, of which row b reads the first starts[b] (default all P: a prompt with fewer shots reads fewer);
-    columns [P, P + M) a middle part of each row's own, of which row b reads the first mids[b] (default 0).
-    Row b's tokens sit at positions starts[b] + mids[b] + t; every key a row does not read is masked.
-    Requires the positions of real tokens < max_seq_len (a padding slot past the context takes the last one)."""
+    """Final hidden states (B, S, D) of right-padded rows (B lists of ids) continuing context held in a KV cache, and
+    the caches with the rows' keys and values written after it. kv: None, or per layer (k, v), each (1 or B, n_kv_heads,
+    P + M, hd): columns [0, P) a prefix all rows share, of which row b reads the first starts[b] (default P); columns
+    [P, P + M) each row's own middle part, of which row b reads the first mids[b] (default 0). Row b's tokens sit at
+    positions starts[b] + mids[b] + t; unread keys are masked. Real tokens' positions must be < max_seq_len (a padding
+    slot past the context takes the last one)."""
     x, _ = right_pad(rows, device)
     B, S = x.shape
     starts = torch.tensor(starts if starts is not None else [P] * B, device=device)
@@ -71,20 +66,16 @@ def prefix_kv(model, prefix, device):
 
 @torch.inference_mode()
 def token_logprobs(model, rows, targets, device, prefix_len=0, kv=None, row_prefix=None):
-    """log P(token | everything before it) for chosen (row, position, token) triples of a batch.
-
-    rows: B lists of token ids; with kv (prefix_kv of a prefix of prefix_len tokens) each row continues the
-    first row_prefix[b] tokens of that prefix (default all: forward_rows). targets: (b, t, token) triples, the
-    log-probability that rows[b][t] is followed by `token`. Returns a list of floats in the order of targets
-    (nats, fp32 log-softmax of the logits)."""
+    """log P(token | everything before it), nats (fp32 log-softmax), for chosen (b, t, token) targets of a batch: the
+    log-probability that rows[b][t] is followed by token, in the order of targets. With kv (prefix_kv of prefix_len
+    tokens) row b continues the first row_prefix[b] tokens of that prefix (default all)."""
     h, _ = forward_rows(model, rows, device, kv, prefix_len, row_prefix)
     return logprobs_at(model, h, targets)
 
 
 def prefix_groups(units, use_prefix_cache):
-    """{cached prefix (tuple, () = none): units}. A unit's prefix is cached when at least MIN_PREFIX tokens
-    long, and joins the group of a longer prefix that starts with it (a prompt that dropped shots reads the
-    front of its subject's full few-shot prefix): one cache per subject."""
+    """{cached prefix (tuple, () = none): units}. Prefixes of >= MIN_PREFIX tokens are cached, each in the group of a
+    longer one it starts (a prompt that dropped shots reads its subject's full prefix): one cache per subject."""
     groups = {(): []}
     if not use_prefix_cache:
         groups[()] = list(units)
@@ -102,21 +93,18 @@ def prefix_groups(units, use_prefix_cache):
 
 
 def progress(desc, total, unit):
-    """A tqdm bar (refreshing every 30 s when stderr is a log file, not a terminal), or None without desc."""
+    """A tqdm bar (refreshing every 30 s when stderr is not a terminal), or None without desc."""
     if not desc:
         return None
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def score_batches(model, units, batch_size, device, use_prefix_cache=True, on_batch=None):
-    """Fill in the "logprobs" of scoring units, batch_size prompts (rows) at a time.
-
-    A unit: "prefix" (ids), optional "shared" (ids every row of the unit starts with: the question, when the
-    rows are its options), "rows" (lists of ids) and "targets": (row, t, token) triples, t indexing
-    shared + row. Its logprobs come out in the order of its targets.
-    With use_prefix_cache, units whose prefix has at least MIN_PREFIX tokens run against one KV cache of it
-    (prefix_groups), and a unit's shared part is computed once and cached for its rows; without, every row is
-    sent whole (prefix + shared + row), the plain way. on_batch(n_rows) is called after each batch."""
+    """Fill in the "logprobs" of scoring units, batch_size rows at a time. A unit: "prefix" (ids), optional "shared"
+    (ids every row starts with: the question, when the rows are its options), "rows" (lists of ids), "targets": (row, t,
+    token) triples, t indexing shared + row; logprobs come out in the order of targets. With use_prefix_cache a prefix
+    of >= MIN_PREFIX tokens runs as one KV cache (prefix_groups) and a shared part is computed once for its rows;
+    without, every row is sent whole. on_batch(n_rows) is called after each batch."""
     for prefix, group in prefix_groups(units, use_prefix_cache).items():
         if not group:
             continue
@@ -157,9 +145,9 @@ def score_batches(model, units, batch_size, device, use_prefix_cache=True, on_ba
 
 
 def score_shared(model, units, device, kv, P):
-    """Two-level scoring of units with a shared part: the shared parts go through the model once (a batch
-    of them, reading the prefix cache kv of P tokens), then every unit's rows read its shared part's keys and
-    values. A target right after the shared part (an option's first token) is read from the first pass."""
+    """Two-level scoring: the units' shared parts go through the model once (as a batch, reading the prefix cache kv of
+    P tokens), then each unit's rows read its shared part's keys and values. A target right after the shared part (an
+    option's first token) is read from the first pass."""
     lead = [[] if kv is not None else u["prefix"] for u in units]
     starts = [len(u["prefix"]) if kv is not None else 0 for u in units]
     shared = [ld + u["shared"] for ld, u in zip(lead, units)]
@@ -191,13 +179,11 @@ def score_shared(model, units, device, kv, P):
 # ---- multiple choice ------------------------------------------------------------------------------------
 
 def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
-    """The scoring units of every question (see score_batches) and the prompt statistics.
-    "letter": one row, the prompt; targets: the first token of A, B, C, D after the cue.
-    "option": the cloze prompt (no options listed) shared by four rows, each option's text; targets: the
-              option's tokens.
-    Prompts that do not fit drop shots, then keep their last tokens (babyllama.mc.fit_prompt); for "option"
-    the room of the longest option is kept free. Returns (units, stats) with stats[scoring] = counts of
-    prompts with fewer shots than asked and of truncated prompts."""
+    """The scoring units of every question (see score_batches) and the prompt statistics. "letter": one row, the prompt,
+    targets the first token of A, B, C, D after the cue. "option": the cloze prompt (no options listed) shared by four
+    rows, the options' texts, targets their tokens. A prompt too long drops shots, then keeps its last tokens
+    (mc.fit_prompt), leaving room for the longest option. Returns (units, stats), stats[scoring] = counts of prompts
+    with fewer shots than asked and of truncated prompts."""
     letters = letter_ids(tok)
     units, stats = [], {s: {"fewer_shots": 0, "truncated": 0} for s in scorings}
     for subject, part in exam.items():
@@ -233,9 +219,8 @@ def mc_units(tok, exam, names, chat, k_shot, max_seq_len, scorings):
 
 
 def mc_choice(unit):
-    """(index of the chosen option, its four scores) of a scored unit: the letters' log-probabilities, or the
-    options' summed log-probabilities divided by their length in characters (so a long option is not
-    penalised for having more tokens to pay for; lm-evaluation-harness's acc_norm divides by bytes)."""
+    """(index of the chosen option, its four scores): the letters' log-probabilities, or the options' summed
+    log-probabilities per character (long options not penalised; lm-evaluation-harness's acc_norm divides by bytes)."""
     if unit["scoring"] == "letter":
         scores = unit["logprobs"]
     else:
@@ -248,10 +233,9 @@ def mc_choice(unit):
 
 def score_mc(model, tok, exam, names, chat, k_shot, scorings, batch_size, device, autocast_ctx=nullcontext(),
              use_prefix_cache=True, desc=None):
-    """Score every question of exam (babyllama.mc.load_exam) by each scoring ("letter", "option"); batch_size counts
-    prompts (rows: a question is one by letter, four by option); desc: the progress bar's label (None = no bar).
-    Returns (correct, predictions, stats): correct[scoring][subject] = [bool per question]; predictions: one
-    dict per (question, scoring) with the chosen letter and the scores."""
+    """Score every question of exam (mc.load_exam) by each scoring ("letter", "option"); batch_size counts rows (a
+    question is one by letter, four by option); desc: the progress bar's label (None = no bar). Returns (correct,
+    predictions, stats): correct[scoring][subject] = [bool per question]; predictions a dict per (question, scoring)."""
     units, stats = mc_units(tok, exam, names, chat, k_shot, model.args.max_seq_len, scorings)
     bar = progress(desc, sum(len(u["rows"]) for u in units), "prompt")
     with autocast_ctx:
@@ -272,11 +256,9 @@ def score_mc(model, tok, exam, names, chat, k_shot, scorings, batch_size, device
 # ---- perplexity -----------------------------------------------------------------------------------------
 
 def sliding_windows(n, max_seq_len, stride):
-    """Windows over a sequence of n tokens whose tokens 1..n-1 are each predicted once from what precedes
-    them: (start, length, skip): the window reads tokens[start:start+length], predicts
-    tokens[start+1:start+length+1] and scores all but the first `skip` of those (scored by an earlier window).
-    After the first window every scored token sees at least max_seq_len - stride tokens of context.
-    Raises ValueError unless 1 <= stride <= max_seq_len."""
+    """Windows over n tokens predicting tokens 1..n-1 once each: (start, length, skip) reads tokens[start:start+length]
+    and scores all but its first `skip` predictions (an earlier window's). After the first window each scored token has
+    >= max_seq_len - stride tokens of context. ValueError unless 1 <= stride <= max_seq_len."""
     if not 1 <= stride <= max_seq_len:
         raise ValueError(f"stride must be in [1, max_seq_len={max_seq_len}], not {stride}")
     out, done, start = [], 0, 0  # done: the last target index already scored
@@ -290,9 +272,8 @@ def sliding_windows(n, max_seq_len, stride):
 
 @torch.inference_mode()
 def sequence_loss(model, seqs, stride, batch_size, device, autocast_ctx=nullcontext(), desc=None):
-    """Summed next-token loss (nats) and the number of scored tokens over sequences of ids, each token after
-    the first of a sequence scored once (sliding_windows). seqs: lists or int arrays of token ids; desc: the
-    progress bar's label (None = no bar)."""
+    """Summed next-token loss (nats) and the count of scored tokens over sequences of ids (lists or int arrays), each
+    token after a sequence's first scored once (sliding_windows); desc: the progress bar's label (None = no bar)."""
     T = model.args.max_seq_len
     rows = [(seq, s, n, skip) for seq in seqs for s, n, skip in sliding_windows(len(seq), T, stride)]
     rows.sort(key=lambda r: r[2])  # similar lengths together: less padding

@@ -1,9 +1,7 @@
-"""Sharded checkpoints of FSDP runs (torch.distributed.checkpoint, DCP): save and load every process's shards,
-swap the ckpt.dcp / best.dcp links atomically, and read a sharded checkpoint back as one file's dict.
-
-Layout: out_dir/ckpt.dcp (and best.dcp) is a symbolic link to out_dir/dcp/iter_NNNNNNNN, a folder holding every
-process's shards of the trainable weights and of the optimizer state, plus extra.pt with every other field of a
-checkpoint (babyllama/checkpoint.py lists them). A folder loads on any number of processes (DCP re-cuts)."""
+"""Sharded checkpoints of FSDP runs (torch.distributed.checkpoint, DCP): save and load every process's shards, swap the
+ckpt.dcp / best.dcp links atomically, and read one back as a single file's dict. out_dir/ckpt.dcp (and best.dcp) links
+to out_dir/dcp/iter_NNNNNNNN: every process's shards of the trainable weights and optimizer state, and extra.pt with the
+other fields; it loads on any number of processes (DCP re-cuts)."""
 import contextlib
 import os
 import shutil
@@ -20,8 +18,8 @@ from babyllama.atomic import atomic_path
 
 
 def load_extra(folder):
-    """A sharded checkpoint's extra.pt (the fields, iter_num, RNG states...) with "dcp": the folder, whose shards
-    load_sharded reads once the model is sharded. FileNotFoundError naming the file when it is missing."""
+    """A sharded checkpoint's extra.pt with "dcp": the folder, whose shards load_sharded reads once the model is
+    sharded. FileNotFoundError naming the file when it is missing."""
     extra = os.path.join(folder, "extra.pt")
     if not os.path.exists(extra):
         raise FileNotFoundError(f"{extra} not found: {folder} is not a complete sharded checkpoint")
@@ -33,26 +31,22 @@ def _optimizers(optimizer):
 
 
 def sharded_state(model, optimizer):
-    """The DCP state of a run: the trainable parameters (all of them, or a LoRA run's adapters; DTensor
-    shards under FSDP) and the optimizer state keyed by parameter name (get_optimizer_state_dict), so
-    another number of processes can re-cut both."""
+    """The DCP state of a run: the trainable parameters (a LoRA run's adapters; DTensor shards under FSDP) and the
+    optimizer state keyed by parameter name, so another number of processes can re-cut both."""
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     weights = {k: v for k, v in get_model_state_dict(model).items() if k in names}
     return {"model": weights, "optim": get_optimizer_state_dict(model, _optimizers(optimizer))}
 
 
 def save_sharded(link, model, optimizer, extra, run, best_link=None):
-    """Write a DCP checkpoint (a collective: every process writes its shards) into out_dir/dcp/iter_N, the
-    master adds extra.pt (the other fields), then points `link` (and best_link, when given) at it by an atomic
-    symlink swap and removes the folders no link points to. Until the swap the previous checkpoint stays what
-    the links name: a kill at any moment leaves a loadable one. Assumes a folder every process can write
-    (one machine, or a shared file system across nodes)."""
+    """Write a DCP checkpoint (a collective) into out_dir/dcp/iter_N, the master adds extra.pt, points `link` (and
+    best_link) at it by an atomic symlink swap and removes the folders no link names: a kill at any moment leaves a
+    loadable checkpoint. Assumes a folder every process can write (one machine, or a shared file system)."""
     root = os.path.join(os.path.dirname(os.path.abspath(link)), "dcp")
     name = f"iter_{extra['iter_num']:08d}"
     folder = os.path.join(root, name)
     if run.master and os.path.exists(folder):
-        # half written by a killed run (a linked folder is never written again: a run saves only after the
-        # iteration it resumed from)
+        # half written by a killed run (a run never rewrites a linked folder: it saves only after its resume iteration)
         shutil.rmtree(folder)
     if run.ddp:
         dist.barrier()
@@ -86,9 +80,8 @@ def _linked(root):
 
 
 def load_sharded(folder, model, optimizer):
-    """Load a DCP checkpoint's weights and optimizer state into a sharded (or plain) model and its optimizer,
-    whatever number of processes wrote it (a collective). Raises ValueError naming the folder when its
-    optimizer state is not this optimizer's."""
+    """Load a DCP checkpoint's weights and optimizer state into a sharded (or plain) model and its optimizer, whatever
+    number of processes wrote it (a collective). ValueError naming the folder when the optimizer state is another's."""
     state = sharded_state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=folder)
@@ -100,10 +93,9 @@ def load_sharded(folder, model, optimizer):
 
 
 def consolidate(folder, device="cpu"):
-    """A DCP checkpoint as the single-file checkpoint dict eval.py, export.py and fine-tuning read, in one
-    process without a process group: extra.pt's fields, and the gathered weights as "model" (or, for a LoRA
-    run, as "lora" beside lora_config and base_ckpt). The optimizer state is left out: resuming reads the
-    folder itself."""
+    """A DCP checkpoint as the single-file checkpoint dict (what eval.py, export.py and fine-tuning read), in one
+    process without a process group: extra.pt's fields and the gathered weights as "model" (a LoRA run's as "lora"). No
+    optimizer state: resuming reads the folder itself."""
     ckpt = load_extra(folder)
     del ckpt["dcp"]
     with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want

@@ -1,15 +1,12 @@
-"""
-BLEU-1..4 and ROUGE-L of generated answers against references, through the field's libraries: sacrebleu
-(Post 2018) for BLEU (Papineni et al. 2002) and rouge-score (Lin 2004's ROUGE-L, the LCS F-measure). Our code is
-the glue: one tokenisation for both metrics, character level for Chinese (sacrebleu's "zh" tokenizer: every CJK
-character a token, runs of other text split into words, the standard for Chinese BLEU) and sacrebleu's "13a"
-words for text without Chinese. Torch-free.
+"""BLEU-1..4 and ROUGE-L of generated answers against references, through sacrebleu (Post 2018) for BLEU (Papineni et
+al. 2002) and rouge-score (Lin 2004's ROUGE-L, the LCS F-measure). Our code is the glue: one tokenisation for both,
+sacrebleu's "zh" (every CJK character a token, the standard for Chinese BLEU) or "13a" words for text without Chinese.
+Torch-free.
 
-BLEU-n: the geometric mean of the modified 1..n-gram precisions times the brevity penalty, in percent.
-  corpus level: n-gram counts and lengths summed over all samples, no smoothing (0 when some order has no match);
-  per sample: sacrebleu's sentence BLEU (effective order, its default "exp" smoothing), as a reading aid.
-ROUGE-L: the F1 of LCS precision and recall per sample, in percent; the corpus figure is the mean over samples.
-"""
+BLEU-n: geometric mean of the modified 1..n-gram precisions times the brevity penalty, in percent; corpus level with
+counts summed over samples, no smoothing (0 when some order has no match); per sample sacrebleu's sentence BLEU
+(effective order, "exp" smoothing), as a reading aid. ROUGE-L: F1 of LCS precision and recall per sample, in percent;
+the corpus figure is the mean over samples."""
 import re
 
 from rouge_score import rouge_scorer
@@ -41,9 +38,8 @@ def tokens(text, lang):
 
 
 def corpus_scores(hypotheses, references, lang=None):
-    """{"bleu1".."bleu4", "rougeL", "n", "lang"} over parallel lists of strings (one reference each).
-    lang: 'zh' or 'en'; None = language_of(references). Raises ValueError on lists of different lengths
-    or empty lists."""
+    """{"bleu1".."bleu4", "rougeL", "n", "lang"} over parallel lists of strings (one reference each). lang: 'zh' or
+    'en'; None = language_of(references). ValueError for lists of different lengths or empty ones."""
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     lang = lang or language_of(references)

@@ -8,17 +8,15 @@ import torch
 
 
 def open_bins(spec, vocab_size=None, like=None, min_tokens=1):
-    """Memory-map one or many uint16 token files (spec: comma-separated paths or globs) after checking each, so
-    that wrong token data is refused by name instead of training silently:
-    - its meta.json (data_process.py writes it beside the .bin files) exists and says dtype uint16;
-    - the byte length is even, not zero, and matches the token count meta.json gives for the file (an int32
-      file has twice the bytes);
-    - every file (and `like`, another file's meta dict, e.g. train's for val) comes from one tokenizer: the same
-      tokenizer_sha256 and vocab_size;
-    - the largest id is below vocab_size (default: meta.json's), one pass over each file;
+    """Memory-map one or many uint16 token files (spec: comma-separated paths or globs), each checked so wrong data is
+    refused by name:
+    - its meta.json (data_process.py writes it) exists and says dtype uint16;
+    - the byte length is even, non-zero and matches meta.json's token count (an int32 file has twice the bytes);
+    - every file (and `like`: another's meta, e.g. train's for val) has one tokenizer_sha256 and vocab_size;
+    - the largest id is below vocab_size (default: meta.json's);
     - it holds at least min_tokens tokens (max_seq_len + 1 for training windows).
-    Returns (list of 1-D np.memmap uint16, their paths, the first file's meta dict). Raises FileNotFoundError
-    for a part that matches no file or a missing meta.json, ValueError naming the file for everything else."""
+    Returns (1-D np.memmap uint16 list, their paths, the first file's meta). FileNotFoundError for a part that matches
+    no file or a missing meta.json, ValueError naming the file otherwise."""
     paths = []
     for part in [p for p in spec.split(",") if p]:
         matches = sorted(glob.glob(part))
@@ -71,7 +69,7 @@ def max_token(tokens, chunk=1 << 26):
 
 
 def read_meta(bin_path):
-    """The meta.json that data_process.py writes beside a .bin file. Raises FileNotFoundError naming it."""
+    """The meta.json data_process.py writes beside a .bin file. FileNotFoundError naming it."""
     path = os.path.join(os.path.dirname(os.path.abspath(bin_path)), "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: every token file needs the meta.json data_process.py writes "
@@ -81,13 +79,10 @@ def read_meta(bin_path):
 
 
 def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, stream=0):
-    """A batch of random windows from the token files: x (batch_size, max_seq_len) int64 token ids and
-    y = x shifted by one (the next token at every position), on device.
-
-    The windows depend only on (seed, stream, step, micro_step), not on what was drawn before: a resumed
-    run and a run split over processes (rank r takes micro-steps r*A..r*A+A-1) see exactly the batches an
-    uninterrupted single-process run sees. Files are picked in proportion to their length. stream 0 is
-    training, 1 validation. Raises ValueError when a file is shorter than max_seq_len + 1 tokens."""
+    """Random windows from the token files: x (batch_size, max_seq_len) int64 and y = x shifted by one, on device.
+    Windows depend only on (seed, stream, step, micro_step): a resumed run and a multi-process run (rank r takes
+    micro-steps r*A..r*A+A-1) see the batches of an uninterrupted single-process run. Files are picked in proportion to
+    their length. ValueError when a file is shorter than max_seq_len + 1 tokens."""
     rng = np.random.default_rng([seed, stream, step, micro_step])  # stream 0 = training, 1 = validation
     sizes = np.array([len(b) - max_seq_len - 1 for b in bins])
     if (sizes <= 0).any():
@@ -104,8 +99,7 @@ def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, str
 
 @torch.no_grad()
 def estimate_loss(model, bins, batch_size, max_seq_len, eval_iters, device, autocast_ctx, seed=0):
-    """Mean next-token loss (nats per token) over eval_iters fixed batches of the token files: the same
-    batches at every evaluation, so the points of a run compare."""
+    """Mean next-token loss (nats/token) over eval_iters batches, the same at every evaluation so points compare."""
     was_training = model.training
     model.eval()
     losses = []

@@ -1,11 +1,8 @@
-"""
-Normalisation for comparison only: the dedup stages hash this form, the kept text is never changed.
+"""Normalisation for comparison only: the dedup stages hash this form; the kept text never changes.
 
-NFKC folds full-width/half-width and compatibility forms (Ａ→A, ｈｔｔｐ→http, ①→1), lower() folds case,
-then every run of whitespace, punctuation and symbols is removed, so "床前明月光，疑是地上霜。" and
-"床前明月光 疑是地上霜!" compare equal. With t2s=True, traditional characters are folded to simplified
-through OpenCC (when the `opencc` package is installed), so 牀前明月光 matches 床前明月光.
-"""
+NFKC folds width and compatibility forms (Ａ→A, ①→1), lower() folds case, then every run of whitespace, punctuation and
+symbols is removed, so "床前明月光，疑是地上霜。" and "床前明月光 疑是地上霜!" compare equal. t2s=True folds traditional characters to
+simplified through OpenCC when installed (牀前明月光 matches 床前明月光)."""
 import re
 import unicodedata
 import warnings

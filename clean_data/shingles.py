@@ -1,14 +1,9 @@
-"""Shingles: character n-grams of a normalised text hashed to 64 bits, the unit every near-duplicate measure here
-counts (MinHash, SimHash in dedup.py; the contamination check of eval.py).
+"""Shingles: character n-grams (default 5) of a normalised text hashed to 64 bits, the unit every near-duplicate measure
+here counts (MinHash, SimHash in dedup.py; eval.py's contamination check). "明月光照" and "照光明月" share no shingle (single
+characters would call them duplicates). A text shorter than n is one shingle, itself.
 
-Shingles are character n-grams (default n=5) of the normalised text, so "明月光照" and "照光明月" share no
-shingle although they share every character (single-character shingles call them duplicates). A text
-shorter than n is one shingle, itself.
-
-Shingle hash: a polynomial over the n code points (uint64, wrapping) followed by the splitmix64 finaliser,
-so every bit of the 64-bit value depends on every character; computed for all positions of all documents
-of a chunk in n vectorised numpy steps.
-"""
+Hash: a polynomial over the n code points (uint64, wrapping), then the splitmix64 finaliser, so every bit depends on
+every character; computed for all positions of a chunk's documents in n vectorised numpy steps."""
 import numpy as np
 
 P = np.uint64(0x100000001B3)  # polynomial base (the FNV prime): odd, so no information is shifted out
@@ -25,8 +20,8 @@ def mix64(x):
 
 
 def shingle_hashes(texts, n=5):
-    """64-bit hashes of the character n-grams of each text, every position (duplicates kept).
-    Returns (hashes, counts): hashes concatenated text after text, counts[j] = shingles of text j."""
+    """64-bit hashes of the character n-grams of each text, every position (duplicates kept). Returns (hashes, counts):
+    hashes text after text, counts[j] = shingles of text j."""
     # a text shorter than n is padded with NULs to n characters: one shingle, the whole text
     texts = [t + "\0" * (n - len(t)) if 0 < len(t) < n else t for t in texts]
     lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))

@@ -1,20 +1,11 @@
-"""
-The chat template, defined once: sft.py, dpo.py, eval.py and the server all build token sequences here.
-
-A conversation is an optional system prompt and turns {"role": "user"|"assistant", "content": str}:
+"""The chat template, defined once: sft.py, dpo.py, eval.py and the server all build token sequences here.
 
     <|system|>{system}<|end|><|user|>{q1}<|end|><|assistant|>{a1}<|end|><|user|>{q2}<|end|><|assistant|>{a2}<|end|>
 
-The role markers and <|end|> are control tokens reserved by the tokenizer (tokenizer.SPECIAL_TOKENS), so a
-user who types "<|end|>" gets plain characters and cannot forge a turn boundary. The content is encoded on
-its own, exactly as Tokenizer.encode does, so decode(content ids) == content. Generation is prompted with
-the conversation so far followed by <|assistant|> and stops on <|end|> (stop_ids()).
-
-Labels for supervised fine-tuning (encode_conversation): aligned with the ids, -1 (ignored) everywhere
-except the content tokens of every assistant turn and the <|end|> that closes it. The system and user
-turns, and the template tokens before a reply (its <|assistant|> marker), are never scored. The trainer
-predicts ids[t + 1] from ids[:t + 1], so it pairs x = ids[:-1] with y = labels[1:].
-"""
+The role markers and <|end|> are control tokens (tokenizer.SPECIAL_TOKENS); content is encoded on its own, as
+Tokenizer.encode does. Generation is prompted with the conversation so far plus <|assistant|> and stops on <|end|>. SFT
+labels (encode_conversation) are -1 except on every assistant turn's content and closing <|end|>; the trainer pairs x =
+ids[:-1] with y = labels[1:]."""
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -1
@@ -33,9 +24,9 @@ def role_id(tok, role):
 
 
 def encode_conversation(tok, messages, system=None):
-    """(ids, labels) of a whole conversation; labels[i] == ids[i] exactly on assistant content and on
-    the <|end|> closing each assistant turn, IGNORE elsewhere. A leading {"role": "system"} message is
-    accepted in place of `system`."""
+    """(ids, labels) of a whole conversation ({"role": "user"|"assistant", "content"} turns): labels[i] == ids[i] on
+    assistant content and each assistant turn's closing <|end|>, IGNORE elsewhere. A leading {"role": "system"} message
+    may replace `system`. ValueError for a system prompt given twice or a system turn later on."""
     _check(tok)
     messages = list(messages)
     if messages and messages[0]["role"] == "system":
@@ -60,14 +51,13 @@ def encode_conversation(tok, messages, system=None):
 
 
 def encode_prompt(tok, messages, system=None):
-    """Ids to generate the next assistant reply from: the conversation so far (ending with a user turn)
-    followed by <|assistant|>."""
+    """Ids to prompt the next assistant reply: the conversation so far (ending with a user turn), then <|assistant|>."""
     ids, _ = encode_conversation(tok, messages, system)
     return ids + [tok.assistant_id]
 
 
 def stop_ids(tok):
-    """Generation stops on end-of-turn (and on eos, which a model fresh from pretraining emits)."""
+    """Generation stops on end-of-turn, and on eos (a model fresh from pretraining emits it)."""
     return [i for i in (tok.end_id, tok.eos_id) if i is not None and i >= 0]
 
 

@@ -1,25 +1,19 @@
-"""
-Thin wrapper around a sentencepiece BPE model trained by tokenizer/train_tokenizer.py.
+"""Thin wrapper around a sentencepiece BPE model trained by tokenizer/train_tokenizer.py.
 
-The one promise that matters: decode(encode(s)) == s for every str s (no lone surrogates).
-sentencepiece nearly gives it for free with identity normalization, no dummy prefix and byte
-fallback; the one hole is U+2581 "▁", which sentencepiece uses internally for the space, so a
-literal "▁" would come back as " ". We close it here by encoding a literal "▁" as its three UTF-8
-byte-fallback tokens, which decode to "▁" and never to a space.
+The one promise: decode(encode(s)) == s for every str s (no lone surrogates). Identity normalization, no dummy prefix
+and byte fallback nearly give it; the hole is U+2581 "▁", sentencepiece's internal space, which would come back as " ".
+So a literal "▁" is encoded as its three UTF-8 byte-fallback tokens.
 
-Decoding goes through a per-id bytes table rather than sp.decode so that decode() and the
-streaming StreamDecoder are the same function by construction (even for broken byte sequences
-a badly trained model may sample).
-"""
+Decoding goes through a per-id bytes table rather than sp.decode, so decode() and StreamDecoder are the same function by
+construction (even for the broken byte sequences a badly trained model may sample)."""
 import codecs
 import hashlib
 import os
 
 import sentencepiece as spm
 
-# Reserved as control symbols at training time, right after <unk> <s> </s> <pad> (ids 4..15), so
-# chat fine-tuning needs no embedding resize. Control, not user-defined: text that merely contains
-# "<|user|>" is encoded as plain characters, so users cannot forge turn boundaries.
+# Control symbols reserved at training time after <unk> <s> </s> <pad> (ids 4..15): chat fine-tuning needs no embedding
+# resize, and text containing "<|user|>" encodes as plain characters, so users cannot forge turn boundaries.
 SPECIAL_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"] + [f"<|reserved_{i}|>" for i in range(8)]
 
 SPACE_MARK = "\u2581"  # sentencepiece's internal stand-in for " "
@@ -42,8 +36,7 @@ class Tokenizer:
         self.assistant_id = self.special.get("<|assistant|>")
         self.end_id = self.special.get("<|end|>")  # end of turn
 
-        # the bytes each id stands for: control ids (bos/eos/pad/chat) are dropped, byte-fallback ids are
-        # raw bytes that may be only part of a UTF-8 character, unk shows as sentencepiece shows it
+        # the bytes of each id: control ids none, byte-fallback ids a raw byte (maybe part of a UTF-8 character)
         self._bytes = []
         for i in range(self.vocab_size):
             piece = sp.id_to_piece(i)
@@ -58,8 +51,7 @@ class Tokenizer:
             self._bytes.append(b)
         self._space_mark_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
 
-        # refuse models that cannot keep the round-trip promise (NFKC, dummy prefix, no byte fallback...)
-        # instead of silently altering every document they touch
+        # refuse models that cannot keep the round-trip promise (NFKC, dummy prefix...) rather than alter every document
         probe = "  a  b\t中文\n\nＡ▁😀 "
         if not all(sp.is_byte(i) for i in self._space_mark_ids) or self.decode(self.encode(probe)) != probe:
             raise ValueError(f"{model_path}: this sentencepiece model does not round-trip text; train it with "
@@ -99,8 +91,7 @@ class Tokenizer:
         return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
 
     def decode(self, ids):
-        """ids -> text; bos/eos/pad/chat control ids are dropped. Bytes that do not form valid UTF-8
-        (possible only for sampled ids, never for encode output) become U+FFFD."""
+        """ids -> text, control ids dropped; invalid UTF-8 bytes (sampled ids only, never encode's) become U+FFFD."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, torch tensors
         if ids and min(ids) < 0:  # a list would happily index from the end (e.g. an ignore_index of -100)
             raise IndexError(f"token id {min(ids)} out of range [0, {self.vocab_size})")
@@ -111,7 +102,7 @@ class Tokenizer:
         return self.sp.id_to_piece(int(i))
 
     def sha256(self):
-        """Hex digest of the .model file, stored in data/checkpoint meta files to catch tokenizer mix-ups."""
+        """Hex digest of the .model file, stored in data and checkpoint meta files to catch tokenizer mix-ups."""
         if self._sha256 is None:
             with open(self.model_path, "rb") as f:
                 self._sha256 = hashlib.sha256(f.read()).hexdigest()
@@ -119,12 +110,8 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Decode a generated stream one token at a time.
-
-    put(id) returns only the text completed by that token: a character spelled by several
-    byte-fallback tokens (emoji, rare CJK) is held back until its last byte arrives, so a terminal
-    never shows half a character. The concatenation of all put()s plus flush() equals decode(ids).
-    """
+    """Decode a generated stream one token at a time: put(id) returns only the text that token completes (a character of
+    several byte-fallback tokens is held back until its last byte). All put()s plus flush() equal decode(ids)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -142,8 +129,8 @@ class StreamDecoder:
 
 
 def load_tokenizer(path, vocab_size, sha256=""):
-    """The Tokenizer at path, checked against the model: its vocabulary size and, when the checkpoint recorded
-    it, the sha256 of the tokenizer it was trained with (SystemExit naming the file when either differs)."""
+    """The Tokenizer at path, checked against the model: its vocabulary size and, when recorded, the sha256 of the
+    tokenizer it was trained with (SystemExit naming the file when either differs)."""
     tok = Tokenizer(path)
     if tok.vocab_size != vocab_size:
         raise SystemExit(f"tokenizer {path} has {tok.vocab_size} tokens, the model {vocab_size}")

@@ -1,15 +1,11 @@
-"""
-Train the project's sentencepiece BPE tokenizer on text files (the CLI is tokenizer/__main__.py):
+"""Train the project's sentencepiece BPE tokenizer on text files (the CLI is tokenizer/__main__.py):
 
     python -m tokenizer --input=data/clean/zh.jsonl,data/clean/en/ --vocab_size=8000
     python -m tokenizer config/tok.py --model_prefix=out/tokenizer/tok16k
 
-input: comma-separated files, globs (** works) or directories (searched recursively), read through
-babyllama/readers.py (.txt/.jsonl/.json/.parquet, the chinese-poetry layout).
-Text streams into sentencepiece line by line (no giant temp file) and stops after max_chars;
-sentencepiece keeps a random sample of input_sentence_size lines, so memory stays bounded.
-Writes <model_prefix>.model and .vocab atomically.
-"""
+input: comma-separated files, globs (** works) or directories (recursive), read through babyllama/readers.py. Text
+streams into sentencepiece line by line up to max_chars, sampled to input_sentence_size lines, so memory stays bounded.
+Writes <model_prefix>.model and .vocab atomically."""
 import glob
 import itertools
 import os
@@ -42,8 +38,8 @@ N_FIXED = 4 + len(SPECIAL_TOKENS) + 256
 
 
 def input_items(spec):
-    """'a.txt,dir/,data/**/*.jsonl' (or a list) -> the items, each checked to match something. Checked up
-    front: inside sentencepiece's training loop an error only surfaces as an opaque RuntimeError."""
+    """'a.txt,dir/,data/**/*.jsonl' (or a list) -> the items, each checked to match something up front: inside
+    sentencepiece's training loop an error only surfaces as an opaque RuntimeError."""
     items = spec.split(",") if isinstance(spec, str) else [os.fspath(p) for p in spec]
     items = [s.strip() for s in items if s.strip()]
     if not items:
@@ -55,8 +51,7 @@ def input_items(spec):
 
 
 def iter_documents(items, text_field="", stats=None):
-    """Yield document strings, through babyllama.readers (all its formats, dirs, globs, the chinese-poetry
-    layout); its record errors go to stats["read_errors"]."""
+    """Yield document strings through babyllama.readers; its record errors go to stats["read_errors"]."""
     errors = ReadErrors()
     if stats is not None:
         stats["read_errors"] = errors
@@ -83,10 +78,9 @@ def iter_sentences(docs, max_sentence_length=max_sentence_length, max_chars=max_
 
 
 def sample_sentences(sentences, size, seed):
-    """A uniform random sample of at most size sentences (reservoir sampling, Vitter's algorithm R), in
-    stream order, drawn with Python's seeded RNG: the same sample on every run and machine. sentencepiece's
-    own sampling (input_sentence_size with shuffle_input_sentence) gave a different vocabulary on each run of
-    the demo corpus (73 of 8,000 pieces) despite set_random_generator_seed."""
+    """A uniform random sample of at most size sentences (reservoir sampling, Vitter's algorithm R), in stream order,
+    with Python's seeded RNG: the same sample on every run and machine. sentencepiece's own sampling gave a different
+    vocabulary on each run of the demo corpus (73 of 8,000 pieces) despite set_random_generator_seed."""
     rng = random.Random(seed)
     sample, order = [], []
     for n, s in enumerate(sentences):
@@ -104,12 +98,9 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
                     max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
                     max_chars=max_chars, character_coverage=character_coverage, num_threads=num_threads,
                     text_field=text_field, seed=seed, verbose=False):
-    """Train a BPE model and return the path of <model_prefix>.model.
-
-    files_or_iterator: a str of comma-separated files/globs/dirs or a list/tuple of paths; any other
-    iterable (a generator, iter(list_of_texts)) is taken as the documents themselves. Prints one summary
-    line; verbose: sentencepiece's own log and a sample tokenization too.
-    """
+    """Train a BPE model; returns the path of <model_prefix>.model. files_or_iterator: comma-separated files/globs/dirs
+    (str) or a list/tuple of paths; any other iterable is the documents themselves. Prints one summary line; verbose:
+    sentencepiece's log and a sample tokenization too."""
     t0 = time.time()
     # check everything cheap before reading any data
     if vocab_size > MAX_VOCAB:
