@@ -1,11 +1,11 @@
-"""Tokenizer tests: one tiny BPE model is trained once per module on a corpus written into tmp_path."""
+"""tokenizer/: the Tokenizer wrapper and train_tokenizer, on one tiny BPE model trained once per module on a corpus
+written into tmp_path. Its command line (python -m tokenizer): tests/scripts/test_tokenizer_cli.py."""
 import hashlib
 import json
 import os
 import pickle
 import random
 
-from conftest import run_script
 import pytest
 import sentencepiece as spm
 
@@ -248,18 +248,6 @@ def test_jsonl_training_through_shared_readers(corpus_dir, tmp_path):
     path = train_tokenizer(str(tmp_path / "docs.jsonl"), str(tmp_path / "j"), 400, num_threads=1, verbose=False)
     tok = Tokenizer(path)
     assert len(tok.encode("床前明月光")) < 5
-
-
-def test_cli_trains_with_configurator_overrides(corpus_dir, tmp_path):
-    prefix = tmp_path / "cli" / "tok"
-    r = run_script("-m", "tokenizer",
-                   f"--input={corpus_dir / 'poems.txt'},{corpus_dir / 'mixed.txt'}",
-                   "--vocab_size=500", f"--model_prefix={prefix}", "--num_threads=1", timeout=60)
-    assert Tokenizer(f"{prefix}.model").vocab_size == 500
-    # quiet by default: one summary line, none of sentencepiece's ~360 lines of log
-    assert "tokenizer: 500 pieces" in r.stdout and len((r.stdout + r.stderr).splitlines()) < 10
-    r = run_script("-m", "tokenizer", f"--input={corpus_dir}", "--vocab_size=500", f"--model_prefix={prefix}", "--num_threads=1", "--verbose=True", timeout=60)
-    assert "sample" in r.stdout and "trainer_interface" in r.stderr  # the whole log on request
 
 
 def test_sentence_sample_is_seeded_uniform_and_in_stream_order():

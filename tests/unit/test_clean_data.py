@@ -1,5 +1,6 @@
-"""clean_data/: filters, normalisation, exact/MinHash/SimHash dedup, the pipeline's parquet and report,
-merging, data_process on the cleaned parquet, and the Redis-shared index against a real redis-server."""
+"""clean_data/ in one process: filters, normalisation, exact/MinHash/SimHash dedup, the pipeline's parquet and
+report, merging, and the Redis-shared index against a real redis-server. Its command line (python -m clean_data):
+tests/scripts/test_clean_data_cli.py."""
 import json
 import os
 import random
@@ -7,7 +8,6 @@ import shutil
 import threading
 import time
 
-from conftest import run_script
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,8 +19,6 @@ from clean_data.clean import clean, verdicts
 from clean_data.decide import STAGES
 from clean_data.merge import merge, plan
 from clean_data.normalize import normalize
-import data_process
-from tokenizer.train_tokenizer import train_tokenizer
 
 rng = random.Random(0)
 COMMON = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 400))  # 400 distinct ideographs
@@ -259,29 +257,6 @@ def test_clean_refuses_an_unknown_setting(tmp_path):
     with pytest.raises(ValueError, match="dedupe"):
         clean(str(tmp_path), str(tmp_path / "out"), stages="filter,dedupe")
     assert not (tmp_path / "out").exists()  # refused before writing anything
-
-
-def test_command_line_overrides_reach_the_pipeline(tmp_path):
-    docs = [long_doc(i, 60) for i in range(3)] + [long_doc(99, 15)]  # the last one passes the default min_chars 10
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
-    run_script("-m", "clean_data", f"--input={tmp_path / 'in.jsonl'}", f"--out_dir={tmp_path / 'out'}",
-               "--num_workers=1", "--min_chars=20", "--stages=filter,exact", timeout=60)
-    r = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
-    assert r["config"]["min_chars"] == 20 and r["config"]["num_workers"] == 1
-    assert r["stages"]["filter"]["removed_by"] == {"too_short": 1} and r["documents_out"] == 3
-    assert list(r["stages"]) == ["filter", "exact"]
-
-
-def test_data_process_reads_cleaned_parquet(cleaned, tmp_path):
-    d, docs, r = cleaned
-    texts = docs * 5 + [COMMON] * 5 + ["the quick brown fox jumps over the lazy dog, a b"] * 50
-    model = train_tokenizer(iter(texts), str(tmp_path / "tiny"), 1000, character_coverage=1.0,
-                            verbose=False)
-    meta = data_process.process(str(d / "out" / "clean.parquet"), model, str(tmp_path / "tok"),
-                                num_workers=1, progress=False, verbose=False, val_fraction=0.0)
-    assert meta["documents_read"] == r["documents_out"]  # every cleaned row read back as a document
-    assert meta["train_documents"] == r["documents_out"]
-    assert os.path.getsize(tmp_path / "tok" / "train.bin") > 0
 
 
 # ---- merging --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from babyllama import records
 from babyllama.records import ReadErrors, iter_records
 
 RECS = [{"text": "床前明月光"}, {"text": "疑是地上霜", "n": 2}, [1, 2], "a bare string"]
@@ -43,6 +44,21 @@ def test_json_array_single_value_and_concatenated_values(tmp_path):
     assert [r for _, r in read(tmp_path / "arr.json")[0]] == RECS
     assert read(tmp_path / "one.json")[0] == [(2, {"text": "整本书"})]
     assert read(tmp_path / "cat.json")[0] == [(1, {"a": 1}), (2, {"a": 2}), (4, {"a": 3})]
+
+
+def test_json_parser_gives_the_same_records_whatever_the_read_size(tmp_path, monkeypatch):
+    recs = [{"text": "第%d篇" % i + "字" * (i * 7 % 50), "n": i} for i in range(40)]
+    path = tmp_path / "recs.json"
+    path.write_text(json.dumps(recs, ensure_ascii=False, indent=1), encoding="utf-8")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text('{"a": 1}', encoding="utf-8")
+    two.write_text('{"a": 1}\n{"a": 2}\n', encoding="utf-8")
+    for chunk in (1, 3, 7, 64, 1 << 20):
+        monkeypatch.setattr(records, "_JSON_CHUNK", chunk)
+        assert [v for _, v in iter_records(path, ReadErrors())] == recs
+        # one object, and concatenated objects
+        assert [v for _, v in iter_records(one, ReadErrors())] == [{"a": 1}]
+        assert [v for _, v in iter_records(two, ReadErrors())] == [{"a": 1}, {"a": 2}]
 
 
 def test_json_stops_at_a_malformed_spot_keeping_the_records_before(tmp_path):

@@ -1,11 +1,11 @@
-"""Weight-only int8 (model.Int8Linear): each output within its hand-derived bound, the model's logits close to
-full precision, generation and the bf16 kernel path working, a quarter of the linear layers' memory."""
+"""babyllama/int8.py, weight-only int8 (Int8Linear): each output within its hand-derived bound, the model's logits
+close to full precision, generation and the bf16 kernel path working, a quarter of the linear layers' memory."""
+from conftest import tiny_model
 import torch
 import torch.nn as nn
 
 from babyllama.generate import generate
 from babyllama.int8 import Int8Linear, model_bytes, quantize_int8
-from model import ModelArgs, Transformer
 
 
 def test_int8_linear_error_is_within_half_a_step_per_weight():
@@ -32,9 +32,7 @@ def test_bf16_kernel_path_agrees_with_the_plain_path():
 
 
 def test_quantized_model_logits_stay_close_and_it_generates():
-    torch.manual_seed(2)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=32,
-                                  multiple_of=16)).eval()
+    model = tiny_model(2, vocab_size=300, max_seq_len=32).eval()
     idx = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         full = model(idx)[0]

@@ -1,48 +1,28 @@
-"""Independent reference tests for Transformer.generate / generate_stream and training.
-
-The reference for every decoding test is a plain loop written here: run the
-model on the whole (unpadded) sequence, take the last position's logits,
-optionally apply the CTRL / Hugging Face repetition penalty, take argmax.
-"""
+"""babyllama/generate.py against a plain reference loop written here: run the model on the whole (unpadded)
+sequence, take the last position's logits, optionally apply the CTRL / Hugging Face repetition penalty, take
+argmax. The KV cache, right-padded batches of different lengths, stop ids and the stream give its tokens; every
+sampling parameter at a boundary either means a whole kind of decoding (greedy, or the filter off: the same tokens
+as without it from an identically seeded generator) or is rejected with a ValueError naming parameter and value."""
 import math
+import re
 
+from conftest import spread_weights_, tiny_model
 import pytest
 import torch
 
-from babyllama.generate import generate, generate_stream
-from babyllama.optimize import configure_optimizers
-from model import ModelArgs, Transformer
+from babyllama.generate import generate, generate_stream, sample_next
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest.py)
 
 
-def make_args(**overrides):
-    kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16,
-              ffn_dim_multiplier=None, norm_eps=1e-5, max_seq_len=64, dropout=0.0,
-              tie_embeddings=True, rope_theta=10000.0)
-    kw.update(overrides)
-    return ModelArgs(**kw)
+def make_model(seed=0, **overrides):
+    """tiny_model with spread weights (so greedy argmax is never decided by float round-off), in eval mode."""
+    return spread_weights_(tiny_model(seed, **overrides), seed + 1000).eval()
 
 
-def make_model(seed=0, std=0.1, **overrides):
-    """Random model whose logits are well spread (std 0.1 matrices rather than
-    the 0.02 init), so greedy argmax is never decided by float round-off."""
-    torch.manual_seed(seed)
-    model = Transformer(make_args(**overrides))
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    model.eval()
-    return model
-
-
-def random_prompts(lengths, vocab, seed):
+def random_prompts(lengths, vocab, seed, low=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    return [torch.randint(low, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def right_pad(prompts, pad_id=0):
@@ -59,17 +39,21 @@ def as_lists(out):
 
 @torch.no_grad()
 def reference_greedy(model, prompt, max_new_tokens, repetition_penalty=1.0, stop_ids=None,
-                     _variant=None):
+                     _variant=None, min_margin=None):
     """Full recomputation, one unpadded prompt, greedy. Repetition penalty as in
     CTRL / HF RepetitionPenaltyLogitsProcessor: for every token id present in
     prompt + generated so far, logit > 0 -> logit / penalty, logit < 0 -> logit * penalty.
     _variant selects a deliberately WRONG rule, only used to show that the
-    repetition-penalty test can tell the correct rule from plausible mistakes."""
+    repetition-penalty test can tell the correct rule from plausible mistakes.
+    min_margin: assert the top two logits of every step are further apart (no near-tie for round-off to decide)."""
     seq = list(prompt)
     out = []
     for _ in range(max_new_tokens):
         logits, _ = model(torch.tensor([seq], dtype=torch.long))
         last = logits[0, -1].double().clone()
+        if min_margin is not None:
+            top2 = last.topk(2).values
+            assert top2[0] - top2[1] > min_margin, "test setup: a near-tie would make greedy depend on round-off"
         if repetition_penalty != 1.0:
             present = set(seq)
             if _variant == "generated_only":
@@ -171,27 +155,15 @@ def test_stream_yields_same_tokens_as_generate():
     assert s3 == exp
 
 
-def test_top_k_1_equals_greedy():
-    model = make_model(seed=4)
-    prompts = random_prompts(LENGTHS, model.args.vocab_size, seed=5)
+@pytest.mark.parametrize("seed, kw", [(4, dict(top_k=1)), (6, dict(top_p=1e-6))], ids=["top_k_1", "top_p_tiny"])
+def test_top_k_1_and_a_tiny_top_p_equal_greedy(seed, kw):
+    model = make_model(seed=seed)
+    prompts = random_prompts(LENGTHS, model.args.vocab_size, seed=seed + 1)
     idx = right_pad(prompts)
     refs = [reference_greedy(model, p, N_NEW) for p in prompts]
     torch.manual_seed(123)
     with torch.no_grad():
-        out = as_lists(generate(model, idx, N_NEW, temperature=1.0, top_k=1,
-                                      prompt_lens=LENGTHS, pad_id=0))
-    assert out == refs
-
-
-def test_top_p_tiny_equals_greedy():
-    model = make_model(seed=6)
-    prompts = random_prompts(LENGTHS, model.args.vocab_size, seed=7)
-    idx = right_pad(prompts)
-    refs = [reference_greedy(model, p, N_NEW) for p in prompts]
-    torch.manual_seed(123)
-    with torch.no_grad():
-        out = as_lists(generate(model, idx, N_NEW, temperature=1.0, top_p=1e-6,
-                                      prompt_lens=LENGTHS, pad_id=0))
+        out = as_lists(generate(model, idx, N_NEW, temperature=1.0, prompt_lens=LENGTHS, pad_id=0, **kw))
     assert out == refs
 
 
@@ -225,27 +197,106 @@ def test_repetition_penalty_changes_distribution_as_defined(use_cache):
     assert out == refs
 
 
-def test_tiny_model_overfits_fixed_batch():
-    torch.manual_seed(0)
-    V, T, B = 64, 32, 4
-    args = make_args(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=T)
-    model = Transformer(args)
-    model.train()
-    data = torch.randint(0, V, (B, T + 1))
-    x, y = data[:, :-1], data[:, 1:]
-    opt = configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
-    losses = []
-    for _ in range(150):
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    # With N(0, 0.02) init the first loss is ~ln(64) = 4.16 (near-uniform prediction).
-    assert abs(losses[0] - math.log(V)) < 0.3, losses[0]
-    # Bound 0.1: the same setup run with HF LlamaForCausalLM (same dims, same
-    # init, AdamW lr 3e-3, betas (0.9, 0.95), wd 0.1 on matmuls) reaches
-    # ~0.05 at step 50 and ~0.002 at step 150 over 3 seeds, so 0.1 leaves a ~50x
-    # margin while still requiring real memorisation of 128 random next tokens
-    # (chance level is 4.16).
-    assert losses[-1] < 0.1, f"loss after 150 steps {losses[-1]:.4f} (first {losses[0]:.3f})"
+# ---- sampling parameters at their boundary values ---------------------------------------------------------------
+# "greedy" is checked against reference_greedy, "off" against the same call without the parameter and with an
+# identically seeded generator; generate runs on the right-padded LENGTHS prompts, generate_stream on one prompt
+
+V = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    """dim 32, vocab 64, spread weights."""
+    return spread_weights_(tiny_model(0, dim=32, vocab_size=V, max_seq_len=32), 1).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(LENGTHS, V, seed=2, low=1)
+
+
+@pytest.fixture(scope="module")
+def greedy(model, prompts):
+    return [reference_greedy(model, p, N_NEW, min_margin=1e-4) for p in prompts]
+
+
+def gen(model, prompts, seed=None, n=N_NEW, **kw):
+    """generate n tokens for the right-padded batch, with a generator seeded `seed` (None: the global RNG)."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return generate(model, right_pad(prompts), n, prompt_lens=LENGTHS, generator=g, **kw)
+
+
+def stream(model, prompt, seed=None, n=N_NEW, **kw):
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return list(generate_stream(model, torch.tensor(prompt), n, generator=g, **kw))
+
+
+def assert_greedy(model, prompts, greedy, **kw):
+    torch.manual_seed(123)
+    assert gen(model, prompts, **kw) == greedy
+    assert stream(model, prompts[1], **kw) == greedy[1]
+
+
+def assert_same_as(model, prompts, kw, off_kw):
+    """kw decodes exactly as off_kw with identically seeded generators (and is really sampling)."""
+    sampled = gen(model, prompts, seed=7, **off_kw)
+    assert gen(model, prompts, seed=7, **kw) == sampled
+    assert stream(model, prompts[1], seed=7, **kw) == stream(model, prompts[1], seed=7, **off_kw)
+    assert sampled != gen(model, prompts, temperature=0.0), "test setup: sampling gave the greedy tokens"
+
+
+def assert_rejected(model, prompts, name, value, **kw):
+    """generate, generate_stream (at the call, before any iteration) and sample_next all raise a ValueError
+    whose message names the parameter and the value."""
+    args = dict(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0)
+    args.update(kw)
+    args[name] = value
+    n = args.pop("max_new_tokens", N_NEW)
+    named = re.escape(f"{name}={value!r}")
+    with pytest.raises(ValueError, match=named):
+        gen(model, prompts, n=n, **args)
+    with pytest.raises(ValueError, match=named):
+        generate_stream(model, torch.tensor(prompts[0]), n, **args)
+    if name != "max_new_tokens":
+        with pytest.raises(ValueError, match=named):
+            sample_next(torch.zeros(2, V), **args)
+
+
+def test_top_p_zero_is_greedy_one_is_off_and_values_outside_0_1_raise(model, prompts, greedy):
+    assert_greedy(model, prompts, greedy, temperature=0.8, top_p=0.0)
+    assert_same_as(model, prompts, dict(temperature=1.0, top_p=1.0), dict(temperature=1.0))
+    for bad in (-0.1, 1.5, math.nan):
+        assert_rejected(model, prompts, "top_p", bad)
+
+
+def test_top_k_one_is_greedy_zero_or_vocab_size_and_more_is_off_and_negative_raises(model, prompts, greedy):
+    assert_greedy(model, prompts, greedy, temperature=1.3, top_k=1)
+    for off in (0, V, 10 * V):
+        assert_same_as(model, prompts, dict(temperature=1.0, top_k=off), dict(temperature=1.0))
+    for bad in (-1, 2.5):
+        assert_rejected(model, prompts, "top_k", bad)
+
+
+def test_temperature_zero_is_greedy_whatever_the_filters_and_negative_raises(model, prompts, greedy):
+    assert_greedy(model, prompts, greedy, temperature=0.0, top_k=5, top_p=0.5)
+    for bad in (-0.5, -1e-9, math.inf, math.nan):
+        assert_rejected(model, prompts, "temperature", bad)
+
+
+def test_repetition_penalty_one_is_off_and_zero_or_negative_raises(model, prompts, greedy):
+    assert_greedy(model, prompts, greedy, temperature=0.0, repetition_penalty=1.0)
+    assert_same_as(model, prompts, dict(temperature=1.0, repetition_penalty=1.0), dict(temperature=1.0))
+    for bad in (0.0, -1.2, math.nan):
+        assert_rejected(model, prompts, "repetition_penalty", bad)
+        assert_rejected(model, prompts, "repetition_penalty", bad, temperature=0.0)  # greedy checks it too
+
+
+def test_max_new_tokens_zero_gives_no_tokens_and_negative_raises(model, prompts):
+    idx = right_pad(prompts)
+    assert generate(model, idx, 0, temperature=1.0, prompt_lens=LENGTHS) == [[], [], []]
+    assert generate(model, idx, 0, prompt_lens=LENGTHS, stop_ids=[1, 2]) == [[], [], []]
+    assert list(generate_stream(model, torch.tensor(prompts[0]), 0, temperature=1.0)) == []
+    for bad in (-1, 1.5):
+        assert_rejected(model, prompts, "max_new_tokens", bad)
+    with pytest.raises(ValueError, match="max_new_tokens=32 must be < max_seq_len=32"):
+        generate(model, idx, 32, prompt_lens=LENGTHS)

@@ -1,32 +1,26 @@
 """dpo.py as users run it, on a tiny model: step 0 is log 2 with zero rewards, files in the formats people
 download are read, a resumed run with the cached reference continues the losses of an uninterrupted run with a
-frozen copy, LoRA (reference = adapters off) runs end to end, and checkpoints are written as
-always_save_checkpoint says, as in sft.py. The pieces are tested one by one in test_dpo.py."""
+frozen copy, LoRA (reference = adapters off) runs end to end, checkpoints are written as always_save_checkpoint
+says (as in sft.py), the gradient does not depend on how a batch is split, and HSDP with Muon gives the run of one
+process. The pieces are tested one by one in tests/unit/test_pairs.py."""
 import json
 import math
 import os
+import shutil
 
-from conftest import run_script
+from conftest import (CPU, TORCHRUN_2, assert_same_gradient_however_the_batch_is_split, assert_same_run, finetune,
+                      run_script, saved_at, write_jsonl)
 import pytest
 import torch
 
-from babyllama import checkpoint as ck, models, runlog
-from model import ModelArgs, Transformer
-from tokenizer import Tokenizer
-from tokenizer.train_tokenizer import train_tokenizer
-
-TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
-         "请写一首题为《静夜思》的诗。《登鹳雀楼》的作者是谁？李白王之涣", "What is two plus two? It is four."] * 20
+from babyllama import models, runlog
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(chat_files, tmp_path_factory):
+    """A folder with pairs in the formats people download (train.jsonl) and held-out pairs (val.json); the runs
+    start from chat_files' base.pt."""
     d = tmp_path_factory.mktemp("dpo_run")
-    tok = Tokenizer(train_tokenizer(iter(TEXTS), str(d / "tok"), 400, num_threads=1, verbose=False))
-    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=None, vocab_size=tok.vocab_size, max_seq_len=64)
-    torch.manual_seed(0)
-    ck.save(str(d / "sft.pt"), {"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args,
-                                           "iter_num": 0, "config": {}, "tokenizer": tok.model_path})
     train = [  # the formats of ../shared/data/dpo and TRL's, mixed in one file
         {"prompt": "《静夜思》的作者是谁？", "chosen": "李白。", "rejected": "王之涣。"},
         {"conversations": [{"from": "human", "value": "续写：床前明月光，"}], "chosen": "疑是地上霜。",
@@ -38,18 +32,16 @@ def setup(tmp_path_factory):
          "rejected": [{"role": "assistant", "content": "It is two."}]},
         {"prompt": "同", "chosen": "一样", "rejected": "一样"},  # identical: skipped
     ]
-    with open(d / "train.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in train)
-    with open(d / "val.json", "w", encoding="utf-8") as f:
-        json.dump(train[:3], f, ensure_ascii=False)
+    write_jsonl(d / "train.jsonl", train)
+    (d / "val.json").write_text(json.dumps(train[:3], ensure_ascii=False), encoding="utf-8")
+    shutil.copy(chat_files / "base.pt", d / "base.pt")
     return d
 
 
 def run_dpo(d, out, *extra, plots=False):
-    p = run_script("dpo.py", f"--init_ckpt={d / 'sft.pt'}", f"--train_data={d / 'train.jsonl'}",
-                   f"--val_data={d / 'val.json'}", f"--out_dir={out}", "--batch_size=2", "--num_threads=1",
-                   "--dtype=float32", "--device=cpu", "--learning_rate=1e-3", "--min_lr=1e-3", "--warmup_iters=0",
-                   "--eval_interval=2", "--n_samples=1", *extra, plots=plots)
+    p = run_script("dpo.py", f"--init_ckpt={d / 'base.pt'}", f"--train_data={d / 'train.jsonl'}",
+                   f"--val_data={d / 'val.json'}", f"--out_dir={out}", "--batch_size=2", *CPU, "--learning_rate=1e-3",
+                   "--min_lr=1e-3", "--warmup_iters=0", "--eval_interval=2", "--n_samples=1", *extra, plots=plots)
     return p.stdout, runlog.read_jsonl(os.path.join(out, "log.jsonl"))
 
 
@@ -81,16 +73,15 @@ def test_step0_log2_metrics_plots(setup, full_run):
     for name in ("loss.png", "rewards.png", "ckpt.pt", "samples.json"):
         assert os.path.exists(setup / "full" / name)
     # always_save_checkpoint (the default) writes at every evaluation after the start, as sft.py does
-    assert [r["iter"] for r in log if "checkpoint" in r] == [2, 4]
+    assert saved_at(setup / "full") == [2, 4]
     assert torch.load(setup / "full" / "ckpt.pt", weights_only=True)["config"]["lr_decay_iters"] == 4
 
 
 def test_without_always_save_only_improvements_and_the_end_are_saved(setup, tmp_path):
     """learning_rate 0: the held-out loss never improves on the first evaluation's, so only the final state is
     written (test_sft.py checks sft.py the same way)."""
-    _, log = run_dpo(setup, tmp_path, "--max_iters=4", "--learning_rate=0.0", "--min_lr=0.0",
-                     "--always_save_checkpoint=False")
-    assert [r["iter"] for r in log if "checkpoint" in r] == [4]
+    run_dpo(setup, tmp_path, "--max_iters=4", "--learning_rate=0.0", "--min_lr=0.0", "--always_save_checkpoint=False")
+    assert saved_at(tmp_path) == [4]
 
 
 @pytest.mark.slow
@@ -116,3 +107,20 @@ def test_lora_reference_adapters_off(setup):
     assert train_rows(log)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     model, ckpt = models.load_model(str(setup / "lora" / "ckpt.pt"))
     assert "lora" in ckpt and ckpt["lora_config"]["alpha"] == 8.0 and os.path.exists(setup / "lora" / "merged.pt")
+
+
+def test_gradient_is_the_same_however_the_batch_is_split(chat_files, tmp_path):
+    extra = [f"--train_data={chat_files / 'pairs.jsonl'}", "--sft_weight=0.5", "--learning_rate=1e-3"]
+    assert_same_gradient_however_the_batch_is_split("dpo.py", chat_files, tmp_path, extra)
+
+
+def test_hsdp_with_muon_on_two_processes_equals_one_process(chat_files, tmp_path):
+    # replicas=2: a (2 x 1) mesh, each process a whole shard group, the two replicated (HSDP's cross-node half)
+    dpo = [f"--train_data={chat_files / 'pairs.jsonl'}", "--n_samples=0", "--sft_weight=0.5", "--optimizer=muon"]
+    finetune("dpo.py", chat_files, tmp_path / "one", *dpo)
+    finetune("dpo.py", chat_files, tmp_path / "fsdp", *dpo, "--parallel=fsdp", "--replicas=2", launcher=TORCHRUN_2)
+    # the losses agree to float rounding. The weights less: the runs' gradients differ in the last bits (another
+    # summation order), and Newton-Schulz, run in bf16, lifts every singular direction of the momentum to ~1,
+    # the tiny ones made of rounding noise too, so an entry may differ by a fraction of one step's update
+    # (~5e-3 here: lr 3e-3 x 0.2 x sqrt(176)); up to 2.8e-4 after 6 steps in a pretraining run
+    assert_same_run(tmp_path / "one", "ckpt.pt", tmp_path / "fsdp", "ckpt.dcp", 1e-5, weight_tol=1e-3)

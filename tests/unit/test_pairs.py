@@ -1,10 +1,11 @@
-"""DPO's pieces (babyllama/pairs.py) checked by hand: each loss formula on a hand-made example, sequence log-probs over
-reply tokens only (prompt and padding do not enter), the reference gets no gradient and does not change (frozen
-copy, LoRA adapters-off, cached log-probs), batch losses and held-out metrics, and the stateless pair sampler.
-The loaders of preference files are tested in test_chat_data.py."""
+"""babyllama/pairs.py, DPO's pieces, checked by hand: each loss formula on a hand-made example (ORPO finite where a
+reply is certain), sequence log-probs over reply tokens only (prompt and padding do not enter), the reference gets
+no gradient and does not change (frozen copy, LoRA adapters-off, cached log-probs), batch losses and held-out
+metrics, and the stateless pair sampler. The loaders of preference files: test_preferences.py."""
 from contextlib import nullcontext
 import math
 
+from conftest import A, U, chat_model
 import pytest
 import torch
 
@@ -13,10 +14,7 @@ from babyllama.models import frozen_copy
 from babyllama.pairs import (PairBatches, Reference, collate_pairs, concatenated_logps, dpo_loss, evaluate_pairs,
                              hinge_loss, ipo_loss, orpo_loss, pair_batch_loss, pair_logps, pair_metrics,
                              preference_loss, sequence_logps, simpo_loss, tokenize_pair)
-from model import ModelArgs, Transformer
-from tokenizer import Tokenizer
 from tokenizer.chat_template import IGNORE, encode_conversation
-from tokenizer.train_tokenizer import train_tokenizer
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)
 softplus = lambda z: math.log1p(math.exp(-z)) if z > 0 else -z + math.log1p(math.exp(z))  # -log sigmoid(z)
@@ -78,27 +76,29 @@ def test_dpo_gradient_direction():
     assert pr.grad.item() == pytest.approx(0.1 / (1 + math.exp(0.2)))
 
 
+def test_orpo_is_finite_with_finite_gradients_when_a_reply_is_certain():
+    for avg in (-1e-8, 0.0):
+        logp = torch.tensor([avg * 4, -6.0], requires_grad=True)  # chosen: 4 tokens, mean log-prob avg
+        loss, _, _ = preference_loss("orpo", logp[:1], logp[1:], None, None, torch.tensor([4]), torch.tensor([3]),
+                                     beta=0.1)
+        loss.backward()
+        assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all(), (avg, loss, logp.grad)
+    # end to end through a training step: a policy that already puts all its mass on the chosen reply
+    w = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.AdamW([w], lr=0.1)
+    for _ in range(2):
+        pol_c = torch.log_softmax(torch.stack([w[0] + 1e4, w[1]]), 0)[:1] * 3  # log p(chosen) = 0 in fp32
+        pol_r = torch.log_softmax(torch.stack([w[0], w[1] + 1.0]), 0)[:1] * 3
+        loss, _, _ = preference_loss("orpo", pol_c, pol_r, None, None, torch.tensor([3]), torch.tensor([3]), 0.1)
+        loss.backward()
+        assert math.isfinite(loss.item()) and torch.isfinite(w.grad).all()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(w).all()
+
+
 # ---- sequences --------------------------------------------------------------------------------------------
 
-TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
-         "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。", "请写一首题为《静夜思》的诗。《静夜思》的作者是谁？李白王之涣",
-         "续写：这首诗的作者是孟浩然。", "What is two plus two? It is four. Hello!"] * 20
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dpo_tok")
-    return Tokenizer(train_tokenizer(iter(TEXTS), str(d / "tok"), 400, num_threads=1, verbose=False))
-
-
-def tiny_model(tok, seed=0):
-    torch.manual_seed(seed)
-    args = dict(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=64)
-    return Transformer(ModelArgs(**args)), args
-
-
-U = lambda c: {"role": "user", "content": c}
-A = lambda c: {"role": "assistant", "content": c}
 PAIRS = [
     {"system": None, "prompt": [U("《静夜思》的作者是谁？")], "chosen": "《静夜思》的作者是李白。",
      "rejected": "《静夜思》的作者是王之涣。"},
@@ -107,21 +107,21 @@ PAIRS = [
 ]
 
 
-def test_tokenize_pair_matches_chat_template(tok):
+def test_tokenize_pair_matches_chat_template(tiny_tok):
     for p in PAIRS:
-        prompt, c, r, truncated = tokenize_pair(tok, p, 1000)
+        prompt, c, r, truncated = tokenize_pair(tiny_tok, p, 1000)
         assert not truncated
-        ids, labels = encode_conversation(tok, p["prompt"] + [A(p["chosen"])], p["system"])
+        ids, labels = encode_conversation(tiny_tok, p["prompt"] + [A(p["chosen"])], p["system"])
         assert prompt + c == ids  # the same tokens the SFT model was trained on
         assert labels[len(prompt):] == c  # the final reply (content + <|end|>) is what SFT scores last
-    prompt, c, r, truncated = tokenize_pair(tok, PAIRS[1], 19)  # at most max_seq_len + 1 = 20 tokens
+    prompt, c, r, truncated = tokenize_pair(tiny_tok, PAIRS[1], 19)  # at most max_seq_len + 1 = 20 tokens
     assert truncated and len(prompt) + len(c) <= 20 and len(prompt) + len(r) <= 20
 
 
-def test_logps_cover_reply_tokens_only(tok):
-    model, _ = tiny_model(tok)
+def test_logps_cover_reply_tokens_only(tiny_tok):
+    model, _ = chat_model(tiny_tok)
     model.eval()
-    items = [tokenize_pair(tok, p, 1000)[:3] for p in PAIRS]
+    items = [tokenize_pair(tiny_tok, p, 1000)[:3] for p in PAIRS]
     x, y = collate_pairs(items, pad_id=0)
     assert x.shape[0] == 4  # chosen rows, then rejected rows, in one batch
     with torch.no_grad():
@@ -141,19 +141,19 @@ def test_logps_cover_reply_tokens_only(tok):
         lc2, lr2, _, _ = concatenated_logps(model, x2, y2)
         assert torch.allclose(lc2[:2], lc, atol=1e-5) and torch.allclose(lr2[:2], lr_, atol=1e-5)
     # prompt targets never scored: zeroing the logits' rows at prompt positions leaves the sums unchanged
-    logits = torch.randn(*x.shape, tok.vocab_size)
+    logits = torch.randn(*x.shape, tiny_tok.vocab_size)
     base, _ = sequence_logps(logits, y)
     hit = logits.clone()
     hit[y == IGNORE] = 1e4 * torch.randn_like(hit[y == IGNORE])
     assert torch.allclose(sequence_logps(hit, y)[0], base)
 
 
-def test_reference_frozen_copy_gets_no_gradient(tok):
-    policy, args = tiny_model(tok)
+def test_reference_frozen_copy_gets_no_gradient(tiny_tok):
+    policy, args = chat_model(tiny_tok)
     ref = frozen_copy(args, policy.state_dict(), "cpu")
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    x, y = collate_pairs([tokenize_pair(tok, p, 1000)[:3] for p in PAIRS], 0)
+    x, y = collate_pairs([tokenize_pair(tiny_tok, p, 1000)[:3] for p in PAIRS], 0)
     for step in range(6):
         with torch.no_grad():
             rc, rr, _, _ = concatenated_logps(ref, x, y)
@@ -170,11 +170,11 @@ def test_reference_frozen_copy_gets_no_gradient(tok):
     assert loss.item() < math.log(2)  # the loss of the 6th step: 5 updates in, the policy prefers chosen
 
 
-def test_lora_reference_is_base_with_adapters_off(tok):
-    model, args = tiny_model(tok)
+def test_lora_reference_is_base_with_adapters_off(tiny_tok):
+    model, args = chat_model(tiny_tok)
     original = frozen_copy(args, model.state_dict(), "cpu")
     apply_lora(model, rank=4, alpha=8)
-    x, y = collate_pairs([tokenize_pair(tok, p, 1000)[:3] for p in PAIRS], 0)
+    x, y = collate_pairs([tokenize_pair(tiny_tok, p, 1000)[:3] for p in PAIRS], 0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         with torch.no_grad(), adapters_off(model):
@@ -203,14 +203,14 @@ MORE = PAIRS + [
 LOSS = dict(beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, sft_weight=0.0)
 
 
-def test_step0_batch_loss_is_log2_for_every_kind_of_reference(tok):
+def test_step0_batch_loss_is_log2_for_every_kind_of_reference(tiny_tok):
     """At step 0 the policy is the reference: with a frozen copy, with the LoRA policy's adapters switched off
     and with cached log-probs, the loss is log 2 and every reward 0."""
-    model, args = tiny_model(tok)
-    items = [tokenize_pair(tok, p, 63)[:3] for p in MORE]
+    model, args = chat_model(tiny_tok)
+    items = [tokenize_pair(tiny_tok, p, 63)[:3] for p in MORE]
     idx = [0, 1, 2, 3]
     cache = {"train": pair_logps(model.eval(), items, idx, 0, "cpu", nullcontext())}
-    lora_model, _ = tiny_model(tok)
+    lora_model, _ = chat_model(tiny_tok)
     apply_lora(lora_model, rank=4, alpha=8)
     for p in lora_model.parameters():  # an adapter that has learned something: B no longer zero
         if p.requires_grad:
@@ -226,7 +226,7 @@ def test_step0_batch_loss_is_log2_for_every_kind_of_reference(tok):
             assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-5) and m["rewards/accuracies"] == 0
         assert n_tok == sum(len(p) + len(c) - 1 + len(p) + len(r) - 1 for p, c, r in items)
     # adapters off, the LoRA policy's reference log-probs are the base model's
-    base = frozen_copy(args, tiny_model(tok)[0].state_dict(), "cpu")
+    base = frozen_copy(args, chat_model(tiny_tok)[0].state_dict(), "cpu")
     x, y = collate_pairs(items, 0)
     got = Reference("adapters_off", lora_model).logps(x, y, "train", torch.tensor(idx))
     want = concatenated_logps(base, x, y)[:2]
@@ -234,9 +234,9 @@ def test_step0_batch_loss_is_log2_for_every_kind_of_reference(tok):
     assert lora_model.training  # the reference pass restores the policy's mode
 
 
-def test_cached_reference_equals_frozen_copy_after_the_policy_moved(tok):
-    model, args = tiny_model(tok)
-    items = [tokenize_pair(tok, p, 63)[:3] for p in MORE]
+def test_cached_reference_equals_frozen_copy_after_the_policy_moved(tiny_tok):
+    model, args = chat_model(tiny_tok)
+    items = [tokenize_pair(tiny_tok, p, 63)[:3] for p in MORE]
     frozen = Reference("model", frozen_copy(args, model.state_dict(), "cpu"))
     cached = Reference("cached", cache={"train": pair_logps(model.eval(), items, [0, 1, 2, 3], 0, "cpu",
                                                             nullcontext())})
@@ -256,13 +256,13 @@ def test_cached_reference_equals_frozen_copy_after_the_policy_moved(tok):
     assert a[0].item() < math.log(2)  # the policy moved toward the chosen replies
 
 
-def test_held_out_metrics_weight_every_pair_equally_whatever_the_batch(tok):
-    model, args = tiny_model(tok)
+def test_held_out_metrics_weight_every_pair_equally_whatever_the_batch(tiny_tok):
+    model, args = chat_model(tiny_tok)
     ref = Reference("model", frozen_copy(args, model.state_dict(), "cpu"))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    items = [tokenize_pair(tok, p, 63)[:3] for p in MORE]
+    items = [tokenize_pair(tiny_tok, p, 63)[:3] for p in MORE]
     kinds = [p.get("kind") for p in MORE]
     one = evaluate_pairs(model, ref, items, kinds, 1, 0, "cpu", nullcontext(), "sigmoid", **LOSS)
     three = evaluate_pairs(model, ref, items, kinds, 3, 0, "cpu", nullcontext(), "sigmoid", **LOSS)

@@ -1,5 +1,5 @@
-"""The whole pipeline as a user runs it, on a small corpus written here:
-train_tokenizer -> data_process -> pretrain (a few iterations) -> eval (samples and val loss)."""
+"""The pretraining pipeline as a user runs it, on a small corpus written here: python -m tokenizer -> data_process.py
+-> pretrain.py (a few iterations) -> eval.py (samples and val loss)."""
 import json
 import math
 import os

@@ -1,24 +1,18 @@
-"""checkpoint.py and the loop helpers of train_utils, one by one: atomic writes, the adapter-or-full choice,
-models back from any checkpoint (a LoRA one whose folder moved included), what a resumed run takes from its
-checkpoint and refuses to change, when a loop evaluates and saves, and training time without evaluation time."""
+"""babyllama/checkpoint.py one piece at a time: atomic writes (and the temp files of killed writers removed), the
+adapter-or-full training state, what a resumed run takes from its checkpoint and refuses to change (a new run over
+an old one included), when a loop evaluates and saves, and the losses that stop a run."""
 import os
-import shutil
+import subprocess
+import sys
 
+from conftest import SMALL_ARGS, tiny_model
 import pytest
 import torch
 
-from babyllama import checkpoint as ck, dist, models, runlog
+from babyllama import checkpoint as ck, dist, runlog
 from babyllama.atomic import atomic_path
 from babyllama.lora import apply_lora, lora_state_dict
 from babyllama.rng import rng_state
-from model import ModelArgs, Transformer
-
-ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16)
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(**ARGS))
 
 
 def test_save_is_atomic_and_load_names_a_missing_file(tmp_path):
@@ -35,8 +29,18 @@ def test_save_is_atomic_and_load_names_a_missing_file(tmp_path):
         ck.load(str(tmp_path / "nope.pt"))
 
 
+def test_temp_files_of_killed_writers_are_removed_on_the_next_save(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    open(f"{path}.tmp.{dead.pid}", "wb").write(b"half")
+    open(f"{path}.tmp.{os.getpid()}x", "wb").write(b"not ours")  # not a pid: left alone
+    ck.save(path, {"iter_num": 1})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", f"ckpt.pt.tmp.{os.getpid()}x"]
+
+
 def test_training_state_holds_adapters_only_for_lora():
-    model = tiny()
+    model = tiny_model(**SMALL_ARGS)
     opt = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     full = ck.training_state(model, opt, scaler, [rng_state()], iter_num=3, init_ckpt="base.pt")
@@ -46,25 +50,6 @@ def test_training_state_holds_adapters_only_for_lora():
     assert "model" not in lora and lora["base_ckpt"] == "base.pt"
     assert set(lora["lora"]) == set(lora_state_dict(model)) and all("lora_" in k for k in lora["lora"])
     assert lora["lora_config"] == {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["wq", "wv"]}
-
-
-def test_load_model_merges_a_lora_checkpoint_whose_folder_moved(tmp_path):
-    base = tiny()
-    ck.save(str(tmp_path / "run" / "base.pt"), {"model": base.state_dict(), "model_args": ARGS})
-    adapted = apply_lora(tiny(), rank=2, alpha=4.0, targets="wq,w2")
-    for name, p in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p)  # a trained adapter changes the outputs
-    ck.save(str(tmp_path / "run" / "ckpt.pt"), {"lora": lora_state_dict(adapted), "model_args": ARGS,
-                                                "lora_config": adapted.lora_config,
-                                                "base_ckpt": str(tmp_path / "run" / "base.pt")})
-    shutil.move(tmp_path / "run", tmp_path / "moved")  # base_ckpt now names a path that is gone
-    model, ckpt = models.load_model(str(tmp_path / "moved" / "ckpt.pt"))
-    assert not any("lora_" in k for k in model.state_dict())  # merged: a plain Transformer
-    x = torch.randint(0, 64, (2, 8))
-    with torch.no_grad():
-        assert torch.allclose(model(x)[0], adapted(x)[0], atol=1e-5)
-        assert not torch.allclose(model(x)[0], base(x)[0], atol=1e-3)
 
 
 def test_resume_config_takes_locked_keys_from_the_checkpoint_and_refuses_changes():
@@ -84,28 +69,31 @@ def test_resume_config_takes_locked_keys_from_the_checkpoint_and_refuses_changes
     assert ck.resume("scratch", "scratch", "x.pt", "cpu", {}, [], keys) == (None, {})
 
 
-def test_finetune_model_resumes_the_adapters_on_the_starting_weights(tmp_path):
-    ck.save(str(tmp_path / "base.pt"), {"model": tiny().state_dict(), "model_args": ARGS})
-    model, args, start, _ = models.finetune_model(str(tmp_path / "base.pt"), None, "cpu", seed=1, max_seq_len=12,
-                                              lora_rank=2, lora_alpha=4.0, lora_targets="wq")
-    assert args["max_seq_len"] == 12 and model.lora_config["alpha"] == 4.0
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            torch.nn.init.normal_(p)
-    saved = {"lora": lora_state_dict(model)}
-    again, _, _, _ = models.finetune_model(str(tmp_path / "base.pt"), saved, "cpu", seed=2, max_seq_len=12,
-                                       lora_rank=2, lora_alpha=4.0, lora_targets="wq")
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
-    assert set(start) == set(tiny().state_dict())  # the starting weights, plain names (the DPO reference)
+def test_resume_step_refuses_a_new_run_over_a_checkpoint_unless_told(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    ck.save(path, {"iter_num": 7})
+    ck.save(str(tmp_path / "best.pt"), {"iter_num": 5})
+    with pytest.raises(SystemExit, match=r"a run of 7 iterations.*--init_from=resume.*--overwrite=True"):
+        ck.resume("scratch", "scratch", path, "cpu", {}, [], (), overwrite=False)
+    assert ck.resume("scratch", "scratch", path, "cpu", {}, [], (), overwrite=True) == (None, {})
+    # (the Checkpointer of the new run then removes ckpt.pt and best.pt: below)
+
+
+def test_resume_refuses_lora_on_a_full_checkpoint():
+    ckpt = {"config": {"lora_rank": 0, "max_seq_len": 64}}
+    with pytest.raises(SystemExit, match=r"lora_rank=8 \(checkpoint: 0\)"):
+        ck.resume_config(ckpt, {"lora_rank": 8, "max_seq_len": 64}, ["lora_rank"], ck.FINETUNE_KEYS)
+    with pytest.raises(SystemExit, match=r"max_seq_len=128 \(checkpoint: 64\)"):
+        ck.resume_config(ckpt, {"lora_rank": 0, "max_seq_len": 128}, ["max_seq_len"], ck.FINETUNE_KEYS)
 
 
 def checkpointer(tmp_path, ckpt=None, always=True):
-    model = tiny()
+    model = tiny_model(**SMALL_ARGS)
     run = dist.setup_run("cpu", "float32", 0, 1, str(tmp_path))
     log = runlog.JsonlLog(str(tmp_path / "log.jsonl"), resume_from=ckpt["iter_num"] if ckpt else None)
     optimizer = ck.training_optimizer(model, None, run, 0, 0.0, 1e-3, (0.9, 0.95))
     return ck.Checkpointer(str(tmp_path / "ckpt.pt"), ckpt, run, model, optimizer, log, 2, always,
-                           model_args=ARGS, config={})
+                           model_args=SMALL_ARGS, config={})
 
 
 def loop(c, iters, losses):
@@ -134,7 +122,7 @@ def test_checkpointer_evaluates_and_saves_the_same_way_for_every_script(tmp_path
     losses[8] = 9.0  # the end is saved even when it is no improvement
     assert loop(checkpointer(tmp_path / "c", always=False), range(9), losses) == ([0, 2, 4, 6, 8], [2, 8])
     saved = ck.load(str(tmp_path / "c" / "ckpt.pt"))
-    assert saved["iter_num"] == 8 and saved["best_val_loss"] == 4.0 and saved["model_args"] == ARGS
+    assert saved["iter_num"] == 8 and saved["best_val_loss"] == 4.0 and saved["model_args"] == SMALL_ARGS
     # resumed at 4 with best 4.0: no evaluation or save at 4 itself
     resumed = checkpointer(tmp_path / "d", {"iter_num": 4, "best_val_loss": 4.0}, always=False)
     assert loop(resumed, range(4, 9), {6: 4.2, 8: 3.5}) == ([6, 8], [8])
@@ -173,3 +161,12 @@ def test_a_new_run_removes_the_old_runs_checkpoints_before_writing(tmp_path):
     ck.save(str(tmp_path / "best.pt"), {"iter_num": 7})
     checkpointer(tmp_path)  # a new run (the script's resume step let it through: --overwrite=True)
     assert not os.path.exists(tmp_path / "ckpt.pt") and not os.path.exists(tmp_path / "best.pt")
+
+
+def test_a_time_boxed_stop_right_after_an_evaluation_does_not_evaluate_again(tmp_path):
+    run = dist.setup_run("cpu", "float32", 0, 1, str(tmp_path))
+    c = ck.Checkpointer(str(tmp_path / "ckpt.pt"), None, run, None, None, None, 200, True)
+    c.evaluated_at = 400  # what after_eval records
+    assert c.eval_due(400, False) and c.eval_due(600, False)
+    assert not c.eval_due(401, last=True)  # stopped by max_minutes one step after the evaluation at 400
+    assert c.eval_due(402, last=True)  # training since: evaluate the end
