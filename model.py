@@ -6,7 +6,7 @@ kernel in babyllama/cross_entropy.py.
 
 RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (the first half of each head's
 dimensions pairs with the second half), so exporting to HF is a renaming of tensors, with no permutation
-of wq/wk. tests/test_model_hf_parity.py proves the logits equal.
+of wq/wk. tests/unit/test_model.py proves the logits equal.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
