@@ -4,8 +4,11 @@ and the comparisons of two training runs.
 
 tests/unit: in-process tests, one file per library module (and model.py). tests/scripts: tests of one root script
 or package command line each (run as a subprocess, under torchrun or with python -m; a script's own functions are
-tested there too). The repository root is on sys.path through pytest.ini (pythonpath); this folder through pytest
-itself (it holds this conftest.py), so a test imports `from conftest import ...` and `from read_set import ...`."""
+tested there too). tests/test_structure.py: the layout rules of ARCHITECTURE.md, on the whole tree. The repository
+root is on sys.path through pytest.ini (pythonpath); this folder through pytest itself (unit/ and scripts/ are
+packages, so a library module and its script may share a test file's name, and the first folder above them that
+is not is this one), so a test imports `from conftest import ...` and `from read_set import ...`."""
+import csv
 import json
 import os
 import subprocess
@@ -15,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from babyllama import checkpoint as ck, runlog
+from babyllama import checkpoint_io, runlog
+from babyllama.models import save_merged
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train_tokenizer
@@ -128,8 +132,9 @@ def write_chat_files(d, tok):
     """Folder d with a base checkpoint of chat_model(tok) naming its tokenizer (base.pt), CONVERSATIONS
     (train.jsonl) and PAIRS (pairs.jsonl). Returns d."""
     model, args = chat_model(tok)
-    ck.save(str(d / "base.pt"), {"model": model.state_dict(), "model_args": args, "iter_num": 0, "config": {},
-                                 "tokenizer": tok.model_path, "tokenizer_sha256": tok.sha256()})
+    checkpoint_io.save(str(d / "base.pt"), {"model": model.state_dict(), "model_args": args, "iter_num": 0,
+                                            "config": {}, "tokenizer": tok.model_path,
+                                            "tokenizer_sha256": tok.sha256()})
     write_jsonl(d / "train.jsonl", [dict(c, source="t") for c in CONVERSATIONS])
     write_jsonl(d / "pairs.jsonl", PAIRS)
     return d
@@ -202,7 +207,8 @@ def assert_same_run(ref_dir, ref_ckpt, other_dir, other_ckpt, tol, weight_tol=No
     for it in a:
         assert abs(a[it] - b[it]) <= tol, (it, a[it], b[it])
     assert a[max(a)] < a[0]
-    w1, w2 = ck.load(str(ref_dir / ref_ckpt))[key], ck.load(str(other_dir / other_ckpt))[key]
+    w1 = checkpoint_io.load(str(ref_dir / ref_ckpt))[key]
+    w2 = checkpoint_io.load(str(other_dir / other_ckpt))[key]
     assert set(w1) == set(w2)
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=weight_tol or tol, rtol=0), k
@@ -210,7 +216,7 @@ def assert_same_run(ref_dir, ref_ckpt, other_dir, other_ckpt, tol, weight_tol=No
 
 def first_gradient(out_dir):
     """AdamW's first moment after one step is (1 - beta1) x the gradient: the checkpoint holds the gradient."""
-    state = ck.load(str(out_dir / "ckpt.pt"))["optimizer"]["state"]
+    state = checkpoint_io.load(str(out_dir / "ckpt.pt"))["optimizer"]["state"]
     return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)]) / (1 - 0.9)
 
 
@@ -288,3 +294,58 @@ POETRY_RECORDS = [
 POETRY_TEXTS = ["静夜思\n李白\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
                 "如梦令\n李清照\n常记溪亭日暮，\n沉醉不知归路。",
                 "学而篇\n子曰：学而时习之，不亦说乎？"]
+
+
+# ---- exam files (C-Eval's layout) --------------------------------------------------------------------------------
+
+QUESTIONS = [  # (question, options, answer): hand-written, short, characters the tiny tokenizer knows
+    ("床前明月光的下一句", ["疑是地上霜", "黄河入海流", "处处闻啼鸟", "花落知多少"], "A"),
+    ("白日依山尽的下一句", ["疑是地上霜", "黄河入海流", "处处闻啼鸟", "花落知多少"], "B"),
+    ("春眠不觉晓的下一句", ["疑是地上霜", "黄河入海流", "处处闻啼鸟", "花落知多少"], "C"),
+    ("夜来风雨声的下一句", ["疑是地上霜", "黄河入海流", "处处闻啼鸟", "花落知多少"], "D"),
+    ("静夜思的作者是谁", ["李白", "王之涣", "孟浩然", "助手"], "A"),
+]
+
+
+def write_csv(path, rows, header=("id", "question", "A", "B", "C", "D", "answer")):
+    """rows under header as a CSV file at path (its folders made). Returns path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def write_exam(d, subjects=("poems", "authors"), n_dev=3):
+    """<d>/val/<subject>_val.csv (QUESTIONS) and <d>/dev/<subject>_dev.csv, whose questions carry a marker naming
+    them (<subject>样例<i>号). Returns d."""
+    for s in subjects:
+        write_csv(d / "val" / f"{s}_val.csv", [(i, q, *o, a) for i, (q, o, a) in enumerate(QUESTIONS)])
+        write_csv(d / "dev" / f"{s}_dev.csv", [(i, f"{s}样例{i}号", "甲", "乙", "丙", "丁", "ABCD"[i % 4])
+                                                for i in range(n_dev)])
+    return d
+
+
+# ---- what the RL scripts start from ------------------------------------------------------------------------------
+
+JING_YE_SI = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
+# the RL runs' tiny policy (vocab_size: the tokenizer's)
+RL_ARGS = dict(dim=32, n_kv_heads=None, max_seq_len=48)
+
+
+@pytest.fixture(scope="session")
+def rl_files(tiny_tok, tmp_path_factory):
+    """(folder, flags): an SFT checkpoint of tiny_model(0, **RL_ARGS) (sft.pt), nine poem requests (q.jsonl, the
+    training and the held-out prompts), and grpo.py's flags for a run that rewards the share of "月" in a reply."""
+    d = tmp_path_factory.mktemp("rl")
+    save_merged(str(d / "sft.pt"), tiny_model(0, vocab_size=tiny_tok.vocab_size, **RL_ARGS), iter_num=0, config={},
+                tokenizer=tiny_tok.model_path, tokenizer_sha256=tiny_tok.sha256())
+    poems = [JING_YE_SI, "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。", "春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。"]
+    write_jsonl(d / "q.jsonl", [{"kind": "poem", "question": f"请写一首题为《诗{i}》的诗。", "reference": p}
+                                for i, p in enumerate(poems * 3)])
+    flags = [f"--init_ckpt={d / 'sft.pt'}", f"--train_prompts={d / 'q.jsonl'}", f"--val_prompts={d / 'q.jsonl'}",
+             "--reward=char:月", "--max_new_tokens=8", "--group_size=8", "--prompts_per_iter=2", "--minibatch_size=16",
+             "--learning_rate=1e-2", "--min_lr=1e-2", "--warmup_iters=0", "--beta=0.0", "--dtype=float32",
+             "--num_threads=1"]
+    return d, flags
