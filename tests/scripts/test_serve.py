@@ -2,20 +2,21 @@
 every refusal, and 8 concurrent clients that each get the answer they get alone."""
 import http.client
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 
-from conftest import ENV, ROOT
+from conftest import ENV, ROOT, tiny_model
 import pytest
-from sft_fixtures import tiny_tokenizer
 import torch
 
-from babyllama.models import save_merged
+from babyllama.dist import free_port
 from babyllama.generate import generate
-from model import ModelArgs, Transformer
+from babyllama.models import save_merged
 from tokenizer.chat_template import encode_prompt, stop_ids
 
 openai = pytest.importorskip("openai")
@@ -24,19 +25,11 @@ pytest.importorskip("uvicorn")
 KEY = "test-key"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    tok = tiny_tokenizer(d)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
-                                  max_seq_len=64, multiple_of=16)).eval()
+def server(tiny_tok, tmp_path_factory):
+    """serve.py on a free port, serving a tiny model with spread weights (its greedy answers are no near-ties)."""
+    d, tok = tmp_path_factory.mktemp("serve"), tiny_tok
+    model = tiny_model(0, dim=48, vocab_size=tok.vocab_size).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3) if p.dim() > 1 else None
@@ -173,7 +166,6 @@ def test_the_chat_page_is_served(server):
 def test_chat_page_in_a_real_browser_streams_two_turns(server, tmp_path):
     """Headless Chromium (Debian's chromium + chromium-driver, through selenium) loads the page, sends a
     message, sees the streamed reply, sends a second turn that carries the first; a screenshot goes to out/."""
-    import shutil
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     chromium, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not chromium or not driver_path:
@@ -209,9 +201,6 @@ def test_chat_page_in_a_real_browser_streams_two_turns(server, tmp_path):
             history.append({"role": "assistant", "content": want})
             assert "pieces/s" in driver.find_element(By.ID, "status").text  # it streamed, and says how fast
         assert not driver.find_elements(By.CSS_SELECTOR, ".error")
-        import os
-
-        from conftest import ROOT
         os.makedirs(os.path.join(ROOT, "out"), exist_ok=True)
         driver.save_screenshot(os.path.join(ROOT, "out", "serve_page.png"))
     finally:
