@@ -1,37 +1,32 @@
 """export.py: a Hugging Face folder that transformers loads offline and that computes our logits, greedy text and
-chat-template ids; import of a Hugging Face Llama folder; export then import is the identity; what import refuses."""
+chat-template ids; import of a Hugging Face Llama folder; export then import is the identity; what import refuses;
+GGUF files (our tensors, tokenizer and template; llama.cpp's RoPE layout); a LoRA checkpoint exported merged; a
+sharded checkpoint made one file. The tensor names themselves: tests/unit/test_hf.py."""
 import json
 import os
 
-from conftest import run_script
+from conftest import run_script, spread_weights_, tiny_model, write_motif_bins
 import numpy as np
 import pytest
-from sft_fixtures import tiny_tokenizer
 import torch
 import torch.distributed.checkpoint as dcp
 
-from babyllama.models import save_merged
+from babyllama.checkpoint_io import save
 from babyllama.generate import generate
-from export import export_hf, import_hf
-from model import ModelArgs, Transformer
+from babyllama.lora import apply_lora, lora_parameters, lora_state_dict
+from babyllama.models import load_model, save_merged
+from export import CHAT_TEMPLATE, export_gguf, export_hf, gguf_name, gguf_rope_rows, import_hf
+from model import apply_rope, ffn_hidden_dim
 from tokenizer.chat_template import encode_prompt
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 def random_model(tok, seed=0, **kw):
-    torch.manual_seed(seed)
-    args = dict(dim=48, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=64, multiple_of=16)
-    m = Transformer(ModelArgs(**dict(args, **kw)))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)  # norms too: no weight left at its init
-    return m.eval()
+    """A tiny model for tok's vocabulary (48 wide, multi-head attention unless kw say otherwise) with no weight
+    left at its init, norms included."""
+    args = dict(dim=48, n_kv_heads=None, vocab_size=tok.vocab_size)
+    return spread_weights_(tiny_model(seed, **dict(args, **kw)), seed, std=0.2).eval()
 
 
 def load_hf(folder):
@@ -45,11 +40,11 @@ SHAPES = {"base": {}, "gqa": dict(n_kv_heads=2), "untied": dict(tie_embeddings=F
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_exported_folder_gives_our_logits_and_greedy_text(tok, tmp_path, shape):
-    model = random_model(tok, **SHAPES[shape])
-    export_hf(model, tok, str(tmp_path / "hf"))
+def test_exported_folder_gives_our_logits_and_greedy_text(tiny_tok, tmp_path, shape):
+    model = random_model(tiny_tok, **SHAPES[shape])
+    export_hf(model, tiny_tok, str(tmp_path / "hf"))
     hf, _ = load_hf(str(tmp_path / "hf"))
-    ids = torch.tensor([tok.encode("床前明月光，疑是地上霜。举头望明月，")])
+    ids = torch.tensor([tiny_tok.encode("床前明月光，疑是地上霜。举头望明月，")])
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4
         theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.0, eos_token_id=None,
@@ -57,9 +52,9 @@ def test_exported_folder_gives_our_logits_and_greedy_text(tok, tmp_path, shape):
     assert theirs == generate(model, ids, 12, temperature=0.0)[0]
 
 
-def test_bf16_export_stores_bf16_weights(tok, tmp_path):
+def test_bf16_export_stores_bf16_weights(tiny_tok, tmp_path):
     from safetensors import safe_open
-    export_hf(random_model(tok), tok, str(tmp_path / "hf"), "bfloat16")
+    export_hf(random_model(tiny_tok), tiny_tok, str(tmp_path / "hf"), "bfloat16")
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
         assert "lm_head.weight" not in f.keys()  # tied: stored once
@@ -75,20 +70,20 @@ CONVERSATIONS = [
 
 
 @pytest.mark.parametrize("use_fast", [True, False])
-def test_apply_chat_template_gives_our_prompt_ids(tok, tmp_path, use_fast):
-    export_hf(random_model(tok), tok, str(tmp_path / "hf"))
+def test_apply_chat_template_gives_our_prompt_ids(tiny_tok, tmp_path, use_fast):
+    export_hf(random_model(tiny_tok), tiny_tok, str(tmp_path / "hf"))
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True,
                                                         use_fast=use_fast)
     for system, msgs in CONVERSATIONS:
         full = ([{"role": "system", "content": system}] if system else []) + msgs
         ids = hf_tok.apply_chat_template(full, add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        assert list(ids) == encode_prompt(tok, msgs, system)
-    assert hf_tok.decode(tok.encode("床前明月光 a\tb")) == "床前明月光 a\tb"
+        assert list(ids) == encode_prompt(tiny_tok, msgs, system)
+    assert hf_tok.decode(tiny_tok.encode("床前明月光 a\tb")) == "床前明月光 a\tb"
 
 
-def test_import_gives_the_logits_of_transformers(tok, tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=100,
+def test_import_gives_the_logits_of_transformers(tiny_tok, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=64, intermediate_size=100,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
     torch.manual_seed(1)
@@ -97,25 +92,25 @@ def test_import_gives_the_logits_of_transformers(tok, tmp_path):
         for p in hf.parameters():
             p.normal_(0, 0.2)
     hf.save_pretrained(str(tmp_path / "src"))
-    (tmp_path / "src" / "tokenizer.model").write_bytes(open(tok.model_path, "rb").read())
+    (tmp_path / "src" / "tokenizer.model").write_bytes(open(tiny_tok.model_path, "rb").read())
     model, _ = import_hf(str(tmp_path / "src"), str(tmp_path / "ours"))
     assert model.args.hidden_dim == 100 and model.args.n_kv_heads == 2  # a width the multiple_of rule cannot give
-    ids = torch.tensor([tok.encode("白日依山尽，黄河入海流。")])
+    ids = torch.tensor([tiny_tok.encode("白日依山尽，黄河入海流。")])
     with torch.no_grad():
         assert (model(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
 
 
-def test_export_then_import_is_the_identity_on_weights_and_tokenizer(tok, tmp_path):
-    model = random_model(tok, n_kv_heads=2, tie_embeddings=False)
-    save_merged(str(tmp_path / "ckpt.pt"), model, iter_num=3, config={}, tokenizer=tok.model_path,
-                tokenizer_sha256=tok.sha256())
+def test_export_then_import_is_the_identity_on_weights_and_tokenizer(tiny_tok, tmp_path):
+    model = random_model(tiny_tok, n_kv_heads=2, tie_embeddings=False)
+    save_merged(str(tmp_path / "ckpt.pt"), model, iter_num=3, config={}, tokenizer=tiny_tok.model_path,
+                tokenizer_sha256=tiny_tok.sha256())
     run_script("export.py", f"--ckpt_path={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'hf'}")
     run_script("export.py", f"--import_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'back'}")
     back = torch.load(tmp_path / "back" / "ckpt.pt", weights_only=True)
     theirs, ours = back["model"], model.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
-    assert open(tmp_path / "back" / "tokenizer.model", "rb").read() == open(tok.model_path, "rb").read()
-    assert back["tokenizer_sha256"] == tok.sha256()
+    assert open(tmp_path / "back" / "tokenizer.model", "rb").read() == open(tiny_tok.model_path, "rb").read()
+    assert back["tokenizer_sha256"] == tiny_tok.sha256()
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -124,8 +119,8 @@ def test_export_then_import_is_the_identity_on_weights_and_tokenizer(tok, tmp_pa
     ("hidden_act", "gelu", "hidden_act='gelu'"),
     ("model_type", "mistral", "model_type 'mistral'"),
 ])
-def test_import_refuses_what_it_cannot_represent_naming_the_field(tok, tmp_path, field, value, message):
-    export_hf(random_model(tok), tok, str(tmp_path / "hf"))
+def test_import_refuses_what_it_cannot_represent_naming_the_field(tiny_tok, tmp_path, field, value, message):
+    export_hf(random_model(tiny_tok), tiny_tok, str(tmp_path / "hf"))
     path = tmp_path / "hf" / "config.json"
     cfg = json.loads(path.read_text())
     cfg[field] = value
@@ -134,8 +129,8 @@ def test_import_refuses_what_it_cannot_represent_naming_the_field(tok, tmp_path,
         import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
 
 
-def test_import_refuses_a_tokenizer_that_is_not_sentencepiece(tok, tmp_path):
-    export_hf(random_model(tok), tok, str(tmp_path / "hf"))
+def test_import_refuses_a_tokenizer_that_is_not_sentencepiece(tiny_tok, tmp_path):
+    export_hf(random_model(tiny_tok), tiny_tok, str(tmp_path / "hf"))
     os.remove(tmp_path / "hf" / "tokenizer.model")
     with pytest.raises(ValueError, match="no tokenizer.model; the tokenizer must be a sentencepiece model"):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
@@ -158,7 +153,6 @@ def read_gguf(path):
 def ours_in_gguf_layout(model):
     """Our tensors under llama.cpp's names, wq/wk rows in the interleaved RoPE layout: computed here from the
     rule (row 2i <- row i, row 2i + 1 <- row hd/2 + i of each head), not with export.gguf_rope_rows."""
-    from export import gguf_name
     out = {}
     for name, t in model.state_dict().items():
         if name == "output.weight" and model.args.tie_embeddings:
@@ -173,10 +167,9 @@ def ours_in_gguf_layout(model):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "q8_0"])
-def test_gguf_file_holds_our_tensors_tokenizer_and_template(tok, tmp_path, dtype):
-    from export import CHAT_TEMPLATE, export_gguf
-    model = random_model(tok, dim=64, n_kv_heads=2, tie_embeddings=False)
-    export_gguf(model, tok, str(tmp_path / "m.gguf"), dtype)
+def test_gguf_file_holds_our_tensors_tokenizer_and_template(tiny_tok, tmp_path, dtype):
+    model = random_model(tiny_tok, dim=64, n_kv_heads=2, tie_embeddings=False)
+    export_gguf(model, tiny_tok, str(tmp_path / "m.gguf"), dtype)
     tensors, fields = read_gguf(tmp_path / "m.gguf")
     want = ours_in_gguf_layout(model)
     assert tensors.keys() == want.keys()
@@ -191,26 +184,21 @@ def test_gguf_file_holds_our_tensors_tokenizer_and_template(tok, tmp_path, dtype
             bound = blocks.abs().amax(1, keepdim=True) / 127 * (0.5 + 127 * 2 ** -11) + 1e-7
             assert ((got.reshape(-1, 32) - blocks).abs() <= bound).all(), name
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
-    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.feed_forward_length"] == ffn(model)
+    assert fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.feed_forward_length"] == ffn_hidden_dim(model.args)
     assert fields["tokenizer.ggml.model"] == "llama"
-    assert fields["tokenizer.ggml.tokens"] == [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert fields["tokenizer.ggml.tokens"] == [tiny_tok.sp.id_to_piece(i) for i in range(tiny_tok.vocab_size)]
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
-            fields["tokenizer.ggml.padding_token_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
-    assert fields["tokenizer.ggml.eot_token_id"] == tok.end_id and fields["tokenizer.ggml.add_space_prefix"] is False
+            fields["tokenizer.ggml.padding_token_id"]) == (tiny_tok.bos_id, tiny_tok.eos_id, tiny_tok.pad_id)
+    assert fields["tokenizer.ggml.eot_token_id"] == tiny_tok.end_id
+    assert fields["tokenizer.ggml.add_space_prefix"] is False
     assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE
 
 
-def ffn(model):
-    from model import ffn_hidden_dim
-    return ffn_hidden_dim(model.args)
-
-
-def test_interleaved_rope_on_reordered_rows_gives_our_attention_scores(tok):
+def test_interleaved_rope_on_reordered_rows_gives_our_attention_scores(tiny_tok):
     # llama.cpp's "llama" RoPE, written here from its definition: dims (2i, 2i + 1) of a head rotate by
     # pos * theta^(-2i / hd). Applied to the reordered wq/wk it must give our queries . keys at every position.
-    from export import gguf_rope_rows
-    from model import apply_rope
-    model = random_model(tok, dim=64, n_kv_heads=4)
+    model = random_model(tiny_tok, dim=64, n_kv_heads=4)
     att = model.layers[0].attention
     H, hd, T = 4, 16, 7
     x = torch.randn(T, 64)
@@ -233,20 +221,19 @@ def test_interleaved_rope_on_reordered_rows_gives_our_attention_scores(tok):
 
 
 @pytest.mark.slow
-def test_llama_cpp_continues_our_gguf_as_we_do(tok, tmp_path):
+def test_llama_cpp_continues_our_gguf_as_we_do(tiny_tok, tmp_path):
     """A real llama.cpp (llama-cpp-python compiles it at install: pip install llama-cpp-python) reads the f32
     and q8_0 files and its greedy continuation equals ours (f32) / starts as ours does (q8_0)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp "
                                                          "from source: pip install llama-cpp-python)")
-    from export import export_gguf
-    model = random_model(tok, dim=64, n_kv_heads=2, tie_embeddings=False, max_seq_len=64)
-    prompt = [tok.eos_id] + tok.encode("床前明月光，疑是地上霜。")
+    model = random_model(tiny_tok, dim=64, n_kv_heads=2, tie_embeddings=False, max_seq_len=64)
+    prompt = [tiny_tok.eos_id] + tiny_tok.encode("床前明月光，疑是地上霜。")
     ours = generate(model, torch.tensor([prompt]), 16, temperature=0.0)[0]
     # q8_0 rounds weights (and llama.cpp its activations) to 8 bits: a random model's near-ties part ways after a
     # few tokens (the trained demo model's 32 greedy tokens matched on 3 prompts: see the README)
     for dtype, n_equal in (("float32", 16), ("q8_0", 2)):
         path = tmp_path / f"m-{dtype}.gguf"
-        export_gguf(model, tok, str(path), dtype)
+        export_gguf(model, tiny_tok, str(path), dtype)
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
         assert llm.tokenize("床前明月光，疑是地上霜。".encode(), add_bos=False, special=False) == prompt[1:]
         theirs = []
@@ -257,13 +244,12 @@ def test_llama_cpp_continues_our_gguf_as_we_do(tok, tmp_path):
         assert theirs[:n_equal] == ours[:n_equal], dtype
 
 
-def test_pretraining_continues_from_an_imported_model(tok, tmp_path):
-    from conftest import write_motif_bins
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=72,
+def test_pretraining_continues_from_an_imported_model(tiny_tok, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=72,
                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
     torch.manual_seed(3)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "src"))
-    (tmp_path / "src" / "tokenizer.model").write_bytes(open(tok.model_path, "rb").read())
+    (tmp_path / "src" / "tokenizer.model").write_bytes(open(tiny_tok.model_path, "rb").read())
     model, imported_tok = import_hf(str(tmp_path / "src"), str(tmp_path / "imp"))
     save_merged(str(tmp_path / "imp" / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=imported_tok.model_path,
                 tokenizer_sha256=imported_tok.sha256())
@@ -272,7 +258,7 @@ def test_pretraining_continues_from_an_imported_model(tok, tmp_path):
     assert "--- 床前" in p.stdout  # eval.py reads an imported checkpoint as any other
     data = tmp_path / "data"
     data.mkdir()
-    write_motif_bins(data, tok.vocab_size, tok.vocab_size, 8, 12, 400, 600)
+    write_motif_bins(data, tiny_tok.vocab_size, tiny_tok.vocab_size, 8, 12, 400, 600)
     common = [f"--init_ckpt={tmp_path / 'imp' / 'ckpt.pt'}", f"--train_data={data / 'train.bin'}",
               f"--val_data={data / 'val.bin'}", "--batch_size=2", "--gradient_accumulation_steps=1",
               "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--learning_rate=0.0", "--min_lr=0.0",
@@ -286,25 +272,22 @@ def test_pretraining_continues_from_an_imported_model(tok, tmp_path):
     assert p.returncode != 0 and "decides the architecture" in p.stdout + p.stderr and "dim" in p.stdout + p.stderr
 
 
-def test_a_lora_checkpoint_is_exported_merged(tok, tmp_path):
-    from babyllama.checkpoint import save
-    from babyllama.lora import apply_lora, lora_parameters, lora_state_dict
-    base = random_model(tok, n_kv_heads=2)
-    save_merged(str(tmp_path / "base.pt"), base, iter_num=0, config={}, tokenizer=tok.model_path,
-                tokenizer_sha256=tok.sha256())
-    adapted = random_model(tok, n_kv_heads=2)  # the same weights (same seed), then adapters that change them
+def test_a_lora_checkpoint_is_exported_merged(tiny_tok, tmp_path):
+    base = random_model(tiny_tok, n_kv_heads=2)
+    save_merged(str(tmp_path / "base.pt"), base, iter_num=0, config={}, tokenizer=tiny_tok.model_path,
+                tokenizer_sha256=tiny_tok.sha256())
+    adapted = random_model(tiny_tok, n_kv_heads=2)  # the same weights (same seed), then adapters that change them
     apply_lora(adapted, rank=2, alpha=4.0, targets=("wq", "wv", "w2"))
     with torch.no_grad():
         for p in lora_parameters(adapted):
             p.normal_(0, 0.3)
     save(str(tmp_path / "lora.pt"), {"lora": lora_state_dict(adapted), "model_args": base.args.__dict__,
                                      "lora_config": adapted.lora_config, "base_ckpt": str(tmp_path / "base.pt"),
-                                     "iter_num": 1, "config": {}, "tokenizer": tok.model_path,
-                                     "tokenizer_sha256": tok.sha256()})
-    from babyllama.models import load_model
-    export_hf(load_model(str(tmp_path / "lora.pt"))[0], tok, str(tmp_path / "hf"))  # what export.py's main does
+                                     "iter_num": 1, "config": {}, "tokenizer": tiny_tok.model_path,
+                                     "tokenizer_sha256": tiny_tok.sha256()})
+    export_hf(load_model(str(tmp_path / "lora.pt"))[0], tiny_tok, str(tmp_path / "hf"))  # what export.py's main does
     hf, _ = load_hf(str(tmp_path / "hf"))
-    ids = torch.tensor([tok.encode("春眠不觉晓，处处闻啼鸟。")])
+    ids = torch.tensor([tiny_tok.encode("春眠不觉晓，处处闻啼鸟。")])
     with torch.no_grad():
         want = adapted(ids)[0]  # base + adapters, unmerged
         assert (hf(ids).logits - want).abs().max().item() <= 1e-4
@@ -312,12 +295,12 @@ def test_a_lora_checkpoint_is_exported_merged(tok, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as intended
-def test_a_sharded_checkpoint_becomes_one_file(tok, tmp_path):
-    model = random_model(tok, tie_embeddings=False)
+def test_a_sharded_checkpoint_becomes_one_file(tiny_tok, tmp_path):
+    model = random_model(tiny_tok, tie_embeddings=False)
     folder = tmp_path / "run" / "dcp" / "iter_00000003"  # the layout of an FSDP run (checkpoint.save_sharded)
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
-    torch.save({"iter_num": 3, "model_args": model.args.__dict__, "config": {}, "tokenizer": tok.model_path,
-                "tokenizer_sha256": tok.sha256()}, folder / "extra.pt")
+    torch.save({"iter_num": 3, "model_args": model.args.__dict__, "config": {}, "tokenizer": tiny_tok.model_path,
+                "tokenizer_sha256": tiny_tok.sha256()}, folder / "extra.pt")
     os.symlink(os.path.relpath(folder, tmp_path / "run"), tmp_path / "run" / "ckpt.dcp")
     dcp_path = tmp_path / "run" / "ckpt.dcp"
     p = run_script("export.py", "--format=pt", f"--ckpt_path={dcp_path}", f"--out_dir={tmp_path / 'run'}")
