@@ -1,4 +1,7 @@
-"""bench.py as users run it: the memory estimate (model.training_memory) is within 15% of the measured peak."""
+"""bench.py as users run it: the memory estimate (model.training_memory) is within 15% of the measured peak; the
+rollout benchmark times a group as one batch against one reply at a time."""
+import re
+
 from conftest import run_script
 import pytest
 
@@ -15,3 +18,12 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_peak(shape):
     line = next(x for x in out.splitlines() if x.startswith("memory: measured"))
     ratio = float(line.rsplit("=", 1)[1])
     assert 0.85 <= ratio <= 1.15, line
+
+
+def test_bench_times_a_group_as_one_batch_against_one_reply_at_a_time():
+    out = run_script("bench.py", "--rollout=True", "--skip_train=True", "--skip_gen=True", "--dim=32", "--n_layers=1",
+                     "--n_heads=2", "--vocab_size=64", "--max_seq_len=32", "--rollout_group=2",
+                     "--rollout_new_tokens=4", "--rollout_runs=1", "--num_threads=1", "--compile=False",
+                     "--dtype=float32").stdout
+    assert re.search(r"rollout: a group of 2 as one batch [\d,]+ tokens/s, one at a time [\d,]+ tokens/s", out)
+
