@@ -1,42 +1,15 @@
-"""babyllama/checkpoint.py one piece at a time: atomic writes (and the temp files of killed writers removed), the
-adapter-or-full training state, what a resumed run takes from its checkpoint and refuses to change (a new run over
-an old one included), when a loop evaluates and saves, and the losses that stop a run."""
+"""babyllama/checkpoint.py one piece at a time: the adapter-or-full training state, what a resumed run takes from
+its checkpoint and refuses to change (a new run over an old one included), when a loop evaluates and saves, and
+the losses that stop a run. The file itself: test_checkpoint_io.py."""
 import os
-import subprocess
-import sys
 
 from conftest import SMALL_ARGS, tiny_model
 import pytest
 import torch
 
-from babyllama import checkpoint as ck, dist, runlog
-from babyllama.atomic import atomic_path
+from babyllama import checkpoint as ck, checkpoint_io, dist, runlog
 from babyllama.lora import apply_lora, lora_state_dict
 from babyllama.rng import rng_state
-
-
-def test_save_is_atomic_and_load_names_a_missing_file(tmp_path):
-    path = str(tmp_path / "ckpt.pt")
-    ck.save(path, {"iter_num": 1})
-
-    with pytest.raises(KeyboardInterrupt):  # a save that dies half-way
-        with atomic_path(path) as tmp:
-            open(tmp, "wb").write(b"half a checkpoint")
-            raise KeyboardInterrupt
-    assert ck.load(path)["iter_num"] == 1  # the good checkpoint is untouched
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temp file is left behind
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        ck.load(str(tmp_path / "nope.pt"))
-
-
-def test_temp_files_of_killed_writers_are_removed_on_the_next_save(tmp_path):
-    path = str(tmp_path / "ckpt.pt")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    open(f"{path}.tmp.{dead.pid}", "wb").write(b"half")
-    open(f"{path}.tmp.{os.getpid()}x", "wb").write(b"not ours")  # not a pid: left alone
-    ck.save(path, {"iter_num": 1})
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", f"ckpt.pt.tmp.{os.getpid()}x"]
 
 
 def test_training_state_holds_adapters_only_for_lora():
@@ -71,8 +44,8 @@ def test_resume_config_takes_locked_keys_from_the_checkpoint_and_refuses_changes
 
 def test_resume_step_refuses_a_new_run_over_a_checkpoint_unless_told(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    ck.save(path, {"iter_num": 7})
-    ck.save(str(tmp_path / "best.pt"), {"iter_num": 5})
+    checkpoint_io.save(path, {"iter_num": 7})
+    checkpoint_io.save(str(tmp_path / "best.pt"), {"iter_num": 5})
     with pytest.raises(SystemExit, match=r"a run of 7 iterations.*--init_from=resume.*--overwrite=True"):
         ck.resume("scratch", "scratch", path, "cpu", {}, [], (), overwrite=False)
     assert ck.resume("scratch", "scratch", path, "cpu", {}, [], (), overwrite=True) == (None, {})
@@ -121,7 +94,7 @@ def test_checkpointer_evaluates_and_saves_the_same_way_for_every_script(tmp_path
     assert loop(checkpointer(tmp_path / "b", always=False), range(10), losses) == ([0, 2, 4, 6, 8], [2, 8, 9])
     losses[8] = 9.0  # the end is saved even when it is no improvement
     assert loop(checkpointer(tmp_path / "c", always=False), range(9), losses) == ([0, 2, 4, 6, 8], [2, 8])
-    saved = ck.load(str(tmp_path / "c" / "ckpt.pt"))
+    saved = checkpoint_io.load(str(tmp_path / "c" / "ckpt.pt"))
     assert saved["iter_num"] == 8 and saved["best_val_loss"] == 4.0 and saved["model_args"] == SMALL_ARGS
     # resumed at 4 with best 4.0: no evaluation or save at 4 itself
     resumed = checkpointer(tmp_path / "d", {"iter_num": 4, "best_val_loss": 4.0}, always=False)
@@ -134,7 +107,7 @@ def test_nan_validation_loss_stops_before_saving(tmp_path):
     c.after_eval(2, 4.0)
     with pytest.raises(FloatingPointError, match=r"iteration 4.*diverged.*\(iteration 2\)"):
         c.after_eval(4, float("nan"))
-    assert ck.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
+    assert checkpoint_io.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
 
 
 def test_losses_back_at_a_uniform_guess_stop_the_run_and_preference_losses_only_on_nan(tmp_path):
@@ -153,12 +126,12 @@ def test_losses_back_at_a_uniform_guess_stop_the_run_and_preference_losses_only_
     c.after_eval(6, 0.13)
     with pytest.raises(FloatingPointError, match="not a number"):
         c.after_eval(8, float("inf"))
-    assert ck.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 6
+    assert checkpoint_io.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 6
 
 
 def test_a_new_run_removes_the_old_runs_checkpoints_before_writing(tmp_path):
-    ck.save(str(tmp_path / "ckpt.pt"), {"iter_num": 9})
-    ck.save(str(tmp_path / "best.pt"), {"iter_num": 7})
+    checkpoint_io.save(str(tmp_path / "ckpt.pt"), {"iter_num": 9})
+    checkpoint_io.save(str(tmp_path / "best.pt"), {"iter_num": 7})
     checkpointer(tmp_path)  # a new run (the script's resume step let it through: --overwrite=True)
     assert not os.path.exists(tmp_path / "ckpt.pt") and not os.path.exists(tmp_path / "best.pt")
 
