@@ -1,7 +1,8 @@
 """model.py: logits equal to Hugging Face transformers' LlamaForCausalLM after converting our weights with
 to_hf_state_dict, hand calculations (cross-entropy, parameter count, init statistics), no look-ahead, the speed
 paths (fused output and loss, chunked cross-entropy, bf16 autocast, activation checkpointing) giving the numbers
-of the plain ones, and a tiny model memorising a batch."""
+of the plain ones, a tiny model memorising a batch, and the plain KV-cache generate against a loop without a cache
+(greedy, top-k, the length limit)."""
 import math
 
 from conftest import spread_weights_, tiny_model
@@ -283,3 +284,61 @@ def test_activation_checkpointing_keeps_less_and_leaves_the_gradients_unchanged(
     for n in grads:  # dropout is on: the recomputation must replay the same masks
         assert torch.allclose(grads[n], grads2[n], atol=1e-7, rtol=0), n
     assert kept2 < kept / 2, (kept, kept2)
+
+
+# ---- Transformer.generate (the plain KV-cache loop) -------------------------------------------------------
+
+def generation_model():
+    """A tiny model with spread weights (greedy picks are no near-ties) and a 24-token context."""
+    return spread_weights_(tiny_model(0, max_seq_len=24), 7).eval()
+
+
+@torch.no_grad()
+def greedy_without_cache(model, idx, n):
+    """The reference: n times, the whole sequence through the training forward and the argmax of the last logits."""
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+def test_greedy_generate_equals_a_loop_without_a_cache_and_returns_the_prompt_in_front():
+    model = generation_model()
+    idx = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    out = model.generate(idx, 18, temperature=0.0)  # 6 + 18: the whole context
+    assert out.shape == (3, 24) and torch.equal(out[:, :6], idx)
+    assert torch.equal(out, greedy_without_cache(model, idx, 18))
+    assert len({tuple(r) for r in out[:, 6:].tolist()}) > 1  # the rows' prompts matter (no constant answer)
+
+
+def test_top_k_1_sampling_equals_greedy():
+    model = generation_model()
+    idx = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(1))
+    greedy = model.generate(idx, 12, temperature=0.0)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        assert torch.equal(model.generate(idx, 12, temperature=1.5, top_k=1), greedy)
+
+
+def test_more_tokens_than_max_seq_len_are_refused():
+    model = generation_model()
+    idx = torch.zeros(1, 20, dtype=torch.long)
+    model.generate(idx, 4)  # exactly max_seq_len: allowed
+    with pytest.raises(AssertionError, match="max_seq_len 24"):
+        model.generate(idx, 5)
+
+
+def test_top_k_samples_are_among_the_k_highest_logits_of_a_forward_without_cache():
+    model, k = generation_model(), 3
+    idx = torch.randint(0, 128, (8, 4), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    out = model.generate(idx, 16, temperature=5.0, top_k=k)  # hot: without top_k, most draws fall outside the 3
+    off_argmax = 0
+    with torch.no_grad():
+        for t in range(4, 20):
+            logits = model(out[:, :t])[0][:, -1]
+            kth = logits.topk(k).values[:, -1]
+            chosen = logits.gather(1, out[:, t:t + 1])[:, 0]
+            assert (chosen >= kth - 1e-4).all(), t  # (a tolerance for the cached path's rounding at a near-tie)
+            off_argmax += (out[:, t] != logits.argmax(-1)).sum().item()
+    assert off_argmax > 0  # it sampled, it did not fall back to greedy
