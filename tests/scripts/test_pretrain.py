@@ -2,7 +2,8 @@
 a resumed run continues exactly (taking its architecture and context from the checkpoint), runs killed at an
 iteration or in the middle of a save resume to the weights of a straight run, a diverged run stops keeping the good
 checkpoints, a fresh start over a run is refused, a run without validation data checkpoints all the same, bad
-settings are refused by name, and the demo recipe trains the same model with one or two threads."""
+settings are refused by name (a LoRA checkpoint to start from too), and the demo recipe trains the same model with
+one or two threads."""
 import os
 import signal
 import subprocess
@@ -10,11 +11,13 @@ import sys
 import time
 
 from conftest import (ENV, ROOT, TINY_PRETRAIN, TORCHRUN_2, assert_same_run, pretrain, run_script, saved_at,
-                      train_losses, write_motif_bins)
+                      tiny_model, train_losses, write_motif_bins)
 import pytest
 import torch
 
-from babyllama import checkpoint as ck, models, precision, runlog, sharded
+from babyllama import checkpoint as ck, checkpoint_io, models, precision, runlog, sharded
+from babyllama.lora import apply_lora
+from babyllama.rng import rng_state
 
 ONE_STEP = "--gradient_accumulation_steps=1"  # one micro-step per iteration: the fault tests' runs are quicker
 
@@ -212,3 +215,18 @@ def test_demo_recipe_trains_the_same_model_with_one_or_two_threads(demo_tokens, 
     assert one[0][-1] < one[0][0] - 0.1  # it trained: equal losses are not the untouched initial model's
     for a, b in zip(one[0] + one[1], two[0] + two[1]):
         assert abs(a - b) <= TOLERANCE[dtype], (one, two)
+
+
+def test_a_lora_checkpoint_to_start_from_is_refused_naming_the_merged_model(motif_bins, tmp_path):
+    # what sft.py saves with --lora_rank: the adapters only (checkpoint.training_state), on top of its base_ckpt;
+    # the shape and vocabulary of TINY_PRETRAIN on motif_bins, so only the missing weights can be refused
+    model = apply_lora(tiny_model(0, max_seq_len=32, vocab_size=256), rank=2, alpha=4.0, targets="wq,wv")
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    state = ck.training_state(model, optim, torch.amp.GradScaler("cpu", enabled=False), [rng_state()],
+                              model_args=dict(model.args.__dict__), iter_num=3, config={},
+                              init_ckpt=str(tmp_path / "base.pt"))
+    assert "lora" in state and "model" not in state
+    checkpoint_io.save(str(tmp_path / "lora.pt"), state)
+    p = pretrain(motif_bins, tmp_path / "run", f"--init_ckpt={tmp_path / 'lora.pt'}", "--max_iters=2", check=False)
+    assert p.returncode != 0 and "holds LoRA adapters, not whole weights" in p.stderr and "merged.pt" in p.stderr
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
