@@ -17,6 +17,7 @@ import time
 import urllib.request
 
 from babyllama.configurator import run_main
+from babyllama.dist import free_port
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/demo/sft/ckpt.pt"
@@ -29,12 +30,6 @@ max_batch = 8  # passed to serve.py
 # -----------------------------------------------------------------------------------------------------------
 
 TITLES = "春夏秋冬山水风月花鸟云雨雪霜江河"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port):

@@ -3,7 +3,7 @@ feed-forward, tied input/output embeddings; plus a plain generate with a KV cach
 an MFU estimate. The training loss uses the fused cross-entropy of babyllama/cross_entropy.py.
 
 RoPE uses the "rotate-half" layout of Hugging Face's LlamaForCausalLM (each head's first half of dimensions pairs with
-its second half), so exporting to HF renames tensors with no permutation of wq/wk (tests/test_model_hf_parity.py proves
+its second half), so exporting to HF renames tensors with no permutation of wq/wk (tests/unit/test_model.py proves
 the logits equal)."""
 from contextlib import nullcontext
 from dataclasses import dataclass

@@ -17,7 +17,7 @@ other request with the same sampling settings that is waiting or arrives within 
 and decodes them together with the
 KV-cached generator (model.generate_batch_stream), each row streaming to its own client; requests that arrive
 meanwhile form the next batch. A greedy answer is the same alone or in a batch (the batched generator equals
-the unbatched one, tests/test_generate.py). A request with a seed runs in a batch of its own, so its samples
+the unbatched one, tests/unit/test_generate.py). A request with a seed runs in a batch of its own, so its samples
 depend only on the seed.
 
 Limits, each answered with a 4xx JSON error {"error": {"message", "type", "code"}}: the request body

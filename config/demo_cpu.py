@@ -1,6 +1,6 @@
 # The CPU demo's pretraining (make demo): a 1.9M-parameter Llama 2 on the chinese-poetry token files, boxed by
 # iterations, not by wall time, so every machine trains the same model (a slower or busier CPU takes longer;
-# tests/test_demo.py checks thread counts change the losses by less than float rounding).
+# tests/scripts/test_pretrain.py checks thread counts change the losses by less than float rounding).
 # The shape was chosen by validation loss reached in 150 s on 2 cores with AVX2-only kernels (the slowest CPU
 # the demo targets; see the README): of dim x layers 288x6 (seq 256), 384x4, 256x4, 192x4 and 128x4 (seq 128),
 # at a learning rate suited to each width, the small ones learn the most per CPU-minute at this budget.

@@ -1,9 +1,11 @@
 """The layout rules of ARCHITECTURE.md, checked on the tree: the library never imports a runnable script (model.py
 aside), imports sit at the top of their module (a function-level import only for an optional heavy dependency),
-the library has no import cycle, no module is over 500 lines, and a library module has no command line of its own.
+the library has no import cycle, no module is over 500 lines, a library module has no command line of its own,
+and within babyllama/ a module imports only modules listed before it in ARCHITECTURE.md's table of the library.
 Also the read-set counter itself (tests/read_set.py), on a tree made here."""
 import ast
 import os
+import re
 
 import pytest
 
@@ -81,6 +83,45 @@ def test_every_library_module_says_its_concern_and_has_no_command_line():
         if os.path.basename(f) != "__main__.py":  # a package's command line is its __main__.py
             mains = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
             assert not mains, f"{rel(f)} is a library module with its own command line"
+
+
+def library_table(path=os.path.join(ROOT, "ARCHITECTURE.md")):
+    """[(group, [module, ...]), ...] of ARCHITECTURE.md's table of babyllama/'s modules (the table whose header is
+    `| group | modules ...`), in its order: the backticked names in a row that are files babyllama/<name>.py."""
+    rows, in_table = [], False
+    for line in open(path, encoding="utf-8"):
+        if re.match(r"\|\s*group\s*\|\s*modules", line):
+            in_table = True
+        elif in_table and line.startswith("|"):
+            group, modules = [cell.strip() for cell in line.strip().strip("|").split("|", 1)]
+            if set(group) <= set("-: "):  # the |---|---| line under the header
+                continue
+            names = [n for n in re.findall(r"`([a-z_0-9]+)`", modules)
+                     if os.path.isfile(os.path.join(ROOT, "babyllama", n + ".py"))]
+            rows.append((group, names))
+        elif in_table:
+            break
+    return rows
+
+
+def test_the_library_table_lists_every_babyllama_module_once():
+    listed = [m for _, names in library_table() for m in names]
+    on_disk = {f[:-3] for f in os.listdir(os.path.join(ROOT, "babyllama")) if f.endswith(".py") and f != "__init__.py"}
+    assert len(listed) == len(set(listed)), f"listed twice: {sorted({m for m in listed if listed.count(m) > 1})}"
+    assert set(listed) == on_disk, f"not in the table: {sorted(on_disk - set(listed))}; " \
+                                   f"in the table, no such module: {sorted(set(listed) - on_disk)}"
+
+
+def test_a_babyllama_module_imports_only_modules_before_it_in_the_table():
+    order = [m for _, names in library_table() for m in names]
+    late = []
+    for i, m in enumerate(order):
+        for f in project_imports(os.path.join(ROOT, "babyllama", m + ".py")):
+            if rel(os.path.dirname(f)) == "babyllama" and os.path.basename(f) != "__init__.py":
+                imported = os.path.basename(f)[:-3]
+                if imported not in order[:i]:
+                    late.append(f"{m} imports {imported}")
+    assert not late, f"imports of modules not listed before the importer in ARCHITECTURE.md: {late}"
 
 
 def test_read_set_counts_every_module_a_script_imports_transitively(tmp_path):

@@ -1,6 +1,6 @@
-"""Fault injection for tests/test_faults.py, loaded only by the subprocesses of the tests that put this folder on
-PYTHONPATH. With KILL_AT_SAVE=N the process's N-th torch.save writes the first bytes of its file and then kills
-the process with SIGKILL, as a power cut in the middle of writing a checkpoint would."""
+"""Fault injection for tests/scripts/test_pretrain.py's killed-runs test, loaded only by the subprocesses of the
+tests that put this folder on PYTHONPATH. With KILL_AT_SAVE=N the process's N-th torch.save writes the first bytes
+of its file and then kills the process with SIGKILL, as a power cut in the middle of writing a checkpoint would."""
 import os
 import signal
 

@@ -1,0 +1,1 @@
+"""Tests of one root script or package command line each, run as users run them: see tests/conftest.py."""

@@ -1,0 +1,316 @@
+"""export.py: a Hugging Face folder that transformers loads offline and that computes our logits, greedy text and
+chat-template ids; import of a Hugging Face Llama folder; export then import is the identity; what import refuses;
+GGUF files (our tensors, tokenizer and template; llama.cpp's RoPE layout); a LoRA checkpoint exported merged; a
+sharded checkpoint made one file. The tensor names themselves: tests/unit/test_hf.py."""
+import json
+import os
+
+from conftest import run_script, spread_weights_, tiny_model, write_motif_bins
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from babyllama.checkpoint_io import save
+from babyllama.generate import generate
+from babyllama.lora import apply_lora, lora_parameters, lora_state_dict
+from babyllama.models import load_model, save_merged
+from export import CHAT_TEMPLATE, export_gguf, export_hf, gguf_name, gguf_rope_rows, import_hf
+from model import apply_rope, ffn_hidden_dim
+from tokenizer.chat_template import encode_prompt
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_model(tok, seed=0, **kw):
+    """A tiny model for tok's vocabulary (48 wide, multi-head attention unless kw say otherwise) with no weight
+    left at its init, norms included."""
+    args = dict(dim=48, n_kv_heads=None, vocab_size=tok.vocab_size)
+    return spread_weights_(tiny_model(seed, **dict(args, **kw)), seed, std=0.2).eval()
+
+
+def load_hf(folder):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+SHAPES = {"base": {}, "gqa": dict(n_kv_heads=2), "untied": dict(tie_embeddings=False),
+          "untied_gqa_multiplier_theta": dict(tie_embeddings=False, n_kv_heads=1, ffn_dim_multiplier=1.3,
+                                              rope_theta=500.0)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_exported_folder_gives_our_logits_and_greedy_text(tiny_tok, tmp_path, shape):
+    model = random_model(tiny_tok, **SHAPES[shape])
+    export_hf(model, tiny_tok, str(tmp_path / "hf"))
+    hf, _ = load_hf(str(tmp_path / "hf"))
+    ids = torch.tensor([tiny_tok.encode("床前明月光，疑是地上霜。举头望明月，")])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4
+        theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.0, eos_token_id=None,
+                             min_new_tokens=12)[0, ids.shape[1]:].tolist()
+    assert theirs == generate(model, ids, 12, temperature=0.0)[0]
+
+
+def test_bf16_export_stores_bf16_weights(tiny_tok, tmp_path):
+    from safetensors import safe_open
+    export_hf(random_model(tiny_tok), tiny_tok, str(tmp_path / "hf"), "bfloat16")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert "lm_head.weight" not in f.keys()  # tied: stored once
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+CONVERSATIONS = [
+    (None, [{"role": "user", "content": "请写一首题为《静夜思》的诗。"}]),
+    ("你是一位熟读古典诗词的助手。", [{"role": "user", "content": "《静夜思》的作者是谁？"},
+                                      {"role": "assistant", "content": "《静夜思》的作者是李白。"},
+                                      {"role": "user", "content": " What is two plus two?\n\tIt is four. "}]),
+]
+
+
+@pytest.mark.parametrize("use_fast", [True, False])
+def test_apply_chat_template_gives_our_prompt_ids(tiny_tok, tmp_path, use_fast):
+    export_hf(random_model(tiny_tok), tiny_tok, str(tmp_path / "hf"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True,
+                                                        use_fast=use_fast)
+    for system, msgs in CONVERSATIONS:
+        full = ([{"role": "system", "content": system}] if system else []) + msgs
+        ids = hf_tok.apply_chat_template(full, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert list(ids) == encode_prompt(tiny_tok, msgs, system)
+    assert hf_tok.decode(tiny_tok.encode("床前明月光 a\tb")) == "床前明月光 a\tb"
+
+
+def test_import_gives_the_logits_of_transformers(tiny_tok, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=64, intermediate_size=100,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    hf.save_pretrained(str(tmp_path / "src"))
+    (tmp_path / "src" / "tokenizer.model").write_bytes(open(tiny_tok.model_path, "rb").read())
+    model, _ = import_hf(str(tmp_path / "src"), str(tmp_path / "ours"))
+    assert model.args.hidden_dim == 100 and model.args.n_kv_heads == 2  # a width the multiple_of rule cannot give
+    ids = torch.tensor([tiny_tok.encode("白日依山尽，黄河入海流。")])
+    with torch.no_grad():
+        assert (model(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_export_then_import_is_the_identity_on_weights_and_tokenizer(tiny_tok, tmp_path):
+    model = random_model(tiny_tok, n_kv_heads=2, tie_embeddings=False)
+    save_merged(str(tmp_path / "ckpt.pt"), model, iter_num=3, config={}, tokenizer=tiny_tok.model_path,
+                tokenizer_sha256=tiny_tok.sha256())
+    run_script("export.py", f"--ckpt_path={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'hf'}")
+    run_script("export.py", f"--import_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'back'}")
+    back = torch.load(tmp_path / "back" / "ckpt.pt", weights_only=True)
+    theirs, ours = back["model"], model.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert open(tmp_path / "back" / "tokenizer.model", "rb").read() == open(tiny_tok.model_path, "rb").read()
+    assert back["tokenizer_sha256"] == tiny_tok.sha256()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("attention_bias", True, "attention_bias=true; this Llama 2 has no biases"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling="),
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("model_type", "mistral", "model_type 'mistral'"),
+])
+def test_import_refuses_what_it_cannot_represent_naming_the_field(tiny_tok, tmp_path, field, value, message):
+    export_hf(random_model(tiny_tok), tiny_tok, str(tmp_path / "hf"))
+    path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg[field] = value
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+def test_import_refuses_a_tokenizer_that_is_not_sentencepiece(tiny_tok, tmp_path):
+    export_hf(random_model(tiny_tok), tiny_tok, str(tmp_path / "hf"))
+    os.remove(tmp_path / "hf" / "tokenizer.model")
+    with pytest.raises(ValueError, match="no tokenizer.model; the tokenizer must be a sentencepiece model"):
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+    p = run_script("export.py", f"--import_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'out2'}", check=False)
+    assert p.returncode == 1 and "no tokenizer.model" in p.stderr
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------------------------
+
+def read_gguf(path):
+    gguf = pytest.importorskip("gguf")
+    r = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in r.tensors:
+        a = gguf.dequantize(t.data, t.tensor_type) if t.tensor_type == gguf.GGMLQuantizationType.Q8_0 else t.data
+        tensors[t.name] = (torch.from_numpy(np.array(a, dtype=np.float32)), t.tensor_type)
+    return tensors, {k: f.contents() for k, f in r.fields.items()}
+
+
+def ours_in_gguf_layout(model):
+    """Our tensors under llama.cpp's names, wq/wk rows in the interleaved RoPE layout: computed here from the
+    rule (row 2i <- row i, row 2i + 1 <- row hd/2 + i of each head), not with export.gguf_rope_rows."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and model.args.tie_embeddings:
+            continue
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = model.args.n_heads if "wq" in name else (model.args.n_kv_heads or model.args.n_heads)
+            hd = t.shape[0] // heads
+            order = [h * hd + (i // 2 if i % 2 == 0 else hd // 2 + i // 2) for h in range(heads) for i in range(hd)]
+            t = t[order]
+        out[gguf_name(name)] = t.float()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "q8_0"])
+def test_gguf_file_holds_our_tensors_tokenizer_and_template(tiny_tok, tmp_path, dtype):
+    model = random_model(tiny_tok, dim=64, n_kv_heads=2, tie_embeddings=False)
+    export_gguf(model, tiny_tok, str(tmp_path / "m.gguf"), dtype)
+    tensors, fields = read_gguf(tmp_path / "m.gguf")
+    want = ours_in_gguf_layout(model)
+    assert tensors.keys() == want.keys()
+    for name, w in want.items():
+        got, kind = tensors[name]
+        got = got.reshape(w.shape)
+        if dtype == "float32" or w.dim() == 1:
+            assert torch.equal(got, w), name
+        else:  # q8_0: blocks of 32, x ~ q * d with d = max|x| / 127 stored in fp16 (relative error <= 2^-11):
+            # |error| <= d / 2 (rounding q) + 127 * d * 2^-11 (the scale's own rounding) = 0.562 d
+            blocks = w.reshape(-1, 32)
+            bound = blocks.abs().amax(1, keepdim=True) / 127 * (0.5 + 127 * 2 ** -11) + 1e-7
+            assert ((got.reshape(-1, 32) - blocks).abs() <= bound).all(), name
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.feed_forward_length"] == ffn_hidden_dim(model.args)
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.tokens"] == [tiny_tok.sp.id_to_piece(i) for i in range(tiny_tok.vocab_size)]
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
+            fields["tokenizer.ggml.padding_token_id"]) == (tiny_tok.bos_id, tiny_tok.eos_id, tiny_tok.pad_id)
+    assert fields["tokenizer.ggml.eot_token_id"] == tiny_tok.end_id
+    assert fields["tokenizer.ggml.add_space_prefix"] is False
+    assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE
+
+
+def test_interleaved_rope_on_reordered_rows_gives_our_attention_scores(tiny_tok):
+    # llama.cpp's "llama" RoPE, written here from its definition: dims (2i, 2i + 1) of a head rotate by
+    # pos * theta^(-2i / hd). Applied to the reordered wq/wk it must give our queries . keys at every position.
+    model = random_model(tiny_tok, dim=64, n_kv_heads=4)
+    att = model.layers[0].attention
+    H, hd, T = 4, 16, 7
+    x = torch.randn(T, 64)
+    q, k = x @ att.wq.weight.T, x @ att.wk.weight.T
+    ours = [apply_rope(v.view(1, T, H, hd).transpose(1, 2), model.rope_cos[:T], model.rope_sin[:T]) for v in (q, k)]
+    scores = ours[0] @ ours[1].transpose(-1, -2)
+    pos = torch.arange(T, dtype=torch.float64)[:, None]
+    angle = pos * model.args.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (T, hd/2)
+    cos, sin = angle.cos().float(), angle.sin().float()
+
+    def interleaved(v):
+        v = v.view(T, H, hd // 2, 2)
+        a, b = v[..., 0], v[..., 1]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.stack([a * c - b * s, a * s + b * c], -1).view(T, H, hd).transpose(0, 1)
+
+    qg = interleaved(x @ gguf_rope_rows(att.wq.weight, H).T)
+    kg = interleaved(x @ gguf_rope_rows(att.wk.weight, H).T)
+    assert torch.allclose(qg @ kg.transpose(-1, -2), scores[0], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_llama_cpp_continues_our_gguf_as_we_do(tiny_tok, tmp_path):
+    """A real llama.cpp (llama-cpp-python compiles it at install: pip install llama-cpp-python) reads the f32
+    and q8_0 files and its greedy continuation equals ours (f32) / starts as ours does (q8_0)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp "
+                                                         "from source: pip install llama-cpp-python)")
+    model = random_model(tiny_tok, dim=64, n_kv_heads=2, tie_embeddings=False, max_seq_len=64)
+    prompt = [tiny_tok.eos_id] + tiny_tok.encode("床前明月光，疑是地上霜。")
+    ours = generate(model, torch.tensor([prompt]), 16, temperature=0.0)[0]
+    # q8_0 rounds weights (and llama.cpp its activations) to 8 bits: a random model's near-ties part ways after a
+    # few tokens (the trained demo model's 32 greedy tokens matched on 3 prompts: see the README)
+    for dtype, n_equal in (("float32", 16), ("q8_0", 2)):
+        path = tmp_path / f"m-{dtype}.gguf"
+        export_gguf(model, tiny_tok, str(path), dtype)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
+        assert llm.tokenize("床前明月光，疑是地上霜。".encode(), add_bos=False, special=False) == prompt[1:]
+        theirs = []
+        for t in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            theirs.append(t)
+            if len(theirs) == 16:
+                break
+        assert theirs[:n_equal] == ours[:n_equal], dtype
+
+
+def test_pretraining_continues_from_an_imported_model(tiny_tok, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=72,
+                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "src"))
+    (tmp_path / "src" / "tokenizer.model").write_bytes(open(tiny_tok.model_path, "rb").read())
+    model, imported_tok = import_hf(str(tmp_path / "src"), str(tmp_path / "imp"))
+    save_merged(str(tmp_path / "imp" / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=imported_tok.model_path,
+                tokenizer_sha256=imported_tok.sha256())
+    p = run_script("eval.py", f"--ckpt_path={tmp_path / 'imp' / 'ckpt.pt'}", "--max_new_tokens=4",
+                   "--temperature=0.0", "--prompts=['床前']")
+    assert "--- 床前" in p.stdout  # eval.py reads an imported checkpoint as any other
+    data = tmp_path / "data"
+    data.mkdir()
+    write_motif_bins(data, tiny_tok.vocab_size, tiny_tok.vocab_size, 8, 12, 400, 600)
+    common = [f"--init_ckpt={tmp_path / 'imp' / 'ckpt.pt'}", f"--train_data={data / 'train.bin'}",
+              f"--val_data={data / 'val.bin'}", "--batch_size=2", "--gradient_accumulation_steps=1",
+              "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--learning_rate=0.0", "--min_lr=0.0",
+              "--warmup_iters=0", "--compile=False", "--dtype=float32", "--num_threads=1"]
+    run_script("pretrain.py", f"--out_dir={tmp_path / 'run'}", *common)
+    start = torch.load(tmp_path / "imp" / "ckpt.pt", weights_only=True)
+    after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert after["model_args"]["hidden_dim"] == 72 and after["model_args"]["dim"] == 32
+    assert all(torch.allclose(after["model"][k], start["model"][k]) for k in start["model"])  # lr 0: unchanged
+    p = run_script("pretrain.py", f"--out_dir={tmp_path / 'run2'}", "--dim=64", *common, check=False)
+    assert p.returncode != 0 and "decides the architecture" in p.stdout + p.stderr and "dim" in p.stdout + p.stderr
+
+
+def test_a_lora_checkpoint_is_exported_merged(tiny_tok, tmp_path):
+    base = random_model(tiny_tok, n_kv_heads=2)
+    save_merged(str(tmp_path / "base.pt"), base, iter_num=0, config={}, tokenizer=tiny_tok.model_path,
+                tokenizer_sha256=tiny_tok.sha256())
+    adapted = random_model(tiny_tok, n_kv_heads=2)  # the same weights (same seed), then adapters that change them
+    apply_lora(adapted, rank=2, alpha=4.0, targets=("wq", "wv", "w2"))
+    with torch.no_grad():
+        for p in lora_parameters(adapted):
+            p.normal_(0, 0.3)
+    save(str(tmp_path / "lora.pt"), {"lora": lora_state_dict(adapted), "model_args": base.args.__dict__,
+                                     "lora_config": adapted.lora_config, "base_ckpt": str(tmp_path / "base.pt"),
+                                     "iter_num": 1, "config": {}, "tokenizer": tiny_tok.model_path,
+                                     "tokenizer_sha256": tiny_tok.sha256()})
+    export_hf(load_model(str(tmp_path / "lora.pt"))[0], tiny_tok, str(tmp_path / "hf"))  # what export.py's main does
+    hf, _ = load_hf(str(tmp_path / "hf"))
+    ids = torch.tensor([tiny_tok.encode("春眠不觉晓，处处闻啼鸟。")])
+    with torch.no_grad():
+        want = adapted(ids)[0]  # base + adapters, unmerged
+        assert (hf(ids).logits - want).abs().max().item() <= 1e-4
+        assert (base(ids)[0] - want).abs().max().item() > 1e-2  # the adapters did change the model
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as intended
+def test_a_sharded_checkpoint_becomes_one_file(tiny_tok, tmp_path):
+    model = random_model(tiny_tok, tie_embeddings=False)
+    folder = tmp_path / "run" / "dcp" / "iter_00000003"  # the layout of an FSDP run (checkpoint.save_sharded)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
+    torch.save({"iter_num": 3, "model_args": model.args.__dict__, "config": {}, "tokenizer": tiny_tok.model_path,
+                "tokenizer_sha256": tiny_tok.sha256()}, folder / "extra.pt")
+    os.symlink(os.path.relpath(folder, tmp_path / "run"), tmp_path / "run" / "ckpt.dcp")
+    dcp_path = tmp_path / "run" / "ckpt.dcp"
+    p = run_script("export.py", "--format=pt", f"--ckpt_path={dcp_path}", f"--out_dir={tmp_path / 'run'}")
+    assert "model.pt" in p.stdout
+    one = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert one["iter_num"] == 3 and "optim" not in one and one["model_args"]["tie_embeddings"] is False
+    assert all(torch.equal(one["model"][k], v) for k, v in model.state_dict().items())
+    p = run_script("export.py", "--format=pt", f"--ckpt_path={dcp_path}", f"--out_dir={tmp_path / 'run'}",
+                   check=False)
+    assert p.returncode != 0 and "exists" in p.stderr  # an existing model.pt is kept
+    p = run_script("export.py", "--format=pt", f"--ckpt_path={tmp_path / 'run' / 'model.pt'}",
+                   f"--out_dir={tmp_path / 'other'}", check=False)
+    assert p.returncode != 0 and "not one" in p.stderr  # a single file is one already

@@ -1,0 +1,25 @@
+"""babyllama/contamination.py: a planted near-duplicate of an eval item is found (its source and line named, its
+containment the share of the item's shingles the document holds), a reordered text is not."""
+import random
+
+import pytest
+
+from babyllama.contamination import find_contamination, flagged
+
+
+def test_contamination_finds_a_planted_near_duplicate_and_not_a_reordered_text():
+    items = [{"key": "q1", "text": "床前明月光，疑是地上霜。举头望明月，低头思故乡。"},
+             {"key": "q2", "text": "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"},
+             {"key": "q3", "text": "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"}]
+    shuffled = list("白日依山尽黄河入海流欲穷千里目更上一层楼")
+    random.Random(0).shuffle(shuffled)
+    docs = [{"text": "静夜思\n李白\n床前明月光，疑似地上霜。举头望明月，低头思故乡。", "source": "a.txt", "line": 7},
+            {"text": "".join(shuffled), "source": "b.txt", "line": 1},
+            {"text": "另一首不相干的诗在这里，没有一句相同。", "source": "c.txt", "line": 2}]
+    best, n = find_contamination(items, iter(docs), chunk=2)
+    hits = flagged(items, best, 0.5)
+    assert n == 3 and [h["key"] for h in hits] == ["q1"] and (hits[0]["source"], hits[0]["line"]) == ("a.txt", 7)
+    # one character changed (是 -> 似) loses the 5 shingles that cover it: 11 of the 16 remain
+    assert hits[0]["containment"] == pytest.approx(11 / 16)
+    assert best[1]["containment"] == 0 and best[2]["containment"] == 0
+
