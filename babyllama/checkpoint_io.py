@@ -10,6 +10,7 @@ A checkpoint is one dict saved with torch.save:
     config            the hyperparameters as the run used them (derived values such as lr_decay_iters filled in)
     init_ckpt         fine-tuning: the checkpoint the run started from
     tokenizer, tokenizer_sha256, data                   where the tokens came from
+    checksum          a CRC-32 of every tensor, checked by load (babyllama/tensor_file.py); older files load unchecked
 
 merged.pt (LoRA runs, at the end) is a plain checkpoint of the merged weights: model, model_args, config.
 
@@ -23,24 +24,17 @@ The sharded format itself is in babyllama/sharded.py.
 """
 import os
 
-import torch
-
-from babyllama.atomic import atomic_path
 from babyllama.sharded import consolidate
-
-
-def save(path, state):
-    """torch.save(state) through a temp file and a rename: a killed save never leaves half a checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+# save, copy and CheckpointError are this module's API too: scripts and the library reach the file through here
+from babyllama.tensor_file import CheckpointError, copy, load as load_file, save  # noqa: F401
 
 
 def load(path, device="cpu"):
     """The checkpoint dict at path, tensors on device; a DCP folder (FSDP runs) comes back as the single-file
-    dict of consolidate (no optimizer state). Raises FileNotFoundError naming the path.
-    weights_only: a checkpoint is data, never code."""
+    dict of consolidate (no optimizer state). Raises FileNotFoundError naming the path, CheckpointError naming
+    the file and what is wrong with it (empty, truncated, corrupted: tensor_file.load)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     if os.path.isdir(path):
         return consolidate(path, device)
-    return torch.load(path, map_location=device, weights_only=True)
+    return load_file(path, device)
