@@ -14,6 +14,7 @@ import glob
 import itertools
 import os
 import random
+import re
 import time
 
 import sentencepiece as spm
@@ -108,7 +109,8 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
 
     files_or_iterator: a str of comma-separated files/globs/dirs or a list/tuple of paths; any other
     iterable (a generator, iter(list_of_texts)) is taken as the documents themselves. Prints one summary
-    line; verbose: sentencepiece's own log and a sample tokenization too.
+    line; verbose: sentencepiece's own log and a sample tokenization too. Raises ValueError (one line) for a
+    vocab_size over uint16, under the fixed pieces, or over what the corpus allows (saying the largest it allows).
     """
     t0 = time.time()
     # check everything cheap before reading any data
@@ -149,6 +151,12 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
             shuffle_input_sentence=False, num_threads=num_threads, minloglevel=0 if verbose else 2)
         for ext in (".vocab", ".model"):  # .model last: if it is there, training finished
             os.replace(tmp_prefix + ext, model_prefix + ext)
+    except RuntimeError as e:  # sentencepiece's "Vocabulary size too high (N). Please set it to a value <= M."
+        largest = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
+        if largest is None:
+            raise
+        raise ValueError(f"vocab_size={vocab_size} is too large for this corpus: it allows at most {largest[1]} "
+                         f"pieces (set --vocab_size={largest[1]} or less, or train on more text)") from e
     finally:
         for ext in (".model", ".vocab"):
             if os.path.exists(tmp_prefix + ext):
