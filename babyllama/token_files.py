@@ -71,13 +71,17 @@ def max_token(tokens, chunk=1 << 26):
 
 
 def read_meta(bin_path):
-    """The meta.json that data_process.py writes beside a .bin file. Raises FileNotFoundError naming it."""
+    """The meta.json that data_process.py writes beside a .bin file. Raises FileNotFoundError naming it, ValueError
+    naming it when it is not JSON."""
     path = os.path.join(os.path.dirname(os.path.abspath(bin_path)), "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: every token file needs the meta.json data_process.py writes "
                                 f"beside it (its tokenizer, vocab_size and token counts)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError: a truncated or overwritten file
+        raise ValueError(f"{path}: not JSON ({e}); data_process.py writes it (rerun it)") from e
 
 
 def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, stream=0):
