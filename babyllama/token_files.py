@@ -90,14 +90,16 @@ def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, str
 
     The windows depend only on (seed, stream, step, micro_step), not on what was drawn before: a resumed
     run and a run split over processes (rank r takes micro-steps r*A..r*A+A-1) see exactly the batches an
-    uninterrupted single-process run sees. Files are picked in proportion to their length. stream 0 is
-    training, 1 validation. Raises ValueError when a file is shorter than max_seq_len + 1 tokens."""
+    uninterrupted single-process run sees. A window is max_seq_len + 1 tokens; a file of n tokens has
+    n - max_seq_len of them (starts 0..n - max_seq_len - 1, the last one ending at its last token), and files are
+    picked in proportion to that count. stream 0 is training, 1 validation. Raises ValueError when a file is
+    shorter than one window."""
     rng = np.random.default_rng([seed, stream, step, micro_step])  # stream 0 = training, 1 = validation
-    sizes = np.array([len(b) - max_seq_len - 1 for b in bins])
-    if (sizes <= 0).any():
+    windows = np.array([len(b) - max_seq_len for b in bins])
+    if (windows <= 0).any():
         raise ValueError(f"a token file is shorter than max_seq_len + 1 = {max_seq_len + 1} tokens")
-    which = rng.choice(len(bins), size=batch_size, p=sizes / sizes.sum())
-    starts = rng.integers(0, sizes[which])
+    which = rng.choice(len(bins), size=batch_size, p=windows / windows.sum())
+    starts = rng.integers(0, windows[which])  # exclusive bound: the last start is windows - 1
     rows = np.stack([bins[w][s:s + max_seq_len + 1] for w, s in zip(which, starts)]).astype(np.int64)
     xy = torch.from_numpy(rows)
     x, y = xy[:, :-1], xy[:, 1:]
