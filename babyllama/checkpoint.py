@@ -7,8 +7,7 @@ import shutil
 
 import torch
 
-from babyllama.atomic import atomic_path
-from babyllama.checkpoint_io import load, save
+from babyllama.checkpoint_io import copy, load, save
 from babyllama.optimize import configure_optimizers
 from babyllama.rng import gather_rng_states, set_rng_state
 from babyllama.sharded import load_extra, load_sharded, save_sharded
@@ -238,8 +237,7 @@ class Checkpointer:
         elif self.run.master:
             save(self.path, training_state(self.model, self.optimizer, self.run.scaler, rngs, **fields))
             if best:
-                with atomic_path(self.best_path) as tmp:
-                    shutil.copyfile(self.path, tmp)
+                copy(self.path, self.best_path)
         self.log.write(iter=iter_num, checkpoint=self.path, **({"best": True} if best else {}))  # (master only)
         self.saved_at = iter_num
 

@@ -1,29 +1,37 @@
 """Sharded checkpoints of FSDP runs (torch.distributed.checkpoint, DCP): save and load every process's shards, swap the
 ckpt.dcp / best.dcp links atomically, and read one back as a single file's dict. out_dir/ckpt.dcp (and best.dcp) links
 to out_dir/dcp/iter_NNNNNNNN: every process's shards of the trainable weights and optimizer state, and extra.pt with the
-other fields; it loads on any number of processes (DCP re-cuts)."""
+other fields and the CRC-32 of every shard file (checked on loading); it loads on any number of processes (DCP re-cuts)."""
 import contextlib
 import os
 import shutil
 import warnings
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-from babyllama.atomic import atomic_path
+from babyllama.tensor_file import CheckpointError, file_crc, load, save
 
 
 def load_extra(folder):
     """A sharded checkpoint's extra.pt with "dcp": the folder, whose shards load_sharded reads once the model is
-    sharded. FileNotFoundError naming the file when it is missing."""
+    sharded. FileNotFoundError naming the file when it is missing; CheckpointError naming extra.pt when it is damaged,
+    or the shard files whose CRC-32 differs from the one extra.pt recorded (older folders are not checked)."""
     extra = os.path.join(folder, "extra.pt")
     if not os.path.exists(extra):
         raise FileNotFoundError(f"{extra} not found: {folder} is not a complete sharded checkpoint")
-    return dict(torch.load(extra, map_location="cpu", weights_only=True), dcp=os.path.realpath(folder))
+    ckpt = load(extra)
+    for name, crc in ckpt.pop("shard_crc", {}).items():
+        shard = os.path.join(folder, name)
+        if not os.path.exists(shard):
+            raise CheckpointError(f"{shard} not found: {folder} is not a complete sharded checkpoint")
+        if file_crc(shard) != crc:
+            raise CheckpointError(f"{shard}: corrupted or truncated ({os.path.getsize(shard):,} bytes whose CRC-32 "
+                                  f"differs from the one extra.pt recorded)")
+    return dict(ckpt, dcp=os.path.realpath(folder))
 
 
 def _optimizers(optimizer):
@@ -51,9 +59,9 @@ def save_sharded(link, model, optimizer, extra, run, best_link=None):
     if run.ddp:
         dist.barrier()
     dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
-    if run.master:
-        with atomic_path(os.path.join(folder, "extra.pt")) as tmp:
-            torch.save(extra, tmp)
+    if run.master:  # every process's shards are written when dcp.save returns: record their CRC-32 beside extra
+        crcs = {f: file_crc(os.path.join(folder, f)) for f in os.listdir(folder)}
+        save(os.path.join(folder, "extra.pt"), dict(extra, shard_crc=crcs))
         for l in (link, best_link):
             if l:
                 _point(l, os.path.relpath(folder, os.path.dirname(os.path.abspath(l))))

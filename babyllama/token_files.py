@@ -69,26 +69,31 @@ def max_token(tokens, chunk=1 << 26):
 
 
 def read_meta(bin_path):
-    """The meta.json data_process.py writes beside a .bin file. FileNotFoundError naming it."""
+    """The meta.json data_process.py writes beside a .bin file. FileNotFoundError naming it; ValueError naming it when
+    it is not JSON."""
     path = os.path.join(os.path.dirname(os.path.abspath(bin_path)), "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: every token file needs the meta.json data_process.py writes "
                                 f"beside it (its tokenizer, vocab_size and token counts)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError: a truncated or overwritten file
+        raise ValueError(f"{path}: not JSON ({e}); data_process.py writes it (rerun it)") from e
 
 
 def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, stream=0):
     """Random windows from the token files: x (batch_size, max_seq_len) int64 and y = x shifted by one, on device.
     Windows depend only on (seed, stream, step, micro_step): a resumed run and a multi-process run (rank r takes
-    micro-steps r*A..r*A+A-1) see the batches of an uninterrupted single-process run. Files are picked in proportion to
-    their length. ValueError when a file is shorter than max_seq_len + 1 tokens."""
+    micro-steps r*A..r*A+A-1) see the batches of an uninterrupted single-process run. A window is max_seq_len + 1
+    tokens: a file of n tokens has n - max_seq_len of them (starts 0..n - max_seq_len - 1), and files are picked in
+    proportion to that count. ValueError when a file is shorter than one window."""
     rng = np.random.default_rng([seed, stream, step, micro_step])  # stream 0 = training, 1 = validation
-    sizes = np.array([len(b) - max_seq_len - 1 for b in bins])
-    if (sizes <= 0).any():
+    windows = np.array([len(b) - max_seq_len for b in bins])
+    if (windows <= 0).any():
         raise ValueError(f"a token file is shorter than max_seq_len + 1 = {max_seq_len + 1} tokens")
-    which = rng.choice(len(bins), size=batch_size, p=sizes / sizes.sum())
-    starts = rng.integers(0, sizes[which])
+    which = rng.choice(len(bins), size=batch_size, p=windows / windows.sum())
+    starts = rng.integers(0, windows[which])  # exclusive bound: the last start is windows - 1
     rows = np.stack([bins[w][s:s + max_seq_len + 1] for w, s in zip(which, starts)]).astype(np.int64)
     xy = torch.from_numpy(rows)
     x, y = xy[:, :-1], xy[:, 1:]

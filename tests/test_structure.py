@@ -139,8 +139,9 @@ def test_read_set_counts_every_module_a_script_imports_transitively(tmp_path):
 
 
 # budgets at what this layout measures (issue 22's targets, 1,800 / 3,000 / 3,000 / 3,300 / 3,300 / 3,800, are
-# not reached yet): a guard against growth
-@pytest.mark.parametrize("script, most", [("pretrain.py", 2150), ("sft.py", 3250), ("dpo.py", 3700),
+# not reached yet): a guard against growth. pretrain and sft +80 / +50 for issue 23's checkpoint integrity
+# (babyllama/tensor_file.py: checksums, damage and a full disk named; shard checksums in sharded.py)
+@pytest.mark.parametrize("script, most", [("pretrain.py", 2230), ("sft.py", 3300), ("dpo.py", 3700),
                                           ("grpo.py", 3850), ("ppo.py", 3900), ("eval.py", 4600)])
 def test_read_set_of_each_training_and_eval_script_is_an_afternoon(script, most):
     lines = sum(map(n_lines, read_set(script)))

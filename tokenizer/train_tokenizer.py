@@ -10,6 +10,7 @@ import glob
 import itertools
 import os
 import random
+import re
 import time
 
 import sentencepiece as spm
@@ -100,7 +101,8 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
                     text_field=text_field, seed=seed, verbose=False):
     """Train a BPE model; returns the path of <model_prefix>.model. files_or_iterator: comma-separated files/globs/dirs
     (str) or a list/tuple of paths; any other iterable is the documents themselves. Prints one summary line; verbose:
-    sentencepiece's log and a sample tokenization too."""
+    sentencepiece's log and a sample tokenization too. ValueError (one line) for a vocab_size over uint16, under the
+    fixed pieces, or over what the corpus allows (saying the largest it allows)."""
     t0 = time.time()
     # check everything cheap before reading any data
     if vocab_size > MAX_VOCAB:
@@ -140,6 +142,12 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
             shuffle_input_sentence=False, num_threads=num_threads, minloglevel=0 if verbose else 2)
         for ext in (".vocab", ".model"):  # .model last: if it is there, training finished
             os.replace(tmp_prefix + ext, model_prefix + ext)
+    except RuntimeError as e:  # sentencepiece's "Vocabulary size too high (N). Please set it to a value <= M."
+        largest = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
+        if largest is None:
+            raise
+        raise ValueError(f"vocab_size={vocab_size} is too large for this corpus: it allows at most {largest[1]} "
+                         f"pieces (set --vocab_size={largest[1]} or less, or train on more text)") from e
     finally:
         for ext in (".model", ".vocab"):
             if os.path.exists(tmp_prefix + ext):

@@ -1,10 +1,13 @@
 """babyllama/token_files.py: token files that are not what they claim (another dtype, an odd byte count, ids
-outside the vocabulary, empty, another tokenizer's, no meta.json) are refused with the file named."""
+outside the vocabulary, empty, another tokenizer's, no meta.json or one that is not JSON) are refused with the file
+named; the sampler draws every window of a file, files in proportion to their windows."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
+import torch
 
 from babyllama import token_files
 
@@ -44,3 +47,91 @@ def test_wrong_token_files_are_refused_with_the_file_named(tmp_path):
     os.remove(os.path.join(os.path.dirname(other), "meta.json"))
     with pytest.raises(FileNotFoundError, match="meta.json"):
         token_files.open_bins(other)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"vocab_size": 1000, "dtype": "uin', b"\xff\xfe{}", b"<html>"])
+def test_a_meta_json_that_is_not_json_is_named(tmp_path, content):
+    np.arange(20, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    (tmp_path / "meta.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'meta.json'}: not JSON")):
+        token_files.open_bins(str(tmp_path / "train.bin"))
+    with pytest.raises(ValueError, match="data_process.py"):
+        token_files.read_meta(os.path.join(tmp_path, "train.bin"))
+
+
+T = 8  # max_seq_len: a window is T + 1 tokens
+
+
+def token_file(d, name, n, first=0):
+    """n tokens first..first+n-1 (a token's id tells its position) and the meta.json beside them."""
+    os.makedirs(d, exist_ok=True)
+    np.arange(first, first + n, dtype=np.uint16).tofile(os.path.join(d, name))
+    meta_path = os.path.join(d, "meta.json")
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"dtype": "uint16", "vocab_size": 1000}
+    meta.setdefault("tokens_per_file", {})[name] = n
+    json.dump(meta, open(meta_path, "w"))
+    return os.path.join(d, name)
+
+
+def starts(bins, steps, batch_size=64):
+    """The first token (= start position) of every row drawn over `steps` steps, and the largest target."""
+    xs, top = [], 0
+    for step in range(steps):
+        x, y = token_files.get_batch(bins, batch_size, T, seed=0, step=step, micro_step=0, device="cpu")
+        assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, -1], x[:, -1] + 1)  # contiguous windows
+        xs += x[:, 0].tolist()
+        top = max(top, int(y.max()))
+    return xs, top
+
+
+def test_every_window_start_is_drawn_and_the_last_token_is_a_target(tmp_path):
+    n = 50
+    bins, _, _ = token_files.open_bins(token_file(tmp_path, "train.bin", n), min_tokens=T + 1)
+    drawn, top = starts(bins, steps=20)  # 1,280 draws of 42 starts: a given start is missed with p ~ 1e-13
+    assert set(drawn) == set(range(n - T))  # 0..n - T - 1, i.e. 0..n - (T + 1) inclusive
+    assert top == n - 1
+
+
+def test_a_file_of_exactly_one_window_gives_that_window(tmp_path):
+    bins, _, _ = token_files.open_bins(token_file(tmp_path, "train.bin", T + 1), min_tokens=T + 1)
+    x, y = token_files.get_batch(bins, 4, T, seed=0, step=0, micro_step=0, device="cpu")
+    assert x.tolist() == [list(range(T))] * 4 and y.tolist() == [list(range(1, T + 1))] * 4
+
+
+def test_a_file_shorter_than_one_window_is_refused(tmp_path):
+    path = token_file(tmp_path, "train.bin", T)
+    with pytest.raises(ValueError, match=f"{T} tokens, fewer than the {T + 1:,}"):
+        token_files.open_bins(path, min_tokens=T + 1)
+    with pytest.raises(ValueError, match=f"shorter than max_seq_len \\+ 1 = {T + 1}"):
+        token_files.get_batch([np.arange(T, dtype=np.uint16)], 2, T, 0, 0, 0, "cpu")
+
+
+def test_files_are_picked_in_proportion_to_their_windows(tmp_path):
+    one = token_file(tmp_path, "one.bin", T + 1, first=500)  # 1 window
+    nine = token_file(tmp_path, "nine.bin", T + 9)  # 9 windows
+    bins, _, _ = token_files.open_bins(f"{one},{nine}", min_tokens=T + 1)
+    firsts = torch.cat([token_files.get_batch(bins, 100, T, seed=1, step=step, micro_step=0, device="cpu")[0][:, 0]
+                        for step in range(40)])
+    # one.bin's share: 1 window of 10 (by length it would be 9 tokens of 26); sd over 4,000 rows ~0.005
+    assert abs((firsts == 500).float().mean().item() - 0.1) < 0.02
+    assert set(firsts[firsts != 500].tolist()) == set(range(9))
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in model for estimate_loss: remembers its inputs, returns a loss of 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, y, return_logits=False):
+        self.seen.append(x)
+        return None, torch.tensor(1.0)
+
+
+def test_estimate_loss_reads_the_same_windows_a_file_of_one_window_included(tmp_path):
+    bins, _, _ = token_files.open_bins(token_file(tmp_path, "val.bin", T + 1), min_tokens=T + 1)
+    model = Recorder()
+    loss = token_files.estimate_loss(model, bins, 2, T, eval_iters=3, device="cpu", autocast_ctx=torch.no_grad())
+    assert loss == 1.0 and len(model.seen) == 3
+    assert all(x.tolist() == [list(range(T))] * 2 for x in model.seen)

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 
 import pytest
 import sentencepiece as spm
@@ -269,3 +270,20 @@ def test_training_twice_gives_the_same_file(corpus_dir, tmp_path):
     again = train_tokenizer(str(corpus_dir), str(tmp_path / "a" / "t"), VOCAB, num_threads=2, input_sentence_size=300)
     with open(again, "rb") as f:
         assert f.read() == first
+
+
+SMALL_CORPUS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "Hello, world! 2026年"] * 5  # allows < 2,000 pieces
+
+
+def test_a_vocab_too_large_for_the_corpus_says_the_largest_it_allows_and_that_one_trains(tmp_path):
+    with pytest.raises(ValueError) as e:
+        train_tokenizer(iter(SMALL_CORPUS), str(tmp_path / "big"), 2000, num_threads=1)
+    message = str(e.value)
+    assert "\n" not in message
+    largest = int(re.fullmatch(r"vocab_size=2000 is too large for this corpus: it allows at most (\d+) pieces "
+                               r"\(set --vocab_size=\1 or less, or train on more text\)", message)[1])
+    assert 272 < largest < 2000  # more than the fixed pieces (specials and 256 bytes), fewer than asked
+    train_tokenizer(iter(SMALL_CORPUS), str(tmp_path / "largest"), largest, num_threads=1)  # the largest trains
+    with pytest.raises(ValueError, match=f"at most {largest} pieces"):
+        train_tokenizer(iter(SMALL_CORPUS), str(tmp_path / "one_more"), largest + 1, num_threads=1)
+    assert not list(tmp_path.glob("big*")) and not list(tmp_path.glob("one_more*"))  # nothing half written
