@@ -138,11 +138,11 @@ def test_read_set_counts_every_module_a_script_imports_transitively(tmp_path):
     assert sum(n_lines(os.path.join(tmp_path, f)) for f in files) == 4 + 1 + 6 + 3 + 5
 
 
-# budgets at what this layout measures (issue 22's targets, 1,800 / 3,000 / 3,000 / 3,300 / 3,300 / 3,800, are
-# not reached yet): a guard against growth. pretrain and sft +80 / +50 for issue 23's checkpoint integrity
-# (babyllama/tensor_file.py: checksums, damage and a full disk named; shard checksums in sharded.py)
-@pytest.mark.parametrize("script, most", [("pretrain.py", 2230), ("sft.py", 3300), ("dpo.py", 3700),
-                                          ("grpo.py", 3850), ("ppo.py", 3900), ("eval.py", 4600)])
+# budgets at what this layout measures, a guard against growth. Issue 22's targets are 1,800 / 3,000 / 3,000 /
+# 3,300 / 3,300 / 3,800; pretrain and dpo are over them, and issue 23's checkpoint integrity (babyllama/tensor_file.py)
+# added ~120 lines to every training script
+@pytest.mark.parametrize("script, most", [("pretrain.py", 2100), ("sft.py", 3100), ("dpo.py", 3300),
+                                          ("grpo.py", 3350), ("ppo.py", 3400), ("eval.py", 3900)])
 def test_read_set_of_each_training_and_eval_script_is_an_afternoon(script, most):
     lines = sum(map(n_lines, read_set(script)))
     assert lines <= most, f"{script} needs {lines} lines read (target {most}): python tests/read_set.py {script}"
