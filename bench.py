@@ -9,7 +9,7 @@ generated as one batch (what babyllama.rl.rollout does for grpo.py) against G on
     torchrun --standalone --nproc_per_node=2 bench.py config/baby_92m.py --parallel=fsdp --skip_gen=True
     python bench.py --rollout=True --skip_train=True --skip_gen=True --rollout_group=8 --rollout_new_tokens=64
 
-Memory: --estimate=True prints model.training_memory's bytes per process (weights, gradients, optimizer
+Memory: --estimate=True prints babyllama.memory.training_memory's bytes per process (weights, gradients, optimizer
 state, activations, peak) for full / LoRA training, DDP / FSDP over world_size processes, activation
 checkpointing off / on, and the largest micro-batch that fits memory_gb; with --measure=True the training
 steps then run as configured and their measured peak (CPU: the rise of the resident set from before the
@@ -55,8 +55,8 @@ skip_gen = False
 parallel = "ddp"  # under torchrun: 'ddp' or 'fsdp' (babyllama.dist.parallelize); each process trains batch_size
 optimizer = "adamw"  # or 'muon'
 activation_checkpointing = False
-estimate = False  # print the memory estimates (model.training_memory) for this shape
-measure = False  # measure this run's peak memory and print it beside model.training_memory's estimate
+estimate = False  # print the memory estimates (babyllama.memory.training_memory) for this shape
+measure = False  # measure this run's peak memory and print it beside babyllama.memory.training_memory's estimate
 memory_gb = 80.0  # the memory per GPU the estimate's largest micro-batch must fit
 world_size = 8  # the processes the estimate's DDP / FSDP rows assume
 lora_rank = 8  # the estimate's LoRA rows
@@ -74,8 +74,7 @@ if measure and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536" and "RANK" no
 
 run = dist.setup_ddp(device, parallel) if "RANK" in os.environ else dist.Run(device=device)
 run.parallel = parallel if run.ddp else "ddp"
-device = "cuda" if run.device == "auto" and torch.cuda.is_available() else \
-    ("cpu" if run.device == "auto" else run.device)
+device = precision.resolve_device(run.device)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cpu":
     precision.configure_cpu()
@@ -95,7 +94,7 @@ args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_he
 GiB = 2 ** 30
 if estimate:
     say(f"memory per process (GiB) at batch {batch_size} x {max_seq_len}, {dtype}, {optimizer}, largest micro-batch "
-        f"within {memory_gb:g} GiB (model.training_memory; {device_type} kernels):")
+        f"within {memory_gb:g} GiB (babyllama.memory.training_memory; {device_type} kernels):")
     say("| method | parallel | act. ckpt | weights | grads | optimizer | activations | peak | max batch |")
     say("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for method, rank in (("full", 0), (f"LoRA r={lora_rank}", lora_rank)):

@@ -31,6 +31,7 @@ babyllama/poem_form.py). Every mode that needs a model loads it through babyllam
 """
 import math
 import os
+import sys
 import time
 
 import torch
@@ -67,7 +68,7 @@ val_max_tokens = 200_000  # ppl on a .bin: at most this many tokens (from the st
 batch_size = 8
 seed = 1337
 compile = False  # compile the decode step: pays off for long or many generations
-quantize = ""  # 'int8': weight-only int8 linear layers (model.quantize_int8), a quarter of their fp32 memory
+quantize = ""  # 'int8': weight-only int8 linear layers (babyllama/int8.py), a quarter of their fp32 memory
 system_prompt = ""  # chat: an optional system prompt
 questions_file = ""  # chat: batch mode, questions in (.txt or .jsonl); "" = interactive
 answers_file = ""  # chat batch mode: JSONL answers out ("" = questions_file + .answers.jsonl)
@@ -270,9 +271,10 @@ def run_mc(model, tok, exam, names, chat, scorings, k_shot, batch_size, prefix_c
 MODES = ("sample", "loss", "ppl", "all", "chat", "mc", "gen")
 
 if __name__ == "__main__":
+    for moved in ("contamination", "report"):  # they read files, not a model: scripts of their own (before the
+        if f"--mode={moved}" in sys.argv:    # overrides, which would refuse their settings as unknown keys)
+            raise SystemExit(f"--mode={moved} is now `python {moved}.py` (same settings)")
     apply_overrides(globals())
-    if mode in ("contamination", "report"):  # they read files, not a model: scripts of their own
-        raise SystemExit(f"--mode={mode} is now `python {mode}.py` (same settings)")
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if prompt_format not in ("auto", "plain", "chat"):

@@ -9,7 +9,7 @@ Face Llama folder in.
     python export.py --format=pt --ckpt_path=out/x/ckpt.dcp --out_dir=out/x                # -> out/x/model.pt
 
 The folder (any checkpoint this project writes: pretrained, SFT, DPO; LoRA adapters merged first) holds
-  config.json             LlamaConfig of the same network (model.hf_config_dict), architectures LlamaForCausalLM
+  config.json             LlamaConfig of the same network (babyllama/hf.py), architectures LlamaForCausalLM
   model.safetensors       the weights under LlamaForCausalLM's names, in --dtype (float32, bfloat16, float16);
                           a tied output layer is stored once, as the embedding
   generation_config.json  eos and <|end|> as stop tokens, eval.py's sampling defaults
@@ -38,7 +38,7 @@ rows are a multiple of 32 long, the others stay float32.
 
 One file (--format=pt): the sharded checkpoint of an FSDP run (its ckpt.dcp folder) as the single-file
 checkpoint dict (<out_dir>/model.pt) a one-process run writes, without the optimizer state
-(checkpoint.consolidate); eval.py, export.py and --init_ckpt read the folder too, this is for a file to copy.
+(sharded.consolidate); eval.py, export.py and --init_ckpt read the folder too, this is for a file to copy.
 
 Import: config.json + model.safetensors (or sharded *.safetensors with an index) + tokenizer.model of a
 LlamaForCausalLM becomes out_dir/ckpt.pt and out_dir/tokenizer.model, which eval.py reads and sft.py / dpo.py

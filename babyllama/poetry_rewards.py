@@ -9,6 +9,7 @@ import re
 
 from babyllama.atomic import write_json
 from babyllama.poem_form import CLAUSE_MARKS, LINE_END, poem_clauses
+from babyllama.records import ReadErrors, iter_records
 
 CHARS = {"五言": 5, "七言": 7}
 CLAUSES = {"绝句": 4, "律诗": 8}
@@ -164,15 +165,15 @@ def exact_form_share(prompts, replies):
 
 
 def requests_from(path, limit=0):
-    """Form requests (make_request) for the poems of a JSONL file: SFT conversations (user "请写一首题为《X》的诗。"
-    answered by a poem) or the demo's held-out questions ({"kind": "poem", "question", "reference"}), asking the real
-    poem's form (others left out). One per title, in file order; at most limit (0 = all).
-    Returns (requests, skipped: the number of lines that are not JSON objects)."""
+    """Form requests (make_request) for the poems of a file (.jsonl, .json, .parquet: babyllama/records.py): SFT
+    conversations (user "请写一首题为《X》的诗。" answered by a poem) or the demo's held-out questions ({"kind": "poem",
+    "question", "reference"}), asking the real poem's form (others left out). One per title, in file order; at most
+    limit (0 = all). Returns (requests, skipped: the records that are not JSON objects or could not be read)."""
     title_of = re.compile(r"请写一首题为《([^》]+)》的诗。")
-    out, seen, skipped = [], set(), 0
-    for rec in _json_lines(path):
-        if rec is None:
-            skipped += 1
+    out, seen, errors = [], set(), ReadErrors()
+    for line, rec in iter_records(path, errors):
+        if not isinstance(rec, dict):
+            errors.add(path, line, "not a JSON object")
             continue
         pairs = []
         if rec.get("kind") == "poem" and isinstance(rec.get("question"), str):
@@ -189,20 +190,5 @@ def requests_from(path, limit=0):
             seen.add(m.group(1))
             out.append(make_request(m.group(1), len(clauses[0]) - 1, len(clauses)))
             if limit and len(out) >= limit:
-                return out, skipped
-    return out, skipped
-
-
-def _json_lines(path):
-    """Each non-blank line of a JSONL file as its JSON object, or None when it is not one (bad JSON or UTF-8,
-    a list...)."""
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)  # bytes: decoded as UTF-8 (a BOM allowed); UnicodeDecodeError is a ValueError
-            except ValueError:
-                rec = None
-            yield rec if isinstance(rec, dict) else None
-
+                return out, errors.count
+    return out, errors.count

@@ -1,6 +1,6 @@
 """The RL algorithms' pieces as functions of tensors (grpo.py, ppo.py): rollouts of reply groups, reply-token
 log-probabilities, advantages (GRPO's, GAE) and the losses (clipped policy, PPO's value), each checked against
-hand-computed values in tests/test_rl.py. The run around a loop is babyllama/rl_run.py's.
+hand-computed values in tests/unit/test_rl.py. The run around a loop is babyllama/rl_run.py's.
 
 Shapes: B replies, T = the longest reply in tokens; per-token tensors are (B, T), mask (B, T) = 1 on a reply's tokens
 (its stop token included), 0 on padding."""

@@ -35,7 +35,7 @@ def load_extra(folder):
 
 
 def _optimizers(optimizer):
-    return getattr(optimizer, "optimizers", [optimizer])  # model.Optimizers holds several
+    return getattr(optimizer, "optimizers", [optimizer])  # optimize.Optimizers holds several
 
 
 def sharded_state(model, optimizer):

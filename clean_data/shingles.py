@@ -1,5 +1,5 @@
 """Shingles: character n-grams (default 5) of a normalised text hashed to 64 bits, the unit every near-duplicate measure
-here counts (MinHash, SimHash in dedup.py; eval.py's contamination check). "明月光照" and "照光明月" share no shingle (single
+here counts (MinHash, SimHash in dedup.py; contamination.py). "明月光照" and "照光明月" share no shingle (single
 characters would call them duplicates). A text shorter than n is one shingle, itself.
 
 Hash: a polynomial over the n code points (uint64, wrapping), then the splitmix64 finaliser, so every bit depends on

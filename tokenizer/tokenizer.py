@@ -24,7 +24,7 @@ class Tokenizer:
         model_path = os.fspath(model_path)
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model not found: {model_path!r} "
-                                    f"(train one with: python -m tokenizer.train_tokenizer --input=...)")
+                                    f"(train one with: python -m tokenizer --input=...)")
         self.model_path = model_path
         self.sp = sp = spm.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = sp.get_piece_size()

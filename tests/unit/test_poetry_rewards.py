@@ -3,6 +3,9 @@ read back, the form, repetition and title scores, the tone rules on a hand-made 
 from the corpus (characters read one way only; built once when missing)."""
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from conftest import JING_YE_SI
 import pytest
 
@@ -88,3 +91,7 @@ def test_requests_from_reads_conversations_and_questions_and_counts_the_lines_it
     assert requests == [make_request("静夜思", 5, 4), make_request("夜思", 5, 4)]
     assert skipped == 3
     assert requests_from(str(path), limit=1) == ([make_request("静夜思", 5, 4)], 0)
+    # a parquet SFT file (sft_data_process.py --out_format=parquet) gives the same requests
+    other = {"messages": [dict(conv["messages"][0], content="请写一首题为《夜思》的诗。"), conv["messages"][1]]}
+    pq.write_table(pa.Table.from_pylist([conv, other]), tmp_path / "train.parquet")
+    assert requests_from(str(tmp_path / "train.parquet")) == (requests, 0)
