@@ -27,7 +27,13 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self):
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        """The JSON answer; text that UTF-8 cannot encode (a lone surrogate echoed back) is backslash-escaped."""
+        return {"error": {"message": printable(self.message), "type": self.kind,
+                          "param": None if self.param is None else printable(self.param), "code": self.code}}
+
+
+def printable(s):
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
