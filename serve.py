@@ -232,11 +232,6 @@ def create_app(scheduler, tok, name, hosts, key):
         except Closed:
             raise APIError(503, "the server is shutting down", "server_shutting_down", kind="server_error") from None
 
-    def failure(message):
-        if "error: " + message == SHUTDOWN:
-            return APIError(503, message, "server_shutting_down", kind="server_error")
-        return APIError(500, message, "server_error", kind="server_error")
-
     async def complete(request, kind):
         try:
             body = await read_json(request)
@@ -299,6 +294,13 @@ def create_app(scheduler, tok, name, hosts, key):
     return app
 
 
+def failure(message):
+    """The APIError of a request the scheduler ended with an error: 503 when the server is shutting down."""
+    if "error: " + message == SHUTDOWN:
+        return APIError(503, message, "server_shutting_down", kind="server_error")
+    return APIError(500, message, "server_error", kind="server_error")
+
+
 class Answer:
     """The OpenAI response shapes of one request: the whole answer, or its stream's chunks."""
 
@@ -346,9 +348,8 @@ async def stream_events(job, answer, include_usage):
                 if include_usage:
                     yield answer.chunk(usage=ev[2])
                 break
-            else:
-                yield "data: " + json.dumps({"error": {"message": ev[1], "type": "server_error", "param": None,
-                                                       "code": "server_error"}}) + "\n\n"
+            else:  # an error event in the OpenAI shape (the status line, 200, went out with the first chunk)
+                yield "data: " + json.dumps(failure(ev[1]).body()) + "\n\n"
                 break
         yield "data: [DONE]\n\n"
     finally:
