@@ -21,10 +21,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def tiny_checkpoint(d, ctx=64, dim=48, n_layers=2, seed=0, endless=False):
+def tiny_checkpoint(d, ctx=64, dim=48, n_layers=2, seed=0, endless=False, zero_keys=False):
     """(checkpoint path, model, tokenizer) of a random model with weights N(0, 0.3) (greedy tokens far from ties).
     endless: the stop tokens' (tied) embeddings are zero, so their logit is 0 where the best of 400 random logits is
-    far above: greedy answers run to max_tokens (a long request to leave or to cut short)."""
+    far above: greedy answers run to max_tokens (a long request to leave or to cut short). zero_keys: every query
+    weighs every earlier token the same, so the answer depends on the whole prompt (a crop shows)."""
     tok = tiny_tokenizer(d)
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
@@ -32,6 +33,9 @@ def tiny_checkpoint(d, ctx=64, dim=48, n_layers=2, seed=0, endless=False):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3) if p.dim() > 1 else None
+        if zero_keys:
+            for layer in model.layers:
+                layer.attention.wk.weight.zero_()
         if endless:
             model.tok_embeddings.weight[[tok.eos_id, tok.end_id]] = 0
     save_merged(str(d / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=tok.model_path,

@@ -13,6 +13,10 @@ import time
 
 import pytest
 import serve_fixtures as sf
+import torch
+
+from babyllama.generate import generate
+from tokenizer.chat_template import stop_ids
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -83,11 +87,12 @@ def test_the_deadlock_recipe_answers_every_request(ckpt, flags, threads, per, ro
         sf.stop_server(proc)
 
 
-def open_request(port, body, stream=False):
+def open_request(port, body, stream=False, path="/v1/chat/completions"):
     """A socket that has sent a whole request (and reads nothing yet)."""
     data = json.dumps(dict(body, stream=stream)).encode()
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"{HEAD}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    s.sendall(HEAD.replace("/v1/chat/completions", path).encode() + f"Content-Length: {len(data)}\r\n\r\n".encode()
+              + data)
     return s
 
 
@@ -122,6 +127,51 @@ def test_a_client_that_leaves_frees_its_row_within_a_few_steps(long_ckpt, stream
         t0 = time.monotonic()
         status, answer, _ = sf.raw(port, "POST", "/v1/chat/completions", chat(1, 20, temperature=0))
         assert status == 200 and answer["usage"]["completion_tokens"] == 20 and time.monotonic() - t0 < 1.0
+    finally:
+        sf.stop_server(proc)
+
+
+def test_a_long_prompt_answers_the_same_alone_and_beside_a_request_for_many_more_tokens(tmp_path):
+    """Issue 23's case over HTTP: on a context-128 model a 100-token prompt with max_tokens 8 answered one thing alone
+    and another beside a request for 60 tokens (its prompt cropped to 68 tokens). The model here answers the
+    cropped prompt differently, so a crop would show."""
+    ckpt, model, tok = sf.tiny_checkpoint(tmp_path, ctx=128, zero_keys=True, endless=True)
+    text = "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。" * 10
+    text = next(text[:k] for k in range(len(text)) if len(tok.encode(text[:k])) == 99)  # eos + 99 = 100 tokens
+    ids = [tok.eos_id] + tok.encode(text)
+    want = generate(model, torch.tensor([ids]), 8, temperature=0.0, stop_ids=stop_ids(tok))[0]
+    assert want != generate(model, torch.tensor([ids[-68:]]), 8, temperature=0.0, stop_ids=stop_ids(tok))[0]
+    proc, port = sf.start_server(ckpt, "--max_tokens_limit=64")
+    try:
+        ask = {"prompt": text, "max_tokens": 8, "temperature": 0}
+        alone = sf.raw(port, "POST", "/v1/completions", ask)[1]["choices"][0]["text"]
+        assert alone == tok.decode([t for t in want if t not in stop_ids(tok)])
+        before = sf.raw(port, "GET", "/stats")[1]
+        other = open_request(port, {"prompt": "白日", "max_tokens": 60, "temperature": 0}, True, "/v1/completions")
+        beside = sf.raw(port, "POST", "/v1/completions", ask)[1]["choices"][0]["text"]
+        after = wait_for(port, lambda st: st["running"] == 0)
+        other.close()
+        assert beside == alone
+        assert after["requests"] - before["requests"] == 2 and after["tokens"] - before["tokens"] == 68
+        assert after["row_steps"] - before["row_steps"] > after["steps"] - before["steps"]  # they shared steps
+    finally:
+        sf.stop_server(proc)
+
+
+def test_a_request_that_joins_a_running_batch_gets_its_lone_answer(long_ckpt):
+    """A streams 1000 tokens; B arrives while A decodes (A is still running when B's answer comes) and gets what it
+    gets alone."""
+    proc, port = sf.start_server(long_ckpt, "--max_tokens_limit=1000")
+    try:
+        b = chat(3, 40, temperature=0)
+        alone = sf.raw(port, "POST", "/v1/chat/completions", b)[1]["choices"][0]["message"]["content"]
+        a = open_request(port, chat(1, 1000, temperature=0), stream=True)
+        st = wait_for(port, lambda st: st["running"] == 1 and st["tokens"] > 100)
+        got = sf.raw(port, "POST", "/v1/chat/completions", b)[1]["choices"][0]["message"]["content"]
+        assert got == alone
+        after = sf.raw(port, "GET", "/stats")[1]
+        assert after["finished"] == st["finished"] + 1 and after["running"] == 1  # B joined A's batch and left it
+        a.close()
     finally:
         sf.stop_server(proc)
 
