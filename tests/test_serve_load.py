@@ -81,8 +81,10 @@ def assert_all_answered_and_still_quick(port, got, total):
 def test_the_deadlock_recipe_answers_every_request(ckpt, flags, threads, per, rounds):
     proc, port = sf.start_server(ckpt, *flags)
     try:
-        for _ in range(rounds):
-            assert_all_answered_and_still_quick(port, hammer(port, threads, per), threads * per)
+        for r in range(rounds):
+            got = hammer(port, threads, per)
+            print(f"round {r + 1}: {dict(got)}")
+            assert_all_answered_and_still_quick(port, got, threads * per)
     finally:
         sf.stop_server(proc)
 
@@ -122,6 +124,7 @@ def test_a_client_that_leaves_frees_its_row_within_a_few_steps(long_ckpt, stream
         after = wait_for(port, lambda st: st["running"] == 0)
         assert after["cancelled"] - before["cancelled"] == 16 and after["finished"] == before["finished"]
         steps = after["steps"] - before["steps"]  # including those of this test's own /stats round trips
+        print(f"{steps} steps, {after['tokens'] - before['tokens']} tokens between the clients leaving and their rows freed")
         assert steps <= 30, f"{steps} steps between the clients leaving and their rows freed"
         assert after["tokens"] < 16 * 500  # far from the 16 x 1000 tokens of a server that keeps generating
         t0 = time.monotonic()
