@@ -118,12 +118,12 @@ def main():
             rows.append((n, tps, statistics.median(ttft), p95(ttft), tokens, wall, (r1 - r0) / max(s1 - s0, 1)))
         print(f"serve.py {ckpt_path} (quantize={quantize or 'none'}, dtype={dtype}, max_batch={max_batch}), "
               f"{requests_per_client} streamed greedy requests per client, up to {max_tokens} tokens each")
-        print("| clients | tokens/s (all clients) | vs 1 client | time to first token, median / p95 | tokens | seconds | "
-              "mean batch |")
+        print("| clients | tokens/s (all clients) | vs 1 client | time to first token, median / p95 | tokens | "
+              "seconds | mean batch |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for n, tps, med, worst, tokens, wall, batch in rows:
-            print(f"| {n} | {tps:.1f} | {tps / rows[0][1]:.2f}x | {med * 1000:.0f} / {worst * 1000:.0f} ms | {tokens} | "
-                  f"{wall:.1f} | {batch:.1f} |")
+            print(f"| {n} | {tps:.1f} | {tps / rows[0][1]:.2f}x | {med * 1000:.0f} / {worst * 1000:.0f} ms | "
+                  f"{tokens} | {wall:.1f} | {batch:.1f} |")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

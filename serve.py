@@ -409,13 +409,15 @@ def run_server(app, scheduler):
 
 
 def main():
-    model, tok, _, dev, autocast_ctx = load_for_inference(ckpt_path, device, dtype)  # the tokenizer it records
+    model, tok, _, _, autocast_ctx = load_for_inference(ckpt_path, device, dtype)  # the tokenizer it records
     quantize_model(model, quantize)
     name = model_name or os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))
     scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, autocast_ctx=autocast_ctx)
     hosts = LOOPBACK | {host_name(h) for h in allowed_hosts.split(",") + [host] if h.strip()} - {"0.0.0.0", "::"}
     app = create_app(scheduler, tok, name, hosts, api_key)
     print(f"serving {ckpt_path} as {name!r} on http://{host}:{port} (max_batch {max_batch})", flush=True)
+    if host in ("0.0.0.0", "::") and not allowed_hosts:
+        print("only loopback Host names are accepted: give the names clients use with --allowed_hosts", flush=True)
     run_server(app, scheduler)
 
 

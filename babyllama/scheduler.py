@@ -59,7 +59,8 @@ class Sequence:
     receive the output; both are called from the loop thread and must not block."""
 
     def __init__(self, prompt, max_tokens, sampling=Sampling(), stop_ids=()):
-        self.prompt, self.max_tokens, self.sampling, self.stop_ids = list(prompt), int(max_tokens), sampling, set(stop_ids)
+        self.prompt, self.max_tokens, self.sampling = list(prompt), int(max_tokens), sampling
+        self.stop_ids = set(stop_ids)
         self.cancelled = False  # set by any thread: the row is freed before the next step
         self.n_generated = 0
         self.start = self.last = 0  # the first cache column of its keys; the token to feed next
@@ -90,6 +91,8 @@ class Scheduler:
     """The loop thread that owns the model: submit(seq) from any thread; close(grace) to stop; stats()."""
 
     def __init__(self, model, max_batch=8, max_queue=64, autocast_ctx=None):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.autocast_ctx = autocast_ctx or nullcontext()
         self.ctx = model.args.max_seq_len
@@ -172,12 +175,9 @@ class Scheduler:
         if self.deadline is None:
             return False
         with self.lock:
-            waiting, self.inbox = list(self.inbox), collections.deque()
-            if not self.rows and not waiting:
-                return True
-            if time.monotonic() < self.deadline:
-                self.inbox.extendleft(reversed(waiting))
+            if (self.rows or self.inbox) and time.monotonic() < self.deadline:
                 return False
+            waiting, self.inbox = list(self.inbox), collections.deque()
         for seq in waiting + self.rows:
             self._end(seq, SHUTDOWN)
         self.rows = []
@@ -251,7 +251,8 @@ class Scheduler:
         self.cur += 1
         self.counters["steps"] += 1
         self.counters["row_steps"] += n
-        done = [i for i, (seq, t) in enumerate(zip(self.rows, self._choose(self.rows, logits))) if self._advance(seq, t)]
+        chosen = self._choose(self.rows, logits)
+        done = [i for i, (seq, t) in enumerate(zip(self.rows, chosen)) if self._advance(seq, t)]
         for i in reversed(done):
             self._free(i)
 

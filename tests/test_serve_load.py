@@ -124,7 +124,8 @@ def test_a_client_that_leaves_frees_its_row_within_a_few_steps(long_ckpt, stream
         after = wait_for(port, lambda st: st["running"] == 0)
         assert after["cancelled"] - before["cancelled"] == 16 and after["finished"] == before["finished"]
         steps = after["steps"] - before["steps"]  # including those of this test's own /stats round trips
-        print(f"{steps} steps, {after['tokens'] - before['tokens']} tokens between the clients leaving and their rows freed")
+        print(f"{steps} steps, {after['tokens'] - before['tokens']} tokens between the clients leaving and their "
+              "rows freed")
         assert steps <= 30, f"{steps} steps between the clients leaving and their rows freed"
         assert after["tokens"] < 16 * 500  # far from the 16 x 1000 tokens of a server that keeps generating
         t0 = time.monotonic()
