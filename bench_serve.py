@@ -1,13 +1,15 @@
 """
-Load test of serve.py: starts the server on a loopback port, then measures with the `openai` client the
-completion tokens per second of 1 client and of N concurrent clients (each sending its requests one after the
-other, streamed, greedy), the time to the first token, and the server's mean batch size. One run, one machine:
-the ratio is what to compare.
+Load test of serve.py: starts the server on a loopback port, then measures with the `openai` client, for 1, 8 and 32
+concurrent clients (each sending its requests one after the other, streamed, greedy), the completion tokens per
+second of all clients together, the time to the first token (median and p95) and the server's mean batch size.
+With batches that only form between requests, a request that arrives while a batch runs waits for the whole batch:
+its time to the first token is what continuous batching cuts. One run, one machine: the ratios are what to compare.
 
     python bench_serve.py --ckpt_path=out/demo/sft/ckpt.pt
-    python bench_serve.py --ckpt_path=out/demo/sft/ckpt.pt --quantize=int8
+    python bench_serve.py --ckpt_path=out/demo/sft/ckpt.pt --quantize=int8 --clients=1,8
 """
 import json
+import math
 import socket
 import statistics
 import subprocess
@@ -21,7 +23,7 @@ from babyllama.dist import free_port
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/demo/sft/ckpt.pt"
-clients = 8  # concurrent clients of the second measurement
+clients = "1,8,32"  # the numbers of concurrent clients measured, one after the other
 requests_per_client = 4
 max_tokens = 64
 quantize = ""  # passed to serve.py
@@ -34,8 +36,9 @@ TITLES = "春夏秋冬山水风月花鸟云雨雪霜江河"
 
 def start_server(port):
     cmd = [sys.executable, "serve.py", f"--ckpt_path={ckpt_path}", f"--port={port}", f"--dtype={dtype}",
-           f"--max_batch={max_batch}", f"--max_tokens_limit={max_tokens}"] + ([f"--quantize={quantize}"] if quantize else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           f"--max_batch={max_batch}", f"--max_tokens_limit={max_tokens}", f"--max_queue={max(64, 4 * max_batch)}"]
+    proc = subprocess.Popen(cmd + ([f"--quantize={quantize}"] if quantize else []), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     for _ in range(600):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -45,6 +48,17 @@ def start_server(port):
                 raise SystemExit(f"serve.py exited:\n{proc.stdout.read()}")
             time.sleep(0.1)
     raise SystemExit("serve.py did not start in 60 s")
+
+
+def p95(xs):
+    """The nearest-rank 95th percentile."""
+    return sorted(xs)[max(0, math.ceil(0.95 * len(xs)) - 1)]
+
+
+def mean_batch(port):
+    """(rows decoded, decoding steps) so far, from /stats; before continuous batching: (rows, batches)."""
+    st = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats"))
+    return (st["row_steps"], st["steps"]) if "row_steps" in st else (st["rows"], st["batches"])
 
 
 def one_request(client, model, i):
@@ -92,20 +106,19 @@ def main():
         model = client.models.list().data[0].id
         one_request(client, model, 0)  # warm-up
         rows = []
-        for n in (1, clients):
-            before = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats"))
+        for n in [int(c) for c in str(clients).split(",")]:
+            r0, s0 = mean_batch(port)
             tps, ttft, tokens, wall = measure(client, model, n)
-            after = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats"))
-            batch = (after["rows"] - before["rows"]) / max(after["batches"] - before["batches"], 1)
-            rows.append((n, tps, statistics.median(ttft), max(ttft), tokens, wall, batch))
+            r1, s1 = mean_batch(port)
+            rows.append((n, tps, statistics.median(ttft), p95(ttft), tokens, wall, (r1 - r0) / max(s1 - s0, 1)))
         print(f"serve.py {ckpt_path} (quantize={quantize or 'none'}, dtype={dtype}, max_batch={max_batch}), "
               f"{requests_per_client} streamed greedy requests per client, up to {max_tokens} tokens each")
-        print("| clients | tokens/s (all clients) | time to first token, median / max | tokens | seconds | "
-              "mean batch |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("| clients | tokens/s (all clients) | vs 1 client | time to first token, median / p95 | tokens | "
+              "seconds | mean batch |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for n, tps, med, worst, tokens, wall, batch in rows:
-            print(f"| {n} | {tps:.1f} | {med * 1000:.0f} / {worst * 1000:.0f} ms | {tokens} | {wall:.1f} | {batch:.1f} |")
-        print(f"{clients} clients / 1 client: {rows[1][1] / rows[0][1]:.2f}x the tokens/s")
+            print(f"| {n} | {tps:.1f} | {tps / rows[0][1]:.2f}x | {med * 1000:.0f} / {worst * 1000:.0f} ms | "
+                  f"{tokens} | {wall:.1f} | {batch:.1f} |")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -2,7 +2,7 @@
 An OpenAI-compatible HTTP server for a checkpoint, on FastAPI + uvicorn, with a web chat page at /.
 
     python serve.py --ckpt_path=out/demo/sft/ckpt.pt                       # http://127.0.0.1:8000
-    python serve.py --ckpt_path=... --host=0.0.0.0 --api_key=secret        # reachable from other machines
+    python serve.py --ckpt_path=... --host=0.0.0.0 --allowed_hosts=myhost.lan --api_key=secret
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
@@ -10,400 +10,415 @@ An OpenAI-compatible HTTP server for a checkpoint, on FastAPI + uvicorn, with a 
 
 Endpoints: GET /v1/models; POST /v1/chat/completions (the chat template of tokenizer/chat_template.py) and
 POST /v1/completions (plain text after eos, as eval.py samples), streamed as server-sent events ending with
-"data: [DONE]" or not; temperature, top_p, max_tokens, stop, seed, n=1; usage token counts.
+"data: [DONE]" or not; GET /stats (the scheduler's counters), GET /health, GET / (the chat page). The parameters
+implemented, and those refused by name, are listed in babyllama/openai_api.py.
 
-Batching: one worker thread owns the model. Requests wait in a queue; the worker takes the oldest one and every
-other request with the same sampling settings that is waiting or arrives within batch_wait_ms (up to max_batch)
-and decodes them together with the
-KV-cached generator (model.generate_batch_stream), each row streaming to its own client; requests that arrive
-meanwhile form the next batch. A greedy answer is the same alone or in a batch (the batched generator equals
-the unbatched one, tests/unit/test_generate.py). A request with a seed runs in a batch of its own, so its samples
-depend only on the seed.
+Batching (babyllama/scheduler.py): one loop thread owns the model and the running batch; a request joins it at the
+next decoding step and leaves it when done, each decoded as if alone (its own prompt, max_tokens, stop and
+sampling). A client that disconnects frees its row at the next step. SIGTERM / SIGINT: no new request, in-flight
+ones get shutdown_grace seconds to finish, then are ended, and the process exits.
 
-Limits, each answered with a 4xx JSON error {"error": {"message", "type", "code"}}: the request body
-(max_body_bytes, 413), the prompt (the context less max_tokens, 400), max_tokens (max_tokens_limit, 400), the
-queue (max_queue waiting requests, 429), a wrong or missing API key when --api_key is set (401), an unknown
-model (404), malformed JSON or fields (400). The server binds 127.0.0.1 unless --host says otherwise.
+At the door, each refusal a JSON error {"error": {"message", "type", "param", "code"}}: a Host header that is not a
+loopback name, --host or one of --allowed_hosts (400; the guard against DNS rebinding); a wrong or missing key when
+--api_key is set (401, on every route but / and /health; compared in constant time); a body that is not
+application/json (415), over max_body_bytes (413, counted while reading, chunked or not) or slower than
+body_timeout (408); max_queue requests already waiting (429 with Retry-After). Connections beyond max_connections
+are answered 503 and closed; a connection that has not sent its request headers header_timeout seconds after
+it opened (or after its last response) is closed.
 """
 import asyncio
+import hmac
 import json
 import os
-import queue
-import threading
 import time
 import uuid
 
-import torch
-
 from babyllama.configurator import run_main
-from babyllama.generate import generate_batch_stream, right_pad
 from babyllama.inference import load_for_inference
 from babyllama.int8 import quantize_model
+from babyllama.openai_api import APIError, parse_body, request_of
+from babyllama.scheduler import SHUTDOWN, Closed, QueueFull, Sampling, Scheduler, Sequence
 from tokenizer import StreamDecoder
-from tokenizer.chat_template import encode_prompt, stop_ids
+from tokenizer.chat_template import stop_ids
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"
 model_name = ""  # the id clients ask for; "" = the checkpoint's folder name
 host = "127.0.0.1"
 port = 8000
-api_key = ""  # when set, every /v1 request must send "Authorization: Bearer <api_key>"
+allowed_hosts = ""  # comma-separated Host names accepted besides loopback and host ("*" = any: no rebinding guard)
+api_key = ""  # when set, every route but / and /health needs "Authorization: Bearer <api_key>"
 max_batch = 8  # requests decoded together
-batch_wait_ms = 10.0  # how long a new batch waits for more requests to join it (Triton's max_queue_delay)
-max_queue = 64  # requests waiting beyond that are refused (429)
+max_queue = 64  # requests waiting for a row beyond that are refused (429)
 max_tokens_limit = 0  # the largest max_tokens a request may ask for; 0 = max_seq_len // 2
-default_max_tokens = 128
+default_max_tokens = 128  # when a request does not say (lowered to the limit and to what its prompt leaves)
 max_body_bytes = 1 << 20
+max_connections = 256  # open connections at once; more are answered 503 and closed
+header_timeout = 10.0  # seconds a connection may take to send its request headers
+body_timeout = 30.0  # seconds a request may take to send its body
+keep_alive = 5  # seconds an idle connection stays open between requests
+shutdown_grace = 2.0  # seconds in-flight requests may still run after SIGTERM / SIGINT
 quantize = ""  # 'int8': weight-only int8 linear layers (model.quantize_int8)
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------------------------------------
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "babyllama", "serve_page.html")
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+OPEN_PATHS = {"/", "/health"}  # what a client without the key may read: the page's HTML and the liveness probe
 
 
-class APIError(Exception):
-    """An error answered as {"error": {...}} with an HTTP status."""
+class Job(Sequence):
+    """A request in the scheduler, turned into text for its HTTP handler: events ("text", str), then ("end",
+    finish_reason, completion tokens) or ("error", message) on an asyncio queue of loop. Text that could be the
+    beginning of a stop string is held back until it is clear that it is not."""
 
-    def __init__(self, status, message, code, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
-
-
-class Job:
-    """One request on its way through the worker: its prompt, settings, and the queue its events go to."""
-
-    def __init__(self, prompt, max_tokens, sampling, stops, seed, loop):
-        self.prompt, self.max_tokens, self.sampling, self.stops, self.seed = prompt, max_tokens, sampling, stops, seed
-        self.loop, self.events = loop, asyncio.Queue()
-        self.cancelled = False
+    def __init__(self, prompt, settings, tok, loop):
+        super().__init__(prompt, settings.max_tokens, Sampling(**settings.sampling), stop_ids(tok))
+        self.stops, self.loop, self.events = settings.stops, loop, asyncio.Queue()
+        self.decoder = StreamDecoder(tok)
+        self.text, self.sent, self.cut = "", 0, False
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
 
     def send(self, event):
-        """Called from the worker thread: hand an event to the request's coroutine."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-class Engine:
-    """The model, the tokenizer and the worker thread that batches requests."""
-
-    def __init__(self, model, tok, device, autocast_ctx):
-        self.model, self.tok, self.device, self.autocast_ctx = model, tok, device, autocast_ctx
-        self.stop_ids = stop_ids(tok)
-        self.waiting = queue.Queue(maxsize=max_queue)
-        self.stats = {"batches": 0, "rows": 0}
-        threading.Thread(target=self.work, daemon=True).start()
-
-    def submit(self, job):
         try:
-            self.waiting.put_nowait(job)
-        except queue.Full:
-            raise APIError(429, f"too many requests waiting ({max_queue}); try again", "queue_full",
-                           "rate_limit_error") from None
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
 
-    def take_batch(self):
-        """The oldest waiting job and the jobs with its sampling settings waiting or arriving within batch_wait_ms
-        (a seeded job goes alone; the others go back in line for the next batch)."""
-        first = self.waiting.get()
-        batch, others = [first], []
-        if first.seed is None:
-            deadline = time.monotonic() + batch_wait_ms / 1000
-            while len(batch) < max_batch:
-                left = deadline - time.monotonic()
-                try:
-                    j = self.waiting.get(timeout=left) if left > 0 else self.waiting.get_nowait()
-                except queue.Empty:
-                    break
-                (batch if j.sampling == first.sampling and j.seed is None else others).append(j)
-        for j in others:  # back in line, in order, for the next batch
-            self.waiting.put(j)
-        return batch
-
-    def work(self):
-        while True:
-            batch = [j for j in self.take_batch() if not j.cancelled]
-            if batch:
-                try:
-                    self.run(batch)
-                except Exception as e:  # answer every client of the batch rather than leave it hanging
-                    for j in batch:
-                        j.send(("error", f"{type(e).__name__}: {e}"))
-
-    def run(self, batch):
-        """Decode a batch; every row's text goes to its own job as it comes."""
-        temperature, top_p = batch[0].sampling
-        idx, lens = right_pad([j.prompt for j in batch], self.device)
-        generator = None
-        if batch[0].seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(batch[0].seed))
-        rows = [Row(j, self.tok) for j in batch]
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
-        with self.autocast_ctx:
-            stream = generate_batch_stream(self.model, idx, max(j.max_tokens for j in batch),
-                                                      temperature=temperature, top_p=top_p,
-                                                      stop_ids=self.stop_ids, prompt_lens=lens, generator=generator)
-            for tokens, _ in stream:
-                for row, t in zip(rows, tokens):
-                    if not row.done:
-                        row.add(t, t in self.stop_ids)
-                if all(r.done for r in rows):
-                    break
-        for row in rows:
-            if not row.done:
-                row.end("length")
-
-
-class Row:
-    """One request's row of a batch: its text so far, what of it was sent, and when it ends. Text that could be
-    the beginning of a stop string is held back until it is clear that it is not."""
-
-    def __init__(self, job, tok):
-        self.job, self.decoder = job, StreamDecoder(tok)
-        self.text, self.sent, self.count, self.done = "", 0, 0, False
-        self.hold = max((len(s) for s in job.stops), default=1) - 1
-
-    def add(self, token, is_stop):
-        if self.job.cancelled:
-            self.done = True
-            return
-        if is_stop:
-            self.end("stop")
-            return
-        self.count += 1
+    def on_token(self, token):
         self.text += self.decoder.put(token)
-        cut = first_stop(self.text, self.job.stops)
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.end("stop", flush=False)
-        elif self.count >= self.job.max_tokens:
-            self.end("length")
-        else:
+        self.cut = self.trim()
+        if not self.cut:
             self.send_until(len(self.text) - self.hold)
+        return self.cut
+
+    def on_end(self, reason):
+        if reason.startswith("error"):
+            self.send(("error", reason[len("error: "):]))
+            return
+        if not self.cut:
+            self.text += self.decoder.flush()
+            reason = "stop" if self.trim() else reason
+        self.send_until(len(self.text))
+        self.send(("end", reason, self.n_generated))
+
+    def trim(self):
+        """Cut the text at its first stop string; True if there was one."""
+        hits = [self.text.find(s) for s in self.stops if s in self.text]
+        if hits:
+            self.text = self.text[:min(hits)]
+        return bool(hits)
 
     def send_until(self, n):
         if n > self.sent:
-            self.job.send(("text", self.text[self.sent:n]))
+            self.send(("text", self.text[self.sent:n]))
             self.sent = n
 
-    def end(self, reason, flush=True):
-        if flush:
-            self.text += self.decoder.flush()
-            cut = first_stop(self.text, self.job.stops)
-            if cut is not None:
-                self.text, reason = self.text[:cut], "stop"
-        self.send_until(len(self.text))
-        self.job.send(("end", reason, self.count))
-        self.done = True
+
+# ---- the door: host, key, body -------------------------------------------------------------------------------
+
+def host_name(value):
+    """The name of a Host header value, without its port: 'a:8000' -> 'a', '[::1]:8000' -> '::1'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-def first_stop(text, stops):
-    """Where the first stop string begins in text, or None."""
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
+class Guard:
+    """ASGI middleware that checks every request before a route sees it: the Host header (DNS rebinding: a page on
+    another site that resolves its name to 127.0.0.1 sends its own Host) and the API key."""
+
+    def __init__(self, app, hosts, key):
+        self.app, self.hosts, self.key = app, hosts, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            err = self.check(scope["path"], dict(scope["headers"]))
+            if err is not None:
+                await asgi_error(err, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, path, headers):
+        name = host_name(headers.get(b"host", b"").decode("latin-1"))
+        if "*" not in self.hosts and name not in self.hosts:
+            return APIError(400, f"Host {name!r} is not served here (allowed: loopback names, --host and "
+                                 f"--allowed_hosts)", "invalid_host")
+        if self.key and path not in OPEN_PATHS and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), b"Bearer " + self.key):
+            return APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key",
+                            kind="authentication_error")
+        return None
 
 
-# ---- request parsing ----------------------------------------------------------------------------------------
-
-def number(body, name, default, lo, hi, kind=float):
-    """body[name] as a number in [lo, hi] (default when absent or null); APIError 400 naming it otherwise."""
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v) or not lo <= v <= hi:
-        raise APIError(400, f"{name} must be a{'n integer' if kind is int else ' number'} in [{lo}, {hi}], "
-                            f"not {v!r}", f"invalid_{name}")
-    return kind(v)
+async def asgi_error(e, send):
+    """Answer e as JSON on a raw ASGI send (before any route)."""
+    body = json.dumps(e.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-def common_settings(body, prompt_len, context):
-    """(max_tokens, (temperature, top_p), stops, seed) of a request, checked against the limits."""
-    limit = max_tokens_limit or context // 2
-    if body.get("n", 1) not in (1, None):
-        raise APIError(400, "only n=1 is supported", "invalid_n")
-    max_tokens = number(body, "max_tokens", min(default_max_tokens, limit), 1, 1 << 31, int)
-    if max_tokens > limit:
-        raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {limit}", "max_tokens_too_large")
-    if prompt_len + max_tokens > context:
-        raise APIError(400, f"the prompt is {prompt_len} tokens; with max_tokens {max_tokens} that is over the "
-                            f"model's context of {context} tokens", "context_length_exceeded")
-    temperature = number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = number(body, "top_p", 1.0, 0.0, 1.0)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, f"seed must be an integer, not {seed!r}", "invalid_seed")
-    stops = body.get("stop") or []
-    stops = [stops] if isinstance(stops, str) else stops
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-        raise APIError(400, "stop must be a string or a list of up to 4 strings", "invalid_stop")
-    return max_tokens, (temperature, top_p), tuple(stops), seed
+async def read_json(request):
+    """The request's JSON object, read chunk by chunk: APIError 415 unless the body is application/json, 413 as soon as
+    more than max_body_bytes arrived (chunked or not), 408 when the body takes over body_timeout; the error answers of
+    a body not read to its end close the connection."""
+    close = {"Connection": "close"}
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, "the body must be application/json", "unsupported_media_type", headers=close)
+    size = request.headers.get("content-length", "0")
+    if not size.isdigit() or int(size) > max_body_bytes:
+        raise APIError(413, f"request body over {max_body_bytes} bytes", "body_too_large", headers=close)
+    chunks, n = [], 0
+    try:
+        async with asyncio.timeout(body_timeout):
+            more = True
+            while more:
+                message = await request.receive()  # uvicorn reads at most 64 KiB ahead of this
+                if message["type"] == "http.disconnect":
+                    raise APIError(400, "the client left while sending its body", "client_disconnected")
+                chunks.append(message.get("body", b""))
+                n, more = n + len(chunks[-1]), message.get("more_body", False)
+                if n > max_body_bytes:
+                    raise APIError(413, f"request body over {max_body_bytes} bytes", "body_too_large", headers=close)
+    except TimeoutError:
+        raise APIError(408, f"the body took over {body_timeout} s", "request_timeout", headers=close) from None
+    return parse_body(b"".join(chunks))
 
 
-def chat_prompt(tok, body):
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError(400, "messages must be a non-empty list", "invalid_messages")
-    system, turns = None, []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
-                not isinstance(m.get("content"), str):
-            raise APIError(400, f"messages[{i}] must be {{\"role\": system|user|assistant, \"content\": str}}",
-                           "invalid_messages")
-        if m["role"] == "system":
-            if i:
-                raise APIError(400, "a system message may only come first", "invalid_messages")
-            system = m["content"]
-        else:
-            turns.append({"role": m["role"], "content": m["content"]})
-    if not turns or turns[-1]["role"] != "user" or any(t["role"] != ("user", "assistant")[k % 2]
-                                                       for k, t in enumerate(turns)):
-        raise APIError(400, "messages must alternate user/assistant and end with a user message", "invalid_messages")
-    return encode_prompt(tok, turns, system)
-
-
-def completion_prompt(tok, body):
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string", "invalid_prompt")
-    return [tok.eos_id] + tok.encode(prompt)  # a document start, as in pretraining
+async def watch_disconnect(request, job):
+    """Wait until the client of a non-streaming request goes away, then cancel its job (its row is freed at the next
+    step) and wake its handler. Cancelled by the handler when the answer is ready."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled = True
+    job.events.put_nowait(("gone",))
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
 
-def create_app(engine, name):
-    """The FastAPI application serving engine's model under the id name."""
+def create_app(scheduler, tok, name, hosts, key):
+    """The ASGI application serving scheduler's model (with tokenizer tok) under the id name; hosts: the Host
+    names accepted; key: the API key ("" = none)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-    app = FastAPI(title="babyllama", docs_url=None, redoc_url=None)
-    context = engine.model.args.max_seq_len
+    app = FastAPI(title="babyllama", docs_url=None, redoc_url=None, openapi_url=None)
+    context = scheduler.ctx
+    limit = min(max_tokens_limit or context // 2, context - 1)
 
     def error(e):
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.code}}, status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    async def body_of(request):
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key",
-                           "authentication_error")
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            raise APIError(413, f"request body over {max_body_bytes} bytes", "body_too_large")
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise APIError(413, f"request body over {max_body_bytes} bytes", "body_too_large")
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON ({e})", "invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object", "invalid_json")
-        if body.get("model") not in (name, None):
-            raise APIError(404, f"model {body.get('model')!r} not found; this server has {name!r}", "model_not_found")
-        return body
+    async def http_error(request, exc):  # Starlette's 404 and 405, in the OpenAI shape
+        code = {404: "not_found", 405: "method_not_allowed"}[exc.status_code]
+        return error(APIError(exc.status_code, str(exc.detail), code, headers=dict(exc.headers or {})))
 
-    async def complete(request, chat):
+    for status in (404, 405):
+        app.add_exception_handler(status, http_error)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):
+        return error(APIError(500, f"{type(exc).__name__}: {exc}", "server_error", kind="server_error"))
+
+    def submit(job):
         try:
-            body = await body_of(request)
-            prompt = (chat_prompt if chat else completion_prompt)(engine.tok, body)
-            max_tokens, sampling, stops, seed = common_settings(body, len(prompt), context)
-            stream = bool(body.get("stream", False))
-            job = Job(prompt, max_tokens, sampling, stops, seed, asyncio.get_running_loop())
-            engine.submit(job)
+            scheduler.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"too many requests waiting ({scheduler.max_queue}); try again", "queue_full",
+                           kind="rate_limit_error", headers={"Retry-After": str(e.retry_after)}) from None
+        except Closed:
+            raise APIError(503, "the server is shutting down", "server_shutting_down", kind="server_error") from None
+
+    async def complete(request, kind):
+        try:
+            body = await read_json(request)
+            if body.get("model") is not None and body.get("model") != name:
+                raise APIError(404, f"model {body.get('model')!r} not found; this server has {name!r}",
+                               "model_not_found", "model")
+            prompt, settings = request_of(tok, body, kind, context, limit, default_max_tokens)
+            job = Job(prompt, settings, tok, asyncio.get_running_loop())
+            submit(job)
         except APIError as e:
             return error(e)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
+        answer = Answer(kind, name, len(prompt))
+        if settings.stream:
+            return StreamingResponse(stream_events(job, answer, settings.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            text = ""
+            while True:
+                ev = await job.events.get()
+                if ev[0] == "text":
+                    text += ev[1]
+                elif ev[0] == "end":
+                    return JSONResponse(answer.whole(text, ev[1], ev[2]))
+                elif ev[0] == "error":
+                    return error(failure(ev[1]))
+                else:  # gone: nobody reads the answer
+                    return Response(status_code=499)
+        finally:
+            watcher.cancel()
+            job.cancelled = True  # a no-op once it ended; frees its row if the handler itself was cancelled
 
-        def usage(n):
-            return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
-
-        def chunk(text=None, finish=None, first=False, n=None):
-            if chat:
-                delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish}
-            out = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created, "model": name,
-                   "choices": [choice]}
-            if n is not None:
-                out["usage"] = usage(n)
-            return "data: " + json.dumps(out, ensure_ascii=False) + "\n\n"
-
-        if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-            async def events():
-                try:
-                    if chat:
-                        yield chunk(first=True)
-                    while True:
-                        ev = await job.events.get()
-                        if ev[0] == "text":
-                            if ev[1]:
-                                yield chunk(ev[1])
-                        elif ev[0] == "end":
-                            yield chunk(finish=ev[1], n=ev[2] if include_usage else None)
-                            break
-                        else:
-                            yield "data: " + json.dumps({"error": {"message": ev[1], "type": "server_error"}}) + "\n\n"
-                            break
-                    yield "data: [DONE]\n\n"
-                finally:
-                    job.cancelled = True  # a client that went away frees its row
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text = ""
-        while True:
-            ev = await job.events.get()
-            if ev[0] == "text":
-                text += ev[1]
-            elif ev[0] == "end":
-                finish, n = ev[1], ev[2]
-                break
-            else:
-                return error(APIError(500, ev[1], "server_error", "server_error"))
-        choice = {"index": 0, "finish_reason": finish}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return JSONResponse({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice],
-                             "usage": usage(n)})
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            return error(APIError(401, "missing or wrong API key", "invalid_api_key", "authentication_error"))
+    async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "babyllama",
-                                            "context_length": context}]}
+                                            "context_length": context, "max_tokens_limit": limit}]}
 
     @app.get("/stats")
     async def stats():
-        """How many batches the worker ran and how many requests they held (the mean batch size)."""
-        return dict(engine.stats)
+        """The scheduler's counters: row_steps / steps is the mean batch size."""
+        return scheduler.stats()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, True)
+        return await complete(request, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, False)
+        return await complete(request, "completion")
 
     @app.get("/")
     async def page():
         return FileResponse(PAGE, media_type="text/html")
 
+    app.add_middleware(Guard, hosts=hosts, key=key)
     return app
 
 
-def main():
+def failure(message):
+    """The APIError of a request the scheduler ended with an error: 503 when the server is shutting down."""
+    if "error: " + message == SHUTDOWN:
+        return APIError(503, message, "server_shutting_down", kind="server_error")
+    return APIError(500, message, "server_error", kind="server_error")
+
+
+class Answer:
+    """The OpenAI response shapes of one request: the whole answer, or its stream's chunks."""
+
+    def __init__(self, kind, model, prompt_tokens):
+        self.chat, self.model, self.prompt_tokens = kind == "chat", model, prompt_tokens
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+
+    def usage(self, n):
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+    def head(self, obj, choices):
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self, text, finish, n):
+        choice = {"index": 0, "finish_reason": finish}
+        choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+        return dict(self.head(self.object, [choice]), usage=self.usage(n))
+
+    def chunk(self, text=None, finish=None, first=False, usage=None):
+        """One server-sent event; usage: the final chunk of include_usage, with no choices (OpenAI's reference)."""
+        if usage is not None:
+            out = dict(self.head(self.object + ".chunk" if self.chat else self.object, []), usage=self.usage(usage))
+        elif self.chat:
+            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+            out = self.head("chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": finish}])
+        else:
+            out = self.head(self.object, [{"index": 0, "text": text or "", "finish_reason": finish}])
+        return "data: " + json.dumps(out, ensure_ascii=False) + "\n\n"
+
+
+async def stream_events(job, answer, include_usage):
+    """The server-sent events of a streamed request. A client that goes away ends this generator (Starlette cancels
+    it), and its job is cancelled: its row is freed at the next step."""
+    try:
+        if answer.chat:
+            yield answer.chunk(first=True)
+        while True:
+            ev = await job.events.get()
+            if ev[0] == "text":
+                yield answer.chunk(ev[1])
+            elif ev[0] == "end":
+                yield answer.chunk(finish=ev[1])
+                if include_usage:
+                    yield answer.chunk(usage=ev[2])
+                break
+            else:  # an error event in the OpenAI shape (the status line, 200, went out with the first chunk)
+                yield "data: " + json.dumps(failure(ev[1]).body()) + "\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True
+
+
+# ---- the server -----------------------------------------------------------------------------------------------
+
+def run_server(app, scheduler):
+    """uvicorn with the limits at the door (connections, header timeout) and a shutdown that ends in-flight work."""
     import uvicorn
-    model, tok, _, dev, autocast_ctx = load_for_inference(ckpt_path, device, dtype)  # the tokenizer it records
+    from uvicorn.protocols.http import h11_impl
+
+    busy = json.dumps(APIError(503, "too many connections", "too_many_connections", kind="server_error").body())
+    busy = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            f"connection: close\r\ncontent-length: {len(busy)}\r\n\r\n{busy}").encode()
+
+    class Protocol(h11_impl.H11Protocol):
+        """uvicorn's HTTP/1.1 protocol with a cap on connections and a deadline for each request's headers."""
+        timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(busy)
+                transport.close()
+                return
+            self.arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.arm()
+
+        def arm(self):
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(header_timeout, self.headers_late)
+
+        def headers_late(self):
+            # still waiting for a request line and headers (slowloris): close; a request under way is not touched
+            if self.conn.their_state is h11_impl.h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            if self.timer is not None:
+                self.timer.cancel()
+            super().connection_lost(exc)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            scheduler.close(shutdown_grace)  # in-flight requests finish or are ended: their handlers return
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, http=Protocol, log_level="warning",
+                            timeout_keep_alive=keep_alive, timeout_graceful_shutdown=int(shutdown_grace) + 3)
+    Server(config).run()
+
+
+def main():
+    model, tok, _, _, autocast_ctx = load_for_inference(ckpt_path, device, dtype)  # the tokenizer it records
     quantize_model(model, quantize)
     name = model_name or os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))
-    engine = Engine(model, tok, dev, autocast_ctx)
+    scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, autocast_ctx=autocast_ctx)
+    hosts = LOOPBACK | {host_name(h) for h in allowed_hosts.split(",") + [host] if h.strip()} - {"0.0.0.0", "::"}
+    app = create_app(scheduler, tok, name, hosts, api_key)
     print(f"serving {ckpt_path} as {name!r} on http://{host}:{port} (max_batch {max_batch})", flush=True)
-    uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning")
+    if host in ("0.0.0.0", "::") and not allowed_hosts:
+        print("only loopback Host names are accepted: give the names clients use with --allowed_hosts", flush=True)
+    run_server(app, scheduler)
 
 
 if __name__ == "__main__":
