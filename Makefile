@@ -147,7 +147,7 @@ bench-clean: install
 bench-eval: install
 	$(PYTHON) bench_eval.py --ckpt_path= --n_questions=200
 
-# serving: tokens/s of 1 and 8 concurrent clients and the time to the first token, through a server it starts
+# serving: tokens/s of 1, 8 and 32 concurrent clients and the time to the first token (median, p95), through a server it starts
 bench-serve: install
 	$(PYTHON) bench_serve.py --ckpt_path=$(DEMO)/sft/ckpt.pt
 

@@ -58,7 +58,7 @@ header_timeout = 10.0  # seconds a connection may take to send its request heade
 body_timeout = 30.0  # seconds a request may take to send its body
 keep_alive = 5  # seconds an idle connection stays open between requests
 shutdown_grace = 2.0  # seconds in-flight requests may still run after SIGTERM / SIGINT
-quantize = ""  # 'int8': weight-only int8 linear layers (model.quantize_int8)
+quantize = ""  # 'int8': weight-only int8 linear layers (babyllama/int8.py)
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------------------------------------

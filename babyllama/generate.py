@@ -15,7 +15,7 @@ def compile_decode(model):
     return model
 
 
-def _stacked_weights(model):
+def stacked_weights(model):
     """Per layer ([wq; wk; wv], [w1; w3]): fewer, larger matrix-vector products. (None, None) for a layer whose
     projections are not plain nn.Linear (int8, LoRA)."""
     def stack(*mods):
@@ -25,8 +25,6 @@ def _stacked_weights(model):
 
 
 @torch.inference_mode()
-
-
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
              stop_ids=None, use_cache=True, prompt_lens=None, pad_id=0, generator=None):
     """Generate for a batch of right-padded prompts idx (B, T) int64 with true lengths prompt_lens (B,) (None = all T;
@@ -55,29 +53,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=0.0, top_k=None, top
                    use_cache, generator)
 
 
-def generate_batch_stream(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                          repetition_penalty=1.0, stop_ids=None, prompt_lens=None, generator=None):
-    """generate() step by step, for a server streaming every row of a batch: yields per step (the B new token ids, which
-    rows were still running) as lists; a row stops after a token in stop_ids (ignore its later tokens); ends when all
-    rows stopped or after max_new_tokens steps. Arguments as in generate; ValueError raised at the call."""
-    check_generation_args(max_new_tokens, model.args.max_seq_len, temperature, top_k, top_p,
-                          repetition_penalty)
-    return _batch_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                         prompt_lens, generator)
-
-
 @torch.inference_mode()
-
-
-def _batch_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                  prompt_lens, generator):
-    yield from _generate_steps(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                               stop_ids, True, prompt_lens, generator)
-
-
-@torch.inference_mode()
-
-
 def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids, use_cache,
             generator):
     """generate_stream's generator (a separate function so that generate_stream validates eagerly)."""
@@ -132,7 +108,7 @@ def _generate_steps(model, idx, max_new_tokens, temperature, top_k, top_p, repet
         dtype = model.tok_embeddings.weight.dtype
         caches = [(torch.empty(B, n_kv, total, hd, device=device, dtype=dtype),
                    torch.empty(B, n_kv, total, hd, device=device, dtype=dtype)) for _ in model.layers]
-    fused = _stacked_weights(model) if use_cache else None
+    fused = stacked_weights(model) if use_cache else None
     seq = tokens
     for step in range(max_new_tokens):
         cur = Tp + step  # columns filled so far

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from babyllama.generate import _stacked_weights, sample_next
+from babyllama.generate import sample_next, stacked_weights
 
 SHUTDOWN = "error: the server is shutting down"  # the end reason of what close() cuts short
 
@@ -152,7 +152,7 @@ class Scheduler:
     def _loop(self):
         with torch.inference_mode(), self.autocast_ctx:
             self.cache = self._allocate()
-            self.fused = _stacked_weights(self.model)
+            self.fused = stacked_weights(self.model)
             while not self._shut_down():
                 self._drop_cancelled()
                 self._admit()
