@@ -139,8 +139,8 @@ def flag(body, name, default=False):
 def max_tokens_of(body, prompt_len, context, limit, default):
     """The request's max_tokens (or max_completion_tokens): at most limit, and prompt + it within context. Absent:
     default, lowered to what the context leaves. APIError 400 otherwise."""
-    a = number(body, "max_tokens", None, 1, INT64, integer=True)
-    b = number(body, "max_completion_tokens", None, 1, INT64, integer=True)
+    a = number(body, "max_tokens", None, 1, INT64 - 1, integer=True)
+    b = number(body, "max_completion_tokens", None, 1, INT64 - 1, integer=True)
     if a is not None and b is not None and a != b:
         raise APIError(400, "max_tokens and max_completion_tokens differ", "invalid_max_tokens", "max_tokens")
     asked = a if a is not None else b
