@@ -17,7 +17,7 @@ import numpy as np
 from babyllama.mc import load_exam
 from babyllama.qa_files import read_gen_items
 from babyllama.readers import iter_documents
-from babyllama.token_files import read_meta
+from babyllama.token_files import check_bin, read_meta
 from clean_data.shingles import shingle_hashes
 from clean_data.normalize import normalize
 from tokenizer import Tokenizer
@@ -103,7 +103,7 @@ def training_documents(path, text_field=""):
         return
     meta = read_meta(path)
     btok = Tokenizer(meta["tokenizer_model"])
-    data = np.memmap(path, dtype=np.uint16, mode="r")
+    data = np.memmap(path, dtype=check_bin(path, meta), mode="r")  # uint16, or uint32 for a vocabulary over 65,535
     step, start, line = 1 << 24, 0, 0
     while start < len(data):
         block = np.asarray(data[start:start + step])

@@ -8,9 +8,10 @@ from babyllama.token_files import open_bins
 
 
 def ppl_bin(tok, path, vocab_size, tokenizer_sha256, max_tokens):
-    """(sequences to score, characters, documents) of the first max_tokens tokens (0 = all) of a uint16 token file, one
-    sequence after an eos (documents are separated by eos, scored like every token, as in training). Checked as training
-    checks it (token_files.open_bins) against the model's vocab_size and tokenizer sha256."""
+    """(sequences to score, characters, documents) of the first max_tokens tokens (0 = all) of a token file (its
+    meta.json's dtype: uint16 or uint32), one sequence after an eos (documents are separated by eos, scored like every
+    token, as in training). Checked as training checks it (token_files.open_bins) against the model's vocab_size and
+    tokenizer sha256."""
     bins, paths, _ = open_bins(path, vocab_size, like={"tokenizer_sha256": tokenizer_sha256}, min_tokens=2)
     if len(bins) > 1:
         raise SystemExit(f"--mode=ppl evaluates one token file; {path!r} is {len(paths)}: {', '.join(paths)}")

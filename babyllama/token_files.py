@@ -1,4 +1,5 @@
-"""Token files: open and check the uint16 .bin files data_process.py writes, sample batches, estimate a loss."""
+"""Token files: open and check the .bin files data_process.py writes, sample batches, estimate a loss. The ids are in
+meta.json's dtype: uint16 whenever the vocabulary fits (and when a meta.json predates the field), else uint32."""
 import glob
 import json
 import os
@@ -6,17 +7,19 @@ import os
 import numpy as np
 import torch
 
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # meta.json's "dtype" -> the ids' array type
+
 
 def open_bins(spec, vocab_size=None, like=None, min_tokens=1):
-    """Memory-map one or many uint16 token files (spec: comma-separated paths or globs), each checked so wrong data is
+    """Memory-map one or many token files (spec: comma-separated paths or globs), each checked so wrong data is
     refused by name:
-    - its meta.json (data_process.py writes it) exists and says dtype uint16;
-    - the byte length is even, non-zero and matches meta.json's token count (an int32 file has twice the bytes);
+    - its meta.json (data_process.py writes it) exists and its dtype (absent: uint16) holds vocab_size's ids;
+    - the byte length is whole ids, non-zero and matches meta.json's token count (an int32 file has twice the bytes);
     - every file (and `like`: another's meta, e.g. train's for val) has one tokenizer_sha256 and vocab_size;
     - the largest id is below vocab_size (default: meta.json's);
     - it holds at least min_tokens tokens (max_seq_len + 1 for training windows).
-    Returns (1-D np.memmap uint16 list, their paths, the first file's meta). FileNotFoundError for a part that matches
-    no file or a missing meta.json, ValueError naming the file otherwise."""
+    Returns (1-D np.memmap list, each in its meta.json's dtype, their paths, the first file's meta).
+    FileNotFoundError for a part that matches no file or a missing meta.json, ValueError naming the file otherwise."""
     paths = []
     for part in [p for p in spec.split(",") if p]:
         matches = sorted(glob.glob(part))
@@ -28,8 +31,7 @@ def open_bins(spec, vocab_size=None, like=None, min_tokens=1):
     bins, metas = [], []
     for p in paths:
         metas.append(read_meta(p))
-        check_bin(p, metas[-1], like or metas[0])
-        bins.append(np.memmap(p, dtype=np.uint16, mode="r"))
+        bins.append(np.memmap(p, dtype=check_bin(p, metas[-1], like or metas[0]), mode="r"))
     first = like or metas[0]
     vocab_size = vocab_size or first.get("vocab_size")
     for p, b in zip(paths, bins):
@@ -38,29 +40,36 @@ def open_bins(spec, vocab_size=None, like=None, min_tokens=1):
         top = max_token(b)
         if vocab_size and top >= vocab_size:
             raise ValueError(f"{p}: token id {top} >= vocab_size {vocab_size}: not tokens of this model's "
-                             f"tokenizer (or not uint16 token ids at all)")
+                             f"tokenizer (or not {b.dtype} token ids at all)")
     return bins, paths, metas[0]
 
 
 def check_bin(path, meta, like=None):
-    """The checks of open_bins that need no pass over the data (ValueError naming path)."""
-    if meta.get("dtype", "uint16") != "uint16":
-        raise ValueError(f"{path}: meta.json says dtype {meta['dtype']!r}; token files are uint16")
+    """The checks of open_bins that need no pass over the data (ValueError naming path, or its meta.json and field).
+    Returns the ids' numpy dtype (meta.json's "dtype"; absent: uint16, as every file written before the field)."""
+    name, where = meta.get("dtype", "uint16"), os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
+    if name not in TOKEN_DTYPES:
+        raise ValueError(f"{where}: dtype {name!r} (for {path}): token files are {' or '.join(TOKEN_DTYPES)}")
+    dtype = np.dtype(TOKEN_DTYPES[name])
+    if meta.get("vocab_size") and meta["vocab_size"] - 1 > np.iinfo(dtype).max:
+        raise ValueError(f"{where}: dtype {name} cannot hold the ids of vocab_size {meta['vocab_size']} (for {path})")
     size = os.path.getsize(path)
-    if size % 2:
-        raise ValueError(f"{path}: {size} bytes, an odd number: not a file of uint16 tokens")
+    if size % dtype.itemsize:
+        raise ValueError(f"{path}: {size} bytes, not a whole number of {dtype} tokens ({dtype.itemsize} bytes each, "
+                         f"meta.json's dtype)")
     if size == 0:
         raise ValueError(f"{path}: no tokens (data_process.py writes an empty val.bin when the corpus is too small "
                          f"for val_fraction: raise it, or train without validation: --val_data='')")
     name = os.path.basename(path)  # tokens_per_file by file name; older meta.json: train_tokens, val_tokens
     expected = meta.get("tokens_per_file", {}).get(name, meta.get(f"{os.path.splitext(name)[0]}_tokens"))
-    if expected is not None and expected * 2 != size:
-        raise ValueError(f"{path}: {size} bytes but meta.json counts {expected:,} uint16 tokens ({expected * 2:,} "
-                         f"bytes): another dtype, or a file from another run of data_process.py")
+    if expected is not None and expected * dtype.itemsize != size:
+        raise ValueError(f"{path}: {size} bytes but meta.json counts {expected:,} {dtype} tokens: another dtype "
+                         f"than meta.json's dtype, or a file from another run of data_process.py")
     for key in ("tokenizer_sha256", "vocab_size"):
         if like is not None and like.get(key) and meta.get(key) and like[key] != meta[key]:
             raise ValueError(f"{path}: {key} {meta[key]} differs from the other token files' {like[key]}: "
                              f"files tokenized with different tokenizers cannot be mixed")
+    return dtype
 
 
 def max_token(tokens, chunk=1 << 26):

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 import torch
 
 from babyllama import checkpoint_io, runlog
@@ -121,6 +122,24 @@ def tiny_tokenizer(d):
 def tiny_tok(tmp_path_factory):
     """tiny_tokenizer, trained once per test process."""
     return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def wide_tokenizer(d, vocab_size=70_000):
+    """tiny_tokenizer with vocab_size - 400 unused pieces inserted after its byte pieces (written to folder d,
+    wide.model): a real sentencepiece model of a vocabulary over uint16 whose learned pieces, and so the ids of any
+    text, are above 65,535 (the unused ones are never produced), while its specials keep their low ids."""
+    tok = tiny_tokenizer(d)
+    m = sp_model.ModelProto()
+    m.ParseFromString(open(tok.model_path, "rb").read())
+    pieces = list(m.pieces)
+    first = 1 + max(i for i, p in enumerate(pieces) if p.type == sp_model.ModelProto.SentencePiece.BYTE)
+    unused = [sp_model.ModelProto.SentencePiece(piece=f"<unused_{i}>", score=0.0,
+                                                type=sp_model.ModelProto.SentencePiece.UNUSED)
+              for i in range(vocab_size - len(pieces))]
+    del m.pieces[:]
+    m.pieces.extend(pieces[:first] + unused + pieces[first:])
+    (d / "wide.model").write_bytes(m.SerializeToString())
+    return Tokenizer(d / "wide.model")
 
 
 def chat_model(tok, seed=0):

@@ -1,10 +1,14 @@
 """babyllama/contamination.py: a planted near-duplicate of an eval item is found (its source and line named, its
-containment the share of the item's shingles the document holds), a reordered text is not."""
+containment the share of the item's shingles the document holds), a reordered text is not; a token file's
+documents are decoded in its meta.json's dtype (uint32 for a vocabulary over 65,535)."""
+import json
 import random
 
+from conftest import wide_tokenizer
+import numpy as np
 import pytest
 
-from babyllama.contamination import find_contamination, flagged
+from babyllama.contamination import find_contamination, flagged, training_documents
 
 
 def test_contamination_finds_a_planted_near_duplicate_and_not_a_reordered_text():
@@ -23,3 +27,18 @@ def test_contamination_finds_a_planted_near_duplicate_and_not_a_reordered_text()
     assert hits[0]["containment"] == pytest.approx(11 / 16)
     assert best[1]["containment"] == 0 and best[2]["containment"] == 0
 
+
+
+def test_a_uint32_token_file_is_decoded_document_by_document(tmp_path):
+    wide = wide_tokenizer(tmp_path)  # 70,000 pieces: the texts' ids are above 65,535
+    docs = ["床前明月光，疑是地上霜。", "What is two plus two?", "白日依山尽"]
+    ids = np.array([t for d in docs for t in wide.encode(d, eos=True)], dtype=np.uint32)
+    assert ids.max() > 65_535
+    ids.tofile(tmp_path / "train.bin")
+    meta = {"dtype": "uint32", "vocab_size": wide.vocab_size, "tokenizer_model": wide.model_path,
+            "tokens_per_file": {"train.bin": len(ids)}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert [d["text"] for d in training_documents(str(tmp_path / "train.bin"))] == docs
+    (tmp_path / "meta.json").write_text(json.dumps(dict(meta, dtype="uint16")))  # not the file's dtype: refused
+    with pytest.raises(ValueError, match="meta.json.*dtype uint16 cannot hold the ids of vocab_size 70000"):
+        list(training_documents(str(tmp_path / "train.bin")))

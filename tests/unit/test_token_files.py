@@ -1,6 +1,8 @@
 """babyllama/token_files.py: token files that are not what they claim (another dtype, an odd byte count, ids
-outside the vocabulary, empty, another tokenizer's, no meta.json or one that is not JSON) are refused with the file
-named; the sampler draws every window of a file, files in proportion to their windows."""
+outside the vocabulary, empty, another tokenizer's, no meta.json or one that is not JSON, a meta.json dtype that is
+not the file's or cannot hold its vocabulary) are refused with the file named; uint32 files (a vocabulary over
+65,535) are read in meta.json's dtype and an old meta.json without one means uint16; the sampler draws every window
+of a file, files in proportion to their windows."""
 import json
 import os
 import re
@@ -62,12 +64,12 @@ def test_a_meta_json_that_is_not_json_is_named(tmp_path, content):
 T = 8  # max_seq_len: a window is T + 1 tokens
 
 
-def token_file(d, name, n, first=0):
-    """n tokens first..first+n-1 (a token's id tells its position) and the meta.json beside them."""
+def token_file(d, name, n, first=0, dtype="uint16", vocab_size=1000):
+    """n tokens first..first+n-1 (a token's id tells its position) as dtype and the meta.json beside them."""
     os.makedirs(d, exist_ok=True)
-    np.arange(first, first + n, dtype=np.uint16).tofile(os.path.join(d, name))
+    np.arange(first, first + n, dtype=dtype).tofile(os.path.join(d, name))
     meta_path = os.path.join(d, "meta.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"dtype": "uint16", "vocab_size": 1000}
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"dtype": dtype, "vocab_size": vocab_size}
     meta.setdefault("tokens_per_file", {})[name] = n
     json.dump(meta, open(meta_path, "w"))
     return os.path.join(d, name)
@@ -135,3 +137,60 @@ def test_estimate_loss_reads_the_same_windows_a_file_of_one_window_included(tmp_
     loss = token_files.estimate_loss(model, bins, 2, T, eval_iters=3, device="cpu", autocast_ctx=torch.no_grad())
     assert loss == 1.0 and len(model.seen) == 3
     assert all(x.tolist() == [list(range(T))] * 2 for x in model.seen)
+
+
+# ---- uint32 token files: a vocabulary over 65,535 ids ---------------------------------------------------------
+
+BIG = 70_000  # a vocabulary that does not fit uint16 (Llama 3's 128,256 and Qwen2's 151,646 do not either)
+
+
+def test_a_uint32_file_is_sampled_with_its_ids_above_uint16(tmp_path):
+    first = 65_530  # windows cross 65,535 -> 65,536, where a uint16 reading would wrap to 0
+    bins, _, meta = token_files.open_bins(token_file(tmp_path, "train.bin", 50, first, "uint32", BIG), min_tokens=T + 1)
+    assert bins[0].dtype == np.uint32 and len(bins[0]) == 50 and meta["dtype"] == "uint32"
+    drawn, top = starts(bins, steps=20)  # the contiguity checks in starts() fail on any id read wrong
+    assert set(drawn) == set(range(first, first + 50 - T)) and top == first + 49
+    model = Recorder()
+    token_files.estimate_loss(model, bins, 2, T, eval_iters=2, device="cpu", autocast_ctx=torch.no_grad())
+    assert all(int(x.min()) >= first and int(x.max()) < first + 50 for x in model.seen)
+
+
+def test_an_old_meta_json_without_dtype_means_uint16(tmp_path):
+    path = token_file(tmp_path, "train.bin", 20, first=100)
+    meta = json.load(open(tmp_path / "meta.json"))
+    del meta["dtype"]
+    json.dump(meta, open(tmp_path / "meta.json", "w"))
+    bins, _, _ = token_files.open_bins(path)
+    assert bins[0].dtype == np.uint16 and bins[0].tolist() == list(range(100, 120))
+
+
+def test_a_meta_json_dtype_that_is_not_the_files_is_refused_naming_file_and_field(tmp_path):
+    # a uint32 file under a meta.json saying uint16 (or saying nothing: uint16): twice the bytes it counts
+    for name, meta_dtype in (("says16", {"dtype": "uint16"}), ("old", {})):
+        path = str(tmp_path / name / "train.bin")
+        os.makedirs(os.path.dirname(path))
+        np.arange(100, dtype=np.uint32).tofile(path)
+        json.dump({**meta_dtype, "vocab_size": 1000, "tokens_per_file": {"train.bin": 100}},
+                  open(os.path.join(os.path.dirname(path), "meta.json"), "w"))
+        with pytest.raises(ValueError, match=re.escape(path) + ".*400 bytes but meta.json counts 100 uint16 tokens"
+                                             ".*meta.json's dtype"):
+            token_files.open_bins(path)
+    # a uint16 file under a meta.json saying uint32: half the bytes it counts, or not whole uint32 ids
+    path = token_file(tmp_path / "says32", "train.bin", 100, dtype="uint16")
+    meta = json.load(open(tmp_path / "says32" / "meta.json"))
+    json.dump({**meta, "dtype": "uint32"}, open(tmp_path / "says32" / "meta.json", "w"))
+    with pytest.raises(ValueError, match=re.escape(path) + ".*200 bytes but meta.json counts 100 uint32 tokens"):
+        token_files.open_bins(path)
+    np.arange(101, dtype=np.uint16).tofile(path)
+    with pytest.raises(ValueError, match=re.escape(path) + ": 202 bytes, not a whole number of uint32 tokens"):
+        token_files.open_bins(path)
+
+
+@pytest.mark.parametrize("dtype, vocab_size, why", [("int64", 1000, "token files are uint16 or uint32"),
+                                                    ("uint16", BIG, "cannot hold the ids of vocab_size 70000")])
+def test_a_meta_json_dtype_that_cannot_be_is_refused_naming_the_meta_json_and_field(tmp_path, dtype, vocab_size, why):
+    path = token_file(tmp_path, "train.bin", 20, dtype="uint32", vocab_size=vocab_size)
+    meta = json.load(open(tmp_path / "meta.json"))
+    json.dump({**meta, "dtype": dtype}, open(tmp_path / "meta.json", "w"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'meta.json'}: dtype ") + f".*{why}"):
+        token_files.open_bins(path)
