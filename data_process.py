@@ -1,5 +1,5 @@
 """
-Tokenize a corpus into flat uint16 token files for pretraining: out_dir/train.bin, val.bin, meta.json.
+Tokenize a corpus into flat token files for pretraining: out_dir/train.bin, val.bin, meta.json.
 
     python data_process.py --download=poetry                        # only fetch chinese-poetry into data/
     python data_process.py --input=data/clean/zh.jsonl,data/wiki/ --out_dir=out/data/wiki --num_workers=8
@@ -20,6 +20,9 @@ and renamed at the end; meta.json (token and document counts, tokenizer sha256, 
 is removed first and written last, atomically, so a complete meta.json means complete .bin files. meta.json
 also gives the tokens per file by name (tokens_per_file) and lists the files written empty (empty_files: a
 small corpus can leave val.bin empty, and so does val_fraction=0), so a reader can refuse one by name.
+
+Token ids are uint16 whenever the tokenizer's vocabulary fits (vocab_size <= 65,535: the design card's format, and
+the demo's), uint32 only when it does not; meta.json's "dtype" says which, and every reader follows it.
 
 Nothing in out_dir is created or touched before there is something to write: a missing input path, an input
 with no file, or one whose documents are all dropped, is an error naming the input (exit status 1), and the
@@ -61,8 +64,7 @@ txt_mode = "line"  # .txt files: "line" = a document per line, "paragraph" = per
 download = ""  # "poetry": fetch the chinese-poetry npm package into data/chinese-poetry/ and stop (make download)
 # -----------------------------------------------------------------------------
 
-DTYPE = np.uint16
-MAX_VOCAB = 65535  # uint16 token files
+UINT16_VOCAB = 65535  # the largest vocabulary written as uint16 (above it: uint32)
 TOP_SOURCES = 50
 
 
@@ -124,14 +126,24 @@ def download_poetry(dest="data", spec=POETRY_PACKAGE, force=False):
     return out
 
 
+def token_dtype(vocab_size):
+    """meta.json's dtype for the ids of a vocabulary of vocab_size: "uint16" when it fits (vocab_size <= 65,535), else
+    "uint32" (ValueError past that)."""
+    if vocab_size <= UINT16_VOCAB:
+        return "uint16"
+    if vocab_size - 1 > np.iinfo(np.uint32).max:
+        raise ValueError(f"vocab_size {vocab_size} does not fit uint32 token files")
+    return "uint32"
+
+
 def _init_worker(model_path, val_fraction, seed):
     tok = Tokenizer(model_path)
-    _worker.update(tok=tok, val_fraction=val_fraction, seed=seed)
+    _worker.update(tok=tok, val_fraction=val_fraction, seed=seed, dtype=np.dtype(token_dtype(tok.vocab_size)))
 
 
 def _encode_chunk(texts):
     """texts -> (train tokens, val tokens, train docs, val docs); every document followed by eos."""
-    tok, frac, seed = _worker["tok"], _worker["val_fraction"], _worker["seed"]
+    tok, frac, seed, dtype = _worker["tok"], _worker["val_fraction"], _worker["seed"], _worker["dtype"]
     try:  # one C++ thread per worker: the processes are the parallelism
         ids = tok.encode_batch(texts, eos=True, num_threads=1)
     except TypeError:  # a Tokenizer without the num_threads keyword
@@ -142,7 +154,7 @@ def _encode_chunk(texts):
 
     def flat(lists):
         n = sum(len(x) for x in lists)
-        return np.fromiter(itertools.chain.from_iterable(lists), dtype=DTYPE, count=n)
+        return np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=n)
 
     return flat(train), flat(val), len(train), len(val)
 
@@ -181,16 +193,15 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
             seed=seed, txt_mode=txt_mode, progress=True, verbose=True):
     """Read, filter, encode and write train.bin / val.bin / meta.json into out_dir. Returns the meta
     dict. Raises FileNotFoundError for an input path that does not exist, EmptyInputError (a ValueError) naming
-    the input when it holds no file or no document survives, ValueError for a tokenizer too big for uint16.
+    the input when it holds no file or no document survives. The ids are uint16 when the tokenizer's vocabulary
+    fits, else uint32 (token_dtype; meta.json's "dtype").
     On any of these out_dir is neither created nor touched: the first encoded chunk is in hand before the
     first file is opened, and existing train.bin / val.bin / meta.json stay byte-identical.
     """
     t0 = time.time()
     inputs = _inputs(input)
     tok = Tokenizer(tokenizer_model)
-    if tok.vocab_size > MAX_VOCAB:
-        raise ValueError(f"{tokenizer_model}: vocab_size {tok.vocab_size} > {MAX_VOCAB} does not fit the uint16 "
-                         f"token files")
+    dtype = token_dtype(tok.vocab_size)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     chunk_docs = max(1, int(chunk_docs))
@@ -252,7 +263,7 @@ def process(input=input, tokenizer_model=tokenizer_model, out_dir=out_dir, *, te
         folders[os.path.dirname(src) or "."] += n
     seconds = time.time() - t0
     meta = {
-        "dtype": "uint16",
+        "dtype": dtype,
         "files": {"train": "train.bin", "val": "val.bin"},
         "tokenizer_model": os.fspath(tokenizer_model),
         "tokenizer_sha256": tok.sha256(),

@@ -1,8 +1,8 @@
 """data_process.py on a small mixed-format corpus (jsonl, json, parquet, txt, a chinese-poetry file) tokenized with
-the tiny tokenizer: documents decode back separated by eos, bad records and short documents are counted and named,
-the split does not depend on the workers, meta.json says what was written (an empty val.bin named), clean_data's
-parquet is read back, --download stops after the corpus, and a missing or empty input is a clear error that leaves
-existing outputs byte-identical."""
+the tiny tokenizer (uint16 ids; with a 70,000-piece one, uint32 ids equal to sentencepiece's): documents decode back
+separated by eos, bad records and short documents are counted and named, the split does not depend on the workers,
+meta.json says what was written (an empty val.bin named), clean_data's parquet is read back, --download stops after
+the corpus, and a missing or empty input is a clear error that leaves existing outputs byte-identical."""
 import collections
 import json
 import os
@@ -10,12 +10,14 @@ import re
 import subprocess
 import sys
 
-from conftest import ENV, POETRY_RECORDS, POETRY_TEXTS, ROOT, snapshot, write_documents
+from conftest import ENV, POETRY_RECORDS, POETRY_TEXTS, ROOT, snapshot, wide_tokenizer, write_documents
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import sentencepiece as spm
 
+from babyllama import token_files
 from babyllama.readers import EmptyInputError
 from clean_data.clean import clean
 import data_process
@@ -193,15 +195,21 @@ def test_meta_json_fields(result, tiny_tok, corpus):
     assert meta["seconds"] >= 0 and meta["seed"] == 1337 and meta["val_fraction"] == 0.3
 
 
-def test_refuses_vocab_over_uint16(corpus, tiny_tok, tmp_path, monkeypatch):
-    class Big(data_process.Tokenizer):
-        def __init__(self, path):
-            super().__init__(path)
-            self.vocab_size = 70000
-
-    monkeypatch.setattr(data_process, "Tokenizer", Big)
-    with pytest.raises(ValueError, match="uint16"):
-        run(corpus, tiny_tok, tmp_path / "big")
+def test_a_vocabulary_over_uint16_is_written_as_uint32_with_sentencepieces_ids(corpus, tmp_path):
+    wide = wide_tokenizer(tmp_path)  # 70,000 pieces: every text piece's id is above 65,535
+    out = tmp_path / "out"
+    meta = run(corpus, wide, out)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000
+    sp = spm.SentencePieceProcessor(model_file=wide.model_path)  # the reference ids
+    for s in ("train", "val"):
+        assert os.path.getsize(out / f"{s}.bin") == 4 * meta[f"{s}_tokens"] > 0
+        ids = np.fromfile(out / f"{s}.bin", dtype=np.uint32)
+        docs = [d for d in EXPECTED if data_process.is_val(d, 0.3, 1337) == (s == "val")]
+        assert collections.Counter(tuple(d.tolist()) for d in split_docs(ids, sp.eos_id())) == \
+            collections.Counter(tuple(sp.encode(d)) for d in docs)
+        assert ids.max() > 65_535
+        bins, _, _ = token_files.open_bins(str(out / f"{s}.bin"))  # every reader follows meta.json's dtype
+        assert bins[0].dtype == np.uint32 and np.array_equal(bins[0], ids)
 
 
 def test_data_process_reads_what_clean_data_writes(tmp_path, tiny_tok):
