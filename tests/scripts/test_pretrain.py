@@ -2,22 +2,26 @@
 a resumed run continues exactly (taking its architecture and context from the checkpoint), runs killed at an
 iteration or in the middle of a save resume to the weights of a straight run, a diverged run stops keeping the good
 checkpoints, a fresh start over a run is refused, a run without validation data checkpoints all the same, bad
-settings are refused by name (a LoRA checkpoint to start from too), and the demo recipe trains the same model with
-one or two threads."""
+settings are refused by name (a LoRA checkpoint to start from too), the demo recipe trains the same model with
+one or two threads, and a uint32 corpus (a vocabulary over 65,535) is trained, resumed and evaluated."""
+import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from conftest import (ENV, ROOT, TINY_PRETRAIN, TORCHRUN_2, assert_same_run, pretrain, run_script, saved_at,
-                      tiny_model, train_losses, write_motif_bins)
+from conftest import (ENV, ROOT, TEXTS, TINY_PRETRAIN, TORCHRUN_2, assert_same_run, pretrain, run_script, saved_at,
+                      tiny_model, train_losses, wide_tokenizer, write_motif_bins)
+import numpy as np
 import pytest
 import torch
 
 from babyllama import checkpoint as ck, checkpoint_io, models, precision, runlog, sharded
 from babyllama.lora import apply_lora
 from babyllama.rng import rng_state
+from babyllama.split import is_val
 
 ONE_STEP = "--gradient_accumulation_steps=1"  # one micro-step per iteration: the fault tests' runs are quicker
 
@@ -230,3 +234,33 @@ def test_a_lora_checkpoint_to_start_from_is_refused_naming_the_merged_model(moti
     p = pretrain(motif_bins, tmp_path / "run", f"--init_ckpt={tmp_path / 'lora.pt'}", "--max_iters=2", check=False)
     assert p.returncode != 0 and "holds LoRA adapters, not whole weights" in p.stderr and "merged.pt" in p.stderr
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def test_a_uint32_corpus_pretrains_resumes_and_is_evaluated(tmp_path):
+    """A 70,000-piece tokenizer's corpus (uint32 token files, ids above 65,535): data_process.py writes it,
+    pretrain.py trains on it and resumes, eval.py --mode=ppl scores its val.bin, counting the characters of the very
+    documents that went to val (so every id was read and decoded right)."""
+    wide = wide_tokenizer(tmp_path)
+    docs = [f"{t}{i}" for i, t in enumerate(TEXTS[:7] * 6)]  # distinct documents, so both sides of the split get some
+    (tmp_path / "corpus.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    bins = tmp_path / "data"
+    run_script("data_process.py", f"--input={tmp_path / 'corpus.txt'}", f"--tokenizer_model={wide.model_path}",
+               f"--out_dir={bins}", "--val_fraction=0.3", "--num_workers=1")
+    meta = json.loads((bins / "meta.json").read_text(encoding="utf-8"))
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000
+    assert np.fromfile(bins / "train.bin", dtype=np.uint32).max() > 65_535
+    out = tmp_path / "run"
+    pretrain(bins, out, "--max_iters=2", "--eval_interval=1", ONE_STEP)
+    pretrain(bins, out, "--max_iters=4", "--eval_interval=1", ONE_STEP, "--init_from=resume")
+    losses = train_losses(out)
+    assert sorted(losses) == [0, 1, 2, 3]
+    assert abs(losses[0] - math.log(70_000)) < 0.5  # a fresh model's loss over a 70,000-id vocabulary
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 4 and ckpt["model_args"]["vocab_size"] == 70_000
+    assert ckpt["tokenizer_sha256"] == wide.sha256()
+    run_script("eval.py", "--mode=ppl", f"--ckpt_path={out / 'ckpt.pt'}", f"--val_data={bins / 'val.bin'}",
+               "--val_max_tokens=0", f"--results_file={tmp_path / 'r.json'}", "--device=cpu", "--dtype=float32")
+    r = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    val = [d for d in docs if is_val(d, 0.3, 1337)]
+    assert r["val_tokens"] == meta["val_tokens"] and r["documents"] == len(val) > 0
+    assert r["characters"] == sum(len(d) for d in val) and math.isfinite(r["val_loss"])
