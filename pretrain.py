@@ -1,5 +1,5 @@
 """
-Pretrain the Llama 2 model of model.py on uint16 token files written by data_process.py.
+Pretrain the Llama 2 model of model.py on the token files (uint16, or uint32 past 65,535 ids) data_process.py writes.
 
 One process:        python pretrain.py config/demo_cpu.py
 Several GPUs:       torchrun --standalone --nproc_per_node=8 pretrain.py config/baby_218m.py
