@@ -7,11 +7,12 @@ kind "ours": a sentencepiece BPE model as tokenizer/train_tokenizer.py writes it
 kind "sentencepiece": any other sentencepiece model with byte fallback (Llama 2's, ChatGLM2's: add_dummy_prefix=True).
   ids == sentencepiece's encode(s); decode == sentencepiece's decode (it strips the dummy-prefix space). Promise:
   decode(encode(s)) == sp.decode(sp.encode(s)); with identity normalization (Llama 2, ChatGLM2) that is s with each
-  literal "▁" turned into " " (leading, double spaces, tabs, newlines all come back); a normalizing model (NFKC)
-  also returns its normal form. A model without byte fallback, or one that loses a space, is refused.
-kind "byte-level-bpe": a Hugging Face tokenizer.json (GPT-2 style: minimind's, Qwen2's, Llama 3's; ByteLevelBPE). ids == tokenizers' encode(s,
-  add_special_tokens=False) with special tokens' spellings encoded as text; decode == tokenizers' decode (special tokens
-  skipped). Promise: decode(encode(s)) == s, or its normal form where the file has a normalizer (Qwen2's NFC).
+  literal "▁" turned into " " (leading, double spaces, tabs, newlines all come back); a normalizing model (NFKC,
+  remove_extra_whitespaces) returns the normal form. A model without byte fallback, or that loses a space, is refused.
+kind "byte-level-bpe": a Hugging Face tokenizer.json (GPT-2 style: minimind's, Qwen2's, Llama 3's; ByteLevelBPE below).
+  ids == tokenizers' encode(s, add_special_tokens=False) with special tokens' spellings encoded as text; decode ==
+  tokenizers' decode (special tokens skipped). Promise: decode(encode(s)) == s, but for the normal form where the file
+  has a normalizer (Qwen2's NFC) and the spaces an added token's lstrip/rstrip swallows.
 
 The chat control tokens <|system|> <|user|> <|assistant|> <|end|> come from the model when it has them as control /
 special tokens; otherwise they are appended after its vocabulary (ids n, n+1, ... as ChatGLM2 adds its own specials)

@@ -108,6 +108,13 @@ def test_decode_agrees_with_sentencepiece_decode(tok):
         assert tok.decode(ids) == tok.sp.decode(ids)
 
 
+def test_ids_are_sentencepiece_ids_but_around_a_literal_space_mark(tok):
+    ref = spm.SentencePieceProcessor(model_file=tok.model_path)
+    assert tok.kind == "ours"
+    for s in TRICKY:
+        assert (tok.encode(s) == ref.encode(s)) == ("\u2581" not in s), s
+
+
 def test_literal_space_mark_is_not_a_space(tok):
     # sentencepiece alone maps U+2581 to " "; the wrapper escapes it to byte-fallback tokens
     assert tok.sp.decode(tok.sp.encode("a\u2581b")) == "a b"
