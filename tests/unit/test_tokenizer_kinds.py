@@ -1,6 +1,6 @@
-"""tokenizer/tokenizer.py's kinds against their reference libraries: sentencepiece models with a dummy prefix (one the
-test trains, ChatGLM2's and Llama 2's where ../shared/tokenizers has them) against sentencepiece, and byte-level BPE
-tokenizer.json files (one the test trains, minimind's) against tokenizers. Our own kind: tests/unit/test_tokenizer.py."""
+"""tokenizer/tokenizer.py's kinds against their reference libraries: sentencepiece models with a dummy prefix (one
+the test trains, ChatGLM2's and Llama 2's where ../shared/tokenizers has them) against sentencepiece, and byte-level
+BPE tokenizer.json files (one the test trains, minimind's) against tokenizers. Our own kind: test_tokenizer.py."""
 import hashlib
 import json
 import os
