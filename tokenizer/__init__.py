@@ -1,2 +1,2 @@
-"""The tokenizer: sentencepiece BPE with byte fallback, its training (python -m tokenizer) and the chat template."""
+"""The tokenizer: its kinds behind one Tokenizer interface, training ours (python -m tokenizer), the chat template."""
 from tokenizer.tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer, load_tokenizer

@@ -5,7 +5,10 @@
 
 input: comma-separated files, globs (** works) or directories (recursive), read through babyllama/readers.py. Text
 streams into sentencepiece line by line up to max_chars, sampled to input_sentence_size lines, so memory stays bounded.
-Writes <model_prefix>.model and .vocab atomically."""
+Writes <model_prefix>.model and .vocab atomically, and only a model tokenizer.Tokenizer loads as kind "ours" (lossless):
+a corpus with no (or too few) spaces leaves "▁" out of the vocabulary, so it is trained a second time with that piece
+required (sentencepiece's required_chars); every other corpus gives the same file as before."""
+import functools
 import glob
 import itertools
 import os
@@ -17,7 +20,7 @@ import sentencepiece as spm
 
 from babyllama import readers
 from babyllama.records import ReadErrors
-from tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
+from tokenizer.tokenizer import SPACE_MARK, SPECIAL_TOKENS, Tokenizer
 
 # -----------------------------------------------------------------------------
 input = ""  # comma-separated files / globs / directories
@@ -95,6 +98,28 @@ def sample_sentences(sentences, size, seed):
     return [s for _, s in sorted(zip(order, sample))]
 
 
+def _train(sentences, prefix, vocab_size, character_coverage, max_sentence_length, num_threads, verbose, **extra):
+    """One sentencepiece BPE training run into prefix.model/.vocab; extra: more trainer options (required_chars)."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=character_coverage, byte_fallback=True, split_digits=True,
+        # identity + no dummy prefix + keep whitespace: what goes in comes back out, byte for byte
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) can become one piece
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        control_symbols=",".join(SPECIAL_TOKENS),
+        max_sentence_length=max_sentence_length, input_sentence_size=0,  # sampled above, reproducibly
+        shuffle_input_sentence=False, num_threads=num_threads, minloglevel=0 if verbose else 2, **extra)
+
+
+def _has_space_piece(model_file):
+    """Whether the model holds "▁" as a piece of its own (without it a space falls back to the bytes of "▁")."""
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    i = sp.piece_to_id(SPACE_MARK)
+    return i != sp.unk_id() and not sp.is_byte(i)
+
+
 def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=vocab_size, *,
                     max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
                     max_chars=max_chars, character_coverage=character_coverage, num_threads=num_threads,
@@ -102,7 +127,8 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
     """Train a BPE model; returns the path of <model_prefix>.model. files_or_iterator: comma-separated files/globs/dirs
     (str) or a list/tuple of paths; any other iterable is the documents themselves. Prints one summary line; verbose:
     sentencepiece's log and a sample tokenization too. ValueError (one line) for a vocab_size over uint16, under the
-    fixed pieces, or over what the corpus allows (saying the largest it allows)."""
+    fixed pieces, or over what the corpus allows (saying the largest it allows); ValueError, nothing written, for a
+    space-free one-shot iterator with input_sentence_size=0 (it cannot be read twice)."""
     t0 = time.time()
     # check everything cheap before reading any data
     if vocab_size > MAX_VOCAB:
@@ -115,31 +141,37 @@ def train_tokenizer(files_or_iterator, model_prefix=model_prefix, vocab_size=voc
     stats = {}
     if isinstance(files_or_iterator, (str, os.PathLike, list, tuple)):
         spec = files_or_iterator if isinstance(files_or_iterator, (list, tuple)) else os.fspath(files_or_iterator)
-        docs = iter_documents(input_items(spec), text_field, stats)
+        spec = input_items(spec)
+
+        def read():  # the files can be read again, should training need a second pass
+            return iter_sentences(iter_documents(spec, text_field, stats), max_sentence_length, max_chars, stats)
     else:
         docs = iter(files_or_iterator)
-    sentences = iter_sentences(docs, max_sentence_length, max_chars, stats)
+        read = None
+    sentences = read() if read else iter_sentences(docs, max_sentence_length, max_chars, stats)
     first = next(sentences, None)
     if first is None:
         raise ValueError("tokenizer input holds no text")
     sentences = itertools.chain([first], sentences)
     if input_sentence_size:
-        sentences = iter(sample_sentences(sentences, input_sentence_size, seed))
+        sample = sample_sentences(sentences, input_sentence_size, seed)
+        read = functools.partial(iter, sample)
+        sentences = read()
 
     os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
     tmp_prefix = f"{model_prefix}.tmp"  # no PID in it: the model file records its prefix, and its sha256 must repeat
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences, model_prefix=tmp_prefix, vocab_size=vocab_size, model_type="bpe",
-            character_coverage=character_coverage, byte_fallback=True, split_digits=True,
-            # identity + no dummy prefix + keep whitespace: what goes in comes back out, byte for byte
-            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) can become one piece
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
-            control_symbols=",".join(SPECIAL_TOKENS),
-            max_sentence_length=max_sentence_length, input_sentence_size=0,  # sampled above, reproducibly
-            shuffle_input_sentence=False, num_threads=num_threads, minloglevel=0 if verbose else 2)
+        _train(sentences, tmp_prefix, vocab_size, character_coverage, max_sentence_length, num_threads, verbose)
+        if not _has_space_piece(tmp_prefix + ".model"):
+            # a corpus without (enough) spaces: "▁" fell outside the character coverage and a space would come back
+            # as "▁". Train again with it required; only then, so that every other corpus gives the same file as before
+            if read is None:
+                raise ValueError("the tokenizer input has no (or too few) spaces, so training must read it twice to "
+                                 "force the space piece in: give files, or set input_sentence_size > 0")
+            _train(read(), tmp_prefix, vocab_size, character_coverage, max_sentence_length, num_threads, verbose,
+                   required_chars=SPACE_MARK)
+        if Tokenizer(tmp_prefix + ".model").kind != "ours":  # (ValueError if it does not load): nothing is written
+            raise ValueError(f"the tokenizer trained into {tmp_prefix}.model does not round-trip every text")
         for ext in (".vocab", ".model"):  # .model last: if it is there, training finished
             os.replace(tmp_prefix + ext, model_prefix + ext)
     except RuntimeError as e:  # sentencepiece's "Vocabulary size too high (N). Please set it to a value <= M."

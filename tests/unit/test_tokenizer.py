@@ -108,6 +108,13 @@ def test_decode_agrees_with_sentencepiece_decode(tok):
         assert tok.decode(ids) == tok.sp.decode(ids)
 
 
+def test_ids_are_sentencepiece_ids_but_around_a_literal_space_mark(tok):
+    ref = spm.SentencePieceProcessor(model_file=tok.model_path)
+    assert tok.kind == "ours"
+    for s in TRICKY:
+        assert (tok.encode(s) == ref.encode(s)) == ("\u2581" not in s), s
+
+
 def test_literal_space_mark_is_not_a_space(tok):
     # sentencepiece alone maps U+2581 to " "; the wrapper escapes it to byte-fallback tokens
     assert tok.sp.decode(tok.sp.encode("a\u2581b")) == "a b"
@@ -287,3 +294,33 @@ def test_a_vocab_too_large_for_the_corpus_says_the_largest_it_allows_and_that_on
     with pytest.raises(ValueError, match=f"at most {largest} pieces"):
         train_tokenizer(iter(SMALL_CORPUS), str(tmp_path / "one_more"), largest + 1, num_threads=1)
     assert not list(tmp_path.glob("big*")) and not list(tmp_path.glob("one_more*"))  # nothing half written
+
+
+SPACE_FREE = ["".join(random.Random(k).choice("床前明月光疑是地上霜举头望低思故乡白日依山尽黄河入海流，。")
+                      for _ in range(8 + k % 13)) for k in range(200)]  # 200 short Chinese lines, not one space
+PROBE = " two  spaces,\ttab\nnewline English 😀 ▁ 全角　中文 "
+
+
+def test_space_free_corpus_gives_a_tokenizer_that_loads_and_round_trips(tmp_path):
+    # sentencepiece alone, with our options, leaves "▁" out: a space would come back as "▁"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SPACE_FREE), model_prefix=str(tmp_path / "plain"),
+                                   vocab_size=VOCAB, model_type="bpe", byte_fallback=True, add_dummy_prefix=False,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    plain = spm.SentencePieceProcessor(model_file=str(tmp_path / "plain.model"))
+    assert plain.decode(plain.encode(" ")) == "\u2581"
+    path = train_tokenizer(iter(SPACE_FREE), str(tmp_path / "zh"), VOCAB, num_threads=1)
+    tok = Tokenizer(path)
+    assert tok.kind == "ours" and tok.vocab_size == VOCAB
+    assert tok.decode(tok.encode(PROBE)) == PROBE
+    assert tok.sp.decode(tok.sp.encode(" a  b")) == " a  b"  # sentencepiece's own view agrees: the space is a piece
+    assert list(tok.special.values()) == list(range(4, 4 + len(SPECIAL_TOKENS)))
+    from_files = tmp_path / "zh.txt"  # the same from a file, read twice, unsampled
+    from_files.write_text("\n".join(SPACE_FREE) + "\n", encoding="utf-8")
+    path = train_tokenizer(str(from_files), str(tmp_path / "zh_file"), VOCAB, num_threads=1, input_sentence_size=0)
+    assert Tokenizer(path).decode(Tokenizer(path).encode(PROBE)) == PROBE
+
+
+def test_space_free_one_shot_stream_unsampled_fails_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="spaces"):
+        train_tokenizer(iter(SPACE_FREE), str(tmp_path / "out" / "zh"), VOCAB, num_threads=1, input_sentence_size=0)
+    assert os.listdir(tmp_path / "out") == []  # neither the model nor its .tmp files
