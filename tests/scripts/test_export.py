@@ -380,6 +380,27 @@ def test_pretraining_continues_from_an_imported_model(tiny_tok, tmp_path):
     assert p.returncode != 0 and "decides the architecture" in p.stdout + p.stderr and "dim" in p.stdout + p.stderr
 
 
+@pytest.mark.parametrize("shape", ["llama3", "qwen2"])
+def test_pretraining_from_an_imported_model_keeps_its_biases_and_rope_scaling(tiny_tok, tmp_path, shape):
+    hf = hf_random_folder(tiny_tok, shape, tmp_path / "src")
+    model, imported_tok = import_hf(str(tmp_path / "src"), str(tmp_path / "imp"))
+    save_merged(str(tmp_path / "imp" / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=imported_tok.model_path,
+                tokenizer_sha256=imported_tok.sha256())
+    data = tmp_path / "data"
+    data.mkdir()
+    write_motif_bins(data, tiny_tok.vocab_size, tiny_tok.vocab_size, 8, 12, 400, 600)
+    run_script("pretrain.py", f"--init_ckpt={tmp_path / 'imp' / 'ckpt.pt'}", f"--train_data={data / 'train.bin'}",
+               "--val_data=", "--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=1",
+               "--eval_interval=100", "--learning_rate=0.0", "--min_lr=0.0", "--warmup_iters=0", "--compile=False",
+               "--dtype=float32", "--num_threads=1", "--max_seq_len=32", f"--out_dir={tmp_path / 'run'}")
+    after, _ = load_model(str(tmp_path / "run" / "ckpt.pt"))
+    assert after.args.attention_bias == (shape == "qwen2")
+    assert after.args.rope_scaling == (LLAMA3_SCALING if shape == "llama3" else None)
+    ids = torch.tensor([tiny_tok.encode("白日依山尽，黄河入海流。")])
+    with torch.no_grad():  # lr 0: still transformers' model
+        assert (after.eval()(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
+
+
 def test_a_lora_checkpoint_is_exported_merged(tiny_tok, tmp_path):
     base = random_model(tiny_tok, n_kv_heads=2)
     save_merged(str(tmp_path / "base.pt"), base, iter_num=0, config={}, tokenizer=tiny_tok.model_path,
