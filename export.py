@@ -1,6 +1,6 @@
 """
 Take a model out of this project as a Hugging Face folder, a GGUF file or one checkpoint file, or bring a Hugging
-Face Llama folder in.
+Face Llama or Qwen2 folder in.
 
     python export.py --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/hf                 # fp32
     python export.py --ckpt_path=out/demo/sft/ckpt.pt --out_dir=out/demo/hf_bf16 --dtype=bfloat16
@@ -9,7 +9,8 @@ Face Llama folder in.
     python export.py --format=pt --ckpt_path=out/x/ckpt.dcp --out_dir=out/x                # -> out/x/model.pt
 
 The folder (any checkpoint this project writes: pretrained, SFT, DPO; LoRA adapters merged first) holds
-  config.json             LlamaConfig of the same network (babyllama/hf.py), architectures LlamaForCausalLM
+  config.json             LlamaConfig of the same network (babyllama/hf.py), architectures LlamaForCausalLM; a
+                          model with attention biases (an imported Qwen2) as Qwen2Config, Qwen2ForCausalLM
   model.safetensors       the weights under LlamaForCausalLM's names, in --dtype (float32, bfloat16, float16);
                           a tied output layer is stored once, as the embedding
   generation_config.json  eos and <|end|> as stop tokens, eval.py's sampling defaults
@@ -41,10 +42,13 @@ checkpoint dict (<out_dir>/model.pt) a one-process run writes, without the optim
 (sharded.consolidate); eval.py, export.py and --init_ckpt read the folder too, this is for a file to copy.
 
 Import: config.json + model.safetensors (or sharded *.safetensors with an index) + tokenizer.model of a
-LlamaForCausalLM becomes out_dir/ckpt.pt and out_dir/tokenizer.model, which eval.py reads and sft.py / dpo.py
-start from (--init_ckpt). What this Llama 2 cannot represent is refused with the field named: biases, RoPE
-scaling, another activation or head_dim, a tokenizer that is not a sentencepiece model that round-trips text
-(tokenizer/tokenizer.py's promise).
+LlamaForCausalLM (Llama 2 or Llama 3 shape: GQA, any rope_theta, "llama3" RoPE scaling) or a Qwen2ForCausalLM
+(q/k/v biases, tied or untied embeddings) becomes out_dir/ckpt.pt and out_dir/tokenizer.model, which eval.py
+reads and sft.py / dpo.py start from (--init_ckpt). What model.py cannot represent is refused with the field
+named (babyllama/hf.py): a Llama's attention or MLP biases, another RoPE scaling, sliding-window attention,
+another activation or head_dim, a tokenizer that is not a sentencepiece model that round-trips text
+(tokenizer/tokenizer.py's promise). GGUF export of a model with attention biases or RoPE scaling is refused
+(ValueError, no file written): the "llama" GGUF architecture written here has neither.
 """
 import json
 import os
@@ -57,7 +61,8 @@ import torch
 from babyllama import checkpoint_io, models
 from babyllama.atomic import atomic_path
 from babyllama.configurator import run_main
-from babyllama.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from babyllama.hf import ARCHITECTURES, from_hf_state_dict, hf_config_dict, hf_model_type, model_args_from_hf, \
+    to_hf_state_dict
 from babyllama.inference import load_for_inference
 from model import ModelArgs, Transformer, ffn_hidden_dim
 from tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -67,7 +72,7 @@ ckpt_path = "out/pretrain/ckpt.pt"  # export: the checkpoint (full or LoRA)
 out_dir = "out/hf"  # export: the Hugging Face folder (gguf, pt: the file's folder); import: where ckpt.pt goes
 format = "hf"  # export format: 'hf' (a Hugging Face folder), 'gguf' (a llama.cpp file) or 'pt' (one checkpoint file)
 dtype = "float32"  # export: weights in float32, bfloat16 or float16 (hf); float32, float16 or q8_0 (gguf)
-import_from = ""  # a Hugging Face Llama folder to import instead of exporting
+import_from = ""  # a Hugging Face Llama or Qwen2 folder to import instead of exporting
 overwrite = False  # replace an existing out_dir
 # -----------------------------------------------------------------------------------------------------------
 
@@ -107,8 +112,11 @@ def write_tokenizer(tok, folder, max_seq_len):
     hf_tok.save_pretrained(folder)
     again = AutoTokenizer.from_pretrained(folder)
     if again.encode(PROBE, add_special_tokens=False) != tok.encode(PROBE):
-        raise ValueError(f"{tok.model_path}: the Hugging Face tokenizer built from it encodes text differently "
-                         f"from ours; not exporting a model that would read other ids")
+        # transformers 5 loads every qwen2 folder's tokenizer as its byte-level Qwen2Tokenizer, whatever
+        # tokenizer_config.json says: a Qwen2 model with a sentencepiece tokenizer stops here
+        raise ValueError(f"{tok.model_path}: the Hugging Face tokenizer built from it ({type(again).__name__}, "
+                         f"as AutoTokenizer loads this folder) encodes text differently from ours; not exporting a "
+                         f"model that would read other ids")
 
 
 def generation_config(tok, max_seq_len):
@@ -121,13 +129,22 @@ def generation_config(tok, max_seq_len):
 
 def export_hf(model, tok, folder, dtype_name="float32"):
     """Write the Hugging Face folder of model (a Transformer) and tok (our Tokenizer) into folder (created;
-    what is there is replaced). See the module docstring for the files."""
+    what is there is replaced). See the module docstring for the files. ValueError from write_tokenizer."""
+    write_hf_model(model, tok, folder, dtype_name)
+    write_tokenizer(tok, folder, model.args.max_seq_len)
+
+
+def write_hf_model(model, tok, folder, dtype_name="float32"):
+    """The model's files of the Hugging Face folder (config.json, model.safetensors, generation_config.json) in folder
+    (created); tok gives the special ids."""
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    import transformers
     args = model.args
     os.makedirs(folder, exist_ok=True)
-    cfg = LlamaConfig(**hf_config_dict(args), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id, architectures=["LlamaForCausalLM"], dtype=dtype_name)
+    architecture, config_class = ARCHITECTURES[hf_model_type(args)]
+    cfg = getattr(transformers, config_class)(**hf_config_dict(args), bos_token_id=tok.bos_id,
+                                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                                              architectures=[architecture], dtype=dtype_name)
     cfg.save_pretrained(folder)
     sd = to_hf_state_dict(model)
     if args.tie_embeddings:
@@ -136,7 +153,6 @@ def export_hf(model, tok, folder, dtype_name="float32"):
     save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     os.chmod(os.path.join(folder, "model.safetensors"), 0o644)  # readable like the other files
     generation_config(tok, args.max_seq_len).save_pretrained(folder)
-    write_tokenizer(tok, folder, args.max_seq_len)
 
 
 GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
@@ -180,9 +196,14 @@ def gguf_token_type(tok, i):
 
 
 def export_gguf(model, tok, path, dtype_name="float32"):
-    """Write model (a Transformer) and tok as one GGUF file at path, tensors in dtype_name (GGUF_DTYPES)."""
+    """Write model (a Transformer) and tok as one GGUF file at path, tensors in dtype_name (GGUF_DTYPES). ValueError,
+    before anything is written, for attention biases or RoPE scaling, which this "llama" GGUF does not carry."""
     import gguf
     args = model.args
+    if args.attention_bias or args.rope_scaling is not None:
+        what = "attention biases (a Qwen2)" if args.attention_bias else f"rope_scaling={args.rope_scaling!r}"
+        raise ValueError(f"GGUF export of a model with {what} is not supported; export it as a Hugging Face "
+                         f"folder (--format=hf)")
     n_kv = args.n_kv_heads or args.n_heads
     kinds = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -237,31 +258,11 @@ def export_gguf(model, tok, path, dtype_name="float32"):
 
 
 def read_hf_config(folder):
-    """ModelArgs kwargs from a Hugging Face Llama config.json. Raises ValueError naming the field this Llama 2
+    """ModelArgs kwargs from a Hugging Face Llama or Qwen2 config.json. Raises ValueError naming the field model.py
     cannot represent."""
     path = os.path.join(folder, "config.json")
     with open(path, encoding="utf-8") as f:
-        c = json.load(f)
-    if c.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type {c.get('model_type')!r}, only 'llama' (LlamaForCausalLM) is imported")
-    for field in ("attention_bias", "mlp_bias"):
-        if c.get(field):
-            raise ValueError(f"{path}: {field}=true; this Llama 2 has no biases")
-    if c.get("rope_scaling") not in (None, {}) and (c["rope_scaling"] or {}).get("rope_type", "default") != "default":
-        raise ValueError(f"{path}: rope_scaling={c['rope_scaling']!r}; only plain RoPE (rope_theta) is supported")
-    if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act={c['hidden_act']!r}; this Llama 2 uses SwiGLU (silu)")
-    dim, heads = c["hidden_size"], c["num_attention_heads"]
-    if c.get("head_dim") not in (None, dim // heads):
-        raise ValueError(f"{path}: head_dim={c['head_dim']}, not hidden_size / num_attention_heads = {dim // heads}")
-    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    args = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
-                n_kv_heads=c.get("num_key_value_heads") or heads, vocab_size=c["vocab_size"],
-                norm_eps=c.get("rms_norm_eps", 1e-6), max_seq_len=c.get("max_position_embeddings", 2048),
-                tie_embeddings=bool(c.get("tie_word_embeddings", False)), rope_theta=float(theta))
-    if ffn_hidden_dim(ModelArgs(**args)) != c["intermediate_size"]:
-        args["hidden_dim"] = c["intermediate_size"]
-    return args
+        return model_args_from_hf(json.load(f), path)
 
 
 def read_hf_weights(folder):
@@ -283,8 +284,8 @@ def read_hf_weights(folder):
 
 
 def import_hf(folder, out):
-    """A Hugging Face Llama folder -> (Transformer in fp32, Tokenizer copied into out). Raises ValueError naming
-    what cannot be represented."""
+    """A Hugging Face Llama or Qwen2 folder -> (Transformer in fp32, Tokenizer copied into out). Raises ValueError
+    naming what cannot be represented."""
     args = read_hf_config(folder)
     src_tok = os.path.join(folder, "tokenizer.model")
     if not os.path.exists(src_tok):
@@ -352,7 +353,8 @@ def main():
         os.replace(tmp, out_dir)  # the whole folder appears at once
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{ckpt_path} -> {out_dir} (LlamaForCausalLM, {dtype}; {model.num_params() / 1e6:.2f}M parameters) in "
+    architecture = ARCHITECTURES[hf_model_type(model.args)][0]
+    print(f"{ckpt_path} -> {out_dir} ({architecture}, {dtype}; {model.num_params() / 1e6:.2f}M parameters) in "
           f"{time.time() - t0:.1f} s")
 
 

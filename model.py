@@ -34,6 +34,8 @@ class ModelArgs:
     dropout: probability on the embedding output, the attention weights and every branch's output; training only.
     tie_embeddings: the output layer shares tok_embeddings' (V, D) weight.
     rope_theta: RoPE base; head dims i and i + head_dim/2 rotate by pos * rope_theta ** (-2i / head_dim) radians.
+    attention_bias: wq, wk, wv add biases (Qwen2). rope_scaling: None (plain RoPE) or Llama 3.1's {"rope_type":
+        "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}. Off for ours.
     """
     dim: int = 288
     n_layers: int = 6
@@ -48,6 +50,8 @@ class ModelArgs:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     hidden_dim: Optional[int] = None
+    attention_bias: bool = False
+    rope_scaling: Optional[dict] = None
 
 
 def ffn_hidden_dim(args):
@@ -79,9 +83,23 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
 
 
-def rope_cos_sin(head_dim, max_len, theta):
+def llama3_inv_freq(inv_freq, s):
+    """Llama 3.1's RoPE scaling of inv_freq (hd/2,) by s (ModelArgs.rope_scaling): with L its original_max_position_
+    embeddings, wavelengths 2 pi / f under L / high_freq_factor are kept, those over L / low_freq_factor divided by
+    factor, those between blended linearly in L / wavelength. AssertionError for a rope_type other than "llama3"."""
+    assert s.get("rope_type") == "llama3", f"rope_scaling {s!r}: only rope_type 'llama3' is implemented"
+    wavelen, L = 2 * math.pi / inv_freq, s["original_max_position_embeddings"]
+    smooth = (L / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    scaled = torch.where(wavelen > L / s["low_freq_factor"], inv_freq / s["factor"], blended)
+    return torch.where(wavelen < L / s["high_freq_factor"], inv_freq, scaled)
+
+
+def rope_cos_sin(head_dim, max_len, theta, scaling=None):
     """cos and sin tables (max_len, head_dim) in rotate-half layout: frequency i sits at i and i+head_dim/2."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:  # ModelArgs.rope_scaling
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -100,7 +118,8 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     """Causal self-attention with RoPE on queries and keys and grouped-query attention (GQA, Ainslie et al.
     2023): n_kv_heads key/value heads, each shared by n_heads // n_kv_heads consecutive query heads
-    (n_kv_heads == n_heads is plain multi-head attention). Bias-free wq, wk, wv, wo, as in Llama 2.
+    (n_kv_heads == n_heads is plain multi-head attention). Bias-free wq, wk, wv, wo, as in Llama 2
+    (args.attention_bias: wq, wk, wv with biases, as in Qwen2).
     Raises AssertionError unless dim % n_heads == 0 and n_heads % n_kv_heads == 0."""
 
     def __init__(self, args):
@@ -109,9 +128,9 @@ class Attention(nn.Module):
         self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
         assert args.dim % args.n_heads == 0 and args.n_heads % self.n_kv_heads == 0
         self.head_dim = args.dim // args.n_heads
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=args.attention_bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
@@ -121,14 +140,15 @@ class Attention(nn.Module):
         causal (the queries must then start at position 0, or T == 1), else a boolean mask broadcastable to (B, H, T,
         S), True = may attend, S the keys (T, or cache_pos + T with a cache). cache: (k, v) buffers (B, n_kv_heads, L,
         hd), written in place at columns [cache_pos, cache_pos + T); the queries attend to columns [0, cache_pos + T).
-        wqkv: optional stacked [wq; wk; wv] weight ((n_heads + 2 * n_kv_heads) * hd, D) replacing the three projections.
+        wqkv: optional stacked [wq; wk; wv] weight ((n_heads + 2 * n_kv_heads) * hd, D) for the three (biases kept).
         AssertionError when mask is None, T > 1 and cache_pos != 0."""
         B, T, _ = x.shape
         if wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:  # generation passes [wq; wk; wv] stacked: one matrix-vector product reads weights faster
             kv_dim = self.n_kv_heads * self.head_dim
-            q, k, v = F.linear(x, wqkv).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+            bias = None if self.wq.bias is None else torch.cat((self.wq.bias, self.wk.bias, self.wv.bias))
+            q, k, v = F.linear(x, wqkv, bias).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -226,7 +246,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_cos_sin(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        cos, sin = rope_cos_sin(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, args.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._decode_step = None  # a compiled decode step: set by babyllama.generate.compile_decode
@@ -239,6 +259,8 @@ class Transformer(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)  # attention_bias: a new model starts as the bias-free one
 
     def num_params(self, non_embedding=False):
         """Parameters, counting a tied embedding/output matrix once (parameters() already dedups it)."""

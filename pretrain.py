@@ -112,7 +112,8 @@ model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_h
                   rope_theta=rope_theta)
 torch.manual_seed(seed)  # the same initial weights on every process
 if init is not None:
-    model_args = dict(model_args, hidden_dim=init["model_args"].get("hidden_dim"))
+    model_args = dict(model_args, **{k: init["model_args"].get(k, d) for k, d in  # what an imported model may have
+                                     (("hidden_dim", None), ("attention_bias", False), ("rope_scaling", None))})
     if init.get("tokenizer_sha256") and meta.get("tokenizer_sha256") and init["tokenizer_sha256"] != meta["tokenizer_sha256"]:
         raise SystemExit(f"{init_ckpt} was trained with another tokenizer than {train_paths[0]}'s (sha256 differs)")
 model = Transformer(ModelArgs(**model_args))

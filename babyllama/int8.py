@@ -9,7 +9,8 @@ class Int8Linear(nn.Module):
     """A bias-free inference linear layer whose weight (out, in) is int8 with one scale per output row: W ~ q * scale[:,
     None], scale = max|W_row| / 127, so each weight is off by at most scale / 2 and y_j by at most (scale_j / 2) * sum_i
     |x_i|; a quarter of fp32's memory. On CPU under bf16 autocast torch's int8 weight kernel (_weight_int8pack_mm) runs
-    it; otherwise q is cast to the input's dtype and the scale applied to the output."""
+    it; otherwise q is cast to the input's dtype and the scale applied to the output. The bias of the replaced layer, if
+    any (model.py's attention_bias), is kept in fp32 and added."""
 
     def __init__(self, linear):
         super().__init__()
@@ -18,14 +19,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("q", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x):
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
                 torch.get_autocast_dtype("cpu") == torch.bfloat16:
             x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
             y = torch._weight_int8pack_mm(x2, self.q, self.scale.to(torch.bfloat16))
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def quantize_int8(model):

@@ -54,12 +54,13 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
     def merged(self):
-        """A new bias-free nn.Linear (base's device and dtype) holding self.weight; self unchanged. base's bias is
-        dropped (model.py's projections have none)."""
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False,
+        """A new nn.Linear (base's device and dtype) holding self.weight and base's bias, if any; self unchanged."""
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
                         device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.weight)
+            if lin.bias is not None:  # model.py's attention_bias (Qwen2)
+                lin.bias.copy_(self.base.bias)
         return lin
 
     def extra_repr(self):

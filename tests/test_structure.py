@@ -140,9 +140,10 @@ def test_read_set_counts_every_module_a_script_imports_transitively(tmp_path):
 
 # budgets at what this layout measures, a guard against growth. Issue 22's targets are 1,800 / 3,000 / 3,000 /
 # 3,300 / 3,300 / 3,800; pretrain, dpo, grpo and ppo are over them (grpo and ppo read their prompts through
-# records.py, for parquet and .json), issue 23's checkpoint integrity (tensor_file.py) added ~120 lines to each, and
-# issue 24's tokenizer kinds (published sentencepiece models, tokenizer.json) ~190 to each that reads tokenizer/
-@pytest.mark.parametrize("script, most", [("pretrain.py", 2100), ("sft.py", 3300), ("dpo.py", 3500),
+# records.py, for parquet and .json), issue 23's checkpoint integrity (tensor_file.py) added ~120 lines to each,
+# issue 24's tokenizer kinds (published sentencepiece models, tokenizer.json) ~190 to each that reads tokenizer/ and
+# its imported architectures (attention biases, llama3 RoPE scaling) ~20 to model.py
+@pytest.mark.parametrize("script, most", [("pretrain.py", 2130), ("sft.py", 3300), ("dpo.py", 3500),
                                           ("grpo.py", 3850), ("ppo.py", 3900), ("eval.py", 4100)])
 def test_read_set_of_each_training_and_eval_script_is_an_afternoon(script, most):
     lines = sum(map(n_lines, read_set(script)))

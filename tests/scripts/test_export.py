@@ -2,6 +2,8 @@
 chat-template ids; import of a Hugging Face Llama folder; export then import is the identity; what import refuses;
 GGUF files (our tensors, tokenizer and template; llama.cpp's RoPE layout); a LoRA checkpoint exported merged; a
 sharded checkpoint made one file. The tensor names themselves: tests/unit/test_hf.py."""
+import copy
+from dataclasses import replace
 import json
 import os
 
@@ -15,8 +17,8 @@ from babyllama.checkpoint_io import save
 from babyllama.generate import generate
 from babyllama.lora import apply_lora, lora_parameters, lora_state_dict
 from babyllama.models import load_model, save_merged
-from export import CHAT_TEMPLATE, export_gguf, export_hf, gguf_name, gguf_rope_rows, import_hf
-from model import apply_rope, ffn_hidden_dim
+from export import CHAT_TEMPLATE, export_gguf, export_hf, gguf_name, gguf_rope_rows, import_hf, write_hf_model
+from model import ModelArgs, apply_rope, ffn_hidden_dim
 from tokenizer.chat_template import encode_prompt
 
 transformers = pytest.importorskip("transformers")
@@ -114,7 +116,7 @@ def test_export_then_import_is_the_identity_on_weights_and_tokenizer(tiny_tok, t
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("attention_bias", True, "attention_bias=true; this Llama 2 has no biases"),
+    ("attention_bias", True, "attention_bias=true; a Llama with biases on q, k, v and o_proj is not supported"),
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling="),
     ("hidden_act", "gelu", "hidden_act='gelu'"),
     ("model_type", "mistral", "model_type 'mistral'"),
@@ -127,6 +129,112 @@ def test_import_refuses_what_it_cannot_represent_naming_the_field(tiny_tok, tmp_
     path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+# Hugging Face models made by transformers with random weights: the Llama 2 shape (multi-head, theta 10,000,
+# untied), the Llama 3 shape (GQA, theta 500,000, llama3 RoPE scaling whose original context of 64 puts the
+# 16-wide heads' frequencies in all three bands, tied as Llama 3.2) and Qwen2's (q/k/v biases, tied)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+HF_SHAPES = {"llama2": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+             "llama3": ("Llama", dict(num_key_value_heads=1, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                                      tie_word_embeddings=True)),
+             "qwen2": ("Qwen2", dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True))}
+
+
+def hf_random_folder(tok, shape, folder, seed=1):
+    """A Hugging Face folder of HF_SHAPES[shape] with N(0, 0.2) weights (biases and norms too) set by transformers,
+    and tok's tokenizer.model. Returns the transformers model."""
+    kind, extra = HF_SHAPES[shape]
+    cfg = getattr(transformers, f"{kind}Config")(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, rms_norm_eps=1e-6, **copy.deepcopy(extra))  # transformers edits rope dicts
+    torch.manual_seed(seed)
+    hf = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    hf.save_pretrained(str(folder))
+    (folder / "tokenizer.model").write_bytes(open(tok.model_path, "rb").read())
+    return hf
+
+
+@pytest.mark.parametrize("shape", list(HF_SHAPES))
+def test_imported_hf_models_give_transformers_logits_and_greedy_tokens(tiny_tok, tmp_path, shape):
+    hf = hf_random_folder(tiny_tok, shape, tmp_path / "src")
+    model, _ = import_hf(str(tmp_path / "src"), str(tmp_path / "ours"))
+    assert model.args.attention_bias == (shape == "qwen2")
+    assert model.args.rope_scaling == (LLAMA3_SCALING if shape == "llama3" else None)
+    ids = torch.tensor([tiny_tok.encode("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")])
+    with torch.no_grad():
+        assert (model(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
+        theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.0, eos_token_id=None,
+                             min_new_tokens=12)[0, ids.shape[1]:].tolist()
+    assert theirs == generate(model, ids, 12, temperature=0.0)[0]  # the KV-cache path with stacked [wq; wk; wv]
+
+
+@pytest.mark.parametrize("shape", list(HF_SHAPES))
+def test_hf_import_then_export_gives_back_the_weights_and_config(tiny_tok, tmp_path, shape):
+    """The model's files (a Qwen2 folder's sentencepiece tokenizer is refused: the next test)."""
+    from safetensors.torch import load_file
+    hf_random_folder(tiny_tok, shape, tmp_path / "src")
+    model, tok = import_hf(str(tmp_path / "src"), str(tmp_path / "ours"))
+    write_hf_model(model, tok, str(tmp_path / "back"))
+    src, back = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("src", "back"))
+    assert src.keys() == back.keys() and all(torch.equal(src[k], back[k]) for k in src)
+    src_cfg, back_cfg = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("src", "back"))
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")  # the export writes the tokenizer's, the source has none
+    for k in src_cfg.keys() - {"transformers_version", *ids}:
+        assert back_cfg[k] == src_cfg[k], k
+    assert back_cfg["architectures"] == [f"{HF_SHAPES[shape][0]}ForCausalLM"]
+
+
+def test_a_qwen2_export_with_a_sentencepiece_tokenizer_is_refused_by_name(tiny_tok, tmp_path):
+    model = random_model(tiny_tok, attention_bias=True)
+    with pytest.raises(ValueError, match="Qwen2Tokenizer, as AutoTokenizer loads this folder"):
+        export_hf(model, tiny_tok, str(tmp_path / "hf"))
+    save_merged(str(tmp_path / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=tiny_tok.model_path,
+                tokenizer_sha256=tiny_tok.sha256())
+    p = run_script("export.py", f"--ckpt_path={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}", check=False)
+    assert p.returncode == 1 and "Qwen2Tokenizer" in p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]  # export.py left no folder behind
+
+
+@pytest.mark.parametrize("shape", [dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, n_kv_heads=1),
+                                   dict(attention_bias=True, rope_theta=1e6, n_kv_heads=2),
+                                   dict(attention_bias=True, tie_embeddings=False, n_kv_heads=2)],
+                         ids=["llama3", "qwen2_tied", "qwen2_untied"])
+def test_export_then_import_of_llama3_and_qwen2_shapes_is_the_identity(tiny_tok, tmp_path, shape):
+    model = random_model(tiny_tok, dim=64, **shape)
+    if model.args.attention_bias:  # the model's files, and the tokenizer.model the import reads
+        write_hf_model(model, tiny_tok, str(tmp_path / "hf"))
+        (tmp_path / "hf" / "tokenizer.model").write_bytes(open(tiny_tok.model_path, "rb").read())
+    else:
+        save_merged(str(tmp_path / "ckpt.pt"), model, iter_num=3, config={}, tokenizer=tiny_tok.model_path,
+                    tokenizer_sha256=tiny_tok.sha256())
+        run_script("export.py", f"--ckpt_path={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'hf'}")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if model.args.attention_bias else "LlamaForCausalLM")
+    ids = torch.tensor([tiny_tok.encode("床前明月光，疑是地上霜。举头望明月，")])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4
+    run_script("export.py", f"--import_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'back'}")
+    back = torch.load(tmp_path / "back" / "ckpt.pt", weights_only=True)
+    theirs, ours = back["model"], model.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    args = ModelArgs(**back["model_args"])
+    assert ffn_hidden_dim(args) == ffn_hidden_dim(model.args)  # the width comes back as hidden_dim
+    width = dict(multiple_of=0, ffn_dim_multiplier=None, hidden_dim=0)
+    assert replace(args, **width) == replace(model.args, **width)
+
+
+@pytest.mark.parametrize("shape,message", [(dict(attention_bias=True), "attention biases"),
+                                           (dict(rope_scaling=LLAMA3_SCALING), "rope_scaling=")],
+                         ids=["qwen2", "llama3"])
+def test_gguf_export_refuses_biases_and_rope_scaling_writing_nothing(tiny_tok, tmp_path, shape, message):
+    with pytest.raises(ValueError, match="GGUF export of a model with " + message):
+        export_gguf(random_model(tiny_tok, **shape), tiny_tok, str(tmp_path / "m.gguf"))
+    assert not os.listdir(tmp_path)
 
 
 def test_import_refuses_a_tokenizer_that_is_not_sentencepiece(tiny_tok, tmp_path):
@@ -270,6 +378,27 @@ def test_pretraining_continues_from_an_imported_model(tiny_tok, tmp_path):
     assert all(torch.allclose(after["model"][k], start["model"][k]) for k in start["model"])  # lr 0: unchanged
     p = run_script("pretrain.py", f"--out_dir={tmp_path / 'run2'}", "--dim=64", *common, check=False)
     assert p.returncode != 0 and "decides the architecture" in p.stdout + p.stderr and "dim" in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("shape", ["llama3", "qwen2"])
+def test_pretraining_from_an_imported_model_keeps_its_biases_and_rope_scaling(tiny_tok, tmp_path, shape):
+    hf = hf_random_folder(tiny_tok, shape, tmp_path / "src")
+    model, imported_tok = import_hf(str(tmp_path / "src"), str(tmp_path / "imp"))
+    save_merged(str(tmp_path / "imp" / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=imported_tok.model_path,
+                tokenizer_sha256=imported_tok.sha256())
+    data = tmp_path / "data"
+    data.mkdir()
+    write_motif_bins(data, tiny_tok.vocab_size, tiny_tok.vocab_size, 8, 12, 400, 600)
+    run_script("pretrain.py", f"--init_ckpt={tmp_path / 'imp' / 'ckpt.pt'}", f"--train_data={data / 'train.bin'}",
+               "--val_data=", "--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=1",
+               "--eval_interval=100", "--learning_rate=0.0", "--min_lr=0.0", "--warmup_iters=0", "--compile=False",
+               "--dtype=float32", "--num_threads=1", "--max_seq_len=32", f"--out_dir={tmp_path / 'run'}")
+    after, _ = load_model(str(tmp_path / "run" / "ckpt.pt"))
+    assert after.args.attention_bias == (shape == "qwen2")
+    assert after.args.rope_scaling == (LLAMA3_SCALING if shape == "llama3" else None)
+    ids = torch.tensor([tiny_tok.encode("白日依山尽，黄河入海流。")])
+    with torch.no_grad():  # lr 0: still transformers' model
+        assert (after.eval()(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_a_lora_checkpoint_is_exported_merged(tiny_tok, tmp_path):

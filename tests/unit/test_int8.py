@@ -51,3 +51,16 @@ def test_quantized_model_logits_stay_close_and_it_generates():
     blocks = [m for n, m in model.named_modules() if isinstance(m, Int8Linear) and n != "output"]
     expected = full_bytes - sum(3 * m.q.numel() - 4 * m.out_features for m in blocks) + 300 * 64 + 4 * 300
     assert model_bytes(model) == expected
+
+
+def test_a_layer_with_a_bias_keeps_it():
+    """model.py's attention_bias (an imported Qwen2): quantising must not drop the biases."""
+    model = tiny_model(3, attention_bias=True).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wq.bias.normal_(0, 1.0)
+        idx = torch.randint(0, 128, (1, 12))
+        full = model(idx)[0]
+        quantize_int8(model)
+        q = model(idx)[0]
+    assert (q - full).abs().max() <= 0.01 * (full.max() - full.min())

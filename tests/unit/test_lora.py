@@ -99,3 +99,23 @@ def test_untrained_lora_on_tied_output_merges_back_to_a_tied_model(base):
     x = tokens(3)
     with torch.no_grad():
         assert torch.equal(model(x)[0], base(x)[0])
+
+
+def test_merging_keeps_the_attention_biases():
+    """model.py's attention_bias (an imported Qwen2): the merged wq, wk, wv keep their biases."""
+    torch.manual_seed(0)
+    base = Transformer(dataclasses.replace(ARGS, attention_bias=True)).eval()
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 1.0)
+    model = apply_lora(copy.deepcopy(base), rank=4, alpha=8, targets="wq,wk,wv")
+    model.train()
+    train_adapters(model, tokens(2))
+    model.eval()
+    x = tokens(3)
+    with torch.no_grad():
+        adapted = model(x)[0]
+        merged = merge_lora(model)
+        assert merged.state_dict().keys() == base.state_dict().keys()
+        assert (merged(x)[0] - adapted).abs().max().item() <= 1e-5

@@ -1,18 +1,24 @@
-"""model.py: logits equal to Hugging Face transformers' LlamaForCausalLM after converting our weights with
-to_hf_state_dict, hand calculations (cross-entropy, parameter count, init statistics), no look-ahead, the speed
+"""model.py: logits equal to Hugging Face transformers' LlamaForCausalLM (Llama 2 and Llama 3 shapes, "llama3" RoPE
+scaling) and Qwen2ForCausalLM (q/k/v biases) after converting our weights with to_hf_state_dict, RoPE tables equal
+to transformers' llama3 frequencies, the default options building today's bias-free plain-RoPE model, hand
+calculations (cross-entropy, parameter count, init statistics), no look-ahead, the speed
 paths (fused output and loss, chunked cross-entropy, bf16 autocast, activation checkpointing) giving the numbers
 of the plain ones, a tiny model memorising a batch, and the plain KV-cache generate against a loop without a cache
 (greedy, top-k, the length limit)."""
+from dataclasses import replace
 import math
 
 from conftest import spread_weights_, tiny_model
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from babyllama.cross_entropy import cross_entropy, linear_cross_entropy
-from babyllama.hf import hf_config_dict, to_hf_state_dict
+from babyllama.hf import ARCHITECTURES, hf_config_dict, hf_model_type, to_hf_state_dict
 from babyllama.optimize import configure_optimizers
+from model import Transformer, rope_cos_sin
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest.py)
 
@@ -26,13 +32,14 @@ def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
 
 
 def build_hf_twin(model):
-    cfg = LlamaConfig(**hf_config_dict(model.args))
-    hf = LlamaForCausalLM(cfg).float()
+    architecture, config_class = ARCHITECTURES[hf_model_type(model.args)]
+    cfg = getattr(transformers, config_class)(**hf_config_dict(model.args))
+    hf = getattr(transformers, architecture)(cfg).float()
     sd = to_hf_state_dict(model)
     expected = set(hf.state_dict().keys())
     got = set(sd.keys())
     assert got == expected, (
-        f"to_hf_state_dict keys differ from LlamaForCausalLM's: "
+        f"to_hf_state_dict keys differ from {architecture}'s: "
         f"missing={sorted(expected - got)} unexpected={sorted(got - expected)}")
     sd = {k: v.detach().float().cpu() for k, v in sd.items()}
     hf.load_state_dict(sd, strict=True)
@@ -76,6 +83,83 @@ def test_logits_match_hf_llama_untied_ffn_multiplier_mqa_rope_theta():
     assert model.layers[0].feed_forward.w1.weight.shape == (352, 96)
     assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()
     assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+
+
+# Llama 3.1's scaling with a short "original" context, so that a 16-wide head has frequencies in all three bands
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_tables_equal_transformers_frequencies_in_all_three_bands():
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=128, rope_theta=500000.0,
+                      rope_scaling=dict(LLAMA3_SCALING))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    assert attention_factor == 1.0  # llama3 scaling leaves cos and sin unscaled
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    kept = torch.isclose(inv_freq.double(), plain, rtol=1e-6)
+    divided = torch.isclose(inv_freq.double(), plain / 8, rtol=1e-6)
+    assert kept.any() and divided.any() and (~kept & ~divided).any()  # short, long and blended wavelengths
+    angles = torch.outer(torch.arange(128, dtype=torch.float64), inv_freq.double())
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = rope_cos_sin(16, 128, 500000.0, LLAMA3_SCALING)
+    assert (cos.double() - angles.cos()).abs().max() <= 1e-5 and (sin.double() - angles.sin()).abs().max() <= 1e-5
+
+
+def test_rope_scaling_other_than_llama3_is_refused_by_name():
+    """A guard only: config.json's rope fields are checked, with the file named, by babyllama/hf.py."""
+    with pytest.raises(AssertionError, match="only rope_type 'llama3'"):
+        rope_cos_sin(16, 8, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(KeyError, match="high_freq_factor"):
+        rope_cos_sin(16, 8, 10000.0, {k: v for k, v in LLAMA3_SCALING.items() if k != "high_freq_factor"})
+
+
+def test_default_options_build_the_bias_free_plain_rope_model():
+    model = tiny_model(0)
+    assert model.args.attention_bias is False and model.args.rope_scaling is None
+    assert not [n for n in model.state_dict() if n.endswith(".bias")]
+    # the tables of plain RoPE, bit for bit as before the options existed
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    assert torch.equal(model.rope_cos, angles.cos()) and torch.equal(model.rope_sin, angles.sin())
+
+
+def test_logits_match_hf_llama3_shape_gqa_theta_500000_llama3_scaling():
+    model, _ = check_parity(30, n_heads=4, n_kv_heads=1, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                            tie_embeddings=False)
+    # the scaling matters on these 20 tokens: the same weights with plain RoPE give other logits
+    plain = Transformer(replace(model.args, rope_scaling=None)).eval()
+    plain.load_state_dict(model.state_dict())
+    tokens = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        assert (plain(tokens)[0] - model(tokens)[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_logits_match_hf_qwen2_with_qkv_biases(tied):
+    model, hf = check_parity(40 + tied, n_heads=4, n_kv_heads=2, rope_theta=1e6, attention_bias=True,
+                             tie_embeddings=tied)
+    assert type(hf).__name__ == "Qwen2ForCausalLM" and hf.model.layers[0].self_attn.q_proj.bias is not None
+    assert model.layers[0].attention.wo.bias is None  # Qwen2's o_proj has none either
+
+
+def test_stacked_qkv_weights_carry_the_biases():
+    """generate passes [wq; wk; wv] stacked (babyllama/generate.py): with attention_bias the biases must come too."""
+    model = spread_weights_(tiny_model(3, attention_bias=True), 4).eval()
+    fused = [(torch.cat([l.attention.wq.weight, l.attention.wk.weight, l.attention.wv.weight]),
+              torch.cat([l.feed_forward.w1.weight, l.feed_forward.w3.weight])) for l in model.layers]
+    tokens = torch.arange(12).unsqueeze(0)
+    pos = torch.arange(12).unsqueeze(0)
+    mask = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 1, 12, 12)
+    with torch.no_grad():
+        ref = model(tokens)[0]
+        assert (model._forward_positions(tokens, pos, mask, fused=fused) - ref).abs().max() <= 1e-5
+
+
+def test_a_new_model_with_attention_biases_starts_them_at_zero():
+    model = tiny_model(0, attention_bias=True)
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert len(biases) == 3 * model.args.n_layers and all(not b.any() for b in biases)
 
 
 def test_loss_equals_hand_computed_cross_entropy():
