@@ -50,12 +50,12 @@ import torch
 from babyllama import checkpoint as ck, checkpoint_io, dist, models, optimize, runlog
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
+from babyllama.inference import checkpoint_tokenizer
 from babyllama.lora import adapters_off
 from babyllama.models import frozen_copy
 from babyllama.pairs import (LOSS_TYPES, REFERENCE_FREE, PairBatches, Reference, evaluate_pairs, pair_batch_loss,
                              pair_logps, tokenize_pair)
 from babyllama.preferences import load_preferences
-from tokenizer import load_tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt
 
 # -----------------------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ val_data = "out/dpo_data/val.jsonl"  # held-out pairs; "" = none
 init_from = "sft"  # 'sft': start from init_ckpt; 'resume': continue out_dir/ckpt.pt
 overwrite = False  # a new run (not resume) over an existing out_dir/ckpt.pt: refused unless True
 init_ckpt = "out/sft/ckpt.pt"  # an SFT checkpoint (full or LoRA), or any checkpoint this project writes
-tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt
+tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt, or its copy beside init_ckpt
 eval_interval = 50
 log_interval = 1
 always_save_checkpoint = True  # save at every evaluation; otherwise only when the held-out loss improves
@@ -148,8 +148,7 @@ if master:
           f"trainable {n_trainable:,}" + (f" (LoRA rank {lora_rank}, alpha {lora_alpha})" if lora_rank else ""))
 
 # ---- data -------------------------------------------------------------------------------------------------
-tok = load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"],
-                       init.get("tokenizer_sha256", ""))
+tok = checkpoint_tokenizer(init, init_ckpt, model_args["vocab_size"], tokenizer_model)
 del init  # the starting checkpoint: only its tokenizer was still needed
 pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
 train_pairs, train_counts = load_preferences(train_data)

@@ -69,6 +69,7 @@ from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"  # export: the checkpoint (full or LoRA)
+tokenizer_model = ""  # export: "" = the tokenizer the checkpoint records, or its copy beside the checkpoint
 out_dir = "out/hf"  # export: the Hugging Face folder (gguf, pt: the file's folder); import: where ckpt.pt goes
 format = "hf"  # export format: 'hf' (a Hugging Face folder), 'gguf' (a llama.cpp file) or 'pt' (one checkpoint file)
 dtype = "float32"  # export: weights in float32, bfloat16 or float16 (hf); float32, float16 or q8_0 (gguf)
@@ -337,7 +338,7 @@ def main():
     allowed = DTYPES if format == "hf" else GGUF_DTYPES
     if dtype not in allowed:
         raise SystemExit(f"dtype must be one of {', '.join(allowed)} for {format}, not {dtype!r}")
-    model, tok, _, _, _ = load_for_inference(ckpt_path, "cpu", "float32")  # LoRA adapters come back merged
+    model, tok, _, _, _ = load_for_inference(ckpt_path, "cpu", "float32", tokenizer_model)  # LoRA merged
     if format == "gguf":
         path = target
         with atomic_path(path) as tmp_file:

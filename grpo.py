@@ -38,6 +38,7 @@ n_val = 100  # held-out requests scored at every evaluation (greedy)
 init_from = "sft"  # 'sft': start from init_ckpt; 'resume': continue out_dir/ckpt.pt
 overwrite = False
 init_ckpt = "out/demo/sft/ckpt.pt"
+tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt, or its copy beside init_ckpt
 eval_interval = 20
 log_interval = 1
 always_save_checkpoint = True
@@ -90,7 +91,8 @@ run, ckpt_path, resume_ckpt, iter_num, fixed = rl_run.setup(out_dir, init_from, 
 globals().update(fixed)  # resuming: the run's starting checkpoint (init_ckpt) is the checkpoint's
 device, master = run.device, run.master
 raw_model, model_args, optim, model, ref, tok = rl_run.policy_and_reference(init_ckpt, resume_ckpt, run, seed,
-                                                                            weight_decay, learning_rate, (beta1, beta2))
+                                                                            weight_decay, learning_rate, (beta1, beta2),
+                                                                            tokenizer_model)
 pad_id = max(tok.pad_id, 0)
 train = rl_run.Requests(tok, train_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank)
 val = rl_run.Requests(tok, val_prompts, model_args["max_seq_len"], max_new_tokens, seed, run.rank, n_val) \

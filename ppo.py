@@ -36,6 +36,7 @@ n_val = 100
 init_from = "sft"  # 'sft' or 'resume'
 overwrite = False
 init_ckpt = "out/demo/sft/ckpt.pt"  # the policy's start and the reference
+tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt, or its copy beside init_ckpt
 reward = "model"  # a name in REWARDS (babyllama/rewards.py; --reward=? lists them)
 reward_ckpt = "out/demo/reward/best.pt"  # the reward model (reward_model.py)
 value_ckpt = ""  # the value model's start: a reward model checkpoint; "" = reward_ckpt
@@ -89,7 +90,8 @@ device, master = run.device, run.master
 # ---- the four models: the policy (and its optimizer), pi_ref (the starting weights, frozen), the reward (a model
 # or rules) and the value model (a reward model, trained here with its own AdamW) ----------------------------------
 raw_model, model_args, optim, model, ref, tok = rl_run.policy_and_reference(init_ckpt, resume_ckpt, run, seed,
-                                                                            weight_decay, learning_rate, (beta1, beta2))
+                                                                            weight_decay, learning_rate, (beta1, beta2),
+                                                                            tokenizer_model)
 rewards_of = reward_function(reward, weights=(w_form, w_repeat, w_title, w_tone), tone_table=tone_table,
                              poetry=poetry, reward_ckpt=reward_ckpt, tok=tok, device=device)
 value_model, _ = load_reward_model(value_ckpt or reward_ckpt, device)

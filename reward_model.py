@@ -23,10 +23,10 @@ import torch
 from babyllama import checkpoint as ck, dist, models, optimize, runlog
 from babyllama.atomic import write_json
 from babyllama.configurator import configure
+from babyllama.inference import checkpoint_tokenizer
 from babyllama.pairs import PairBatches, tokenize_pair
 from babyllama.preferences import load_preferences
 from babyllama.reward_model import RewardModel, bt_loss
-from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = "out/reward"
@@ -35,6 +35,7 @@ val_data = "out/dpo_data/val.jsonl"
 init_from = "sft"  # 'sft': start from init_ckpt; 'resume': continue out_dir/ckpt.pt
 overwrite = False
 init_ckpt = "out/sft/ckpt.pt"
+tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt, or its copy beside init_ckpt
 eval_interval = 50
 log_interval = 1
 always_save_checkpoint = True
@@ -89,7 +90,7 @@ optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, l
 model = dist.wrap_ddp(raw_model, run)
 
 # ---- data -------------------------------------------------------------------------------------------------
-tok = load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
+tok = checkpoint_tokenizer(init, init_ckpt, model_args["vocab_size"], tokenizer_model)
 del init
 train_pairs, train_counts = load_preferences(train_data)
 val_pairs, val_counts = load_preferences(val_data) if val_data else ([], {})

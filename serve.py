@@ -43,6 +43,7 @@ from tokenizer.chat_template import stop_ids
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"
+tokenizer_model = ""  # "" = the tokenizer the checkpoint records, or its copy beside the checkpoint
 model_name = ""  # the id clients ask for; "" = the checkpoint's folder name
 host = "127.0.0.1"
 port = 8000
@@ -409,7 +410,7 @@ def run_server(app, scheduler):
 
 
 def main():
-    model, tok, _, _, autocast_ctx = load_for_inference(ckpt_path, device, dtype)  # the tokenizer it records
+    model, tok, _, _, autocast_ctx = load_for_inference(ckpt_path, device, dtype, tokenizer_model)
     quantize_model(model, quantize)
     name = model_name or os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))
     scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, autocast_ctx=autocast_ctx)

@@ -27,7 +27,7 @@ from babyllama.chat_batches import (ConversationBatches, PackedLM, scored_tokens
                                     tokenize_conversations)
 from babyllama.configurator import configure
 from babyllama.conversations import load_conversations
-from tokenizer import load_tokenizer
+from babyllama.inference import checkpoint_tokenizer
 from tokenizer.chat_template import IGNORE
 
 # -----------------------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ val_data = "out/sft_data/val.jsonl"  # "" = no validation
 init_from = "pretrain"  # 'pretrain': start from the weights of init_ckpt; 'resume': continue out_dir/ckpt.pt
 overwrite = False  # a new run (not resume) over an existing out_dir/ckpt.pt: refused unless True
 init_ckpt = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an SFT one (full or LoRA) to continue from
-tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt
+tokenizer_model = ""  # "" = the tokenizer recorded in init_ckpt, or its copy beside init_ckpt
 eval_interval = 100
 eval_iters = 0  # validation batches; 0 = the whole held-out split
 log_interval = 1  # a JSONL row every log_interval iterations (the terminal shows a progress bar)
@@ -107,8 +107,7 @@ if master:
           + (f" (LoRA rank {lora_rank}, alpha {lora_alpha}, targets {lora_targets})" if lora_rank else ""))
 
 # ---- data -------------------------------------------------------------------------------------------------
-tok = load_tokenizer(tokenizer_model or init.get("tokenizer", ""), model_args["vocab_size"],
-                       init.get("tokenizer_sha256", ""))
+tok = checkpoint_tokenizer(init, init_ckpt, model_args["vocab_size"], tokenizer_model)
 del init  # the starting checkpoint: only its tokenizer was still needed
 pad_id = max(tok.pad_id, 0)  # a tokenizer without <pad> pads with 0: padding is never scored anyway
 train_samples, dropped = tokenize_conversations(load_conversations(train_data), tok, max_seq_len)

@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from babyllama.checkpoint_io import copy, load, save
+from babyllama.checkpoint_io import copy, keep_tokenizer, load, save
 from babyllama.optimize import configure_optimizers
 from babyllama.rng import gather_rng_states, set_rng_state
 from babyllama.sharded import load_extra, load_sharded, save_sharded
@@ -159,6 +159,7 @@ class Checkpointer:
         self.eval_interval, self.always, self.ceiling = eval_interval, always_save_checkpoint, ceiling
         self.saved_at = self.start_iter if self.resumed else None
         self.evaluated_at = None  # the iteration of this run's latest evaluation
+        self.tokenizer_kept = not run.master or not fields.get("tokenizer")  # copied beside at the first save
         self.best_train_loss = float("inf")
         if not self.resumed and run.master:  # a new run (told to --overwrite): the old run's files are not its own
             for old in (path, self.best_path, os.path.join(os.path.dirname(self.best_path), "summary.json")):
@@ -226,10 +227,16 @@ class Checkpointer:
                                  f"check the data, or use bfloat16 instead of float16.")
 
     def save(self, iter_num, best=False):
-        """Write ckpt.pt (.dcp) atomically, and best.pt (.dcp) when best; nothing at the run's starting iteration."""
+        """Write ckpt.pt (.dcp) atomically, and best.pt (.dcp) when best; nothing at the run's starting iteration. The
+        first save of this process also copies the tokenizer beside them (checkpoint_io.keep_tokenizer)."""
         if iter_num <= self.start_iter:
             return
         rngs = gather_rng_states(self.run)  # a collective: every process takes part
+        if not self.tokenizer_kept:  # before the weights: a checkpoint on disk has its tokenizer beside it
+            self.tokenizer_kept = True
+            if not keep_tokenizer(self.path, self.fields["tokenizer"], self.fields.get("tokenizer_sha256", "")):
+                print(f"note: tokenizer {self.fields['tokenizer']} not found (or not the recorded one): not copied "
+                      f"beside {self.path}; loading it elsewhere needs --tokenizer_model=")
         fields = dict(iter_num=iter_num, best_val_loss=self.best_val_loss, **self.fields)
         if self.sharded:  # every process writes its shards; the weights and optimizer state go there
             extra = training_state(self.model, None, self.run.scaler, rngs, **fields)

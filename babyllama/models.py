@@ -6,7 +6,7 @@ import os
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from babyllama.checkpoint_io import load, save
+from babyllama.checkpoint_io import keep_tokenizer, load, save
 from babyllama.lora import apply_lora, load_lora_state_dict, merge_lora
 from model import ModelArgs, Transformer
 
@@ -75,8 +75,10 @@ def frozen_copy(model_args, state_dict, device):
 
 def save_merged(path, model, **fields):
     """LoRA: fold the adapters into the weights (in place) and save a plain checkpoint {"model", **fields} that eval.py,
-    export and serving read like a pretraining one."""
+    export and serving read like a pretraining one, with the recorded tokenizer copied beside it (keep_tokenizer)."""
     merge_lora(model)
+    if fields.get("tokenizer"):
+        keep_tokenizer(path, fields["tokenizer"], fields.get("tokenizer_sha256", ""))
     # the merged architecture is the model's own (an adapted output layer unties tied embeddings)
     save(path, {"model": model.state_dict(), **fields, "model_args": dataclasses.asdict(model.args)})
 

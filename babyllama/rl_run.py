@@ -7,9 +7,9 @@ import torch
 
 from babyllama import checkpoint as ck, dist, models, runlog
 from babyllama.atomic import write_json
+from babyllama.inference import checkpoint_tokenizer
 from babyllama.poetry_rewards import exact_form_share, requests_from
 from babyllama.rl import rollout
-from tokenizer import load_tokenizer
 from tokenizer.chat_template import decode_reply, encode_prompt, stop_ids
 
 
@@ -56,15 +56,16 @@ class Requests:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + it * 1_009 + self.rank)
 
 
-def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learning_rate, betas):
+def policy_and_reference(init_ckpt, resume_ckpt, run, seed, weight_decay, learning_rate, betas,
+                         tokenizer_model=""):
     """An RL script's start: the policy (init_ckpt's weights, or the resumed run's), its AdamW and DDP wrapper, the
-    frozen reference (the starting weights) and the tokenizer, checked against the model. Returns (raw_model,
+    frozen reference (the starting weights) and the tokenizer (inference.checkpoint_tokenizer). Returns (raw_model,
     model_args, optim, model, reference, tokenizer)."""
     raw_model, model_args, start_state, init = models.finetune_model(init_ckpt, resume_ckpt, run.device, seed)
     optim = ck.training_optimizer(raw_model, resume_ckpt, run, seed, weight_decay, learning_rate, betas)
     model = dist.wrap_ddp(raw_model, run)
     ref = models.frozen_copy(model_args, start_state, run.device)
-    tok = load_tokenizer(init.get("tokenizer", ""), model_args["vocab_size"], init.get("tokenizer_sha256", ""))
+    tok = checkpoint_tokenizer(init, init_ckpt, model_args["vocab_size"], tokenizer_model)
     return raw_model, model_args, optim, model, ref, tok
 
 

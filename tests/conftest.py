@@ -403,11 +403,12 @@ def tiny_checkpoint(d, ctx=64, dim=48, n_layers=2, seed=0, endless=False, zero_k
     return d / "ckpt.pt", model, tok
 
 
-def start_server(ckpt, *flags, output=subprocess.DEVNULL):
-    """serve.py on a free loopback port, running once /health answers: (process, port)."""
+def start_server(ckpt, *flags, output=subprocess.DEVNULL, cwd=ROOT):
+    """serve.py on a free loopback port, running once /health answers: (process, port). cwd: its working directory."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt_path={ckpt}", f"--port={port}", "--dtype=float32",
-                             *flags], cwd=ROOT, env=ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt_path={ckpt}", f"--port={port}",
+                             "--dtype=float32", *flags], cwd=cwd, env=ENV, stdout=output, stderr=subprocess.STDOUT,
+                            text=True)
     for _ in range(600):
         if proc.poll() is not None:
             raise AssertionError(f"serve.py exited {proc.returncode}" + (f":\n{proc.stdout.read()}" if proc.stdout

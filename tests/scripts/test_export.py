@@ -197,7 +197,7 @@ def test_a_qwen2_export_with_a_sentencepiece_tokenizer_is_refused_by_name(tiny_t
                 tokenizer_sha256=tiny_tok.sha256())
     p = run_script("export.py", f"--ckpt_path={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}", check=False)
     assert p.returncode == 1 and "Qwen2Tokenizer" in p.stderr
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]  # export.py left no folder behind
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf", "tok.model"]  # no folder left (the copy of save_merged)
 
 
 @pytest.mark.parametrize("shape", [dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, n_kv_heads=1),

@@ -2,19 +2,24 @@
 LoRA runs resume exactly (LoRA's rank, alpha and targets coming back from the checkpoint), checkpoints are written
 when always_save_checkpoint says, the gradient does not depend on how a batch is split (two processes included),
 FSDP with LoRA gives the run of one process, a diverged run keeps the good checkpoint, empty data is an error (not
-a hang), and --help lists the settings."""
+a hang), --help lists the settings, and a run folder moved elsewhere still finds its tokenizer."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 
-from conftest import (CONVERSATIONS, CPU, TORCHRUN_2, assert_same_gradient_however_the_batch_is_split,
-                      assert_same_run, finetune, run_script, saved_at, train_losses)
+from conftest import (CONVERSATIONS, CPU, ENV, ROOT, TEXTS, TORCHRUN_2,
+                      assert_same_gradient_however_the_batch_is_split, assert_same_run, finetune, raw, run_script,
+                      saved_at, start_server, stop_server, tiny_tokenizer, train_losses, write_chat_files)
 import pytest
 import torch
 
 from babyllama import checkpoint as ck, models
 from babyllama.generate import generate
 from tokenizer.chat_template import decode_reply, encode_conversation, encode_prompt, stop_ids
+from tokenizer.train_tokenizer import train_tokenizer
 
 
 def run_sft(d, out, *extra, check=True, plots=False):
@@ -144,3 +149,41 @@ def test_empty_data_is_a_clear_error_not_a_hang(chat_files, tmp_path):
 def test_help_lists_the_globals_with_their_defaults_and_comments():
     p = run_script("sft.py", "--help")
     assert "--lora_alpha" in p.stdout and "= 16.0" in p.stdout and "0 = the checkpoint's context" in p.stdout
+
+
+def test_a_moved_run_folder_is_evaluated_exported_and_served_from_another_directory(tmp_path):
+    """The tokenizer travels with the checkpoint: the run folder moved, its tokenizer's recorded path gone, another
+    working directory; a wrong --tokenizer_model is refused by sha256."""
+    (tmp_path / "tok").mkdir(), (tmp_path / "chat").mkdir(), (tmp_path / "cwd").mkdir()
+    tok = tiny_tokenizer(tmp_path / "tok")
+    chat = write_chat_files(tmp_path / "chat", tok)
+    finetune("sft.py", chat, tmp_path / "run", f"--train_data={chat / 'train.jsonl'}")
+    assert (tmp_path / "run" / "tok.model").read_bytes() == open(tok.model_path, "rb").read()  # the copy beside
+    shutil.move(tmp_path / "tok", tmp_path / "gone")  # the recorded path no longer exists
+    shutil.move(tmp_path / "run", tmp_path / "elsewhere")
+    ckpt = tmp_path / "elsewhere" / "ckpt.pt"
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+
+    def script(name, *args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, name), f"--ckpt_path={ckpt}", *map(str, args)],
+                              cwd=tmp_path / "cwd", env=ENV, capture_output=True, text=True, timeout=300)
+
+    p = script("eval.py", "--mode=ppl", f"--val_data={tmp_path / 't.txt'}", "--device=cpu",
+               f"--results_file={tmp_path / 'r.json'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["val_tokens"] == sum(len(tok.encode(t)) + 1 for t in TEXTS)
+    p = script("export.py", f"--out_dir={tmp_path / 'hf'}")
+    assert p.returncode == 0 and (tmp_path / "hf" / "tokenizer.model").read_bytes() == \
+        (tmp_path / "gone" / "tok.model").read_bytes(), p.stderr[-2000:]
+    proc, port = start_server(ckpt, "--device=cpu", cwd=tmp_path / "cwd")
+    try:
+        status, answer, _ = raw(port, "POST", "/v1/chat/completions",
+                                {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4})
+        assert status == 200 and answer["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        stop_server(proc)
+
+    other = train_tokenizer(iter(TEXTS[::-1]), str(tmp_path / "other"), 390, num_threads=1, verbose=False)
+    p = script("eval.py", f"--tokenizer_model={other}", "--max_new_tokens=2", "--device=cpu")
+    assert p.returncode != 0 and "is not the tokenizer the model was trained with" in p.stderr
+    assert other in p.stderr and str(ckpt) in p.stderr

@@ -1,6 +1,7 @@
 """babyllama/checkpoint.py one piece at a time: the adapter-or-full training state, what a resumed run takes from
-its checkpoint and refuses to change (a new run over an old one included), when a loop evaluates and saves, and
-the losses that stop a run. The file itself: test_checkpoint_io.py."""
+its checkpoint and refuses to change (a new run over an old one included), when a loop evaluates and saves (the
+tokenizer copied beside at the first save), and the losses that stop a run. The file itself: test_checkpoint_io.py."""
+import hashlib
 import os
 
 from conftest import SMALL_ARGS, tiny_model
@@ -60,13 +61,13 @@ def test_resume_refuses_lora_on_a_full_checkpoint():
         ck.resume_config(ckpt, {"lora_rank": 0, "max_seq_len": 128}, ["max_seq_len"], ck.FINETUNE_KEYS)
 
 
-def checkpointer(tmp_path, ckpt=None, always=True):
+def checkpointer(tmp_path, ckpt=None, always=True, **fields):
     model = tiny_model(**SMALL_ARGS)
     run = dist.setup_run("cpu", "float32", 0, 1, str(tmp_path))
     log = runlog.JsonlLog(str(tmp_path / "log.jsonl"), resume_from=ckpt["iter_num"] if ckpt else None)
     optimizer = ck.training_optimizer(model, None, run, 0, 0.0, 1e-3, (0.9, 0.95))
     return ck.Checkpointer(str(tmp_path / "ckpt.pt"), ckpt, run, model, optimizer, log, 2, always,
-                           model_args=SMALL_ARGS, config={})
+                           model_args=SMALL_ARGS, config={}, **fields)
 
 
 def loop(c, iters, losses):
@@ -100,6 +101,19 @@ def test_checkpointer_evaluates_and_saves_the_same_way_for_every_script(tmp_path
     resumed = checkpointer(tmp_path / "d", {"iter_num": 4, "best_val_loss": 4.0}, always=False)
     assert loop(resumed, range(4, 9), {6: 4.2, 8: 3.5}) == ([6, 8], [8])
     assert resumed.best_val_loss == 3.5
+
+
+def test_the_first_save_copies_the_recorded_tokenizer_beside_the_checkpoint(tmp_path, capsys):
+    (tmp_path / "tok.model").write_bytes(b"a tokenizer")
+    sha = hashlib.sha256(b"a tokenizer").hexdigest()
+    c = checkpointer(tmp_path / "run", tokenizer=str(tmp_path / "tok.model"), tokenizer_sha256=sha)
+    assert not (tmp_path / "run" / "tok.model").exists()  # nothing at the start
+    loop(c, range(3), {0: 5.0, 2: 4.0})
+    assert (tmp_path / "run" / "tok.model").read_bytes() == b"a tokenizer"
+    assert checkpoint_io.load(str(tmp_path / "run" / "ckpt.pt"))["tokenizer"] == str(tmp_path / "tok.model")
+    # a tokenizer that is not there (or not the recorded one): saved all the same, saying so
+    loop(checkpointer(tmp_path / "gone", tokenizer="nope.model", tokenizer_sha256=sha), range(3), {0: 5.0, 2: 4.0})
+    assert (tmp_path / "gone" / "ckpt.pt").exists() and "nope.model not found" in capsys.readouterr().out
 
 
 def test_nan_validation_loss_stops_before_saving(tmp_path):
