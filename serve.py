@@ -232,6 +232,8 @@ def create_app(scheduler, tok, name, hosts, key):
                            kind="rate_limit_error", headers={"Retry-After": str(e.retry_after)}) from None
         except Closed:
             raise APIError(503, "the server is shutting down", "server_shutting_down", kind="server_error") from None
+        except ValueError as e:  # what openai_api let through but the scheduler refuses: still the client's input
+            raise APIError(400, str(e), "invalid_request") from None
 
     async def complete(request, kind):
         try:

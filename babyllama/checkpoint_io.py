@@ -53,10 +53,11 @@ def keep_tokenizer(ckpt_path, tokenizer, sha256=""):
     if os.path.isdir(src):  # (tokenizer.resolve_path's rule; tokenizer/ itself is not read to save a checkpoint)
         src = next((os.path.join(src, n) for n in ("tokenizer.model", "tokenizer.json")
                     if os.path.isfile(os.path.join(src, n))), src)
-    if not os.path.isfile(src) or (sha256 and file_sha256(src) != sha256):
+    digest = file_sha256(src) if os.path.isfile(src) else None
+    if digest is None or (sha256 and digest != sha256):
         return ""
     dst = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), os.path.basename(src))
-    if os.path.isfile(dst) and file_sha256(dst) == file_sha256(src):
+    if os.path.isfile(dst) and file_sha256(dst) == digest:
         return dst
     pairs = [(src, dst)]
     config = os.path.join(os.path.dirname(src), "tokenizer_config.json")

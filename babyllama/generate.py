@@ -119,7 +119,7 @@ def _generate_steps(model, idx, max_new_tokens, temperature, top_k, top_p, repet
         forward = model._decode_step if (step > 0 and model._decode_step is not None) else model._forward_positions
         logits = forward(seq[:, start:cur], all_pos[:, start:cur], mask, caches, start, fused)
         logits = logits[:, -1, :].float()
-        next_tok = _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+        next_tok = sample_checked_once(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
         yield next_tok.tolist(), alive.tolist()
         if seen is not None:
             seen[torch.arange(B, device=device), next_tok] = True
@@ -176,11 +176,12 @@ def sample_next(logits, temperature, top_k, top_p, repetition_penalty=1.0, seen=
     top_p None or 1 = off, 0 = greedy; repetition_penalty 1 = off. Greedy is the argmax of the (penalised) logits and
     draws nothing from the generator. ValueError as check_sampling_args."""
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-    return _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+    return sample_checked_once(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
 
 
-def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator):
-    """sample_next without the checks (the generation loop checked them once)."""
+def sample_checked_once(logits, temperature, top_k, top_p, repetition_penalty, seen, generator):
+    """sample_next without the checks, for loops that checked the settings once, before their first step (generate,
+    the serving scheduler)."""
     if seen is not None and repetition_penalty != 1.0:
         # CTRL's penalty: make already-seen tokens less likely whatever the sign of their logit
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from babyllama.generate import sample_next, stacked_weights
+from babyllama.generate import check_sampling_args, sample_checked_once, stacked_weights
 
 SHUTDOWN = "error: the server is shutting down"  # the end reason of what close() cuts short
 
@@ -115,6 +115,8 @@ class Scheduler:
         """Queue seq; never blocks. ValueError for a sequence that does not fit the context; QueueFull; Closed."""
         if not 1 <= len(seq.prompt) or len(seq.prompt) + seq.max_tokens > self.ctx or seq.max_tokens < 1:
             raise ValueError(f"prompt {len(seq.prompt)} + max_tokens {seq.max_tokens} must fit the context {self.ctx}")
+        s = seq.sampling  # checked here once, so the decoding step samples without checks
+        check_sampling_args(s.temperature, s.top_k or None, s.top_p, 1.0)
         with self.lock:
             if self.deadline is not None:
                 raise Closed("the server is shutting down")
@@ -266,7 +268,8 @@ class Scheduler:
             if seq.counts is not None:
                 row = row - s.frequency_penalty * seq.counts - s.presence_penalty * (seq.counts > 0).float()
             if seq.counts is not None or not s.greedy:
-                chosen[i] = sample_next(row, s.temperature, s.top_k or None, s.top_p, generator=seq.generator)[0]
+                chosen[i] = sample_checked_once(row, s.temperature, s.top_k or None, s.top_p, 1.0, None,
+                                                seq.generator)[0]
         return chosen.tolist()
 
     def _advance(self, seq, token):
