@@ -209,6 +209,11 @@ def test_submit_never_blocks_and_refuses_beyond_max_queue(model):
     assert [s.reason for s in waiting] == ["length", "length"]
     with pytest.raises(ValueError):  # a sequence that cannot fit the context is refused, not cropped
         sched.submit(Collect([5] * 60, 5))
+    # sampling settings are checked once, here, since the decoding step samples without checks
+    for bad in (Sampling(temperature=float("nan")), Sampling(top_p=1.5), Sampling(top_k=-1)):
+        with pytest.raises(ValueError):
+            sched.submit(Collect([5] * 5, 3, bad))
+    assert sched.stats()["requests"] == 3  # the slow one and the two waiting: no refused one was queued
 
 
 def test_close_ends_running_and_waiting_requests_within_grace(model):
