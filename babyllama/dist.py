@@ -8,9 +8,6 @@ import socket
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
-                                    register_fsdp_forward_method)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from babyllama.configurator import exit_error
@@ -173,6 +170,10 @@ def parallelize(model, run, activation_checkpointing=False, cpu_offload=False, r
     if run.world_size % replicas:
         raise SystemExit(f"replicas={replicas} must divide the {run.world_size} processes (HSDP shards within "
                          f"world_size / replicas processes)")
+    # imported here: FSDP takes half a second to import, and most runs are DDP or one process
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
     mesh = None
     if replicas > 1:
         mesh = init_device_mesh(run.device_type, (replicas, run.world_size // replicas),

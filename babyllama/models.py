@@ -4,7 +4,6 @@ import dataclasses
 import os
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from babyllama.checkpoint_io import keep_tokenizer, load, save
 from babyllama.lora import apply_lora, load_lora_state_dict, merge_lora
@@ -89,6 +88,7 @@ def gathered_model(model, run):
     file), None elsewhere. Under FSDP a collective gathering the shards into a new CPU model; else the model itself."""
     if run.parallel != "fsdp":
         return model if run.master else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # slow to import
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not run.master:
         return None

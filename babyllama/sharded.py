@@ -8,10 +8,6 @@ import shutil
 import warnings
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from babyllama.tensor_file import CheckpointError, file_crc, load, save
 
@@ -41,6 +37,7 @@ def _optimizers(optimizer):
 def sharded_state(model, optimizer):
     """The DCP state of a run: the trainable parameters (a LoRA run's adapters; DTensor shards under FSDP) and the
     optimizer state keyed by parameter name, so another number of processes can re-cut both."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     weights = {k: v for k, v in get_model_state_dict(model).items() if k in names}
     return {"model": weights, "optim": get_optimizer_state_dict(model, _optimizers(optimizer))}
@@ -50,6 +47,7 @@ def save_sharded(link, model, optimizer, extra, run, best_link=None):
     """Write a DCP checkpoint (a collective) into out_dir/dcp/iter_N, the master adds extra.pt, points `link` (and
     best_link) at it by an atomic symlink swap and removes the folders no link names: a kill at any moment leaves a
     loadable checkpoint. Assumes a folder every process can write (one machine, or a shared file system)."""
+    import torch.distributed.checkpoint as dcp  # here, not at the top: it takes most of a second to import
     root = os.path.join(os.path.dirname(os.path.abspath(link)), "dcp")
     name = f"iter_{extra['iter_num']:08d}"
     folder = os.path.join(root, name)
@@ -90,6 +88,8 @@ def _linked(root):
 def load_sharded(folder, model, optimizer):
     """Load a DCP checkpoint's weights and optimizer state into a sharded (or plain) model and its optimizer, whatever
     number of processes wrote it (a collective). ValueError naming the folder when the optimizer state is another's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     state = sharded_state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=folder)
@@ -104,6 +104,7 @@ def consolidate(folder, device="cpu"):
     """A DCP checkpoint as the single-file checkpoint dict (what eval.py, export.py and fine-tuning read), in one
     process without a process group: extra.pt's fields and the gathered weights as "model" (a LoRA run's as "lora"). No
     optimizer state: resuming reads the folder itself."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
     ckpt = load_extra(folder)
     del ckpt["dcp"]
     with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want

@@ -9,7 +9,6 @@ counts summed over samples, no smoothing (0 when some order has no match); per s
 the corpus figure is the mean over samples."""
 import re
 
-from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
@@ -32,6 +31,11 @@ class _Tokens:
         return self.tok(text).split()
 
 
+def _rouge_l(lang):
+    from rouge_score import rouge_scorer  # imported here: it pulls in nltk and scipy (a second) for gen mode alone
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokens(lang))
+
+
 def tokens(text, lang):
     """The tokens both metrics count for text: characters for Chinese, words otherwise."""
     return _Tokens(lang).tokenize(text)
@@ -48,7 +52,7 @@ def corpus_scores(hypotheses, references, lang=None):
     for n in range(1, 5):
         bleu = BLEU(tokenize=sb_tok, max_ngram_order=n, smooth_method="none")
         out[f"bleu{n}"] = bleu.corpus_score(list(hypotheses), [list(references)]).score
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokens(lang))
+    scorer = _rouge_l(lang)
     out["rougeL"] = 100 * sum(scorer.score(r, h)["rougeL"].fmeasure
                               for h, r in zip(hypotheses, references)) / len(references)
     return out
@@ -61,8 +65,7 @@ def sample_scores(hypothesis, reference, lang):
     for n in range(1, 5):
         bleu = BLEU(tokenize=sb_tok, max_ngram_order=n, effective_order=True)
         out[f"bleu{n}"] = bleu.sentence_score(hypothesis, [reference]).score
-    out["rougeL"] = 100 * rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokens(lang)).score(
-        reference, hypothesis)["rougeL"].fmeasure
+    out["rougeL"] = 100 * _rouge_l(lang).score(reference, hypothesis)["rougeL"].fmeasure
     return out
 
 

