@@ -6,7 +6,7 @@ PYTHON ?= python3
 DEMO := out/demo
 TOK := $(DEMO)/tok8k.model
 
-.PHONY: install install-dev redis-server chromium demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo poetry-bench evals report bench bench-clean bench-eval bench-serve clean clean-demo
+.PHONY: install install-dev redis-server chromium llama-cpp demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo poetry-bench evals report bench bench-clean bench-eval bench-serve clean clean-demo
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -28,8 +28,14 @@ chromium:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; } || \
 	  echo "chromium not installed: the browser test will be skipped"
 
+# llama.cpp itself reads our GGUF files in the tests marked slow: llama-cpp-python compiles it at install (minutes on
+# 2 cores, once: pip keeps the wheel); without a C++ compiler and cmake the install fails and those tests say why
+llama-cpp:
+	@$(PYTHON) -c "import llama_cpp" 2>/dev/null || $(PYTHON) -m pip install -q "llama-cpp-python==0.3.36" || \
+	  echo "llama-cpp-python not installed: the llama.cpp tests will be skipped"
+
 # one test process per core (pytest-xdist): the suite's many small subprocess runs overlap
-test: install-dev redis-server chromium
+test: install-dev redis-server chromium llama-cpp
 	$(PYTHON) -m pytest -q -n auto --dist worksteal tests
 
 test-fast: install-dev redis-server chromium

@@ -14,24 +14,27 @@ The folder (any checkpoint this project writes: pretrained, SFT, DPO; LoRA adapt
   model.safetensors       the weights under LlamaForCausalLM's names, in --dtype (float32, bfloat16, float16);
                           a tied output layer is stored once, as the embedding
   generation_config.json  eos and <|end|> as stop tokens, eval.py's sampling defaults
-  tokenizer.model         our sentencepiece model, as trained
-  tokenizer.json          the fast tokenizer transformers builds from it (loading then needs neither
-                          sentencepiece nor protobuf)
+  tokenizer.json          the tokenizer for transformers (tokenizer/formats.py): a sentencepiece model (ours,
+                          Llama 2's, ChatGLM2's) as a byte-fallback BPE that cuts and merges as sentencepiece
+                          does; a byte-level BPE as it came; with the chat tokens we appended
+  tokenizer.model         the sentencepiece model itself, for a sentencepiece kind
   tokenizer_config.json   the special tokens and the chat template in Jinja, so that
                           apply_chat_template(messages, add_generation_prompt=True) gives the ids of
                           tokenizer/chat_template.encode_prompt
 and loads offline: AutoModelForCausalLM.from_pretrained(dir), AutoTokenizer.from_pretrained(dir). The export
-checks that the folder's tokenizer encodes a probe text to our ids before it puts the folder in place.
+checks that AutoTokenizer encodes a probe text to our ids before it puts the folder in place (transformers 5 gives
+every qwen2 folder its Qwen2Tokenizer: a Qwen2 with another tokenizer is refused there).
 
 Two differences from our Tokenizer, both in text that contains what our wrapper escapes: Hugging Face's tokenizer
 reads a literal "<|user|>" (or any chat marker) in the text as the control token, where ours encodes the
-characters, and a literal "▁" as a space. Keep user text free of the markers (a server should) if the ids must
-agree.
+characters, and (our own kind) a literal "▁" as a space. Keep user text free of the markers (a server should) if
+the ids must agree.
 
 GGUF (--format=gguf; --dtype float32, float16 or q8_0): one file, <out_dir>/model-<dtype>.gguf, for llama.cpp,
 llama-cpp-python and Ollama, written with the `gguf` package llama.cpp publishes: the "llama" architecture's
-hyperparameters, the tokenizer (sentencepiece pieces, scores and types; no bos, eos or space prefix added, as
-our model was trained), the chat template, and the tensors under llama.cpp's names. llama.cpp's "llama" RoPE
+hyperparameters, the tokenizer (tokenizer/formats.py: "llama" for sentencepiece pieces, scores and types, the
+space prefix only for a dummy-prefix model; "gpt2" for byte-level BPE, its merges and the pre-tokenizer named; no
+bos or eos added), the chat template, and the tensors under llama.cpp's names. llama.cpp's "llama" RoPE
 rotates interleaved pairs of a head's dimensions where ours (Hugging Face's layout) rotates its two halves
 against each other, so the rows of wq and wk are reordered per head (gguf_rope_rows); attention scores do not
 change. Norm weights stay float32; q8_0 (blocks of 32 weights, one fp16 scale each) applies to matrices whose
@@ -41,14 +44,16 @@ One file (--format=pt): the sharded checkpoint of an FSDP run (its ckpt.dcp fold
 checkpoint dict (<out_dir>/model.pt) a one-process run writes, without the optimizer state
 (sharded.consolidate); eval.py, export.py and --init_ckpt read the folder too, this is for a file to copy.
 
-Import: config.json + model.safetensors (or sharded *.safetensors with an index) + tokenizer.model of a
-LlamaForCausalLM (Llama 2 or Llama 3 shape: GQA, any rope_theta, "llama3" RoPE scaling) or a Qwen2ForCausalLM
-(q/k/v biases, tied or untied embeddings) becomes out_dir/ckpt.pt and out_dir/tokenizer.model, which eval.py
-reads and sft.py / dpo.py start from (--init_ckpt). What model.py cannot represent is refused with the field
-named (babyllama/hf.py): a Llama's attention or MLP biases, another RoPE scaling, sliding-window attention,
-another activation or head_dim, a tokenizer that is not a sentencepiece model that round-trips text
-(tokenizer/tokenizer.py's promise). GGUF export of a model with attention biases or RoPE scaling is refused
-(ValueError, no file written): the "llama" GGUF architecture written here has neither.
+Import: config.json + model.safetensors (or sharded *.safetensors with an index) + the tokenizer (tokenizer.model,
+or tokenizer.json + tokenizer_config.json) of a LlamaForCausalLM (Llama 2 or Llama 3 shape: GQA, any rope_theta,
+"llama3" RoPE scaling) or a Qwen2ForCausalLM (q/k/v biases, tied or untied embeddings) becomes out_dir/ckpt.pt and
+the tokenizer beside it, which eval.py reads and pretrain.py / sft.py / dpo.py start from (--init_ckpt). The
+vocabulary becomes the tokenizer's: padding rows past it are dropped, the chat tokens appended to it get rows set to
+the mean embedding (babyllama/hf.fit_vocab). What model.py cannot represent is refused with the field named
+(babyllama/hf.py): a Llama's attention or MLP biases, another RoPE scaling, sliding-window attention, another
+activation or head_dim, a tokenizer that cannot keep its kind's round-trip promise (tokenizer/tokenizer.py). GGUF
+export of a model with attention biases or RoPE scaling is refused (ValueError, no file written): the "llama" GGUF
+architecture written here has neither.
 """
 import json
 import os
@@ -61,11 +66,12 @@ import torch
 from babyllama import checkpoint_io, models
 from babyllama.atomic import atomic_path
 from babyllama.configurator import run_main
-from babyllama.hf import ARCHITECTURES, from_hf_state_dict, hf_config_dict, hf_model_type, model_args_from_hf, \
-    to_hf_state_dict
+from babyllama.hf import ARCHITECTURES, fit_vocab, from_hf_state_dict, hf_config_dict, hf_model_type, \
+    model_args_from_hf, to_hf_state_dict
 from babyllama.inference import load_for_inference
 from model import ModelArgs, Transformer, ffn_hidden_dim
-from tokenizer import SPECIAL_TOKENS, Tokenizer
+from tokenizer import Tokenizer
+from tokenizer.formats import add_gguf_vocab, tokenizer_json
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt_path = "out/pretrain/ckpt.pt"  # export: the checkpoint (full or LoRA)
@@ -89,43 +95,44 @@ PROBE = "床前明月光，疑是地上霜。\n  Hello, world!\t12345 ＡＢ😀
 
 
 def tokenizer_config(tok, max_seq_len):
-    """tokenizer_config.json: LlamaTokenizer over our sentencepiece model, no bos/eos added, no prefix space
-    (the model was trained without sentencepiece's dummy prefix), every control token special."""
-    names = ["<unk>", "<s>", "</s>", "<pad>"] + SPECIAL_TOKENS
-    added = {str(tok.sp.piece_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False}
-             for t in names if tok.sp.piece_to_id(t) != tok.unk_id or t == "<unk>"}
-    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
-            "add_prefix_space": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "pad_token": "<pad>", "added_tokens_decoder": added, "model_max_length": max_seq_len,
-            "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
+    """tokenizer_config.json: the fast tokenizer of tokenizer.json (whatever kind), no bos/eos added, the special
+    tokens by name, the chat template."""
+    name = lambda i: tok.id_to_piece(i) if i is not None and i >= 0 else None
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+            "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "unk_token": name(tok.unk_id),
+            "pad_token": name(tok.pad_id), "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE}
 
 
 def write_tokenizer(tok, folder, max_seq_len):
-    """tokenizer.model, tokenizer_config.json, then tokenizer.json and special_tokens_map.json as transformers
-    writes them after converting the sentencepiece model. Raises ValueError when the result does not encode
-    PROBE to our ids."""
+    """tokenizer.json (tokenizer/formats.py), tokenizer_config.json and, for a sentencepiece kind, tokenizer.model.
+    Raises ValueError when AutoTokenizer does not encode PROBE to our ids from the folder."""
     from transformers import AutoTokenizer
-    shutil.copyfile(tok.model_path, os.path.join(folder, "tokenizer.model"))
+    if tok.sp is not None:
+        shutil.copyfile(tok.model_path, os.path.join(folder, "tokenizer.model"))
+    tokenizer_json(tok).save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer_config(tok, max_seq_len), f, ensure_ascii=False, indent=1)
-    hf_tok = AutoTokenizer.from_pretrained(folder)  # converts tokenizer.model (needs sentencepiece + protobuf)
-    hf_tok.save_pretrained(folder)
     again = AutoTokenizer.from_pretrained(folder)
     if again.encode(PROBE, add_special_tokens=False) != tok.encode(PROBE):
-        # transformers 5 loads every qwen2 folder's tokenizer as its byte-level Qwen2Tokenizer, whatever
-        # tokenizer_config.json says: a Qwen2 model with a sentencepiece tokenizer stops here
-        raise ValueError(f"{tok.model_path}: the Hugging Face tokenizer built from it ({type(again).__name__}, "
-                         f"as AutoTokenizer loads this folder) encodes text differently from ours; not exporting a "
-                         f"model that would read other ids")
+        # transformers 5 loads every qwen2 folder's tokenizer as its Qwen2Tokenizer (Qwen2's pre-tokenizer and NFC),
+        # whatever tokenizer_config.json says: a Qwen2 model with another tokenizer stops here
+        raise ValueError(f"{tok.model_path}: the Hugging Face tokenizer of the folder ({type(again).__name__}, "
+                         f"as AutoTokenizer loads it) encodes text differently from ours; not exporting a model "
+                         f"that would read other ids")
+
+
+def given(token_id):
+    """A Tokenizer's special id, None for the -1 of one the tokenizer lacks (Llama 2 has no pad, minimind no bos)."""
+    return token_id if token_id is not None and token_id >= 0 else None
 
 
 def generation_config(tok, max_seq_len):
     """generation_config.json: stop on eos and on end-of-turn; eval.py's sampling defaults."""
     from transformers import GenerationConfig
     stops = [i for i in (tok.eos_id, tok.end_id) if i is not None]
-    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=stops, pad_token_id=tok.pad_id, do_sample=True,
-                            temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, max_length=max_seq_len)
+    return GenerationConfig(bos_token_id=given(tok.bos_id), eos_token_id=stops, pad_token_id=given(tok.pad_id),
+                            do_sample=True, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, max_length=max_seq_len)
 
 
 def export_hf(model, tok, folder, dtype_name="float32"):
@@ -143,8 +150,8 @@ def write_hf_model(model, tok, folder, dtype_name="float32"):
     args = model.args
     os.makedirs(folder, exist_ok=True)
     architecture, config_class = ARCHITECTURES[hf_model_type(args)]
-    cfg = getattr(transformers, config_class)(**hf_config_dict(args), bos_token_id=tok.bos_id,
-                                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+    cfg = getattr(transformers, config_class)(**hf_config_dict(args), bos_token_id=given(tok.bos_id),
+                                              eos_token_id=tok.eos_id, pad_token_id=given(tok.pad_id),
                                               architectures=[architecture], dtype=dtype_name)
     cfg.save_pretrained(folder)
     sd = to_hf_state_dict(model)
@@ -182,20 +189,6 @@ def gguf_rope_rows(w, n_heads):
     return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_token_type(tok, i):
-    import gguf
-    sp = tok.sp
-    if sp.is_unknown(i):
-        return gguf.TokenType.UNKNOWN
-    if sp.is_control(i):
-        return gguf.TokenType.CONTROL
-    if sp.is_byte(i):
-        return gguf.TokenType.BYTE
-    if sp.is_unused(i):
-        return gguf.TokenType.UNUSED
-    return gguf.TokenType.NORMAL
-
-
 def export_gguf(model, tok, path, dtype_name="float32"):
     """Write model (a Transformer) and tok as one GGUF file at path, tensors in dtype_name (GGUF_DTYPES). ValueError,
     before anything is written, for attention biases or RoPE scaling, which this "llama" GGUF does not carry."""
@@ -221,20 +214,7 @@ def export_gguf(model, tok, path, dtype_name="float32"):
     w.add_rope_freq_base(args.rope_theta)
     w.add_vocab_size(args.vocab_size)
     w.add_file_type(kinds[dtype_name])
-    w.add_tokenizer_model("llama")  # sentencepiece
-    w.add_tokenizer_pre("default")
-    w.add_token_list([tok.sp.id_to_piece(i) for i in range(tok.vocab_size)])
-    w.add_token_scores([tok.sp.get_score(i) for i in range(tok.vocab_size)])
-    w.add_token_types([gguf_token_type(tok, i) for i in range(tok.vocab_size)])
-    w.add_bos_token_id(tok.bos_id)
-    w.add_eos_token_id(tok.eos_id)
-    w.add_unk_token_id(tok.unk_id)
-    w.add_pad_token_id(tok.pad_id)
-    if tok.end_id is not None:
-        w.add_eot_token_id(tok.end_id)  # end of turn: chat generation stops on it
-    w.add_add_bos_token(False)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)  # trained without sentencepiece's dummy prefix
+    add_gguf_vocab(w, tok)
     w.add_chat_template(CHAT_TEMPLATE)
     for name, t in model.state_dict().items():
         if name == "output.weight" and args.tie_embeddings:
@@ -285,23 +265,24 @@ def read_hf_weights(folder):
 
 
 def import_hf(folder, out):
-    """A Hugging Face Llama or Qwen2 folder -> (Transformer in fp32, Tokenizer copied into out). Raises ValueError
-    naming what cannot be represented."""
+    """A Hugging Face Llama or Qwen2 folder -> (Transformer in fp32, Tokenizer copied into out). The vocabulary becomes
+    the tokenizer's (hf.fit_vocab). Raises ValueError naming what cannot be represented."""
     args = read_hf_config(folder)
-    src_tok = os.path.join(folder, "tokenizer.model")
-    if not os.path.exists(src_tok):
-        raise ValueError(f"{folder}: no tokenizer.model; the tokenizer must be a sentencepiece model (a "
-                         f"tokenizer.json-only BPE or tiktoken tokenizer cannot be represented)")
     os.makedirs(out, exist_ok=True)
-    tok_path = os.path.join(out, "tokenizer.model")
-    shutil.copyfile(src_tok, tok_path)
-    tok = Tokenizer(tok_path)  # raises ValueError for a model that does not round-trip text
-    if tok.vocab_size != args["vocab_size"]:
-        raise ValueError(f"{folder}: vocab_size {args['vocab_size']} in config.json, {tok.vocab_size} pieces in "
-                         f"tokenizer.model")
+    tok_path = checkpoint_io.keep_tokenizer(os.path.join(out, "ckpt.pt"), folder)  # with tokenizer_config.json
+    if not tok_path:
+        raise ValueError(f"{folder}: no tokenizer.model (sentencepiece) or tokenizer.json (byte-level BPE)")
+    tok = Tokenizer(tok_path)  # ValueError for a tokenizer that cannot keep its kind's promise
+    if args["vocab_size"] < tok.base_size:
+        raise ValueError(f"{folder}: vocab_size {args['vocab_size']} in config.json, but its tokenizer has "
+                         f"{tok.base_size} ids")
     sd = from_hf_state_dict(read_hf_weights(folder))
     if args["tie_embeddings"]:
         sd["output.weight"] = sd["tok_embeddings.weight"]
+    if args["vocab_size"] != tok.vocab_size:
+        print(f"vocabulary {args['vocab_size']} (config.json) -> {tok.vocab_size} (the tokenizer's "
+              f"{tok.base_size} ids and {tok.vocab_size - tok.base_size} appended chat tokens)")
+        sd, args["vocab_size"] = fit_vocab(sd, tok.base_size, tok.vocab_size), tok.vocab_size
     model = Transformer(ModelArgs(**args))
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model, tok

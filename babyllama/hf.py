@@ -1,5 +1,7 @@
 """Hugging Face interop: the config and tensor names of LlamaForCausalLM and Qwen2ForCausalLM <-> ModelArgs and ours
 (export.py, its tests)."""
+import torch
+
 from model import ModelArgs, Transformer, ffn_hidden_dim
 
 # a model with q/k/v biases is a Qwen2 (Hugging Face's Llama puts a bias on o_proj too when it has any)
@@ -102,6 +104,18 @@ def to_hf_state_dict(model: Transformer):
             k = HF_TOP[k]
         sd[k] = v.detach().clone()
     return sd
+
+
+def fit_vocab(sd, base_size, vocab_size):
+    """Our state dict sd with the embedding and output rows cut or grown to vocab_size: the tokenizer's base_size rows
+    kept, rows past them (a published model's padding, e.g. Qwen2's 151,936 for 151,665 ids) dropped, rows for the chat
+    tokens the Tokenizer appends set to the mean of the kept rows (Hewitt 2021). A new output row's logit is then the
+    mean logit, never the largest: greedy decoding is unchanged."""
+    out = dict(sd)
+    for k in ("tok_embeddings.weight", "output.weight"):
+        w = sd[k][:base_size]
+        out[k] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(vocab_size - base_size, -1)])
+    return out
 
 
 def from_hf_state_dict(sd):

@@ -28,6 +28,8 @@ from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train_tokenizer
 
+from tokenizer_files import published, qwen2_pipeline, train_byte_level, train_dummy_prefix
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one thread per process: two processes x two threads on two cores spin-wait each other into the ground
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -454,3 +456,30 @@ def raw(port, method, path, body=None, headers=None, key=None, timeout=30):
         return r.status, answer, {k.lower(): v for k, v in r.getheaders()}
     finally:
         c.close()
+
+
+# ---- tokenizers of every kind, made by the tests (tests/tokenizer_files.py) or published (../shared, skipped where absent)
+
+
+@pytest.fixture(scope="session")
+def dummy_prefix_model(tmp_path_factory):
+    return train_dummy_prefix(str(tmp_path_factory.mktemp("sp") / "dummy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_json(tmp_path_factory):
+    return train_byte_level(str(tmp_path_factory.mktemp("hf") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_json(tiny_json, tmp_path_factory):
+    pytest.importorskip("transformers")
+    return qwen2_pipeline(tiny_json, str(tmp_path_factory.mktemp("qwen2")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(dummy_prefix_model, tiny_json, qwen2_json, tiny_tok):
+    """name -> the path of a tokenizer of that kind (published ones skip where ../shared lacks them)."""
+    made = {"ours": tiny_tok.model_path, "dummy_prefix": dummy_prefix_model, "byte_level": tiny_json,
+            "qwen2": qwen2_json}
+    return lambda name: made.get(name) or published(name, "tokenizer.json" if name == "minimind" else "tokenizer.model")

@@ -54,7 +54,7 @@ def resolve_path(path):
 
 class Tokenizer:
     """Tokenizer(path): path a sentencepiece .model, a tokenizer.json, or a folder holding one (resolve_path). kind,
-    model_path (the file), vocab_size (incl. appended chat tokens), bos/eos/pad/unk ids (-1 where the model has none),
+    model_path (the file), base_size (the model's own ids), vocab_size (incl. appended chat tokens), bos/eos/pad/unk ids (-1 where the model has none),
     special {name: id}, system/user/assistant/end ids. ValueError naming the file for a model that cannot keep its
     kind's promise."""
 
@@ -83,21 +83,21 @@ class Tokenizer:
     def _init_byte_level(self, path):
         self.kind = "byte-level-bpe"
         self._bpe = bpe = ByteLevelBPE(path)
-        self._base_size = bpe.size
+        self.base_size = bpe.size
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bpe.bos_id, bpe.eos_id, bpe.pad_id, bpe.unk_id
         self.special = {t: bpe.special[t] for t in SPECIAL_TOKENS if t in bpe.special}
         self._bytes = list(bpe.table)
 
     def _init_sentencepiece(self, path):
         self.sp = sp = spm.SentencePieceProcessor(model_file=path)
-        self._base_size = sp.get_piece_size()
+        self.base_size = sp.get_piece_size()
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()
         # piece_to_id returns unk for a missing piece, so keep only the ones that really are control symbols
         self.special = {t: sp.piece_to_id(t) for t in SPECIAL_TOKENS if sp.is_control(sp.piece_to_id(t))}
 
         # the bytes of each id: control ids none, byte-fallback ids a raw byte (maybe part of a UTF-8 character)
         self._bytes = []
-        for i in range(self._base_size):
+        for i in range(self.base_size):
             piece = sp.id_to_piece(i)
             if sp.is_byte(i):
                 b = bytes([int(piece[3:5], 16)])  # "<0xE2>"
@@ -200,7 +200,7 @@ class Tokenizer:
 
     def id_to_piece(self, i):
         i = int(i)
-        if i >= self._base_size:  # an appended chat token
+        if i >= self.base_size:  # an appended chat token
             return next(t for t, j in self.special.items() if j == i)
         return self._bpe.id_to_piece(i) if self._bpe is not None else self.sp.id_to_piece(i)
 
