@@ -66,8 +66,8 @@ import torch
 from babyllama import checkpoint_io, models
 from babyllama.atomic import atomic_path
 from babyllama.configurator import run_main
-from babyllama.hf import ARCHITECTURES, fit_vocab, from_hf_state_dict, hf_config_dict, hf_model_type, \
-    model_args_from_hf, to_hf_state_dict
+from babyllama.hf import (ARCHITECTURES, fit_vocab, from_hf_state_dict, hf_config_dict, hf_model_type,
+                          model_args_from_hf, to_hf_state_dict)
 from babyllama.inference import load_for_inference
 from model import ModelArgs, Transformer, ffn_hidden_dim
 from tokenizer import Tokenizer

@@ -27,7 +27,6 @@ from babyllama.models import save_merged
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train_tokenizer
-
 from tokenizer_files import published, qwen2_pipeline, train_byte_level, train_dummy_prefix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

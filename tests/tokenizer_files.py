@@ -104,3 +104,27 @@ def copy_tokenizer(path, folder):
         shutil.copyfile(path, os.path.join(folder, "tokenizer.json"))
     else:
         shutil.copyfile(path, os.path.join(folder, "tokenizer.model"))
+
+
+def train_wide_byte_level(folder, vocab_size=70_000, n_words=40_000):
+    """A byte-level BPE tokenizer.json of vocab_size ids (over uint16) trained on n_words distinct random 2-3 character
+    Chinese words, 50 to a line (~2 s), in folder with its tokenizer_config.json. Returns (path, the training lines):
+    the lines' words are whole tokens, many with ids above 65,535."""
+    rng = random.Random(0)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    words = set()
+    while len(words) < n_words:
+        words.add("".join(rng.choice(chars) for _ in range(rng.randint(2, 3))))
+    words = sorted(words)
+    lines = [" ".join(words[i:i + 50]) for i in range(0, len(words), 50)]
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(lines, trainer)
+    os.makedirs(folder, exist_ok=True)
+    hf.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    return os.path.join(folder, "tokenizer.json"), lines

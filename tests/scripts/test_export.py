@@ -15,13 +15,12 @@ from babyllama.checkpoint_io import save
 from babyllama.generate import generate
 from babyllama.lora import apply_lora, lora_parameters, lora_state_dict
 from babyllama.models import load_model, save_merged
+from conftest import run_script, write_motif_bins
 from export import export_hf, import_hf, write_hf_model, write_tokenizer
+from hf_models import HF_SHAPES, LLAMA3_SCALING, hf_random_folder, random_model
 from model import ModelArgs, ffn_hidden_dim
 from tokenizer import Tokenizer
 from tokenizer.chat_template import encode_prompt
-
-from conftest import run_script, write_motif_bins
-from hf_models import HF_SHAPES, LLAMA3_SCALING, hf_random_folder, random_model
 from tokenizer_files import HOSTILE, spells_a_special
 
 transformers = pytest.importorskip("transformers")

@@ -9,9 +9,8 @@ import torch
 
 from babyllama.generate import generate
 from export import CHAT_TEMPLATE, export_gguf, gguf_name, gguf_rope_rows, import_hf
-from model import apply_rope, ffn_hidden_dim
-
 from hf_models import LLAMA3_SCALING, hf_random_folder, random_model
+from model import apply_rope, ffn_hidden_dim
 from tokenizer_files import HOSTILE, random_texts, spells_a_special
 
 

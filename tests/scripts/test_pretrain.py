@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 
-from conftest import (ENV, ROOT, TEXTS, TINY_PRETRAIN, TORCHRUN_2, assert_same_run, pretrain, run_script, saved_at,
-                      tiny_model, train_losses, wide_tokenizer, write_motif_bins)
 import numpy as np
 import pytest
 import torch
@@ -22,6 +20,10 @@ from babyllama import checkpoint as ck, checkpoint_io, models, precision, runlog
 from babyllama.lora import apply_lora
 from babyllama.rng import rng_state
 from babyllama.split import is_val
+from conftest import (ENV, ROOT, TINY_PRETRAIN, TORCHRUN_2, assert_same_run, pretrain, run_script, saved_at, tiny_model,
+                      train_losses, write_motif_bins)
+from tokenizer import Tokenizer
+from tokenizer_files import train_wide_byte_level
 
 ONE_STEP = "--gradient_accumulation_steps=1"  # one micro-step per iteration: the fault tests' runs are quicker
 
@@ -237,26 +239,28 @@ def test_a_lora_checkpoint_to_start_from_is_refused_naming_the_merged_model(moti
 
 
 def test_a_uint32_corpus_pretrains_resumes_and_is_evaluated(tmp_path):
-    """A 70,000-piece tokenizer's corpus (uint32 token files, ids above 65,535): data_process.py writes it,
-    pretrain.py trains on it and resumes, eval.py --mode=ppl scores its val.bin, counting the characters of the very
-    documents that went to val (so every id was read and decoded right)."""
-    wide = wide_tokenizer(tmp_path)
-    docs = [f"{t}{i}" for i, t in enumerate(TEXTS[:7] * 6)]  # distinct documents, so both sides of the split get some
+    """A 70,000-id byte-level BPE trained here with `tokenizers` (so uint32 token files, ids above 65,535):
+    data_process.py writes its corpus, pretrain.py trains on it and resumes, eval.py --mode=ppl scores its val.bin,
+    counting the characters of the very documents that went to val (so every id was read and decoded right)."""
+    path, lines = train_wide_byte_level(str(tmp_path / "tok"))
+    wide = Tokenizer(path)
+    docs = [f"{line}{i}" for i, line in enumerate(lines[-42:])]  # the last lines: words merged last, the highest ids
     (tmp_path / "corpus.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
     bins = tmp_path / "data"
-    run_script("data_process.py", f"--input={tmp_path / 'corpus.txt'}", f"--tokenizer_model={wide.model_path}",
+    run_script("data_process.py", f"--input={tmp_path / 'corpus.txt'}", f"--tokenizer_model={path}",
                f"--out_dir={bins}", "--val_fraction=0.3", "--num_workers=1")
     meta = json.loads((bins / "meta.json").read_text(encoding="utf-8"))
-    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000
+    assert wide.vocab_size == 70_004  # 70,000 and our 4 chat tokens
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_004
     assert np.fromfile(bins / "train.bin", dtype=np.uint32).max() > 65_535
     out = tmp_path / "run"
     pretrain(bins, out, "--max_iters=2", "--eval_interval=1", ONE_STEP)
     pretrain(bins, out, "--max_iters=4", "--eval_interval=1", ONE_STEP, "--init_from=resume")
     losses = train_losses(out)
     assert sorted(losses) == [0, 1, 2, 3]
-    assert abs(losses[0] - math.log(70_000)) < 0.5  # a fresh model's loss over a 70,000-id vocabulary
+    assert abs(losses[0] - math.log(70_004)) < 0.5  # a fresh model's loss over a 70,004-id vocabulary
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["iter_num"] == 4 and ckpt["model_args"]["vocab_size"] == 70_000
+    assert ckpt["iter_num"] == 4 and ckpt["model_args"]["vocab_size"] == 70_004
     assert ckpt["tokenizer_sha256"] == wide.sha256()
     run_script("eval.py", "--mode=ppl", f"--ckpt_path={out / 'ckpt.pt'}", f"--val_data={bins / 'val.bin'}",
                "--val_max_tokens=0", f"--results_file={tmp_path / 'r.json'}", "--device=cpu", "--dtype=float32")

@@ -10,8 +10,8 @@ import tokenizers
 from tokenizer import Tokenizer
 from tokenizer.formats import gguf_pre_tokenizer, tokenizer_json
 from tokenizer.tokenizer import CHAT_TOKENS, SPACE_MARK
-
 from tokenizer_files import HOSTILE, published, random_texts, spells_a_special
+
 
 @pytest.fixture(scope="module", params=["ours", "dummy_prefix", "chatglm2", "llama2"])
 def sp_path(request, tiny_tok, dummy_prefix_model):

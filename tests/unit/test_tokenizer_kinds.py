@@ -14,8 +14,8 @@ import tokenizers
 from tokenizer import StreamDecoder, Tokenizer
 from tokenizer.chat_template import encode_prompt
 from tokenizer.tokenizer import CHAT_TOKENS
-
 from tokenizer_files import CORPUS, HOSTILE, published, train_byte_level
+
 
 def stream(tok, ids):
     dec = StreamDecoder(tok)
