@@ -32,7 +32,8 @@ the ids must agree.
 
 GGUF (--format=gguf; --dtype float32, float16 or q8_0): one file, <out_dir>/model-<dtype>.gguf, for llama.cpp,
 llama-cpp-python and Ollama, written with the `gguf` package llama.cpp publishes: the "llama" architecture's
-hyperparameters, the tokenizer (tokenizer/formats.py: "llama" for sentencepiece pieces, scores and types, the
+hyperparameters ("qwen2" for a model with q/k/v biases: their tensors too, and no reordering below, its RoPE is
+rotate-half as ours), the tokenizer (tokenizer/formats.py: "llama" for sentencepiece pieces, scores and types, the
 space prefix only for a dummy-prefix model; "gpt2" for byte-level BPE, its merges and the pre-tokenizer named; no
 bos or eos added), the chat template, and the tensors under llama.cpp's names. llama.cpp's "llama" RoPE
 rotates interleaved pairs of a head's dimensions where ours (Hugging Face's layout) rotates its two halves
@@ -52,8 +53,8 @@ vocabulary becomes the tokenizer's: padding rows past it are dropped, the chat t
 the mean embedding (babyllama/hf.fit_vocab). What model.py cannot represent is refused with the field named
 (babyllama/hf.py): a Llama's attention or MLP biases, another RoPE scaling, sliding-window attention, another
 activation or head_dim, a tokenizer that cannot keep its kind's round-trip promise (tokenizer/tokenizer.py). GGUF
-export of a model with attention biases or RoPE scaling is refused (ValueError, no file written): the "llama" GGUF
-architecture written here has neither.
+export of a model with RoPE scaling is refused (ValueError, no file written): the GGUF written here does not carry
+it.
 """
 import json
 import os
@@ -190,18 +191,19 @@ def gguf_rope_rows(w, n_heads):
 
 
 def export_gguf(model, tok, path, dtype_name="float32"):
-    """Write model (a Transformer) and tok as one GGUF file at path, tensors in dtype_name (GGUF_DTYPES). ValueError,
-    before anything is written, for attention biases or RoPE scaling, which this "llama" GGUF does not carry."""
+    """Write model (a Transformer) and tok as one GGUF file at path, tensors in dtype_name (GGUF_DTYPES): llama.cpp's
+    "qwen2" architecture for a model with q/k/v biases (whose RoPE is rotate-half, as ours), else "llama".
+    ValueError, before anything is written, for RoPE scaling, which neither carries here."""
     import gguf
     args = model.args
-    if args.attention_bias or args.rope_scaling is not None:
-        what = "attention biases (a Qwen2)" if args.attention_bias else f"rope_scaling={args.rope_scaling!r}"
-        raise ValueError(f"GGUF export of a model with {what} is not supported; export it as a Hugging Face "
-                         f"folder (--format=hf)")
+    if args.rope_scaling is not None:
+        raise ValueError(f"GGUF export of a model with rope_scaling={args.rope_scaling!r} is not supported; export it "
+                         f"as a Hugging Face folder (--format=hf)")
+    arch = hf_model_type(args)
     n_kv = args.n_kv_heads or args.n_heads
     kinds = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    w = gguf.GGUFWriter(path, arch="llama")
+    w = gguf.GGUFWriter(path, arch=arch)
     w.add_name(os.path.splitext(os.path.basename(path))[0])
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)
@@ -220,9 +222,9 @@ def export_gguf(model, tok, path, dtype_name="float32"):
         if name == "output.weight" and args.tie_embeddings:
             continue  # llama.cpp reads token_embd when there is no output tensor
         t = t.detach().float()
-        if name.endswith("attention.wq.weight"):
+        if arch == "llama" and name.endswith("attention.wq.weight"):
             t = gguf_rope_rows(t, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
+        elif arch == "llama" and name.endswith("attention.wk.weight"):
             t = gguf_rope_rows(t, n_kv)
         a = t.numpy()
         if a.ndim == 1 or dtype_name == "float32" or (dtype_name == "q8_0" and a.shape[-1] % 32):
