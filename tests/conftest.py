@@ -27,6 +27,7 @@ from babyllama.models import save_merged
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train_tokenizer
+from fork_server import run_forked
 from tokenizer_files import published, qwen2_pipeline, train_byte_level, train_dummy_prefix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,16 +36,24 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT
 # no loss plots (matplotlib's start-up costs ~1 s of CPU per training run) except where a test asks for them
 ENV["BABYLLAMA_PLOTS"] = "0"
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# torchrun's environment for 2 processes, without torchrun (2.5 s sooner a launch): tests/two_processes.py
+TWO_PROCESSES = [sys.executable, os.path.join(ROOT, "tests", "two_processes.py")]
 CPU = ["--num_threads=1", "--dtype=float32", "--device=cpu"]  # the flags of every training run here
 
 
 def run_script(script, *args, launcher=None, check=True, input=None, timeout=300, plots=False, env=None):
-    """Run a repository script (e.g. "pretrain.py" or "-m", "clean_data") in a fresh interpreter from the
-    repository root, the way a user would (plots: also draw the loss PNGs; env: instead of ENV). Returns the
-    CompletedProcess; with check, a non-zero exit fails the test showing the end of stdout and stderr."""
-    cmd = (launcher or [sys.executable]) + [script, *map(str, args)]
-    env = env or (dict(ENV, BABYLLAMA_PLOTS="1") if plots else ENV)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, input=input, timeout=timeout)
+    """Run a repository script (e.g. "pretrain.py" or "-m", "clean_data") from the repository root, the way a user
+    would: forked from this worker's fork server (tests/fork_server.py: torch already imported), or, with a launcher
+    or an env of its own (read at interpreter start-up), in a fresh interpreter. plots: also draw the loss PNGs; env:
+    instead of ENV. Returns the CompletedProcess; with check, a non-zero exit fails the test showing the end of stdout
+    and stderr."""
+    argv = [script, *map(str, args)]
+    cmd = (launcher or [sys.executable]) + argv
+    if launcher is None and env is None:
+        p = run_forked(argv, dict(ENV, BABYLLAMA_PLOTS="1") if plots else ENV, ROOT, input, timeout)
+    else:
+        p = subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, input=input,
+                           timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -171,7 +180,7 @@ def chat_files(tiny_tok, tmp_path_factory):
 
 def finetune(script, chat, out, *extra, launcher=None):
     """script (sft.py or dpo.py) from chat's base.pt: 3 iterations of 4 micro-steps of one sample, no held-out
-    data (the FSDP tests' run); launcher: e.g. TORCHRUN_2."""
+    data (the FSDP tests' run); launcher: e.g. TWO_PROCESSES."""
     run_script(script, f"--init_ckpt={chat / 'base.pt'}", f"--out_dir={out}", "--val_data=", "--max_iters=3", *CPU,
                "--warmup_iters=0", "--learning_rate=3e-3", "--batch_size=1", "--gradient_accumulation_steps=4",
                "--eval_interval=100", *extra, launcher=launcher)
@@ -255,7 +264,7 @@ def assert_same_gradient_however_the_batch_is_split(script, chat, tmp_path, extr
         run_script(script, f"--init_ckpt={chat / 'base.pt'}", f"--out_dir={out}", "--val_data=", "--max_iters=1",
                    *CPU, "--grad_clip=0.0", "--warmup_iters=0",
                    "--n_samples=0" if script == "dpo.py" else "--pack=False", *extra, *split,
-                   launcher=TORCHRUN_2 if name == "2x1x2" else None)
+                   launcher=TWO_PROCESSES if name == "2x1x2" else None)
         grads[name] = first_gradient(out)
     ref = grads.pop("4x1")
     for name, g in grads.items():
@@ -482,3 +491,9 @@ def tokenizer_file(dummy_prefix_model, tiny_json, qwen2_json, tiny_tok):
     made = {"ours": tiny_tok.model_path, "dummy_prefix": dummy_prefix_model, "byte_level": tiny_json,
             "qwen2": qwen2_json}
     return lambda name: made.get(name) or published(name, "tokenizer.json" if name == "minimind" else "tokenizer.model")
+
+
+def pytest_collection_modifyitems(items):
+    """The slow subprocess runs first, then the other script tests, then unit tests: pytest-xdist's workers then end
+    on short tests together, instead of one waiting for the other's last long run."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "scripts" not in item.nodeid))

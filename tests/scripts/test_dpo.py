@@ -8,12 +8,12 @@ import math
 import os
 import shutil
 
-from conftest import (CPU, TORCHRUN_2, assert_same_gradient_however_the_batch_is_split, assert_same_run, finetune,
-                      run_script, saved_at, write_jsonl)
 import pytest
 import torch
 
 from babyllama import models, runlog
+from conftest import (CPU, TWO_PROCESSES, assert_same_gradient_however_the_batch_is_split, assert_same_run, finetune,
+                      run_script, saved_at, write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_hsdp_with_muon_on_two_processes_equals_one_process(chat_files, tmp_path
     # replicas=2: a (2 x 1) mesh, each process a whole shard group, the two replicated (HSDP's cross-node half)
     dpo = [f"--train_data={chat_files / 'pairs.jsonl'}", "--n_samples=0", "--sft_weight=0.5", "--optimizer=muon"]
     finetune("dpo.py", chat_files, tmp_path / "one", *dpo)
-    finetune("dpo.py", chat_files, tmp_path / "fsdp", *dpo, "--parallel=fsdp", "--replicas=2", launcher=TORCHRUN_2)
+    finetune("dpo.py", chat_files, tmp_path / "fsdp", *dpo, "--parallel=fsdp", "--replicas=2", launcher=TWO_PROCESSES)
     # the losses agree to float rounding. The weights less: the runs' gradients differ in the last bits (another
     # summation order), and Newton-Schulz, run in bf16, lifts every singular direction of the momentum to ~1,
     # the tiny ones made of rounding noise too, so an entry may differ by a fraction of one step's update

@@ -185,11 +185,15 @@ def test_export_then_import_of_llama3_and_qwen2_shapes_is_the_identity(tiny_tok,
     ids = torch.tensor([tiny_tok.encode("床前明月光，疑是地上霜。举头望明月，")])
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)[0]).abs().max().item() <= 1e-4
-    run_script("export.py", f"--import_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'back'}")
-    back = torch.load(tmp_path / "back" / "ckpt.pt", weights_only=True)
-    theirs, ours = back["model"], model.state_dict()
+    if model.args.attention_bias:  # in this process (the command line: the llama3 case)
+        back, _ = import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+        theirs, args = back.state_dict(), back.args
+    else:
+        run_script("export.py", f"--import_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'back'}")
+        back = torch.load(tmp_path / "back" / "ckpt.pt", weights_only=True)
+        theirs, args = back["model"], ModelArgs(**back["model_args"])
+    ours = model.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
-    args = ModelArgs(**back["model_args"])
     assert ffn_hidden_dim(args) == ffn_hidden_dim(model.args)  # the width comes back as hidden_dim
     width = dict(multiple_of=0, ffn_dim_multiplier=None, hidden_dim=0)
     assert replace(args, **width) == replace(model.args, **width)
@@ -300,25 +304,32 @@ def test_pretraining_continues_from_an_imported_model(tiny_tok, tmp_path):
     assert p.returncode != 0 and "decides the architecture" in p.stdout + p.stderr and "dim" in p.stdout + p.stderr
 
 
-@pytest.mark.parametrize("shape", ["llama3", "qwen2"])
-def test_pretraining_from_an_imported_model_keeps_its_biases_and_rope_scaling(tiny_tok, tmp_path, shape):
-    hf = hf_random_folder(tiny_tok.model_path, shape, tmp_path / "src")
-    model, imported_tok = import_hf(str(tmp_path / "src"), str(tmp_path / "imp"))
-    save_merged(str(tmp_path / "imp" / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=imported_tok.model_path,
-                tokenizer_sha256=imported_tok.sha256())
+@pytest.mark.parametrize("shape,name", [("llama3", "byte_level"), ("qwen2", "qwen2")])
+def test_pretraining_from_an_imported_model_keeps_its_biases_rope_scaling_and_tokenizer(shape, name, tokenizer_file,
+                                                                                       tmp_path):
+    """Continued pretraining of a Llama 3 (byte-level BPE) and a Qwen2 (Qwen2's pipeline) with their own tokenizers."""
+    hf = hf_random_folder(tokenizer_file(name), shape, tmp_path / "src")
+    model, tok = import_hf(str(tmp_path / "src"), str(tmp_path / "imp"))
+    save_merged(str(tmp_path / "imp" / "ckpt.pt"), model, iter_num=0, config={}, tokenizer=tok.model_path,
+                tokenizer_sha256=tok.sha256())
     data = tmp_path / "data"
     data.mkdir()
-    write_motif_bins(data, tiny_tok.vocab_size, tiny_tok.vocab_size, 8, 12, 400, 600)
+    write_motif_bins(data, tok.vocab_size, tok.base_size, 8, 12, 400, 600)
+    meta = json.loads((data / "meta.json").read_text())  # as data_process.py writes it with the imported tokenizer
+    meta.update(tokenizer_model=tok.model_path, tokenizer_sha256=tok.sha256())
+    (data / "meta.json").write_text(json.dumps(meta))
     run_script("pretrain.py", f"--init_ckpt={tmp_path / 'imp' / 'ckpt.pt'}", f"--train_data={data / 'train.bin'}",
                "--val_data=", "--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=1",
                "--eval_interval=100", "--learning_rate=0.0", "--min_lr=0.0", "--warmup_iters=0", "--compile=False",
                "--dtype=float32", "--num_threads=1", "--max_seq_len=32", f"--out_dir={tmp_path / 'run'}")
-    after, _ = load_model(str(tmp_path / "run" / "ckpt.pt"))
+    after, ckpt = load_model(str(tmp_path / "run" / "ckpt.pt"))
     assert after.args.attention_bias == (shape == "qwen2")
     assert after.args.rope_scaling == (LLAMA3_SCALING if shape == "llama3" else None)
-    ids = torch.tensor([tiny_tok.encode("白日依山尽，黄河入海流。")])
-    with torch.no_grad():  # lr 0: still transformers' model
-        assert (after.eval()(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
+    assert ckpt["tokenizer_sha256"] == tok.sha256()
+    ids = torch.tensor([tok.encode("白日依山尽，黄河入海流。")])
+    with torch.no_grad():  # lr 0: still transformers' model, on the tokenizer's own ids
+        n = tok.base_size
+        assert (after.eval()(ids)[0][..., :n] - hf(ids).logits[..., :n]).abs().max().item() <= 1e-4
 
 
 def test_a_lora_checkpoint_is_exported_merged(tiny_tok, tmp_path):

@@ -2,9 +2,10 @@
 half-way and resumed ends with the straight run's weights, and it runs on two processes."""
 import json
 
-from conftest import TORCHRUN_2, run_script
 import pytest
 import torch
+
+from conftest import TWO_PROCESSES, run_script
 
 
 def test_grpo_teaches_a_tiny_model_the_rewarded_token_and_resumes_exactly(rl_files):
@@ -32,5 +33,5 @@ def test_grpo_runs_on_two_processes(rl_files, tmp_path):
     d, args = rl_files
     keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size"))]
     run_script("grpo.py", *keep, "--group_size=4", "--prompts_per_iter=1", "--minibatch_size=4", "--max_iters=2",
-               "--eval_interval=2", f"--out_dir={tmp_path / 'grpo'}", launcher=TORCHRUN_2)
+               "--eval_interval=2", f"--out_dir={tmp_path / 'grpo'}", launcher=TWO_PROCESSES)
     assert json.loads((tmp_path / "grpo" / "summary.json").read_text())["iter"] == 2

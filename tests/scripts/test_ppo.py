@@ -2,13 +2,13 @@
 rewarded token (the held-out reward rises) and saves the value model for a resume; it runs on two processes."""
 import json
 
-from conftest import TORCHRUN_2, run_script
 import pytest
 import torch
 
 from babyllama import checkpoint_io
 from babyllama.models import load_model
 from babyllama.reward_model import RewardModel
+from conftest import TWO_PROCESSES, run_script
 
 
 def value_checkpoint(d, path):
@@ -41,5 +41,5 @@ def test_ppo_runs_on_two_processes(rl_files, tmp_path):
     keep = [a for a in args if not a.startswith(("--group_size", "--prompts_per_iter", "--minibatch_size", "--beta"))]
     run_script("ppo.py", *keep, f"--value_ckpt={value_checkpoint(d, tmp_path / 'v.pt')}", "--prompts_per_iter=2",
                "--minibatch_size=2", "--max_iters=2", "--eval_interval=2", f"--out_dir={tmp_path / 'ppo'}",
-               launcher=TORCHRUN_2)
+               launcher=TWO_PROCESSES)
     assert json.loads((tmp_path / "ppo" / "summary.json").read_text())["iter"] == 2

@@ -1,9 +1,10 @@
-"""pretrain.py as users run it (subprocesses; torchrun for two processes): DDP and FSDP give the run of one process,
-a resumed run continues exactly (taking its architecture and context from the checkpoint), runs killed at an
-iteration or in the middle of a save resume to the weights of a straight run, a diverged run stops keeping the good
-checkpoints, a fresh start over a run is refused, a run without validation data checkpoints all the same, bad
-settings are refused by name (a LoRA checkpoint to start from too), the demo recipe trains the same model with
-one or two threads, and a uint32 corpus (a vocabulary over 65,535) is trained, resumed and evaluated."""
+"""pretrain.py as users run it (subprocesses; two processes under torchrun, or in its environment through
+tests/two_processes.py): DDP and FSDP give the run of one process, a resumed run continues exactly (taking its
+architecture and context from the checkpoint), runs killed at an iteration or in the middle of a save resume to the
+weights of a straight run, a diverged run stops keeping the good checkpoints, a fresh start over a run is refused, a
+run without validation data checkpoints all the same, bad settings are refused by name (a LoRA checkpoint to start
+from too), the demo recipe trains the same model with one or two threads, and a uint32 corpus (a vocabulary over
+65,535) is trained, resumed and evaluated."""
 import json
 import math
 import os
@@ -20,8 +21,8 @@ from babyllama import checkpoint as ck, checkpoint_io, models, precision, runlog
 from babyllama.lora import apply_lora
 from babyllama.rng import rng_state
 from babyllama.split import is_val
-from conftest import (ENV, ROOT, TINY_PRETRAIN, TORCHRUN_2, assert_same_run, pretrain, run_script, saved_at, tiny_model,
-                      train_losses, write_motif_bins)
+from conftest import (ENV, ROOT, TINY_PRETRAIN, TORCHRUN_2, TWO_PROCESSES, assert_same_run, pretrain, run_script,
+                      saved_at, tiny_model, train_losses, write_motif_bins)
 from tokenizer import Tokenizer
 from tokenizer_files import train_wide_byte_level
 
@@ -42,7 +43,7 @@ def test_fsdp_equals_one_process_and_resumes_from_two_processes_on_one_and_back(
     # processes (0-2), then resumed on 1 (2-4), then on 2 again (4-6)
     untied = ["--tie_embeddings=False", "--lr_decay_iters=6", "--eval_interval=2"]
     pretrain(motif_bins, tmp_path / "straight", *untied, "--max_iters=6")
-    for n_iters, launcher in ((2, TORCHRUN_2), (4, None), (6, TORCHRUN_2)):
+    for n_iters, launcher in ((2, TWO_PROCESSES), (4, None), (6, TWO_PROCESSES)):
         resume = ["--init_from=resume"] if n_iters > 2 else []
         pretrain(motif_bins, tmp_path / "fsdp", *untied, f"--max_iters={n_iters}", "--parallel=fsdp", *resume,
                  launcher=launcher)
@@ -58,18 +59,6 @@ def test_fsdp_equals_one_process_and_resumes_from_two_processes_on_one_and_back(
     straight = ck.load(str(tmp_path / "straight" / "ckpt.pt"))["model"]
     for k, v in model.state_dict().items():
         assert torch.allclose(v, straight[k], atol=1e-5, rtol=0), k
-
-
-@pytest.mark.slow
-def test_resume_continues_exactly_where_it_stopped(motif_bins, tmp_path):
-    sched = ["--lr_decay_iters=10", "--eval_interval=3", "--gradient_accumulation_steps=2", "--dropout=0.1"]
-    pretrain(motif_bins, tmp_path / "straight", "--max_iters=10", *sched)
-    pretrain(motif_bins, tmp_path / "stopped", "--max_iters=5", *sched)
-    assert sorted(train_losses(tmp_path / "stopped")) == [0, 1, 2, 3, 4]
-    pretrain(motif_bins, tmp_path / "stopped", "--max_iters=10", "--init_from=resume", *sched)
-    assert sorted(train_losses(tmp_path / "straight")) == list(range(10))
-    # dropout is on: the RNG state must have been restored too
-    assert_same_run(tmp_path / "straight", "ckpt.pt", tmp_path / "stopped", "ckpt.pt", 1e-6)
 
 
 def test_checkpoint_loads_with_weights_only_and_records_the_config_used(motif_bins, tmp_path):
@@ -156,6 +145,8 @@ def test_configurator_refuses_none_and_a_bad_dtype_by_name(motif_bins, tmp_path)
 
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_weights_of_a_straight_run(motif_bins, tmp_path):
+    """Killed in a save or between saves, resumed: every iteration logged once and the straight run's weights, with
+    dropout on (so the RNG state came back too)."""
     sched = [ONE_STEP, "--max_iters=60", "--eval_interval=4", "--lr_decay_iters=60", "--dropout=0.1"]
     pretrain(motif_bins, tmp_path / "straight", *sched)
     # killed in the middle of its third save (iteration 12) by the fault injector tests/faults/sitecustomize.py:
@@ -211,10 +202,8 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_demo_recipe_trains_the_same_model_with_one_or_two_threads(demo_tokens, tmp_path, dtype):
-    if dtype == "bfloat16" and precision.cpu_fast_path(precision.cpu_features())[0] != "bfloat16":
-        pytest.skip("bf16 is not this CPU's fast path: the demo trains in fp32 here")
+def test_demo_recipe_trains_the_same_model_with_one_or_two_threads(demo_tokens, tmp_path):
+    dtype = precision.cpu_fast_path(precision.cpu_features())[0]  # what the demo trains in on this CPU
     one = demo_losses(demo_tokens, tmp_path / "t1", 1, dtype)
     two = demo_losses(demo_tokens, tmp_path / "t2", 2, dtype)
     assert len(one[0]) == len(two[0]) == 4

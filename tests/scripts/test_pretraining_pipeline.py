@@ -1,6 +1,6 @@
 """The pipeline as a user runs it, on a small corpus written here: python -m tokenizer -> data_process.py ->
 pretrain.py (a few iterations) -> eval.py (samples and val loss); and an imported model with its own byte-level
-tokenizer through every stage, from import to serving."""
+tokenizer from import through fine-tuning to serving."""
 import json
 import math
 import os
@@ -39,7 +39,7 @@ def test_tokenizer_data_process_pretrain_eval(tmp_path):
     sh("pretrain.py", f"--train_data={data / 'train.bin'}", f"--val_data={data / 'val.bin'}", f"--out_dir={out}",
        "--dim=64", "--n_layers=2", "--n_heads=4", "--max_seq_len=64", "--batch_size=4",
        "--gradient_accumulation_steps=1", "--max_iters=30", "--eval_interval=15", "--eval_iters=2",
-       "--learning_rate=3e-3", "--warmup_iters=5", "--num_threads=1")
+       "--learning_rate=3e-3", "--warmup_iters=5", "--num_threads=1", "--compile=False")
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     val = [r["val_loss"] for r in log if "val_loss" in r]
     assert val[-1] < val[0] < math.log(400) + 0.5  # it learned something
@@ -51,27 +51,22 @@ def test_tokenizer_data_process_pretrain_eval(tmp_path):
     assert os.path.exists(f"{prefix}.model")
 
 
-def test_an_imported_qwen2_with_its_byte_level_tokenizer_goes_through_every_stage(qwen2_json, tmp_path):
+def test_an_imported_qwen2_with_its_byte_level_tokenizer_goes_through_sft_dpo_eval_and_serve(qwen2_json, tmp_path):
     """A Qwen2 folder made by transformers (random weights, padded vocabulary) with a byte-level BPE in Qwen2's
-    pipeline: export.py imports it, data_process.py tokenises with its tokenizer.json, pretrain.py continues it,
-    sft.py and dpo.py fine-tune it, eval.py answers questions, export.py writes it back and serve.py answers."""
+    pipeline: export.py imports it, sft.py and dpo.py fine-tune it, eval.py answers a question, serve.py answers a
+    request. (Its tokenizer.json through data_process.py and pretrain.py: test_pretrain.py's uint32 corpus and
+    test_export.py's continued pretraining; written back by export: test_export.py.)"""
     pytest.importorskip("transformers")
     hf_random_folder(qwen2_json, "qwen2", tmp_path / "src", pad=16)
     imp = tmp_path / "imported"
     sh("export.py", f"--import_from={tmp_path / 'src'}", f"--out_dir={imp}")
     tok = Tokenizer(str(imp / "tokenizer.json"))
     assert tok.kind == "byte-level-bpe" and torch.load(imp / "ckpt.pt")["model_args"]["vocab_size"] == tok.vocab_size
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(LINES * 20) + "\n", encoding="utf-8")
-    sh("data_process.py", f"--input={corpus}", f"--tokenizer_model={imp / 'tokenizer.json'}",
-       f"--out_dir={tmp_path / 'data'}", "--val_fraction=0.2", "--num_workers=1")
     train = ["--max_iters=2", "--eval_interval=100", "--batch_size=2", "--gradient_accumulation_steps=1",
              "--warmup_iters=0", "--learning_rate=1e-3", "--num_threads=1", "--dtype=float32", "--val_data="]
-    sh("pretrain.py", f"--init_ckpt={imp / 'ckpt.pt'}", f"--train_data={tmp_path / 'data' / 'train.bin'}",
-       f"--out_dir={tmp_path / 'pre'}", "--max_seq_len=32", *train)
     write_jsonl(tmp_path / "train.jsonl", [dict(c, source="t") for c in CONVERSATIONS])
     write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    sh("sft.py", f"--init_ckpt={tmp_path / 'pre' / 'ckpt.pt'}", f"--train_data={tmp_path / 'train.jsonl'}",
+    sh("sft.py", f"--init_ckpt={imp / 'ckpt.pt'}", f"--train_data={tmp_path / 'train.jsonl'}",
        f"--out_dir={tmp_path / 'sft'}", *train)
     sh("dpo.py", f"--init_ckpt={tmp_path / 'sft' / 'ckpt.pt'}", f"--train_data={tmp_path / 'pairs.jsonl'}",
        f"--out_dir={tmp_path / 'dpo'}", *train)
@@ -80,8 +75,6 @@ def test_an_imported_qwen2_with_its_byte_level_tokenizer_goes_through_every_stag
     sh("eval.py", "--mode=chat", f"--ckpt_path={dpo}", f"--questions_file={tmp_path / 'q.jsonl'}",
        f"--answers_file={tmp_path / 'a.jsonl'}", "--max_new_tokens=4", "--temperature=0.0")
     assert len(runlog.read_jsonl(str(tmp_path / "a.jsonl"))) == 1
-    sh("export.py", f"--ckpt_path={dpo}", f"--out_dir={tmp_path / 'hf'}")  # AutoTokenizer's ids checked there
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     proc, port = start_server(str(dpo))
     try:
         status, body, _ = raw(port, "POST", "/v1/chat/completions", {

@@ -10,14 +10,14 @@ import subprocess
 import sys
 import time
 
-from conftest import (CONVERSATIONS, CPU, ENV, ROOT, TEXTS, TORCHRUN_2,
-                      assert_same_gradient_however_the_batch_is_split, assert_same_run, finetune, raw, run_script,
-                      saved_at, start_server, stop_server, tiny_tokenizer, train_losses, write_chat_files)
 import pytest
 import torch
 
 from babyllama import checkpoint as ck, models
 from babyllama.generate import generate
+from conftest import (CONVERSATIONS, CPU, ENV, ROOT, TEXTS, TWO_PROCESSES,
+                      assert_same_gradient_however_the_batch_is_split, assert_same_run, finetune, raw, run_script,
+                      saved_at, start_server, stop_server, tiny_tokenizer, train_losses, write_chat_files)
 from tokenizer.chat_template import decode_reply, encode_conversation, encode_prompt, stop_ids
 from tokenizer.train_tokenizer import train_tokenizer
 
@@ -118,7 +118,7 @@ def test_gradient_is_the_same_however_the_batch_is_split(chat_files, tmp_path):
 def test_fsdp_lora_on_two_processes_equals_one_process_with_tied_embeddings(chat_files, tmp_path):
     lora = [f"--train_data={chat_files / 'train.jsonl'}", "--lora_rank=4", "--pack=False"]
     finetune("sft.py", chat_files, tmp_path / "one", *lora)
-    finetune("sft.py", chat_files, tmp_path / "fsdp", *lora, "--parallel=fsdp", launcher=TORCHRUN_2)
+    finetune("sft.py", chat_files, tmp_path / "fsdp", *lora, "--parallel=fsdp", launcher=TWO_PROCESSES)
     # only the adapters were trained and saved; merged.pt (gathered from the shards) is base + adapters
     assert all("lora_" in k for k in ck.load(str(tmp_path / "fsdp" / "ckpt.dcp"))["lora"])
     assert_same_run(tmp_path / "one", "merged.pt", tmp_path / "fsdp", "merged.pt", 1e-5)
