@@ -266,22 +266,34 @@ def read_hf_weights(folder):
     return sd
 
 
+def chat_rows_named(folder, tok):
+    """Whether folder's tokenizer.json names the chat tokens tok appends at the same ids (a folder export.py wrote):
+    their rows are then trained ones, not a published model's padding that happens to be as long."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+    return all(added.get(t) == i for t, i in tok.special.items() if i >= tok.base_size)
+
+
 def import_hf(folder, out):
     """A Hugging Face Llama or Qwen2 folder -> (Transformer in fp32, Tokenizer copied into out). The vocabulary becomes
     the tokenizer's (hf.fit_vocab). Raises ValueError naming what cannot be represented."""
     args = read_hf_config(folder)
-    os.makedirs(out, exist_ok=True)
-    tok_path = checkpoint_io.keep_tokenizer(os.path.join(out, "ckpt.pt"), folder)  # with tokenizer_config.json
-    if not tok_path:
-        raise ValueError(f"{folder}: no tokenizer.model (sentencepiece) or tokenizer.json (byte-level BPE)")
-    tok = Tokenizer(tok_path)  # ValueError for a tokenizer that cannot keep its kind's promise
-    if args["vocab_size"] < tok.base_size:
+    try:
+        src = Tokenizer(folder)  # checked before anything is written; ValueError for one that breaks its promise
+    except FileNotFoundError:
+        raise ValueError(f"{folder}: no tokenizer.model (sentencepiece) or tokenizer.json (byte-level BPE)") from None
+    if args["vocab_size"] < src.base_size:
         raise ValueError(f"{folder}: vocab_size {args['vocab_size']} in config.json, but its tokenizer has "
-                         f"{tok.base_size} ids")
+                         f"{src.base_size} ids")
     sd = from_hf_state_dict(read_hf_weights(folder))
+    os.makedirs(out, exist_ok=True)
+    tok = Tokenizer(checkpoint_io.keep_tokenizer(os.path.join(out, "ckpt.pt"), folder))  # with tokenizer_config.json
     if args["tie_embeddings"]:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    if args["vocab_size"] != tok.vocab_size:
+    if args["vocab_size"] != tok.vocab_size or (tok.vocab_size > tok.base_size and not chat_rows_named(folder, tok)):
         print(f"vocabulary {args['vocab_size']} (config.json) -> {tok.vocab_size} (the tokenizer's "
               f"{tok.base_size} ids and {tok.vocab_size - tok.base_size} appended chat tokens)")
         sd, args["vocab_size"] = fit_vocab(sd, tok.base_size, tok.vocab_size), tok.vocab_size

@@ -5,13 +5,17 @@ lose in a fork). Each run forks it: the child sets argv, the working directory, 
 with its code. A run then costs its own work, not 3.5 s of imports: the suite took 154 and 183 s instead of 314-341 s on
 the 2-core box (CPU time 220-248 s instead of 590).
 
-What a fresh interpreter would differ in: nothing the scripts rely on. Third-party modules are already imported
-(an `import` statement still binds each name, so a missing one fails as before); environment variables read at
-interpreter start-up (PYTHONPATH's sitecustomize, the fault injector) are not: conftest.run_script gives runs with an
-env of their own a real interpreter.
+What a fresh interpreter would differ in: third-party modules are already imported (an `import` statement still
+binds each name, so a missing one fails as before); what is read at interpreter start-up is not re-read, so a run
+with an env of its own (PYTHONPATH's sitecustomize: the fault injector) gets a real interpreter from
+conftest.run_script; and every forked run has the server's str hash seed (a real run draws its own), so the tests
+cannot catch set-order nondeterminism, which no script depends on (the demo is checked bit for bit in fresh
+interpreters).
 
 Protocol (stdin / stdout, one JSON line each): {"argv", "cwd", "env", "stdout", "stderr", "stdin"} -> {"pid"} when the
 child starts, then {"returncode"} (negative: the signal that killed it)."""
+import atexit
+import contextlib
 import json
 import os
 import runpy
@@ -20,6 +24,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import traceback
 
 _SERVER = []  # the client side (a pytest worker): its server process, started on first use
@@ -27,11 +33,25 @@ _SERVER = []  # the client side (a pytest worker): its server process, started o
 
 def fork_server(env):
     """This worker's server process (started on first use, with its first run's environment; it ends when the worker
-    exits and closes its stdin)."""
+    exits and closes its stdin). Its replies are read unbuffered, so select() sees every one."""
     if not _SERVER or _SERVER[0].poll() is not None:
         _SERVER[:] = [subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env, stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True)]
+                                       stdout=subprocess.PIPE, bufsize=0)]
     return _SERVER[0]
+
+
+def _reply(server, timeout=None):
+    """The server's next JSON line, or None after timeout seconds. RuntimeError if the server has died."""
+    line, deadline = b"", None if timeout is None else time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([server.stdout], [], [], wait)[0]:
+            return None
+        chunk = os.read(server.stdout.fileno(), 1)
+        if not chunk:
+            raise RuntimeError(f"the fork server exited ({server.wait()})")
+        line += chunk
+    return json.loads(line)
 
 
 def run_forked(argv, env, cwd, input=None, timeout=300):
@@ -43,25 +63,29 @@ def run_forked(argv, env, cwd, input=None, timeout=300):
         for k, path in files.items():
             with open(path, "w", encoding="utf-8") as f:
                 f.write((input or "") if k == "stdin" else "")
-        server.stdin.write(json.dumps(dict(argv=argv, cwd=cwd, env=env, **files)) + "\n")
+        server.stdin.write((json.dumps(dict(argv=argv, cwd=cwd, env=env, **files)) + "\n").encode())
         server.stdin.flush()
-        pid = json.loads(server.stdout.readline())["pid"]
-        timed_out = not select.select([server.stdout], [], [], timeout)[0]
-        if timed_out:
-            os.kill(pid, signal.SIGKILL)
-        returncode = json.loads(server.stdout.readline())["returncode"]
+        pid = _reply(server)["pid"]
+        done = _reply(server, timeout)
+        timed_out = done is None
+        if timed_out:  # still running: the server has not reaped it, so the pid is still that run's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            done = _reply(server)
         out, err = (open(files[k], encoding="utf-8").read() for k in ("stdout", "stderr"))
     if timed_out:
         raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out, err)
-    return subprocess.CompletedProcess([sys.executable, *argv], returncode, out, err)
+    return subprocess.CompletedProcess([sys.executable, *argv], done["returncode"], out, err)
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
 
 def child(req):
     """In the forked child: become `python <argv>` and never return."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL)
+    # a fresh interpreter's handlers: SIGINT raises KeyboardInterrupt, SIGPIPE is ignored (BrokenPipeError), SIGTERM kills
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -86,15 +110,21 @@ def child(req):
         else:  # sys.exit("message"): printed to stderr, exit status 1
             print(e.code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = -signal.SIGINT  # reported as Python reports it: killed by SIGINT
     except BaseException:
         traceback.print_exc()
         code = 1
-    try:
-        import atexit
+    try:  # what an interpreter does on exit: join the non-daemon threads, run the atexit functions, flush
+        threading._shutdown()
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
+        if code < 0:
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
         os._exit(code)
 
 

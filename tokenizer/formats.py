@@ -3,24 +3,47 @@ GGUF file for llama.cpp, for each kind of Tokenizer (tokenizer/tokenizer.py).
 
 A sentencepiece model (kinds "ours" and "sentencepiece") becomes a byte-fallback BPE tokenizer.json that encodes as
 sentencepiece does: spaces become "▁" (after a leading "▁" for a dummy-prefix model), the text is cut into
-sentencepiece's words (a run of "▁" and what follows up to the next "▁"), and merges are ranked by the score of the
+sentencepiece's words (SP_WORD), and merges are ranked by the score of the
 piece they make, the pair sentencepiece's BPE merges first. transformers' own conversion differs on runs of spaces
 (it ranks Llama 2's "▁▁" first and merges across words). A byte-level BPE tokenizer.json is written as it is. Both get
 the chat tokens the Tokenizer appended, as special added tokens with the same ids."""
 import json
 
+from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from tokenizer.tokenizer import CHAT_TOKENS, SPACE_MARK
 
-# sentencepiece's SplitIntoWords with allow_whitespace_only_pieces (Llama 2, ChatGLM2 and ours are trained with it)
-SP_WORD = f"{SPACE_MARK}*[^{SPACE_MARK}]+|{SPACE_MARK}+"
+# sentencepiece's words (SplitIntoWords): with allow_whitespace_only_pieces (Llama 2, ChatGLM2 and ours) a run of "▁"
+# and what follows up to the next "▁"; without it, every "▁" begins a word
+SP_WORD = {True: f"{SPACE_MARK}*[^{SPACE_MARK}]+|{SPACE_MARK}+", False: f"{SPACE_MARK}?[^{SPACE_MARK}]+|{SPACE_MARK}"}
 
 # the byte-level pre-tokenizer regexes llama.cpp knows by name (GGUF tokenizer.ggml.pre): Qwen2's, Llama 3's
 GGUF_PRE = {r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
             "qwen2",
             r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
             "llama-bpe"}
+
+
+def check_sentencepiece(path):
+    """The model's allow_whitespace_only_pieces. ValueError naming the file and the options when the sentencepiece
+    model at path is one tokenizer.json and GGUF are not written for: a unigram model, normalization (NFKC, removed
+    extra whitespace), words not split at spaces, whitespace as a suffix, user-defined pieces."""
+    m = sentencepiece_model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        m.ParseFromString(f.read())
+    t, n = m.trainer_spec, m.normalizer_spec
+    user = [p.piece for p in m.pieces if p.type == sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED]
+    wrong = [what for what, bad in (
+        (f"model_type {t.model_type} (not BPE)", t.model_type != t.BPE),
+        (f"normalization {n.name!r}", n.name != "identity" or bool(n.precompiled_charsmap)),
+        ("remove_extra_whitespaces", n.remove_extra_whitespaces), ("split_by_whitespace=false", not t.split_by_whitespace),
+        ("treat_whitespace_as_suffix", t.treat_whitespace_as_suffix),
+        (f"user-defined pieces {user[:3]}", bool(user))) if bad]
+    if wrong:
+        raise ValueError(f"{path}: {', '.join(wrong)}: this sentencepiece model's encoding is not reproduced in a "
+                         f"tokenizer.json or GGUF here (Llama 2's, ChatGLM2's and ours are)")
+    return t.allow_whitespace_only_pieces
 
 
 def sentencepiece_merges(sp):
@@ -39,13 +62,14 @@ def sentencepiece_merges(sp):
 
 
 def _sentencepiece_json(tok):
+    whitespace_runs = check_sentencepiece(tok.model_path)
     sp = tok.sp
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     hf = HFTokenizer(models.BPE(vocab, sentencepiece_merges(sp), unk_token=sp.id_to_piece(sp.unk_id()),
                                 byte_fallback=True, fuse_unk=True))
     prefix = [normalizers.Prepend(SPACE_MARK)] if tok._strip_lead else []
     hf.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", SPACE_MARK)])
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex(SP_WORD), behavior="isolated")
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(SP_WORD[whitespace_runs]), behavior="isolated")
     strip = [decoders.Strip(" ", 1, 0)] if tok._strip_lead else []  # sentencepiece's decode drops the dummy prefix
     hf.decoder = decoders.Sequence([decoders.Replace(SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
     hf.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False)
@@ -68,18 +92,25 @@ def tokenizer_json(tok):
 
 def gguf_pre_tokenizer(spec, path):
     """llama.cpp's name (tokenizer.ggml.pre) of the pre-tokenizer of tokenizer.json spec (a dict) read from path:
-    'gpt-2' for ByteLevel's own regex, 'qwen2' or 'llama-bpe' for their Split regex before ByteLevel. ValueError naming
-    the file for one llama.cpp would cut differently."""
-    pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
-        name = GGUF_PRE.get(steps[0].get("pattern", {}).get("Regex"))
-        if name:
-            return name
-    raise ValueError(f"{path}: pre_tokenizer {json.dumps(pre)[:200]} is none that llama.cpp names (GPT-2's, Qwen2's, "
-                     f"Llama 3's); a GGUF file would tokenize differently")
+    'gpt-2' for ByteLevel's own regex, 'qwen2' or 'llama-bpe' for their Split regex (isolated) before a ByteLevel without
+    regex; no prefix space; no normalizer but Qwen2's NFC (llama.cpp does not normalize: text already in NFC, as
+    nearly all is, gets the same ids). ValueError naming the file for anything else, which llama.cpp would cut
+    differently."""
+    pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    byte_level = steps[-1] if steps and steps[-1].get("type") == "ByteLevel" else {}
+    name = None
+    if not norm or norm.get("type") == "NFC":
+        if len(steps) == 1 and byte_level and byte_level.get("use_regex", True):
+            name = "gpt-2"
+        elif len(steps) == 2 and byte_level and not byte_level.get("use_regex", True):
+            split = steps[0]
+            if split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert"):
+                name = GGUF_PRE.get(split.get("pattern", {}).get("Regex"))
+    if name is None or byte_level.get("add_prefix_space"):
+        raise ValueError(f"{path}: normalizer {json.dumps(norm)[:80]}, pre_tokenizer {json.dumps(pre)[:200]}: none "
+                         f"that llama.cpp names (GPT-2's, Qwen2's, Llama 3's); a GGUF file would tokenize differently")
+    return name
 
 
 def add_gguf_vocab(w, tok):
@@ -100,6 +131,7 @@ def add_gguf_vocab(w, tok):
                  else T.USER_DEFINED if i in added else T.NORMAL for i in range(tok.vocab_size)]
         w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     else:
+        check_sentencepiece(tok.model_path)
         sp = tok.sp
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")

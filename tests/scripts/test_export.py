@@ -221,7 +221,8 @@ def test_import_refuses_a_folder_without_a_tokenizer_or_with_a_smaller_vocabular
 # Llama 2's own), a Llama 3 with a byte-level BPE, a Qwen2 with Qwen2's pipeline and a padded vocabulary. None has
 # our chat tokens: the import appends them.
 OWN_TOKENIZER = {"llama2-dummy-prefix": ("llama2", "dummy_prefix", 0), "llama2-published": ("llama2", "llama2", 0),
-                 "llama3-byte-level": ("llama3", "byte_level", 0), "qwen2-padded": ("qwen2", "qwen2", 37)}
+                 "llama3-byte-level": ("llama3", "byte_level", 0), "qwen2-padded": ("qwen2", "qwen2", 37),
+                 "llama3-padded-as-long-as-the-chat-tokens": ("llama3", "byte_level", 4)}
 
 
 @pytest.mark.parametrize("case", list(OWN_TOKENIZER))

@@ -74,6 +74,17 @@ def test_gguf_file_holds_our_tensors_tokenizer_and_template(tiny_tok, tmp_path, 
     assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE
 
 
+def test_a_qwen2_gguf_holds_its_biases_and_unreordered_rows(tiny_tok, tmp_path):
+    model = random_model(tiny_tok, dim=64, n_kv_heads=2, attention_bias=True)
+    export_gguf(model, tiny_tok, str(tmp_path / "m.gguf"))
+    tensors, fields = read_gguf(tmp_path / "m.gguf")
+    assert fields["general.architecture"] == "qwen2" and fields["qwen2.attention.head_count_kv"] == 2
+    for name, t in model.state_dict().items():  # rotate-half RoPE in llama.cpp's qwen2: every tensor as ours
+        if name != "output.weight":
+            assert torch.equal(tensors[gguf_name(name)][0].reshape(t.shape), t.float()), name
+    assert "blk.0.attn_q.bias" in tensors and "blk.1.attn_v.bias" in tensors
+
+
 def test_interleaved_rope_on_reordered_rows_gives_our_attention_scores(tiny_tok):
     # llama.cpp's "llama" RoPE, written here from its definition: dims (2i, 2i + 1) of a head rotate by
     # pos * theta^(-2i / hd). Applied to the reordered wq/wk it must give our queries . keys at every position.

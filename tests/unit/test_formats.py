@@ -10,7 +10,7 @@ import tokenizers
 from tokenizer import Tokenizer
 from tokenizer.formats import gguf_pre_tokenizer, tokenizer_json
 from tokenizer.tokenizer import CHAT_TOKENS, SPACE_MARK
-from tokenizer_files import HOSTILE, published, random_texts, spells_a_special
+from tokenizer_files import CORPUS, HOSTILE, published, random_texts, spells_a_special
 
 
 @pytest.fixture(scope="module", params=["ours", "dummy_prefix", "chatglm2", "llama2"])
@@ -55,10 +55,29 @@ def test_byte_level_tokenizer_json_is_the_source_plus_the_chat_tokens(json_path)
 def test_llama_cpp_names_gpt2_and_qwen2_pre_tokenizers_and_refuses_others(tiny_json, qwen2_json):
     for path, name in ((tiny_json, "gpt-2"), (qwen2_json, "qwen2")):
         assert gguf_pre_tokenizer(json.load(open(path, encoding="utf-8")), path) == name
-    spec = json.load(open(tiny_json, encoding="utf-8"))
-    spec["pre_tokenizer"] = {"type": "Whitespace"}
-    with pytest.raises(ValueError, match="x.json: pre_tokenizer .*Whitespace.* none that llama.cpp names"):
-        gguf_pre_tokenizer(spec, "x.json")
+    gpt2, qwen2 = (json.load(open(p, encoding="utf-8")) for p in (tiny_json, qwen2_json))
+    split, byte_level = qwen2["pre_tokenizer"]["pretokenizers"]
+    others = [dict(gpt2, pre_tokenizer={"type": "Whitespace"}),
+              dict(gpt2, pre_tokenizer=dict(gpt2["pre_tokenizer"], add_prefix_space=True)),
+              dict(gpt2, normalizer={"type": "NFKC"}),
+              dict(qwen2, pre_tokenizer={"type": "Sequence", "pretokenizers": [split, dict(byte_level, use_regex=True)]}),
+              dict(qwen2, pre_tokenizer={"type": "Sequence", "pretokenizers": [dict(split, invert=True), byte_level]})]
+    for spec in others:
+        with pytest.raises(ValueError, match="x.json: normalizer .* none that llama.cpp names"):
+            gguf_pre_tokenizer(spec, "x.json")
+
+
+@pytest.mark.parametrize("option, message", [(dict(model_type="unigram"), "model_type 1 \\(not BPE\\)"),
+                                             (dict(normalization_rule_name="nmt_nfkc"), "normalization 'nmt_nfkc'"),
+                                             (dict(split_by_whitespace=False), "split_by_whitespace=false"),
+                                             (dict(user_defined_symbols=["<tool>"]), "user-defined pieces \\['<tool>'\\]")])
+def test_sentencepiece_options_not_reproduced_are_refused_by_name(option, message, tmp_path):
+    kw = dict(model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
+              vocab_size=325, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(tmp_path / "m"), **dict(kw, **option))
+    tok = Tokenizer(str(tmp_path / "m.model"))
+    with pytest.raises(ValueError, match=f"m.model: {message}: this sentencepiece model's encoding is not reproduced"):
+        tokenizer_json(tok)
 
 
 @pytest.mark.parametrize("kind", ["dummy_prefix", "byte_level"])
