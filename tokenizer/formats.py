@@ -119,14 +119,12 @@ def add_gguf_vocab(w, tok):
     special ids. Appended chat tokens are control tokens. ValueError from gguf_pre_tokenizer."""
     import gguf
     T = gguf.TokenType
-    names = {i: t for t, i in tok.special.items()}
     if tok.kind == "byte-level-bpe":
         with open(tok.model_path, encoding="utf-8") as f:
             spec = json.load(f)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(gguf_pre_tokenizer(spec, tok.model_path))
         added = {t["id"]: t for t in spec.get("added_tokens", [])}
-        tokens = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
         types = [T.CONTROL if i >= tok.base_size or added.get(i, {}).get("special")
                  else T.USER_DEFINED if i in added else T.NORMAL for i in range(tok.vocab_size)]
         w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
@@ -135,13 +133,12 @@ def add_gguf_vocab(w, tok):
         sp = tok.sp
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
-        tokens = [sp.id_to_piece(i) if i < tok.base_size else names[i] for i in range(tok.vocab_size)]
         w.add_token_scores([sp.get_score(i) if i < tok.base_size else 0.0 for i in range(tok.vocab_size)])
         types = [T.CONTROL if i >= tok.base_size or sp.is_control(i) else T.UNKNOWN if sp.is_unknown(i)
                  else T.BYTE if sp.is_byte(i) else T.UNUSED if sp.is_unused(i) else T.NORMAL
                  for i in range(tok.vocab_size)]
         w.add_add_space_prefix(tok._strip_lead)  # ours: trained without sentencepiece's dummy prefix
-    w.add_token_list(tokens)
+    w.add_token_list([tok.id_to_piece(i) for i in range(tok.vocab_size)])  # appended chat tokens by name
     w.add_token_types(types)
     for add, i in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
                    (w.add_unk_token_id, tok.unk_id), (w.add_pad_token_id, tok.pad_id), (w.add_eot_token_id, tok.end_id)):
