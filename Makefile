@@ -1,12 +1,15 @@
 # make demo: install, fetch the chinese-poetry corpus, and run the whole pipeline on it: pretraining, then chat
 # fine-tuning (SFT), scored chat answers and preference tuning (DPO), the evaluations, and a report card
 # (out/demo/report.md)
+# make demo-zh: the same pipeline on public modern-Chinese and medical data (~40 min, out/zh/report.md): a general +
+# medical chat model and a classical -> modern translator, scored on held-out sets
 # make test: install and run the test suite (make test-fast: without the slow subprocess runs)
 PYTHON ?= python3
+COMMA := ,
 DEMO := out/demo
 TOK := $(DEMO)/tok8k.model
 
-.PHONY: install install-dev redis-server chromium llama-cpp demo test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo poetry-bench evals report bench bench-clean bench-eval bench-serve clean clean-demo
+.PHONY: install install-dev redis-server chromium llama-cpp demo demo-zh clean-demo-zh test test-fast download tokenizer tokens pretrain samples sft-data sft chat-samples dpo-data dpo poetry-bench evals report bench bench-clean bench-eval bench-serve clean clean-demo
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -47,8 +50,9 @@ CLEAN := $(DEMO)/clean/clean.parquet
 TOKENS := $(DEMO)/data/meta.json
 # (each target is the file its stage writes last: a stage killed half-way is not taken for done)
 # each stage's wall time goes to $(DEMO)/stages.jsonl for the summary
-timed = @printf '%s\n' "$(2)"; mkdir -p $(DEMO); t0=$$(date +%s%N); $(2) && \
-	echo "{\"stage\": \"$(1)\", \"seconds\": $$(( ($$(date +%s%N) - t0) / 1000000 ))e-3}" >> $(DEMO)/stages.jsonl
+# (an optional third argument: the run folder, $(DEMO) by default)
+timed = @printf '%s\n' "$(2)"; mkdir -p $(or $(3),$(DEMO)); t0=$$(date +%s%N); $(2) && \
+	echo "{\"stage\": \"$(1)\", \"seconds\": $$(( ($$(date +%s%N) - t0) / 1000000 ))e-3}" >> $(or $(3),$(DEMO))/stages.jsonl
 
 $(CORPUS):
 	$(PYTHON) data_process.py --download=poetry
@@ -159,3 +163,87 @@ bench-serve: install
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# ---- demo-zh: modern Chinese + medicine, from public data (babyllama/zh_sources.py: source, license, sha256) ------
+ZH := out/zh
+ZTOK := $(ZH)/tok8k.model
+ZSOURCES := data/zh/sources.json
+ZGENERAL := data/zh/niutrans_modern.parquet,data/zh/peoples_daily_199801.jsonl
+ZMEDICAL := data/zh/medical_fever.txt,data/zh/huatuo_llama_data.json
+ZMODELS := pretrain medical sft dpo
+CEVAL ?= ../shared/data/ceval
+CMMLU ?= ../shared/data/cmmlu
+
+# the sets: a local copy with the pinned sha256 (../shared/data here), else downloaded from the source and checked
+$(ZSOURCES):
+	$(PYTHON) data_process.py --download=zh
+
+$(ZTOK): $(ZSOURCES)
+	$(call timed,tokenizer,$(PYTHON) -m tokenizer --input=$(ZGENERAL)$(COMMA)$(ZMEDICAL) --vocab_size=8000 --model_prefix=$(ZH)/tok8k,$(ZH))
+
+# general text (the modern side of 97 books, People's Daily 1998-01) and medical text (a textbook excerpt, Huatuo's
+# answers) are cleaned and tokenized apart, so pretraining can mix them with weights of its own
+$(ZH)/clean/report.json: $(ZSOURCES)
+	$(call timed,clean,$(PYTHON) -m clean_data --input=$(ZGENERAL) --out_dir=$(ZH)/clean,$(ZH))
+$(ZH)/clean_medical/report.json: $(ZSOURCES)
+	$(call timed,clean-medical,$(PYTHON) -m clean_data --input=$(ZMEDICAL) --out_dir=$(ZH)/clean_medical,$(ZH))
+$(ZH)/data/meta.json: $(ZH)/clean/report.json $(ZTOK)
+	$(call timed,tokens,$(PYTHON) data_process.py --input=$(ZH)/clean/clean.parquet --tokenizer_model=$(ZTOK) --val_fraction=0.02 --out_dir=$(ZH)/data,$(ZH))
+$(ZH)/data_medical/meta.json: $(ZH)/clean_medical/report.json $(ZTOK)
+	$(call timed,tokens-medical,$(PYTHON) data_process.py --input=$(ZH)/clean_medical/clean.parquet --tokenizer_model=$(ZTOK) --val_fraction=0.05 --out_dir=$(ZH)/data_medical,$(ZH))
+
+# pretraining on general text, then continued pretraining with medical text mixed in (config/zh_medical_cpu.py)
+$(ZH)/pretrain/summary.json: $(ZH)/data/meta.json config/zh_cpu.py
+	$(call timed,pretrain,$(PYTHON) pretrain.py config/zh_cpu.py --overwrite=True,$(ZH))
+$(ZH)/medical/summary.json: $(ZH)/pretrain/summary.json $(ZH)/data_medical/meta.json config/zh_medical_cpu.py
+	$(call timed,medical,$(PYTHON) pretrain.py config/zh_medical_cpu.py --overwrite=True,$(ZH))
+
+# SFT on general, medical and translation conversations; the held-out doctor questions and translation pairs (with
+# their baselines) go to eval_questions.jsonl
+$(ZH)/sft_data/stats.json: $(ZH)/data/meta.json config/zh_sft_data.py
+	$(call timed,sft-data,$(PYTHON) sft_data_process.py config/zh_sft_data.py,$(ZH))
+$(ZH)/sft/summary.json: $(ZH)/medical/summary.json $(ZH)/sft_data/stats.json config/zh_sft_cpu.py
+	$(call timed,sft,$(PYTHON) sft.py config/zh_sft_cpu.py --overwrite=True,$(ZH))
+$(ZH)/dpo_data/stats.json: $(ZH)/sft_data/stats.json
+	$(call timed,dpo-data,$(PYTHON) dpo_data_process.py --mismatched=$(ZH)/sft_data/train.jsonl --mismatched_sources=medical_dialogue_internal.csv$(COMMA)niutrans_pairs.jsonl --out_dir=$(ZH)/dpo_data,$(ZH))
+$(ZH)/dpo/summary.json: $(ZH)/sft/summary.json $(ZH)/dpo_data/stats.json config/zh_dpo_cpu.py
+	$(call timed,dpo,$(PYTHON) dpo.py config/zh_dpo_cpu.py --overwrite=True,$(ZH))
+
+# evaluation sets: next-sentence multiple choice from held-out documents, and how much of every evaluation set the
+# training data holds (pretraining, medical and SFT text)
+$(ZH)/cloze/about.json: $(ZH)/data/meta.json
+	$(call timed,cloze,$(PYTHON) poetry_bench.py --kind=prose --corpus=$(ZH)/clean/clean.parquet --token_meta=$(ZH)/data/meta.json --out_dir=$(ZH)/cloze,$(ZH))
+$(ZH)/cloze/contamination.json: $(ZH)/cloze/about.json $(ZH)/sft_data/stats.json $(ZH)/data_medical/meta.json
+	$(call timed,contamination-cloze,$(PYTHON) contamination.py --eval_set=$(ZH)/cloze --train_data=$(ZTRAIN),$(ZH))
+$(ZH)/sft_data/contamination.json: $(ZH)/sft_data/stats.json $(ZH)/data_medical/meta.json
+	$(call timed,contamination-qa,$(PYTHON) contamination.py --eval_set=$(ZH)/sft_data/eval_questions.jsonl --train_data=$(ZTRAIN),$(ZH))
+ZTRAIN = $(ZH)/data/train.bin$(COMMA)$(ZH)/data_medical/train.bin$(COMMA)$(ZH)/sft_data/train.jsonl
+
+# every model: held-out perplexity (general and medical text), the cloze, the held-out questions answered greedily
+$(ZH)/%/eval_ppl.json: $(ZH)/%/summary.json
+	$(call timed,ppl-$*,$(PYTHON) eval.py --mode=ppl --ckpt_path=$(ZH)/$*/ckpt.pt --val_data=$(ZH)/data/val.bin --val_max_tokens=0 --batch_size=32,$(ZH))
+$(ZH)/%/eval_ppl_medical.json: $(ZH)/%/summary.json
+	$(call timed,ppl-medical-$*,$(PYTHON) eval.py --mode=ppl --ckpt_path=$(ZH)/$*/ckpt.pt --val_data=$(ZH)/data_medical/val.bin --val_max_tokens=0 --batch_size=32 --results_file=$@,$(ZH))
+$(ZH)/%/eval_mc_cloze_val_0shot.json: $(ZH)/%/summary.json $(ZH)/cloze/contamination.json
+	$(call timed,cloze-$*,$(PYTHON) eval.py --mode=mc --ckpt_path=$(ZH)/$*/ckpt.pt --mc_data=$(ZH)/cloze --contamination_file=$(ZH)/cloze/contamination.json --batch_size=64,$(ZH))
+$(ZH)/%/chat.json: $(ZH)/%/summary.json $(ZH)/sft_data/contamination.json
+	$(call timed,chat-$*,$(PYTHON) eval.py --mode=chat --ckpt_path=$(ZH)/$*/ckpt.pt --questions_file=$(ZH)/sft_data/eval_questions.jsonl --answers_file=$(ZH)/$*/answers.jsonl --results_file=$@ --temperature=0.0 --repetition_penalty=1.1 --batch_size=100 --max_new_tokens=128,$(ZH))
+# C-Eval and CMMLU (chance for a model this size) for the final model, where the sets are (CEVAL=, CMMLU= folders)
+$(ZH)/dpo/eval_mc_ceval_val_0shot.json: $(ZH)/dpo/summary.json
+	$(call timed,ceval,$(PYTHON) eval.py --mode=mc --ckpt_path=$(ZH)/dpo/ckpt.pt --mc_data=$(CEVAL) --split=val --batch_size=64,$(ZH))
+$(ZH)/dpo/eval_mc_cmmlu_test_0shot.json: $(ZH)/dpo/summary.json
+	$(call timed,cmmlu,$(PYTHON) eval.py --mode=mc --ckpt_path=$(ZH)/dpo/ckpt.pt --mc_data=$(CMMLU) --split=test --scoring=letter --batch_size=64,$(ZH))
+
+ZH_OUTPUTS := $(foreach m,$(ZMODELS),$(ZH)/$(m)/eval_ppl.json $(ZH)/$(m)/eval_ppl_medical.json \
+	$(ZH)/$(m)/eval_mc_cloze_val_0shot.json $(ZH)/$(m)/chat.json) \
+	$(if $(wildcard $(CEVAL)),$(ZH)/dpo/eval_mc_ceval_val_0shot.json) \
+	$(if $(wildcard $(CMMLU)),$(ZH)/dpo/eval_mc_cmmlu_test_0shot.json)
+$(ZH)/report.md: $(ZH_OUTPUTS) FORCE
+	$(PYTHON) report.py --run_dir=$(ZH)
+
+demo-zh: install
+	@start=$$(date +%s); $(MAKE) --no-print-directory $(ZH)/report.md && \
+	echo "make demo-zh: $$(( $$(date +%s) - start )) s (stages already done were skipped; make clean-demo-zh starts over)"
+
+clean-demo-zh:
+	rm -rf $(ZH)

@@ -7,6 +7,10 @@ documents of a poetry corpus, so `eval.py --mode=mc` scores it like C-Eval. C-Ev
              three lines with the same number of characters taken from other held-out poems.
   author     a poem (title and lines) and four poets: its author and three authors of other held-out poems.
 
+--kind=prose asks the same of modern text (make demo-zh): next_sentence gives up to three sentences of a held-out
+document and four candidates for the sentence after them, the true one and three sentences with the same number of
+characters from other held-out documents.
+
 Only documents in data_process.py's validation split are used (its per-document rule, babyllama.split.is_val, with
 the val_fraction and seed recorded in the token data's meta.json), so no question's poem was a training
 document; the answer letters are drawn uniformly, so chance is 25%. `dev` holds the shots for k-shot prompts,
@@ -14,11 +18,14 @@ from other held-out poems than `val`.
 
     python poetry_bench.py --corpus=out/demo/clean/clean.parquet --token_meta=out/demo/data/meta.json \\
         --out_dir=out/demo/poetry_bench
+    python poetry_bench.py --kind=prose --corpus=out/zh/clean/clean.parquet --token_meta=out/zh/data/meta.json \
+        --out_dir=out/zh/cloze
 """
 import csv
 import json
 import os
 import random
+import re
 
 import pyarrow.parquet as pq
 
@@ -31,6 +38,7 @@ from babyllama.split import is_val
 corpus = "out/demo/clean/clean.parquet"  # clean_data's parquet that data_process.py read (text, title, author)
 token_meta = "out/demo/data/meta.json"  # data_process.py's meta.json: the split rule's val_fraction and seed
 out_dir = "out/demo/poetry_bench"
+kind = "poetry"  # 'poetry' (next_line, author) or 'prose' (next_sentence)
 n_val = 500  # questions per subject in val
 n_dev = 5  # questions per subject in dev (the shots)
 max_line_chars = 16  # poems with a longer line (prose, long ci) are left out
@@ -41,6 +49,10 @@ SUBJECTS = {"next_line": {"name": "古诗下一句", "categories": ["poetry"]},
             "author": {"name": "古诗作者", "categories": ["poetry"]}}  # babyllama/mc.py's subject map, per benchmark
 ASK_NEXT = "《{title}》\n{lines}"
 ASK_AUTHOR = "《{title}》\n{lines}\n这首诗的作者是谁？"
+PROSE_SUBJECTS = {"next_sentence": {"name": "现代文下一句", "categories": ["modern Chinese"]}}
+SENTENCE = re.compile(r"[^。！？!?\n]+[。！？!?]+[”’」』]?")  # a sentence with its closing marks
+PASSAGE = 4  # sentences per prose question: up to three shown, the fourth (or an earlier one) asked for
+MIN_SENTENCE, MAX_SENTENCE = 8, 40  # characters: long enough to tell apart, short enough that four fit the context
 
 
 def parquet_documents(path):
@@ -69,6 +81,22 @@ def held_out_poems(docs, val_fraction, split_seed, max_chars):
     return out
 
 
+def held_out_passages(docs, val_fraction, split_seed):
+    """The first PASSAGE consecutive sentences of MIN_SENTENCE..MAX_SENTENCE characters of every document
+    data_process.py puts in val (babyllama.split.is_val on its text): [{"title": "", "lines": sentences}]."""
+    out = []
+    for d in docs:
+        if not is_val(d["text"], val_fraction, split_seed):
+            continue
+        run = []
+        for s in (m.group(0).strip() for m in SENTENCE.finditer(d["text"])):
+            run = run + [s] if MIN_SENTENCE <= len(s) <= MAX_SENTENCE else []
+            if len(run) == PASSAGE:
+                out.append({"title": "", "lines": run})
+                break
+    return out
+
+
 def _options(answer, pool, rng):
     """Four options: the answer and three distinct others from pool, shuffled; (options, letter)."""
     others = rng.sample(sorted(set(pool) - {answer}), 3)
@@ -88,8 +116,9 @@ def next_line_question(poem, lines_by_len, rng):
     if len(set(pool)) < 3:
         return None
     opts, letter = _options(answer, pool, rng)
-    return {"question": ASK_NEXT.format(title=poem["title"], lines="\n".join(poem["lines"][:k])),
-            "options": opts, "answer": letter}
+    shown = ASK_NEXT.format(title=poem["title"], lines="\n".join(poem["lines"][:k])) if poem["title"] \
+        else "".join(poem["lines"][:k])  # prose: the sentences as they run
+    return {"question": shown, "options": opts, "answer": letter}
 
 
 def author_question(poem, authors, rng):
@@ -98,25 +127,25 @@ def author_question(poem, authors, rng):
             "options": opts, "answer": letter}
 
 
-def build(poems, n_val, n_dev, rng):
-    """{subject: {"val": [...], "dev": [...]}}: each poem asks at most one question per subject; dev and val
-    come from different poems. Distractor lines and authors come from the other held-out poems."""
+def build(poems, n_val, n_dev, rng, subjects=SUBJECTS):
+    """{subject: {"val": [...], "dev": [...]}}: each poem (or prose passage) asks at most one question per subject;
+    dev and val come from different poems. Distractor lines and authors come from the other held-out poems."""
     lines_by_len = {}
     for p in poems:
         for line in p["lines"]:
             lines_by_len.setdefault(len(line), set()).add(line)
     lines_by_len = {n: sorted(v) for n, v in lines_by_len.items()}
-    authors = sorted({p["author"] for p in poems})
-    if len(authors) < 4:
+    authors = sorted({p["author"] for p in poems if p.get("author")})
+    if subjects is SUBJECTS and len(authors) < 4:
         raise ValueError(f"{len(poems)} held-out poems have {len(authors)} authors; 4 or more are needed")
     out = {}
-    for subject in SUBJECTS:
+    for subject in subjects:
         order = list(range(len(poems)))
         rng.shuffle(order)
         qs = []
         for i in order:
-            q = next_line_question(poems[i], lines_by_len, rng) if subject == "next_line" \
-                else author_question(poems[i], authors, rng)
+            q = author_question(poems[i], authors, rng) if subject == "author" \
+                else next_line_question(poems[i], lines_by_len, rng)
             if q:
                 qs.append(q)
             if len(qs) == n_dev + n_val:
@@ -141,19 +170,29 @@ def main():
         meta = json.load(f)
     if "val_fraction" not in meta or "seed" not in meta:
         raise ValueError(f"{token_meta}: no val_fraction/seed (want the meta.json data_process.py writes)")
-    poems = held_out_poems(parquet_documents(corpus), meta["val_fraction"], meta["seed"], max_line_chars)
-    print(f"{len(poems)} held-out poems with a title, an author and short lines in {corpus}")
-    sets = build(poems, n_val, n_dev, random.Random(seed))
+    if kind not in ("poetry", "prose"):
+        raise SystemExit(f"kind must be 'poetry' or 'prose', not {kind!r}")
+    if kind == "prose":
+        subjects = PROSE_SUBJECTS
+        poems = held_out_passages(parquet_documents(corpus), meta["val_fraction"], meta["seed"])
+        print(f"{len(poems)} held-out documents with {PASSAGE} sentences in a row of {MIN_SENTENCE}-{MAX_SENTENCE} "
+              f"characters in {corpus}")
+    else:
+        subjects = SUBJECTS
+        poems = held_out_poems(parquet_documents(corpus), meta["val_fraction"], meta["seed"], max_line_chars)
+        print(f"{len(poems)} held-out poems with a title, an author and short lines in {corpus}")
+    sets = build(poems, n_val, n_dev, random.Random(seed), subjects)
     for subject, parts in sets.items():
         for split, qs in parts.items():
             write_csv(os.path.join(out_dir, split, f"{subject}_{split}.csv"), qs)
         counts = {L: sum(q["answer"] == L for q in parts["val"]) for L in "ABCD"}
         print(f"{subject}: {len(parts['val'])} val and {len(parts['dev'])} dev questions; answers {counts}")
-    write_json(os.path.join(out_dir, "subjects.json"), SUBJECTS)
+    write_json(os.path.join(out_dir, "subjects.json"), subjects)
     write_json(os.path.join(out_dir, "about.json"), {
-        "what": "multiple choice from held-out poems (data_process.py's val split), C-Eval layout",
+        "what": f"multiple choice from held-out {'poems' if kind == 'poetry' else 'documents'} (data_process.py's "
+                f"val split), C-Eval layout",
         "corpus": corpus, "token_meta": token_meta, "split_rule": meta.get("split_rule"),
-        "held_out_poems": len(poems), "seed": seed, "chance": 0.25,
+        "held_out_documents": len(poems), "seed": seed, "chance": 0.25,
         "questions": {s: {k: len(v) for k, v in p.items()} for s, p in sets.items()}})
     print(f"-> {out_dir}/val, {out_dir}/dev (score with: python eval.py --mode=mc --mc_data={out_dir})")
 

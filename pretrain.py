@@ -21,7 +21,8 @@ from model import ModelArgs, Transformer
 # -----------------------------------------------------------------------------------------------------------
 # I/O
 out_dir = "out/pretrain"
-train_data = "out/data/poetry/train.bin"  # comma-separated paths or globs: several corpora mix by length
+train_data = "out/data/poetry/train.bin"  # comma-separated paths or globs: several corpora mix by length...
+train_weights = ""  # ... or by these weights, one per file (e.g. "0.8,0.2": 80% of the tokens from the first)
 val_data = "out/data/poetry/val.bin"
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 init_ckpt = ""  # a new run starts from this checkpoint's weights and architecture (continued pretraining, e.g. of
@@ -92,6 +93,10 @@ lr_decay_iters = lr_decay_iters or max_iters
 # ---- data -------------------------------------------------------------------------------------------------
 train_bins, train_paths, meta = token_files.open_bins(train_data, vocab_size, min_tokens=max_seq_len + 1)  # checked
 val_bins = token_files.open_bins(val_data, vocab_size, like=meta, min_tokens=max_seq_len + 1)[0] if val_data else None
+mix = [float(w) for w in train_weights.split(",") if w] or None  # data mixing: each file's share of the windows
+if mix is not None and (len(mix) != len(train_paths) or min(mix) < 0 or sum(mix) <= 0):
+    raise SystemExit(f"train_weights={train_weights!r}: want one weight >= 0 per training file, not all 0 "
+                     f"({len(train_paths)} files: {', '.join(train_paths)})")
 if not vocab_size:
     if "vocab_size" not in meta:
         raise SystemExit(f"vocab_size not set and no vocab_size in the meta.json beside {train_paths[0]}")
@@ -103,7 +108,8 @@ ckpt_fields = dict(config=config, data={"sampler": "stateless", "seed": seed, "t
 if master:
     print(f"{tokens_per_iter:,} tokens per iteration "
           f"({run.world_size} x {accum} micro-steps x {batch_size} x {max_seq_len})")
-    print(f"train tokens: {sum(len(b) for b in train_bins):,} in {len(train_bins)} file(s)")
+    print(f"train tokens: {sum(len(b) for b in train_bins):,} in {len(train_bins)} file(s)"
+          + (f", mixed {' : '.join(f'{w / sum(mix):.0%}' for w in mix)}" if mix else ""))
 
 # ---- model ------------------------------------------------------------------------------------------------
 model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or None,
@@ -164,7 +170,8 @@ while True:
     # gradient accumulation: this process's micro-steps are global micro-steps rank*accum .. rank*accum+accum-1
     loss_sum = 0.0
     for micro in range(accum):
-        x, y = token_files.get_batch(train_bins, batch_size, max_seq_len, seed, iter_num, run.rank * accum + micro, device)
+        x, y = token_files.get_batch(train_bins, batch_size, max_seq_len, seed, iter_num, run.rank * accum + micro, device,
+                                     weights=mix)
         # sync gradients across processes only on the last micro-step: the others just accumulate locally
         with dist.gradient_sync(model, micro == accum - 1):
             with run.autocast:

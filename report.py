@@ -17,10 +17,12 @@ from babyllama.mc import category_table
 run_dir = "out/demo"  # the run folder (pretrain/, sft/, dpo/, the eval results)
 # -----------------------------------------------------------------------------------------------------------
 
-STAGES = (("pretrain", "pretrained"), ("sft", "after SFT"), ("dpo", "after DPO"))
+STAGES = (("pretrain", "pretrained"), ("medical", "after medical pretraining"), ("sft", "after SFT"),
+          ("dpo", "after DPO"))  # (make demo-zh continues pretraining on medical text in medical/)
 PLOTS = (("pretrain/loss.png", "pretraining loss"), ("sft/loss.png", "SFT loss"), ("dpo/loss.png", "DPO loss"),
          ("dpo/rewards.png", "DPO rewards"), ("dpo/accuracy.png", "DPO preference accuracy"))
 N_ANSWERS = 3  # chat answers shown per model
+N_REFERENCE = 5  # make demo-zh: doctor answers and translations shown per model
 
 
 def read_json(path):
@@ -65,6 +67,8 @@ def stages_table(seconds):
 def training_table(d):
     """Markdown table: one row per training stage, from its summary.json."""
     rows = [("pretraining", read_json(f"{d}/pretrain/summary.json"), "best_val_loss", "nats/token (sampled)"),
+            ("medical pretraining", read_json(f"{d}/medical/summary.json"), "best_val_loss",
+             "nats/token (sampled, medical text)"),
             ("SFT", read_json(f"{d}/sft/summary.json"), "best_val_loss", "nats/scored token"),
             ("DPO", read_json(f"{d}/dpo/summary.json"), None, "")]
     lines = ["| stage | iterations | tokens trained on | training time | tokens/s | final held-out loss |",
@@ -78,10 +82,27 @@ def training_table(d):
     return lines
 
 
+REFERENCE_KINDS = {"qa": "Held-out doctor questions (the doctor's real answer as reference)",
+                   "pairs": "Held-out classical -> modern translation (the human translation as reference)"}
+
+
+def reference_scores(d, kind):
+    """Markdown lines: BLEU-1..4, ROUGE-L and chrF of every model's greedy answers to the held-out questions of kind
+    (eval.py --mode=chat's chat.json), under the baselines that need no model (sft_data_process.py's)."""
+    found = [(label, read_json(f"{d}/{stage}/chat.json")) for stage, label in STAGES]
+    found = [(label, r["chat_scores"][kind]) for label, r in found if r and kind in r.get("chat_scores", {})]
+    if not found:
+        return []
+    rows = [(f"baseline: {name}", s) for name, s in found[0][1].get("baselines", {}).items()] + found
+    return [f"### {REFERENCE_KINDS[kind]}", "", text_metrics.scores_table(rows), ""]
+
+
 def scores_table(d):
     """Markdown table of the held-out chat scores of the base, SFT and DPO models (eval.py --mode=chat)."""
     models = [("base (before SFT)", f"{d}/pretrain/chat.json"), ("after SFT", f"{d}/sft/chat.json"),
               ("after DPO", f"{d}/dpo/chat.json")]
+    if not any((read_json(path) or {}).get("chat_scores", {}).get("poem") for _, path in models):
+        return []
     lines = ["| model | well-formed poems | poems finished | author named | exact match (poem / author) | "
              "poem BLEU-4 / ROUGE-L |", "|---|---:|---:|---:|---:|---:|"]
     for name, path in models:
@@ -143,7 +164,8 @@ def eval_sections(d):
             tag = os.path.basename(path)[5:-5]
             found.setdefault(tag, []).append((label, read_json(path)))
     out = []
-    ppl = found.pop("ppl", [])
+    ppl = [(f"{label}{' (medical text)' if tag == 'ppl_medical' else ''}", r) for tag in ("ppl", "ppl_medical")
+           for label, r in found.pop(tag, [])]
     if ppl:
         out += ["### Perplexity and bits per character", "",
                 "| model | data | tokens | loss (nats/token) | perplexity | bits/character |", "|---|---|---:|---:|---:|---:|"]
@@ -185,7 +207,9 @@ def report_lines(d):
     evals = eval_sections(d)
     if evals:
         out += ["## Evaluations", ""] + evals
-    out += ["## Held-out scores", ""] + scores_table(d) + [""]
+    held_out = scores_table(d) + [line for kind in REFERENCE_KINDS for line in reference_scores(d, kind)]
+    if held_out:
+        out += ["## Held-out scores", ""] + held_out + [""]
     held = dpo.get("held_out")
     if held:
         b, a = held["before"], held["after"]
@@ -199,18 +223,24 @@ def report_lines(d):
         rows = read_jsonl(path)
         picked = [r for r in rows if r.get("kind") == "poem"][:N_ANSWERS - 1] + \
                  [r for r in rows if r.get("kind") == "author"][:1]
+        picked += [r for r in rows if r.get("kind") == "qa"][:N_REFERENCE] + \
+                  [r for r in rows if r.get("kind") == "pairs"][:N_REFERENCE]
         if picked:
             out += [f"## Chat answers after {name} (held-out questions, greedy)", ""]
             for r in picked:
-                out += [f"- Q: {r['question']}", f"  A: {r['answer']}".replace("\n", " / ")]
+                out += [f"- Q: {r['question']}".replace("\n", " / "), f"  A: {r['answer']}".replace("\n", " / ")]
+                if r.get("kind") in REFERENCE_KINDS:
+                    out += [f"  reference: {r['reference']}".replace("\n", " / ")]
             out += [""]
-    files = [("corpus (downloaded)", "data/chinese-poetry"), ("tokenizer", f"{d}/tok8k.model"),
+    files = [("corpus (downloaded)", "data/chinese-poetry" if os.path.exists(f"{d}/poetry_bench") else "data/zh"),
+             ("tokenizer", f"{d}/tok8k.model"),
              ("cleaned corpus and report", f"{d}/clean/"), ("token files", f"{d}/data/"),
              ("pretrained model", f"{d}/pretrain/ckpt.pt"), ("its loss log and plot", f"{d}/pretrain/log.jsonl, loss.png"),
              ("SFT data", f"{d}/sft_data/"), ("SFT model", f"{d}/sft/ckpt.pt"), ("SFT answers", f"{d}/sft/answers.jsonl"),
              ("DPO pairs", f"{d}/dpo_data/"), ("DPO model", f"{d}/dpo/ckpt.pt"),
              ("DPO plots and samples", f"{d}/dpo/*.png, samples.json"), ("DPO answers", f"{d}/dpo/answers.jsonl"),
              ("this report", f"{d}/report.md")]
+    files = [(w, p) for w, p in files if glob.glob(os.path.join(*p.split(", ")[:1]))]  # what this run wrote
     out += ["## Files", "", "| what | where |", "|---|---|"] + [f"| {w} | `{p}` |" for w, p in files] + [""]
     out += ["Next: `python eval.py --mode=chat --ckpt_path=" + f"{d}/dpo/ckpt.pt` to chat with the final model.", ""]
     return out

@@ -24,6 +24,15 @@ all malformed, all filtered), a demo corpus that gives none, or no training conv
 the split, is an error naming the input(s) and how many records were dropped for what (exit status 1), and so
 is a path that is not a readable file; nothing is written or replaced then. Every output is written atomically.
 
+Evaluation hold-out (make demo-zh): from each Q&A input (e.g. the doctor Q&A CSV) and each translation-pair input,
+eval_holdout conversations are held out by a hash of their text and written to eval_questions.jsonl as
+{"question", "reference", "kind": "qa" | "pairs", "baselines"} for eval.py --mode=chat, never trained on. Their
+baselines: "copy" (a pair's classical text returned as it is) and "nearest" (the answer of the training question
+closest in character bigrams, nearest_answer). With heldout_corpus and token_meta, only pairs whose modern sentence
+is a line of a pretraining validation document (data_process.py's split rule) are held out, and all such pairs
+are, so neither pretraining nor SFT saw an evaluated answer. `fill` fills {{name}}-style placeholders (identity
+templates) in every turn; a conversation left with one is dropped and counted.
+
 --demo_poetry builds a demo set from the chinese-poetry corpus' own metadata (titles, authors, lines) so the
 demo needs no other download; see babyllama.poetry.build_poetry_demo(). Its held-out poems also give
 eval_questions.jsonl.
@@ -33,15 +42,18 @@ import hashlib
 import json
 import os
 import random
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from babyllama.atomic import atomic_path, write_json, write_jsonl
 from babyllama.configurator import run_main
-from babyllama.conversations import check_conversation, read_raw_conversations
+from babyllama.conversations import check_conversation, read_raw_conversations, translation_prompt
 from babyllama.poetry import build_poetry_demo
+from babyllama.readers import read_parquet
 from babyllama.records import ReadErrors, nothing_usable
+from babyllama.split import is_val
 from tokenizer import Tokenizer
 from tokenizer.chat_template import encode_conversation
 
@@ -59,7 +71,12 @@ val_fraction = 0.02
 out_dir = "out/sft_data"
 out_format = "jsonl"  # 'jsonl' or 'parquet'
 seed = 1337
+fill = ""  # placeholders filled in every turn, e.g. "name=BabyLlama,author=babyllama": {{name}} -> BabyLlama
+eval_holdout = 0  # conversations held out per Q&A and translation-pair input as evaluation questions
+heldout_corpus = ""  # pairs: held out from the pretraining corpus' validation documents only (clean_data's parquet)
+token_meta = ""  # ... under the split of this data_process.py meta.json (its val_fraction and seed)
 # -----------------------------------------------------------------------------------------------------------
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 def read_source(path, filt, errors, formats):
@@ -127,18 +144,93 @@ def conversation_key(conv):
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
+def conversation_text(conv):
+    return "\n".join([conv.get("system") or ""] + [m["content"] for m in conv["messages"]])
+
+
+def fill_placeholders(conv, values):
+    """conv with each {{key}} of values replaced by its value in the system prompt and every turn (the identity
+    templates' {{name}} and {{author}}); other placeholders stay (the Filter drops what still has one)."""
+    if not values or "{{" not in conversation_text(conv):
+        return conv
+    sub = lambda text: PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)  # noqa: E731
+    return dict(conv, system=sub(conv["system"]) if conv.get("system") else conv.get("system"),
+                messages=[dict(m, content=sub(m["content"])) for m in conv["messages"]])
+
+
+def char_ngrams(text, n=2):
+    """The set of character n-grams of text (whitespace removed)."""
+    text = "".join(text.split())
+    return {text[i:i + n] for i in range(max(len(text) - n + 1, 1))}
+
+
+def nearest_answer(question, pool):
+    """The answer of the pool's question with the highest Jaccard overlap of character bigrams with question (the
+    first on ties): a retrieval baseline that needs no model. pool: [(char_ngrams(question), answer)]."""
+    q = char_ngrams(question)
+    best, answer = -1.0, ""
+    for grams, a in pool:
+        overlap = len(q & grams) / len(q | grams)
+        if overlap > best:
+            best, answer = overlap, a
+    return answer
+
+
+def held_out_lines(corpus, meta_path):
+    """Every line of the corpus' documents that data_process.py put in val (babyllama.split.is_val with the
+    val_fraction and seed its meta.json records), as a set."""
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if "val_fraction" not in meta or "seed" not in meta:
+        raise ValueError(f"{meta_path}: no val_fraction/seed (want the meta.json data_process.py writes)")
+    lines = set()
+    for doc in read_parquet(corpus, corpus, "text"):
+        if is_val(doc["text"], meta["val_fraction"], meta["seed"]):
+            lines.update(line.strip() for line in doc["text"].split("\n"))
+    return lines
+
+
+def text_hash(text):
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def hold_out(convs, n, val_lines):
+    """Split one input's conversations into (training, evaluation questions). Q&A: n conversations by hash order of
+    the question. Pairs: every pair whose modern sentence is in val_lines (None: every pair) leaves training, and n
+    of them by hash order become questions. Other formats are all training."""
+    if not n or not convs or convs[0]["format"] not in ("qa", "pairs"):
+        return convs, []
+    kind = convs[0]["format"]
+    eligible = [c for c in convs if kind == "qa" or val_lines is None or c["messages"][1]["content"].strip() in val_lines]
+    chosen = sorted(eligible, key=lambda c: text_hash(c["messages"][0]["content"]))[:n]
+    out = {id(c) for c in (eligible if kind == "pairs" and val_lines is not None else chosen)}
+    train = [c for c in convs if id(c) not in out]
+    pool = [(char_ngrams(c["messages"][0]["content"]), c["messages"][1]["content"]) for c in train]
+    questions = []
+    for c in chosen:
+        q, ref = c["messages"][0]["content"], c["messages"][1]["content"]
+        if kind == "pairs":  # asked the same way every time; the copy baseline returns the classical text
+            q, baselines = translation_prompt(c["classical"], 0), {"copy": c["classical"]}
+        else:
+            baselines = {"nearest": nearest_answer(q, pool)}
+        questions.append({"question": q, "reference": ref, "kind": kind, "baselines": baselines,
+                          "source": c["source"]})
+    return train, questions
+
+
 class Filter:
     """Applies the filters in order (usable turns, exact duplicates, length in tokens when tok and limit are
     given), counting each reason in .counts; calling it returns the conversation kept (maybe truncated) or
     None."""
 
-    def __init__(self, tok=None, limit=0, mode="drop", dedup=True):
-        self.tok, self.limit, self.mode, self.dedup = tok, limit, mode, dedup
+    def __init__(self, tok=None, limit=0, mode="drop", dedup=True, values=None):
+        self.tok, self.limit, self.mode, self.dedup, self.values = tok, limit, mode, dedup, values or {}
         self.counts = Counter()
         self.seen = set()
 
     def __call__(self, conv):
-        reason = check_conversation(conv)
+        conv = fill_placeholders(conv, self.values)
+        reason = check_conversation(conv) or (PLACEHOLDER.search(conversation_text(conv)) and "unfilled placeholder")
         if reason:
             self.counts[reason] += 1
             return None
@@ -201,22 +293,35 @@ def main():
         raise SystemExit("nothing to do: give --inputs=... and/or --demo_poetry=...")
     errors, formats = ReadErrors(), Counter()
     limit = max_seq_len + 1 if max_seq_len else 0  # max_seq_len + 1 tokens give max_seq_len targets
-    filt = Filter(tok, limit, overlong, dedup)
+    values = dict(kv.split("=", 1) for kv in fill.split(",") if kv)
+    filt = Filter(tok, limit, overlong, dedup, values)
     per_source = [read_source(p, filt, errors, formats) for p in paths]
+    val_lines = held_out_lines(heldout_corpus, token_meta) if heldout_corpus else None
+    questions = []
+    for i, convs in enumerate(per_source):
+        per_source[i], held = hold_out(convs, eval_holdout, val_lines)
+        questions += held
+        if held:
+            print(f"{paths[i]}: {len(held)} held out as evaluation questions, {len(per_source[i]):,} left to train on")
     rng = random.Random(seed)
     convs = mix(per_source, rs, rng)
     rng.shuffle(convs)
     n_val = int(round(val_fraction * len(convs))) if convs else 0
     val, train = convs[:n_val], convs[n_val:]
-    stats, questions = {}, []
+    stats = {}
     if demo_poetry:
-        dtrain, dval, questions, stats["demo"] = read_demo(demo_poetry, tok, limit, seed)
+        dtrain, dval, demo_questions, stats["demo"] = read_demo(demo_poetry, tok, limit, seed)
+        questions += demo_questions
         train, val = train + dtrain, val + dval
         rng.shuffle(train)
     if not train:  # e.g. every ratio 0, or val_fraction holding out all of a small set
         raise ValueError(f"no training conversation left from {', '.join(paths)}: {len(convs)} after mixing with "
                          f"ratios {rs}, {n_val} of them held out for val (val_fraction={val_fraction})")
     turns = Counter(len(c["messages"]) // 2 for c in train + val)
+    shares = Counter(c.get("source", "") for c in train)  # each input's share of the training conversations
+    stats["train_share"] = {k: round(n / len(train), 4) for k, n in shares.most_common()}
+    print("training conversations per input: " + ", ".join(f"{k} {n:,} ({n / len(train):.1%})"
+                                                            for k, n in shares.most_common()))
     if paths:  # counters of the --inputs files; the demo set's are in stats["demo"]
         stats.update(formats=dict(formats), filters=dict(filt.counts), malformed=errors.to_dict())
     stats.update(
@@ -225,7 +330,7 @@ def main():
     # everything is checked: only now is out_dir touched
     ext = "parquet" if out_format == "parquet" else "jsonl"
     os.makedirs(out_dir, exist_ok=True)
-    if demo_poetry:
+    if questions:
         qpath = os.path.join(out_dir, "eval_questions.jsonl")
         write_jsonl(qpath, questions)
         print(f"{len(questions)} evaluation questions -> {qpath}")

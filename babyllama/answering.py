@@ -39,9 +39,10 @@ def generate_replies(model, tok, prompts, max_new_tokens, sampling, batch_size, 
 
 
 def answer_scores(items):
-    """Scores per kind of the items with a "reference" ({"answer", "finished", "reference", optional "kind", "author"}):
-    {kind or "all": {"n", "exact_match", "finished", ["well_formed": poems], ["author_named": authors], "bleu4",
-    "rougeL"}}; rates in [0, 1], BLEU and ROUGE in %."""
+    """Scores per kind of the items with a "reference" ({"answer", "finished", "reference", optional "kind", "author",
+    "baselines": {name: answer}}): {kind or "all": {"n", "exact_match", "finished", ["well_formed": poems],
+    ["author_named": authors], "bleu1".."bleu4", "rougeL", "chrf", ["baselines": {name: the same metrics of the
+    baseline answers}]}}; rates in [0, 1], BLEU, ROUGE and chrF in % (babyllama/text_metrics.py)."""
     scores = {}
     for kind in sorted({it.get("kind", "") for it in items if "reference" in it}):
         group = [it for it in items if "reference" in it and it.get("kind", "") == kind]
@@ -51,7 +52,12 @@ def answer_scores(items):
             s["well_formed"] = sum(it["finished"] and well_formed_poem(it["answer"]) for it in group) / len(group)
         if kind == "author":  # the right name anywhere in the reply
             s["author_named"] = sum(bool(it.get("author")) and it["author"] in it["answer"] for it in group) / len(group)
-        m = text_metrics.corpus_scores([it["answer"] for it in group], [it["reference"] for it in group])
-        s.update(bleu4=m["bleu4"], rougeL=m["rougeL"])  # in %, against the reference (babyllama/text_metrics.py)
+        refs = [it["reference"] for it in group]
+        m = text_metrics.corpus_scores([it["answer"] for it in group], refs)
+        s.update({k: m[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "chrf")})
+        names = sorted({b for it in group for b in it.get("baselines") or {}})
+        if names:  # answers that need no model, on the same questions (sft_data_process.py writes them)
+            s["baselines"] = {b: text_metrics.corpus_scores([it["baselines"].get(b, "") for it in group], refs)
+                              for b in names}
         scores[kind or "all"] = s
     return scores

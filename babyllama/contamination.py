@@ -15,8 +15,9 @@ import os
 import numpy as np
 
 from babyllama.mc import load_exam
-from babyllama.qa_files import read_gen_items
+from babyllama.qa_files import read_gen_items, read_questions
 from babyllama.readers import iter_documents
+from babyllama.records import ReadErrors, iter_records
 from babyllama.token_files import check_bin, read_meta
 from clean_data.shingles import shingle_hashes
 from clean_data.normalize import normalize
@@ -86,18 +87,28 @@ def flagged(items, best, threshold):
 # ---- the files ------------------------------------------------------------------------------------------------
 
 def evaluation_items(path, split):
-    """[{"key", "text"}] of an evaluation set: an mc folder (its split; key subject/id, text question + options)
-    or a gen JSONL file (key line number, text the reference)."""
+    """[{"key", "text"}] of an evaluation set: an mc folder (its split; key subject/id, text question + options),
+    a questions file of eval.py --mode=chat (JSONL {"question", "reference", "kind"}; key kind/number, text the
+    reference answer) or a gen JSONL file (key line number, text the reference)."""
     if os.path.isdir(path):
         exam = load_exam(path, split)
         return [{"key": f"{s}/{q['id']}", "text": q["question"] + "\n" + "\n".join(q["options"])}
                 for s, p in exam.items() for q in p["questions"]]
+    first = next(iter_records(path, ReadErrors()), (0, None))[1]
+    if isinstance(first, dict) and "question" in first:
+        return [{"key": f"{it.get('kind', '')}/{i}", "text": it["reference"]}
+                for i, it in enumerate(read_questions(path), 1) if isinstance(it.get("reference"), str)]
     return [{"key": str(it["line"]), "text": it["reference"]} for it in read_gen_items(path)]
 
 
 def training_documents(path, text_field=""):
     """The training documents, streamed as {"text", "source", "line"}: a data_process.py .bin decoded per document (its
-    meta.json names the tokenizer), or anything readers.py reads (text_field: the records' field, "" = auto)."""
+    meta.json names the tokenizer), or anything readers.py reads (text_field: the records' field, "" = auto); several
+    of these comma-separated, one after another."""
+    if "," in path:
+        for part in [p for p in path.split(",") if p]:
+            yield from training_documents(part, text_field)
+        return
     if not path.endswith(".bin"):
         yield from iter_documents([path], text_field=text_field or None)
         return

@@ -9,8 +9,13 @@ Input formats, detected per record (parse_record):
   BELLE    {"instruction", "output"}                       (Alpaca without input)
   ShareGPT {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...], optional "system"}
   OpenAI   {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}   (the unified form is one)
+  Q&A      {"ask" | "question", "answer", optional "title"}   (a table of questions and answers, e.g. the doctor Q&A
+           CSV department,title,ask,answer; the title stands in for an empty question)
+  pairs    {"classical", "modern"}   (aligned classical -> modern Chinese sentences, turned into an instruction:
+           translation_prompt)
 """
 from collections import Counter
+import hashlib
 import os
 
 from babyllama.records import ReadErrors, iter_records, nothing_usable
@@ -18,6 +23,20 @@ from babyllama.records import ReadErrors, iter_records, nothing_usable
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
                   "system": "system"}
+
+
+# a translation pair becomes one of these instructions (picked by a hash of the text, so the same on every run);
+# evaluation asks with the first
+TRANSLATION_PROMPTS = ("把下面的文言文翻译成现代文：\n{}", "翻译成白话文：{}", "{}\n这句文言文是什么意思？请用现代汉语翻译。",
+                       "请将这段古文译为现代汉语：{}")
+
+
+def translation_prompt(classical, which=None):
+    """The instruction asking for classical's modern translation: TRANSLATION_PROMPTS[which], or for which=None the
+    one a hash of the text picks (varied phrasings for training, one fixed phrasing for evaluation)."""
+    if which is None:
+        which = hashlib.blake2b(classical.encode("utf-8"), digest_size=4).digest()[0] % len(TRANSLATION_PROMPTS)
+    return TRANSLATION_PROMPTS[which].format(classical)
 
 
 class BadRecord(Exception):
@@ -53,8 +72,8 @@ def _turns(items, role_key, content_key, role_map, what):
 
 
 def parse_record(rec):
-    """One downloaded record -> (format: 'alpaca', 'belle', 'sharegpt' or 'openai', {"system": str|None, "messages":
-    [...]}); leading system turns become the system prompt. BadRecord for a record that fits no format."""
+    """One downloaded record -> (format: 'alpaca', 'belle', 'sharegpt', 'openai', 'qa' or 'pairs', {"system": str|None,
+    "messages": [...]}); leading system turns become the system prompt. BadRecord for a record that fits no format."""
     if not isinstance(rec, dict):
         raise BadRecord("not an object", type(rec).__name__)
     rec = {k: v for k, v in rec.items() if v is not None}  # parquet gives every row every column, null if absent
@@ -85,6 +104,16 @@ def parse_record(rec):
         question = f"{instruction}\n{extra}" if instruction.strip() and extra.strip() else (instruction + extra)
         answer = _str(rec.get("output", rec.get("response")), "output")
         msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    elif "answer" in rec and ("ask" in rec or "question" in rec):
+        fmt = "qa"
+        question = _str(rec.get("ask", rec.get("question")), "ask")
+        if not question.strip() or question.strip() == "无":  # the doctor Q&A leaves some asks empty ("无")
+            question = _str(rec.get("title"), "title")
+        msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": _str(rec["answer"], "answer")}]
+    elif "classical" in rec and "modern" in rec:
+        fmt = "pairs"
+        msgs = [{"role": "user", "content": translation_prompt(_str(rec["classical"], "classical"))},
+                {"role": "assistant", "content": _str(rec["modern"], "modern")}]
     else:
         raise BadRecord("unknown format", "keys: " + ", ".join(list(rec)[:6]))
     while msgs and msgs[0]["role"] == "system":
@@ -122,13 +151,15 @@ def _parsed_records(path, errors):
 
 
 def read_raw_conversations(path, errors, formats):
-    """Unified conversations of one downloaded file, unfiltered, with "source" (file name) and "line". Records fitting
+    """Unified conversations of one downloaded file, unfiltered, with "source" (file name), "line" and "format" (and a
+    translation pair's "classical"). Records fitting
     no format go to errors (a ReadErrors) as file:line; formats found are counted in the Counter `formats`."""
     source = os.path.basename(str(path))
-    for line, _, fmt, conv in _parsed_records(path, errors):
+    for line, rec, fmt, conv in _parsed_records(path, errors):
         formats[fmt] += 1
-        conv["source"] = source
-        conv["line"] = line
+        conv.update(source=source, line=line, format=fmt)
+        if fmt == "pairs":  # the classical text: the copy baseline of a held-out pair
+            conv["classical"] = rec["classical"]
         yield conv
 
 

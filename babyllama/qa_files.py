@@ -15,15 +15,19 @@ def kept(path, items, errors, none_left):
 
 def read_questions(path):
     """The questions of a .txt file (one per line) or a .jsonl file ({"question", optional "system", "reference",
-    "kind"}). Lines not UTF-8, not JSON or without a "question" string are skipped and named (file:line)."""
+    "kind", "baselines": {name: answer}}). Lines not UTF-8, not JSON, without a "question" string or with baselines
+    that are not strings are skipped and named (file:line)."""
     errors = ReadErrors()
     if path.endswith(".jsonl"):
         items = []
         for line, rec in iter_records(path, errors):
-            if isinstance(rec, dict) and isinstance(rec.get("question"), str) and rec["question"].strip():
-                items.append(rec)
-            else:
+            if not (isinstance(rec, dict) and isinstance(rec.get("question"), str) and rec["question"].strip()):
                 errors.add(path, line, "no question", 'want {"question": "..."}')
+            elif not (isinstance(rec.get("baselines", {}), dict) and
+                      all(isinstance(v, str) for v in rec.get("baselines", {}).values())):
+                errors.add(path, line, "bad baselines", 'want {"baselines": {"name": "answer", ...}}')
+            else:
+                items.append(rec)
     else:
         items = [{"question": d["text"]} for d in read_txt(path, path, errors)]
     return kept(path, items, errors, "no question to answer")

@@ -53,6 +53,9 @@ def record_to_documents(rec, text_field=None):
         return [_with_id({"text": text}, rec)], []
     if is_poetry_record(rec):
         return poetry_documents(rec)
+    if isinstance(rec.get("messages"), list) and all(isinstance(m, dict) for m in rec["messages"]):
+        # a conversation (sft_data_process.py's unified form): its turns, one after another
+        return [{"text": "\n".join(str(m.get("content", "")) for m in rec["messages"])}], []
     for key in TEXT_FIELDS:
         if key in rec:
             value = rec[key]

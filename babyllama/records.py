@@ -7,6 +7,7 @@
 
 Nothing is dropped silently: a malformed line... is skipped, counted and named ("file:line: reason"); only an unreadable
 file raises. SFT and preference loaders read files this way; readers.py makes records documents. Torch-free."""
+import csv
 import gzip
 import json
 import os
@@ -15,8 +16,9 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
-RECORD_FORMATS = ("jsonl", "json", "parquet")
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+            ".txt": "txt"}
+RECORD_FORMATS = ("jsonl", "json", "parquet", "csv")
 _JSON_CHUNK = 1 << 20  # characters per .json read (tests shrink it to hit every buffer boundary)
 
 
@@ -111,9 +113,9 @@ def iter_records(path, errors, source=None):
         raise ValueError(f"{path}: not a regular file")
     fmt = format_of(path)
     if fmt not in RECORD_FORMATS:
-        raise ValueError(f"{path}: unsupported file type for records (want .jsonl, .ndjson, .json or .parquet)")
+        raise ValueError(f"{path}: unsupported file type for records (want .jsonl, .ndjson, .json, .parquet or .csv)")
     errors.files_read += 1
-    by_format = {"jsonl": _jsonl_records, "json": _json_records, "parquet": _parquet_records}
+    by_format = {"jsonl": _jsonl_records, "json": _json_records, "parquet": _parquet_records, "csv": _csv_records}
     return by_format[fmt](path, source, errors)
 
 
@@ -131,6 +133,34 @@ def _jsonl_records(path, source, errors):
                 errors.add(source, lineno, "bad json", f"{e.msg} at column {e.colno}")
                 continue
             yield lineno, rec
+
+
+def _csv_records(path, source, errors):
+    """A .csv file with a header row: each row a record {header field: value} (quoted fields may hold newlines; line:
+    where the row starts). A row with another number of fields than the header is skipped ("bad csv row"); a line
+    that is not UTF-8 (reported by decode_line) or text that is not CSV stops the file there, the rows before it
+    kept."""
+    def lines(f):  # decoded one line at a time, so a bad byte is named by its line
+        for lineno, raw in enumerate(f, 1):
+            text = decode_line(raw, source, lineno, errors)
+            if text is None:
+                return
+            yield text
+
+    with open_binary(path) as f:
+        reader = csv.reader(lines(f))
+        line = 1
+        try:
+            header = next(reader, None)
+            line = reader.line_num + 1
+            for row in reader:
+                if row and len(row) != len(header):
+                    errors.add(source, line, "bad csv row", f"{len(row)} fields, the header has {len(header)}")
+                elif row:
+                    yield line, dict(zip(header, row))
+                line = reader.line_num + 1
+        except csv.Error as e:
+            errors.add(source, line, "bad csv", f"{e}; rest of file not read")
 
 
 def _json_records(path, source, errors):

@@ -91,17 +91,19 @@ def read_meta(bin_path):
         raise ValueError(f"{path}: not JSON ({e}); data_process.py writes it (rerun it)") from e
 
 
-def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, stream=0):
+def get_batch(bins, batch_size, max_seq_len, seed, step, micro_step, device, stream=0, weights=None):
     """Random windows from the token files: x (batch_size, max_seq_len) int64 and y = x shifted by one, on device.
     Windows depend only on (seed, stream, step, micro_step): a resumed run and a multi-process run (rank r takes
     micro-steps r*A..r*A+A-1) see the batches of an uninterrupted single-process run. A window is max_seq_len + 1
     tokens: a file of n tokens has n - max_seq_len of them (starts 0..n - max_seq_len - 1), and files are picked in
-    proportion to that count. ValueError when a file is shorter than one window."""
+    proportion to that count, or to weights (one per file: data mixing, each file's expected share of the windows
+    and so of the tokens, however long it is). ValueError when a file is shorter than one window."""
     rng = np.random.default_rng([seed, stream, step, micro_step])  # stream 0 = training, 1 = validation
     windows = np.array([len(b) - max_seq_len for b in bins])
     if (windows <= 0).any():
         raise ValueError(f"a token file is shorter than max_seq_len + 1 = {max_seq_len + 1} tokens")
-    which = rng.choice(len(bins), size=batch_size, p=windows / windows.sum())
+    share = windows if weights is None else np.asarray(weights, dtype=np.float64)
+    which = rng.choice(len(bins), size=batch_size, p=share / share.sum())
     starts = rng.integers(0, windows[which])  # exclusive bound: the last start is windows - 1
     rows = np.stack([bins[w][s:s + max_seq_len + 1] for w, s in zip(which, starts)]).astype(np.int64)
     xy = torch.from_numpy(rows)

@@ -58,3 +58,34 @@ def test_report_has_the_losses_curves_evaluations_scores_samples_and_files(tmp_p
     assert "66.0% before -> 71.0% after" in text
     assert "白日依山尽，**黄河入海流。**" in text and "春风吹绿柳" in text  # samples
     assert "**3.1 min**" in text  # 185 s of stages
+
+
+def test_report_of_demo_zh_scores_every_model_against_the_baselines_on_held_out_questions(tmp_path):
+    d = tmp_path / "zh"
+    run_s = dict(train_tokens=1_000_000, train_seconds=120.0, warmup_seconds=3.0, tokens_per_sec=8333.3)
+    write(f"{d}/pretrain/summary.json", dict(iter=500, params=6_100_000, best_val_loss=5.4321, **run_s))
+    write(f"{d}/medical/summary.json", dict(iter=300, params=6_100_000, best_val_loss=4.9876, **run_s))
+    scores = lambda b4: dict(n=200, bleu1=40.0, bleu2=30.0, bleu3=20.0, bleu4=b4, rougeL=50.0, chrf=25.0)  # noqa: E731
+    base = {"qa": dict(scores(1.0), baselines={"nearest": scores(7.5)}),
+            "pairs": dict(scores(2.0), baselines={"copy": scores(21.0)})}
+    write(f"{d}/medical/chat.json", {"chat_scores": base})
+    write(f"{d}/sft/chat.json", {"chat_scores": {"qa": dict(base["qa"], bleu4=3.25), "pairs": dict(base["pairs"], bleu4=24.5)}})
+    write(f"{d}/sft/answers.jsonl", [{"kind": "qa", "question": "头晕怎么办？", "answer": "多休息。", "reference": "测血压。"},
+                                     {"kind": "pairs", "question": "把下面的文言文翻译成现代文：\n学而时习之",
+                                      "answer": "学习并时常温习", "reference": "学习了并且按时温习它"}])
+    for stage in ("pretrain", "medical"):
+        write(f"{d}/{stage}/eval_ppl.json", dict(val_data="zh/val.bin", val_tokens=1000, val_loss=5.0, perplexity=148.4,
+                                                 bits_per_char=3.21))
+    write(f"{d}/medical/eval_ppl_medical.json", dict(val_data="med/val.bin", val_tokens=500, val_loss=4.0,
+                                                     perplexity=54.6, bits_per_char=2.5))
+    run_script("report.py", f"--run_dir={d}")
+    text = (d / "report.md").read_text(encoding="utf-8")
+    assert "### Held-out doctor questions" in text and "### Held-out classical -> modern translation" in text
+    assert "| baseline: nearest | 40.00 | 30.00 | 20.00 | 7.50 | 50.00 | 25.00 | 200 |" in text
+    assert "| baseline: copy | 40.00 | 30.00 | 20.00 | 21.00 | 50.00 | 25.00 | 200 |" in text
+    assert "| after medical pretraining | 40.00 | 30.00 | 20.00 | 2.00 |" in text
+    assert "| after SFT | 40.00 | 30.00 | 20.00 | 24.50 |" in text
+    assert "| medical pretraining | 300 |" in text and "4.9876" in text
+    assert "| after medical pretraining (medical text) | med/val.bin | 500 |" in text
+    assert "Q: 把下面的文言文翻译成现代文： / 学而时习之" in text and "reference: 学习了并且按时温习它" in text
+    assert "well-formed poems" not in text  # no poetry table for a run without poems

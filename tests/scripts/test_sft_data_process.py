@@ -110,3 +110,96 @@ def test_sft_data_process_script_skips_non_utf8_lines_and_refuses_empty_or_folde
         p = run_script("sft_data_process.py", f"--inputs={path},{bad}", f"--out_dir={out}", check=False, timeout=60)
         assert p.returncode == 1 and "Traceback" not in p.stderr and f"error: {bad}: {says}" in p.stderr
         assert snapshot(out) == before
+
+
+# ---- make demo-zh's inputs: doctor Q&A, translation pairs, identity templates, held-out evaluation questions ------
+
+def qa(question, answer, source="doctor.csv"):
+    return {"system": None, "messages": [U(question), A(answer)], "source": source, "format": "qa"}
+
+
+def test_nearest_answer_is_the_answer_of_the_question_sharing_most_character_bigrams():
+    pool = [(sdp.char_ngrams(q), a) for q, a in [("胃痛怎么办", "胃药"), ("头痛怎么办", "休息"), ("发烧吃什么药", "退烧药")]]
+    # 头痛怎么治 vs 头痛怎么办: bigrams {头痛, 痛怎, 怎么} shared of 5 in the union (0.6); vs 胃痛怎么办 2 of 6
+    assert sdp.nearest_answer("头痛怎么治", pool) == "休息"
+    assert sdp.nearest_answer("胃 痛怎么 办？", pool) == "胃药"  # whitespace ignored
+    assert sdp.nearest_answer("无关", pool) == "胃药"  # no overlap anywhere: the first (ties go to the first)
+    assert sdp.char_ngrams("头痛") == {"头痛"} and sdp.char_ngrams("头") == {"头"}
+
+
+def test_qa_hold_out_takes_n_questions_by_hash_never_trained_on_with_the_nearest_training_answer():
+    import hashlib
+    convs = [qa("头痛怎么办", "休息"), qa("头痛怎么治", "吃药"), qa("胃痛怎么办", "胃药"), qa("发烧吃什么药", "退烧药"),
+             qa("咳嗽怎么办", "喝水")]
+    train, questions = sdp.hold_out(convs, 2, None)
+    digest = lambda q: hashlib.blake2b(q.encode(), digest_size=8).hexdigest()  # noqa: E731
+    expected = sorted(convs, key=lambda c: digest(c["messages"][0]["content"]))[:2]
+    assert [q["question"] for q in questions] == [c["messages"][0]["content"] for c in expected]
+    assert len(train) == 3 and not {q["question"] for q in questions} & {c["messages"][0]["content"] for c in train}
+    pool = [(sdp.char_ngrams(c["messages"][0]["content"]), c["messages"][1]["content"]) for c in train]
+    for q, c in zip(questions, expected):
+        assert q["reference"] == c["messages"][1]["content"] and q["kind"] == "qa" and q["source"] == "doctor.csv"
+        assert q["baselines"] == {"nearest": sdp.nearest_answer(q["question"], pool)}
+    # other formats are never held out
+    alpaca = [dict(c, format="alpaca") for c in convs]
+    assert sdp.hold_out(alpaca, 2, None) == (alpaca, [])
+
+
+def test_pairs_from_validation_documents_leave_training_and_are_asked_with_the_copy_baseline():
+    from babyllama.conversations import translation_prompt
+    pairs = [{"system": None, "messages": [U(translation_prompt(c)), A(m)], "source": "pairs.jsonl",
+              "format": "pairs", "classical": c}
+             for c, m in [("学而时习之", "学习并且时常温习它"), ("温故而知新", "温习旧的知道新的"),
+                          ("三人行", "几个人一起走"), ("知之为知之", "知道就是知道")]]
+    val_lines = {"学习并且时常温习它", "几个人一起走", "不在数据里的一行"}
+    train, questions = sdp.hold_out(pairs, 1, val_lines)
+    assert [c["classical"] for c in train] == ["温故而知新", "知之为知之"]  # both validation pairs left training
+    (q,) = questions
+    assert q["reference"] in val_lines and q["kind"] == "pairs"
+    classical = {"学习并且时常温习它": "学而时习之", "几个人一起走": "三人行"}[q["reference"]]
+    assert q["question"] == "把下面的文言文翻译成现代文：\n" + classical and q["baselines"] == {"copy": classical}
+
+
+def test_held_out_lines_are_the_lines_of_data_process_validation_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from babyllama.split import is_val
+    docs = [f"第{i}行甲。\n第{i}行乙。" for i in range(60)]
+    pq.write_table(pa.Table.from_pylist([{"text": d} for d in docs]), tmp_path / "clean.parquet")
+    (tmp_path / "meta.json").write_text(json.dumps({"val_fraction": 0.3, "seed": 5}))
+    lines = sdp.held_out_lines(str(tmp_path / "clean.parquet"), str(tmp_path / "meta.json"))
+    expected = {line for d in docs if is_val(d, 0.3, 5) for line in d.split("\n")}
+    assert lines == expected and 10 < len(expected) < 60
+
+
+def test_fill_replaces_the_given_placeholders_and_the_filter_drops_what_is_left_unfilled():
+    f = sdp.Filter(values={"name": "BabyLlama"})
+    named = f({"system": "我是{{name}}。", "messages": [U("你是谁？"), A("我是{{name}}。")]})
+    assert named["messages"][1]["content"] == "我是BabyLlama。" and named["system"] == "我是BabyLlama。"
+    assert f({"system": None, "messages": [U("谁开发了你？"), A("{{author}}。")]}) is None
+    assert f.counts == {"kept": 1, "unfilled placeholder": 1}
+
+
+def test_script_holds_out_doctor_questions_and_pairs_and_reports_each_input_share(tmp_path):
+    doctor = tmp_path / "doctor.csv"
+    doctor.write_text("department,title,ask,answer\n" + "".join(f"内科,问{i},第{i}个病人头晕怎么办,第{i}个回答多休息\n"
+                                                               for i in range(30)), encoding="utf-8")
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"classical": f"古文{i}曰", "modern": f"今文{i}说", "source": "书"} for i in range(40)])
+    identity = tmp_path / "identity.json"
+    identity.write_text(json.dumps([{"instruction": "你是谁？", "input": "", "output": "我是{{name}}。"}], ensure_ascii=False),
+                        encoding="utf-8")
+    out = tmp_path / "out"
+    run_script("sft_data_process.py", f"--inputs={doctor},{pairs},{identity}", "--ratios=1,0.5,2", "--fill=name=BabyLlama",
+               "--eval_holdout=5", "--val_fraction=0", f"--out_dir={out}")
+    train = load_conversations(out / "train.jsonl")
+    questions = [json.loads(line) for line in (out / "eval_questions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(q["kind"] for q in questions) == ["pairs"] * 5 + ["qa"] * 5
+    trained = {c["messages"][1]["content"] for c in train}
+    assert not trained & {q["reference"] for q in questions}
+    assert {"我是BabyLlama。"} == {c["messages"][1]["content"] for c in train if c["source"] == "identity.json"}
+    stats = json.loads((out / "stats.json").read_text())
+    # 25 doctor rows, half of the 35 pairs left (18), the identity record twice: shares of the 45 conversations
+    assert stats["train"] == 25 + 18 + 2
+    assert stats["train_share"] == {"doctor.csv": round(25 / 45, 4), "pairs.jsonl": round(18 / 45, 4),
+                                    "identity.json": round(2 / 45, 4)}

@@ -11,3 +11,9 @@ def test_an_auto_setting_takes_a_bool_override_and_nothing_else():
     assert g["compile"] is False
     with pytest.raises(ValueError, match="expected str"):
         configurator.apply_overrides({"compile": "auto"}, ["--compile=3"], verbose=False)
+
+
+def test_a_string_setting_keeps_digits_and_comma_lists_as_text():
+    g = {"ratios": "", "train_weights": "", "name": "x", "__name__": "x"}
+    configurator.apply_overrides(g, ["--ratios=1,0.5,2", "--train_weights=0.8", "--name=7"], verbose=False)
+    assert g == {"ratios": "1,0.5,2", "train_weights": "0.8", "name": "7", "__name__": "x"}

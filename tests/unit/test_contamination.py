@@ -42,3 +42,22 @@ def test_a_uint32_token_file_is_decoded_document_by_document(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(dict(meta, dtype="uint16")))  # not the file's dtype: refused
     with pytest.raises(ValueError, match="meta.json.*dtype uint16 cannot hold the ids of vocab_size 70000"):
         list(training_documents(str(tmp_path / "train.bin")))
+
+
+def test_held_out_questions_are_checked_by_their_reference_against_several_training_files(tmp_path):
+    from conftest import write_jsonl
+    from babyllama.contamination import evaluation_items
+    write_jsonl(tmp_path / "q.jsonl", [
+        {"question": "坐久了头晕怎么办？", "reference": "久坐后头晕多与颈椎和血压有关，建议起身活动并测量血压。", "kind": "qa"},
+        {"question": "把下面的文言文翻译成现代文：\n学而时习之", "reference": "学习了知识并且按时温习它，不也很愉快吗？", "kind": "pairs"}])
+    items = evaluation_items(str(tmp_path / "q.jsonl"), "val")
+    assert items == [{"key": "qa/1", "text": "久坐后头晕多与颈椎和血压有关，建议起身活动并测量血压。"},
+                     {"key": "pairs/2", "text": "学习了知识并且按时温习它，不也很愉快吗？"}]
+    (tmp_path / "corpus.txt").write_text("与本题无关的一行文字，讲的是别的事情。\n", encoding="utf-8")
+    write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "头晕"}, {"role": "assistant",
+                                          "content": "久坐后头晕多与颈椎和血压有关，建议起身活动并测量血压。"}]}])
+    docs = list(training_documents(f"{tmp_path / 'corpus.txt'},{tmp_path / 'sft.jsonl'}"))
+    assert [d["source"] for d in docs] == [str(tmp_path / "corpus.txt"), str(tmp_path / "sft.jsonl")]
+    assert docs[1]["text"] == "头晕\n久坐后头晕多与颈椎和血压有关，建议起身活动并测量血压。"  # a conversation's turns
+    best, _ = find_contamination(items, iter(docs))
+    assert [h["key"] for h in flagged(items, best, 0.5)] == ["qa/1"]

@@ -134,3 +134,34 @@ def test_sft_loader_skips_non_utf8_and_malformed_records_and_refuses_empty_or_fo
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="not a regular file"):  # refused when called: opening it would block
         iter_records(fifo, ReadErrors())
+
+
+def test_doctor_qa_rows_become_one_exchange_and_an_empty_ask_falls_back_to_the_title():
+    fmt, conv = cv.parse_record({"department": "心血管科", "title": "高血压能吃党参吗？", "ask": "我有高血压，能吃党参吗？",
+                                 "answer": "可以少量吃。"})
+    assert fmt == "qa" and conv == {"system": None, "messages": [{"role": "user", "content": "我有高血压，能吃党参吗？"},
+                                                                 {"role": "assistant", "content": "可以少量吃。"}]}
+    assert cv.parse_record({"title": "胃胀怎么办？", "ask": "无", "answer": "少食多餐。"})[1]["messages"][0]["content"] \
+        == "胃胀怎么办？"
+    assert cv.parse_record({"question": "头晕？", "answer": "多休息。"})[0] == "qa"
+
+
+def test_translation_pairs_become_instructions_with_the_classical_text_inside():
+    fmt, conv = cv.parse_record({"classical": "学而时习之", "modern": "学习并且时常温习它", "source": "论语/学而"})
+    assert fmt == "pairs" and conv["messages"][1] == {"role": "assistant", "content": "学习并且时常温习它"}
+    prompt = conv["messages"][0]["content"]
+    assert prompt in [p.format("学而时习之") for p in cv.TRANSLATION_PROMPTS]
+    assert cv.parse_record({"classical": "学而时习之", "modern": "x"})[1]["messages"][0]["content"] == prompt  # stable
+    # the phrasings vary over texts; evaluation always asks with the first
+    assert len({cv.translation_prompt(c) for c in "甲乙丙丁戊己庚辛壬癸子丑寅卯"}) > 1
+    assert cv.translation_prompt("学而时习之", 0) == "把下面的文言文翻译成现代文：\n学而时习之"
+
+
+def test_doctor_qa_csv_reads_as_conversations_with_its_format_counted(tmp_path):
+    path = tmp_path / "doctor.csv"
+    path.write_text('department,title,ask,answer\n消化科,胃胀怎么办？,饭后胃胀,少食多餐。\n内科,头晕,"坐久了头晕，\n为什么？",起身活动。\n',
+                    encoding="utf-8")
+    formats = Counter()
+    convs = list(cv.read_raw_conversations(path, ReadErrors(), formats))
+    assert formats == {"qa": 2} and [c["line"] for c in convs] == [2, 3]
+    assert convs[1]["messages"][0]["content"] == "坐久了头晕，\n为什么？" and convs[1]["source"] == "doctor.csv"

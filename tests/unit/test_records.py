@@ -96,3 +96,25 @@ def test_refuses_unsupported_types_missing_files_and_folders_when_called(tmp_pat
     with pytest.raises(IsADirectoryError, match="a folder"):
         iter_records(tmp_path, errors)
     assert errors.files_read == 0
+
+
+def test_csv_rows_are_records_by_header_with_quoted_newlines_and_bad_rows_named(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text('department,title,ask,answer\n'
+                    '心血管科,高血压能吃党参吗？,"我有高血压，\n可以吃党参吗？",可以少量吃。\n'
+                    '消化科,胃痛,只有三列\n'
+                    '\n'
+                    '消化科,胃胀怎么办？,饭后胃胀,"少食多餐，""慢慢吃""。"\n', encoding="utf-8")
+    records, errors = read(path)
+    assert records == [(2, {"department": "心血管科", "title": "高血压能吃党参吗？", "ask": "我有高血压，\n可以吃党参吗？",
+                            "answer": "可以少量吃。"}),
+                       (6, {"department": "消化科", "title": "胃胀怎么办？", "ask": "饭后胃胀", "answer": '少食多餐，"慢慢吃"。'})]
+    assert errors.count == 1 and errors.by_reason == {"bad csv row": 1}
+    assert any(e.startswith(f"{path}:4") for e in errors.examples)  # the short row, named by its line
+
+
+def test_csv_that_is_not_utf8_stops_and_keeps_the_rows_before(tmp_path):
+    path = tmp_path / "gbk.csv"
+    path.write_bytes("ask,answer\n头晕,多休息\n".encode("utf-8") + "胸闷,就医\n".encode("gbk"))
+    records, errors = read(path)
+    assert records == [(2, {"ask": "头晕", "answer": "多休息"})] and errors.by_reason == {"invalid utf-8": 1}

@@ -194,3 +194,15 @@ def test_a_meta_json_dtype_that_cannot_be_is_refused_naming_the_meta_json_and_fi
     json.dump({**meta, "dtype": dtype}, open(tmp_path / "meta.json", "w"))
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'meta.json'}: dtype ") + f".*{why}"):
         token_files.open_bins(path)
+
+
+def test_mixing_weights_give_each_file_its_share_of_tokens_whatever_its_length(tmp_path):
+    short = token_file(tmp_path, "short.bin", T + 1, first=500)  # 1 window
+    long = token_file(tmp_path, "long.bin", T + 99)  # 99 windows: 99% of the tokens by length
+    bins, _, _ = token_files.open_bins(f"{short},{long}", min_tokens=T + 1)
+    rows = torch.cat([token_files.get_batch(bins, 100, T, seed=1, step=step, micro_step=0, device="cpu",
+                                            weights=[0.3, 0.7])[0] for step in range(40)])
+    # 4,000 windows of T tokens each: the short file's tokens are 30% of them (sd ~0.007), not 1%
+    assert abs((rows[:, 0] == 500).float().mean().item() - 0.3) < 0.03
+    with_weights = token_files.get_batch(bins, 8, T, seed=1, step=0, micro_step=0, device="cpu", weights=[0, 1])[0]
+    assert not (with_weights[:, 0] == 500).any()  # a weight of 0 leaves a file out
