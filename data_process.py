@@ -2,6 +2,7 @@
 Tokenize a corpus into flat token files for pretraining: out_dir/train.bin, val.bin, meta.json.
 
     python data_process.py --download=poetry                        # only fetch chinese-poetry into data/
+    python data_process.py --download=zh                            # only fetch demo-zh's sets into data/zh/
     python data_process.py --input=data/clean/zh.jsonl,data/wiki/ --out_dir=out/data/wiki --num_workers=8
     python data_process.py config/data_wiki.py --min_chars=20
 
@@ -42,6 +43,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from babyllama import zh_sources
 from babyllama.atomic import atomic_path, write_json
 from babyllama.configurator import apply_overrides
 from babyllama.poetry_corpus import POETRY_DIRNAME, find_poetry_package
@@ -61,7 +63,8 @@ num_workers = 2  # encoding processes; <= 1 encodes in this process
 chunk_docs = 1000  # documents per task sent to a worker
 seed = 1337  # keys the split hash
 txt_mode = "line"  # .txt files: "line" = a document per line, "paragraph" = per blank-line-separated block
-download = ""  # "poetry": fetch the chinese-poetry npm package into data/chinese-poetry/ and stop (make download)
+download = ""  # "poetry": fetch the chinese-poetry npm package into data/chinese-poetry/ and stop (make download);
+#               "zh": demo-zh's public sets into data/zh/, each checked against its sha256 (babyllama/zh_sources.py)
 # -----------------------------------------------------------------------------
 
 UINT16_VOCAB = 65535  # the largest vocabulary written as uint16 (above it: uint32)
@@ -355,9 +358,15 @@ def format_report(meta, out_dir=""):
 if __name__ == "__main__":
     apply_overrides(globals())
     if download:  # the corpus comes before the tokenizer trained on it: fetching it is a step of its own
-        if download != "poetry":
-            sys.exit(f"--download={download!r}: only 'poetry' (the chinese-poetry npm package) is known")
-        print(f"chinese-poetry package at {download_poetry('data')}")
+        if download == "zh":  # a local copy (../shared/data) when its sha256 is right, else the source's file
+            paths = zh_sources.fetch_all()
+            write_json("data/zh/sources.json", {n: dict(path=p, **{k: zh_sources.SOURCES[n][k] for k in
+                                                                   ("url", "sha256", "license")}) for n, p in paths.items()})
+            print("every set verified -> data/zh/sources.json")
+        elif download == "poetry":
+            print(f"chinese-poetry package at {download_poetry('data')}")
+        else:
+            sys.exit(f"--download={download!r}: 'poetry' (the chinese-poetry npm package) or 'zh' (demo-zh's sets)")
         sys.exit(0)
     try:
         process(input, tokenizer_model, out_dir, text_field=text_field, val_fraction=val_fraction,
