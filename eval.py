@@ -220,7 +220,10 @@ def chat_batch(model, tok, path, out_path, sampling, max_new_tokens, system_prom
     print(f"{len(items)} answers in {dt:.1f}s ({n_new / max(dt, 1e-9):.1f} tok/s) -> {out_path}")
     scores = answer_scores(items)
     for kind, s in scores.items():
-        print(f"{kind}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+        print(f"{kind}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()
+                                      if k != "baselines"))
+        for name, b in s.get("baselines", {}).items():  # answers that need no model, on the same questions
+            print(f"{kind}, baseline {name}: " + ", ".join(f"{k} {b[k]:.3f}" for k in ("bleu4", "rougeL", "chrf")))
     for it in items[:6]:
         print(f"Q: {it['question']}\nA: {it['answer']}")
     return scores

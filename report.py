@@ -64,6 +64,12 @@ def stages_table(seconds):
     return lines
 
 
+def val_curve(d, stage):
+    """'iteration: held-out loss' pairs of a training stage's log (its sampled validation estimates), or ""."""
+    rows = [r for r in read_jsonl(f"{d}/{stage}/log.jsonl") if r.get("val_loss") is not None and "iter" in r]
+    return ", ".join(f"{r['iter']}: {r['val_loss']:.3f}" for r in rows)
+
+
 def training_table(d):
     """Markdown table: one row per training stage, from its summary.json."""
     rows = [("pretraining", read_json(f"{d}/pretrain/summary.json"), "best_val_loss", "nats/token (sampled)"),
@@ -138,7 +144,9 @@ def mc_section(results):
                 s = r["scores"][sc]
                 lines.append(f"| {label} | {sc} | " + " | ".join(f"{100 * s['subjects'][x]:.1f}" for x in subjects)
                              + f" | {100 * s['average']:.1f} |")
-        lines += ["", "(accuracy in %; chance is 25%)"]
+        n = first["questions"]
+        lines += ["", f"(accuracy in %; chance is 25%: with {n:,} questions, a score above "
+                      f"{100 * (0.25 + 2 * (0.25 * 0.75 / n) ** 0.5):.1f}% is more than two standard errors above it)"]
     else:
         lines = [head, "", category_table([(f"{label}, by {sc}", r["scores"][sc]) for label, r in results
                                            for sc in scorings])]
@@ -196,6 +204,10 @@ def report_lines(d):
     if seconds:
         out += ["## Wall time per stage", ""] + stages_table(seconds) + [""]
     out += ["## Training", ""] + training_table(d) + [""]
+    for stage, what in (("pretrain", "pretraining"), ("medical", "medical pretraining (medical text)")):
+        curve = val_curve(d, stage)
+        if curve:
+            out += [f"Held-out loss through {what}, by iteration: {curve}.", ""]
     plots = [(f, what) for f, what in PLOTS if os.path.exists(os.path.join(d, f))]
     if plots:
         out += ["## Curves", ""] + [f"![{what}]({f})" for f, what in plots] + [""]

@@ -136,6 +136,13 @@ def test_training_without_validation_data_checkpoints_every_eval_interval(motif_
     assert saved_at(tmp_path) == [2, 4, 5]
 
 
+def test_mixing_weights_need_one_weight_per_training_file(motif_bins, tmp_path):
+    train = f"{motif_bins / 'train.bin'},{motif_bins / 'train.bin'}"
+    p = pretrain(motif_bins, tmp_path, f"--train_data={train}", "--train_weights=1", check=False)
+    assert p.returncode != 0 and "want one weight >= 0 per training file" in p.stderr and "2 files" in p.stderr
+    assert not (tmp_path / "ckpt.pt").exists() and "Traceback" not in p.stderr
+
+
 def test_configurator_refuses_none_and_a_bad_dtype_by_name(motif_bins, tmp_path):
     p = run_script("pretrain.py", "--batch_size=None", check=False)
     assert p.returncode != 0 and "--batch_size=None" in p.stderr and "Traceback" not in p.stderr

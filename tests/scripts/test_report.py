@@ -76,6 +76,10 @@ def test_report_of_demo_zh_scores_every_model_against_the_baselines_on_held_out_
     for stage in ("pretrain", "medical"):
         write(f"{d}/{stage}/eval_ppl.json", dict(val_data="zh/val.bin", val_tokens=1000, val_loss=5.0, perplexity=148.4,
                                                  bits_per_char=3.21))
+    write(f"{d}/pretrain/log.jsonl", [{"iter": 0, "val_loss": 9.0}, {"iter": 0, "loss": 9.1}, {"iter": 100, "val_loss": 7.0}])
+    cloze = lambda a: dict(benchmark="cloze", split="val", k_shot=0, questions=400, scores={"option": {  # noqa: E731
+        "subjects": {"next_sentence": a}, "categories": {"modern Chinese": a}, "average": a, "questions": 400}})
+    write(f"{d}/pretrain/eval_mc_cloze_val_0shot.json", cloze(0.4))
     write(f"{d}/medical/eval_ppl_medical.json", dict(val_data="med/val.bin", val_tokens=500, val_loss=4.0,
                                                      perplexity=54.6, bits_per_char=2.5))
     run_script("report.py", f"--run_dir={d}")
@@ -89,3 +93,6 @@ def test_report_of_demo_zh_scores_every_model_against_the_baselines_on_held_out_
     assert "| after medical pretraining (medical text) | med/val.bin | 500 |" in text
     assert "Q: 把下面的文言文翻译成现代文： / 学而时习之" in text and "reference: 学习了并且按时温习它" in text
     assert "well-formed poems" not in text  # no poetry table for a run without poems
+    assert "Held-out loss through pretraining, by iteration: 0: 9.000, 100: 7.000." in text
+    # 400 questions: chance 25% plus two standard errors, 2 x sqrt(0.25 x 0.75 / 400) = 4.33 points
+    assert "| pretrained | option | 40.0 | 40.0 |" in text and "a score above 29.3% is more than two" in text
