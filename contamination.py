@@ -19,7 +19,7 @@ from babyllama.contamination import evaluation_items, find_contamination, flagge
 from babyllama.mc import MCError
 
 # -----------------------------------------------------------------------------------------------------------
-eval_set = ""  # an mc folder (its --split) or a gen JSONL file
+eval_set = ""  # an mc folder (its --split), eval.py's questions file (references checked) or a gen JSONL file
 train_data = ""  # the training data: a .bin of data_process.py (decoded) or any corpus clean_data reads (comma-separated: all)
 split = "val"  # the split of an mc folder that is checked
 text_field = ""  # .jsonl/.parquet training data: the field with the text ("" = auto)
@@ -56,7 +56,7 @@ if __name__ == "__main__":
     configure(globals())
     if not 0 < threshold <= 1:
         raise SystemExit(f"want 0 < threshold <= 1, not {threshold}")
-    for name, path in [("eval_set", eval_set)] + [("train_data", p) for p in train_data.split(",")]:
+    for name, path in [("eval_set", eval_set)] + [("train_data", p) for p in train_data.split(",") if p]:
         if not os.path.exists(path):
             raise SystemExit(f"contamination.py needs --{name}: {path!r} does not exist")
     try:

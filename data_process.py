@@ -359,7 +359,10 @@ if __name__ == "__main__":
     apply_overrides(globals())
     if download:  # the corpus comes before the tokenizer trained on it: fetching it is a step of its own
         if download == "zh":  # a local copy (../shared/data) when its sha256 is right, else the source's file
-            paths = zh_sources.fetch_all()
+            try:
+                paths = zh_sources.fetch_all()
+            except (OSError, ValueError) as e:  # a changed file, no network: named, no traceback
+                sys.exit(f"error: {e}")
             write_json("data/zh/sources.json", {n: dict(path=p, **{k: zh_sources.SOURCES[n][k] for k in
                                                                    ("url", "sha256", "license")}) for n, p in paths.items()})
             print("every set verified -> data/zh/sources.json")

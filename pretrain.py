@@ -93,8 +93,11 @@ lr_decay_iters = lr_decay_iters or max_iters
 # ---- data -------------------------------------------------------------------------------------------------
 train_bins, train_paths, meta = token_files.open_bins(train_data, vocab_size, min_tokens=max_seq_len + 1)  # checked
 val_bins = token_files.open_bins(val_data, vocab_size, like=meta, min_tokens=max_seq_len + 1)[0] if val_data else None
-mix = [float(w) for w in train_weights.split(",") if w] or None  # data mixing: each file's share of the windows
-if mix is not None and (len(mix) != len(train_paths) or min(mix) < 0 or sum(mix) <= 0):
+try:  # data mixing: each file's share of the windows
+    mix = [float(w) for w in train_weights.split(",") if w] or None
+except ValueError:
+    mix = [-1.0]
+if mix is not None and (len(mix) != len(train_paths) or not all(0 <= w < math.inf for w in mix) or sum(mix) <= 0):
     raise SystemExit(f"train_weights={train_weights!r}: want one weight >= 0 per training file, not all 0 "
                      f"({len(train_paths)} files: {', '.join(train_paths)})")
 if not vocab_size:

@@ -19,7 +19,8 @@ run_dir = "out/demo"  # the run folder (pretrain/, sft/, dpo/, the eval results)
 
 STAGES = (("pretrain", "pretrained"), ("medical", "after medical pretraining"), ("sft", "after SFT"),
           ("dpo", "after DPO"))  # (make demo-zh continues pretraining on medical text in medical/)
-PLOTS = (("pretrain/loss.png", "pretraining loss"), ("sft/loss.png", "SFT loss"), ("dpo/loss.png", "DPO loss"),
+PLOTS = (("pretrain/loss.png", "pretraining loss"), ("medical/loss.png", "medical pretraining loss"),
+         ("sft/loss.png", "SFT loss"), ("dpo/loss.png", "DPO loss"),
          ("dpo/rewards.png", "DPO rewards"), ("dpo/accuracy.png", "DPO preference accuracy"))
 N_ANSWERS = 3  # chat answers shown per model
 N_REFERENCE = 5  # make demo-zh: doctor answers and translations shown per model
@@ -248,6 +249,9 @@ def report_lines(d):
              ("tokenizer", f"{d}/tok8k.model"),
              ("cleaned corpus and report", f"{d}/clean/"), ("token files", f"{d}/data/"),
              ("pretrained model", f"{d}/pretrain/ckpt.pt"), ("its loss log and plot", f"{d}/pretrain/log.jsonl, loss.png"),
+             ("medical text: cleaned, tokens", f"{d}/clean_medical/, {d}/data_medical/"),
+             ("medical-pretrained model", f"{d}/medical/ckpt.pt"), ("next-sentence cloze", f"{d}/cloze/"),
+             ("held-out questions and their contamination", f"{d}/sft_data/eval_questions.jsonl, contamination.json"),
              ("SFT data", f"{d}/sft_data/"), ("SFT model", f"{d}/sft/ckpt.pt"), ("SFT answers", f"{d}/sft/answers.jsonl"),
              ("DPO pairs", f"{d}/dpo_data/"), ("DPO model", f"{d}/dpo/ckpt.pt"),
              ("DPO plots and samples", f"{d}/dpo/*.png, samples.json"), ("DPO answers", f"{d}/dpo/answers.jsonl"),

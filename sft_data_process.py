@@ -58,7 +58,7 @@ from tokenizer import Tokenizer
 from tokenizer.chat_template import encode_conversation
 
 # -----------------------------------------------------------------------------------------------------------
-inputs = ""  # comma-separated files (.json, .jsonl, .parquet)
+inputs = ""  # comma-separated files (.json, .jsonl, .parquet, .csv)
 ratios = ""  # comma-separated sampling ratio per input ("" = 1 each)
 demo_poetry = ""  # path to the chinese-poetry corpus: add the demo poetry SFT set
 demo_max_poems = 8000  # poems used for the demo set (regular 5/7-character poems, picked with seed)
@@ -84,7 +84,7 @@ def read_source(path, filt, errors, formats):
     them count), printing how many were parsed and kept. Records the reader skips go to errors (a ReadErrors),
     the formats found to the Counter formats. Raises ValueError naming the file, how many records were dropped
     and why, when none is kept; FileNotFoundError, IsADirectoryError or ValueError for a path that is not a
-    readable .json, .jsonl or .parquet file."""
+    readable .json, .jsonl, .parquet or .csv file."""
     read_before, filter_before = Counter(errors.by_reason), Counter(filt.counts)
     parsed = list(read_raw_conversations(path, errors, formats))
     kept = [c for c in map(filt, parsed) if c is not None]
@@ -195,16 +195,22 @@ def text_hash(text):
 
 
 def hold_out(convs, n, val_lines):
-    """Split one input's conversations into (training, evaluation questions). Q&A: n conversations by hash order of
-    the question. Pairs: every pair whose modern sentence is in val_lines (None: every pair) leaves training, and n
-    of them by hash order become questions. Other formats are all training."""
+    """Split one input's conversations into (training, evaluation questions). Q&A: n questions by hash order, and
+    every conversation asking one of them leaves training (a question asked twice is never on both sides). Pairs:
+    with val_lines, every pair whose modern sentence is one of them leaves training and n of them by hash order
+    become questions; with val_lines None, n pairs by hash order. Other formats are all training."""
     if not n or not convs or convs[0]["format"] not in ("qa", "pairs"):
         return convs, []
     kind = convs[0]["format"]
     eligible = [c for c in convs if kind == "qa" or val_lines is None or c["messages"][1]["content"].strip() in val_lines]
-    chosen = sorted(eligible, key=lambda c: text_hash(c["messages"][0]["content"]))[:n]
-    out = {id(c) for c in (eligible if kind == "pairs" and val_lines is not None else chosen)}
-    train = [c for c in convs if id(c) not in out]
+    by_question = {c["messages"][0]["content"]: c for c in reversed(eligible)}  # each question once (its first)
+    chosen = sorted(by_question.values(), key=lambda c: text_hash(c["messages"][0]["content"]))[:n]
+    if kind == "qa":
+        asked = {c["messages"][0]["content"] for c in chosen}
+        train = [c for c in convs if c["messages"][0]["content"] not in asked]
+    else:
+        out = {id(c) for c in (chosen if val_lines is None else eligible)}
+        train = [c for c in convs if id(c) not in out]
     pool = [(char_ngrams(c["messages"][0]["content"]), c["messages"][1]["content"]) for c in train]
     questions = []
     for c in chosen:
@@ -230,7 +236,8 @@ class Filter:
 
     def __call__(self, conv):
         conv = fill_placeholders(conv, self.values)
-        reason = check_conversation(conv) or (PLACEHOLDER.search(conversation_text(conv)) and "unfilled placeholder")
+        reason = check_conversation(conv) or (self.values and PLACEHOLDER.search(conversation_text(conv)) and
+                                              "unfilled placeholder")
         if reason:
             self.counts[reason] += 1
             return None
@@ -293,6 +300,10 @@ def main():
         raise SystemExit("nothing to do: give --inputs=... and/or --demo_poetry=...")
     errors, formats = ReadErrors(), Counter()
     limit = max_seq_len + 1 if max_seq_len else 0  # max_seq_len + 1 tokens give max_seq_len targets
+    if any("=" not in kv for kv in fill.split(",") if kv):
+        raise SystemExit(f"fill={fill!r}: want name=value pairs separated by commas (name=BabyLlama,author=...)")
+    if heldout_corpus and not token_meta:
+        raise SystemExit("heldout_corpus needs token_meta: the meta.json of the token files made from it (its split)")
     values = dict(kv.split("=", 1) for kv in fill.split(",") if kv)
     filt = Filter(tok, limit, overlong, dedup, values)
     per_source = [read_source(p, filt, errors, formats) for p in paths]
@@ -300,6 +311,9 @@ def main():
     questions = []
     for i, convs in enumerate(per_source):
         per_source[i], held = hold_out(convs, eval_holdout, val_lines)
+        if eval_holdout and not held and convs[0]["format"] in ("qa", "pairs"):
+            raise SystemExit(f"{paths[i]}: no conversation to hold out for evaluation (pairs: none has its modern "
+                             f"sentence in a validation document of {heldout_corpus}; wrong corpus or token_meta?)")
         questions += held
         if held:
             print(f"{paths[i]}: {len(held)} held out as evaluation questions, {len(per_source[i]):,} left to train on")
@@ -330,10 +344,12 @@ def main():
     # everything is checked: only now is out_dir touched
     ext = "parquet" if out_format == "parquet" else "jsonl"
     os.makedirs(out_dir, exist_ok=True)
+    qpath = os.path.join(out_dir, "eval_questions.jsonl")
     if questions:
-        qpath = os.path.join(out_dir, "eval_questions.jsonl")
         write_jsonl(qpath, questions)
         print(f"{len(questions)} evaluation questions -> {qpath}")
+    elif os.path.exists(qpath):  # a previous run's questions may be in this run's training data
+        os.remove(qpath)
     write_conversations(os.path.join(out_dir, f"train.{ext}"), train, out_format)
     write_conversations(os.path.join(out_dir, f"val.{ext}"), val, out_format)
     write_json(os.path.join(out_dir, "stats.json"), stats)

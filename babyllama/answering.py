@@ -56,8 +56,9 @@ def answer_scores(items):
         m = text_metrics.corpus_scores([it["answer"] for it in group], refs)
         s.update({k: m[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "chrf")})
         names = sorted({b for it in group for b in it.get("baselines") or {}})
-        if names:  # answers that need no model, on the same questions (sft_data_process.py writes them)
-            s["baselines"] = {b: text_metrics.corpus_scores([it["baselines"].get(b, "") for it in group], refs)
-                              for b in names}
+        for b in names:  # answers that need no model, scored on the questions that have one (sft_data_process.py's)
+            have = [it for it in group if b in (it.get("baselines") or {})]
+            s.setdefault("baselines", {})[b] = text_metrics.corpus_scores([it["baselines"][b] for it in have],
+                                                                          [it["reference"] for it in have])
         scores[kind or "all"] = s
     return scores

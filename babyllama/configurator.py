@@ -4,7 +4,8 @@
 
 A bare argument is a config file of Python assignments executed into the script's globals. `--key=value` sets one
 global, parsed as a Python literal when it can be; it must have the type of the default it replaces (a float default
-takes an int, 'auto' a bool, None anything), so a typo fails loudly. Torch-free (data scripts use it)."""
+takes an int, 'auto' a bool, None anything; a string default keeps digits or a comma list as the text given, as in
+--ratios=1,0.5), so a typo fails loudly. Torch-free (data scripts use it)."""
 import ast
 import inspect
 import json

@@ -96,8 +96,11 @@ def evaluation_items(path, split):
                 for s, p in exam.items() for q in p["questions"]]
     first = next(iter_records(path, ReadErrors()), (0, None))[1]
     if isinstance(first, dict) and "question" in first:
-        return [{"key": f"{it.get('kind', '')}/{i}", "text": it["reference"]}
-                for i, it in enumerate(read_questions(path), 1) if isinstance(it.get("reference"), str)]
+        items = [{"key": f"{it.get('kind', '')}/{i}", "text": it["reference"]}
+                 for i, it in enumerate(read_questions(path), 1) if isinstance(it.get("reference"), str)]
+        if not items:
+            raise ValueError(f"{path}: no question with a \"reference\" string (the answer that is checked)")
+        return items
     return [{"key": str(it["line"]), "text": it["reference"]} for it in read_gen_items(path)]
 
 

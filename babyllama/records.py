@@ -1,4 +1,4 @@
-"""Raw records from .jsonl / .json / .parquet files, and the one convention for what is skipped (ReadErrors).
+"""Raw records from .jsonl / .json / .parquet / .csv files, and the one convention for what is skipped (ReadErrors).
 
     errors = ReadErrors()
     for line, record in iter_records("data/sft/alpaca.json", errors):
@@ -137,9 +137,9 @@ def _jsonl_records(path, source, errors):
 
 def _csv_records(path, source, errors):
     """A .csv file with a header row: each row a record {header field: value} (quoted fields may hold newlines; line:
-    where the row starts). A row with another number of fields than the header is skipped ("bad csv row"); a line
-    that is not UTF-8 (reported by decode_line) or text that is not CSV stops the file there, the rows before it
-    kept."""
+    where the row starts). A row with another number of fields than the header is skipped ("bad csv row"). A line
+    that is not UTF-8 (decode_line names it), a quote left open or a header naming a field twice stops the file
+    there, the whole rows before it kept."""
     def lines(f):  # decoded one line at a time, so a bad byte is named by its line
         for lineno, raw in enumerate(f, 1):
             text = decode_line(raw, source, lineno, errors)
@@ -148,10 +148,13 @@ def _csv_records(path, source, errors):
             yield text
 
     with open_binary(path) as f:
-        reader = csv.reader(lines(f))
+        reader = csv.reader(lines(f), strict=True)  # strict: an open quote at the end is an error, not a row
         line = 1
         try:
             header = next(reader, None)
+            if header and len(set(header)) < len(header):
+                errors.add(source, 1, "bad csv header", f"a field named twice: {', '.join(header)}")
+                return
             line = reader.line_num + 1
             for row in reader:
                 if row and len(row) != len(header):
@@ -160,7 +163,7 @@ def _csv_records(path, source, errors):
                     yield line, dict(zip(header, row))
                 line = reader.line_num + 1
         except csv.Error as e:
-            errors.add(source, line, "bad csv", f"{e}; rest of file not read")
+            errors.add(source, line, "bad csv", f"{e} (a quote left open?); rest of file not read")
 
 
 def _json_records(path, source, errors):

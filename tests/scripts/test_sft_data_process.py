@@ -140,6 +140,10 @@ def test_qa_hold_out_takes_n_questions_by_hash_never_trained_on_with_the_nearest
     for q, c in zip(questions, expected):
         assert q["reference"] == c["messages"][1]["content"] and q["kind"] == "qa" and q["source"] == "doctor.csv"
         assert q["baselines"] == {"nearest": sdp.nearest_answer(q["question"], pool)}
+    # a question asked twice (two answers) is never on both sides
+    twice = convs + [qa(c["messages"][0]["content"], "另一个回答") for c in expected]
+    train, questions = sdp.hold_out(twice, 2, None)
+    assert len(train) == 3 and not {q["question"] for q in questions} & {c["messages"][0]["content"] for c in train}
     # other formats are never held out
     alpaca = [dict(c, format="alpaca") for c in convs]
     assert sdp.hold_out(alpaca, 2, None) == (alpaca, [])
@@ -203,3 +207,29 @@ def test_script_holds_out_doctor_questions_and_pairs_and_reports_each_input_shar
     assert stats["train"] == 25 + 18 + 2
     assert stats["train_share"] == {"doctor.csv": round(25 / 45, 4), "pairs.jsonl": round(18 / 45, 4),
                                     "identity.json": round(2 / 45, 4)}
+
+
+def test_script_holds_out_only_pairs_of_validation_documents_and_refuses_a_corpus_without_any(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from babyllama.split import is_val
+    moderns = [f"今文第{i}句说的话" for i in range(60)]
+    docs = ["\n".join(moderns[i:i + 3]) for i in range(0, 60, 3)]  # 20 documents of 3 sentences
+    pq.write_table(pa.Table.from_pylist([{"text": d} for d in docs]), tmp_path / "clean.parquet")
+    (tmp_path / "meta.json").write_text(json.dumps({"val_fraction": 0.3, "seed": 3}))
+    val = {m for d in docs if is_val(d, 0.3, 3) for m in d.split("\n")}
+    assert 0 < len(val) < 60
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"classical": f"古文{i}曰", "modern": m} for i, m in enumerate(moderns)])
+    out = tmp_path / "out"
+    run_script("sft_data_process.py", f"--inputs={pairs}", "--eval_holdout=2", "--val_fraction=0",
+               f"--heldout_corpus={tmp_path / 'clean.parquet'}", f"--token_meta={tmp_path / 'meta.json'}",
+               f"--out_dir={out}")
+    trained = {c["messages"][1]["content"] for c in load_conversations(out / "train.jsonl")}
+    questions = [json.loads(line) for line in (out / "eval_questions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert trained == set(moderns) - val and len(questions) == 2 and {q["reference"] for q in questions} <= val
+    (tmp_path / "meta.json").write_text(json.dumps({"val_fraction": 0.0, "seed": 3}))  # no validation document
+    p = run_script("sft_data_process.py", f"--inputs={pairs}", "--eval_holdout=2", f"--out_dir={tmp_path / 'none'}",
+                   f"--heldout_corpus={tmp_path / 'clean.parquet'}", f"--token_meta={tmp_path / 'meta.json'}",
+                   check=False)
+    assert p.returncode == 1 and "no conversation to hold out" in p.stderr and not (tmp_path / "none").exists()

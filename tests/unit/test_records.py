@@ -118,3 +118,19 @@ def test_csv_that_is_not_utf8_stops_and_keeps_the_rows_before(tmp_path):
     path.write_bytes("ask,answer\n头晕,多休息\n".encode("utf-8") + "胸闷,就医\n".encode("gbk"))
     records, errors = read(path)
     assert records == [(2, {"ask": "头晕", "answer": "多休息"})] and errors.by_reason == {"invalid utf-8": 1}
+
+
+def test_csv_with_a_quote_left_open_or_a_field_named_twice_stops_naming_the_line(tmp_path):
+    path = tmp_path / "open.csv"
+    path.write_text('ask,answer\n头晕,多休息\n胸闷,"就医\n心慌,测心率\n', encoding="utf-8")
+    records, errors = read(path)
+    assert records == [(2, {"ask": "头晕", "answer": "多休息"})] and errors.by_reason == {"bad csv": 1}
+    assert any(e.startswith(f"{path}:3") for e in errors.examples)  # where the open quote's row starts
+    cut = tmp_path / "cut.csv"  # a bad line inside a quoted field: the row it breaks is not kept
+    cut.write_bytes('ask,answer\n头晕,"多休息\n'.encode("utf-8") + "胸闷\n".encode("gbk") + '"\n'.encode("utf-8"))
+    records, errors = read(cut)
+    assert records == [] and errors.by_reason == {"invalid utf-8": 1, "bad csv": 1}
+    twice = tmp_path / "twice.csv"
+    twice.write_text("a,a\n1,2\n", encoding="utf-8")
+    records, errors = read(twice)
+    assert records == [] and errors.by_reason == {"bad csv header": 1}

@@ -46,3 +46,24 @@ def test_empty_hypothesis_scores_0():
     assert text_metrics.sample_scores("", "床前明月光", "zh") == {"bleu1": 0, "bleu2": 0, "bleu3": 0, "bleu4": 0,
                                                                  "rougeL": 0}
 
+
+
+def test_chrf_is_100_for_identical_text_and_0_without_a_shared_character():
+    assert text_metrics.corpus_scores(["学习并且时常温习它"], ["学习并且时常温习它"])["chrf"] == pytest.approx(100)
+    assert text_metrics.corpus_scores(["春眠不觉晓"], ["黄河入海流"])["chrf"] == 0
+
+
+def test_copy_baseline_scored_by_hand_beside_the_model_answers():
+    from babyllama.answering import answer_scores
+    # copying the classical text 学而时习之 against the translation 学习并且时常温习它 (characters are the tokens):
+    # unigrams 学 时 习 match (3 of 5), no bigram does; brevity penalty exp(1 - 9/5); LCS 学 时 习 = 3
+    items = [{"question": "把下面的文言文翻译成现代文：\n学而时习之", "reference": "学习并且时常温习它", "kind": "pairs",
+              "answer": "学习并且时常温习它", "finished": True, "baselines": {"copy": "学而时习之"}},
+             {"question": "头晕？", "reference": "多休息", "kind": "qa", "answer": "多休息", "finished": True}]
+    s = answer_scores(items)
+    copy = s["pairs"]["baselines"]["copy"]
+    assert copy["bleu1"] == pytest.approx(100 * math.exp(1 - 9 / 5) * 3 / 5) and copy["bleu2"] == 0
+    p, r = 3 / 5, 3 / 9
+    assert copy["rougeL"] == pytest.approx(100 * 2 * p * r / (p + r))
+    assert s["pairs"]["bleu4"] == pytest.approx(100) and s["pairs"]["chrf"] == pytest.approx(100)
+    assert "baselines" not in s["qa"]  # a kind without baselines has none
