@@ -227,7 +227,7 @@ $(ZH)/%/eval_ppl_medical.json: $(ZH)/%/summary.json
 $(ZH)/%/eval_mc_cloze_val_0shot.json: $(ZH)/%/summary.json $(ZH)/cloze/contamination.json
 	$(call timed,cloze-$*,$(PYTHON) eval.py --mode=mc --ckpt_path=$(ZH)/$*/ckpt.pt --mc_data=$(ZH)/cloze --contamination_file=$(ZH)/cloze/contamination.json --batch_size=64,$(ZH))
 $(ZH)/%/chat.json: $(ZH)/%/summary.json $(ZH)/sft_data/contamination.json
-	$(call timed,chat-$*,$(PYTHON) eval.py --mode=chat --ckpt_path=$(ZH)/$*/ckpt.pt --questions_file=$(ZH)/sft_data/eval_questions.jsonl --answers_file=$(ZH)/$*/answers.jsonl --results_file=$@ --temperature=0.0 --repetition_penalty=1.1 --batch_size=100 --max_new_tokens=128,$(ZH))
+	$(call timed,chat-$*,$(PYTHON) eval.py --mode=chat --ckpt_path=$(ZH)/$*/ckpt.pt --questions_file=$(ZH)/sft_data/eval_questions.jsonl --answers_file=$(ZH)/$*/answers.jsonl --results_file=$@ --temperature=0.0 --repetition_penalty=1.0 --batch_size=100 --max_new_tokens=128,$(ZH))
 # C-Eval and CMMLU (chance for a model this size) for the final model, where the sets are (CEVAL=, CMMLU= folders)
 $(ZH)/dpo/eval_mc_ceval_val_0shot.json: $(ZH)/dpo/summary.json
 	$(call timed,ceval,$(PYTHON) eval.py --mode=mc --ckpt_path=$(ZH)/dpo/ckpt.pt --mc_data=$(CEVAL) --split=val --batch_size=64,$(ZH))

@@ -14,6 +14,6 @@ batch_size = 4 // gradient_accumulation_steps
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 5
-max_iters = 150
+max_iters = 100
 eval_interval = 50
 sft_weight = 1.0  # DPO plus the chosen reply's NLL (RPO), as config/dpo_demo.py: keeps the replies well-formed
