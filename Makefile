@@ -192,10 +192,18 @@ $(ZH)/data/meta.json: $(ZH)/clean/report.json $(ZTOK)
 $(ZH)/data_medical/meta.json: $(ZH)/clean_medical/report.json $(ZTOK)
 	$(call timed,tokens-medical,$(PYTHON) data_process.py --input=$(ZH)/clean_medical/clean.parquet --tokenizer_model=$(ZTOK) --val_fraction=0.05 --out_dir=$(ZH)/data_medical,$(ZH))
 
-# pretraining on general text, then continued pretraining with medical text mixed in (config/zh_medical_cpu.py)
+# the training side of the translation pairs as text (the held-out pairs, and every pair of a validation document,
+# left out: the same rule as the SFT set's), for continued pretraining
+$(ZH)/pairs/stats.json: $(ZH)/data/meta.json $(ZSOURCES)
+	$(call timed,pairs,$(PYTHON) sft_data_process.py config/zh_sft_data.py --inputs=data/zh/niutrans_pairs.jsonl --ratios=1 --out_dir=$(ZH)/pairs,$(ZH))
+$(ZH)/data_pairs/meta.json: $(ZH)/pairs/stats.json
+	$(call timed,tokens-pairs,$(PYTHON) data_process.py --input=$(ZH)/pairs/train.jsonl --tokenizer_model=$(ZTOK) --val_fraction=0 --out_dir=$(ZH)/data_pairs,$(ZH))
+
+# pretraining on general text, then continued pretraining with medical text and the translation pairs mixed in
+# (config/zh_medical_cpu.py)
 $(ZH)/pretrain/summary.json: $(ZH)/data/meta.json config/zh_cpu.py
 	$(call timed,pretrain,$(PYTHON) pretrain.py config/zh_cpu.py --overwrite=True,$(ZH))
-$(ZH)/medical/summary.json: $(ZH)/pretrain/summary.json $(ZH)/data_medical/meta.json config/zh_medical_cpu.py
+$(ZH)/medical/summary.json: $(ZH)/pretrain/summary.json $(ZH)/data_medical/meta.json $(ZH)/data_pairs/meta.json config/zh_medical_cpu.py
 	$(call timed,medical,$(PYTHON) pretrain.py config/zh_medical_cpu.py --overwrite=True,$(ZH))
 
 # SFT on general, medical and translation conversations; the held-out doctor questions and translation pairs (with
@@ -213,21 +221,25 @@ $(ZH)/dpo/summary.json: $(ZH)/sft/summary.json $(ZH)/dpo_data/stats.json config/
 # training data holds (pretraining, medical and SFT text)
 $(ZH)/cloze/about.json: $(ZH)/data/meta.json
 	$(call timed,cloze,$(PYTHON) poetry_bench.py --kind=prose --corpus=$(ZH)/clean/clean.parquet --token_meta=$(ZH)/data/meta.json --out_dir=$(ZH)/cloze,$(ZH))
-$(ZH)/cloze/contamination.json: $(ZH)/cloze/about.json $(ZH)/sft_data/stats.json $(ZH)/data_medical/meta.json
+$(ZH)/cloze/contamination.json: $(ZH)/cloze/about.json $(ZH)/sft_data/stats.json $(ZH)/data_medical/meta.json $(ZH)/data_pairs/meta.json
 	$(call timed,contamination-cloze,$(PYTHON) contamination.py --eval_set=$(ZH)/cloze --train_data=$(ZTRAIN),$(ZH))
-$(ZH)/sft_data/contamination.json: $(ZH)/sft_data/stats.json $(ZH)/data_medical/meta.json
+$(ZH)/sft_data/contamination.json: $(ZH)/sft_data/stats.json $(ZH)/data_medical/meta.json $(ZH)/data_pairs/meta.json
 	$(call timed,contamination-qa,$(PYTHON) contamination.py --eval_set=$(ZH)/sft_data/eval_questions.jsonl --train_data=$(ZTRAIN),$(ZH))
-ZTRAIN = $(ZH)/data/train.bin$(COMMA)$(ZH)/data_medical/train.bin$(COMMA)$(ZH)/sft_data/train.jsonl
+ZTRAIN = $(ZH)/data/train.bin$(COMMA)$(ZH)/data_medical/train.bin$(COMMA)$(ZH)/data_pairs/train.bin$(COMMA)$(ZH)/sft_data/train.jsonl
 
 # every model: held-out perplexity (general and medical text), the cloze, the held-out questions answered greedily
 $(ZH)/%/eval_ppl.json: $(ZH)/%/summary.json
-	$(call timed,ppl-$*,$(PYTHON) eval.py --mode=ppl --ckpt_path=$(ZH)/$*/ckpt.pt --val_data=$(ZH)/data/val.bin --val_max_tokens=0 --batch_size=32,$(ZH))
-$(ZH)/%/eval_ppl_medical.json: $(ZH)/%/summary.json
+	$(call timed,ppl-$*,$(PYTHON) eval.py --mode=ppl --ckpt_path=$(ZH)/$*/ckpt.pt --val_data=$(ZH)/data/val.bin --val_max_tokens=200000 --batch_size=32,$(ZH))
+$(ZH)/%/eval_ppl_medical.json: $(ZH)/%/summary.json $(ZH)/data_medical/meta.json
 	$(call timed,ppl-medical-$*,$(PYTHON) eval.py --mode=ppl --ckpt_path=$(ZH)/$*/ckpt.pt --val_data=$(ZH)/data_medical/val.bin --val_max_tokens=0 --batch_size=32 --results_file=$@,$(ZH))
 $(ZH)/%/eval_mc_cloze_val_0shot.json: $(ZH)/%/summary.json $(ZH)/cloze/contamination.json
 	$(call timed,cloze-$*,$(PYTHON) eval.py --mode=mc --ckpt_path=$(ZH)/$*/ckpt.pt --mc_data=$(ZH)/cloze --contamination_file=$(ZH)/cloze/contamination.json --batch_size=64,$(ZH))
 $(ZH)/%/chat.json: $(ZH)/%/summary.json $(ZH)/sft_data/contamination.json
-	$(call timed,chat-$*,$(PYTHON) eval.py --mode=chat --ckpt_path=$(ZH)/$*/ckpt.pt --questions_file=$(ZH)/sft_data/eval_questions.jsonl --answers_file=$(ZH)/$*/answers.jsonl --results_file=$@ --temperature=0.0 --repetition_penalty=1.0 --batch_size=100 --max_new_tokens=128,$(ZH))
+	$(call timed,chat-$*,$(PYTHON) eval.py --mode=chat --ckpt_path=$(ZH)/$*/ckpt.pt --questions_file=$(ZH)/sft_data/eval_questions.jsonl --contamination_file=$(ZH)/sft_data/contamination.json --answers_file=$(ZH)/$*/answers.jsonl --results_file=$@ --temperature=0.0 --repetition_penalty=1.0 --batch_size=100 --max_new_tokens=128,$(ZH))
+# baby-llama2-chinese's README asks its models these three; the final model answers them, greedy
+$(ZH)/dpo/three_questions.json: $(ZH)/dpo/summary.json
+	@printf '%s\n' "最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？" "前列腺囊肿的症状是什么？" "请问，世界上最大的动物是什么？" > $(ZH)/three_questions.txt
+	$(call timed,three-questions,$(PYTHON) eval.py --mode=chat --ckpt_path=$(ZH)/dpo/ckpt.pt --questions_file=$(ZH)/three_questions.txt --answers_file=$(ZH)/dpo/three_questions.jsonl --results_file=$@ --temperature=0.0 --repetition_penalty=1.0 --max_new_tokens=128,$(ZH))
 # C-Eval and CMMLU (chance for a model this size) for the final model, where the sets are (CEVAL=, CMMLU= folders)
 $(ZH)/dpo/eval_mc_ceval_val_0shot.json: $(ZH)/dpo/summary.json
 	$(call timed,ceval,$(PYTHON) eval.py --mode=mc --ckpt_path=$(ZH)/dpo/ckpt.pt --mc_data=$(CEVAL) --split=val --batch_size=64,$(ZH))
@@ -237,7 +249,7 @@ $(ZH)/dpo/eval_mc_cmmlu_test_0shot.json: $(ZH)/dpo/summary.json
 ZH_OUTPUTS := $(foreach m,$(ZMODELS),$(ZH)/$(m)/eval_ppl.json $(ZH)/$(m)/eval_ppl_medical.json \
 	$(ZH)/$(m)/eval_mc_cloze_val_0shot.json $(ZH)/$(m)/chat.json) \
 	$(if $(wildcard $(CEVAL)),$(ZH)/dpo/eval_mc_ceval_val_0shot.json) \
-	$(if $(wildcard $(CMMLU)),$(ZH)/dpo/eval_mc_cmmlu_test_0shot.json)
+	$(if $(wildcard $(CMMLU)),$(ZH)/dpo/eval_mc_cmmlu_test_0shot.json) $(ZH)/dpo/three_questions.json
 $(ZH)/report.md: $(ZH_OUTPUTS) FORCE
 	$(PYTHON) report.py --run_dir=$(ZH)
 

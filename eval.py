@@ -89,7 +89,7 @@ benchmark = ""  # 'ceval', 'cmmlu' (subject names and categories) or anything el
 scoring = "letter,option"  # letter: next-token likelihood of A-D after the cue; option: per-character option LL
 prompt_format = "auto"  # 'plain', 'chat'; auto = chat for SFT/DPO checkpoints, plain for pretrained ones
 prefix_cache = True  # compute a prefix shared by a subject's prompts (instruction + shots) once, as a KV cache
-contamination_file = ""  # mc: JSON from contamination.py; flagged items are counted in the table
+contamination_file = ""  # mc, chat: JSON from contamination.py; flagged items counted (mc), scored apart (chat)
 # gen
 gen_file = ""  # JSONL {"prompt" | "messages", "reference"}
 # -----------------------------------------------------------------------------------------------------------
@@ -204,10 +204,13 @@ def chat_interactive(model, tok, sampling, max_new_tokens, system_prompt, device
 
 
 def chat_batch(model, tok, path, out_path, sampling, max_new_tokens, system_prompt, batch_size, device,
-               autocast_ctx):
+               autocast_ctx, flagged=()):
     """Answer every question of the file (qa_files.read_questions) in padded batches; JSONL out; exact match
-    etc. per kind when references are given (answering.answer_scores). Returns those scores."""
+    etc. per kind when references are given (answering.answer_scores), and again without the questions whose
+    kind/number is in flagged (contamination.py's keys). Returns those scores."""
     items = read_questions(path)
+    for i, it in enumerate(items, 1):
+        it["contaminated"] = f"{it.get('kind', '')}/{i}" in flagged
     room = model.args.max_seq_len - max_new_tokens
     prompts = [fit_history(tok, [{"role": "user", "content": it["question"]}], room,
                            it.get("system") or system_prompt)[0] for it in items]
@@ -293,7 +296,7 @@ if __name__ == "__main__":
             raise SystemExit(f"--mode={mode} needs --{name}: {path!r} does not exist")
     try:  # the inputs are read and checked before a model is loaded
         exam = load_exam(mc_data, split, shots_split, k_shot, subjects) if mode == "mc" else None
-        flagged_ids = flagged_keys(contamination_file) if mode == "mc" and contamination_file else None
+        flagged_ids = flagged_keys(contamination_file) if mode in ("mc", "chat") and contamination_file else None
         gen_items = read_gen_items(gen_file) if mode == "gen" else None
     except (MCError, OSError) as e:
         raise SystemExit(f"error: {e}")
@@ -313,7 +316,7 @@ if __name__ == "__main__":
     if mode == "chat" and questions_file:
         out = answers_file or questions_file + ".answers.jsonl"
         results["chat_scores"] = chat_batch(model, tok, questions_file, out, sampling, max_new_tokens, system_prompt,
-                                            batch_size, device, autocast_ctx)
+                                            batch_size, device, autocast_ctx, flagged_ids or ())
     elif mode == "chat":
         chat_interactive(model, tok, sampling, max_new_tokens, system_prompt, device, autocast_ctx)
     if mode in ("sample", "all"):

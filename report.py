@@ -101,7 +101,12 @@ def reference_scores(d, kind):
     if not found:
         return []
     rows = [(f"baseline: {name}", s) for name, s in found[0][1].get("baselines", {}).items()] + found
-    return [f"### {REFERENCE_KINDS[kind]}", "", text_metrics.scores_table(rows), ""]
+    out = [f"### {REFERENCE_KINDS[kind]}", "", text_metrics.scores_table(rows), ""]
+    clean = [(label, s["uncontaminated"]) for label, s in rows if "uncontaminated" in s]
+    if clean:  # contamination.py flagged some of these questions: the same table without them
+        out += [f"Without the {found[0][1]['n'] - clean[0][1]['n']} questions whose reference a training document "
+                f"nearly holds (contamination.py):", "", text_metrics.scores_table(clean), ""]
+    return out
 
 
 def scores_table(d):
@@ -245,6 +250,12 @@ def report_lines(d):
                 if r.get("kind") in REFERENCE_KINDS:
                     out += [f"  reference: {r['reference']}".replace("\n", " / ")]
             out += [""]
+    three = read_jsonl(f"{d}/dpo/three_questions.jsonl")
+    if three:  # make demo-zh: the questions baby-llama2-chinese's README asks its models
+        out += ["## The three questions of baby-llama2-chinese's README (final model, greedy)", ""]
+        for r in three:
+            out += [f"- Q: {r['question']}", f"  A: {r['answer']}".replace("\n", " / ")]
+        out += [""]
     files = [("corpus (downloaded)", "data/chinese-poetry" if os.path.exists(f"{d}/poetry_bench") else "data/zh"),
              ("tokenizer", f"{d}/tok8k.model"),
              ("cleaned corpus and report", f"{d}/clean/"), ("token files", f"{d}/data/"),

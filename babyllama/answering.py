@@ -42,7 +42,8 @@ def answer_scores(items):
     """Scores per kind of the items with a "reference" ({"answer", "finished", "reference", optional "kind", "author",
     "baselines": {name: answer}}): {kind or "all": {"n", "exact_match", "finished", ["well_formed": poems],
     ["author_named": authors], "bleu1".."bleu4", "rougeL", "chrf", ["baselines": {name: the same metrics of the
-    baseline answers}]}}; rates in [0, 1], BLEU, ROUGE and chrF in % (babyllama/text_metrics.py)."""
+    baseline answers}], ["uncontaminated": all of these again without the items marked "contaminated"]}}; rates in
+    [0, 1], BLEU, ROUGE and chrF in % (babyllama/text_metrics.py)."""
     scores = {}
     for kind in sorted({it.get("kind", "") for it in items if "reference" in it}):
         group = [it for it in items if "reference" in it and it.get("kind", "") == kind]
@@ -60,5 +61,8 @@ def answer_scores(items):
             have = [it for it in group if b in (it.get("baselines") or {})]
             s.setdefault("baselines", {})[b] = text_metrics.corpus_scores([it["baselines"][b] for it in have],
                                                                           [it["reference"] for it in have])
+        clean = [it for it in group if not it.get("contaminated")]
+        if clean and len(clean) < len(group):  # again without the questions a training document nearly holds
+            s["uncontaminated"] = answer_scores(clean)[kind or "all"]
         scores[kind or "all"] = s
     return scores

@@ -67,3 +67,15 @@ def test_copy_baseline_scored_by_hand_beside_the_model_answers():
     assert copy["rougeL"] == pytest.approx(100 * 2 * p * r / (p + r))
     assert s["pairs"]["bleu4"] == pytest.approx(100) and s["pairs"]["chrf"] == pytest.approx(100)
     assert "baselines" not in s["qa"]  # a kind without baselines has none
+
+
+def test_chat_scores_are_given_again_without_the_contaminated_questions():
+    from babyllama.answering import answer_scores
+    items = [{"question": "q1", "reference": "多休息", "answer": "多休息", "finished": True, "kind": "qa",
+              "contaminated": True, "baselines": {"nearest": "多休息"}},
+             {"question": "q2", "reference": "测血压", "answer": "多喝水", "finished": True, "kind": "qa",
+              "contaminated": False, "baselines": {"nearest": "测血压"}}]
+    s = answer_scores(items)["qa"]
+    assert s["n"] == 2 and s["uncontaminated"]["n"] == 1
+    assert s["uncontaminated"]["rougeL"] == 0 and s["uncontaminated"]["baselines"]["nearest"]["rougeL"] == 100
+    assert "uncontaminated" not in answer_scores([items[1]])["qa"]  # nothing flagged: no second set
