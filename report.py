@@ -102,9 +102,11 @@ def reference_scores(d, kind):
         return []
     rows = [(f"baseline: {name}", s) for name, s in found[0][1].get("baselines", {}).items()] + found
     out = [f"### {REFERENCE_KINDS[kind]}", "", text_metrics.scores_table(rows), ""]
-    clean = [(label, s["uncontaminated"]) for label, s in rows if "uncontaminated" in s]
+    first = found[0][1].get("uncontaminated", {})
+    clean = [(f"baseline: {name}", s) for name, s in first.get("baselines", {}).items()] + \
+        [(label, s["uncontaminated"]) for label, s in found if "uncontaminated" in s]
     if clean:  # contamination.py flagged some of these questions: the same table without them
-        out += [f"Without the {found[0][1]['n'] - clean[0][1]['n']} questions whose reference a training document "
+        out += [f"Without the {found[0][1]['n'] - clean[-1][1]['n']} questions whose reference a training document "
                 f"nearly holds (contamination.py):", "", text_metrics.scores_table(clean), ""]
     return out
 

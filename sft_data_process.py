@@ -177,17 +177,18 @@ def nearest_answer(question, pool):
 
 
 def held_out_lines(corpus, meta_path):
-    """Every line of the corpus' documents that data_process.py put in val (babyllama.split.is_val with the
-    val_fraction and seed its meta.json records), as a set."""
+    """The lines of the corpus' documents that data_process.py put in val (babyllama.split.is_val with the
+    val_fraction and seed its meta.json records) and in no training document (the same sentence can open two
+    chapters, or two books), as a set."""
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     if "val_fraction" not in meta or "seed" not in meta:
         raise ValueError(f"{meta_path}: no val_fraction/seed (want the meta.json data_process.py writes)")
-    lines = set()
+    val, train = set(), set()
     for doc in read_parquet(corpus, corpus, "text"):
-        if is_val(doc["text"], meta["val_fraction"], meta["seed"]):
-            lines.update(line.strip() for line in doc["text"].split("\n"))
-    return lines
+        side = val if is_val(doc["text"], meta["val_fraction"], meta["seed"]) else train
+        side.update(line.strip() for line in doc["text"].split("\n"))
+    return val - train
 
 
 def text_hash(text):

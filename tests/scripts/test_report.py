@@ -66,7 +66,8 @@ def test_report_of_demo_zh_scores_every_model_against_the_baselines_on_held_out_
     write(f"{d}/pretrain/summary.json", dict(iter=500, params=6_100_000, best_val_loss=5.4321, **run_s))
     write(f"{d}/medical/summary.json", dict(iter=300, params=6_100_000, best_val_loss=4.9876, **run_s))
     scores = lambda b4: dict(n=200, bleu1=40.0, bleu2=30.0, bleu3=20.0, bleu4=b4, rougeL=50.0, chrf=25.0)  # noqa: E731
-    base = {"qa": dict(scores(1.0), baselines={"nearest": scores(7.5)}),
+    clean = dict(scores(1.5), n=172, baselines={"nearest": dict(scores(6.0), n=172)})
+    base = {"qa": dict(scores(1.0), baselines={"nearest": scores(7.5)}, uncontaminated=clean),
             "pairs": dict(scores(2.0), baselines={"copy": scores(21.0)})}
     write(f"{d}/medical/chat.json", {"chat_scores": base})
     write(f"{d}/sft/chat.json", {"chat_scores": {"qa": dict(base["qa"], bleu4=3.25), "pairs": dict(base["pairs"], bleu4=24.5)}})
@@ -93,6 +94,9 @@ def test_report_of_demo_zh_scores_every_model_against_the_baselines_on_held_out_
     assert "| after medical pretraining (medical text) | med/val.bin | 500 |" in text
     assert "Q: 把下面的文言文翻译成现代文： / 学而时习之" in text and "reference: 学习了并且按时温习它" in text
     assert "well-formed poems" not in text  # no poetry table for a run without poems
+    # the doctor table again without the 28 questions contamination.py flagged, baseline included
+    assert "Without the 28 questions" in text and "| baseline: nearest | 40.00 | 30.00 | 20.00 | 6.00 |" in text
+    assert "| after medical pretraining | 40.00 | 30.00 | 20.00 | 1.50 |" in text
     assert "Held-out loss through pretraining, by iteration: 0: 9.000, 100: 7.000." in text
     # 400 questions: chance 25% plus two standard errors, 2 x sqrt(0.25 x 0.75 / 400) = 4.33 points
     assert "| pretrained | option | 40.0 | 40.0 |" in text and "a score above 29.3% is more than two" in text

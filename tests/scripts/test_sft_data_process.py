@@ -164,16 +164,16 @@ def test_pairs_from_validation_documents_leave_training_and_are_asked_with_the_c
     assert q["question"] == "把下面的文言文翻译成现代文：\n" + classical and q["baselines"] == {"copy": classical}
 
 
-def test_held_out_lines_are_the_lines_of_data_process_validation_documents(tmp_path):
+def test_held_out_lines_are_the_lines_of_data_process_validation_documents_only(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     from babyllama.split import is_val
-    docs = [f"第{i}行甲。\n第{i}行乙。" for i in range(60)]
+    docs = [f"第{i}行甲。\n第{i}行乙。\n人人都有的一行。" for i in range(60)]  # the last line in every document
     pq.write_table(pa.Table.from_pylist([{"text": d} for d in docs]), tmp_path / "clean.parquet")
     (tmp_path / "meta.json").write_text(json.dumps({"val_fraction": 0.3, "seed": 5}))
     lines = sdp.held_out_lines(str(tmp_path / "clean.parquet"), str(tmp_path / "meta.json"))
-    expected = {line for d in docs if is_val(d, 0.3, 5) for line in d.split("\n")}
-    assert lines == expected and 10 < len(expected) < 60
+    expected = {line for d in docs if is_val(d, 0.3, 5) for line in d.split("\n")[:2]}
+    assert lines == expected and 10 < len(expected) < 60  # a line a training document has too is not held out
 
 
 def test_fill_replaces_the_given_placeholders_and_the_filter_drops_what_is_left_unfilled():
