@@ -20,10 +20,11 @@ def test_eval_refuses_unknown_modes_token_files_that_are_not_and_another_tokeniz
     assert p.returncode != 0 and "mode must be one of" in p.stderr and "'samples'" in p.stderr
     p = run_script("eval.py", f"--ckpt_path={base}", "--mode=report", "--run_dir=out/demo", check=False)
     assert p.returncode != 0 and "is now `python report.py`" in p.stderr  # (contamination.py's the same way)
-    p = run_script("eval.py", f"--ckpt_path={base}", "--mode=loss", f"--val_data={chat_files / 'train.jsonl'}",
+    (tmp_path / "labels.jsonl").write_text('{"label": 1}\n{"label": 0}\n')
+    p = run_script("eval.py", f"--ckpt_path={base}", "--mode=loss", f"--val_data={tmp_path / 'labels.jsonl'}",
                    check=False)
-    # conversations are not text documents: the file and its first skipped line are named, and what ppl reads
-    assert p.returncode != 0 and "train.jsonl:1: no text field" in p.stderr and ".bin" in p.stderr
+    # records without text: the file and its first skipped line are named, and what ppl reads
+    assert p.returncode != 0 and "labels.jsonl:1: no text field" in p.stderr and ".bin" in p.stderr
     other = train_tokenizer(iter([t[::-1] for t in TEXTS]), str(tmp_path / "other"), 400, num_threads=1,
                             verbose=False)  # the same characters and size, other merges: another tokenizer
     p = run_script("eval.py", f"--ckpt_path={base}", f"--tokenizer_model={other}", "--max_new_tokens=4",
