@@ -20,7 +20,7 @@ from babyllama.mc import MCError
 
 # -----------------------------------------------------------------------------------------------------------
 eval_set = ""  # an mc folder (its --split), eval.py's questions file (references checked) or a gen JSONL file
-train_data = ""  # the training data: a .bin of data_process.py (decoded) or any corpus clean_data reads (comma-separated: all)
+train_data = ""  # training data, comma-separated: .bin files of data_process.py (decoded), any corpus clean_data reads
 split = "val"  # the split of an mc folder that is checked
 text_field = ""  # .jsonl/.parquet training data: the field with the text ("" = auto)
 threshold = 0.5  # an item is flagged when one training document contains this share of its 5-gram shingles

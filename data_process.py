@@ -363,8 +363,9 @@ if __name__ == "__main__":
                 paths = zh_sources.fetch_all()
             except (OSError, ValueError) as e:  # a changed file, no network: named, no traceback
                 sys.exit(f"error: {e}")
-            write_json("data/zh/sources.json", {n: dict(path=p, **{k: zh_sources.SOURCES[n][k] for k in
-                                                                   ("url", "sha256", "license")}) for n, p in paths.items()})
+            keep = ("url", "sha256", "license")
+            write_json("data/zh/sources.json",
+                       {n: dict(path=p, **{k: zh_sources.SOURCES[n][k] for k in keep}) for n, p in paths.items()})
             print("every set verified -> data/zh/sources.json")
         elif download == "poetry":
             print(f"chinese-poetry package at {download_poetry('data')}")

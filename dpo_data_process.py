@@ -69,7 +69,8 @@ def build_mismatched():
     wanted = {s for s in mismatched_sources.split(",") if s}
     convs = [c for c in load_conversations(mismatched) if not wanted or c["source"] in wanted]
     if wanted - {c["source"] for c in convs}:
-        raise ValueError(f"{mismatched}: no conversation from {', '.join(sorted(wanted - {c['source'] for c in convs}))}")
+        missing = sorted(wanted - {c["source"] for c in convs})
+        raise ValueError(f"{mismatched}: no conversation from {', '.join(missing)}")
     pairs = mismatched_pairs_from(convs, mismatched_pairs, random.Random(seed))
     val, train = pairs[:mismatched_val], pairs[mismatched_val:]
     if not train:

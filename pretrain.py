@@ -173,8 +173,8 @@ while True:
     # gradient accumulation: this process's micro-steps are global micro-steps rank*accum .. rank*accum+accum-1
     loss_sum = 0.0
     for micro in range(accum):
-        x, y = token_files.get_batch(train_bins, batch_size, max_seq_len, seed, iter_num, run.rank * accum + micro, device,
-                                     weights=mix)
+        x, y = token_files.get_batch(train_bins, batch_size, max_seq_len, seed, iter_num, run.rank * accum + micro,
+                                     device, weights=mix)
         # sync gradients across processes only on the last micro-step: the others just accumulate locally
         with dist.gradient_sync(model, micro == accum - 1):
             with run.autocast:

@@ -203,7 +203,8 @@ def hold_out(convs, n, val_lines):
     if not n or not convs or convs[0]["format"] not in ("qa", "pairs"):
         return convs, []
     kind = convs[0]["format"]
-    eligible = [c for c in convs if kind == "qa" or val_lines is None or c["messages"][1]["content"].strip() in val_lines]
+    eligible = [c for c in convs
+                if kind == "qa" or val_lines is None or c["messages"][1]["content"].strip() in val_lines]
     by_question = {c["messages"][0]["content"]: c for c in reversed(eligible)}  # each question once (its first)
     chosen = sorted(by_question.values(), key=lambda c: text_hash(c["messages"][0]["content"]))[:n]
     if kind == "qa":

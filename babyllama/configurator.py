@@ -24,7 +24,7 @@ def _parse_value(key, text, old):
         return value
     if old == "auto" and isinstance(value, bool):
         return value  # a setting that is True, False or 'auto' (compile)
-    if isinstance(old, str) and old != "auto" and isinstance(value, (int, float, tuple)) and not isinstance(value, bool):
+    if isinstance(old, str) and old != "auto" and type(value) in (int, float, tuple):  # (not bool: a subclass)
         return text  # a string setting given digits or a list: --ratios=1,0.5 is the text "1,0.5"
     if value is None:
         raise ValueError(f"--{key}={text}: expected {type(old).__name__}, got None")

@@ -43,8 +43,8 @@ def tokens(text, lang):
 
 
 def corpus_scores(hypotheses, references, lang=None):
-    """{"bleu1".."bleu4", "rougeL", "chrf", "n", "lang"} over parallel lists of strings (one reference each). lang: 'zh' or
-    'en'; None = language_of(references). ValueError for lists of different lengths or empty ones."""
+    """{"bleu1".."bleu4", "rougeL", "chrf", "n", "lang"} over parallel lists of strings (one reference each). lang:
+    'zh' or 'en'; None = language_of(references). ValueError for lists of different lengths or empty ones."""
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     lang = lang or language_of(references)
