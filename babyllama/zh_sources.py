@@ -25,6 +25,8 @@ import zipfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from babyllama.atomic import write_jsonl
+
 
 def sha256_of(path, chunk=1 << 20):
     """Hex sha256 of a file's bytes, read `chunk` bytes at a time."""
@@ -69,11 +71,6 @@ def gbk_csv_to_utf8(src, dst):
         rows = list(csv.reader(io.StringIO(f.read().decode("gbk"), newline="")))
     with open(dst, "w", encoding="utf-8", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows(rows)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def peoples_daily_paragraphs(text):
