@@ -9,7 +9,7 @@ inputs = ",".join(["data/zh/medical_dialogue_internal.csv",  # 7,644 real doctor
                    "data/zh/alpaca_zh_demo.json",  # 1,000 general instructions
                    "data/zh/sharegpt_zh_1K_format.jsonl",  # 1,000 general multi-turn conversations
                    "data/zh/identity.json"])  # 91 who-are-you templates, filled with the project's name
-ratios = "1,0.5,0.5,1,1,1,3"
+ratios = "1,1,0.5,1,1,1,3"  # every training pair: translation gains most from more parallel text
 fill = "name=BabyLlama,author=the babyllama project"
 tokenizer_model = "out/zh/tok8k.model"
 max_seq_len = 256
